@@ -1,0 +1,271 @@
+//! The acknowledgement contract between a source and its sinks.
+//!
+//! A source registers every batch it hands out with an [`AckTracker`] and
+//! gets an [`Acker`] to travel with the batch. Each sink that takes the batch
+//! holds a clone and must answer it: [`Acker::ack`] once the batch is
+//! durable, [`Acker::fail`] when it never will be. A clone dropped without an
+//! answer counts as a failure, so a bug or a panic in a sink can never be
+//! mistaken for a delivery.
+//!
+//! The tracker resolves batches strictly in the order they were registered,
+//! as a Postgres LSN or a Kafka offset must advance: the checkpoint moves to
+//! the position of the newest batch below which every batch is delivered. A
+//! failed batch stops the checkpoint where it is; the pipeline must then
+//! restart from that checkpoint, and nothing after it is lost.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+/// The outcome of one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Delivered,
+    Failed(String),
+}
+
+struct AckState {
+    seq: u64,
+    failed: AtomicBool,
+    reason: Mutex<Option<String>>,
+    tx: mpsc::UnboundedSender<(u64, Delivery)>,
+}
+
+impl Drop for AckState {
+    fn drop(&mut self) {
+        let outcome = if self.failed.load(Ordering::Acquire) {
+            let reason = self
+                .reason
+                .lock()
+                .map(|r| r.clone())
+                .unwrap_or(None)
+                .unwrap_or_else(|| "a sink dropped the batch without acknowledging it".into());
+            Delivery::Failed(reason)
+        } else {
+            Delivery::Delivered
+        };
+        // The tracker may be gone at shutdown; nothing is confirmed then.
+        let _ = self.tx.send((self.seq, outcome));
+    }
+}
+
+/// One holder's obligation to answer for a batch. Clone it once per party
+/// (sink, or record inside a sink) that must finish before the batch counts
+/// as delivered.
+pub struct Acker {
+    state: Arc<AckState>,
+    answered: bool,
+}
+
+impl Acker {
+    /// This holder's part of the batch is durable.
+    pub fn ack(mut self) {
+        self.answered = true;
+    }
+
+    /// This holder's part of the batch will never be durable.
+    pub fn fail(mut self, reason: impl Into<String>) {
+        self.answered = true;
+        self.mark_failed(reason.into());
+    }
+
+    fn mark_failed(&self, reason: String) {
+        if let Ok(mut r) = self.state.reason.lock() {
+            r.get_or_insert(reason);
+        }
+        self.state.failed.store(true, Ordering::Release);
+    }
+
+    /// The tracker's sequence number of this batch.
+    pub fn sequence(&self) -> u64 {
+        self.state.seq
+    }
+}
+
+impl Clone for Acker {
+    fn clone(&self) -> Self {
+        Acker { state: Arc::clone(&self.state), answered: false }
+    }
+}
+
+impl Drop for Acker {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.mark_failed("a sink dropped the batch without acknowledging it".into());
+        }
+    }
+}
+
+impl std::fmt::Debug for Acker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acker").field("seq", &self.state.seq).finish()
+    }
+}
+
+/// A batch that failed: the checkpoint cannot pass it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("batch {sequence} was not delivered: {reason}")]
+pub struct AckFailure {
+    pub sequence: u64,
+    pub reason: String,
+}
+
+struct Pending<P> {
+    position: Option<P>,
+    outcome: Option<Delivery>,
+    events: usize,
+}
+
+/// Resolves acknowledgements in registration order into a checkpoint.
+pub struct AckTracker<P> {
+    next_seq: u64,
+    pending: BTreeMap<u64, Pending<P>>,
+    tx: mpsc::UnboundedSender<(u64, Delivery)>,
+    rx: mpsc::UnboundedReceiver<(u64, Delivery)>,
+    checkpoint: Option<P>,
+    in_flight_events: usize,
+}
+
+impl<P: Clone> Default for AckTracker<P> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<P: Clone> AckTracker<P> {
+    pub fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        AckTracker { next_seq: 0, pending: BTreeMap::new(), tx, rx, checkpoint: None, in_flight_events: 0 }
+    }
+
+    /// Registers a batch of `events` events. `position` is what the
+    /// checkpoint may advance to once this batch and all before it are
+    /// delivered; `None` for a batch that ends at no resumable point (the
+    /// middle of a large transaction).
+    pub fn register(&mut self, position: Option<P>, events: usize) -> Acker {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.pending.insert(seq, Pending { position, outcome: None, events });
+        self.in_flight_events += events;
+        Acker {
+            state: Arc::new(AckState {
+                seq,
+                failed: AtomicBool::new(false),
+                reason: Mutex::new(None),
+                tx: self.tx.clone(),
+            }),
+            answered: false,
+        }
+    }
+
+    /// Batches registered and not yet resolved into the checkpoint.
+    pub fn in_flight_batches(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Events in those batches.
+    pub fn in_flight_events(&self) -> usize {
+        self.in_flight_events
+    }
+
+    /// The newest position below which everything is delivered.
+    pub fn checkpoint(&self) -> Option<&P> {
+        self.checkpoint.as_ref()
+    }
+
+    /// Applies every acknowledgement that has arrived, without waiting.
+    /// Returns the new checkpoint if it moved.
+    pub fn poll(&mut self) -> Result<Option<P>, AckFailure> {
+        while let Ok((seq, outcome)) = self.rx.try_recv() {
+            self.record(seq, outcome);
+        }
+        self.advance()
+    }
+
+    /// Waits for at least one acknowledgement, then behaves as [`Self::poll`].
+    /// Pends forever when nothing is in flight, so it can sit in a `select!`.
+    pub async fn next(&mut self) -> Result<Option<P>, AckFailure> {
+        if self.pending.is_empty() {
+            std::future::pending::<()>().await;
+        }
+        if let Some((seq, outcome)) = self.rx.recv().await {
+            self.record(seq, outcome);
+        }
+        self.poll()
+    }
+
+    fn record(&mut self, seq: u64, outcome: Delivery) {
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.outcome = Some(outcome);
+        }
+    }
+
+    fn advance(&mut self) -> Result<Option<P>, AckFailure> {
+        let mut moved = None;
+        while let Some(entry) = self.pending.first_entry() {
+            match &entry.get().outcome {
+                None => break,
+                Some(Delivery::Failed(reason)) => {
+                    return Err(AckFailure { sequence: *entry.key(), reason: reason.clone() });
+                }
+                Some(Delivery::Delivered) => {
+                    let p = entry.remove();
+                    self.in_flight_events -= p.events;
+                    if let Some(pos) = p.position {
+                        self.checkpoint = Some(pos.clone());
+                        moved = Some(pos);
+                    }
+                }
+            }
+        }
+        Ok(moved)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn checkpoint_advances_only_over_a_delivered_prefix() {
+        let mut t: AckTracker<u64> = AckTracker::new();
+        let a = t.register(Some(10), 1);
+        let b = t.register(None, 5);
+        let c = t.register(Some(30), 2);
+        assert_eq!(t.in_flight_events(), 8);
+        c.ack();
+        assert_eq!(t.poll().unwrap(), None, "c is done but a and b are not");
+        a.ack();
+        assert_eq!(t.poll().unwrap(), Some(10));
+        let b2 = b.clone();
+        b.ack();
+        assert_eq!(t.poll().unwrap(), None, "one holder of b has not answered");
+        b2.ack();
+        assert_eq!(t.next().await.unwrap(), Some(30));
+        assert_eq!(t.in_flight_batches(), 0);
+        assert_eq!(t.in_flight_events(), 0);
+    }
+
+    #[test]
+    fn dropping_unanswered_is_a_failure() {
+        let mut t: AckTracker<u64> = AckTracker::new();
+        let a = t.register(Some(1), 1);
+        let a2 = a.clone();
+        a.ack();
+        drop(a2);
+        let err = t.poll().unwrap_err();
+        assert!(err.reason.contains("without acknowledging"), "{err}");
+        assert_eq!(t.checkpoint(), None);
+    }
+
+    #[test]
+    fn explicit_failure_keeps_its_reason() {
+        let mut t: AckTracker<u64> = AckTracker::new();
+        let a = t.register(Some(1), 1);
+        a.fail("broker said: message too large");
+        let err = t.poll().unwrap_err();
+        assert_eq!(err.reason, "broker said: message too large");
+    }
+}

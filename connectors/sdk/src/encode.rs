@@ -1,0 +1,78 @@
+//! Turning an event into the bytes of a Kafka record (or any keyed message).
+//!
+//! The Kafka sink knows nothing of Avro or registries: it is given an
+//! [`EventEncoder`]. The JSON encoder lives here; the Avro one, which needs a
+//! schema registry, lives in the schemas crate.
+
+use async_trait::async_trait;
+
+use crate::event::ChangeEvent;
+use crate::json::{self, JsonOptions};
+
+/// A record's key and value bytes. `value: None` is a tombstone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRecord {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Why an event could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The event does not fit its schema (a value of the wrong type, a
+    /// decimal with more digits than its column allows). Retrying cannot
+    /// help; the configured policy (halt or dead-letter) applies.
+    #[error("{table}: column `{column}`: {message}")]
+    Invalid { table: String, column: String, message: String },
+    /// The schema registry could not be reached or refused the schema.
+    #[error("schema registry: {message}")]
+    Registry {
+        message: String,
+        transient: bool,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl EncodeError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, EncodeError::Registry { transient: true, .. })
+    }
+}
+
+/// Encodes an event's key and value. Called on the hot path: implementations
+/// cache whatever they look up (schemas, registry ids).
+#[async_trait]
+pub trait EventEncoder: Send + Sync {
+    async fn encode(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError>;
+
+    /// Encodes the tombstone that follows a delete: the same key, no value.
+    async fn encode_tombstone(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
+        let mut rec = self.encode(event).await?;
+        rec.value = None;
+        Ok(rec)
+    }
+
+    /// A short name for logs: `json`, `avro`.
+    fn format(&self) -> &'static str;
+}
+
+/// Debezium-JsonConverter-compatible JSON, without the schema block
+/// (`schemas.enable=false`).
+#[derive(Debug, Clone, Default)]
+pub struct JsonEncoder {
+    pub options: JsonOptions,
+}
+
+#[async_trait]
+impl EventEncoder for JsonEncoder {
+    async fn encode(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
+        let key = json::key(event, &self.options).map(|k| serde_json::to_vec(&k).expect("JSON values always serialise"));
+        let value = serde_json::to_vec(&json::envelope(event, &self.options)).expect("JSON values always serialise");
+        Ok(EncodedRecord { key, value: Some(value) })
+    }
+
+    fn format(&self) -> &'static str {
+        "json"
+    }
+}

@@ -1,0 +1,205 @@
+//! Events as JSON, in the shape Debezium's JsonConverter writes with
+//! `schemas.enable=false`, so existing consumers parse them unchanged.
+//!
+//! Value representations follow Debezium's Postgres defaults, with one
+//! deliberate difference: `numeric` is a JSON string (`"12.50"`, Debezium's
+//! `decimal.handling.mode=string`) rather than base64 of the unscaled bytes,
+//! because every JSON consumer (Redis, a search index, a human) can read it.
+//!
+//! | Postgres | JSON | Debezium semantic type |
+//! |---|---|---|
+//! | date | days since epoch | io.debezium.time.Date |
+//! | time | microseconds since midnight | io.debezium.time.MicroTime |
+//! | timetz | `"HH:MM:SS.ffffffZ"` in UTC | io.debezium.time.ZonedTime |
+//! | timestamp | microseconds since epoch | io.debezium.time.MicroTimestamp |
+//! | timestamptz | `"YYYY-MM-DDTHH:MM:SS.ffffffZ"` | io.debezium.time.ZonedTimestamp |
+//! | interval | microseconds (months of 30.4375 days) | io.debezium.time.MicroDuration |
+//! | bytea | base64 | bytes |
+//! | uuid, json, jsonb, inet, enum | string | io.debezium.data.Uuid / Json / ... |
+
+use base64::Engine;
+use serde_json::{json, Map, Value as Json};
+
+use crate::event::ChangeEvent;
+use crate::table::TableSchema;
+use crate::value::{Numeric, Value, DATE_INFINITY, DATE_NEG_INFINITY, TIMESTAMP_INFINITY, TIMESTAMP_NEG_INFINITY};
+
+/// Debezium's default `unavailable.value.placeholder`.
+pub const DEFAULT_UNAVAILABLE_PLACEHOLDER: &str = "__debezium_unavailable_value";
+
+/// Options that change how values render.
+#[derive(Debug, Clone)]
+pub struct JsonOptions {
+    /// Written in place of an unchanged TOASTed value.
+    pub unavailable_placeholder: String,
+}
+
+impl Default for JsonOptions {
+    fn default() -> Self {
+        JsonOptions { unavailable_placeholder: DEFAULT_UNAVAILABLE_PLACEHOLDER.to_string() }
+    }
+}
+
+/// The full envelope: `before`, `after`, `source`, `op`, `ts_ms`, `transaction`.
+pub fn envelope(event: &ChangeEvent, opts: &JsonOptions) -> Json {
+    let s = &event.source;
+    let table = &event.table;
+    json!({
+        "before": event.before.as_deref().map(|r| row(table, r, opts)),
+        "after": event.after.as_deref().map(|r| row(table, r, opts)),
+        "source": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "connector": "postgresql",
+            "name": s.name,
+            "ts_ms": s.ts_ms,
+            "ts_us": s.ts_us,
+            "snapshot": s.snapshot.as_str(),
+            "db": s.db,
+            "schema": table.schema,
+            "table": table.name,
+            "txId": s.tx_id,
+            "lsn": s.lsn.0,
+            "commit_lsn": s.commit_lsn.0,
+        },
+        "op": event.op.code(),
+        "ts_ms": event.ts_ms,
+        "transaction": event.transaction.as_ref().map(|t| json!({
+            "id": t.id,
+            "total_order": t.total_order,
+            "data_collection_order": t.data_collection_order,
+        })),
+    })
+}
+
+/// The key record: the primary-key columns. `None` for a key-less table.
+pub fn key(event: &ChangeEvent, opts: &JsonOptions) -> Option<Json> {
+    let cols = event.key_values()?;
+    let mut m = Map::new();
+    for (name, v) in cols {
+        m.insert(name.to_string(), value(v, opts));
+    }
+    Some(Json::Object(m))
+}
+
+/// A row image as a JSON object keyed by column name.
+pub fn row(table: &TableSchema, values: &[Value], opts: &JsonOptions) -> Json {
+    let mut m = Map::with_capacity(values.len());
+    for (c, v) in table.columns.iter().zip(values) {
+        m.insert(c.name.clone(), value(v, opts));
+    }
+    Json::Object(m)
+}
+
+/// One value.
+pub fn value(v: &Value, opts: &JsonOptions) -> Json {
+    match v {
+        Value::Null => Json::Null,
+        Value::Unavailable => Json::String(opts.unavailable_placeholder.clone()),
+        Value::Bool(b) => Json::Bool(*b),
+        Value::Int16(i) => json!(i),
+        Value::Int32(i) => json!(i),
+        Value::Int64(i) => json!(i),
+        Value::Float32(f) => float(f64::from(*f)),
+        Value::Float64(f) => float(*f),
+        Value::Numeric(n) => Json::String(match n {
+            Numeric::Finite(s) => s.clone(),
+            other => other.to_string(),
+        }),
+        Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => Json::String(s.clone()),
+        Value::Bytes(b) => Json::String(base64::engine::general_purpose::STANDARD.encode(b)),
+        Value::Uuid(u) => Json::String(uuid_string(u)),
+        Value::Date(d) => json!(d),
+        Value::Time(t) => json!(t),
+        Value::TimeTz { micros, offset_seconds } => {
+            let utc = (micros - i64::from(*offset_seconds) * 1_000_000).rem_euclid(86_400_000_000);
+            Json::String(format!("{}Z", time_of_day(utc)))
+        }
+        Value::Timestamp(t) => json!(t),
+        Value::TimestampTz(t) => Json::String(timestamp_utc(*t)),
+        Value::Interval { months, days, micros } => {
+            let month_micros = (f64::from(*months) * 30.4375 * 86_400_000_000.0) as i64;
+            json!(month_micros + i64::from(*days) * 86_400_000_000 + micros)
+        }
+        Value::Array(items) => Json::Array(items.iter().map(|i| value(i, opts)).collect()),
+    }
+}
+
+fn float(f: f64) -> Json {
+    serde_json::Number::from_f64(f)
+        .map(Json::Number)
+        .unwrap_or_else(|| Json::String(if f.is_nan() { "NaN".into() } else if f > 0.0 { "Infinity".into() } else { "-Infinity".into() }))
+}
+
+/// The canonical 8-4-4-4-12 form.
+pub fn uuid_string(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+fn time_of_day(micros: i64) -> String {
+    let secs = micros / 1_000_000;
+    let frac = micros % 1_000_000;
+    format!("{:02}:{:02}:{:02}.{:06}", secs / 3600, (secs / 60) % 60, secs % 60, frac)
+}
+
+/// Days since 1970-01-01 as a proleptic Gregorian (year, month, day);
+/// Howard Hinnant's `civil_from_days`.
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// A UTC timestamp in ISO-8601 with microseconds, or `infinity`/`-infinity`.
+pub fn timestamp_utc(micros: i64) -> String {
+    match micros {
+        TIMESTAMP_INFINITY => "infinity".into(),
+        TIMESTAMP_NEG_INFINITY => "-infinity".into(),
+        _ => {
+            let days = micros.div_euclid(86_400_000_000);
+            let rest = micros.rem_euclid(86_400_000_000);
+            let (y, m, d) = civil_from_days(days);
+            format!("{y:04}-{m:02}-{d:02}T{}Z", time_of_day(rest))
+        }
+    }
+}
+
+/// A date as `YYYY-MM-DD`, or `infinity`/`-infinity`.
+pub fn date_string(days: i32) -> String {
+    match days {
+        DATE_INFINITY => "infinity".into(),
+        DATE_NEG_INFINITY => "-infinity".into(),
+        _ => {
+            let (y, m, d) = civil_from_days(i64::from(days));
+            format!("{y:04}-{m:02}-{d:02}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_times_like_debezium() {
+        assert_eq!(timestamp_utc(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(timestamp_utc(1_700_000_000_123_456), "2023-11-14T22:13:20.123456Z");
+        assert_eq!(timestamp_utc(-1), "1969-12-31T23:59:59.999999Z");
+        assert_eq!(timestamp_utc(TIMESTAMP_INFINITY), "infinity");
+        assert_eq!(date_string(19_000), "2022-01-08");
+        assert_eq!(date_string(-719_162), "0001-01-01");
+        let opts = JsonOptions::default();
+        assert_eq!(value(&Value::TimeTz { micros: 3_600_000_000, offset_seconds: 7200 }, &opts), json!("23:00:00.000000Z"));
+        assert_eq!(value(&Value::Float64(f64::NAN), &opts), json!("NaN"));
+        assert_eq!(value(&Value::Unavailable, &opts), json!(DEFAULT_UNAVAILABLE_PLACEHOLDER));
+        assert_eq!(value(&Value::Uuid([0xab; 16]), &opts), json!("abababab-abab-abab-abab-abababababab"));
+        assert_eq!(value(&Value::Interval { months: 0, days: 1, micros: 5 }, &opts), json!(86_400_000_005i64));
+    }
+}

@@ -1,0 +1,30 @@
+//! The contract every walcast connector builds on.
+//!
+//! Connectors depend on this crate and nothing else of walcast: the change
+//! event ([`event`]), its typed column values ([`value`]), the table
+//! description those values follow ([`table`]), source positions
+//! ([`position`]) and the acknowledgement contract between sources and sinks
+//! ([`ack`], [`sink`]).
+//!
+//! Delivery is at-least-once. A sink may see an event again after a crash or
+//! a retry and must apply it idempotently; every event carries the commit LSN
+//! of its transaction so sinks can refuse to let an older version overwrite a
+//! newer one.
+
+pub mod ack;
+pub mod encode;
+pub mod event;
+pub mod json;
+pub mod position;
+pub mod retry;
+pub mod sink;
+pub mod table;
+pub mod value;
+
+pub use ack::{AckTracker, Acker, Delivery};
+pub use encode::{EncodeError, EncodedRecord, EventEncoder, JsonEncoder};
+pub use event::{ChangeEvent, Op, SnapshotMarker, SourceInfo, TransactionInfo};
+pub use position::Lsn;
+pub use sink::{Batch, Sink, SinkError};
+pub use table::{Column, PgType, ReplicaIdentity, TableSchema};
+pub use value::{Numeric, Value};

@@ -1,0 +1,87 @@
+//! The sink side of the contract.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::ack::Acker;
+use crate::event::ChangeEvent;
+
+/// Events handed to a sink together with the obligation to answer for them.
+/// Events are shared, so one batch can fan out to several sinks.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub events: Arc<Vec<ChangeEvent>>,
+    pub acker: Acker,
+}
+
+/// Why a sink could not take or deliver events, classified by what the
+/// pipeline should do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Worth retrying: the same events may succeed later (an outage, a
+    /// timeout, back-pressure from the destination).
+    #[error("{sink}: {message} (transient; will retry)")]
+    Transient {
+        sink: String,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// Retrying the same events cannot help (bad credentials, a value the
+    /// destination refuses, misconfiguration): an operator must act.
+    #[error("{sink}: {message}")]
+    Definite {
+        sink: String,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl SinkError {
+    pub fn transient(sink: impl Into<String>, message: impl Into<String>) -> Self {
+        SinkError::Transient { sink: sink.into(), message: message.into(), source: None }
+    }
+
+    pub fn definite(sink: impl Into<String>, message: impl Into<String>) -> Self {
+        SinkError::Definite { sink: sink.into(), message: message.into(), source: None }
+    }
+
+    pub fn with_source(mut self, err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        match &mut self {
+            SinkError::Transient { source, .. } | SinkError::Definite { source, .. } => {
+                *source = Some(Box::new(err));
+            }
+        }
+        self
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Transient { .. })
+    }
+}
+
+/// A destination for change events.
+///
+/// Delivery is at-least-once: after a crash or a retry a sink sees events it
+/// may already have applied, and must apply them idempotently (the commit
+/// LSN, [`ChangeEvent::version`], orders versions of a row).
+#[async_trait]
+pub trait Sink: Send {
+    /// A short name for logs and metrics (`kafka`, `redis`, ...).
+    fn name(&self) -> &str;
+
+    /// Takes a batch. `Ok` means the sink has taken responsibility for it
+    /// and will answer its acker, possibly later (when a broker confirms).
+    /// On `Err` the batch's acker is dropped unanswered, which fails it.
+    async fn send(&mut self, batch: Batch) -> Result<(), SinkError>;
+
+    /// Waits until every batch taken so far has been answered.
+    async fn flush(&mut self) -> Result<(), SinkError>;
+
+    /// Whether the destination is reachable, for readiness probes.
+    async fn healthy(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,145 @@
+//! What a captured table looks like: its columns, their Postgres types and
+//! which of them form the key.
+//!
+//! Built by the capture from pgoutput Relation messages and the catalog; the
+//! schema mapping (Avro) and every sink read it to interpret a row.
+
+use serde::Serialize;
+
+/// The Postgres type of a column, resolved to what walcast knows how to
+/// convert. Domains arrive here already resolved to their base type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PgType {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    Float4,
+    Float8,
+    /// `numeric(p, s)`; both `None` for an unconstrained `numeric`.
+    Numeric { precision: Option<u32>, scale: Option<u32> },
+    Money,
+    Text,
+    Varchar { max_length: Option<u32> },
+    Char { length: Option<u32> },
+    Name,
+    Bytea,
+    Uuid,
+    Json,
+    Jsonb,
+    Date,
+    Time,
+    TimeTz,
+    Timestamp,
+    TimestampTz,
+    Interval,
+    Inet,
+    Cidr,
+    MacAddr,
+    MacAddr8,
+    Enum { type_name: String, labels: Vec<String> },
+    Array { element: Box<PgType> },
+    /// A type walcast has no conversion for; values travel as their text form.
+    Unknown { type_name: String },
+}
+
+impl PgType {
+    /// The SQL name, for messages and schema docs.
+    pub fn sql_name(&self) -> String {
+        match self {
+            PgType::Bool => "boolean".into(),
+            PgType::Int2 => "smallint".into(),
+            PgType::Int4 => "integer".into(),
+            PgType::Int8 => "bigint".into(),
+            PgType::Float4 => "real".into(),
+            PgType::Float8 => "double precision".into(),
+            PgType::Numeric { precision: Some(p), scale } => format!("numeric({p},{})", scale.unwrap_or(0)),
+            PgType::Numeric { .. } => "numeric".into(),
+            PgType::Money => "money".into(),
+            PgType::Text => "text".into(),
+            PgType::Varchar { .. } => "character varying".into(),
+            PgType::Char { .. } => "character".into(),
+            PgType::Name => "name".into(),
+            PgType::Bytea => "bytea".into(),
+            PgType::Uuid => "uuid".into(),
+            PgType::Json => "json".into(),
+            PgType::Jsonb => "jsonb".into(),
+            PgType::Date => "date".into(),
+            PgType::Time => "time without time zone".into(),
+            PgType::TimeTz => "time with time zone".into(),
+            PgType::Timestamp => "timestamp without time zone".into(),
+            PgType::TimestampTz => "timestamp with time zone".into(),
+            PgType::Interval => "interval".into(),
+            PgType::Inet => "inet".into(),
+            PgType::Cidr => "cidr".into(),
+            PgType::MacAddr => "macaddr".into(),
+            PgType::MacAddr8 => "macaddr8".into(),
+            PgType::Enum { type_name, .. } => type_name.clone(),
+            PgType::Array { element } => format!("{}[]", element.sql_name()),
+            PgType::Unknown { type_name } => type_name.clone(),
+        }
+    }
+}
+
+/// One column of a captured table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Column {
+    pub name: String,
+    pub pg_type: PgType,
+    /// The type's OID as pgoutput sent it (before domain resolution).
+    pub type_oid: u32,
+    /// The type modifier (`atttypmod`), -1 when none.
+    pub type_modifier: i32,
+    pub nullable: bool,
+    /// Part of the primary key (or of the replica identity index).
+    pub key: bool,
+}
+
+/// How much of the old row Postgres writes to the WAL for updates and deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaIdentity {
+    /// The primary key columns.
+    Default,
+    /// Nothing at all: updates and deletes cannot be captured.
+    Nothing,
+    /// The whole old row.
+    Full,
+    /// The columns of a chosen unique index.
+    Index,
+}
+
+/// A captured table as of one point in the stream. A new `TableSchema`
+/// (with a new [`TableSchema::version`]) is made whenever Postgres sends a
+/// changed Relation message, so events keep the shape they were written with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TableSchema {
+    pub relation_id: u32,
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<Column>,
+    pub replica_identity: ReplicaIdentity,
+    /// Increases each time the table's shape changes within this process.
+    pub version: u32,
+}
+
+impl TableSchema {
+    /// `schema.table`, for messages and topic names.
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// Indexes of the key columns, in column order.
+    pub fn key_indexes(&self) -> Vec<usize> {
+        self.columns.iter().enumerate().filter(|(_, c)| c.key).map(|(i, _)| i).collect()
+    }
+
+    pub fn has_key(&self) -> bool {
+        self.columns.iter().any(|c| c.key)
+    }
+
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+}
