@@ -1,1 +1,241 @@
-fn main(){}
+//! walcast: Postgres change data capture as one small daemon.
+//!
+//! The binary wires the pieces together from the config file: each
+//! pipeline's source (a Postgres slot) and sinks (Kafka, Redis, OpenSearch,
+//! files), the admin HTTP server, logging, and systemd notification.
+
+mod admin;
+mod capture;
+mod checkpoint;
+mod cli;
+mod config;
+mod pgoutput;
+mod pipeline;
+mod replication;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use cli::{Cli, Command, SlotsCommand};
+use config::{LogFormat, PipelineConfig};
+use pipeline::status::PipelineState;
+
+fn init_logging(format: LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Human => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("walcast: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => run(&config).await,
+        Command::Check { config, offline } => check(&config, offline).await,
+        Command::Status { admin } => status(&admin).await,
+        Command::Slots { command: SlotsCommand::Drop { config, pipeline } } => slots_drop(&config, &pipeline).await,
+    }
+}
+
+async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let cfg = config::load(path)?;
+    init_logging(cfg.log.format, &cfg.log.level);
+    let prometheus = admin::install_recorder();
+    let shutdown = CancellationToken::new();
+
+    let mut runnables = Vec::new();
+    for (name, p) in &cfg.pipelines {
+        runnables.push(pipeline::build(name, p).await?);
+    }
+    let statuses: Vec<_> = runnables.iter().map(|r| r.status.clone()).collect();
+
+    if let Some(addr) = cfg.admin.address() {
+        let addr = addr.context("admin.listen")?;
+        let (p, s, sd) = (prometheus.clone(), statuses.clone(), shutdown.clone());
+        let listener_check = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on admin.listen = {addr}"))?;
+        drop(listener_check);
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve(addr, p, s, sd).await {
+                tracing::error!(error = %e, "admin HTTP server stopped");
+            }
+        });
+    }
+
+    {
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: draining in-flight events");
+            sd.cancel();
+        });
+    }
+    tokio::spawn(systemd_notify(statuses.clone(), shutdown.clone()));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for r in runnables {
+        let sd = shutdown.clone();
+        let name = r.name.clone();
+        tasks.spawn(async move { (name, r.run(sd).await) });
+    }
+    let mut failed = false;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((name, Err(e))) => {
+                tracing::error!(pipeline = %name, error = %e, "pipeline stopped");
+                failed = true;
+                // One definite failure stops the daemon, so a supervisor
+                // restarts it and the operator sees it.
+                shutdown.cancel();
+            }
+            Ok((_, Ok(()))) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "pipeline task panicked");
+                failed = true;
+                shutdown.cancel();
+            }
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// READY=1 once every pipeline streams; WATCHDOG=1 while the process runs.
+async fn systemd_notify(statuses: Vec<pipeline::status::StatusHandle>, shutdown: CancellationToken) {
+    let watchdog = sd_notify::watchdog_enabled();
+    let period = watchdog.map(|d| d / 2).unwrap_or(Duration::from_secs(1));
+    let mut ready = false;
+    let mut tick = tokio::time::interval(period.min(Duration::from_secs(1)));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if !ready && statuses.iter().all(|s| s.snapshot().state == PipelineState::Streaming) {
+            ready = true;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            tracing::info!("all pipelines streaming");
+        }
+        if watchdog.is_some() {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }
+}
+
+async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode> {
+    let cfg = config::load(path)?;
+    println!("config {}: valid ({} pipeline(s))", path.display(), cfg.pipelines.len());
+    if offline {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut ok = true;
+    for (name, p) in &cfg.pipelines {
+        match p {
+            PipelineConfig::Capture(c) => {
+                let s = pipeline::capture_settings(name, c)?;
+                let client = match capture::catalog::connect(&s.connect).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        println!("pipeline {name}: ERROR: {e}");
+                        ok = false;
+                        continue;
+                    }
+                };
+                match capture::setup::plan(&client, &s.wanted).await {
+                    Ok(plan) => {
+                        println!("pipeline {name}: Postgres {}:{}/{} OK", s.connect.host, s.connect.port, s.connect.database);
+                        for (sc, t) in &plan.tables {
+                            println!("  table {sc}.{t}: OK");
+                        }
+                        match &plan.create_publication {
+                            Some(sql) => println!("  would create publication: {sql}"),
+                            None => println!("  publication {}: exists and covers the tables", s.wanted.publication),
+                        }
+                        if plan.create_slot {
+                            println!("  would create replication slot {} (pgoutput)", s.wanted.slot);
+                        } else {
+                            println!(
+                                "  replication slot {}: exists, confirmed up to {}",
+                                s.wanted.slot,
+                                plan.slot_confirmed_lsn.as_deref().unwrap_or("?")
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        println!("pipeline {name}: ERROR: {e}");
+                        ok = false;
+                    }
+                }
+            }
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn status(admin: &str) -> anyhow::Result<ExitCode> {
+    let url = format!("http://{admin}/status");
+    let body = reqwest::get(&url).await.with_context(|| format!("cannot reach the daemon at {url}"))?.text().await?;
+    let v: serde_json::Value = serde_json::from_str(&body).context("the daemon's /status is not JSON")?;
+    for p in v["pipelines"].as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:<10} confirmed={} wal_end={} lag_bytes={} in_flight={} events={}{}",
+            p["name"].as_str().unwrap_or("?"),
+            p["state"].as_str().unwrap_or("?"),
+            p["confirmed_lsn"].as_str().unwrap_or("-"),
+            p["wal_end"].as_str().unwrap_or("-"),
+            p["lag_bytes"],
+            p["in_flight_events"],
+            p["events_total"],
+            p["last_error"].as_str().map(|e| format!(" last_error={e}")).unwrap_or_default(),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn slots_drop(path: &std::path::Path, name: &str) -> anyhow::Result<ExitCode> {
+    let cfg = config::load(path)?;
+    let p = cfg.pipelines.get(name).with_context(|| format!("no pipeline named {name} in {}", path.display()))?;
+    let PipelineConfig::Capture(c) = p;
+    let s = pipeline::capture_settings(name, c)?;
+    let client = capture::catalog::connect(&s.connect).await?;
+    if capture::setup::drop_slot(&client, &s.wanted.slot).await? {
+        println!("dropped replication slot {}", s.wanted.slot);
+    } else {
+        println!("replication slot {} does not exist", s.wanted.slot);
+    }
+    Ok(ExitCode::SUCCESS)
+}

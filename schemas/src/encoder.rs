@@ -1,0 +1,342 @@
+//! [`AvroEncoder`]: change events to Confluent-framed Avro, registering each
+//! table's schemas once; and [`AvroDecoder`], the way back for `walcast
+//! tail` and the relays.
+//!
+//! Schemas are derived and registered the first time a table shape is seen,
+//! keyed by relation id and [`TableSchema::version`] and checked against the
+//! full table description, so a new Relation message (a column added) makes
+//! a new schema version while every later event of that shape costs a map
+//! lookup. A registry that refuses the new shape as incompatible yields a
+//! definite error naming the subject, and the pipeline's policy applies.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use serde_json::Value as Json;
+use walcast_sdk::{ChangeEvent, EncodeError, EncodedRecord, EventEncoder, TableSchema};
+
+use crate::codec::{self, DecodeError};
+use crate::mapping::{self, MappingOptions, TableSchemas};
+use crate::registry::{HttpRegistry, Registry, RegistryConfig, RegistryError, SubjectStrategy};
+use crate::wire::{self, WireError};
+
+/// Names the Kafka topic of an event; the encoder and the Kafka sink must
+/// be given the same one, since subjects derive from topics.
+pub type TopicNamer = Arc<dyn Fn(&ChangeEvent) -> String + Send + Sync>;
+
+/// Debezium's default topic: `<prefix>.<schema>.<table>`, the prefix being
+/// the pipeline's logical name (`SourceInfo::name`).
+pub fn default_topic(event: &ChangeEvent) -> String {
+    format!(
+        "{}.{}.{}",
+        event.source.name, event.table.schema, event.table.name
+    )
+}
+
+/// One table shape, derived and registered.
+struct Registered {
+    table: Arc<TableSchema>,
+    prefix: String,
+    schemas: TableSchemas,
+    key_id: Option<u32>,
+    value_id: u32,
+}
+
+/// Avro with a schema registry, as an [`EventEncoder`] for the Kafka sink.
+pub struct AvroEncoder {
+    registry: Arc<dyn Registry>,
+    options: MappingOptions,
+    subjects: SubjectStrategy,
+    topics: TopicNamer,
+    tables: RwLock<HashMap<(u32, u32), Arc<Registered>>>,
+}
+
+impl AvroEncoder {
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        options: MappingOptions,
+        subjects: SubjectStrategy,
+        topics: TopicNamer,
+    ) -> Self {
+        AvroEncoder {
+            registry,
+            options,
+            subjects,
+            topics,
+            tables: RwLock::default(),
+        }
+    }
+
+    /// An encoder over an HTTP registry from the pipeline's `[registry]`
+    /// section, naming topics `<prefix>.<schema>.<table>`.
+    pub fn from_config(config: &RegistryConfig) -> Result<Self, RegistryError> {
+        let registry = Arc::new(HttpRegistry::new(config)?);
+        Ok(AvroEncoder::new(
+            registry,
+            MappingOptions {
+                unconstrained_numeric: config.unconstrained_numeric,
+            },
+            config.subject_strategy,
+            Arc::new(default_topic),
+        ))
+    }
+
+    pub fn registry(&self) -> &Arc<dyn Registry> {
+        &self.registry
+    }
+
+    async fn registered(&self, event: &ChangeEvent) -> Result<Arc<Registered>, EncodeError> {
+        let table = &event.table;
+        let key = (table.relation_id, table.version);
+        if let Some(r) = self
+            .tables
+            .read()
+            .expect("encoder cache lock poisoned")
+            .get(&key)
+        {
+            if (Arc::ptr_eq(&r.table, table) || r.table == *table) && r.prefix == event.source.name
+            {
+                return Ok(r.clone());
+            }
+        }
+        let schemas = mapping::derive(table, &event.source.name, &self.options).map_err(|e| {
+            EncodeError::Invalid {
+                table: table.qualified_name(),
+                column: "*".into(),
+                message: e.to_string(),
+            }
+        })?;
+        let topic = (self.topics)(event);
+        let key_id = match &schemas.key {
+            Some(k) => Some(
+                self.registry
+                    .register(&self.subjects.subject(&topic, k, true), k)
+                    .await?,
+            ),
+            None => None,
+        };
+        let value_id = self
+            .registry
+            .register(
+                &self.subjects.subject(&topic, &schemas.value, false),
+                &schemas.value,
+            )
+            .await?;
+        let r = Arc::new(Registered {
+            table: table.clone(),
+            prefix: event.source.name.clone(),
+            schemas,
+            key_id,
+            value_id,
+        });
+        self.tables
+            .write()
+            .expect("encoder cache lock poisoned")
+            .insert(key, r.clone());
+        Ok(r)
+    }
+
+    fn key(&self, event: &ChangeEvent, r: &Registered) -> Result<Option<Vec<u8>>, EncodeError> {
+        let (Some(id), Some(datum)) = (
+            r.key_id,
+            codec::encode_key(event, &r.schemas, &self.options)?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(wire::frame(id, &datum)))
+    }
+}
+
+#[async_trait]
+impl EventEncoder for AvroEncoder {
+    async fn encode(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
+        let r = self.registered(event).await?;
+        let key = self.key(event, &r)?;
+        let value = wire::frame(
+            r.value_id,
+            &codec::encode_value(event, &r.schemas, &self.options)?,
+        );
+        Ok(EncodedRecord {
+            key,
+            value: Some(value),
+        })
+    }
+
+    async fn encode_tombstone(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
+        let r = self.registered(event).await?;
+        Ok(EncodedRecord {
+            key: self.key(event, &r)?,
+            value: None,
+        })
+    }
+
+    fn format(&self) -> &'static str {
+        "avro"
+    }
+}
+
+/// Why a record could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("schema id {id}: {source}")]
+    Registry {
+        id: u32,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("schema id {id}: {source}")]
+    Decode {
+        id: u32,
+        #[source]
+        source: DecodeError,
+    },
+}
+
+impl ReadError {
+    /// Only a registry outage is worth retrying; bad bytes stay bad.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ReadError::Registry { source, .. } if source.is_transient())
+    }
+}
+
+/// Confluent-framed Avro back to JSON in the shape of
+/// `walcast_sdk::json::envelope` (see [`codec::to_json`]).
+pub struct AvroDecoder {
+    registry: Arc<dyn Registry>,
+}
+
+impl AvroDecoder {
+    pub fn new(registry: Arc<dyn Registry>) -> Self {
+        AvroDecoder { registry }
+    }
+
+    /// The record (key or value) as JSON and the id of its writer schema.
+    pub async fn decode(&self, record: &[u8]) -> Result<(u32, Json), ReadError> {
+        let (id, datum) = wire::parse(record)?;
+        let schema = self
+            .registry
+            .schema_by_id(id)
+            .await
+            .map_err(|source| ReadError::Registry { id, source })?;
+        let value = codec::decode(schema.schema(), datum)
+            .map_err(|source| ReadError::Decode { id, source })?;
+        let json = codec::to_json(&value, schema.schema())
+            .map_err(|source| ReadError::Decode { id, source })?;
+        Ok((id, json))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::EmbeddedRegistry;
+    use walcast_sdk::{
+        Column, Lsn, Op, PgType, ReplicaIdentity, SnapshotMarker, SourceInfo, Value,
+    };
+
+    fn event(table: Arc<TableSchema>, op: Op, row: Vec<Value>) -> ChangeEvent {
+        let (before, after) = if op == Op::Delete {
+            (Some(row), None)
+        } else {
+            (None, Some(row))
+        };
+        ChangeEvent {
+            op,
+            table,
+            before,
+            after,
+            source: SourceInfo {
+                name: "shop".into(),
+                db: "app".into(),
+                lsn: Lsn(10),
+                commit_lsn: Lsn(11),
+                tx_id: Some(5),
+                ts_ms: 1,
+                ts_us: 1000,
+                snapshot: SnapshotMarker::False,
+            },
+            transaction: None,
+            ts_ms: 2,
+        }
+    }
+
+    fn table(version: u32, extra: bool) -> Arc<TableSchema> {
+        let mut columns = vec![Column {
+            name: "id".into(),
+            pg_type: PgType::Int4,
+            type_oid: 23,
+            type_modifier: -1,
+            nullable: false,
+            key: true,
+        }];
+        if extra {
+            columns.push(Column {
+                name: "note".into(),
+                pg_type: PgType::Text,
+                type_oid: 25,
+                type_modifier: -1,
+                nullable: true,
+                key: false,
+            });
+        }
+        Arc::new(TableSchema {
+            relation_id: 9,
+            schema: "public".into(),
+            name: "t".into(),
+            columns,
+            replica_identity: ReplicaIdentity::Default,
+            version,
+        })
+    }
+
+    #[tokio::test]
+    async fn encodes_registers_once_and_decodes_back() {
+        let registry = Arc::new(EmbeddedRegistry::new());
+        let enc = AvroEncoder::new(
+            registry.clone(),
+            MappingOptions::default(),
+            SubjectStrategy::TopicName,
+            Arc::new(default_topic),
+        );
+        let dec = AvroDecoder::new(registry.clone());
+        let e1 = event(table(1, false), Op::Create, vec![Value::Int32(1)]);
+        let rec = enc.encode(&e1).await.unwrap();
+        let rec2 = enc.encode(&e1).await.unwrap();
+        assert_eq!(rec, rec2);
+        assert_eq!(registry.versions("shop.public.t-value").len(), 1);
+        assert_eq!(registry.versions("shop.public.t-key").len(), 1);
+        let (_, key) = dec.decode(rec.key.as_ref().unwrap()).await.unwrap();
+        assert_eq!(key, serde_json::json!({"id": 1}));
+        let (_, value) = dec.decode(rec.value.as_ref().unwrap()).await.unwrap();
+        let mut expected = walcast_sdk::json::envelope(&e1, &Default::default());
+        assert_eq!(value, expected);
+
+        // The table gains a nullable column: a second version, and the key is unchanged.
+        let e2 = event(
+            table(2, true),
+            Op::Delete,
+            vec![Value::Int32(1), Value::Null],
+        );
+        let rec = enc.encode_tombstone(&e2).await.unwrap();
+        assert!(rec.value.is_none());
+        let rec = enc.encode(&e2).await.unwrap();
+        assert_eq!(registry.versions("shop.public.t-value").len(), 2);
+        assert_eq!(registry.versions("shop.public.t-key").len(), 1);
+        let (_, value) = dec.decode(rec.value.as_ref().unwrap()).await.unwrap();
+        expected = walcast_sdk::json::envelope(&e2, &Default::default());
+        assert_eq!(value, expected);
+
+        assert!(matches!(
+            dec.decode(b"{\"a\":12}").await,
+            Err(ReadError::Wire(WireError::WrongMagic { .. }))
+        ));
+        let missing = dec.decode(&wire::frame(999, &[])).await.unwrap_err();
+        assert!(
+            !missing.is_transient() && missing.to_string().contains("999"),
+            "{missing}"
+        );
+    }
+}

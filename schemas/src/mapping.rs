@@ -1,0 +1,790 @@
+//! Postgres tables to Avro schemas, in the shape Debezium's Postgres
+//! connector registers, so that consumers written against Debezium's Avro
+//! read walcast's records unchanged.
+//!
+//! The full type table, with the reasons for each choice, is in
+//! `schemas/MAPPING.md`. Two choices differ from Debezium on purpose:
+//!
+//! * In the row record (`<prefix>.<schema>.<table>.Value`) every column that
+//!   is not part of the key is `["null", T]`, whatever its `NOT NULL`. The
+//!   before image of an update or delete under `REPLICA IDENTITY DEFAULT`
+//!   carries only the key columns, and pgoutput does not send `attnotnull`
+//!   at all; Debezium papers over this by inventing zero values, which a
+//!   consumer cannot tell from real data. Key columns follow the column's
+//!   nullability.
+//! * `timestamptz` is a `long` with logical type `timestamp-micros` (UTC)
+//!   rather than Debezium's ISO string, so Avro consumers get a typed instant.
+//!
+//! Identifiers that are not valid Avro names are sanitised as Debezium does
+//! (every character outside `[A-Za-z0-9_]` becomes `_`, and a leading digit
+//! gains a `_` prefix); the original is kept in the `walcast.table` and
+//! `walcast.column` attributes so nothing is lost.
+
+use std::collections::{BTreeMap, HashSet};
+
+use apache_avro::rabin::Rabin;
+use apache_avro::Schema;
+use serde::Deserialize;
+use serde_json::{json, Map, Value as Json};
+use walcast_sdk::{Column, PgType, TableSchema};
+
+/// Namespace and name of Debezium's `source` block record.
+pub const SOURCE_RECORD: &str = "io.debezium.connector.postgresql.Source";
+/// Debezium's name for the `transaction` block record.
+pub const TRANSACTION_RECORD: &str = "event.block";
+/// Debezium's record for numerics without a declared scale.
+pub const VARIABLE_SCALE_DECIMAL: &str = "io.debezium.data.VariableScaleDecimal";
+/// Precision given to `money`: it is a 64-bit count of cents, at most 19 digits.
+pub const MONEY_PRECISION: u32 = 19;
+/// Scale of `money` (Debezium's `money.fraction.digits` default).
+pub const MONEY_SCALE: u32 = 2;
+/// Custom attribute that keeps a table's original `schema.table`.
+pub const TABLE_ATTRIBUTE: &str = "walcast.table";
+/// Custom attribute that keeps a column's original name when it had to be sanitised.
+pub const COLUMN_ATTRIBUTE: &str = "walcast.column";
+
+/// How a `numeric` without precision and scale travels. It has no fixed
+/// scale, so Avro's `decimal` cannot hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnconstrainedNumeric {
+    /// Debezium's default (`decimal.handling.mode=precise`): a record
+    /// `io.debezium.data.VariableScaleDecimal {scale: int, value: bytes}`.
+    /// Exact, and what Debezium consumers expect.
+    #[default]
+    VariableScale,
+    /// Postgres's text form: exact and readable, and the only form that can
+    /// carry `NaN` and `Infinity`.
+    String,
+    /// A double: convenient, lossy beyond 15-17 significant digits.
+    Double,
+}
+
+/// Choices that change the derived schemas.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MappingOptions {
+    pub unconstrained_numeric: UnconstrainedNumeric,
+}
+
+/// Why a table could not be given an Avro schema. Always definite: the
+/// table's shape will not change by retrying.
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    #[error("{table}: columns `{first}` and `{second}` both become the Avro field `{field}`; rename one of them")]
+    FieldCollision {
+        table: String,
+        first: String,
+        second: String,
+        field: String,
+    },
+    #[error("{table}: the derived Avro schema is invalid (a walcast bug): {source}")]
+    Invalid {
+        table: String,
+        #[source]
+        source: Box<apache_avro::Error>,
+    },
+    #[error("schema is not JSON: {source}")]
+    Json {
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("schema is not valid Avro: {source}")]
+    Parse {
+        #[source]
+        source: Box<apache_avro::Error>,
+    },
+}
+
+/// An Avro schema as both the JSON text walcast registers (with Debezium's
+/// `connect.*` attributes, which the parsed form drops) and the parsed form
+/// the codec writes with.
+#[derive(Debug, Clone)]
+pub struct AvroSchema {
+    json: Json,
+    schema: Schema,
+    fingerprint: u64,
+}
+
+impl AvroSchema {
+    pub fn from_json(json: Json) -> Result<Self, MappingError> {
+        let schema = Schema::parse(&json).map_err(|e| MappingError::Parse {
+            source: Box::new(e),
+        })?;
+        Ok(AvroSchema::from_parts(json, schema))
+    }
+
+    pub fn parse_str(text: &str) -> Result<Self, MappingError> {
+        let json: Json =
+            serde_json::from_str(text).map_err(|source| MappingError::Json { source })?;
+        AvroSchema::from_json(json)
+    }
+
+    fn from_parts(json: Json, schema: Schema) -> Self {
+        let fingerprint = fingerprint(&schema);
+        AvroSchema {
+            json,
+            schema,
+            fingerprint,
+        }
+    }
+
+    /// The JSON text to register.
+    pub fn text(&self) -> String {
+        self.json.to_string()
+    }
+
+    pub fn json(&self) -> &Json {
+        &self.json
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The Rabin fingerprint of the parsing canonical form: equal for
+    /// schemas that write the same bytes, whatever their formatting,
+    /// attributes or docs (Apicurio hands schemas back compacted).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    /// The full name of a named schema (`<prefix>.<schema>.<table>.Envelope`).
+    pub fn full_name(&self) -> Option<String> {
+        self.schema.name().map(|n| n.fullname(None))
+    }
+}
+
+/// The Rabin fingerprint of a schema's parsing canonical form.
+pub fn fingerprint(schema: &Schema) -> u64 {
+    let bytes = schema.fingerprint::<Rabin>().bytes;
+    let mut buf = [0u8; 8];
+    buf.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(buf)
+}
+
+/// The key and value schemas of one table, and the Avro field name each
+/// column was given.
+#[derive(Debug, Clone)]
+pub struct TableSchemas {
+    /// `<prefix>.<schema>.<table>`, sanitised.
+    pub namespace: String,
+    /// `None` for a table without key columns.
+    pub key: Option<AvroSchema>,
+    /// The Debezium envelope.
+    pub value: AvroSchema,
+    /// The Avro field name of each column, aligned with `TableSchema::columns`.
+    pub fields: Vec<String>,
+}
+
+/// Derives the key and envelope schemas of `table`. `prefix` is the
+/// pipeline's logical name (Debezium's `topic.prefix`, walcast's
+/// `SourceInfo::name`).
+pub fn derive(
+    table: &TableSchema,
+    prefix: &str,
+    opts: &MappingOptions,
+) -> Result<TableSchemas, MappingError> {
+    let qualified = table.qualified_name();
+    let namespace = format!(
+        "{}.{}.{}",
+        sanitize_namespace(prefix),
+        sanitize_name(&table.schema),
+        sanitize_name(&table.name)
+    );
+    let fields = field_names(table)?;
+
+    let key_indexes = table.key_indexes();
+    let key = if key_indexes.is_empty() {
+        None
+    } else {
+        let mut named = HashSet::new();
+        let key_fields: Vec<Json> = key_indexes
+            .iter()
+            .map(|&i| {
+                field(
+                    &table.columns[i],
+                    &fields[i],
+                    table.columns[i].nullable,
+                    opts,
+                    &mut named,
+                )
+            })
+            .collect();
+        let json = json!({
+            "type": "record",
+            "name": "Key",
+            "namespace": namespace,
+            "fields": key_fields,
+            "connect.name": format!("{namespace}.Key"),
+            TABLE_ATTRIBUTE: qualified,
+        });
+        Some(parse(json, &qualified)?)
+    };
+
+    let mut named = HashSet::new();
+    let row_fields: Vec<Json> = table
+        .columns
+        .iter()
+        .zip(&fields)
+        .map(|(c, f)| field(c, f, row_field_nullable(c), opts, &mut named))
+        .collect();
+    let row = json!({
+        "type": "record",
+        "name": "Value",
+        "fields": row_fields,
+        "connect.name": format!("{namespace}.Value"),
+        TABLE_ATTRIBUTE: qualified,
+    });
+    let value = json!({
+        "type": "record",
+        "name": "Envelope",
+        "namespace": namespace,
+        "fields": [
+            {"name": "before", "type": ["null", row], "default": null},
+            {"name": "after", "type": ["null", "Value"], "default": null},
+            {"name": "source", "type": source_record()},
+            {"name": "op", "type": "string"},
+            {"name": "ts_ms", "type": ["null", "long"], "default": null},
+            {"name": "transaction", "type": ["null", transaction_record()], "default": null},
+        ],
+        "connect.version": 2,
+        "connect.name": format!("{namespace}.Envelope"),
+        TABLE_ATTRIBUTE: qualified,
+    });
+    let value = parse(value, &qualified)?;
+    Ok(TableSchemas {
+        namespace,
+        key,
+        value,
+        fields,
+    })
+}
+
+/// Whether a column of the row record admits null: see the module doc.
+pub fn row_field_nullable(column: &Column) -> bool {
+    column.nullable || !column.key
+}
+
+fn parse(json: Json, table: &str) -> Result<AvroSchema, MappingError> {
+    let schema = Schema::parse(&json).map_err(|e| MappingError::Invalid {
+        table: table.to_string(),
+        source: Box::new(e),
+    })?;
+    Ok(AvroSchema::from_parts(json, schema))
+}
+
+fn field_names(table: &TableSchema) -> Result<Vec<String>, MappingError> {
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    let mut out = Vec::with_capacity(table.columns.len());
+    for c in &table.columns {
+        let f = sanitize_name(&c.name);
+        if let Some(first) = seen.insert(f.clone(), &c.name) {
+            return Err(MappingError::FieldCollision {
+                table: table.qualified_name(),
+                first: first.to_string(),
+                second: c.name.clone(),
+                field: f,
+            });
+        }
+        out.push(f);
+    }
+    Ok(out)
+}
+
+fn field(
+    column: &Column,
+    name: &str,
+    nullable: bool,
+    opts: &MappingOptions,
+    named: &mut HashSet<&'static str>,
+) -> Json {
+    let ty = avro_type(&column.pg_type, opts, named);
+    let mut f = Map::new();
+    f.insert("name".into(), json!(name));
+    if nullable {
+        f.insert("type".into(), json!(["null", ty]));
+        f.insert("default".into(), Json::Null);
+    } else {
+        f.insert("type".into(), ty);
+    }
+    if name != column.name {
+        f.insert(COLUMN_ATTRIBUTE.into(), json!(column.name));
+    }
+    Json::Object(f)
+}
+
+/// The Avro type (never a null union) of a Postgres type. `named` holds the
+/// named types already defined in the schema being built: Avro allows one
+/// definition per name, later uses are references.
+pub fn avro_type(pg: &PgType, opts: &MappingOptions, named: &mut HashSet<&'static str>) -> Json {
+    match pg {
+        PgType::Bool => json!("boolean"),
+        PgType::Int2 | PgType::Int4 => json!("int"),
+        PgType::Int8 => json!("long"),
+        PgType::Float4 => json!("float"),
+        PgType::Float8 => json!("double"),
+        PgType::Numeric {
+            precision: Some(p),
+            scale,
+        } => decimal(*p, scale.unwrap_or(0)),
+        PgType::Numeric {
+            precision: None, ..
+        } => match opts.unconstrained_numeric {
+            UnconstrainedNumeric::String => json!("string"),
+            UnconstrainedNumeric::Double => json!("double"),
+            UnconstrainedNumeric::VariableScale => {
+                if !named.insert(VARIABLE_SCALE_DECIMAL) {
+                    return json!(VARIABLE_SCALE_DECIMAL);
+                }
+                json!({
+                    "type": "record",
+                    "name": "VariableScaleDecimal",
+                    "namespace": "io.debezium.data",
+                    "doc": "Variable scaled decimal",
+                    "fields": [{"name": "scale", "type": "int"}, {"name": "value", "type": "bytes"}],
+                    "connect.version": 1,
+                    "connect.name": VARIABLE_SCALE_DECIMAL,
+                })
+            }
+        },
+        PgType::Money => decimal(MONEY_PRECISION, MONEY_SCALE),
+        PgType::Text
+        | PgType::Varchar { .. }
+        | PgType::Char { .. }
+        | PgType::Name
+        | PgType::Inet
+        | PgType::Cidr
+        | PgType::MacAddr
+        | PgType::MacAddr8
+        | PgType::Unknown { .. } => json!("string"),
+        PgType::Bytea => json!("bytes"),
+        PgType::Uuid => {
+            json!({"type": "string", "logicalType": "uuid", "connect.version": 1, "connect.name": "io.debezium.data.Uuid"})
+        }
+        PgType::Json | PgType::Jsonb => {
+            json!({"type": "string", "connect.version": 1, "connect.name": "io.debezium.data.Json"})
+        }
+        PgType::Date => {
+            json!({"type": "int", "logicalType": "date", "connect.version": 1, "connect.name": "io.debezium.time.Date"})
+        }
+        PgType::Time => {
+            json!({"type": "long", "logicalType": "time-micros", "connect.version": 1, "connect.name": "io.debezium.time.MicroTime"})
+        }
+        PgType::TimeTz => {
+            json!({"type": "string", "connect.version": 1, "connect.name": "io.debezium.time.ZonedTime"})
+        }
+        PgType::Timestamp => json!({
+            "type": "long",
+            "logicalType": "local-timestamp-micros",
+            "connect.version": 1,
+            "connect.name": "io.debezium.time.MicroTimestamp",
+        }),
+        PgType::TimestampTz => json!({"type": "long", "logicalType": "timestamp-micros"}),
+        PgType::Interval => {
+            json!({"type": "long", "connect.version": 1, "connect.name": "io.debezium.time.MicroDuration"})
+        }
+        PgType::Enum { labels, .. } => json!({
+            "type": "string",
+            "connect.version": 1,
+            "connect.parameters": {"allowed": labels.join(",")},
+            "connect.name": "io.debezium.data.Enum",
+        }),
+        PgType::Array { element } => {
+            json!({"type": "array", "items": ["null", avro_type(element, opts, named)]})
+        }
+    }
+}
+
+/// Avro requires `scale <= precision`; Postgres allows `numeric(2,5)`
+/// (values below 0.001), which needs `precision = scale` digits in Avro.
+fn decimal(precision: u32, scale: u32) -> Json {
+    let precision = precision.max(scale).max(1);
+    json!({
+        "type": "bytes",
+        "logicalType": "decimal",
+        "precision": precision,
+        "scale": scale,
+        "connect.version": 1,
+        "connect.parameters": {"scale": scale.to_string(), "connect.decimal.precision": precision.to_string()},
+        "connect.name": "org.apache.kafka.connect.data.Decimal",
+    })
+}
+
+fn source_record() -> Json {
+    json!({
+        "type": "record",
+        "name": "Source",
+        "namespace": "io.debezium.connector.postgresql",
+        "fields": [
+            {"name": "version", "type": "string"},
+            {"name": "connector", "type": "string"},
+            {"name": "name", "type": "string"},
+            {"name": "ts_ms", "type": "long"},
+            {"name": "ts_us", "type": ["null", "long"], "default": null},
+            {"name": "snapshot", "type": "string", "default": "false"},
+            {"name": "db", "type": "string"},
+            {"name": "schema", "type": "string"},
+            {"name": "table", "type": "string"},
+            {"name": "txId", "type": ["null", "long"], "default": null},
+            {"name": "lsn", "type": ["null", "long"], "default": null},
+            {"name": "commit_lsn", "type": ["null", "long"], "default": null},
+        ],
+        "connect.name": SOURCE_RECORD,
+    })
+}
+
+fn transaction_record() -> Json {
+    json!({
+        "type": "record",
+        "name": "block",
+        "namespace": "event",
+        "fields": [
+            {"name": "id", "type": "string"},
+            {"name": "total_order", "type": "long"},
+            {"name": "data_collection_order", "type": "long"},
+        ],
+        "connect.version": 1,
+        "connect.name": TRANSACTION_RECORD,
+    })
+}
+
+/// An identifier as a valid Avro name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn sanitize_name(ident: &str) -> String {
+    let mut out: String = ident
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+/// A dotted namespace with each component sanitised.
+pub fn sanitize_namespace(ns: &str) -> String {
+    ns.split('.')
+        .map(sanitize_name)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apache_avro::schema::{RecordSchema, UnionSchema};
+    use walcast_sdk::ReplicaIdentity;
+
+    fn col(name: &str, pg_type: PgType, nullable: bool, key: bool) -> Column {
+        Column {
+            name: name.into(),
+            pg_type,
+            type_oid: 0,
+            type_modifier: -1,
+            nullable,
+            key,
+        }
+    }
+
+    fn table(columns: Vec<Column>) -> TableSchema {
+        TableSchema {
+            relation_id: 1,
+            schema: "public".into(),
+            name: "orders".into(),
+            columns,
+            replica_identity: ReplicaIdentity::Default,
+            version: 1,
+        }
+    }
+
+    fn record(schema: &Schema) -> &RecordSchema {
+        match schema {
+            Schema::Record(r) => r,
+            other => panic!("not a record: {other:?}"),
+        }
+    }
+
+    /// The parsed type of every PgType, each checked against what
+    /// apache-avro made of our JSON (so a misspelt logicalType, which Avro
+    /// silently ignores, fails here).
+    #[test]
+    fn every_pg_type_maps_to_its_avro_type() {
+        let elem = Box::new(PgType::Int4);
+        let cases: Vec<(PgType, &str)> = vec![
+            (PgType::Bool, "Boolean"),
+            (PgType::Int2, "Int"),
+            (PgType::Int4, "Int"),
+            (PgType::Int8, "Long"),
+            (PgType::Float4, "Float"),
+            (PgType::Float8, "Double"),
+            (
+                PgType::Numeric {
+                    precision: Some(10),
+                    scale: Some(2),
+                },
+                "Decimal(10,2)",
+            ),
+            (
+                PgType::Numeric {
+                    precision: Some(2),
+                    scale: Some(5),
+                },
+                "Decimal(5,5)",
+            ),
+            (
+                PgType::Numeric {
+                    precision: Some(7),
+                    scale: None,
+                },
+                "Decimal(7,0)",
+            ),
+            (
+                PgType::Numeric {
+                    precision: None,
+                    scale: None,
+                },
+                "Record(io.debezium.data.VariableScaleDecimal)",
+            ),
+            (PgType::Money, "Decimal(19,2)"),
+            (PgType::Text, "String"),
+            (
+                PgType::Varchar {
+                    max_length: Some(3),
+                },
+                "String",
+            ),
+            (PgType::Char { length: Some(1) }, "String"),
+            (PgType::Name, "String"),
+            (PgType::Bytea, "Bytes"),
+            (PgType::Uuid, "Uuid"),
+            (PgType::Json, "String"),
+            (PgType::Jsonb, "String"),
+            (PgType::Date, "Date"),
+            (PgType::Time, "TimeMicros"),
+            (PgType::TimeTz, "String"),
+            (PgType::Timestamp, "LocalTimestampMicros"),
+            (PgType::TimestampTz, "TimestampMicros"),
+            (PgType::Interval, "Long"),
+            (PgType::Inet, "String"),
+            (PgType::Cidr, "String"),
+            (PgType::MacAddr, "String"),
+            (PgType::MacAddr8, "String"),
+            (
+                PgType::Enum {
+                    type_name: "mood".into(),
+                    labels: vec!["sad".into(), "ok".into()],
+                },
+                "String",
+            ),
+            (PgType::Array { element: elem }, "Array(Union(Null,Int))"),
+            (
+                PgType::Unknown {
+                    type_name: "tsvector".into(),
+                },
+                "String",
+            ),
+        ];
+        for (pg, expected) in cases {
+            let json = avro_type(&pg, &MappingOptions::default(), &mut HashSet::new());
+            let parsed = Schema::parse(&json).unwrap_or_else(|e| panic!("{pg:?}: {e}"));
+            assert_eq!(describe(&parsed), expected, "{pg:?} -> {json}");
+        }
+    }
+
+    fn describe(s: &Schema) -> String {
+        match s {
+            Schema::Boolean => "Boolean".into(),
+            Schema::Int => "Int".into(),
+            Schema::Long => "Long".into(),
+            Schema::Float => "Float".into(),
+            Schema::Double => "Double".into(),
+            Schema::String => "String".into(),
+            Schema::Bytes => "Bytes".into(),
+            Schema::Null => "Null".into(),
+            Schema::Uuid(_) => "Uuid".into(),
+            Schema::Date => "Date".into(),
+            Schema::TimeMicros => "TimeMicros".into(),
+            Schema::LocalTimestampMicros => "LocalTimestampMicros".into(),
+            Schema::TimestampMicros => "TimestampMicros".into(),
+            Schema::Decimal(d) => format!("Decimal({},{})", d.precision, d.scale),
+            Schema::Record(r) => format!("Record({})", r.name.fullname(None)),
+            Schema::Array(a) => format!("Array({})", describe(&a.items)),
+            Schema::Union(u) => format!(
+                "Union({})",
+                u.variants()
+                    .iter()
+                    .map(describe)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            other => format!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unconstrained_numeric_follows_the_option() {
+        let pg = PgType::Numeric {
+            precision: None,
+            scale: None,
+        };
+        for (mode, expected) in [
+            (UnconstrainedNumeric::String, "String"),
+            (UnconstrainedNumeric::Double, "Double"),
+        ] {
+            let json = avro_type(
+                &pg,
+                &MappingOptions {
+                    unconstrained_numeric: mode,
+                },
+                &mut HashSet::new(),
+            );
+            assert_eq!(describe(&Schema::parse(&json).unwrap()), expected);
+        }
+        let mode: UnconstrainedNumeric = serde_json::from_str("\"variable_scale\"").unwrap();
+        assert_eq!(mode, UnconstrainedNumeric::VariableScale);
+        assert!(serde_json::from_str::<UnconstrainedNumeric>("\"float\"").is_err());
+    }
+
+    #[test]
+    fn envelope_has_debezium_shape_and_names() {
+        let t = table(vec![
+            col("id", PgType::Int8, false, true),
+            col(
+                "total",
+                PgType::Numeric {
+                    precision: None,
+                    scale: None,
+                },
+                true,
+                false,
+            ),
+            col(
+                "fee",
+                PgType::Numeric {
+                    precision: None,
+                    scale: None,
+                },
+                false,
+                false,
+            ),
+            col("note", PgType::Text, false, false),
+        ]);
+        let s = derive(&t, "shop", &MappingOptions::default()).unwrap();
+        assert_eq!(s.namespace, "shop.public.orders");
+        assert_eq!(
+            s.value.full_name().as_deref(),
+            Some("shop.public.orders.Envelope")
+        );
+        let key = s.key.as_ref().unwrap();
+        assert_eq!(key.full_name().as_deref(), Some("shop.public.orders.Key"));
+        assert_eq!(describe(&record(key.schema()).fields[0].schema), "Long");
+
+        let env = record(s.value.schema());
+        let names: Vec<_> = env.fields.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["before", "after", "source", "op", "ts_ms", "transaction"]
+        );
+        let Schema::Union(before) = &env.fields[0].schema else {
+            panic!("before is not a union")
+        };
+        let row = record(&before.variants()[1]);
+        assert_eq!(row.name.fullname(None), "shop.public.orders.Value");
+        // A NOT NULL non-key column is still nullable: see the module doc.
+        assert_eq!(describe(&row.fields[3].schema), "Union(Null,String)");
+        assert_eq!(describe(&row.fields[0].schema), "Long");
+        let source = record(&env.fields[2].schema);
+        assert_eq!(source.name.fullname(None), SOURCE_RECORD);
+        let source_fields: Vec<_> = source.fields.iter().map(|f| f.name.as_str()).collect();
+        for f in [
+            "version",
+            "connector",
+            "name",
+            "ts_ms",
+            "snapshot",
+            "db",
+            "schema",
+            "table",
+            "txId",
+            "lsn",
+            "ts_us",
+        ] {
+            assert!(source_fields.contains(&f), "source lacks {f}");
+        }
+        let Schema::Union(tx) = &env.fields[5].schema else {
+            panic!("transaction is not a union")
+        };
+        assert_eq!(
+            record(&tx.variants()[1]).name.fullname(None),
+            TRANSACTION_RECORD
+        );
+        // The second unconstrained numeric refers to the first definition.
+        assert!(
+            s.value
+                .text()
+                .matches("\"name\":\"VariableScaleDecimal\"")
+                .count()
+                == 1
+        );
+        let _: &UnionSchema = before;
+    }
+
+    #[test]
+    fn keyless_table_has_no_key_schema() {
+        let t = table(vec![col("a", PgType::Text, true, false)]);
+        assert!(derive(&t, "p", &MappingOptions::default())
+            .unwrap()
+            .key
+            .is_none());
+    }
+
+    #[test]
+    fn invalid_identifiers_are_sanitised_and_kept() {
+        assert_eq!(sanitize_name("order-lines"), "order_lines");
+        assert_eq!(sanitize_name("1st"), "_1st");
+        assert_eq!(sanitize_name("café"), "caf_");
+        assert_eq!(sanitize_namespace("my-app.v2"), "my_app.v2");
+        let mut t = table(vec![
+            col("line id", PgType::Int4, false, true),
+            col("2nd", PgType::Text, true, false),
+        ]);
+        t.schema = "Sales Data".into();
+        t.name = "order.lines".into();
+        let s = derive(&t, "my-app", &MappingOptions::default()).unwrap();
+        assert_eq!(s.namespace, "my_app.Sales_Data.order_lines");
+        assert_eq!(s.fields, ["line_id", "_2nd"]);
+        assert_eq!(
+            s.value.json()["walcast.table"],
+            json!("Sales Data.order.lines")
+        );
+        assert!(s.value.text().contains("\"walcast.column\":\"line id\""));
+    }
+
+    #[test]
+    fn colliding_sanitised_columns_are_refused() {
+        let t = table(vec![
+            col("a-b", PgType::Int4, false, true),
+            col("a_b", PgType::Text, true, false),
+        ]);
+        let err = derive(&t, "p", &MappingOptions::default()).unwrap_err();
+        assert!(matches!(err, MappingError::FieldCollision { .. }), "{err}");
+        assert!(err.to_string().contains("public.orders"), "{err}");
+    }
+
+    #[test]
+    fn fingerprint_ignores_attributes_and_formatting() {
+        let a = AvroSchema::parse_str(r#"{"type":"record","name":"R","fields":[{"name":"x","type":"int"}],"connect.name":"R"}"#).unwrap();
+        let b = AvroSchema::parse_str("{ \"type\": \"record\", \"name\": \"R\",\n \"fields\": [ {\"name\": \"x\", \"type\": \"int\"} ] }").unwrap();
+        let c = AvroSchema::parse_str(
+            r#"{"type":"record","name":"R","fields":[{"name":"x","type":"long"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+}

@@ -1,0 +1,288 @@
+//! What the capture asks Postgres's catalog over an ordinary SQL session:
+//! column types (enums, domains, arrays), primary keys, nullability.
+//!
+//! The catalog describes the table as it is now, not as it was at the WAL
+//! position being decoded; pgoutput's Relation message is authoritative for
+//! the column list and types, and the catalog only adds what pgoutput does
+//! not send (the primary key, NOT NULL, enum labels, a domain's base type).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+use walcast_sdk::{Column, PgType, ReplicaIdentity, TableSchema};
+
+use crate::pgoutput::{Relation, ReplicaIdentitySetting};
+use crate::replication::connection::ConnectParams;
+use crate::replication::tls::{self, SslMode};
+
+use super::convert::SESSION_SETTINGS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("cannot connect to Postgres for catalog queries ({target}): {source}")]
+    Connect { target: String, source: tokio_postgres::Error },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("catalog query failed ({what}): {source}")]
+    Query { what: String, source: tokio_postgres::Error },
+}
+
+impl CatalogError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CatalogError::Connect { .. } => true,
+            CatalogError::Query { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            CatalogError::Tls(_) => false,
+        }
+    }
+}
+
+/// Opens an ordinary SQL session with the same settings as the walsender,
+/// so COPY output parses like pgoutput's.
+pub async fn connect(p: &ConnectParams) -> Result<Client, CatalogError> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&p.host)
+        .port(p.port)
+        .user(&p.user)
+        .dbname(&p.database)
+        .application_name(&p.application_name)
+        .connect_timeout(p.connect_timeout);
+    if let Some(pw) = &p.password {
+        cfg.password(pw);
+    }
+    let opts: Vec<String> = SESSION_SETTINGS.iter().map(|(k, v)| format!("-c {k}={v}")).collect();
+    cfg.options(opts.join(" "));
+    let target = format!("{}:{}/{}", p.host, p.port, p.database);
+    let client = match tls::client_config(p.sslmode, p.ssl_root_cert.as_deref())? {
+        None => {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|source| CatalogError::Connect { target, source })?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "catalog connection closed");
+                }
+            });
+            client
+        }
+        Some(tls_config) => {
+            cfg.ssl_mode(if p.sslmode == SslMode::Prefer {
+                tokio_postgres::config::SslMode::Prefer
+            } else {
+                tokio_postgres::config::SslMode::Require
+            });
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config).clone());
+            let (client, conn) = cfg.connect(connector).await.map_err(|source| CatalogError::Connect { target, source })?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "catalog connection closed");
+                }
+            });
+            client
+        }
+    };
+    Ok(client)
+}
+
+fn q(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CatalogError {
+    let what = what.into();
+    move |source| CatalogError::Query { what, source }
+}
+
+/// Built-in types by OID (pg_type.h), with their array types.
+fn builtin(oid: u32, typmod: i32) -> Option<PgType> {
+    let numeric = || {
+        if typmod >= 4 {
+            let t = typmod - 4;
+            PgType::Numeric { precision: Some(((t >> 16) & 0xffff) as u32), scale: Some((t & 0xffff) as u32) }
+        } else {
+            PgType::Numeric { precision: None, scale: None }
+        }
+    };
+    let len = || (typmod >= 4).then(|| (typmod - 4) as u32);
+    let arr = |e: PgType| PgType::Array { element: Box::new(e) };
+    Some(match oid {
+        16 => PgType::Bool,
+        17 => PgType::Bytea,
+        18 => PgType::Char { length: Some(1) },
+        19 => PgType::Name,
+        20 => PgType::Int8,
+        21 => PgType::Int2,
+        23 => PgType::Int4,
+        25 => PgType::Text,
+        26 => PgType::Int8, // oid: unsigned 32-bit, widened
+        114 => PgType::Json,
+        650 => PgType::Cidr,
+        700 => PgType::Float4,
+        701 => PgType::Float8,
+        774 => PgType::MacAddr8,
+        790 => PgType::Money,
+        829 => PgType::MacAddr,
+        869 => PgType::Inet,
+        1042 => PgType::Char { length: len() },
+        1043 => PgType::Varchar { max_length: len() },
+        1082 => PgType::Date,
+        1083 => PgType::Time,
+        1114 => PgType::Timestamp,
+        1184 => PgType::TimestampTz,
+        1186 => PgType::Interval,
+        1266 => PgType::TimeTz,
+        1700 => numeric(),
+        2950 => PgType::Uuid,
+        3802 => PgType::Jsonb,
+        1000 => arr(PgType::Bool),
+        1001 => arr(PgType::Bytea),
+        1002 => arr(PgType::Char { length: Some(1) }),
+        1003 => arr(PgType::Name),
+        1005 => arr(PgType::Int2),
+        1007 => arr(PgType::Int4),
+        1009 => arr(PgType::Text),
+        1014 => arr(PgType::Char { length: None }),
+        1015 => arr(PgType::Varchar { max_length: None }),
+        1016 => arr(PgType::Int8),
+        1021 => arr(PgType::Float4),
+        1022 => arr(PgType::Float8),
+        1028 => arr(PgType::Int8),
+        1040 => arr(PgType::MacAddr),
+        1041 => arr(PgType::Inet),
+        651 => arr(PgType::Cidr),
+        775 => arr(PgType::MacAddr8),
+        791 => arr(PgType::Money),
+        199 => arr(PgType::Json),
+        3807 => arr(PgType::Jsonb),
+        1182 => arr(PgType::Date),
+        1183 => arr(PgType::Time),
+        1115 => arr(PgType::Timestamp),
+        1185 => arr(PgType::TimestampTz),
+        1187 => arr(PgType::Interval),
+        1270 => arr(PgType::TimeTz),
+        1231 => arr(PgType::Numeric { precision: None, scale: None }),
+        2951 => arr(PgType::Uuid),
+        _ => return None,
+    })
+}
+
+/// Resolves types and keys, caching what it learns for the process's life.
+pub struct Catalog {
+    client: Client,
+    types: HashMap<(u32, i32), PgType>,
+    versions: HashMap<u32, u32>,
+}
+
+impl Catalog {
+    pub fn new(client: Client) -> Self {
+        Catalog { client, types: HashMap::new(), versions: HashMap::new() }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The walcast type for a column type OID and modifier.
+    pub async fn resolve_type(&mut self, oid: u32, typmod: i32) -> Result<PgType, CatalogError> {
+        if let Some(t) = builtin(oid, typmod) {
+            return Ok(t);
+        }
+        if let Some(t) = self.types.get(&(oid, typmod)) {
+            return Ok(t.clone());
+        }
+        let t = Box::pin(self.lookup_type(oid, typmod)).await?;
+        self.types.insert((oid, typmod), t.clone());
+        Ok(t)
+    }
+
+    async fn lookup_type(&mut self, oid: u32, typmod: i32) -> Result<PgType, CatalogError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT t.typtype::text, t.typbasetype, t.typtypmod, t.typelem, t.typcategory::text,
+                        format_type(t.oid, NULL)
+                 FROM pg_type t WHERE t.oid = $1",
+                &[&oid],
+            )
+            .await
+            .map_err(q(format!("type {oid}")))?;
+        let Some(row) = row else { return Ok(PgType::Unknown { type_name: format!("oid {oid}") }) };
+        let typtype: String = row.get(0);
+        let base: u32 = row.get(1);
+        let base_mod: i32 = row.get(2);
+        let elem: u32 = row.get(3);
+        let category: String = row.get(4);
+        let name: String = row.get(5);
+        Ok(match typtype.as_str() {
+            "d" => self.resolve_type(base, if typmod >= 0 { typmod } else { base_mod }).await?,
+            "e" => {
+                let labels = self
+                    .client
+                    .query("SELECT enumlabel::text FROM pg_enum WHERE enumtypid = $1 ORDER BY enumsortorder", &[&oid])
+                    .await
+                    .map_err(q(format!("enum labels of {name}")))?
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect();
+                PgType::Enum { type_name: name, labels }
+            }
+            "b" if category == "A" && elem != 0 => PgType::Array { element: Box::new(self.resolve_type(elem, -1).await?) },
+            _ => PgType::Unknown { type_name: name },
+        })
+    }
+
+    /// Builds the table description for a Relation message.
+    pub async fn table_schema(&mut self, rel: &Relation) -> Result<Arc<TableSchema>, CatalogError> {
+        let schema = if rel.namespace.is_empty() { "pg_catalog".to_string() } else { rel.namespace.clone() };
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text, a.attnotnull,
+                        coalesce(a.attnum = ANY(i.indkey), false) AS pk
+                 FROM pg_attribute a
+                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&rel.id],
+            )
+            .await
+            .map_err(q(format!("columns of {schema}.{}", rel.name)))?;
+        let info: HashMap<String, (bool, bool)> = rows.iter().map(|r| (r.get::<_, String>(0), (r.get(1), r.get(2)))).collect();
+        let has_pk = info.values().any(|(_, pk)| *pk);
+        let replica_identity = match rel.replica_identity {
+            ReplicaIdentitySetting::Default => ReplicaIdentity::Default,
+            ReplicaIdentitySetting::Nothing => ReplicaIdentity::Nothing,
+            ReplicaIdentitySetting::Full => ReplicaIdentity::Full,
+            ReplicaIdentitySetting::Index => ReplicaIdentity::Index,
+        };
+        let mut columns = Vec::with_capacity(rel.columns.len());
+        for c in &rel.columns {
+            let pg_type = self.resolve_type(c.type_oid, c.type_modifier).await?;
+            if let PgType::Unknown { type_name } = &pg_type {
+                tracing::warn!(
+                    table = %format!("{schema}.{}", rel.name),
+                    column = %c.name,
+                    r#type = %type_name,
+                    "walcast has no conversion for this type; its values are captured as text"
+                );
+            }
+            let (not_null, pk) = info.get(&c.name).copied().unwrap_or((false, false));
+            // The key is the primary key; without one, the replica identity
+            // index (pgoutput flags its columns). REPLICA IDENTITY FULL flags
+            // every column, which is no key at all.
+            let key = if has_pk { pk } else { replica_identity == ReplicaIdentity::Index && c.identity };
+            columns.push(Column {
+                name: c.name.clone(),
+                pg_type,
+                type_oid: c.type_oid,
+                type_modifier: c.type_modifier,
+                nullable: !not_null,
+                key,
+            });
+        }
+        let version = self.versions.entry(rel.id).and_modify(|v| *v += 1).or_insert(1);
+        Ok(Arc::new(TableSchema {
+            relation_id: rel.id,
+            schema,
+            name: rel.name.clone(),
+            columns,
+            replica_identity,
+            version: *version,
+        }))
+    }
+}

@@ -1,0 +1,347 @@
+//! Everything a capture needs from Postgres before streaming: the server
+//! settings, the role's privileges, the tables, the publication and the
+//! slot. `plan` only looks (that is `walcast check`); `apply` creates what
+//! is missing. Every problem comes back as one message that says what to do.
+
+use tokio_postgres::Client;
+
+use crate::replication::connection::{quote_ident, quote_literal};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{0}")]
+    Definite(String),
+    /// Worth retrying: the slot is held by another process (a standby
+    /// waiting for the active daemon to die takes it over this way).
+    #[error("{0}")]
+    Busy(String),
+    #[error("catalog query failed ({what}): {source}")]
+    Query { what: String, source: tokio_postgres::Error },
+}
+
+impl SetupError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SetupError::Busy(_) => true,
+            SetupError::Query { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            SetupError::Definite(_) => false,
+        }
+    }
+}
+
+fn q(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
+    let what = what.into();
+    move |source| SetupError::Query { what, source }
+}
+
+/// Splits `schema.table`; identifiers may contain dots if double-quoted
+/// (`"my.schema"."my table"`).
+pub fn split_table(s: &str) -> Option<(String, String)> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            '"' => quoted = !quoted,
+            '.' if !quoted => parts.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    parts.push(cur);
+    match parts.as_slice() {
+        [schema, table] if !schema.is_empty() && !table.is_empty() && !quoted => Some((schema.clone(), table.clone())),
+        _ => None,
+    }
+}
+
+/// What the pipeline wants.
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    pub slot: String,
+    pub publication: String,
+    pub tables: Vec<(String, String)>,
+    pub schemas: Vec<String>,
+    pub keyless: Vec<(String, String)>,
+    pub create_slot: bool,
+    pub create_publication: bool,
+}
+
+/// What `apply` would do, and the state found.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub create_publication: Option<String>,
+    pub create_slot: bool,
+    /// The slot's confirmed_flush_lsn when it exists.
+    pub slot_confirmed_lsn: Option<String>,
+    /// Captured tables as found (schema, table).
+    pub tables: Vec<(String, String)>,
+}
+
+fn qualified(s: &str, t: &str) -> String {
+    format!("{}.{}", quote_ident(s), quote_ident(t))
+}
+
+/// Checks everything; creates nothing.
+pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
+    let definite = |m: String| Err(SetupError::Definite(m));
+    let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(q("wal_level"))?.get(0);
+    if wal_level != "logical" {
+        return definite(format!(
+            "Postgres has wal_level = {wal_level}; logical replication needs wal_level = logical. \
+             Run ALTER SYSTEM SET wal_level = logical; and restart Postgres"
+        ));
+    }
+    let role = client
+        .query_one("SELECT current_user::text, rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await
+        .map_err(q("role attributes"))?;
+    let (user, replication, superuser): (String, bool, bool) = (role.get(0), role.get(1), role.get(2));
+    if !replication && !superuser {
+        return definite(format!(
+            "role {user} lacks the REPLICATION attribute needed to stream changes; run ALTER ROLE {} REPLICATION;",
+            quote_ident(&user)
+        ));
+    }
+
+    // The tables: listed ones, plus every table of listed schemas.
+    let mut tables = w.tables.clone();
+    for schema in &w.schemas {
+        let rows = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') ORDER BY 2",
+                &[schema],
+            )
+            .await
+            .map_err(q(format!("tables of schema {schema}")))?;
+        if rows.is_empty() {
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[schema])
+                .await
+                .map_err(q("schema"))?
+                .is_some();
+            if !exists {
+                return definite(format!("schema {schema} does not exist in this database (listed in `schemas`)"));
+            }
+        }
+        for r in rows {
+            let t = (r.get::<_, String>(0), r.get::<_, String>(1));
+            if !tables.contains(&t) {
+                tables.push(t);
+            }
+        }
+    }
+    for (s, t) in &tables {
+        let row = client
+            .query_opt(
+                "SELECT c.relreplident::text, has_table_privilege(c.oid, 'SELECT'),
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[s, t],
+            )
+            .await
+            .map_err(q(format!("table {s}.{t}")))?;
+        let Some(row) = row else {
+            return definite(format!(
+                "table {s}.{t} does not exist (names are case-sensitive and used as written; check `tables`)"
+            ));
+        };
+        let (ident, select, has_pk): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        if !select {
+            return definite(format!("role {user} lacks SELECT on {s}.{t}; run GRANT SELECT ON {} TO {};", qualified(s, t), quote_ident(&user)));
+        }
+        if ident == "n" {
+            return definite(format!(
+                "table {s}.{t} has REPLICA IDENTITY NOTHING, so updates and deletes cannot be captured; \
+                 run ALTER TABLE {} REPLICA IDENTITY DEFAULT (with a primary key) or FULL",
+                qualified(s, t)
+            ));
+        }
+        let keyless_ok = w.keyless.contains(&(s.clone(), t.clone()));
+        if !has_pk && ident != "i" && !keyless_ok {
+            return definite(format!(
+                "table {s}.{t} has no primary key, so its events would have no key (no per-row order in Kafka, \
+                 no cache or index updates). Add a primary key, or list \"{s}.{t}\" under `keyless_tables` to \
+                 capture it with null keys{}",
+                if ident == "f" { "" } else { " (it then also needs REPLICA IDENTITY FULL for updates and deletes)" }
+            ));
+        }
+        if !has_pk && ident == "d" {
+            return definite(format!(
+                "table {s}.{t} has no primary key and REPLICA IDENTITY DEFAULT, so Postgres logs nothing of old rows \
+                 and cannot publish its updates and deletes; run ALTER TABLE {} REPLICA IDENTITY FULL",
+                qualified(s, t)
+            ));
+        }
+    }
+
+    let mut plan = Plan { tables: tables.clone(), ..Plan::default() };
+
+    // The publication.
+    let publication = client
+        .query_opt(
+            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1",
+            &[&w.publication],
+        )
+        .await
+        .map_err(q("publication"))?;
+    match publication {
+        None if !w.create_publication => {
+            return definite(format!(
+                "publication {} does not exist and create_publication is false; create it with CREATE PUBLICATION {} FOR TABLE ...",
+                w.publication,
+                quote_ident(&w.publication)
+            ))
+        }
+        None => {
+            let mut targets: Vec<String> = w.tables.iter().map(|(s, t)| format!("TABLE {}", qualified(s, t))).collect();
+            targets.extend(w.schemas.iter().map(|s| format!("TABLES IN SCHEMA {}", quote_ident(s))));
+            plan.create_publication = Some(format!("CREATE PUBLICATION {} FOR {}", quote_ident(&w.publication), targets.join(", ")));
+        }
+        Some(row) => {
+            let ops: [bool; 4] = [row.get(1), row.get(2), row.get(3), row.get(4)];
+            if ops.iter().any(|o| !o) {
+                return definite(format!(
+                    "publication {} does not publish every operation; run ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')",
+                    w.publication,
+                    quote_ident(&w.publication)
+                ));
+            }
+            let covered: Vec<(String, String)> = client
+                .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&w.publication])
+                .await
+                .map_err(q("publication tables"))?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let missing: Vec<String> =
+                tables.iter().filter(|t| !covered.contains(t)).map(|(s, t)| qualified(s, t)).collect();
+            if !missing.is_empty() {
+                return definite(format!(
+                    "publication {} does not cover {}; run ALTER PUBLICATION {} ADD TABLE {}",
+                    w.publication,
+                    missing.join(", "),
+                    quote_ident(&w.publication),
+                    missing.join(", ")
+                ));
+            }
+        }
+    }
+
+    // The slot.
+    let slot = client
+        .query_opt(
+            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, slot_type::text
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&w.slot],
+        )
+        .await
+        .map_err(q("replication slot"))?;
+    match slot {
+        None if !w.create_slot => {
+            return definite(format!("replication slot {} does not exist and create_slot is false", w.slot));
+        }
+        None => {
+            let row = client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM pg_replication_slots)::int, current_setting('max_replication_slots')::int",
+                    &[],
+                )
+                .await
+                .map_err(q("slot count"))?;
+            let (used, max): (i32, i32) = (row.get(0), row.get(1));
+            if used >= max {
+                return definite(format!(
+                    "all {max} replication slots (max_replication_slots) are in use; drop an unused one with \
+                     SELECT pg_drop_replication_slot('name') (see pg_replication_slots), or raise max_replication_slots and restart Postgres"
+                ));
+            }
+            plan.create_slot = true;
+        }
+        Some(row) => {
+            let (plugin, database, active, confirmed, kind): (Option<String>, Option<String>, Option<i32>, Option<String>, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            let db: String = client.query_one("SELECT current_database()::text", &[]).await.map_err(q("database"))?.get(0);
+            if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
+                return definite(format!(
+                    "replication slot {} exists but is not a logical pgoutput slot (plugin {}); choose another `slot` name",
+                    w.slot,
+                    plugin.unwrap_or_else(|| "none".into())
+                ));
+            }
+            if database.as_deref() != Some(db.as_str()) {
+                return definite(format!(
+                    "replication slot {} belongs to database {}, not {db}; choose another `slot` name",
+                    w.slot,
+                    database.unwrap_or_default()
+                ));
+            }
+            if let Some(pid) = active {
+                return Err(SetupError::Busy(format!(
+                    "replication slot {} is in use by another process (PID {pid}); waiting for it to be released \
+                     (another walcast for the same pipeline, or a stale connection)",
+                    w.slot
+                )));
+            }
+            plan.slot_confirmed_lsn = confirmed;
+        }
+    }
+    Ok(plan)
+}
+
+/// Creates the publication the plan calls for (the slot is created on the
+/// replication connection, which can export a snapshot).
+pub async fn apply_publication(client: &Client, plan: &Plan) -> Result<(), SetupError> {
+    if let Some(sql) = &plan.create_publication {
+        tracing::info!(%sql, "creating publication");
+        client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {
+            Some(db) if db.code().code() == "42501" => SetupError::Definite(format!(
+                "cannot create the publication: {}; the role must own the tables (or be superuser), or create it yourself: {sql}",
+                db.message()
+            )),
+            _ => SetupError::Query { what: "create publication".into(), source: e },
+        })?;
+    }
+    Ok(())
+}
+
+/// Drops a slot (the `walcast slots drop` command).
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, SetupError> {
+    let row = client
+        .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(q("replication slot"))?;
+    match row {
+        None => Ok(false),
+        Some(r) => {
+            if let Some(pid) = r.get::<_, Option<i32>>(0) {
+                return Err(SetupError::Busy(format!("slot {slot} is in use by PID {pid}; stop that walcast first")));
+            }
+            client
+                .execute(&format!("SELECT pg_drop_replication_slot({})", quote_literal(slot)), &[])
+                .await
+                .map_err(q("drop slot"))?;
+            Ok(true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_table_names() {
+        assert_eq!(split_table("public.orders"), Some(("public".into(), "orders".into())));
+        assert_eq!(split_table(r#""My Schema"."odd.""name""#), Some(("My Schema".into(), "odd.\"name".into())));
+        assert_eq!(split_table("orders"), None);
+        assert_eq!(split_table("a.b.c"), None);
+        assert_eq!(split_table(".x"), None);
+    }
+}

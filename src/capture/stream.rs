@@ -1,0 +1,393 @@
+//! The capture loop: read the slot, assemble events, hand batches to the
+//! sinks, confirm what they acknowledged.
+//!
+//! Reading and delivering are decoupled by a bounded queue and an in-flight
+//! limit: when sinks fall behind (a broker outage), reading stops, memory
+//! stays bounded, and the loop still answers Postgres with status updates so
+//! the walsender does not time the connection out. Transient failures
+//! (network, a server restart, a slot held by another process) restart the
+//! session from the slot's confirmed position with exponential backoff;
+//! definite ones stop the pipeline with a message that says what to do.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use walcast_sdk::ack::AckFailure;
+use walcast_sdk::retry::Backoff;
+use walcast_sdk::{Acker, Batch, ChangeEvent, Lsn, Sink};
+
+use crate::admin::metrics;
+use crate::checkpoint::LsnCheckpoint;
+use crate::pgoutput::{self, Message};
+use crate::pipeline::status::{PipelineState, StatusHandle};
+use crate::replication::connection::{quote_ident, ConnectParams, ReplicationConnection, ReplicationError};
+use crate::replication::ServerMessage;
+
+use super::assemble::{AssembleError, AssembleOptions, Assembler};
+use super::catalog::{self, Catalog, CatalogError};
+use super::setup::{self, SetupError, Wanted};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("pipeline {pipeline}: {source}")]
+    Replication { pipeline: String, source: ReplicationError },
+    #[error("pipeline {pipeline}: {source}")]
+    Catalog { pipeline: String, source: CatalogError },
+    #[error("pipeline {pipeline}: {source}")]
+    Setup { pipeline: String, source: SetupError },
+    #[error("pipeline {pipeline}: {source}")]
+    Assemble { pipeline: String, source: AssembleError },
+    #[error("pipeline {pipeline}: decoding pgoutput at LSN {lsn}: {source}")]
+    Decode { pipeline: String, lsn: Lsn, source: pgoutput::DecodeError },
+    #[error("pipeline {pipeline}: a sink failed to deliver events after LSN {confirmed}: {source}")]
+    Delivery { pipeline: String, confirmed: Lsn, source: AckFailure },
+    #[error("pipeline {pipeline}: {message}")]
+    Definite { pipeline: String, message: String },
+}
+
+impl CaptureError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CaptureError::Replication { source, .. } => source.is_transient(),
+            CaptureError::Catalog { source, .. } => source.is_transient(),
+            CaptureError::Setup { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
+
+    fn is_standby(&self) -> bool {
+        matches!(self, CaptureError::Setup { source: SetupError::Busy(_), .. })
+            || matches!(self, CaptureError::Replication { source, .. } if source.sqlstate() == Some("55006"))
+    }
+}
+
+/// Everything one capture pipeline needs, resolved from the config.
+#[derive(Debug, Clone)]
+pub struct CaptureSettings {
+    pub pipeline: String,
+    pub connect: ConnectParams,
+    pub wanted: Wanted,
+    pub assemble: AssembleOptions,
+    pub status_interval: Duration,
+    pub max_in_flight_events: usize,
+    pub batch_max_events: usize,
+    pub shutdown_timeout: Duration,
+    pub retry_max_backoff: Duration,
+}
+
+/// Hands batches to every sink, in order, on its own task so that a slow
+/// sink never stops the capture loop from answering Postgres.
+async fn dispatch(pipeline: String, mut sinks: Vec<Box<dyn Sink>>, mut rx: mpsc::Receiver<(Vec<ChangeEvent>, Acker)>) -> Vec<Box<dyn Sink>> {
+    while let Some((events, acker)) = rx.recv().await {
+        let events = Arc::new(events);
+        for sink in sinks.iter_mut() {
+            let name = sink.name().to_string();
+            let n = events.len() as u64;
+            match sink.send(Batch { events: Arc::clone(&events), acker: acker.clone() }).await {
+                Ok(()) => ::metrics::counter!(metrics::SINK_EVENTS, "pipeline" => pipeline.clone(), "sink" => name).increment(n),
+                Err(e) => {
+                    tracing::error!(pipeline = %pipeline, sink = %name, error = %e, "sink refused a batch");
+                    ::metrics::counter!(metrics::SINK_ERRORS, "pipeline" => pipeline.clone(), "sink" => name).increment(1);
+                }
+            }
+        }
+        acker.ack();
+    }
+    for sink in sinks.iter_mut() {
+        if let Err(e) = sink.flush().await {
+            tracing::warn!(pipeline = %pipeline, sink = %sink.name(), error = %e, "flushing a sink at shutdown failed");
+        }
+    }
+    sinks
+}
+
+/// Runs a capture pipeline until shutdown or a definite error.
+pub async fn run(settings: CaptureSettings, sinks: Vec<Box<dyn Sink>>, status: StatusHandle, shutdown: CancellationToken) -> Result<(), CaptureError> {
+    let (tx, rx) = mpsc::channel(8);
+    let dispatcher = tokio::spawn(dispatch(settings.pipeline.clone(), sinks, rx));
+    let mut backoff = Backoff::new(Duration::from_millis(500), settings.retry_max_backoff);
+    status.update(|s| {
+        s.slot = Some(settings.wanted.slot.clone());
+        s.publication = Some(settings.wanted.publication.clone());
+    });
+    let result = loop {
+        let started = Instant::now();
+        match session(&settings, &tx, &status, &shutdown).await {
+            Ok(()) => break Ok(()),
+            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                if e.is_standby() {
+                    status.set_state(PipelineState::Standby);
+                    tracing::info!(pipeline = %settings.pipeline, error = %e, retry_in = ?delay, "standing by");
+                } else {
+                    status.set_state(PipelineState::Retrying);
+                    tracing::warn!(pipeline = %settings.pipeline, error = %e, retry_in = ?delay, "capture interrupted; reconnecting");
+                }
+                status.update(|s| s.last_error = Some(e.to_string()));
+                ::metrics::gauge!(metrics::STREAMING, "pipeline" => settings.pipeline.clone()).set(0.0);
+                ::metrics::counter!(metrics::RESTARTS, "pipeline" => settings.pipeline.clone()).increment(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break Ok(()),
+                }
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    ::metrics::gauge!(metrics::STREAMING, "pipeline" => settings.pipeline.clone()).set(0.0);
+    drop(tx);
+    let _ = tokio::time::timeout(settings.shutdown_timeout, dispatcher).await;
+    match &result {
+        Ok(()) => status.set_state(PipelineState::Stopped),
+        Err(e) => status.update(|s| {
+            s.state = PipelineState::Failed;
+            s.last_error = Some(e.to_string());
+        }),
+    }
+    result
+}
+
+/// A commit handed to the sinks, kept to measure commit-to-ack latency.
+struct PendingCommit {
+    end: Lsn,
+    commit_micros: i64,
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+/// One replication session, from connecting to the end of the stream.
+async fn session(
+    s: &CaptureSettings,
+    tx: &mpsc::Sender<(Vec<ChangeEvent>, Acker)>,
+    status: &StatusHandle,
+    shutdown: &CancellationToken,
+) -> Result<(), CaptureError> {
+    let p = || s.pipeline.clone();
+    let cat_err = |source| CaptureError::Catalog { pipeline: p(), source };
+    let rep_err = |source| CaptureError::Replication { pipeline: p(), source };
+    let setup_err = |source| CaptureError::Setup { pipeline: p(), source };
+
+    status.set_state(PipelineState::Starting);
+    let client = catalog::connect(&s.connect).await.map_err(cat_err)?;
+    let plan = setup::plan(&client, &s.wanted).await.map_err(setup_err)?;
+    setup::apply_publication(&client, &plan).await.map_err(setup_err)?;
+    let mut catalog = Catalog::new(client);
+
+    let mut conn = ReplicationConnection::connect(&s.connect).await.map_err(rep_err)?;
+    let system = conn.identify_system().await.map_err(rep_err)?;
+    let start = if plan.create_slot {
+        let created = conn.create_slot(&s.wanted.slot, false, false).await.map_err(rep_err)?;
+        tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, consistent_point = %created.consistent_point, "created replication slot");
+        created.consistent_point
+    } else {
+        plan.slot_confirmed_lsn.as_deref().and_then(|l| l.parse().ok()).unwrap_or_default()
+    };
+    let options = [
+        ("proto_version", "1".to_string()),
+        ("publication_names", quote_ident(&s.wanted.publication)),
+        ("messages", "true".to_string()),
+    ];
+    let mut stream = conn.start_replication(&s.wanted.slot, Lsn(0), &options).await.map_err(rep_err)?;
+    tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, from = %start, server_wal = %system.xlog_pos, "streaming");
+    status.set_state(PipelineState::Streaming);
+    status.update(|st| st.last_error = None);
+    ::metrics::gauge!(metrics::STREAMING, "pipeline" => p()).set(1.0);
+
+    let keyless: HashSet<String> = s.wanted.keyless.iter().map(|(a, b)| format!("{a}.{b}")).collect();
+    let mut asm = Assembler::new(s.assemble.clone());
+    let mut cp = LsnCheckpoint::new(start);
+    let mut pending = Vec::<ChangeEvent>::new();
+    let mut commits = VecDeque::<PendingCommit>::new();
+    let mut wal_end = start;
+    let mut last_sent = Instant::now();
+    let mut dirty = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retained_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut tx_counts: std::collections::HashMap<(String, &'static str), u64> = Default::default();
+
+    let result: Result<(), CaptureError> = loop {
+        let can_read = cp.in_flight_events() + pending.len() < s.max_in_flight_events && tx.capacity() > 0;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            acked = cp.next_ack() => {
+                match acked {
+                    Ok(true) => {
+                        dirty = true;
+                        let now = now_micros();
+                        while commits.front().is_some_and(|c| c.end <= cp.confirmed()) {
+                            let c = commits.pop_front().expect("checked");
+                            metrics::commit_to_ack(&s.pipeline, Duration::from_micros(now.saturating_sub(c.commit_micros).max(0) as u64));
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(source) => break Err(CaptureError::Delivery { pipeline: p(), confirmed: cp.confirmed(), source }),
+                }
+            }
+            _ = tick.tick() => {
+                if dirty || last_sent.elapsed() >= s.status_interval {
+                    if let Err(e) = stream.send_status(cp.confirmed(), false).await { break Err(rep_err(e)); }
+                    last_sent = Instant::now();
+                    dirty = false;
+                }
+                status.set_positions(cp.confirmed(), wal_end, cp.in_flight_events());
+                ::metrics::gauge!(metrics::LAG_BYTES, "pipeline" => p()).set(wal_end.0.saturating_sub(cp.confirmed().0) as f64);
+                ::metrics::gauge!(metrics::IN_FLIGHT, "pipeline" => p()).set(cp.in_flight_events() as f64);
+                ::metrics::gauge!(metrics::CONFIRMED_LSN, "pipeline" => p()).set(cp.confirmed().0 as f64);
+            }
+            _ = retained_tick.tick() => {
+                if let Ok(row) = catalog.client().query_opt(
+                    "SELECT (pg_current_wal_lsn() - restart_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&s.wanted.slot],
+                ).await {
+                    if let Some(Some(bytes)) = row.map(|r| r.get::<_, Option<f64>>(0)) {
+                        ::metrics::gauge!(metrics::SLOT_RETAINED, "pipeline" => p()).set(bytes);
+                    }
+                }
+            }
+            msg = stream.recv(), if can_read => {
+                let msg = match msg { Ok(m) => m, Err(e) => break Err(rep_err(e)) };
+                match msg {
+                    ServerMessage::Keepalive { wal_end: end, reply_requested, .. } => {
+                        wal_end = wal_end.max(end);
+                        if cp.on_wal_end(end, asm.in_transaction() || !pending.is_empty()) { dirty = true; }
+                        if reply_requested {
+                            if let Err(e) = stream.send_status(cp.confirmed(), false).await { break Err(rep_err(e)); }
+                            last_sent = Instant::now();
+                            dirty = false;
+                        }
+                    }
+                    ServerMessage::XLogData { start: lsn, wal_end: end, data, .. } => {
+                        wal_end = wal_end.max(end);
+                        ::metrics::counter!(metrics::WAL_BYTES, "pipeline" => p()).increment(data.len() as u64);
+                        let m = match pgoutput::decode(data) {
+                            Ok(m) => m,
+                            Err(source) => break Err(CaptureError::Decode { pipeline: p(), lsn, source }),
+                        };
+                        if let Err(e) = handle(s, &mut asm, &mut catalog, &keyless, &mut pending, &mut tx_counts, m, lsn).await {
+                            break Err(e);
+                        }
+                        // A commit: hand the transaction over with its position.
+                        if let Some((end_lsn, commit_micros)) = take_commit(&mut asm) {
+                            let events = std::mem::take(&mut pending);
+                            let n = events.len();
+                            let acker = cp.register(Some(end_lsn), n);
+                            commits.push_back(PendingCommit { end: end_lsn, commit_micros });
+                            ::metrics::counter!(metrics::TRANSACTIONS, "pipeline" => p()).increment(1);
+                            ::metrics::gauge!(metrics::LAG_SECONDS, "pipeline" => p()).set((now_micros() - commit_micros).max(0) as f64 / 1e6);
+                            status.update(|st| { st.events_total += n as u64; st.transactions_total += 1; });
+                            for ((table, op), count) in tx_counts.drain() { metrics::events(&s.pipeline, &table, op, count); }
+                            if tx.send((events, acker)).await.is_err() { break Ok(()); }
+                        } else if pending.len() >= s.batch_max_events {
+                            // A large transaction: deliver it in slices; only
+                            // its last slice carries a position to confirm.
+                            let events = std::mem::take(&mut pending);
+                            let acker = cp.register(None, events.len());
+                            if tx.send((events, acker)).await.is_err() { break Ok(()); }
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    // Drain: let sinks acknowledge what is in flight, then confirm it.
+    if result.is_ok() {
+        let deadline = tokio::time::Instant::now() + s.shutdown_timeout;
+        while cp.in_flight_batches() > 0 {
+            match tokio::time::timeout_at(deadline, cp.next_ack()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(pipeline = %s.pipeline, error = %e, "a batch failed while draining");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(pipeline = %s.pipeline, in_flight = cp.in_flight_events(), "shutdown timeout: unacknowledged events will be replayed on restart");
+                    break;
+                }
+            }
+        }
+        let confirmed = cp.confirmed();
+        if let Err(e) = stream.close(confirmed).await {
+            tracing::debug!(error = %e, "closing the replication stream");
+        }
+        tracing::info!(pipeline = %s.pipeline, confirmed = %confirmed, "capture stopped");
+    }
+    status.set_positions(cp.confirmed(), wal_end, cp.in_flight_events());
+    result
+}
+
+/// The commit just assembled, if the last message was a Commit.
+fn take_commit(asm: &mut Assembler) -> Option<(Lsn, i64)> {
+    asm.take_finished()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle(
+    s: &CaptureSettings,
+    asm: &mut Assembler,
+    catalog: &mut Catalog,
+    keyless: &HashSet<String>,
+    pending: &mut Vec<ChangeEvent>,
+    counts: &mut std::collections::HashMap<(String, &'static str), u64>,
+    m: Message,
+    lsn: Lsn,
+) -> Result<(), CaptureError> {
+    let asm_err = |source| CaptureError::Assemble { pipeline: s.pipeline.clone(), source };
+    let mut push = |e: ChangeEvent, pending: &mut Vec<ChangeEvent>| {
+        *counts.entry((e.table.qualified_name(), e.op.code())).or_insert(0) += 1;
+        pending.push(e);
+    };
+    match m {
+        Message::Begin(b) => asm.begin(&b),
+        Message::Commit(c) => {
+            asm.commit(&c);
+        }
+        Message::Relation(rel) => {
+            let table = catalog.table_schema(&rel).await.map_err(|source| CaptureError::Catalog { pipeline: s.pipeline.clone(), source })?;
+            let name = table.qualified_name();
+            let wanted = s.assemble.tables.as_ref().is_none_or(|t| t.contains(&name));
+            if wanted && !keyless.contains(&name) {
+                if let Some(problem) = super::assemble::key_problem(&table) {
+                    return Err(CaptureError::Definite { pipeline: s.pipeline.clone(), message: problem });
+                }
+            }
+            tracing::debug!(pipeline = %s.pipeline, table = %name, version = table.version, "relation");
+            asm.set_relation(table);
+        }
+        Message::Insert(i) => {
+            if let Some(e) = asm.insert(i.relation_id, &i.new, lsn).map_err(asm_err)? {
+                push(e, pending);
+            }
+        }
+        Message::Update(u) => {
+            if let Some(e) = asm.update(u.relation_id, u.old.as_ref(), &u.new, lsn).map_err(asm_err)? {
+                push(e, pending);
+            }
+        }
+        Message::Delete(d) => {
+            if let Some(e) = asm.delete(d.relation_id, &d.old, lsn).map_err(asm_err)? {
+                push(e, pending);
+            }
+        }
+        Message::Truncate(t) => {
+            for e in asm.truncate(&t.relation_ids, lsn).map_err(asm_err)? {
+                push(e, pending);
+            }
+        }
+        Message::Origin(_) | Message::Type(_) => {}
+        Message::Message(m) => {
+            tracing::debug!(pipeline = %s.pipeline, prefix = %m.prefix, lsn = %m.lsn, "logical message");
+        }
+    }
+    Ok(())
+}

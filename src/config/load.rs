@@ -1,0 +1,146 @@
+//! Reading and validating the file.
+
+use std::path::{Path, PathBuf};
+
+use config::{Environment, File, FileFormat};
+
+use super::model::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("config file {path}: `{key}`: {message}")]
+    Rule { path: PathBuf, key: String, message: String },
+}
+
+/// Loads a file and the WALCAST_ environment.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let format = match path.extension().and_then(|e| e.to_str()) {
+        Some("yaml") | Some("yml") => FileFormat::Yaml,
+        _ => FileFormat::Toml,
+    };
+    parse(path, &text, format, true)
+}
+
+/// Parses TOML text (tests, `check` on stdin); no environment layer.
+pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigError> {
+    parse(Path::new(name), text, FileFormat::Toml, false)
+}
+
+fn parse(path: &Path, text: &str, format: FileFormat, env: bool) -> Result<Config, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
+    let mut builder = config::Config::builder().add_source(File::from_str(text, format));
+    if env {
+        builder = builder.add_source(
+            Environment::with_prefix("WALCAST").prefix_separator("_").separator("__").try_parsing(true).list_separator(",").with_list_parse_key("pipelines.*.source.tables"),
+        );
+    }
+    let raw = builder.build().map_err(|e| invalid(e.to_string()))?;
+    let cfg: Config = raw.try_deserialize().map_err(|e| invalid(e.to_string()))?;
+    validate(path, &cfg)?;
+    Ok(cfg)
+}
+
+fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
+    let rule = |key: String, message: &str| ConfigError::Rule { path: path.into(), key, message: message.into() };
+    if cfg.pipelines.is_empty() {
+        return Err(rule("pipelines".into(), "no pipeline is defined; add a [pipelines.NAME] section"));
+    }
+    if let Some(Err(e)) = cfg.admin.address() {
+        return Err(rule("admin.listen".into(), &format!("not a socket address (host:port): {e}")));
+    }
+    for (name, p) in &cfg.pipelines {
+        match p {
+            PipelineConfig::Capture(c) => {
+                let key = |k: &str| format!("pipelines.{name}.{k}");
+                let s = &c.source;
+                if s.tables.is_empty() && s.schemas.is_empty() {
+                    return Err(rule(key("source.tables"), "list the tables to capture (`tables`) or whole schemas (`schemas`)"));
+                }
+                for t in s.tables.iter().chain(&s.keyless_tables) {
+                    if crate::capture::setup::split_table(t).is_none() {
+                        return Err(rule(key("source.tables"), &format!("`{t}` is not of the form schema.table")));
+                    }
+                }
+                if s.password.is_some() && s.password_file.is_some() {
+                    return Err(rule(key("source.password_file"), "set `password` or `password_file`, not both"));
+                }
+                if c.sinks.is_empty() {
+                    return Err(rule(key("sinks"), "a capture pipeline needs at least one sink"));
+                }
+                if c.batch_max_events == 0 || c.max_in_flight_events < c.batch_max_events {
+                    return Err(rule(key("max_in_flight_events"), "must be at least batch_max_events, which must be positive"));
+                }
+                if s.status_interval.is_zero() {
+                    return Err(rule(key("source.status_interval"), "must be positive"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads a secret from its inline value or its file.
+pub fn read_secret(inline: Option<&Secret>, file: Option<&Path>) -> Result<Option<String>, std::io::Error> {
+    if let Some(s) = inline {
+        return Ok(Some(s.0.clone()));
+    }
+    match file {
+        Some(p) => Ok(Some(std::fs::read_to_string(p)?.trim_end_matches(['\n', '\r']).to_string())),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[pipelines.orders]
+kind = "capture"
+[pipelines.orders.source]
+database = "app"
+user = "walcast"
+tables = ["public.orders"]
+[[pipelines.orders.sinks]]
+type = "file"
+path = "-"
+"#;
+
+    #[test]
+    fn defaults_apply() {
+        let c = load_str("t.toml", GOOD).unwrap();
+        let PipelineConfig::Capture(p) = &c.pipelines["orders"];
+        assert_eq!(p.source.port, DEFAULT_PG_PORT);
+        assert_eq!(p.source.status_interval, DEFAULT_STATUS_INTERVAL);
+        assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
+        assert!(p.source.create_slot);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_the_file() {
+        let bad = GOOD.replace("user = \"walcast\"", "user = \"walcast\"\nusername = \"x\"");
+        let e = load_str("bad.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("bad.toml") && e.contains("username"), "{e}");
+        let bad = GOOD.replace("path = \"-\"", "path = \"-\"\ncolour = 1");
+        let e = load_str("bad2.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("colour"), "{e}");
+        let bad = GOOD.replace("kind = \"capture\"", "kind = \"capture\"\nwhatever = 2");
+        let e = load_str("bad3.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("whatever"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_and_rules_are_explained() {
+        let e = load_str("t.toml", &GOOD.replace("database = \"app\"", "database = \"app\"\nport = \"five\"")).unwrap_err().to_string();
+        assert!(e.contains("port") || e.contains("five"), "{e}");
+        let e = load_str("t.toml", &GOOD.replace("[\"public.orders\"]", "[\"orders\"]")).unwrap_err().to_string();
+        assert!(e.contains("schema.table") && e.contains("pipelines.orders.source.tables"), "{e}");
+        let e = load_str("t.toml", &GOOD.replace("type = \"file\"", "type = \"carrier-pigeon\"")).unwrap_err().to_string();
+        assert!(e.contains("carrier-pigeon"), "{e}");
+    }
+}

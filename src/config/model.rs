@@ -1,0 +1,221 @@
+//! The configuration's shape and defaults. Every default is a named
+//! constant, and the README's config reference lists them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::replication::tls::SslMode;
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9187";
+pub const DEFAULT_PG_PORT: u16 = 5432;
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_IN_FLIGHT_EVENTS: usize = 200_000;
+pub const DEFAULT_BATCH_MAX_EVENTS: usize = 4_096;
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Pipelines by name. The name is used in metrics, logs, and the default
+    /// slot, publication and topic prefix.
+    pub pipelines: BTreeMap<String, PipelineConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the health/metrics/status HTTP server; localhost unless
+    /// you mean otherwise. Empty string disables it.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: default_admin_listen() }
+    }
+}
+
+fn default_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.to_string()
+}
+
+impl AdminConfig {
+    pub fn address(&self) -> Option<Result<SocketAddr, std::net::AddrParseError>> {
+        (!self.listen.is_empty()).then(|| self.listen.parse())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable on a terminal, JSON otherwise.
+    #[default]
+    Auto,
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `walcast=debug,rdkafka=warn`); RUST_LOG wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Auto, level: default_log_level() }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// One pipeline: where events come from and where they go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PipelineConfig {
+    /// Postgres → sinks (Kafka, or Redis/OpenSearch/file directly).
+    Capture(CaptureConfig),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    pub source: PostgresSourceConfig,
+    /// Debezium's `topic.prefix`: the first part of topic names and the
+    /// `source.name` of events. Default: the pipeline's name.
+    pub topic_prefix: Option<String>,
+    pub sinks: Vec<SinkConfig>,
+    /// Events buffered between Postgres and the sinks before reading stops
+    /// (back-pressure). Bounds memory whatever the transaction size.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight_events: usize,
+    /// Largest batch handed to sinks; big transactions are cut into
+    /// batches of this size.
+    #[serde(default = "default_batch_max")]
+    pub batch_max_events: usize,
+    /// How long a SIGTERM waits for in-flight events to be acknowledged.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+fn default_max_in_flight() -> usize {
+    DEFAULT_MAX_IN_FLIGHT_EVENTS
+}
+fn default_batch_max() -> usize {
+    DEFAULT_BATCH_MAX_EVENTS
+}
+fn default_shutdown_timeout() -> Duration {
+    DEFAULT_SHUTDOWN_TIMEOUT
+}
+
+/// Where a secret comes from: inline, or a file read at start (trailing
+/// newline removed). Never printed.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSourceConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub password: Option<Secret>,
+    /// A file holding the password (Kubernetes secret, systemd credential).
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// PEM CA certificate for sslmode verify-ca / verify-full.
+    pub ssl_root_cert: Option<PathBuf>,
+    /// Replication slot name. Default: `walcast_<pipeline>`.
+    pub slot: Option<String>,
+    /// Publication name. Default: `walcast_<pipeline>`.
+    pub publication: Option<String>,
+    /// Tables to capture, `schema.table`. Identifiers are used as written
+    /// (case-sensitive, quoted in SQL).
+    #[serde(default)]
+    pub tables: Vec<String>,
+    /// Capture every table of these schemas (`FOR TABLES IN SCHEMA`).
+    #[serde(default)]
+    pub schemas: Vec<String>,
+    /// Create the publication when it is missing.
+    #[serde(default = "yes")]
+    pub create_publication: bool,
+    /// Create the slot when it is missing.
+    #[serde(default = "yes")]
+    pub create_slot: bool,
+    /// Tables allowed to have no primary key (events carry a null key).
+    #[serde(default)]
+    pub keyless_tables: Vec<String>,
+    /// Interval of standby status updates; Postgres also gets one whenever
+    /// it asks. Keep it under the server's wal_sender_timeout.
+    #[serde(default = "default_status_interval", with = "humantime_serde")]
+    pub status_interval: Duration,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait between reconnection attempts (exponential backoff).
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_pg_port() -> u16 {
+    DEFAULT_PG_PORT
+}
+fn default_status_interval() -> Duration {
+    DEFAULT_STATUS_INTERVAL
+}
+fn default_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_retry_max() -> Duration {
+    DEFAULT_RETRY_MAX_BACKOFF
+}
+
+/// A destination, by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// JSON lines to stdout or a file: for debugging and tests.
+    File(walcast_file::FileSinkConfig),
+}
+
+impl SinkConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::File(_) => "file",
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Wiring pipelines from the config: sources, sinks, status, and the task
+//! that runs each one.
+
+pub mod status;
+
+use std::collections::HashSet;
+
+use tokio_util::sync::CancellationToken;
+use walcast_sdk::Sink;
+
+use crate::capture::assemble::AssembleOptions;
+use crate::capture::setup::{split_table, Wanted};
+use crate::capture::stream::{self, CaptureSettings};
+use crate::config::{read_secret, CaptureConfig, PipelineConfig, SinkConfig};
+use crate::replication::connection::ConnectParams;
+use status::StatusHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("pipeline {pipeline}: cannot read {key}: {source}")]
+    Secret { pipeline: String, key: &'static str, source: std::io::Error },
+    #[error("pipeline {pipeline}: sink {sink}: {message}")]
+    Sink { pipeline: String, sink: &'static str, message: String },
+}
+
+/// Resolves a capture pipeline's settings (no I/O but reading secret files).
+pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings, BuildError> {
+    let src = &c.source;
+    let password = read_secret(src.password.as_ref(), src.password_file.as_deref())
+        .map_err(|source| BuildError::Secret { pipeline: name.into(), key: "source.password_file", source })?;
+    let default_name = format!("walcast_{}", name.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+    let tables: Vec<(String, String)> = src.tables.iter().filter_map(|t| split_table(t)).collect();
+    let keyless: Vec<(String, String)> = src.keyless_tables.iter().filter_map(|t| split_table(t)).collect();
+    let wanted = Wanted {
+        slot: src.slot.clone().unwrap_or_else(|| default_name.clone()),
+        publication: src.publication.clone().unwrap_or_else(|| default_name.clone()),
+        tables: tables.clone(),
+        schemas: src.schemas.clone(),
+        keyless,
+        create_slot: src.create_slot,
+        create_publication: src.create_publication,
+    };
+    // With whole schemas captured, every table of the publication is wanted.
+    let filter: Option<HashSet<String>> =
+        if src.schemas.is_empty() { Some(tables.iter().map(|(s, t)| format!("{s}.{t}")).collect()) } else { None };
+    Ok(CaptureSettings {
+        pipeline: name.to_string(),
+        connect: ConnectParams {
+            host: src.host.clone(),
+            port: src.port,
+            user: src.user.clone(),
+            password,
+            database: src.database.clone(),
+            sslmode: src.sslmode,
+            ssl_root_cert: src.ssl_root_cert.clone(),
+            application_name: format!("walcast/{name}"),
+            connect_timeout: src.connect_timeout,
+        },
+        wanted,
+        assemble: AssembleOptions {
+            name: c.topic_prefix.clone().unwrap_or_else(|| name.to_string()),
+            database: src.database.clone(),
+            tables: filter,
+        },
+        status_interval: src.status_interval,
+        max_in_flight_events: c.max_in_flight_events,
+        batch_max_events: c.batch_max_events,
+        shutdown_timeout: c.shutdown_timeout,
+        retry_max_backoff: src.retry_max_backoff,
+    })
+}
+
+/// Opens every sink of a pipeline.
+pub async fn build_sinks(pipeline: &str, _prefix: &str, sinks: &[SinkConfig]) -> Result<Vec<Box<dyn Sink>>, BuildError> {
+    let mut out: Vec<Box<dyn Sink>> = Vec::new();
+    for s in sinks {
+        let err = |message: String| BuildError::Sink { pipeline: pipeline.into(), sink: s.kind(), message };
+        match s {
+            SinkConfig::File(f) => out.push(Box::new(walcast_file::FileSink::open(f).await.map_err(|e| err(e.to_string()))?)),
+        }
+    }
+    Ok(out)
+}
+
+/// A pipeline ready to run.
+pub struct Runnable {
+    pub name: String,
+    pub status: StatusHandle,
+    kind: Kind,
+}
+
+enum Kind {
+    Capture(CaptureSettings, Vec<Box<dyn Sink>>),
+}
+
+pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildError> {
+    match cfg {
+        PipelineConfig::Capture(c) => {
+            let settings = capture_settings(name, c)?;
+            let sinks = build_sinks(name, &settings.assemble.name, &c.sinks).await?;
+            let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
+            crate::admin::metrics::register_pipeline(name, &sink_names);
+            Ok(Runnable { name: name.into(), status: StatusHandle::new(name, "capture", sink_names), kind: Kind::Capture(settings, sinks) })
+        }
+    }
+}
+
+impl Runnable {
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), String> {
+        match self.kind {
+            Kind::Capture(settings, sinks) => stream::run(settings, sinks, self.status, shutdown).await.map_err(|e| e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! What a running pipeline reports about itself: the state behind /status,
+//! /readyz and `walcast status`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use walcast_sdk::Lsn;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelineState {
+    Starting,
+    Streaming,
+    /// Lost the connection or a sink; retrying with backoff.
+    Retrying,
+    /// Waiting for a replication slot held by another process.
+    Standby,
+    Stopped,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineStatus {
+    pub name: String,
+    pub kind: &'static str,
+    pub state: PipelineState,
+    pub slot: Option<String>,
+    pub publication: Option<String>,
+    /// The LSN confirmed to Postgres (everything before it is delivered).
+    pub confirmed_lsn: Option<String>,
+    /// The server's WAL end as last reported.
+    pub wal_end: Option<String>,
+    pub lag_bytes: u64,
+    pub in_flight_events: usize,
+    pub events_total: u64,
+    pub transactions_total: u64,
+    pub sinks: Vec<String>,
+    pub last_error: Option<String>,
+    /// Long operations (snapshots): rows done, estimate, rate, ETA.
+    pub progress: BTreeMap<String, serde_json::Value>,
+}
+
+/// Shared, cheaply cloned handle to one pipeline's status.
+#[derive(Debug, Clone)]
+pub struct StatusHandle(Arc<Mutex<PipelineStatus>>);
+
+impl StatusHandle {
+    pub fn new(name: &str, kind: &'static str, sinks: Vec<String>) -> Self {
+        StatusHandle(Arc::new(Mutex::new(PipelineStatus {
+            name: name.into(),
+            kind,
+            state: PipelineState::Starting,
+            slot: None,
+            publication: None,
+            confirmed_lsn: None,
+            wal_end: None,
+            lag_bytes: 0,
+            in_flight_events: 0,
+            events_total: 0,
+            transactions_total: 0,
+            sinks,
+            last_error: None,
+            progress: BTreeMap::new(),
+        })))
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut PipelineStatus)) {
+        if let Ok(mut s) = self.0.lock() {
+            f(&mut s);
+        }
+    }
+
+    pub fn snapshot(&self) -> PipelineStatus {
+        self.0.lock().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn set_state(&self, state: PipelineState) {
+        self.update(|s| s.state = state);
+    }
+
+    pub fn set_positions(&self, confirmed: Lsn, wal_end: Lsn, in_flight: usize) {
+        self.update(|s| {
+            s.confirmed_lsn = Some(confirmed.to_string());
+            s.wal_end = Some(wal_end.to_string());
+            s.lag_bytes = wal_end.0.saturating_sub(confirmed.0);
+            s.in_flight_events = in_flight;
+        });
+    }
+}

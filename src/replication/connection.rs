@@ -1,0 +1,459 @@
+//! The I/O half of the replication connection.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use walcast_sdk::Lsn;
+
+use super::protocol::{self, ServerMessage};
+use super::tls::{self, SslMode};
+
+/// Where and how to connect. Built from the pipeline's `source` config.
+#[derive(Clone)]
+pub struct ConnectParams {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+    pub sslmode: SslMode,
+    pub ssl_root_cert: Option<PathBuf>,
+    pub application_name: String,
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for ConnectParams {
+    // The password never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectParams")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("sslmode", &self.sslmode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An error reported by the server, with the fields an operator needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerError {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.code, self.message)?;
+        if let Some(d) = &self.detail {
+            write!(f, " (detail: {d})")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, " (hint: {h})")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cannot reach Postgres at {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("timed out after {0:?} connecting to Postgres")]
+    ConnectTimeout(Duration),
+    #[error("replication connection I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("TLS handshake with Postgres failed: {0}")]
+    TlsHandshake(std::io::Error),
+    #[error("Postgres does not accept TLS on this port but sslmode={0} requires it")]
+    TlsRefused(&'static str),
+    #[error("Postgres asks for a password for user `{user}` and none is configured (set `password` or `password_file`)")]
+    PasswordRequired { user: String },
+    #[error("Postgres asks for authentication method {0}, which walcast does not support (use scram-sha-256, md5 or trust)")]
+    UnsupportedAuth(String),
+    #[error("Postgres: {0}")]
+    Server(ServerError),
+    #[error("unexpected message from Postgres during {during}: tag {tag:?}")]
+    Unexpected { during: &'static str, tag: char },
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error("the replication stream ended")]
+    Closed,
+}
+
+impl ReplicationError {
+    /// SQLSTATE when the server reported the error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server(e) => Some(&e.code),
+            _ => None,
+        }
+    }
+
+    /// Whether reconnecting later may succeed: network trouble, a server
+    /// shutting down, or a slot another process holds (that is how a standby
+    /// daemon takes a slot over when the active one dies).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReplicationError::Connect { .. }
+            | ReplicationError::ConnectTimeout(_)
+            | ReplicationError::Io(_)
+            | ReplicationError::Closed => true,
+            ReplicationError::Server(e) => {
+                e.code == "55006" // object_in_use: the slot is active elsewhere
+                    || e.code == "53300" // too_many_connections
+                    || e.code == "57P01" // admin_shutdown
+                    || e.code == "57P03" // cannot_connect_now (starting up)
+                    || e.code.starts_with("08")
+            }
+            _ => false,
+        }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// What IDENTIFY_SYSTEM answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemInfo {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlog_pos: Lsn,
+    pub database: Option<String>,
+}
+
+/// What CREATE_REPLICATION_SLOT answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotCreated {
+    pub slot_name: String,
+    /// Changes committed after this LSN are streamed; the exported snapshot
+    /// sees everything before it.
+    pub consistent_point: Lsn,
+    pub snapshot_name: Option<String>,
+}
+
+/// A walsender session before streaming starts.
+pub struct ReplicationConnection {
+    io: Box<dyn Stream>,
+    buf: BytesMut,
+    out: BytesMut,
+    pub parameters: HashMap<String, String>,
+}
+
+fn server_error(body: &ErrorResponseBody) -> ServerError {
+    let mut e = ServerError { severity: String::new(), code: String::new(), message: String::new(), detail: None, hint: None };
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'S' => e.severity = v,
+            b'C' => e.code = v,
+            b'M' => e.message = v,
+            b'D' => e.detail = Some(v),
+            b'H' => e.hint = Some(v),
+            _ => {}
+        }
+    }
+    e
+}
+
+impl ReplicationConnection {
+    pub async fn connect(p: &ConnectParams) -> Result<Self, ReplicationError> {
+        tokio::time::timeout(p.connect_timeout, Self::connect_inner(p))
+            .await
+            .map_err(|_| ReplicationError::ConnectTimeout(p.connect_timeout))?
+    }
+
+    async fn connect_inner(p: &ConnectParams) -> Result<Self, ReplicationError> {
+        let addr = format!("{}:{}", p.host, p.port);
+        let mut tcp = TcpStream::connect(&addr).await.map_err(|source| ReplicationError::Connect { addr: addr.clone(), source })?;
+        tcp.set_nodelay(true)?;
+        let io: Box<dyn Stream> = match tls::client_config(p.sslmode, p.ssl_root_cert.as_deref())? {
+            None => Box::new(tcp),
+            Some(config) => {
+                let mut req = BytesMut::new();
+                frontend::ssl_request(&mut req);
+                tcp.write_all(&req).await?;
+                let mut answer = [0u8; 1];
+                tcp.read_exact(&mut answer).await?;
+                match answer[0] {
+                    b'S' => {
+                        let name = rustls::pki_types::ServerName::try_from(p.host.clone())
+                            .map_err(|e| ReplicationError::TlsHandshake(std::io::Error::other(e)))?;
+                        let tls = tokio_rustls::TlsConnector::from(config)
+                            .connect(name, tcp)
+                            .await
+                            .map_err(ReplicationError::TlsHandshake)?;
+                        Box::new(tls)
+                    }
+                    // The server declined TLS; under `prefer` the same
+                    // connection goes on in plain text, as libpq does.
+                    _ if p.sslmode == SslMode::Prefer => Box::new(tcp),
+                    _ => return Err(ReplicationError::TlsRefused(p.sslmode.as_str())),
+                }
+            }
+        };
+        let mut conn = ReplicationConnection { io, buf: BytesMut::with_capacity(64 * 1024), out: BytesMut::new(), parameters: HashMap::new() };
+        conn.startup(p).await?;
+        Ok(conn)
+    }
+
+    async fn flush_out(&mut self) -> Result<(), ReplicationError> {
+        self.io.write_all(&self.out).await?;
+        self.io.flush().await?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Reads one backend message. Cancel-safe: bytes read stay in the buffer
+    /// until a whole message is there.
+    async fn read_message(&mut self) -> Result<Message, ReplicationError> {
+        loop {
+            if self.buf.len() >= 5 {
+                let tag = self.buf[0];
+                let len = u32::from_be_bytes(self.buf[1..5].try_into().expect("4 bytes")) as usize;
+                if tag == b'W' {
+                    // CopyBothResponse, which postgres-protocol does not know.
+                    if self.buf.len() >= len + 1 {
+                        self.buf.advance(len + 1);
+                        return Ok(Message::CopyInResponse(copy_both_placeholder()?));
+                    }
+                } else if let Some(m) = Message::parse(&mut self.buf)? {
+                    return Ok(m);
+                }
+                self.buf.reserve(len + 1);
+            }
+            let n = self.io.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(ReplicationError::Closed);
+            }
+        }
+    }
+
+    async fn startup(&mut self, p: &ConnectParams) -> Result<(), ReplicationError> {
+        let mut params = vec![
+            ("user", p.user.as_str()),
+            ("database", p.database.as_str()),
+            ("replication", "database"),
+            ("application_name", p.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+        ];
+        // The walsender formats values with these settings: fix them so
+        // that text values parse the same on every server.
+        params.extend(crate::capture::convert::SESSION_SETTINGS.iter().copied());
+        frontend::startup_message(params.iter().copied(), &mut self.out)?;
+        self.flush_out().await?;
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.read_message().await? {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    let pw = p.password.as_deref().ok_or_else(|| ReplicationError::PasswordRequired { user: p.user.clone() })?;
+                    frontend::password_message(pw.as_bytes(), &mut self.out)?;
+                    self.flush_out().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let pw = p.password.as_deref().ok_or_else(|| ReplicationError::PasswordRequired { user: p.user.clone() })?;
+                    let hash = md5_hash(p.user.as_bytes(), pw.as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.out)?;
+                    self.flush_out().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let pw = p.password.as_deref().ok_or_else(|| ReplicationError::PasswordRequired { user: p.user.clone() })?;
+                    let mut mechanisms = body.mechanisms();
+                    let mut found = false;
+                    while let Some(m) = mechanisms.next()? {
+                        found |= m == "SCRAM-SHA-256";
+                    }
+                    if !found {
+                        return Err(ReplicationError::UnsupportedAuth("SASL without SCRAM-SHA-256".into()));
+                    }
+                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.out)?;
+                    self.flush_out().await?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or(ReplicationError::Unexpected { during: "authentication", tag: 'R' })?;
+                    s.update(body.data())?;
+                    frontend::sasl_response(s.message(), &mut self.out)?;
+                    self.flush_out().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let mut s = scram.take().ok_or(ReplicationError::Unexpected { during: "authentication", tag: 'R' })?;
+                    s.finish(body.data())?;
+                }
+                Message::AuthenticationKerberosV5 => return Err(ReplicationError::UnsupportedAuth("Kerberos V5".into())),
+                Message::AuthenticationScmCredential => return Err(ReplicationError::UnsupportedAuth("SCM credentials".into())),
+                Message::AuthenticationGss | Message::AuthenticationSspi => {
+                    return Err(ReplicationError::UnsupportedAuth("GSSAPI/SSPI".into()))
+                }
+                Message::ParameterStatus(body) => {
+                    self.parameters.insert(body.name()?.to_string(), body.value()?.to_string());
+                }
+                Message::BackendKeyData(_) | Message::NoticeResponse(_) => {}
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(body) => return Err(ReplicationError::Server(server_error(&body))),
+                _ => return Err(ReplicationError::Unexpected { during: "startup", tag: '?' }),
+            }
+        }
+    }
+
+    /// Runs one command with the simple query protocol and returns its rows
+    /// as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+        frontend::query(sql, &mut self.out)?;
+        self.flush_out().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                Message::DataRow(body) => {
+                    let buf = body.buffer();
+                    let mut ranges = body.ranges();
+                    let mut row = Vec::new();
+                    while let Some(r) = ranges.next()? {
+                        row.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
+                    }
+                    rows.push(row);
+                }
+                Message::ErrorResponse(body) => error = Some(server_error(&body)),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(ReplicationError::Server(e)),
+            None => Ok(rows),
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemInfo, ReplicationError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows.first().ok_or(ReplicationError::Unexpected { during: "IDENTIFY_SYSTEM", tag: 'D' })?;
+        let col = |i: usize| row.get(i).cloned().flatten();
+        Ok(SystemInfo {
+            system_id: col(0).unwrap_or_default(),
+            timeline: col(1).and_then(|t| t.parse().ok()).unwrap_or(0),
+            xlog_pos: col(2).and_then(|l| l.parse().ok()).unwrap_or_default(),
+            database: col(3),
+        })
+    }
+
+    /// Creates a logical slot for pgoutput. With `export_snapshot`, the
+    /// snapshot stays usable (SET TRANSACTION SNAPSHOT) until this
+    /// connection runs its next command.
+    pub async fn create_slot(&mut self, slot: &str, temporary: bool, export_snapshot: bool) -> Result<SlotCreated, ReplicationError> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {}",
+            quote_ident(slot),
+            if temporary { " TEMPORARY" } else { "" },
+            if export_snapshot { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" }
+        );
+        let rows = self.simple_query(&sql).await?;
+        let row = rows.first().ok_or(ReplicationError::Unexpected { during: "CREATE_REPLICATION_SLOT", tag: 'D' })?;
+        Ok(SlotCreated {
+            slot_name: row.first().cloned().flatten().unwrap_or_default(),
+            consistent_point: row.get(1).cloned().flatten().and_then(|l| l.parse().ok()).unwrap_or_default(),
+            snapshot_name: row.get(2).cloned().flatten(),
+        })
+    }
+
+    /// Starts streaming. `start` 0/0 lets the server resume from the slot's
+    /// confirmed_flush_lsn, the only safe place.
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, String)],
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let opts: Vec<String> = options.iter().map(|(k, v)| format!("{} {}", quote_ident(k), quote_literal(v))).collect();
+        let sql = format!("START_REPLICATION SLOT {} LOGICAL {} ({})", quote_ident(slot), start, opts.join(", "));
+        frontend::query(&sql, &mut self.out)?;
+        self.flush_out().await?;
+        loop {
+            match self.read_message().await? {
+                Message::CopyInResponse(_) => return Ok(ReplicationStream { conn: self }),
+                Message::ErrorResponse(body) => {
+                    let e = server_error(&body);
+                    // Drain to ReadyForQuery so the error is the whole story.
+                    return Err(ReplicationError::Server(e));
+                }
+                Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
+                _ => return Err(ReplicationError::Unexpected { during: "START_REPLICATION", tag: '?' }),
+            }
+        }
+    }
+}
+
+fn copy_both_placeholder() -> std::io::Result<postgres_protocol::message::backend::CopyInResponseBody> {
+    // Reuse the CopyInResponse variant to signal CopyBoth: parse an empty
+    // CopyIn body (format 0, zero columns).
+    let mut b = BytesMut::from(&b"G\0\0\0\x07\0\0\0"[..]);
+    match Message::parse(&mut b)? {
+        Some(Message::CopyInResponse(body)) => Ok(body),
+        _ => Err(std::io::Error::other("cannot build CopyBoth marker")),
+    }
+}
+
+/// Quotes an identifier for replication commands and SQL.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes a string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// A walsender session in CopyBoth mode.
+pub struct ReplicationStream {
+    conn: ReplicationConnection,
+}
+
+impl ReplicationStream {
+    /// The next replication message. Cancel-safe, so it can sit in a
+    /// `select!` beside timers and acknowledgements.
+    pub async fn recv(&mut self) -> Result<ServerMessage, ReplicationError> {
+        loop {
+            match self.conn.read_message().await? {
+                Message::CopyData(body) => return Ok(protocol::parse_server_message(body.into_bytes())?),
+                Message::CopyDone => return Err(ReplicationError::Closed),
+                Message::ErrorResponse(body) => return Err(ReplicationError::Server(server_error(&body))),
+                Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
+                _ => return Err(ReplicationError::Unexpected { during: "streaming", tag: '?' }),
+            }
+        }
+    }
+
+    /// Sends a standby status update confirming `flushed`.
+    pub async fn send_status(&mut self, flushed: Lsn, reply_requested: bool) -> Result<(), ReplicationError> {
+        let payload: Bytes = protocol::standby_status_update(flushed, protocol::pg_now(), reply_requested);
+        frontend::CopyData::new(&payload[..])?.write(&mut self.conn.out);
+        self.conn.flush_out().await
+    }
+
+    /// Ends streaming politely (CopyDone, Terminate) after a final status.
+    pub async fn close(mut self, flushed: Lsn) -> Result<(), ReplicationError> {
+        self.send_status(flushed, false).await?;
+        frontend::copy_done(&mut self.conn.out);
+        frontend::terminate(&mut self.conn.out);
+        self.conn.flush_out().await?;
+        Ok(())
+    }
+}
