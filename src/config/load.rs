@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use config::{Environment, File, FileFormat};
+use config::{File, FileFormat};
 
 use super::model::*;
 
@@ -35,14 +35,33 @@ fn parse(path: &Path, text: &str, format: FileFormat, env: bool) -> Result<Confi
     let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
     let mut builder = config::Config::builder().add_source(File::from_str(text, format));
     if env {
-        builder = builder.add_source(
-            Environment::with_prefix("WALCAST").prefix_separator("_").separator("__").try_parsing(true).list_separator(",").with_list_parse_key("pipelines.*.source.tables"),
-        );
+        for (key, value) in env_overrides(std::env::vars()) {
+            builder = builder.set_override(key, value).map_err(|e| invalid(e.to_string()))?;
+        }
     }
     let raw = builder.build().map_err(|e| invalid(e.to_string()))?;
     let cfg: Config = raw.try_deserialize().map_err(|e| invalid(e.to_string()))?;
     validate(path, &cfg)?;
     Ok(cfg)
+}
+
+/// `WALCAST_PIPELINES__ORDERS__SOURCE__PASSWORD=x` becomes
+/// `pipelines.orders.source.password = "x"`. Only variables whose first
+/// level is a top-level key count, so `WALCAST_CONFIG` and the test suite's
+/// `WALCAST_TEST_*` never reach the config. Keys are lowercased, as the
+/// environment is conventionally upper case: pipeline names overridden this
+/// way must be lower case in the file.
+fn env_overrides(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    const TOP: &[&str] = &["admin", "log", "pipelines"];
+    let mut out: Vec<(String, String)> = vars
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix("WALCAST_")?;
+            let parts: Vec<String> = rest.split("__").map(|p| p.to_lowercase()).collect();
+            (parts.len() >= 2 && TOP.contains(&parts[0].as_str())).then(|| (parts.join("."), v))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
@@ -110,6 +129,23 @@ tables = ["public.orders"]
 type = "file"
 path = "-"
 "#;
+
+    #[test]
+    fn environment_overrides_only_config_keys() {
+        let vars = vec![
+            ("WALCAST_PIPELINES__ORDERS__SOURCE__PASSWORD".to_string(), "s3cret".to_string()),
+            ("WALCAST_TEST_PG_USER".to_string(), "x".to_string()),
+            ("WALCAST_CONFIG".to_string(), "/etc/walcast.toml".to_string()),
+            ("WALCAST_ADMIN__LISTEN".to_string(), "0.0.0.0:9187".to_string()),
+        ];
+        assert_eq!(
+            env_overrides(vars.into_iter()),
+            vec![
+                ("admin.listen".to_string(), "0.0.0.0:9187".to_string()),
+                ("pipelines.orders.source.password".to_string(), "s3cret".to_string()),
+            ]
+        );
+    }
 
     #[test]
     fn defaults_apply() {

@@ -1,0 +1,358 @@
+//! What every end-to-end test needs: the stack's servers (named by the
+//! WALCAST_TEST_* variables that `deploy/local/stack env` prints), a fresh
+//! database per test, and the walcast binary run as a user would run it.
+//!
+//! Nothing here sleeps for a fixed time: waits poll for a condition with a
+//! deadline and fail with what was seen. Everything a test creates is
+//! removed on drop, panics included, so no slot pins WAL after a failure.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+
+pub fn var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: these tests run against the local stack. Start it and load its settings with\n  \
+             deploy/local/stack up && eval \"$(deploy/local/stack env)\"\nor run everything with deploy/local/test"
+        )
+    })
+}
+
+pub fn pg_port() -> u16 {
+    var("WALCAST_TEST_PG_PORT").parse().expect("WALCAST_TEST_PG_PORT is a port")
+}
+
+pub async fn connect(db: &str) -> Client {
+    connect_as(db, "postgres", None).await
+}
+
+pub async fn connect_as(db: &str, user: &str, password: Option<&str>) -> Client {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1").port(pg_port()).user(user).dbname(db);
+    if let Some(p) = password {
+        cfg.password(p);
+    }
+    let (client, conn) = cfg.connect(NoTls).await.unwrap_or_else(|e| panic!("connecting to {db} as {user}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+pub fn unique(prefix: &str) -> String {
+    let n: u64 = rand::random::<u64>() % 1_000_000_000;
+    format!("{prefix}_{n}")
+}
+
+/// A database of its own for one test, dropped (with its slots) on drop.
+pub struct TestDb {
+    pub name: String,
+    pub client: Client,
+}
+
+impl TestDb {
+    pub async fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        connect("postgres").await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        let client = connect(&name).await;
+        TestDb { name, client }
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    pub async fn confirmed_flush(&self, slot: &str) -> Option<u64> {
+        let row = self
+            .client
+            .query_opt("SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .await
+            .expect("slot query");
+        row.and_then(|r| r.get::<_, Option<i64>>(0)).map(|v| v as u64)
+    }
+
+    pub async fn current_wal(&self) -> u64 {
+        self.client.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]).await.expect("wal").get::<_, i64>(0) as u64
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop is synchronous and may run while a runtime unwinds: clean up
+        // on a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let c = connect("postgres").await;
+                for _ in 0..50 {
+                    let _ = c
+                        .batch_execute(&format!(
+                            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '{name}' AND active_pid IS NOT NULL;
+                             SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{name}' AND NOT active;"
+                        ))
+                        .await;
+                    let left: i64 = c
+                        .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = $1", &[&name])
+                        .await
+                        .map(|r| r.get(0))
+                        .unwrap_or(0);
+                    if left == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+            });
+        })
+        .join();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// The walcast binary, run with a config file in a temporary folder.
+pub struct Walcast {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub out: PathBuf,
+    pub admin: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_walcast")
+}
+
+/// A config for one capture pipeline of `db` writing JSON lines to a file.
+pub fn file_pipeline_config(pipeline: &str, db: &str, tables: &[&str], extra_source: &str, out: &Path, admin: &str) -> String {
+    let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
+    format!(
+        r#"[admin]
+listen = "{admin}"
+[log]
+format = "json"
+level = "info,walcast=debug"
+[pipelines.{pipeline}]
+kind = "capture"
+[pipelines.{pipeline}.source]
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+user = "postgres"
+tables = [{tables}]
+status_interval = "1s"
+{extra_source}
+[[pipelines.{pipeline}.sinks]]
+type = "file"
+path = "{out}"
+"#,
+        port = pg_port(),
+        tables = tables.join(", "),
+        out = out.display()
+    )
+}
+
+impl Walcast {
+    /// Writes `config` (with `{out}` and `{admin}` available through the
+    /// returned paths) and starts `walcast run`.
+    pub fn start_with(config_text: impl FnOnce(&Path, &str) -> String) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let out = dir.join("events.jsonl");
+        let admin = format!("127.0.0.1:{}", free_port());
+        let config = dir.join("walcast.toml");
+        std::fs::write(&config, config_text(&out, &admin)).expect("write config");
+        let mut w = Walcast { child: None, dir, config, out, admin, _tmp: Some(tmp) };
+        w.spawn();
+        w
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("walcast.log")).expect("log file");
+        let child = Command::new(bin())
+            .args(["run", "-c"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start walcast");
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("walcast.log")).unwrap_or_default()
+    }
+
+    /// kill -9: no chance to drain or confirm anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("kill -TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "walcast did not exit within 30 s of SIGTERM:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().expect("wait"))
+    }
+
+    /// Every JSON line the file sink wrote so far.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        text.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+    }
+
+    /// Waits until `pred` holds over the events written so far.
+    pub async fn wait_events(&self, what: &str, timeout: Duration, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ev = self.events();
+            if pred(&ev) {
+                return ev;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; {} events so far; log:\n{}", ev.len(), tail(&self.log(), 4000));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn http(&self, path: &str) -> Option<(u16, String)> {
+        let resp = reqwest::get(format!("http://{}{path}", self.admin)).await.ok()?;
+        let code = resp.status().as_u16();
+        Some((code, resp.text().await.unwrap_or_default()))
+    }
+
+    pub async fn status(&self) -> Option<serde_json::Value> {
+        let (_, body) = self.http("/status").await?;
+        serde_json::from_str(&body).ok()
+    }
+
+    /// Waits until the admin endpoint reports the first pipeline in `state`.
+    pub async fn wait_state(&self, state: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.status().await {
+                if s["pipelines"][0]["state"] == state {
+                    return s;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("pipeline never reached {state}: {:?}\nlog:\n{}", self.status().await, tail(&self.log(), 4000));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Walcast {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> &str {
+    let start = s.len().saturating_sub(n);
+    let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+    &s[start..]
+}
+
+/// Runs `walcast check -c FILE`; returns (success, stdout + stderr).
+pub fn check(config: &Path) -> (bool, String) {
+    let out = Command::new(bin()).args(["check", "-c"]).arg(config).output().expect("run walcast check");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A Postgres cluster of its own, for settings the shared one must not
+/// have (wal_level=replica, a single replication slot). Stopped on drop.
+pub struct TempCluster {
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl TempCluster {
+    pub fn start(settings: &[&str]) -> Self {
+        let bin = PathBuf::from(var("WALCAST_TEST_PG_BIN"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let port = free_port();
+        let as_pg = |cmd: &Path| {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(cmd);
+            c
+        };
+        Command::new("chown").args(["-R", "postgres"]).arg(dir.path()).status().expect("chown");
+        let st = as_pg(&bin.join("initdb")).args(["-A", "trust", "-U", "postgres", "-D"]).arg(&data).stdout(Stdio::null()).status().expect("initdb");
+        assert!(st.success(), "initdb failed");
+        let mut conf = format!("port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n", dir.path().display());
+        for s in settings {
+            conf.push_str(s);
+            conf.push('\n');
+        }
+        std::fs::write(data.join("postgresql.auto.conf"), conf).expect("conf");
+        let st = as_pg(&bin.join("pg_ctl"))
+            .args(["-D"])
+            .arg(&data)
+            .args(["-l"])
+            .arg(dir.path().join("log"))
+            .args(["-w", "start"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("pg_ctl");
+        assert!(st.success(), "pg_ctl start failed: {}", std::fs::read_to_string(dir.path().join("log")).unwrap_or_default());
+        TempCluster { port, dir }
+    }
+
+    pub async fn client(&self) -> Client {
+        let (client, conn) = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .user("postgres")
+            .dbname("postgres")
+            .connect(NoTls)
+            .await
+            .expect("connect temp cluster");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+}
+
+impl Drop for TempCluster {
+    fn drop(&mut self) {
+        let bin = PathBuf::from(std::env::var("WALCAST_TEST_PG_BIN").unwrap_or_default());
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("pg_ctl"))
+            .args(["-D"])
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
