@@ -1,1 +1,20 @@
+//! walcast's Redis sink.
+//!
+//! Three modes ([`config::Mode`]): `invalidate` deletes each changed row's
+//! cache key; `upsert` keeps a copy of the row (JSON string or hash) that an
+//! older or replayed event can never overwrite (see [`request`] for the
+//! version keys and tombstones); `publish` announces each change on a
+//! channel or stream.
+//!
+//! A batch is acknowledged once Redis has answered every command of it;
+//! transient errors are retried inside [`walcast_sdk::Sink::send`], definite ones
+//! (maxmemory reached, wrong credentials, a key of the wrong type, a table
+//! without the key the template needs) fail the batch's acker.
 
+pub mod config;
+pub mod request;
+pub mod retry;
+pub mod sink;
+
+pub use config::{Mode, PublishVia, RedisSinkConfig, UpsertFormat};
+pub use sink::{RedisSink, RedisSinkError, RedisSinkStats};

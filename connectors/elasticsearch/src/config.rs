@@ -1,0 +1,326 @@
+//! The `[sink]` section of an Elasticsearch/OpenSearch pipeline.
+//!
+//! It holds credentials, so it is only ever deserialised, and its `Debug`
+//! form hides them.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// `public.orders`: one index per table, named after it.
+pub const DEFAULT_INDEX_TEMPLATE: &str = "{schema}.{table}";
+/// Elasticsearch's own guidance is bulk requests of a few MB; 1000 actions
+/// of ordinary rows stay well under the default 100 MB request limit.
+pub const DEFAULT_BULK_MAX_ACTIONS: usize = 1_000;
+pub const DEFAULT_BULK_MAX_BYTES: usize = 5 * 1024 * 1024;
+/// How long a partly filled bulk may wait for more batches.
+pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1_000;
+pub const DEFAULT_DEAD_LETTER_INDEX: &str = "walcast-deadletter";
+pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_RETRY_INITIAL_MS: u64 = 100;
+pub const DEFAULT_RETRY_MAX_MS: u64 = 30_000;
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElasticsearchSinkConfig {
+    /// Base URL of the cluster, `http://` or `https://`.
+    pub url: String,
+    /// Index per table; `{schema}` and `{table}` are replaced, then the name
+    /// is made valid (see [`crate::request_builder::sanitize_index_name`]).
+    #[serde(default = "default_index_template")]
+    pub index_template: String,
+    #[serde(default)]
+    pub auth: Option<Auth>,
+    /// A PEM file of CA certificates to trust besides the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_bulk_max_actions")]
+    pub bulk_max_actions: usize,
+    #[serde(default = "default_bulk_max_bytes")]
+    pub bulk_max_bytes: usize,
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    #[serde(default)]
+    pub dead_letter: DeadLetter,
+    #[serde(default)]
+    pub truncate: TruncateAction,
+    #[serde(default)]
+    pub version_type: VersionType,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    #[serde(default = "default_retry_max_ms")]
+    pub retry_max_ms: u64,
+}
+
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Auth {
+    Basic {
+        username: String,
+        password: String,
+    },
+    /// The base64 `id:key` value Elasticsearch returns as `encoded`, sent as
+    /// `Authorization: ApiKey <api_key>`.
+    ApiKey {
+        api_key: String,
+    },
+}
+
+/// Where documents the cluster refuses (400: a mapping conflict, a value the
+/// field cannot parse) go, so that one bad row does not stop the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DeadLetter {
+    /// An index of the same cluster; one document per refused action, with
+    /// `_id` = `<index>/<id>/<version>` so a replay overwrites, not repeats.
+    Index { name: String },
+    /// A JSON-lines file, appended and fsynced before the batch is acked.
+    File { path: PathBuf },
+}
+
+impl Default for DeadLetter {
+    fn default() -> Self {
+        DeadLetter::Index {
+            name: DEFAULT_DEAD_LETTER_INDEX.to_string(),
+        }
+    }
+}
+
+/// What a `TRUNCATE` does to the table's index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncateAction {
+    /// `_delete_by_query` with `match_all` on the table's index.
+    #[default]
+    DeleteAll,
+    /// Log a warning and leave the index as it is.
+    Ignore,
+}
+
+/// How the cluster compares the commit LSN sent as each action's version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionType {
+    /// Apply when the LSN is `>=` the stored one. Two changes of one row in
+    /// one transaction share a commit LSN, and the second must win; a replay
+    /// of the same version rewrites the same content. Older versions: 409.
+    #[default]
+    ExternalGte,
+    /// Apply only when strictly newer: the same LSN is also a 409, so the
+    /// later change of a row changed twice in one transaction is lost.
+    External,
+}
+
+impl VersionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionType::ExternalGte => "external_gte",
+            VersionType::External => "external",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("elasticsearch sink: `{field}` {problem}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+fn bad(field: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        problem: problem.into(),
+    }
+}
+
+impl ElasticsearchSinkConfig {
+    /// A config with every default, for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        ElasticsearchSinkConfig {
+            url: url.into(),
+            index_template: default_index_template(),
+            auth: None,
+            ca_file: None,
+            bulk_max_actions: DEFAULT_BULK_MAX_ACTIONS,
+            bulk_max_bytes: DEFAULT_BULK_MAX_BYTES,
+            flush_interval_ms: DEFAULT_FLUSH_INTERVAL_MS,
+            dead_letter: DeadLetter::default(),
+            truncate: TruncateAction::default(),
+            version_type: VersionType::default(),
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            retry_initial_ms: DEFAULT_RETRY_INITIAL_MS,
+            retry_max_ms: DEFAULT_RETRY_MAX_MS,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(bad("url", "must start with http:// or https://"));
+        }
+        crate::request_builder::IndexTemplate::parse(&self.index_template)
+            .map_err(|e| bad("index_template", e.to_string()))?;
+        if self.bulk_max_actions == 0 {
+            return Err(bad("bulk_max_actions", "must be above 0"));
+        }
+        if self.bulk_max_bytes < 1024 {
+            return Err(bad("bulk_max_bytes", "must be at least 1024"));
+        }
+        if self.flush_interval_ms == 0 {
+            return Err(bad("flush_interval_ms", "must be above 0"));
+        }
+        if self.timeout_ms == 0 {
+            return Err(bad("timeout_ms", "must be above 0"));
+        }
+        if self.retry_initial_ms == 0 || self.retry_max_ms < self.retry_initial_ms {
+            return Err(bad(
+                "retry_max_ms",
+                "must be at least retry_initial_ms, which must be above 0",
+            ));
+        }
+        match &self.dead_letter {
+            DeadLetter::Index { name } => {
+                let clean = crate::request_builder::sanitize_index_name(name);
+                if clean.as_deref() != Some(name.as_str()) {
+                    return Err(bad("dead_letter.name", format!("`{name}` is not a valid index name (lowercase, no \\ / * ? \" < > | , # : or spaces)")));
+                }
+            }
+            DeadLetter::File { path } => {
+                if path.as_os_str().is_empty() {
+                    return Err(bad("dead_letter.path", "must not be empty"));
+                }
+            }
+        }
+        if let Some(Auth::Basic { username, .. }) = &self.auth {
+            if username.is_empty() {
+                return Err(bad("auth.username", "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::Basic { username, .. } => {
+                write!(f, "Basic {{ username: {username:?}, password: *** }}")
+            }
+            Auth::ApiKey { .. } => f.write_str("ApiKey { api_key: *** }"),
+        }
+    }
+}
+
+impl fmt::Debug for ElasticsearchSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ElasticsearchSinkConfig")
+            .field("url", &self.url)
+            .field("index_template", &self.index_template)
+            .field("auth", &self.auth)
+            .field("ca_file", &self.ca_file)
+            .field("bulk_max_actions", &self.bulk_max_actions)
+            .field("bulk_max_bytes", &self.bulk_max_bytes)
+            .field("flush_interval_ms", &self.flush_interval_ms)
+            .field("dead_letter", &self.dead_letter)
+            .field("truncate", &self.truncate)
+            .field("version_type", &self.version_type)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_index_template() -> String {
+    DEFAULT_INDEX_TEMPLATE.to_string()
+}
+fn default_bulk_max_actions() -> usize {
+    DEFAULT_BULK_MAX_ACTIONS
+}
+fn default_bulk_max_bytes() -> usize {
+    DEFAULT_BULK_MAX_BYTES
+}
+fn default_flush_interval_ms() -> u64 {
+    DEFAULT_FLUSH_INTERVAL_MS
+}
+fn default_timeout_ms() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+fn default_retry_initial_ms() -> u64 {
+    DEFAULT_RETRY_INITIAL_MS
+}
+fn default_retry_max_ms() -> u64 {
+    DEFAULT_RETRY_MAX_MS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_with_defaults_and_hides_secrets() {
+        let c: ElasticsearchSinkConfig = toml::from_str(
+            r#"
+            url = "https://search:9200"
+            auth = { type = "basic", username = "walcast", password = "hunter2" }
+            dead_letter = { type = "file", path = "/var/lib/walcast/dlq.jsonl" }
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.index_template, DEFAULT_INDEX_TEMPLATE);
+        assert_eq!(c.bulk_max_actions, DEFAULT_BULK_MAX_ACTIONS);
+        assert_eq!(c.truncate, TruncateAction::DeleteAll);
+        assert_eq!(c.version_type, VersionType::ExternalGte);
+        assert_eq!(
+            c.dead_letter,
+            DeadLetter::File {
+                path: "/var/lib/walcast/dlq.jsonl".into()
+            }
+        );
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("hunter2") && debug.contains("walcast"),
+            "{debug}"
+        );
+
+        let c: ElasticsearchSinkConfig = toml::from_str(
+            "url = \"http://h:9200\"\nauth = { type = \"api_key\", api_key = \"c2VjcmV0\" }",
+        )
+        .unwrap();
+        assert_eq!(
+            c.dead_letter,
+            DeadLetter::Index {
+                name: DEFAULT_DEAD_LETTER_INDEX.into()
+            }
+        );
+        assert!(!format!("{c:?}").contains("c2VjcmV0"));
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_names_the_field() {
+        let err =
+            toml::from_str::<ElasticsearchSinkConfig>("url = \"http://h\"\nbulk_max_action = 5")
+                .unwrap_err();
+        assert!(err.to_string().contains("bulk_max_action"), "{err}");
+        let err = toml::from_str::<ElasticsearchSinkConfig>(
+            "url = \"http://h\"\nauth = { type = \"basic\", user = \"u\", password = \"p\" }",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("user"), "{err}");
+
+        let mut c = ElasticsearchSinkConfig::new("h:9200");
+        assert_eq!(c.validate().unwrap_err().field, "url");
+        c.url = "http://h:9200".into();
+        c.index_template = "{schema}.{tabel}".into();
+        assert_eq!(c.validate().unwrap_err().field, "index_template");
+        c.index_template = DEFAULT_INDEX_TEMPLATE.into();
+        c.dead_letter = DeadLetter::Index {
+            name: "Dead Letters".into(),
+        };
+        assert_eq!(c.validate().unwrap_err().field, "dead_letter.name");
+        c.dead_letter = DeadLetter::default();
+        c.bulk_max_actions = 0;
+        assert_eq!(c.validate().unwrap_err().field, "bulk_max_actions");
+    }
+}

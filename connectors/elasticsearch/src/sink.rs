@@ -1,0 +1,723 @@
+//! The Elasticsearch/OpenSearch sink.
+//!
+//! [`Sink::send`] turns a batch into bulk actions and hands it
+//! to a worker task, which buffers batches until `bulk_max_actions` actions,
+//! `bulk_max_bytes` bytes or `flush_interval_ms` is reached, then writes
+//! them in `_bulk` requests of at most those sizes. A batch's acker is
+//! answered only when every one of its actions was in a completed bulk:
+//! applied, a version conflict (a newer version is there), or written to
+//! the dead letter. Items answered 429/5xx, and whole requests that fail
+//! transiently, are retried with [`Backoff`] while the worker holds the
+//! batches; its queue is one batch deep, so `send` then waits, which
+//! back-pressures the pipeline.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
+use reqwest::{Method, StatusCode};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use walcast_sdk::retry::Backoff;
+use walcast_sdk::{Acker, Batch, Lsn, Sink, SinkError};
+
+use crate::config::{Auth, ConfigError, DeadLetter, ElasticsearchSinkConfig, TruncateAction};
+use crate::request_builder::{
+    bulk_body, dead_letter_id, dead_letter_record, Action, Entry, IndexTemplate, RequestBuilder,
+    RequestError, TemplateError,
+};
+use crate::retry::{
+    classify_item, classify_response, classify_truncate, parse_bulk_response, ItemOutcome,
+    ItemResult, ResponseOutcome,
+};
+
+const SINK_NAME: &str = "elasticsearch";
+/// How much of an error body goes into a message.
+const BODY_EXCERPT: usize = 500;
+
+/// Why the sink could not start or deliver.
+#[derive(Debug, thiserror::Error)]
+pub enum ElasticsearchSinkError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("elasticsearch sink: {0}")]
+    Template(#[from] TemplateError),
+    #[error("elasticsearch sink: cannot read CA file {path}: {source}")]
+    CaFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("elasticsearch sink: building the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+    #[error("elasticsearch sink: cannot reach {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("elasticsearch sink: {url} answered HTTP {status}: {body}; check `auth` and the user's privileges")]
+    Refused {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("elasticsearch sink: {0}")]
+    Request(#[from] RequestError),
+    #[error("elasticsearch sink: {0}")]
+    Delivery(#[from] DeliveryError),
+    #[error("elasticsearch sink: the bulk worker has stopped")]
+    WorkerGone,
+}
+
+/// Why actions of a batch were not delivered. Definite: the batch fails.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("{verb} of `{id}` in index `{index}` ({table}, LSN {lsn}) refused with HTTP {status}: {error_type}: {reason}")]
+    ItemRefused {
+        verb: &'static str,
+        index: String,
+        id: String,
+        table: String,
+        lsn: Lsn,
+        status: u16,
+        error_type: String,
+        reason: String,
+    },
+    #[error("_bulk refused with HTTP {status} while writing `{id}` to `{index}` ({table}, LSN {lsn}): {body}")]
+    BulkRefused {
+        status: u16,
+        index: String,
+        id: String,
+        table: String,
+        lsn: Lsn,
+        body: String,
+    },
+    #[error("_bulk answered something other than one item per action ({actions} actions): {body}")]
+    MalformedResponse { actions: usize, body: String },
+    #[error(
+        "dead letter for `{id}` in `{index}` ({table}, LSN {lsn}) could not be written: {reason}"
+    )]
+    DeadLetterRefused {
+        index: String,
+        id: String,
+        table: String,
+        lsn: Lsn,
+        reason: String,
+    },
+    #[error(
+        "truncate of {table} (LSN {lsn}): _delete_by_query on `{index}` refused with HTTP {status}: {body}; \
+         set `truncate = \"ignore\"` to skip truncates"
+    )]
+    TruncateRefused {
+        table: String,
+        index: String,
+        lsn: Lsn,
+        status: u16,
+        body: String,
+    },
+}
+
+/// Counters the daemon exports as metrics.
+#[derive(Debug, Default)]
+pub struct ElasticsearchSinkStats {
+    pub bulk_requests: AtomicU64,
+    pub actions_applied: AtomicU64,
+    /// Items answered 409: a newer (or, with `external`, the same) version
+    /// was already indexed.
+    pub version_conflicts: AtomicU64,
+    /// Actions the cluster refused with 400, written to the dead letter.
+    pub dead_lettered: AtomicU64,
+    /// Requests repeated after a transient error.
+    pub retries: AtomicU64,
+    pub batches_acked: AtomicU64,
+    pub batches_failed: AtomicU64,
+}
+
+#[derive(Clone)]
+struct Http {
+    client: reqwest::Client,
+    base: String,
+    auth: Option<Auth>,
+}
+
+impl Http {
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self
+            .client
+            .request(method, format!("{}/{}", self.base, path));
+        match &self.auth {
+            Some(Auth::Basic { username, password }) => rb.basic_auth(username, Some(password)),
+            Some(Auth::ApiKey { api_key }) => rb.header(AUTHORIZATION, format!("ApiKey {api_key}")),
+            None => rb,
+        }
+    }
+
+    /// Status and body, or the transport error.
+    async fn send(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<(u16, bytes::Bytes), reqwest::Error> {
+        let resp = rb.send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.bytes().await?))
+    }
+}
+
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    match text.char_indices().nth(BODY_EXCERPT) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.into_owned(),
+    }
+}
+
+enum Command {
+    Batch { acker: Acker, entries: Vec<Entry> },
+    Flush(oneshot::Sender<Result<(), DeliveryError>>),
+}
+
+/// See the module doc.
+pub struct ElasticsearchSink {
+    tx: mpsc::Sender<Command>,
+    builder: RequestBuilder,
+    http: Http,
+    stats: Arc<ElasticsearchSinkStats>,
+}
+
+impl ElasticsearchSink {
+    /// Validates the config, checks that the cluster answers and accepts the
+    /// credentials (`GET /`), and starts the bulk worker. Must run inside a
+    /// tokio runtime.
+    pub async fn connect(config: ElasticsearchSinkConfig) -> Result<Self, ElasticsearchSinkError> {
+        config.validate()?;
+        let builder = RequestBuilder {
+            index: IndexTemplate::parse(&config.index_template)?,
+            version_type: config.version_type,
+            truncate: config.truncate == TruncateAction::DeleteAll,
+        };
+        let mut cb = reqwest::Client::builder().timeout(Duration::from_millis(config.timeout_ms));
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path).map_err(|source| ElasticsearchSinkError::CaFile {
+                path: path.display().to_string(),
+                source,
+            })?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(ElasticsearchSinkError::Client)?
+            {
+                cb = cb.add_root_certificate(cert);
+            }
+        }
+        let http = Http {
+            client: cb.build().map_err(ElasticsearchSinkError::Client)?,
+            base: config.url.trim_end_matches('/').to_string(),
+            auth: config.auth.clone(),
+        };
+        let (status, body) = http
+            .send(http.request(Method::GET, ""))
+            .await
+            .map_err(|source| ElasticsearchSinkError::Unreachable {
+                url: config.url.clone(),
+                source,
+            })?;
+        if !StatusCode::from_u16(status).is_ok_and(|s| s.is_success()) {
+            return Err(ElasticsearchSinkError::Refused {
+                url: config.url.clone(),
+                status,
+                body: excerpt(&body),
+            });
+        }
+        let stats = Arc::new(ElasticsearchSinkStats::default());
+        let (tx, rx) = mpsc::channel(1);
+        let worker = Worker {
+            http: http.clone(),
+            max_actions: config.bulk_max_actions,
+            max_bytes: config.bulk_max_bytes,
+            interval: Duration::from_millis(config.flush_interval_ms),
+            dead_letter: config.dead_letter.clone(),
+            backoff: Backoff::new(
+                Duration::from_millis(config.retry_initial_ms),
+                Duration::from_millis(config.retry_max_ms),
+            ),
+            stats: Arc::clone(&stats),
+            buffer: Vec::new(),
+            buffered_actions: 0,
+            buffered_bytes: 0,
+            oldest: None,
+        };
+        tokio::spawn(worker.run(rx));
+        Ok(ElasticsearchSink {
+            tx,
+            builder,
+            http,
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<ElasticsearchSinkStats> {
+        Arc::clone(&self.stats)
+    }
+}
+
+#[async_trait]
+impl Sink for ElasticsearchSink {
+    fn name(&self) -> &str {
+        SINK_NAME
+    }
+
+    /// Returns once the worker has taken the batch; its acker is answered
+    /// when the batch's bulk requests complete. An event that cannot become
+    /// an action (a table without key) fails the batch here.
+    async fn send(&mut self, batch: Batch) -> Result<(), SinkError> {
+        let mut entries = Vec::with_capacity(batch.events.len());
+        for event in batch.events.iter() {
+            match self.builder.entries(event) {
+                Ok(e) => entries.extend(e),
+                Err(e) => {
+                    let err = ElasticsearchSinkError::from(e);
+                    self.stats.batches_failed.fetch_add(1, Ordering::Relaxed);
+                    batch.acker.fail(err.to_string());
+                    return Err(SinkError::definite(SINK_NAME, err.to_string()).with_source(err));
+                }
+            }
+        }
+        self.tx
+            .send(Command::Batch {
+                acker: batch.acker,
+                entries,
+            })
+            .await
+            .map_err(|_| {
+                SinkError::definite(SINK_NAME, ElasticsearchSinkError::WorkerGone.to_string())
+            })
+    }
+
+    /// Writes everything buffered and waits for the answers. Returns the
+    /// first definite failure among the batches it answered.
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        let (reply, answer) = oneshot::channel();
+        let gone =
+            || SinkError::definite(SINK_NAME, ElasticsearchSinkError::WorkerGone.to_string());
+        self.tx
+            .send(Command::Flush(reply))
+            .await
+            .map_err(|_| gone())?;
+        match answer.await.map_err(|_| gone())? {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let err = ElasticsearchSinkError::from(e);
+                Err(SinkError::definite(SINK_NAME, err.to_string()).with_source(err))
+            }
+        }
+    }
+
+    /// `GET /_cluster/health` answers (yellow is healthy: a single node
+    /// never allocates replicas).
+    async fn healthy(&self) -> bool {
+        matches!(
+            self.http
+                .send(self.http.request(Method::GET, "_cluster/health"))
+                .await,
+            Ok((200, _))
+        )
+    }
+}
+
+/// An action of the buffer: which batch it belongs to, and the action.
+type Slot<'a> = (usize, &'a Action);
+
+struct Worker {
+    http: Http,
+    max_actions: usize,
+    max_bytes: usize,
+    interval: Duration,
+    dead_letter: DeadLetter,
+    backoff: Backoff,
+    stats: Arc<ElasticsearchSinkStats>,
+    buffer: Vec<(Acker, Vec<Entry>)>,
+    buffered_actions: usize,
+    buffered_bytes: usize,
+    oldest: Option<Instant>,
+}
+
+impl Worker {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        loop {
+            let deadline = self.oldest.map(|t| t + self.interval);
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(Command::Batch { acker, entries }) => {
+                        self.buffered_actions += entries.len();
+                        self.buffered_bytes += entries.iter().map(entry_bytes).sum::<usize>();
+                        self.oldest.get_or_insert_with(Instant::now);
+                        self.buffer.push((acker, entries));
+                        if self.buffered_actions >= self.max_actions || self.buffered_bytes >= self.max_bytes {
+                            let _ = self.flush().await;
+                        }
+                    }
+                    Some(Command::Flush(reply)) => {
+                        let _ = reply.send(self.flush().await);
+                    }
+                    None => {
+                        let _ = self.flush().await;
+                        return;
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if deadline.is_some() => {
+                    let _ = self.flush().await;
+                }
+            }
+        }
+    }
+
+    /// Writes every buffered batch and answers its acker.
+    async fn flush(&mut self) -> Result<(), DeliveryError> {
+        let batches = std::mem::take(&mut self.buffer);
+        self.buffered_actions = 0;
+        self.buffered_bytes = 0;
+        self.oldest = None;
+        let mut failures: Vec<Option<DeliveryError>> = vec![None; batches.len()];
+        let mut chunk: Vec<Slot<'_>> = Vec::new();
+        let mut chunk_bytes = 0;
+        for (bi, (_, entries)) in batches.iter().enumerate() {
+            for entry in entries {
+                match entry {
+                    Entry::Action(a) => {
+                        if !chunk.is_empty()
+                            && (chunk.len() >= self.max_actions
+                                || chunk_bytes + a.ndjson.len() > self.max_bytes)
+                        {
+                            self.write_chunk(&chunk, &mut failures).await;
+                            chunk.clear();
+                            chunk_bytes = 0;
+                        }
+                        chunk_bytes += a.ndjson.len();
+                        chunk.push((bi, a));
+                    }
+                    Entry::Truncate { index, table, lsn } => {
+                        // Everything before the truncate must land before it.
+                        if !chunk.is_empty() {
+                            self.write_chunk(&chunk, &mut failures).await;
+                            chunk.clear();
+                            chunk_bytes = 0;
+                        }
+                        if let Err(e) = self.truncate(index, table, *lsn).await {
+                            failures[bi].get_or_insert(e);
+                        }
+                    }
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            self.write_chunk(&chunk, &mut failures).await;
+        }
+        let mut first = None;
+        for ((acker, _), failure) in batches.into_iter().zip(failures) {
+            match failure {
+                None => {
+                    self.stats.batches_acked.fetch_add(1, Ordering::Relaxed);
+                    acker.ack();
+                }
+                Some(e) => {
+                    self.stats.batches_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "elasticsearch sink: batch failed");
+                    acker.fail(e.to_string());
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn retry_pause(&mut self, reason: &str) -> Duration {
+        let delay = self.backoff.next_delay();
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            reason,
+            attempt = self.backoff.attempts(),
+            delay_ms = delay.as_millis() as u64,
+            "elasticsearch sink: transient error, retrying"
+        );
+        delay
+    }
+
+    /// One bulk of at most `max_actions`/`max_bytes`, retried until every
+    /// item is done, dead-lettered or definitely refused.
+    async fn write_chunk(&mut self, chunk: &[Slot<'_>], failures: &mut [Option<DeliveryError>]) {
+        let mut pending: Vec<Slot<'_>> = chunk.to_vec();
+        self.backoff.reset();
+        loop {
+            let body = bulk_body(pending.iter().map(|(_, a)| *a));
+            self.stats.bulk_requests.fetch_add(1, Ordering::Relaxed);
+            let rb = self
+                .http
+                .request(Method::POST, "_bulk")
+                .header(CONTENT_TYPE, "application/x-ndjson")
+                .body(body);
+            let reason = match self.http.send(rb).await {
+                Err(e) => format!("_bulk request failed: {e}"),
+                Ok((status, body)) => match classify_response(status) {
+                    ResponseOutcome::Retry => {
+                        format!("_bulk answered HTTP {status}: {}", excerpt(&body))
+                    }
+                    ResponseOutcome::Definite => {
+                        for (bi, a) in &pending {
+                            failures[*bi].get_or_insert_with(|| DeliveryError::BulkRefused {
+                                status,
+                                index: a.index.clone(),
+                                id: a.id.clone(),
+                                table: a.table.clone(),
+                                lsn: Lsn(a.version),
+                                body: excerpt(&body),
+                            });
+                        }
+                        return;
+                    }
+                    ResponseOutcome::Items => {
+                        let items = match parse_bulk_response(&body) {
+                            Ok(items) if items.len() == pending.len() => items,
+                            _ => {
+                                let e = DeliveryError::MalformedResponse {
+                                    actions: pending.len(),
+                                    body: excerpt(&body),
+                                };
+                                for (bi, _) in &pending {
+                                    failures[*bi].get_or_insert_with(|| e.clone());
+                                }
+                                return;
+                            }
+                        };
+                        let mut retry = Vec::new();
+                        let mut dead = Vec::new();
+                        for (slot, item) in pending.iter().zip(items) {
+                            let (bi, a) = *slot;
+                            match classify_item(a.kind, &item) {
+                                ItemOutcome::Done if item.status == 409 => {
+                                    self.stats.version_conflicts.fetch_add(1, Ordering::Relaxed);
+                                }
+                                ItemOutcome::Done => {
+                                    self.stats.actions_applied.fetch_add(1, Ordering::Relaxed);
+                                }
+                                ItemOutcome::Retry => retry.push((*slot, item)),
+                                ItemOutcome::DeadLetter => dead.push((*slot, item)),
+                                ItemOutcome::Definite => {
+                                    failures[bi].get_or_insert_with(|| item_refused(a, &item));
+                                }
+                            }
+                        }
+                        if !dead.is_empty() {
+                            self.write_dead_letters(&dead, failures).await;
+                        }
+                        let Some((_, first)) = retry.first() else {
+                            return;
+                        };
+                        let reason = format!(
+                            "{} of {} items answered HTTP {} ({})",
+                            retry.len(),
+                            pending.len(),
+                            first.status,
+                            first.error_type.as_deref().unwrap_or("no error type")
+                        );
+                        pending = retry.into_iter().map(|(slot, _)| slot).collect();
+                        reason
+                    }
+                },
+            };
+            let delay = self.retry_pause(&reason);
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Records refused actions at the dead-letter destination, retrying
+    /// until it has them: only then may their batches be acknowledged.
+    async fn write_dead_letters(
+        &mut self,
+        dead: &[(Slot<'_>, ItemResult)],
+        failures: &mut [Option<DeliveryError>],
+    ) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        let records: Vec<serde_json::Value> = dead
+            .iter()
+            .map(|((_, a), item)| {
+                let error_type = item.error_type.as_deref().unwrap_or("unknown");
+                let reason = item.reason.as_deref().unwrap_or("");
+                tracing::warn!(
+                    index = %a.index, id = %a.id, table = %a.table, lsn = %Lsn(a.version), status = item.status,
+                    error_type, reason, "elasticsearch sink: document refused, written to the dead letter"
+                );
+                dead_letter_record(a, item.status, error_type, reason, now_ms)
+            })
+            .collect();
+        self.backoff.reset();
+        loop {
+            let outcome = match &self.dead_letter {
+                DeadLetter::File { path } => append_lines(path, &records)
+                    .await
+                    .map_err(|e| format!("appending to {}: {e}", path.display())),
+                DeadLetter::Index { name } => {
+                    let mut body = String::new();
+                    for (((_, a), _), record) in dead.iter().zip(&records) {
+                        body.push_str(&serde_json::json!({"index": {"_index": name, "_id": dead_letter_id(a)}}).to_string());
+                        body.push('\n');
+                        body.push_str(&record.to_string());
+                        body.push('\n');
+                    }
+                    let rb = self
+                        .http
+                        .request(Method::POST, "_bulk")
+                        .header(CONTENT_TYPE, "application/x-ndjson")
+                        .body(body);
+                    match self.http.send(rb).await {
+                        Err(e) => Err(format!("_bulk to the dead-letter index failed: {e}")),
+                        Ok((status, body)) => match classify_response(status) {
+                            ResponseOutcome::Retry => Err(format!(
+                                "dead-letter _bulk answered HTTP {status}: {}",
+                                excerpt(&body)
+                            )),
+                            ResponseOutcome::Definite => {
+                                return fail_dead(
+                                    dead,
+                                    failures,
+                                    format!("HTTP {status}: {}", excerpt(&body)),
+                                );
+                            }
+                            ResponseOutcome::Items => match parse_bulk_response(&body) {
+                                Ok(items)
+                                    if items.iter().all(|i| (200..300).contains(&i.status)) =>
+                                {
+                                    Ok(())
+                                }
+                                Ok(items)
+                                    if items
+                                        .iter()
+                                        .any(|i| matches!(i.status, 429 | 500..=599)) =>
+                                {
+                                    Err("the dead-letter index is overloaded or unavailable"
+                                        .to_string())
+                                }
+                                _ => {
+                                    return fail_dead(
+                                        dead,
+                                        failures,
+                                        format!("refused: {}", excerpt(&body)),
+                                    )
+                                }
+                            },
+                        },
+                    }
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    self.stats
+                        .dead_lettered
+                        .fetch_add(dead.len() as u64, Ordering::Relaxed);
+                    return;
+                }
+                Err(reason) => {
+                    let delay = self.retry_pause(&reason);
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn truncate(&mut self, index: &str, table: &str, lsn: Lsn) -> Result<(), DeliveryError> {
+        self.backoff.reset();
+        loop {
+            let rb = self
+                .http
+                .request(
+                    Method::POST,
+                    &format!("{index}/_delete_by_query?conflicts=proceed&refresh=true"),
+                )
+                .json(&serde_json::json!({"query": {"match_all": {}}}));
+            let reason = match self.http.send(rb).await {
+                Err(e) => format!("_delete_by_query failed: {e}"),
+                Ok((status, body)) => match classify_truncate(status, &body) {
+                    ItemOutcome::Done => {
+                        tracing::info!(%index, %table, %lsn, "elasticsearch sink: truncate deleted every document of the index");
+                        return Ok(());
+                    }
+                    ItemOutcome::Retry => format!("_delete_by_query answered HTTP {status}"),
+                    _ => {
+                        return Err(DeliveryError::TruncateRefused {
+                            table: table.to_string(),
+                            index: index.to_string(),
+                            lsn,
+                            status,
+                            body: excerpt(&body),
+                        })
+                    }
+                },
+            };
+            let delay = self.retry_pause(&reason);
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+fn entry_bytes(e: &Entry) -> usize {
+    match e {
+        Entry::Action(a) => a.ndjson.len(),
+        Entry::Truncate { .. } => 0,
+    }
+}
+
+fn item_refused(a: &Action, item: &ItemResult) -> DeliveryError {
+    DeliveryError::ItemRefused {
+        verb: match a.kind {
+            crate::request_builder::ActionKind::Index => "index",
+            crate::request_builder::ActionKind::Delete => "delete",
+        },
+        index: a.index.clone(),
+        id: a.id.clone(),
+        table: a.table.clone(),
+        lsn: Lsn(a.version),
+        status: item.status,
+        error_type: item.error_type.clone().unwrap_or_else(|| "unknown".into()),
+        reason: item.reason.clone().unwrap_or_default(),
+    }
+}
+
+fn fail_dead(
+    dead: &[(Slot<'_>, ItemResult)],
+    failures: &mut [Option<DeliveryError>],
+    reason: String,
+) {
+    for ((bi, a), _) in dead {
+        failures[*bi].get_or_insert_with(|| DeliveryError::DeadLetterRefused {
+            index: a.index.clone(),
+            id: a.id.clone(),
+            table: a.table.clone(),
+            lsn: Lsn(a.version),
+            reason: reason.clone(),
+        });
+    }
+}
+
+/// Appends one JSON line per record and syncs, so an acknowledged batch's
+/// dead letters survive a crash.
+async fn append_lines(
+    path: &std::path::Path,
+    records: &[serde_json::Value],
+) -> std::io::Result<()> {
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&r.to_string());
+        text.push('\n');
+    }
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await?;
+    file.write_all(text.as_bytes()).await?;
+    file.sync_data().await
+}

@@ -1,0 +1,676 @@
+//! The `[sink.kafka]` and `[source.kafka]` sections of the daemon's config.
+//!
+//! Anything librdkafka understands can be passed through the `producer` /
+//! `consumer` maps: that is how SASL, TLS, compression and batching are set,
+//! so this module names only what walcast itself decides. The maps may hold
+//! secrets (`sasl.password`, `ssl.key.pem`), so these structs are never
+//! serialised back out and their `Debug` output redacts them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rdkafka::ClientConfig;
+use serde::Deserialize;
+
+/// Debezium's default `topic.prefix` is the logical server name; ours is the
+/// product name so an unconfigured install still gets readable topics.
+pub const DEFAULT_TOPIC_PREFIX: &str = "walcast";
+/// Records accepted by the sink and not yet confirmed by the broker. Above
+/// this `send` waits, so a broker outage stalls capture instead of growing
+/// memory without bound.
+pub const DEFAULT_MAX_IN_FLIGHT_RECORDS: usize = 100_000;
+/// `-1` asks the broker for its own `num.partitions` / `default.replication.factor`.
+pub const BROKER_DEFAULT: i32 = -1;
+pub const DEFAULT_SOURCE_MAX_BATCH_RECORDS: usize = 500;
+pub const DEFAULT_SOURCE_MAX_BATCH_WAIT_MS: u64 = 100;
+/// Records handed out by a source and not yet committed. Above this the
+/// source hands out nothing until the relay's sink catches up, so a stuck
+/// sink holds memory bounded (librdkafka's prefetch queue is bounded too).
+pub const DEFAULT_SOURCE_MAX_IN_FLIGHT_RECORDS: usize = 20_000;
+
+/// Producer properties walcast sets unless the user overrides them.
+///
+/// * `enable.idempotence` + `acks=all`: a retried send never duplicates or
+///   reorders records within a partition, so per-row order survives retries.
+/// * `message.timeout.ms=0` (infinite): during a broker outage librdkafka
+///   keeps retrying instead of failing records. Capture then stalls (the
+///   in-flight cap fills, `send` waits, the slot's flush LSN stops) and
+///   resumes by itself when the broker is back. A finite timeout would turn
+///   every outage into failed batches and a pipeline restart.
+/// * `murmur2_random`: the Java client's partitioner, so a row's key lands in
+///   the same partition as it would from Debezium or any Java producer.
+pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("message.timeout.ms", "0"),
+    ("partitioner", "murmur2_random"),
+    ("compression.type", "zstd"),
+    ("linger.ms", "5"),
+];
+
+/// Consumer properties walcast sets unless the user overrides them. Offsets
+/// are committed by walcast only after the sink acknowledged the records,
+/// so auto-commit must stay off; `read_committed` hides records of aborted
+/// producer transactions.
+pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("auto.offset.reset", "earliest"),
+    ("isolation.level", "read_committed"),
+];
+
+/// librdkafka properties walcast must own for its delivery guarantees; a user
+/// value for them is refused rather than silently overriding the contract.
+const CONSUMER_RESERVED: &[&str] = &["enable.auto.commit", "group.id", "bootstrap.servers"];
+const PRODUCER_RESERVED: &[&str] = &["bootstrap.servers", "transactional.id"];
+
+/// The config was refused. Every message names the key and the broken rule.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("kafka: `{field}` {rule}")]
+    Invalid { field: String, rule: String },
+}
+
+fn invalid(field: impl Into<String>, rule: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        rule: rule.into(),
+    }
+}
+
+/// The Kafka sink of a capture pipeline.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// `host:port[,host:port]`.
+    pub bootstrap_servers: String,
+    /// Topics are `<topic_prefix>.<schema>.<table>` unless routed.
+    #[serde(default = "default_topic_prefix")]
+    pub topic_prefix: String,
+    /// `schema.table` -> topic, overriding the naming rule.
+    #[serde(default)]
+    pub routes: BTreeMap<String, String>,
+    /// Follow each delete with a null-valued record so compacted topics
+    /// forget the row (Debezium's `tombstones.on.delete`).
+    #[serde(default = "default_true")]
+    pub tombstones_on_delete: bool,
+    /// Drop truncate events instead of publishing them (keyless) to the
+    /// table's topic.
+    #[serde(default)]
+    pub skip_truncate: bool,
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight_records: usize,
+    /// Create missing topics with `topic_creation` before the first record.
+    #[serde(default)]
+    pub create_topics: bool,
+    #[serde(default)]
+    pub topic_creation: TopicCreationConfig,
+    /// Publish Debezium-style BEGIN/END transaction records to this topic
+    /// (Debezium names it `<prefix>.transaction`). Off when absent.
+    #[serde(default)]
+    pub transaction_topic: Option<String>,
+    #[serde(default)]
+    pub delivery: DeliveryMode,
+    /// Any librdkafka producer property, applied over [`PRODUCER_DEFAULTS`].
+    #[serde(default)]
+    pub producer: BTreeMap<String, String>,
+}
+
+/// How batches become durable in Kafka.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DeliveryMode {
+    /// Idempotent producer, batch acknowledged when every record is
+    /// confirmed. A crash replays from the slot's checkpoint, so consumers
+    /// may see records twice (never out of order within a row).
+    #[default]
+    AtLeastOnce,
+    /// One Kafka transaction per batch, acknowledged after the commit:
+    /// `read_committed` consumers never see a batch twice or in part, even
+    /// across a crash. Costs a commit round trip per batch. During an outage
+    /// a transaction times out after `transaction_timeout_ms` (librdkafka
+    /// requires `message.timeout.ms` not to exceed it), the batch fails and
+    /// the pipeline restarts from its checkpoint.
+    ExactlyOnce {
+        /// Stable across restarts of this pipeline and unique among
+        /// pipelines: a restarted producer with the same id fences off its
+        /// predecessor's unfinished transaction.
+        transactional_id: String,
+        #[serde(default = "default_transaction_timeout_ms")]
+        transaction_timeout_ms: u64,
+    },
+}
+
+/// The broker's default `transaction.max.timeout.ms` is 15 minutes; one
+/// minute bounds how long an outage holds a transaction open.
+pub const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
+
+fn default_transaction_timeout_ms() -> u64 {
+    DEFAULT_TRANSACTION_TIMEOUT_MS
+}
+
+/// How topics are created when `create_topics = true`.
+///
+/// `cleanup.policy` is left to the broker unless set in `config`: many CDC
+/// users want `compact` (the tombstones then delete rows for good), but
+/// compaction on a topic that also serves as an audit log loses history, so
+/// that choice is the operator's.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicCreationConfig {
+    #[serde(default = "default_broker")]
+    pub partitions: i32,
+    #[serde(default = "default_broker")]
+    pub replication_factor: i32,
+    /// Topic-level configs, e.g. `"cleanup.policy" = "compact"`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+impl Default for TopicCreationConfig {
+    fn default() -> Self {
+        TopicCreationConfig {
+            partitions: BROKER_DEFAULT,
+            replication_factor: BROKER_DEFAULT,
+            config: BTreeMap::new(),
+        }
+    }
+}
+
+/// What a relay's source subscribes to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum Subscription {
+    Topics(Vec<String>),
+    /// A regular expression in librdkafka's syntax; it is anchored with `^`
+    /// if it is not already, because librdkafka treats only `^`-prefixed
+    /// names as patterns.
+    Pattern(String),
+}
+
+/// The Kafka source of a relay pipeline.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    pub bootstrap_servers: String,
+    /// One group per relay, so a slow sink never holds back another.
+    pub group_id: String,
+    pub subscribe: Subscription,
+    #[serde(default = "default_max_batch_records")]
+    pub max_batch_records: usize,
+    #[serde(default = "default_max_batch_wait_ms")]
+    pub max_batch_wait_ms: u64,
+    #[serde(default = "default_source_max_in_flight")]
+    pub max_in_flight_records: usize,
+    /// Any librdkafka consumer property, applied over [`CONSUMER_DEFAULTS`].
+    #[serde(default)]
+    pub consumer: BTreeMap<String, String>,
+}
+
+fn default_topic_prefix() -> String {
+    DEFAULT_TOPIC_PREFIX.to_string()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_in_flight() -> usize {
+    DEFAULT_MAX_IN_FLIGHT_RECORDS
+}
+fn default_broker() -> i32 {
+    BROKER_DEFAULT
+}
+fn default_max_batch_records() -> usize {
+    DEFAULT_SOURCE_MAX_BATCH_RECORDS
+}
+fn default_max_batch_wait_ms() -> u64 {
+    DEFAULT_SOURCE_MAX_BATCH_WAIT_MS
+}
+fn default_source_max_in_flight() -> usize {
+    DEFAULT_SOURCE_MAX_IN_FLIGHT_RECORDS
+}
+
+impl KafkaSinkConfig {
+    /// A config with every default, for code and tests that build one by hand.
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        KafkaSinkConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            topic_prefix: default_topic_prefix(),
+            routes: BTreeMap::new(),
+            tombstones_on_delete: true,
+            skip_truncate: false,
+            max_in_flight_records: DEFAULT_MAX_IN_FLIGHT_RECORDS,
+            create_topics: false,
+            topic_creation: TopicCreationConfig::default(),
+            transaction_topic: None,
+            delivery: DeliveryMode::AtLeastOnce,
+            producer: BTreeMap::new(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(invalid(
+                "bootstrap_servers",
+                "must list at least one host:port",
+            ));
+        }
+        if self.topic_prefix.is_empty() {
+            return Err(invalid("topic_prefix", "must not be empty"));
+        }
+        for ch in self.topic_prefix.chars() {
+            if !legal_topic_char(ch) {
+                return Err(invalid(
+                    "topic_prefix",
+                    format!("contains `{ch}`; Kafka topic names allow only [a-zA-Z0-9._-]"),
+                ));
+            }
+        }
+        for (table, topic) in &self.routes {
+            if !table.contains('.') {
+                return Err(invalid(
+                    format!("routes.\"{table}\""),
+                    "the key must be `schema.table`",
+                ));
+            }
+            check_topic_name(&format!("routes.\"{table}\""), topic)?;
+        }
+        if let Some(t) = &self.transaction_topic {
+            check_topic_name("transaction_topic", t)?;
+        }
+        if self.max_in_flight_records == 0 {
+            return Err(invalid("max_in_flight_records", "must be at least 1"));
+        }
+        if self.max_in_flight_records > u32::MAX as usize >> 3 {
+            return Err(invalid(
+                "max_in_flight_records",
+                format!("must be at most {}", u32::MAX >> 3),
+            ));
+        }
+        let tc = &self.topic_creation;
+        if tc.partitions == 0 || tc.partitions < BROKER_DEFAULT {
+            return Err(invalid(
+                "topic_creation.partitions",
+                "must be positive, or -1 for the broker's default",
+            ));
+        }
+        if tc.replication_factor == 0 || tc.replication_factor < BROKER_DEFAULT {
+            return Err(invalid(
+                "topic_creation.replication_factor",
+                "must be positive, or -1 for the broker's default",
+            ));
+        }
+        if let DeliveryMode::ExactlyOnce {
+            transactional_id,
+            transaction_timeout_ms,
+        } = &self.delivery
+        {
+            if transactional_id.trim().is_empty() {
+                return Err(invalid("delivery.transactional_id", "must not be empty"));
+            }
+            if *transaction_timeout_ms == 0 {
+                return Err(invalid(
+                    "delivery.transaction_timeout_ms",
+                    "must be positive",
+                ));
+            }
+        }
+        for key in PRODUCER_RESERVED {
+            if self.producer.contains_key(*key) {
+                return Err(invalid(
+                    format!("producer.\"{key}\""),
+                    "is set by walcast; use the dedicated setting",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The librdkafka configuration: defaults, then the user's map.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        for (k, v) in PRODUCER_DEFAULTS {
+            cfg.set(*k, *v);
+        }
+        // librdkafka's own queue must hold at least our cap, or it refuses
+        // records with QueueFull before our back-pressure engages.
+        let queue = self.max_in_flight_records.clamp(100_000, 2_147_483_647);
+        cfg.set("queue.buffering.max.messages", queue.to_string());
+        if let DeliveryMode::ExactlyOnce {
+            transactional_id,
+            transaction_timeout_ms,
+        } = &self.delivery
+        {
+            cfg.set("transactional.id", transactional_id);
+            cfg.set("transaction.timeout.ms", transaction_timeout_ms.to_string());
+            cfg.set("message.timeout.ms", transaction_timeout_ms.to_string());
+        }
+        for (k, v) in &self.producer {
+            cfg.set(k, v);
+        }
+        cfg.set("bootstrap.servers", &self.bootstrap_servers);
+        cfg
+    }
+}
+
+impl KafkaSourceConfig {
+    pub fn new(
+        bootstrap_servers: impl Into<String>,
+        group_id: impl Into<String>,
+        subscribe: Subscription,
+    ) -> Self {
+        KafkaSourceConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            group_id: group_id.into(),
+            subscribe,
+            max_batch_records: DEFAULT_SOURCE_MAX_BATCH_RECORDS,
+            max_batch_wait_ms: DEFAULT_SOURCE_MAX_BATCH_WAIT_MS,
+            max_in_flight_records: DEFAULT_SOURCE_MAX_IN_FLIGHT_RECORDS,
+            consumer: BTreeMap::new(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(invalid(
+                "bootstrap_servers",
+                "must list at least one host:port",
+            ));
+        }
+        if self.group_id.trim().is_empty() {
+            return Err(invalid("group_id", "must not be empty"));
+        }
+        match &self.subscribe {
+            Subscription::Topics(t) if t.is_empty() => {
+                return Err(invalid("subscribe.topics", "must name at least one topic"));
+            }
+            Subscription::Topics(t) => {
+                for topic in t {
+                    check_topic_name("subscribe.topics", topic)?;
+                }
+            }
+            Subscription::Pattern(p) if p.is_empty() => {
+                return Err(invalid("subscribe.pattern", "must not be empty"))
+            }
+            Subscription::Pattern(_) => {}
+        }
+        if self.max_batch_records == 0 {
+            return Err(invalid("max_batch_records", "must be at least 1"));
+        }
+        if self.max_in_flight_records < self.max_batch_records {
+            return Err(invalid(
+                "max_in_flight_records",
+                "must be at least max_batch_records",
+            ));
+        }
+        for key in CONSUMER_RESERVED {
+            if self.consumer.contains_key(*key) {
+                return Err(invalid(
+                    format!("consumer.\"{key}\""),
+                    "is set by walcast; use the dedicated setting",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        for (k, v) in CONSUMER_DEFAULTS {
+            cfg.set(*k, *v);
+        }
+        for (k, v) in &self.consumer {
+            cfg.set(k, v);
+        }
+        cfg.set("bootstrap.servers", &self.bootstrap_servers);
+        cfg.set("group.id", &self.group_id);
+        cfg
+    }
+
+    /// The names handed to librdkafka's subscribe.
+    pub fn subscription_names(&self) -> Vec<String> {
+        match &self.subscribe {
+            Subscription::Topics(t) => t.clone(),
+            Subscription::Pattern(p) if p.starts_with('^') => vec![p.clone()],
+            Subscription::Pattern(p) => vec![format!("^{p}")],
+        }
+    }
+}
+
+fn legal_topic_char(ch: char) -> bool {
+    ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-')
+}
+
+/// Kafka's own rule (`Topic.validate`): 1..=249 chars of `[a-zA-Z0-9._-]`,
+/// not `.` or `..`.
+pub(crate) fn check_topic_name(field: &str, topic: &str) -> Result<(), ConfigError> {
+    if topic.is_empty() || topic.len() > 249 || topic == "." || topic == ".." {
+        return Err(invalid(
+            field,
+            format!("`{topic}` is not a valid topic name (1 to 249 characters, not `.` or `..`)"),
+        ));
+    }
+    if let Some(ch) = topic.chars().find(|c| !legal_topic_char(*c)) {
+        return Err(invalid(
+            field,
+            format!("`{topic}` contains `{ch}`; Kafka topic names allow only [a-zA-Z0-9._-]"),
+        ));
+    }
+    Ok(())
+}
+
+/// Keys whose values must never reach a log.
+fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k.ends_with(".pem")
+        || k.contains("jaas")
+        || k.contains("token")
+}
+
+struct Redacted<'a>(&'a BTreeMap<String, String>);
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                (
+                    k,
+                    if is_secret(k) {
+                        "<redacted>"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            }))
+            .finish()
+    }
+}
+
+impl fmt::Debug for KafkaSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSinkConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("routes", &self.routes)
+            .field("tombstones_on_delete", &self.tombstones_on_delete)
+            .field("skip_truncate", &self.skip_truncate)
+            .field("max_in_flight_records", &self.max_in_flight_records)
+            .field("create_topics", &self.create_topics)
+            .field("topic_creation", &self.topic_creation)
+            .field("transaction_topic", &self.transaction_topic)
+            .field("delivery", &self.delivery)
+            .field("producer", &Redacted(&self.producer))
+            .finish()
+    }
+}
+
+impl fmt::Debug for KafkaSourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSourceConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group_id", &self.group_id)
+            .field("subscribe", &self.subscribe)
+            .field("max_batch_records", &self.max_batch_records)
+            .field("max_batch_wait_ms", &self.max_batch_wait_ms)
+            .field("max_in_flight_records", &self.max_in_flight_records)
+            .field("consumer", &Redacted(&self.consumer))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sink_defaults_from_minimal_toml() {
+        let c: KafkaSinkConfig = toml::from_str(r#"bootstrap_servers = "127.0.0.1:9092""#).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.topic_prefix, DEFAULT_TOPIC_PREFIX);
+        assert!(c.tombstones_on_delete);
+        assert!(!c.skip_truncate);
+        assert!(!c.create_topics);
+        assert_eq!(c.max_in_flight_records, DEFAULT_MAX_IN_FLIGHT_RECORDS);
+        assert_eq!(c.topic_creation.partitions, BROKER_DEFAULT);
+        let cfg = c.client_config();
+        assert_eq!(cfg.get("enable.idempotence"), Some("true"));
+        assert_eq!(cfg.get("acks"), Some("all"));
+        assert_eq!(cfg.get("message.timeout.ms"), Some("0"));
+    }
+
+    #[test]
+    fn sink_full_toml_and_overrides() {
+        let c: KafkaSinkConfig = toml::from_str(
+            r#"
+            bootstrap_servers = "k1:9092,k2:9092"
+            topic_prefix = "shop"
+            routes = { "public.orders" = "orders-v2" }
+            tombstones_on_delete = false
+            skip_truncate = true
+            create_topics = true
+            transaction_topic = "shop.transaction"
+            [topic_creation]
+            partitions = 6
+            replication_factor = 3
+            config = { "cleanup.policy" = "compact" }
+            [producer]
+            "security.protocol" = "SASL_SSL"
+            "sasl.password" = "hunter2"
+            "acks" = "1"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.routes["public.orders"], "orders-v2");
+        assert_eq!(c.delivery, DeliveryMode::AtLeastOnce);
+        assert_eq!(c.topic_creation.partitions, 6);
+        let cfg = c.client_config();
+        assert_eq!(
+            cfg.get("acks"),
+            Some("1"),
+            "user map overrides walcast defaults"
+        );
+        assert_eq!(cfg.get("security.protocol"), Some("SASL_SSL"));
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(dbg.contains("<redacted>"));
+    }
+
+    #[test]
+    fn exactly_once_mode() {
+        let c: KafkaSinkConfig = toml::from_str(
+            r#"
+            bootstrap_servers = "k:9092"
+            [delivery]
+            mode = "exactly_once"
+            transactional_id = "walcast-orders"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let cfg = c.client_config();
+        assert_eq!(cfg.get("transactional.id"), Some("walcast-orders"));
+        assert_eq!(
+            cfg.get("message.timeout.ms"),
+            Some("60000"),
+            "must not exceed transaction.timeout.ms"
+        );
+        let err = toml::from_str::<KafkaSinkConfig>(
+            "bootstrap_servers = \"k:1\"\ndelivery = { mode = \"exactly_once\" }",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("transactional_id"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        let err =
+            toml::from_str::<KafkaSinkConfig>("bootstrap_servers = \"x:1\"\ntopic_prefx = \"a\"")
+                .unwrap_err();
+        assert!(err.to_string().contains("topic_prefx"), "{err}");
+
+        let mut c = KafkaSinkConfig::new("x:1");
+        c.routes.insert("orders".into(), "t".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("schema.table"));
+
+        let mut c = KafkaSinkConfig::new("x:1");
+        c.topic_prefix = "my prefix".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("topic_prefix") && err.contains("` `"), "{err}");
+
+        let mut c = KafkaSinkConfig::new("x:1");
+        c.topic_creation.partitions = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("topic_creation.partitions"));
+
+        let mut c = KafkaSinkConfig::new("x:1");
+        c.producer.insert("transactional.id".into(), "x".into());
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn source_subscription_forms() {
+        let c: KafkaSourceConfig = toml::from_str(
+            r#"
+            bootstrap_servers = "k:9092"
+            group_id = "relay-redis"
+            subscribe = { pattern = "shop\\..*" }
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.subscription_names(), vec!["^shop\\..*".to_string()]);
+        assert_eq!(c.client_config().get("enable.auto.commit"), Some("false"));
+
+        let c: KafkaSourceConfig = toml::from_str(
+            r#"
+            bootstrap_servers = "k:9092"
+            group_id = "g"
+            subscribe = { topics = [] }
+            "#,
+        )
+        .unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("subscribe.topics"));
+
+        let mut c = KafkaSourceConfig::new("k:1", "g", Subscription::Topics(vec!["t".into()]));
+        c.consumer
+            .insert("enable.auto.commit".into(), "true".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("enable.auto.commit"));
+    }
+}

@@ -1,0 +1,582 @@
+//! The Kafka sink: publishes change events, keyed by primary key, and
+//! acknowledges a batch only when the broker has confirmed every record of
+//! it (see [`crate::delivery`]).
+//!
+//! Per-row order: records of one key go to one partition (the key decides
+//! the partition) and the idempotent producer keeps their order across
+//! retries. A delete is followed by a tombstone with the same key.
+//!
+//! Outages: librdkafka retries for ever (`message.timeout.ms = 0`). Records
+//! wait in its queue while each holds a permit of `max_in_flight_records`;
+//! when the permits run out `send` waits, capture stalls, the replication
+//! slot's flush LSN stops, and all of it resumes when the broker is back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use tokio::sync::Semaphore;
+use walcast_sdk::{Acker, Batch, ChangeEvent, EncodeError, EventEncoder, Lsn, Op, Sink, SinkError};
+
+use crate::config::{ConfigError, DeliveryMode, KafkaSinkConfig};
+use crate::delivery::{DeliveryContext, DeliveryError, RecordToken};
+use crate::record;
+use crate::topic::{Route, TopicAdmin, TopicError, TopicRouter, TopicStatus};
+use crate::transaction::TransactionMarkers;
+
+const SINK_NAME: &str = "kafka";
+/// How long to wait before offering a record again when librdkafka's own
+/// queue is full (only if `queue.buffering.max.messages` was set below
+/// `max_in_flight_records`).
+const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the sink could not be built or checked.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSinkError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// librdkafka refused the configuration (an unknown or invalid property
+    /// in `[sink.kafka.producer]`).
+    #[error("kafka: cannot create the producer: {source}")]
+    Client {
+        #[source]
+        source: KafkaError,
+    },
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+}
+
+/// Publishes batches of change events to Kafka.
+pub struct KafkaSink {
+    producer: ThreadedProducer<DeliveryContext>,
+    context: DeliveryContext,
+    encoder: Arc<dyn EventEncoder>,
+    router: TopicRouter,
+    admin: Option<TopicAdmin>,
+    transactions: Option<(Arc<str>, TransactionMarkers)>,
+    tombstones_on_delete: bool,
+    skip_truncate: bool,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: u32,
+    /// Set in exactly-once mode.
+    transactional: Option<Transactional>,
+}
+
+struct Transactional {
+    timeout: Duration,
+    initialized: bool,
+}
+
+impl KafkaSink {
+    /// Builds the producer. Connects lazily: an unreachable broker shows up
+    /// as stalled deliveries and in [`Sink::healthy`], not here.
+    pub fn new(
+        config: KafkaSinkConfig,
+        encoder: Arc<dyn EventEncoder>,
+    ) -> Result<Self, KafkaSinkError> {
+        config.validate()?;
+        let client = config.client_config();
+        let context = DeliveryContext::default();
+        let producer: ThreadedProducer<DeliveryContext> = client
+            .create_with_context(context.clone())
+            .map_err(|source| KafkaSinkError::Client { source })?;
+        let admin = if config.create_topics {
+            Some(TopicAdmin::new(&client, config.topic_creation.clone())?)
+        } else {
+            None
+        };
+        let max_in_flight = config.max_in_flight_records as u32;
+        Ok(KafkaSink {
+            producer,
+            context,
+            encoder,
+            router: TopicRouter::new(config.topic_prefix.clone(), config.routes.clone()),
+            admin,
+            transactions: config
+                .transaction_topic
+                .map(|t| (Arc::from(t.as_str()), TransactionMarkers::new())),
+            tombstones_on_delete: config.tombstones_on_delete,
+            skip_truncate: config.skip_truncate,
+            in_flight: Arc::new(Semaphore::new(max_in_flight as usize)),
+            max_in_flight,
+            transactional: match config.delivery {
+                DeliveryMode::AtLeastOnce => None,
+                DeliveryMode::ExactlyOnce {
+                    transaction_timeout_ms,
+                    ..
+                } => Some(Transactional {
+                    timeout: Duration::from_millis(transaction_timeout_ms),
+                    initialized: false,
+                }),
+            },
+        })
+    }
+
+    /// For `walcast check`: which topics the given tables (`(schema,
+    /// table)`) map to and whether they exist or would be created. Creates
+    /// nothing.
+    pub async fn check(
+        config: &KafkaSinkConfig,
+        tables: &[(String, String)],
+    ) -> Result<Vec<TopicStatus>, KafkaSinkError> {
+        config.validate()?;
+        let router = TopicRouter::new(config.topic_prefix.clone(), config.routes.clone());
+        let mut topics: Vec<(String, String)> = tables
+            .iter()
+            .map(|(s, t)| (format!("{s}.{t}"), router.name(s, t)))
+            .collect();
+        if let Some(t) = &config.transaction_topic {
+            topics.push(("transaction metadata".to_string(), t.clone()));
+        }
+        let admin = TopicAdmin::new(&config.client_config(), config.topic_creation.clone())?;
+        Ok(admin.check(&topics, config.create_topics).await?)
+    }
+
+    /// Waits for every outstanding delivery, then destroys the producer off
+    /// the async threads (destroying it blocks while librdkafka shuts down).
+    pub async fn close(mut self) -> Result<(), SinkError> {
+        let flushed = self.flush().await;
+        let producer = self.producer;
+        tokio::task::spawn_blocking(move || drop(producer))
+            .await
+            .expect("dropping the producer does not panic");
+        flushed
+    }
+
+    /// Records accepted and not yet confirmed or failed by the broker.
+    pub fn in_flight_records(&self) -> usize {
+        self.max_in_flight as usize - self.in_flight.available_permits()
+    }
+
+    fn check_failure(&self) -> Result<(), SinkError> {
+        match self.context.failure() {
+            None => Ok(()),
+            Some(err) => Err(delivery_sink_error(err)),
+        }
+    }
+
+    async fn send_events(
+        &mut self,
+        events: &[ChangeEvent],
+        acker: Option<&Acker>,
+    ) -> Result<(), SinkError> {
+        for event in events {
+            if event.op == Op::Truncate && self.skip_truncate {
+                continue;
+            }
+            let Route { topic, table: what } = self.router.route(&event.table);
+            if let Some(admin) = &mut self.admin {
+                admin.ensure(&topic).await.map_err(topic_sink_error)?;
+            }
+            if self.transactions.is_some() {
+                self.send_markers(event, acker).await?;
+            }
+            let lsn = event.source.commit_lsn;
+            let rec = self
+                .encoder
+                .encode(event)
+                .await
+                .map_err(|e| encode_sink_error(e, &what, lsn))?;
+            self.produce(
+                &topic,
+                rec.key.as_deref(),
+                rec.value.as_deref(),
+                record::headers(event),
+                &what,
+                lsn,
+                acker,
+            )
+            .await?;
+            if event.op == Op::Delete && self.tombstones_on_delete {
+                let rec = self
+                    .encoder
+                    .encode_tombstone(event)
+                    .await
+                    .map_err(|e| encode_sink_error(e, &what, lsn))?;
+                // A key-less table has nothing for compaction to forget.
+                if rec.key.is_some() {
+                    self.produce(
+                        &topic,
+                        rec.key.as_deref(),
+                        None,
+                        record::headers(event),
+                        &what,
+                        lsn,
+                        acker,
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_markers(
+        &mut self,
+        event: &ChangeEvent,
+        acker: Option<&Acker>,
+    ) -> Result<(), SinkError> {
+        let Some((topic, markers)) = &mut self.transactions else {
+            return Ok(());
+        };
+        let topic = Arc::clone(topic);
+        let records = markers.observe(event);
+        self.produce_markers(&topic, records, acker).await
+    }
+
+    async fn produce_markers(
+        &mut self,
+        topic: &Arc<str>,
+        records: Vec<crate::transaction::MarkerRecord>,
+        acker: Option<&Acker>,
+    ) -> Result<(), SinkError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        if let Some(admin) = &mut self.admin {
+            admin.ensure(topic).await.map_err(topic_sink_error)?;
+        }
+        let what: Arc<str> = Arc::from("transaction metadata");
+        for m in records {
+            let headers = record::headers_for(m.commit_lsn, m.tx_id);
+            self.produce(
+                topic,
+                Some(&m.key),
+                Some(&m.value),
+                headers,
+                &what,
+                m.commit_lsn,
+                acker,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Exactly-once: the batch is one Kafka transaction and its acker is
+    /// answered by the commit, not by the records' delivery reports (a
+    /// delivered record of an aborted transaction is not durable).
+    async fn send_transaction(
+        &mut self,
+        events: &[ChangeEvent],
+        acker: Acker,
+    ) -> Result<(), SinkError> {
+        let timeout = self
+            .transactional
+            .as_ref()
+            .map(|t| t.timeout)
+            .expect("exactly-once mode");
+        match self.run_transaction(events, timeout).await {
+            Ok(()) => {
+                acker.ack();
+                Ok(())
+            }
+            Err(e) => {
+                acker.fail(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    async fn run_transaction(
+        &mut self,
+        events: &[ChangeEvent],
+        timeout: Duration,
+    ) -> Result<(), SinkError> {
+        self.check_failure()?;
+        if !self.transactional.as_ref().is_some_and(|t| t.initialized) {
+            let p = self.producer.clone();
+            // Blocks until the coordinator has fenced any predecessor with
+            // the same transactional id and aborted its open transaction.
+            blocking(move || p.init_transactions(timeout))
+                .await
+                .map_err(|e| transaction_sink_error("initialising transactions", e))?;
+            if let Some(t) = &mut self.transactional {
+                t.initialized = true;
+            }
+        }
+        self.producer
+            .begin_transaction()
+            .map_err(|e| transaction_sink_error("beginning a transaction", e))?;
+        // A Postgres transaction's END marker goes out with the batch that
+        // starts the next one (see `transaction`), so that a transaction
+        // split over batches still gets one BEGIN/END pair with its count.
+        let sent = self.send_events(events, None).await;
+        let outcome = match sent {
+            Ok(()) => {
+                let p = self.producer.clone();
+                blocking(move || p.commit_transaction(timeout))
+                    .await
+                    .map_err(|e| transaction_sink_error("committing", e))
+            }
+            Err(e) => Err(e),
+        };
+        if outcome.is_err() {
+            let p = self.producer.clone();
+            if let Err(abort) = blocking(move || p.abort_transaction(timeout)).await {
+                tracing::warn!(error = %abort, "kafka: aborting the failed transaction failed too");
+            }
+        }
+        outcome
+    }
+
+    /// Hands one record to librdkafka, after taking a permit of the
+    /// in-flight budget (this is where an outage makes `send` wait).
+    #[allow(clippy::too_many_arguments)]
+    async fn produce(
+        &self,
+        topic: &Arc<str>,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: OwnedHeaders,
+        what: &Arc<str>,
+        lsn: Lsn,
+        acker: Option<&Acker>,
+    ) -> Result<(), SinkError> {
+        let permit = Arc::clone(&self.in_flight)
+            .acquire_owned()
+            .await
+            .expect("the in-flight semaphore is never closed");
+        let size = key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len);
+        let token = Box::new(RecordToken {
+            acker: acker.cloned(),
+            permit,
+            topic: Arc::clone(topic),
+            what: Arc::clone(what),
+            lsn,
+            size,
+        });
+        let mut rec: BaseRecord<'_, [u8], [u8], Box<RecordToken>> =
+            BaseRecord::with_opaque_to(topic, token).headers(headers);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        if let Some(v) = value {
+            rec = rec.payload(v);
+        }
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    rec = back;
+                    tokio::time::sleep(QUEUE_FULL_WAIT).await;
+                }
+                Err((err, back)) => {
+                    let code = err.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+                    let err = DeliveryError::new(code, topic, what.to_string(), lsn, size);
+                    if let Some(a) = back.delivery_opaque.acker {
+                        a.fail(err.to_string());
+                    }
+                    self.context.record_failure(err.clone());
+                    return Err(delivery_sink_error(err));
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    fn name(&self) -> &str {
+        SINK_NAME
+    }
+
+    async fn send(&mut self, batch: Batch) -> Result<(), SinkError> {
+        let Batch { events, acker } = batch;
+        if let Err(e) = self.check_failure() {
+            acker.fail(e.to_string());
+            return Err(e);
+        }
+        if self.transactional.is_some() {
+            return self.send_transaction(&events, acker).await;
+        }
+        match self.send_events(&events, Some(&acker)).await {
+            // The records' clones of the acker answer for them; this one
+            // only says that every record was handed over.
+            Ok(()) => {
+                acker.ack();
+                Ok(())
+            }
+            Err(e) => {
+                acker.fail(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits until the broker has answered for every record sent so far.
+    /// During an outage this waits until the broker is back.
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        // Outside a transaction there is nowhere to write a marker in
+        // exactly-once mode; the END waits for the next batch there.
+        if let (Some((topic, markers)), None) = (&mut self.transactions, &self.transactional) {
+            let topic = Arc::clone(topic);
+            let end: Vec<_> = markers.close().into_iter().collect();
+            self.produce_markers(&topic, end, None).await?;
+        }
+        let all = self
+            .in_flight
+            .acquire_many(self.max_in_flight)
+            .await
+            .expect("the in-flight semaphore is never closed");
+        drop(all);
+        self.check_failure()
+    }
+
+    async fn healthy(&self) -> bool {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, HEALTH_TIMEOUT)
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false)
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking producer call does not panic")
+}
+
+fn transaction_sink_error(step: &str, err: KafkaError) -> SinkError {
+    let fatal = match &err {
+        KafkaError::Transaction(e) => e.is_fatal(),
+        _ => false,
+    };
+    let message = format!("exactly-once: {step} failed: {err}");
+    if fatal {
+        let message = format!("{message} (the producer is fenced or broken: does another pipeline use the same transactional_id?)");
+        SinkError::definite(SINK_NAME, message).with_source(err)
+    } else {
+        SinkError::transient(SINK_NAME, message).with_source(err)
+    }
+}
+
+fn delivery_sink_error(err: DeliveryError) -> SinkError {
+    let message = err.to_string();
+    if err.is_transient() {
+        SinkError::transient(SINK_NAME, message).with_source(err)
+    } else {
+        SinkError::definite(SINK_NAME, message).with_source(err)
+    }
+}
+
+fn topic_sink_error(err: TopicError) -> SinkError {
+    let message = err.to_string();
+    if err.is_transient() {
+        SinkError::transient(SINK_NAME, message).with_source(err)
+    } else {
+        SinkError::definite(SINK_NAME, message).with_source(err)
+    }
+}
+
+fn encode_sink_error(err: EncodeError, what: &str, lsn: Lsn) -> SinkError {
+    let message = format!("cannot encode event of {what} at LSN {lsn}: {err}");
+    if err.is_transient() {
+        SinkError::transient(SINK_NAME, message).with_source(err)
+    } else {
+        SinkError::definite(SINK_NAME, message).with_source(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use walcast_sdk::{
+        AckTracker, Column, JsonEncoder, PgType, ReplicaIdentity, SnapshotMarker, SourceInfo,
+        TableSchema, Value,
+    };
+
+    use super::*;
+
+    /// A real broker cannot be made to refuse authorisation on demand (the
+    /// local stack runs without ACLs), so librdkafka's mock cluster injects it.
+    #[tokio::test]
+    async fn authorization_failure_fails_the_batch_definitely_with_a_hint() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("walcast.public.secret", 1, 1).unwrap();
+        let mut config = KafkaSinkConfig::new(cluster.bootstrap_servers());
+        // No retries of the injected error by the idempotence machinery.
+        config
+            .producer
+            .insert("enable.idempotence".into(), "false".into());
+        let mut sink = KafkaSink::new(config, Arc::new(JsonEncoder::default())).unwrap();
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+        );
+        let table = Arc::new(TableSchema {
+            relation_id: 1,
+            schema: "public".into(),
+            name: "secret".into(),
+            columns: vec![Column {
+                name: "id".into(),
+                pg_type: PgType::Int8,
+                type_oid: 20,
+                type_modifier: -1,
+                nullable: false,
+                key: true,
+            }],
+            replica_identity: ReplicaIdentity::Default,
+            version: 1,
+        });
+        let event = ChangeEvent {
+            op: Op::Create,
+            table,
+            before: None,
+            after: Some(vec![Value::Int64(1)]),
+            source: SourceInfo {
+                name: "t".into(),
+                db: "d".into(),
+                lsn: Lsn(0x42),
+                commit_lsn: Lsn(0x42),
+                tx_id: Some(1),
+                ts_ms: 0,
+                ts_us: 0,
+                snapshot: SnapshotMarker::False,
+            },
+            transaction: None,
+            ts_ms: 0,
+        };
+        let mut tracker: AckTracker<u64> = AckTracker::new();
+        let acker = tracker.register(Some(1), 1);
+        sink.send(Batch {
+            events: Arc::new(vec![event]),
+            acker,
+        })
+        .await
+        .unwrap();
+        let failure = tokio::time::timeout(Duration::from_secs(30), tracker.next())
+            .await
+            .expect("the delivery report arrives")
+            .expect_err("not delivered");
+        assert!(
+            failure.reason.contains("walcast.public.secret"),
+            "{}",
+            failure.reason
+        );
+        assert!(
+            failure.reason.contains("public.secret") && failure.reason.contains("0/42"),
+            "{}",
+            failure.reason
+        );
+        assert!(
+            failure.reason.contains("WRITE on the topic"),
+            "{}",
+            failure.reason
+        );
+        let err = sink.flush().await.expect_err("flush reports it");
+        assert!(!err.is_transient(), "{err}");
+    }
+}
