@@ -71,6 +71,7 @@ impl LsnCheckpoint {
     }
 
     /// Applies acknowledgements that already arrived, without waiting.
+    #[cfg(test)]
     pub fn poll(&mut self) -> Result<bool, AckFailure> {
         let moved = self.tracker.poll()?;
         Ok(moved.is_some_and(|lsn| self.raise(lsn)))

@@ -33,6 +33,26 @@ pub enum Command {
         #[arg(long, default_value = crate::config::DEFAULT_ADMIN_LISTEN)]
         admin: String,
     },
+    /// Print the events of a topic as JSON lines (Avro decoded through the
+    /// registry), what users otherwise do with kcat and a registry client.
+    Tail {
+        /// The topic (`<prefix>.<schema>.<table>`).
+        topic: String,
+        #[arg(long, env = "WALCAST_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+        bootstrap_servers: String,
+        /// Confluent-compatible registry URL, for Avro topics.
+        #[arg(long, env = "WALCAST_REGISTRY_URL")]
+        registry: Option<String>,
+        /// Start from the beginning of the topic instead of its end.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        max: Option<usize>,
+        /// Stop when no record arrives for this long (e.g. `5s`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        idle_timeout: Option<std::time::Duration>,
+    },
     /// Manage replication slots.
     Slots {
         #[command(subcommand)]

@@ -58,6 +58,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config } => run(&config).await,
         Command::Check { config, offline } => check(&config, offline).await,
         Command::Status { admin } => status(&admin).await,
+        Command::Tail { topic, bootstrap_servers, registry, from_beginning, max, idle_timeout } => {
+            tail(&topic, &bootstrap_servers, registry.as_deref(), from_beginning, max, idle_timeout).await
+        }
         Command::Slots { command: SlotsCommand::Drop { config, pipeline } } => slots_drop(&config, &pipeline).await,
     }
 }
@@ -200,10 +203,70 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                         ok = false;
                     }
                 }
+                ok &= check_kafka_sinks(name, c, &s).await;
+            }
+            PipelineConfig::Relay(r) => {
+                println!(
+                    "pipeline {name}: relay from Kafka {} (group {}) to {}",
+                    r.source.bootstrap_servers,
+                    r.source.group_id,
+                    r.sinks.iter().map(|s| s.kind()).collect::<Vec<_>>().join(", ")
+                );
             }
         }
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Reports the topics and subjects a capture would publish to.
+async fn check_kafka_sinks(name: &str, c: &config::CaptureConfig, s: &capture::stream::CaptureSettings) -> bool {
+    let mut ok = true;
+    let tables: Vec<(String, String)> = s.wanted.tables.clone();
+    for sink in &c.sinks {
+        let config::SinkConfig::Kafka(k) = sink else { continue };
+        let k = pipeline::kafka_config(k, &s.assemble.name);
+        match tokio::time::timeout(Duration::from_secs(15), walcast_kafka::KafkaSink::check(&k, &tables)).await {
+            Ok(Ok(topics)) => {
+                for t in topics {
+                    let state = match t.state {
+                        walcast_kafka::TopicState::Exists { partitions } => format!("exists ({partitions} partitions)"),
+                        walcast_kafka::TopicState::WouldCreate { .. } => "would be created".to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    println!("  kafka: table {} -> topic {}: {state}", t.table, t.topic);
+                }
+            }
+            Ok(Err(e)) => {
+                println!("pipeline {name}: ERROR: kafka: {e}");
+                ok = false;
+            }
+            Err(_) => {
+                println!("pipeline {name}: ERROR: kafka: no answer from {} within 15 s", k.bootstrap_servers);
+                ok = false;
+            }
+        }
+        if let (config::EventFormat::Avro, Some(r)) = (c.format, &c.registry) {
+            let url = format!("{}/subjects", r.url.trim_end_matches('/'));
+            match reqwest::get(&url).await {
+                Ok(resp) if resp.status().is_success() => {
+                    let router = walcast_kafka::topic::TopicRouter::new(k.topic_prefix.clone(), k.routes.clone());
+                    for (sc, t) in &tables {
+                        let topic = router.name(sc, t);
+                        println!("  registry: subjects {topic}-key and {topic}-value (registered on first event)");
+                    }
+                }
+                Ok(resp) => {
+                    println!("pipeline {name}: ERROR: schema registry {url} answered {}", resp.status());
+                    ok = false;
+                }
+                Err(e) => {
+                    println!("pipeline {name}: ERROR: schema registry {url} unreachable: {e}");
+                    ok = false;
+                }
+            }
+        }
+    }
+    ok
 }
 
 async fn status(admin: &str) -> anyhow::Result<ExitCode> {
@@ -226,10 +289,74 @@ async fn status(admin: &str) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn tail(
+    topic: &str,
+    bootstrap: &str,
+    registry: Option<&str>,
+    from_beginning: bool,
+    max: Option<usize>,
+    idle_timeout: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("walcast-tail-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", if from_beginning { "earliest" } else { "latest" })
+        .set("isolation.level", "read_committed")
+        .create()
+        .context("creating the Kafka consumer")?;
+    consumer.subscribe(&[topic]).context("subscribing")?;
+    let decoder = match registry {
+        Some(url) => Some(walcast_schemas::AvroDecoder::new(std::sync::Arc::new(walcast_schemas::HttpRegistry::new(
+            &walcast_schemas::RegistryConfig::new(url),
+        )?))),
+        None => None,
+    };
+    let decode = async |bytes: &[u8]| -> anyhow::Result<serde_json::Value> {
+        if bytes.first() == Some(&0) {
+            let d = decoder.as_ref().context("an Avro record: pass --registry URL to decode it")?;
+            Ok(d.decode(bytes).await?.1)
+        } else {
+            Ok(serde_json::from_slice(bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())))
+        }
+    };
+    let mut n = 0;
+    loop {
+        let next = consumer.recv();
+        let m = match idle_timeout {
+            Some(t) => match tokio::time::timeout(t, next).await {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+            None => next.await,
+        }
+        .context("reading from Kafka")?;
+        let key = match m.key() {
+            Some(k) => decode(k).await?,
+            None => serde_json::Value::Null,
+        };
+        let value = match m.payload() {
+            Some(v) => decode(v).await?,
+            None => serde_json::Value::Null,
+        };
+        println!(
+            "{}",
+            serde_json::json!({"topic": m.topic(), "partition": m.partition(), "offset": m.offset(), "key": key, "value": value})
+        );
+        n += 1;
+        if max.is_some_and(|max| n >= max) {
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn slots_drop(path: &std::path::Path, name: &str) -> anyhow::Result<ExitCode> {
     let cfg = config::load(path)?;
     let p = cfg.pipelines.get(name).with_context(|| format!("no pipeline named {name} in {}", path.display()))?;
-    let PipelineConfig::Capture(c) = p;
+    let PipelineConfig::Capture(c) = p else { anyhow::bail!("pipeline {name} is a relay; it has no replication slot") };
     let s = pipeline::capture_settings(name, c)?;
     let client = capture::catalog::connect(&s.connect).await?;
     if capture::setup::drop_slot(&client, &s.wanted.slot).await? {

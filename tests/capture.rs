@@ -232,5 +232,5 @@ async fn sigterm_drains_and_exits_zero() {
     let commit = ev[999]["value"]["source"]["commit_lsn"].as_u64().unwrap();
     assert!(w.terminate().success(), "exit 0 on SIGTERM");
     let confirmed = db.confirmed_flush("walcast_term").await.unwrap();
-    assert!(confirmed > commit, "the final status update confirmed {confirmed}, not past the last commit at {commit}");
+    assert!(confirmed > commit, "the final status update confirmed {confirmed}, not past the last commit at {commit}; log:\n{}", w.log());
 }

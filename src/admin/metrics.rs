@@ -21,6 +21,7 @@ pub const STREAMING: &str = "walcast_streaming";
 pub const RESTARTS: &str = "walcast_pipeline_restarts_total";
 
 /// All names, for the dashboard check.
+#[allow(dead_code)]
 pub const ALL: &[&str] = &[
     EVENTS, TRANSACTIONS, WAL_BYTES, LAG_BYTES, LAG_SECONDS, COMMIT_TO_ACK, SLOT_RETAINED, SINK_ERRORS, SINK_EVENTS,
     IN_FLIGHT, CONFIRMED_LSN, STREAMING, RESTARTS,

@@ -75,10 +75,6 @@ impl Assembler {
         self.relations.insert(table.relation_id, table);
     }
 
-    pub fn relation(&self, id: u32) -> Option<&Arc<TableSchema>> {
-        self.relations.get(&id)
-    }
-
     pub fn in_transaction(&self) -> bool {
         self.tx.is_some()
     }

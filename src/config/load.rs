@@ -26,7 +26,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     parse(path, &text, format, true)
 }
 
-/// Parses TOML text (tests, `check` on stdin); no environment layer.
+/// Parses TOML text (tests); no environment layer.
+#[cfg(test)]
 pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigError> {
     parse(Path::new(name), text, FileFormat::Toml, false)
 }
@@ -40,7 +41,36 @@ fn parse(path: &Path, text: &str, format: FileFormat, env: bool) -> Result<Confi
         }
     }
     let raw = builder.build().map_err(|e| invalid(e.to_string()))?;
-    let cfg: Config = raw.try_deserialize().map_err(|e| invalid(e.to_string()))?;
+    let top: TopLevel = raw.clone().try_deserialize().map_err(|e| invalid(e.to_string()))?;
+    let mut pipelines = std::collections::BTreeMap::new();
+    for (name, kind) in top.pipelines {
+        let key = format!("pipelines.{name}");
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(ConfigError::Rule { path: path.into(), key, message: "pipeline names use letters, digits, `_` and `-`".into() });
+        }
+        // serde_path_to_error keeps the path inside the pipeline, which the
+        // config crate's own errors do not.
+        let value: config::Value = raw.get(&key).map_err(|e| invalid(e.to_string()))?;
+        let at = |e: serde_path_to_error::Error<config::ConfigError>| {
+            ConfigError::Rule { path: path.into(), key: format!("{key}.{}", e.path()), message: e.into_inner().to_string() }
+        };
+        let p = match kind.kind.as_deref() {
+            Some("capture") => PipelineConfig::Capture(serde_path_to_error::deserialize(value).map_err(at)?),
+            Some("relay") => PipelineConfig::Relay(serde_path_to_error::deserialize(value).map_err(at)?),
+            Some(other) => {
+                return Err(ConfigError::Rule {
+                    path: path.into(),
+                    key: format!("{key}.kind"),
+                    message: format!("unknown kind {other:?}; expected \"capture\" or \"relay\""),
+                })
+            }
+            None => {
+                return Err(ConfigError::Rule { path: path.into(), key: format!("{key}.kind"), message: "missing: set kind = \"capture\" or \"relay\"".into() })
+            }
+        };
+        pipelines.insert(name, p);
+    }
+    let cfg = Config { admin: top.admin, log: top.log, pipelines };
     validate(path, &cfg)?;
     Ok(cfg)
 }
@@ -97,7 +127,47 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                 if s.status_interval.is_zero() {
                     return Err(rule(key("source.status_interval"), "must be positive"));
                 }
+                let has_kafka = c.sinks.iter().any(|s| matches!(s, SinkConfig::Kafka(_)));
+                if has_kafka && c.format == EventFormat::Avro && c.registry.is_none() {
+                    return Err(rule(
+                        key("registry"),
+                        "format = \"avro\" (the default) needs a schema registry: add [pipelines.NAME.registry] url = \"http://...\", or set format = \"json\"",
+                    ));
+                }
+                validate_sinks(path, &key, &c.sinks)?;
+                if let Some(r) = &c.registry {
+                    r.validate().map_err(|e| rule(key("registry"), &e.to_string()))?;
+                }
             }
+            PipelineConfig::Relay(r) => {
+                let key = |k: &str| format!("pipelines.{name}.{k}");
+                if r.sinks.is_empty() {
+                    return Err(rule(key("sinks"), "a relay pipeline needs at least one sink"));
+                }
+                if r.sinks.iter().any(|s| matches!(s, SinkConfig::Kafka(_))) {
+                    return Err(rule(key("sinks"), "a relay reads from Kafka; its sinks are redis, elasticsearch or file"));
+                }
+                r.source.validate().map_err(|e| rule(key("source"), &e.to_string()))?;
+                validate_sinks(path, &key, &r.sinks)?;
+                if let Some(reg) = &r.registry {
+                    reg.validate().map_err(|e| rule(key("registry"), &e.to_string()))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn validate_sinks(path: &Path, key: &dyn Fn(&str) -> String, sinks: &[SinkConfig]) -> Result<(), ConfigError> {
+    for (i, s) in sinks.iter().enumerate() {
+        let problem = match s {
+            SinkConfig::File(_) => None,
+            SinkConfig::Kafka(k) => k.validate().err().map(|e| e.to_string()),
+            SinkConfig::Redis(r) => r.validate().err().map(|e| e.to_string()),
+            SinkConfig::Elasticsearch(e) => e.validate().err().map(|e| e.to_string()),
+        };
+        if let Some(message) = problem {
+            return Err(ConfigError::Rule { path: path.into(), key: key(&format!("sinks[{i}]")), message });
         }
     }
     Ok(())
@@ -150,7 +220,7 @@ path = "-"
     #[test]
     fn defaults_apply() {
         let c = load_str("t.toml", GOOD).unwrap();
-        let PipelineConfig::Capture(p) = &c.pipelines["orders"];
+        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else { panic!("a capture") };
         assert_eq!(p.source.port, DEFAULT_PG_PORT);
         assert_eq!(p.source.status_interval, DEFAULT_STATUS_INTERVAL);
         assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
@@ -173,7 +243,9 @@ path = "-"
     #[test]
     fn wrong_types_and_rules_are_explained() {
         let e = load_str("t.toml", &GOOD.replace("database = \"app\"", "database = \"app\"\nport = \"five\"")).unwrap_err().to_string();
-        assert!(e.contains("port") || e.contains("five"), "{e}");
+        assert!(e.contains("pipelines.orders.source.port"), "{e}");
+        let e = load_str("t.toml", &GOOD.replace("kind = \"capture\"", "kind = \"capturr\"")).unwrap_err().to_string();
+        assert!(e.contains("pipelines.orders.kind") && e.contains("capturr"), "{e}");
         let e = load_str("t.toml", &GOOD.replace("[\"public.orders\"]", "[\"orders\"]")).unwrap_err().to_string();
         assert!(e.contains("schema.table") && e.contains("pipelines.orders.source.tables"), "{e}");
         let e = load_str("t.toml", &GOOD.replace("type = \"file\"", "type = \"carrier-pigeon\"")).unwrap_err().to_string();

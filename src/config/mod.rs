@@ -11,6 +11,4 @@ mod model;
 mod load;
 
 pub use load::{load, read_secret};
-#[cfg(test)]
-pub use load::load_str;
 pub use model::*;

@@ -20,12 +20,9 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct Config {
-    #[serde(default)]
     pub admin: AdminConfig,
-    #[serde(default)]
     pub log: LogConfig,
     /// Pipelines by name. The name is used in metrics, logs, and the default
     /// slot, publication and topic prefix.
@@ -87,21 +84,75 @@ fn default_log_level() -> String {
     "info".into()
 }
 
-/// One pipeline: where events come from and where they go.
+/// The file's top level, with each pipeline read only for its `kind`; the
+/// pipelines themselves are read one by one as their kind's struct, so
+/// that errors name the full key (`pipelines.orders.source.port`), which a
+/// serde-tagged enum would lose.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TopLevel {
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    pub pipelines: BTreeMap<String, PipelineKind>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct PipelineKind {
+    pub kind: Option<String>,
+}
+
+/// One pipeline: where events come from and where they go.
+#[derive(Debug, Clone)]
 pub enum PipelineConfig {
     /// Postgres → sinks (Kafka, or Redis/OpenSearch/file directly).
     Capture(CaptureConfig),
+    /// Kafka (a consumer group over walcast's topics) → Redis/OpenSearch/file.
+    Relay(RelayConfig),
+}
+
+/// How events are encoded on Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventFormat {
+    /// Avro in the Confluent wire format, schemas in `[registry]`.
+    #[default]
+    Avro,
+    /// Debezium JsonConverter JSON without the schema block.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// `"relay"`.
+    #[serde(rename = "kind")]
+    pub _kind: String,
+    pub source: walcast_kafka::KafkaSourceConfig,
+    /// Needed to decode Avro records (JSON records need none).
+    pub registry: Option<walcast_schemas::RegistryConfig>,
+    pub sinks: Vec<SinkConfig>,
+    /// How long a SIGTERM waits for in-flight records to be acknowledged.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaptureConfig {
+    /// `"capture"`.
+    #[serde(rename = "kind")]
+    pub _kind: String,
     pub source: PostgresSourceConfig,
     /// Debezium's `topic.prefix`: the first part of topic names and the
     /// `source.name` of events. Default: the pipeline's name.
     pub topic_prefix: Option<String>,
+    /// Encoding of events on Kafka sinks.
+    #[serde(default)]
+    pub format: EventFormat,
+    /// The schema registry (Confluent REST API) for `format = "avro"`.
+    pub registry: Option<walcast_schemas::RegistryConfig>,
     pub sinks: Vec<SinkConfig>,
     /// Events buffered between Postgres and the sinks before reading stops
     /// (back-pressure). Bounds memory whatever the transaction size.
@@ -210,12 +261,21 @@ fn default_retry_max() -> Duration {
 pub enum SinkConfig {
     /// JSON lines to stdout or a file: for debugging and tests.
     File(walcast_file::FileSinkConfig),
+    /// Kafka topics, keyed by primary key.
+    Kafka(walcast_kafka::KafkaSinkConfig),
+    /// Redis: cache invalidation, upserts or invalidation messages.
+    Redis(walcast_redis::RedisSinkConfig),
+    /// Elasticsearch / OpenSearch `_bulk`.
+    Elasticsearch(walcast_elasticsearch::ElasticsearchSinkConfig),
 }
 
 impl SinkConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             SinkConfig::File(_) => "file",
+            SinkConfig::Kafka(_) => "kafka",
+            SinkConfig::Redis(_) => "redis",
+            SinkConfig::Elasticsearch(_) => "elasticsearch",
         }
     }
 }

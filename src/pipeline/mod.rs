@@ -1,17 +1,19 @@
 //! Wiring pipelines from the config: sources, sinks, status, and the task
 //! that runs each one.
 
+pub mod relay;
 pub mod status;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
-use walcast_sdk::Sink;
+use walcast_sdk::{EventEncoder, JsonEncoder, Sink};
 
 use crate::capture::assemble::AssembleOptions;
 use crate::capture::setup::{split_table, Wanted};
 use crate::capture::stream::{self, CaptureSettings};
-use crate::config::{read_secret, CaptureConfig, PipelineConfig, SinkConfig};
+use crate::config::{read_secret, CaptureConfig, EventFormat, PipelineConfig, RelayConfig, SinkConfig};
 use crate::replication::connection::ConnectParams;
 use status::StatusHandle;
 
@@ -70,13 +72,55 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
     })
 }
 
+/// How a pipeline's Kafka sinks encode events.
+pub struct Encoding<'a> {
+    pub format: EventFormat,
+    pub registry: Option<&'a walcast_schemas::RegistryConfig>,
+}
+
+/// The Kafka sink's settings as the pipeline means them: its topic prefix
+/// is the pipeline's (Debezium's `topic.prefix`) unless the sink sets one.
+pub fn kafka_config(k: &walcast_kafka::KafkaSinkConfig, prefix: &str) -> walcast_kafka::KafkaSinkConfig {
+    let mut k = k.clone();
+    if k.topic_prefix == walcast_kafka::config::DEFAULT_TOPIC_PREFIX {
+        k.topic_prefix = prefix.to_string();
+    }
+    k
+}
+
 /// Opens every sink of a pipeline.
-pub async fn build_sinks(pipeline: &str, _prefix: &str, sinks: &[SinkConfig]) -> Result<Vec<Box<dyn Sink>>, BuildError> {
+pub async fn build_sinks(pipeline: &str, prefix: &str, sinks: &[SinkConfig], encoding: &Encoding<'_>) -> Result<Vec<Box<dyn Sink>>, BuildError> {
     let mut out: Vec<Box<dyn Sink>> = Vec::new();
     for s in sinks {
         let err = |message: String| BuildError::Sink { pipeline: pipeline.into(), sink: s.kind(), message };
         match s {
             SinkConfig::File(f) => out.push(Box::new(walcast_file::FileSink::open(f).await.map_err(|e| err(e.to_string()))?)),
+            SinkConfig::Kafka(k) => {
+                let k = kafka_config(k, prefix);
+                let encoder: Arc<dyn EventEncoder> = match (encoding.format, encoding.registry) {
+                    (EventFormat::Json, _) => Arc::new(JsonEncoder::default()),
+                    (EventFormat::Avro, None) => return Err(err("format = \"avro\" needs a [registry] section".into())),
+                    (EventFormat::Avro, Some(r)) => {
+                        let registry = Arc::new(walcast_schemas::HttpRegistry::new(r).map_err(|e| err(e.to_string()))?);
+                        // Subjects follow topic names, so the encoder names
+                        // topics exactly as the sink routes them.
+                        let router = walcast_kafka::topic::TopicRouter::new(k.topic_prefix.clone(), k.routes.clone());
+                        Arc::new(walcast_schemas::AvroEncoder::new(
+                            registry,
+                            walcast_schemas::MappingOptions { unconstrained_numeric: r.unconstrained_numeric },
+                            r.subject_strategy,
+                            Arc::new(move |e: &walcast_sdk::ChangeEvent| router.name(&e.table.schema, &e.table.name)),
+                        ))
+                    }
+                };
+                out.push(Box::new(walcast_kafka::KafkaSink::new(k, encoder).map_err(|e| err(e.to_string()))?));
+            }
+            SinkConfig::Redis(r) => {
+                out.push(Box::new(walcast_redis::RedisSink::connect(r.clone()).await.map_err(|e| err(e.to_string()))?))
+            }
+            SinkConfig::Elasticsearch(e) => out.push(Box::new(
+                walcast_elasticsearch::ElasticsearchSink::connect(e.clone()).await.map_err(|e| err(e.to_string()))?,
+            )),
         }
     }
     Ok(out)
@@ -91,16 +135,25 @@ pub struct Runnable {
 
 enum Kind {
     Capture(CaptureSettings, Vec<Box<dyn Sink>>),
+    Relay(Box<RelayConfig>, Vec<Box<dyn Sink>>),
 }
 
 pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildError> {
     match cfg {
         PipelineConfig::Capture(c) => {
             let settings = capture_settings(name, c)?;
-            let sinks = build_sinks(name, &settings.assemble.name, &c.sinks).await?;
+            let encoding = Encoding { format: c.format, registry: c.registry.as_ref() };
+            let sinks = build_sinks(name, &settings.assemble.name, &c.sinks, &encoding).await?;
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
             crate::admin::metrics::register_pipeline(name, &sink_names);
             Ok(Runnable { name: name.into(), status: StatusHandle::new(name, "capture", sink_names), kind: Kind::Capture(settings, sinks) })
+        }
+        PipelineConfig::Relay(r) => {
+            let encoding = Encoding { format: EventFormat::Json, registry: None };
+            let sinks = build_sinks(name, name, &r.sinks, &encoding).await?;
+            let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
+            crate::admin::metrics::register_pipeline(name, &sink_names);
+            Ok(Runnable { name: name.into(), status: StatusHandle::new(name, "relay", sink_names), kind: Kind::Relay(Box::new(r.clone()), sinks) })
         }
     }
 }
@@ -109,6 +162,7 @@ impl Runnable {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), String> {
         match self.kind {
             Kind::Capture(settings, sinks) => stream::run(settings, sinks, self.status, shutdown).await.map_err(|e| e.to_string()),
+            Kind::Relay(cfg, sinks) => relay::run(&self.name, &cfg, sinks, self.status, shutdown).await.map_err(|e| e.to_string()),
         }
     }
 }

@@ -448,12 +448,26 @@ impl ReplicationStream {
         self.conn.flush_out().await
     }
 
-    /// Ends streaming politely (CopyDone, Terminate) after a final status.
+    /// Ends streaming politely after a final status update, and waits for
+    /// the server to finish the exchange. Closing the socket while WAL is
+    /// still arriving would make the kernel answer with a reset, which can
+    /// discard the final status update unread on the server: the last
+    /// confirmation would be lost and replayed on restart.
     pub async fn close(mut self, flushed: Lsn) -> Result<(), ReplicationError> {
         self.send_status(flushed, false).await?;
         frontend::copy_done(&mut self.conn.out);
-        frontend::terminate(&mut self.conn.out);
         self.conn.flush_out().await?;
+        let drain = async {
+            loop {
+                match self.conn.read_message().await {
+                    Ok(Message::ReadyForQuery(_)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+        frontend::terminate(&mut self.conn.out);
+        let _ = self.conn.flush_out().await;
         Ok(())
     }
 }

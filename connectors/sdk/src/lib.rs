@@ -16,6 +16,7 @@ pub mod encode;
 pub mod event;
 pub mod json;
 pub mod position;
+pub mod relay;
 pub mod retry;
 pub mod sink;
 pub mod table;
