@@ -378,7 +378,16 @@ impl KafkaSource {
                 Err(_) => break,
                 Ok(Ok(m)) => SourceRecord::from_message(&m),
                 Ok(Err(source)) => {
-                    let transient = source.rdkafka_error_code().is_none_or(is_transient);
+                    // A subscribed topic that does not exist yet appears
+                    // once the capture publishes to it: wait, do not fail.
+                    let transient = source.rdkafka_error_code().is_none_or(|c| {
+                        is_transient(c)
+                            || matches!(
+                                c,
+                                rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition
+                                    | rdkafka::types::RDKafkaErrorCode::UnknownTopic
+                            )
+                    });
                     let err = SourceError::Consume {
                         group: self.group.clone(),
                         transient,
