@@ -326,6 +326,41 @@ impl TempCluster {
         TempCluster { port, dir }
     }
 
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> bool {
+        let bin = PathBuf::from(var("WALCAST_TEST_PG_BIN"));
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Stops the server at once (connections are cut), keeping its data.
+    pub fn stop(&self) {
+        assert!(self.pg_ctl(&["-m", "immediate", "-w", "stop"]), "pg_ctl stop failed");
+    }
+
+    /// Starts it again on the same port.
+    pub fn start_again(&self) {
+        assert!(self.pg_ctl(&["-w", "start"]), "pg_ctl start failed: {}", std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default());
+    }
+
     pub async fn client(&self) -> Client {
         let (client, conn) = tokio_postgres::Config::new()
             .host("127.0.0.1")
