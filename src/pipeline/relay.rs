@@ -79,8 +79,28 @@ pub async fn run(name: &str, cfg: &RelayConfig, mut sinks: Vec<Box<dyn Sink>>, s
         let batch = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             _ = commit_tick.tick() => {
-                if let Err(e) = source.commit_acknowledged().await {
-                    tracing::warn!(pipeline = %name, error = %e, "committing offsets failed; will retry");
+                match source.commit_acknowledged().await {
+                    Ok(_) => {}
+                    Err(e @ walcast_kafka::SourceError::NotApplied { .. }) => {
+                        // A sink gave up on a batch: nothing past it may be
+                        // committed. Re-read from the committed offsets; the
+                        // sinks' version checks make the replay idempotent.
+                        tracing::error!(pipeline = %name, error = %e, "a batch was not applied; re-reading from the last committed offsets");
+                        ::metrics::counter!(metrics::RESTARTS, "pipeline" => p()).increment(1);
+                        status.set_state(PipelineState::Retrying);
+                        status.update(|s| s.last_error = Some(e.to_string()));
+                        let _ = source.shutdown().await;
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        source = match KafkaSource::new(cfg.source.clone()) {
+                            Ok(s) => s,
+                            Err(source) => {
+                                let e = RelayError::Source { pipeline: p(), source };
+                                status.update(|s| { s.state = PipelineState::Failed; s.last_error = Some(e.to_string()); });
+                                return Err(e);
+                            }
+                        };
+                    }
+                    Err(e) => tracing::warn!(pipeline = %name, error = %e, "committing offsets failed; will retry"),
                 }
                 status.update(|s| s.in_flight_events = source.in_flight_records());
                 continue;

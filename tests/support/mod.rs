@@ -391,3 +391,44 @@ impl Drop for TempCluster {
             .status();
     }
 }
+
+/// Runs `deploy/local/stack ARGS` on the stack the tests use (for outage
+/// tests: `stop kafka`, `start kafka`).
+pub fn stack(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/stack");
+    let out = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .env("WALCAST_STACK_DIR", var("WALCAST_TEST_STACK_DIR"))
+        .output()
+        .expect("run deploy/local/stack");
+    assert!(out.status.success(), "stack {args:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+/// Reads a topic from the beginning with a plain consumer (none of
+/// walcast's code) until `done` holds over the JSON values read, or the
+/// deadline passes. Returns (key, value) pairs; tombstones have no value.
+pub fn consume_json(topic: &str, timeout: Duration, done: impl Fn(&[(serde_json::Value, Option<serde_json::Value>)]) -> bool) -> Vec<(serde_json::Value, Option<serde_json::Value>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", var("WALCAST_TEST_KAFKA_BOOTSTRAP"))
+        .set("group.id", unique("verify"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while !done(&out) {
+        assert!(Instant::now() < deadline, "timed out reading {topic}: {} records", out.len());
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let key = m.key().map(|k| serde_json::from_slice(k).expect("JSON key")).unwrap_or(serde_json::Value::Null);
+            let value = m.payload().map(|v| serde_json::from_slice(v).expect("JSON value"));
+            out.push((key, value));
+        }
+    }
+    out
+}
