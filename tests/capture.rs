@@ -50,13 +50,13 @@ async fn interleaved_transactions_give_ordered_events_per_replica_identity() {
     )
     .await;
 
-    let ev = w.wait_events("13 events", WAIT, |e| e.len() >= 13).await;
+    let ev = w.wait_events("14 events", WAIT, |e| e.len() >= 14).await;
     assert_eq!(
         ops(&ev),
         [
             "ta:c", "tc:c", // session 2 committed first
             "ta:c", "tb:c", "ta:c", // then session 1, in statement order
-            "ta:u", "ta:u", "ta:d", "tb:u", "tc:u", //
+            "ta:u", "ta:d", "ta:c", "ta:d", "tb:u", "tc:u", // a key change is a delete and a create
             "tb:d", "tc:d", "ta:t",
         ]
     );
@@ -73,21 +73,25 @@ async fn interleaved_transactions_give_ordered_events_per_replica_identity() {
     // DEFAULT identity: no before when the key is unchanged...
     assert_eq!(v(5)["before"], Value::Null);
     assert_eq!(v(5)["after"], json!({"id": 1, "v": "a1x"}));
-    // ...the old key when it changed, the old key on delete.
+    // ...a key change: delete of the old key, create of the new one...
     assert_eq!(v(6)["before"], json!({"id": 2, "v": null}));
-    assert_eq!(v(6)["after"], json!({"id": 10, "v": "a2"}));
-    assert_eq!(v(7)["before"], json!({"id": 3, "v": null}));
-    assert_eq!(v(7)["after"], Value::Null);
+    assert_eq!(v(6)["after"], Value::Null);
+    assert_eq!(ev[6]["key"], json!({"id": 2}));
+    assert_eq!(v(7)["before"], Value::Null);
+    assert_eq!(v(7)["after"], json!({"id": 10, "v": "a2"}));
+    assert_eq!(ev[7]["key"], json!({"id": 10}));
+    // ...and the old key on delete.
+    assert_eq!(v(8)["before"], json!({"id": 3, "v": null}));
+    assert_eq!(v(8)["after"], Value::Null);
     // FULL identity: the whole old row.
-    assert_eq!(v(8)["before"], json!({"id": 1, "v": "b1"}));
-    assert_eq!(v(9)["before"], json!({"k": 7, "v": "c7"}));
-    assert_eq!(v(10)["before"], json!({"id": 1, "v": "b1x"}));
-    assert_eq!(v(11)["before"], json!({"k": 7, "v": "c7x"}));
+    assert_eq!(v(9)["before"], json!({"id": 1, "v": "b1"}));
+    assert_eq!(v(10)["before"], json!({"k": 7, "v": "c7"}));
+    assert_eq!(v(11)["before"], json!({"id": 1, "v": "b1x"}));
+    assert_eq!(v(12)["before"], json!({"k": 7, "v": "c7x"}));
     // Keys: the primary key; none for the key-less table or a truncate.
-    assert_eq!(ev[6]["key"], json!({"id": 10}));
     assert_eq!(ev[1]["key"], Value::Null);
-    assert_eq!(ev[12]["key"], Value::Null);
-    assert_eq!(v(12)["before"], Value::Null);
+    assert_eq!(ev[13]["key"], Value::Null);
+    assert_eq!(v(13)["before"], Value::Null);
     assert_eq!(v(0)["source"]["db"], db.name.as_str());
     assert_eq!(v(0)["source"]["name"], "interleave");
     assert_eq!(v(0)["source"]["schema"], "public");

@@ -191,10 +191,15 @@ impl Assembler {
     /// in Debezium. An unchanged TOASTed column stays
     /// [`Value::Unavailable`] unless the full old row (REPLICA IDENTITY
     /// FULL) supplies it.
-    pub fn update(&mut self, relation_id: u32, old: Option<&OldTuple>, new: &[TupleValue], lsn: Lsn) -> Result<Option<ChangeEvent>, AssembleError> {
+    ///
+    /// An update that changes the primary key becomes a delete of the old
+    /// key and a create of the new one, as Debezium emits it: keyed topics
+    /// and the sinks see the old row go away (a tombstone follows the delete
+    /// on Kafka) instead of two keys that both look alive.
+    pub fn update(&mut self, relation_id: u32, old: Option<&OldTuple>, new: &[TupleValue], lsn: Lsn) -> Result<Vec<ChangeEvent>, AssembleError> {
         let table = self.table(relation_id, lsn)?;
         if !self.wanted(&table) {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         let before = match old {
             Some(OldTuple::Key(t)) | Some(OldTuple::Full(t)) => Some(Self::row(&table, t, lsn)?),
@@ -208,7 +213,16 @@ impl Assembler {
                 }
             }
         }
-        self.event(Op::Update, table, before, Some(after), lsn).map(Some)
+        let key_changed = table.has_key()
+            && before.as_ref().is_some_and(|b| {
+                table.columns.iter().zip(b.iter().zip(&after)).any(|(c, (o, n))| c.key && o != n)
+            });
+        if key_changed {
+            let delete = self.event(Op::Delete, table.clone(), before, None, lsn)?;
+            let create = self.event(Op::Create, table, None, Some(after), lsn)?;
+            return Ok(vec![delete, create]);
+        }
+        Ok(vec![self.event(Op::Update, table, before, Some(after), lsn)?])
     }
 
     pub fn delete(&mut self, relation_id: u32, old: &OldTuple, lsn: Lsn) -> Result<Option<ChangeEvent>, AssembleError> {

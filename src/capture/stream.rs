@@ -370,7 +370,7 @@ async fn handle(
             }
         }
         Message::Update(u) => {
-            if let Some(e) = asm.update(u.relation_id, u.old.as_ref(), &u.new, lsn).map_err(asm_err)? {
+            for e in asm.update(u.relation_id, u.old.as_ref(), &u.new, lsn).map_err(asm_err)? {
                 push(e, pending);
             }
         }
