@@ -185,6 +185,22 @@ fn yaml_docs(dir: &str) -> BTreeMap<String, Vec<Yaml>> {
     out
 }
 
+/// `walcast check --offline`: the daemon's own parser and validation.
+fn walcast_accepts(config: &std::path::Path) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walcast"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("WALCAST_")) {
+        cmd.env_remove(k);
+    }
+    let out = cmd.arg("check").arg("--offline").arg("-c").arg(config).output().expect("run walcast check");
+    assert!(
+        out.status.success(),
+        "walcast check --offline -c {} refused it:\n{}{}",
+        config.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn s<'a>(v: &'a Yaml, what: &str) -> &'a str {
     v.as_str().unwrap_or_else(|| panic!("{what}: expected a string, found {v:?}"))
 }
@@ -243,6 +259,10 @@ fn kubernetes_manifests_are_consistent() {
     let cfg: toml::Table = toml::from_str(toml_text).unwrap_or_else(|e| panic!("walcast.toml in the ConfigMap: {e}"));
     let pipelines = cfg.get("pipelines").and_then(|p| p.as_table()).expect("walcast.toml has a [pipelines] table");
     assert!(!pipelines.is_empty(), "at least one pipeline");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("walcast.toml");
+    std::fs::write(&file, toml_text).unwrap();
+    walcast_accepts(&file);
     let orders = pipelines.get("orders").and_then(|p| p.as_table()).expect("pipelines.orders");
     assert_eq!(orders.get("kind").and_then(|k| k.as_str()), Some("capture"));
     assert!(orders["source"].get("password").is_none(), "no password in the ConfigMap");
@@ -429,6 +449,7 @@ fn compose_file_builds_walcast_with_its_services() {
         .expect("a volume mounted at /etc/walcast/walcast.toml");
     let host = compose_dir.join(mount.split(':').next().unwrap());
     let cfg: toml::Table = toml::from_str(&std::fs::read_to_string(&host).unwrap()).expect("deploy/docker/walcast.toml");
+    walcast_accepts(&host);
     let p = cfg["pipelines"].as_table().expect("pipelines");
     assert!(p.contains_key("orders"), "the password variable names pipeline orders");
     assert_eq!(cfg["admin"]["listen"].as_str(), Some("0.0.0.0:9187"), "reachable through the published port");
