@@ -137,3 +137,55 @@ async fn a_standby_waits_for_the_slot_and_takes_over() {
     let (code, _) = standby.http("/readyz").await.unwrap();
     assert_eq!(code, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_under_a_running_daemon_is_never_recreated() {
+    let db = TestDb::new("wc_slotdrop").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let mut w = Walcast::start_with(|out, admin| file_pipeline_config("slotdrop", &db.name, &["public.t"], "retry_max_backoff = \"1s\"", out, admin));
+    w.wait_state("streaming", Duration::from_secs(60)).await;
+    db.exec(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'walcast_slotdrop';",
+    )
+    .await;
+    // Drop it while the daemon reconnects (retry until it is not active).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = db.client.batch_execute("SELECT pg_drop_replication_slot('walcast_slotdrop')").await;
+        if r.is_ok() {
+            break;
+        }
+        let _ = db.client.batch_execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'walcast_slotdrop' AND active_pid IS NOT NULL").await;
+        assert!(std::time::Instant::now() < deadline, "could not drop the slot: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The daemon stops with a definite error and does not recreate it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = w.exited() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "walcast kept running after its slot was dropped:\n{}", tail(&w.log(), 3000));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    assert!(w.log().contains("disappeared while walcast was streaming"), "{}", tail(&w.log(), 3000));
+    let slots: i64 = db.client.query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walcast_slotdrop'", &[]).await.unwrap().get(0);
+    assert_eq!(slots, 0, "the slot was not silently recreated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identifiers_with_mixed_case_spaces_and_quotes_work() {
+    let db = TestDb::new("wc_idents").await;
+    db.exec(r#"CREATE SCHEMA "Sales Dept"; CREATE TABLE "Sales Dept"."Order ""Items""" ("Id" int PRIMARY KEY, "Unit Price" numeric(6,2));"#).await;
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("idents", &db.name, &[], r#"tables = ['"Sales Dept"."Order ""Items"""']"#, out, admin).replace("tables = []\n", "")
+    });
+    w.wait_state("streaming", Duration::from_secs(60)).await;
+    db.exec(r#"INSERT INTO "Sales Dept"."Order ""Items""" VALUES (1, 9.99)"#).await;
+    let ev = w.wait_events("the row", Duration::from_secs(60), |e| e.len() == 1).await;
+    assert_eq!(ev[0]["value"]["source"]["schema"], "Sales Dept");
+    assert_eq!(ev[0]["value"]["source"]["table"], "Order \"Items\"");
+    assert_eq!(ev[0]["value"]["after"], serde_json::json!({"Id": 1, "Unit Price": "9.99"}));
+    assert_eq!(ev[0]["key"], serde_json::json!({"Id": 1}));
+}

@@ -172,7 +172,13 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                 if ident == "f" { "" } else { " (it then also needs REPLICA IDENTITY FULL for updates and deletes)" }
             ));
         }
-        if !has_pk && ident == "d" {
+        if !has_pk && ident == "d" && keyless_ok {
+            tracing::warn!(
+                table = %format!("{s}.{t}"),
+                "captured without a key and with REPLICA IDENTITY DEFAULT: only inserts can be captured, and Postgres \
+                 refuses UPDATE and DELETE on it while it is in the publication; set REPLICA IDENTITY FULL if rows change"
+            );
+        } else if !has_pk && ident == "d" {
             return definite(format!(
                 "table {s}.{t} has no primary key and REPLICA IDENTITY DEFAULT, so Postgres logs nothing of old rows \
                  and cannot publish its updates and deletes; run ALTER TABLE {} REPLICA IDENTITY FULL",

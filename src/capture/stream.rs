@@ -113,9 +113,13 @@ pub async fn run(settings: CaptureSettings, sinks: Vec<Box<dyn Sink>>, status: S
         s.slot = Some(settings.wanted.slot.clone());
         s.publication = Some(settings.wanted.publication.clone());
     });
+    // Once this process has streamed from the slot, the slot vanishing means
+    // someone dropped it: recreating it would silently skip every change
+    // made since. That must stop the pipeline, never be "repaired".
+    let mut slot_seen = false;
     let result = loop {
         let started = Instant::now();
-        match session(&settings, &tx, &status, &shutdown).await {
+        match session(&settings, &tx, &status, &shutdown, &mut slot_seen).await {
             Ok(()) => break Ok(()),
             Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -169,6 +173,7 @@ async fn session(
     tx: &mpsc::Sender<(Vec<ChangeEvent>, Acker)>,
     status: &StatusHandle,
     shutdown: &CancellationToken,
+    slot_seen: &mut bool,
 ) -> Result<(), CaptureError> {
     let p = || s.pipeline.clone();
     let cat_err = |source| CaptureError::Catalog { pipeline: p(), source };
@@ -178,6 +183,19 @@ async fn session(
     status.set_state(PipelineState::Starting);
     let client = catalog::connect(&s.connect).await.map_err(cat_err)?;
     let plan = setup::plan(&client, &s.wanted).await.map_err(setup_err)?;
+    if plan.create_slot && *slot_seen {
+        let confirmed = status.snapshot().confirmed_lsn.unwrap_or_else(|| "?".into());
+        return Err(CaptureError::Definite {
+            pipeline: p(),
+            message: format!(
+                "replication slot {} disappeared while walcast was streaming from it (dropped externally?). \
+                 Recreating it would silently skip every change made after LSN {confirmed}, so walcast stops. \
+                 Find out what dropped it; restarting walcast creates a new slot that starts from now \
+                 (changes between LSN {confirmed} and then are lost to the sinks unless re-snapshotted)",
+                s.wanted.slot
+            ),
+        });
+    }
     setup::apply_publication(&client, &plan).await.map_err(setup_err)?;
     let mut catalog = Catalog::new(client);
 
@@ -196,6 +214,7 @@ async fn session(
         ("messages", "true".to_string()),
     ];
     let mut stream = conn.start_replication(&s.wanted.slot, Lsn(0), &options).await.map_err(rep_err)?;
+    *slot_seen = true;
     tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, from = %start, server_wal = %system.xlog_pos, "streaming");
     status.set_state(PipelineState::Streaming);
     status.update(|st| st.last_error = None);
