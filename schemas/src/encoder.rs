@@ -17,6 +17,7 @@ use serde_json::Value as Json;
 use walcast_sdk::{ChangeEvent, EncodeError, EncodedRecord, EventEncoder, TableSchema};
 
 use crate::codec::{self, DecodeError};
+use crate::contracts::{ContractError, Contracts};
 use crate::mapping::{self, MappingOptions, TableSchemas};
 use crate::registry::{HttpRegistry, Registry, RegistryConfig, RegistryError, SubjectStrategy};
 use crate::wire::{self, WireError};
@@ -49,6 +50,7 @@ pub struct AvroEncoder {
     options: MappingOptions,
     subjects: SubjectStrategy,
     topics: TopicNamer,
+    contracts: Option<Arc<Contracts>>,
     tables: RwLock<HashMap<(u32, u32), Arc<Registered>>>,
 }
 
@@ -64,22 +66,41 @@ impl AvroEncoder {
             options,
             subjects,
             topics,
+            contracts: None,
             tables: RwLock::default(),
         }
     }
 
+    /// Enforces `contracts`: a table shape whose derived schema breaks its
+    /// contract is refused before anything is registered, with
+    /// `EncodeError::Invalid` naming the table and the field, so the
+    /// pipeline's invalid-value policy applies (by default it halts).
+    pub fn with_contracts(mut self, contracts: Arc<Contracts>) -> Self {
+        self.contracts = Some(contracts);
+        self
+    }
+
     /// An encoder over an HTTP registry from the pipeline's `[registry]`
-    /// section, naming topics `<prefix>.<schema>.<table>`.
+    /// section (contracts included), naming topics
+    /// `<prefix>.<schema>.<table>`.
     pub fn from_config(config: &RegistryConfig) -> Result<Self, RegistryError> {
         let registry = Arc::new(HttpRegistry::new(config)?);
-        Ok(AvroEncoder::new(
+        let contracts = config.load_contracts().map_err(|e| RegistryError::Config {
+            field: "contracts",
+            message: e.to_string(),
+        })?;
+        let encoder = AvroEncoder::new(
             registry,
             MappingOptions {
                 unconstrained_numeric: config.unconstrained_numeric,
             },
             config.subject_strategy,
             Arc::new(default_topic),
-        ))
+        );
+        Ok(match contracts {
+            Some(c) => encoder.with_contracts(Arc::new(c)),
+            None => encoder,
+        })
     }
 
     pub fn registry(&self) -> &Arc<dyn Registry> {
@@ -107,6 +128,22 @@ impl AvroEncoder {
                 message: e.to_string(),
             }
         })?;
+        if let Some(contracts) = &self.contracts {
+            contracts
+                .check(&table.schema, &table.name, &schemas)
+                .map_err(|e| match &e {
+                    ContractError::Violation { table, field, .. } => EncodeError::Invalid {
+                        table: table.clone(),
+                        column: field.clone(),
+                        message: e.to_string(),
+                    },
+                    e => EncodeError::Invalid {
+                        table: table.qualified_name(),
+                        column: "*".into(),
+                        message: e.to_string(),
+                    },
+                })?;
+        }
         let topic = (self.topics)(event);
         let key_id = match &schemas.key {
             Some(k) => Some(
@@ -306,8 +343,8 @@ mod tests {
         let rec = enc.encode(&e1).await.unwrap();
         let rec2 = enc.encode(&e1).await.unwrap();
         assert_eq!(rec, rec2);
-        assert_eq!(registry.versions("shop.public.t-value").len(), 1);
-        assert_eq!(registry.versions("shop.public.t-key").len(), 1);
+        assert_eq!(registry.subject_ids("shop.public.t-value").len(), 1);
+        assert_eq!(registry.subject_ids("shop.public.t-key").len(), 1);
         let (_, key) = dec.decode(rec.key.as_ref().unwrap()).await.unwrap();
         assert_eq!(key, serde_json::json!({"id": 1}));
         let (_, value) = dec.decode(rec.value.as_ref().unwrap()).await.unwrap();
@@ -323,8 +360,8 @@ mod tests {
         let rec = enc.encode_tombstone(&e2).await.unwrap();
         assert!(rec.value.is_none());
         let rec = enc.encode(&e2).await.unwrap();
-        assert_eq!(registry.versions("shop.public.t-value").len(), 2);
-        assert_eq!(registry.versions("shop.public.t-key").len(), 1);
+        assert_eq!(registry.subject_ids("shop.public.t-value").len(), 2);
+        assert_eq!(registry.subject_ids("shop.public.t-key").len(), 1);
         let (_, value) = dec.decode(rec.value.as_ref().unwrap()).await.unwrap();
         expected = walcast_sdk::json::envelope(&e2, &Default::default());
         assert_eq!(value, expected);

@@ -92,6 +92,37 @@ pub struct RegistryConfig {
     pub request_timeout_ms: u64,
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// Directory of data contracts (`<schema>.<table>.avsc`, see
+    /// [`crate::contracts`]). When set, the encoder refuses to encode a
+    /// table whose derived row schema the table's contract cannot read.
+    #[serde(default)]
+    pub contracts: Option<PathBuf>,
+    /// What the Kafka sink does with an event the encoder refuses as
+    /// invalid (`EncodeError::Invalid`): halt the pipeline (default) or
+    /// route it to a dead-letter topic.
+    #[serde(default)]
+    pub on_invalid: InvalidValuePolicy,
+}
+
+/// What happens to an event that cannot be encoded because of its values or
+/// its table's shape (`EncodeError::Invalid`: a NaN in a `decimal` column, a
+/// contract violation). Transient registry failures are never subject to
+/// this policy: they are retried.
+///
+/// In TOML: `on_invalid = "halt"` or
+/// `on_invalid = { dead_letter = { topic = "walcast.dlq" } }`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum InvalidValuePolicy {
+    /// Stop the pipeline without acknowledging the event, so nothing is
+    /// skipped silently; an operator fixes the table or the contract and
+    /// restarts, and the event is read again.
+    #[default]
+    Halt,
+    /// Write the event to `topic` instead (as the JSON encoder renders it,
+    /// with the error in a header) and go on. The event is then missing
+    /// from its table's topic: consumers of that topic see a gap.
+    DeadLetter { topic: String },
 }
 
 impl std::fmt::Debug for RegistryConfig {
@@ -105,6 +136,8 @@ impl std::fmt::Debug for RegistryConfig {
             .field("unconstrained_numeric", &self.unconstrained_numeric)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("max_attempts", &self.max_attempts)
+            .field("contracts", &self.contracts)
+            .field("on_invalid", &self.on_invalid)
             .finish()
     }
 }
@@ -121,7 +154,20 @@ impl RegistryConfig {
             unconstrained_numeric: UnconstrainedNumeric::default(),
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            contracts: None,
+            on_invalid: InvalidValuePolicy::default(),
         }
+    }
+
+    /// The data contracts of `contracts`, if set. An unreadable directory
+    /// or an unparsable contract is an error, never "no contract".
+    pub fn load_contracts(
+        &self,
+    ) -> Result<Option<crate::contracts::Contracts>, crate::contracts::ContractError> {
+        self.contracts
+            .as_deref()
+            .map(crate::contracts::load_dir)
+            .transpose()
     }
 
     pub fn validate(&self) -> Result<Url, RegistryError> {
@@ -142,6 +188,14 @@ impl RegistryConfig {
         }
         if self.request_timeout_ms == 0 {
             return Err(bad("request_timeout_ms", "must be at least 1".into()));
+        }
+        if let InvalidValuePolicy::DeadLetter { topic } = &self.on_invalid {
+            if topic.trim().is_empty() {
+                return Err(bad(
+                    "on_invalid.dead_letter.topic",
+                    "must not be empty".into(),
+                ));
+            }
         }
         Ok(url)
     }
@@ -208,6 +262,10 @@ pub enum RegistryError {
     },
     #[error("registry {url} answered with an unexpected body: {message}")]
     Response { url: String, message: String },
+    /// The embedded registry could not persist a new schema (disk full,
+    /// permissions); retrying later may succeed.
+    #[error("embedded registry store: {message}")]
+    Store { message: String },
     #[error("schema id {id} from the registry is not usable Avro: {source}")]
     Schema {
         id: u32,
@@ -221,7 +279,9 @@ impl RegistryError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            RegistryError::Unreachable { .. } | RegistryError::Unavailable { .. }
+            RegistryError::Unreachable { .. }
+                | RegistryError::Unavailable { .. }
+                | RegistryError::Store { .. }
         )
     }
 }
@@ -242,6 +302,89 @@ pub struct Compatibility {
     pub is_compatible: bool,
     /// Why not, when the registry says (Confluent's `verbose=true` messages).
     pub messages: Vec<String>,
+}
+
+/// A subject's (or the registry's) compatibility level, as the Confluent
+/// API spells it. Non-transitive levels compare with the latest version
+/// only, transitive ones with every version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CompatibilityLevel {
+    /// Readers using the new schema can read data written with the old one.
+    #[default]
+    Backward,
+    BackwardTransitive,
+    /// Readers using the old schema can read data written with the new one.
+    Forward,
+    ForwardTransitive,
+    /// Both.
+    Full,
+    FullTransitive,
+    /// Anything goes.
+    None,
+}
+
+impl CompatibilityLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompatibilityLevel::Backward => "BACKWARD",
+            CompatibilityLevel::BackwardTransitive => "BACKWARD_TRANSITIVE",
+            CompatibilityLevel::Forward => "FORWARD",
+            CompatibilityLevel::ForwardTransitive => "FORWARD_TRANSITIVE",
+            CompatibilityLevel::Full => "FULL",
+            CompatibilityLevel::FullTransitive => "FULL_TRANSITIVE",
+            CompatibilityLevel::None => "NONE",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        serde_json::from_value(Json::String(text.to_string())).ok()
+    }
+
+    pub fn is_transitive(self) -> bool {
+        matches!(
+            self,
+            CompatibilityLevel::BackwardTransitive
+                | CompatibilityLevel::ForwardTransitive
+                | CompatibilityLevel::FullTransitive
+        )
+    }
+}
+
+/// A version of a subject: a number (1-based) or the latest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionRef {
+    Latest,
+    Number(u32),
+}
+
+impl VersionRef {
+    /// Confluent's path forms: `latest`, `-1` (also the latest) or a number.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "latest" | "-1" => Some(VersionRef::Latest),
+            n => n.parse().ok().filter(|&n| n > 0).map(VersionRef::Number),
+        }
+    }
+}
+
+impl std::fmt::Display for VersionRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VersionRef::Latest => f.write_str("latest"),
+            VersionRef::Number(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// One version of a subject, as `GET /subjects/{s}/versions/{v}` and
+/// `POST /subjects/{s}` answer it.
+#[derive(Debug, Clone)]
+pub struct SubjectVersion {
+    pub subject: String,
+    pub version: u32,
+    pub id: u32,
+    pub schema: Arc<AvroSchema>,
 }
 
 /// What the encoder and decoder need from a registry.
@@ -409,6 +552,135 @@ impl HttpRegistry {
         }
     }
 
+    /// Every subject (`GET /subjects`).
+    pub async fn subjects(&self) -> Result<Vec<String>, RegistryError> {
+        let url = self.endpoint(&["subjects"]);
+        let answer = self
+            .call(Method::GET, url.clone(), None)
+            .await?
+            .map_err(|r| refused("", r))?;
+        serde_json::from_value(answer.clone()).map_err(|e| RegistryError::Response {
+            url: url.to_string(),
+            message: format!("{e}: {answer}"),
+        })
+    }
+
+    /// The version numbers of `subject`, oldest first
+    /// (`GET /subjects/{s}/versions`).
+    pub async fn versions(&self, subject: &str) -> Result<Vec<u32>, RegistryError> {
+        let url = self.endpoint(&["subjects", subject, "versions"]);
+        let answer = self
+            .call(Method::GET, url.clone(), None)
+            .await?
+            .map_err(|r| refused(subject, r))?;
+        serde_json::from_value(answer.clone()).map_err(|e| RegistryError::Response {
+            url: url.to_string(),
+            message: format!("{e}: {answer}"),
+        })
+    }
+
+    /// One version of `subject` (`GET /subjects/{s}/versions/{v}`).
+    pub async fn version(
+        &self,
+        subject: &str,
+        version: VersionRef,
+    ) -> Result<SubjectVersion, RegistryError> {
+        let url = self.endpoint(&["subjects", subject, "versions", &version.to_string()]);
+        let answer = self
+            .call(Method::GET, url.clone(), None)
+            .await?
+            .map_err(|r| refused(subject, r))?;
+        subject_version(&url, subject, &answer)
+    }
+
+    /// The version of `subject` holding `schema`, if any (`POST /subjects/{s}`).
+    pub async fn lookup(
+        &self,
+        subject: &str,
+        schema: &AvroSchema,
+    ) -> Result<Option<SubjectVersion>, RegistryError> {
+        let url = self.endpoint(&["subjects", subject]);
+        let body = json!({ "schema": schema.text() });
+        match self.call(Method::POST, url.clone(), Some(&body)).await? {
+            Ok(answer) => subject_version(&url, subject, &answer).map(Some),
+            Err(r) if r.status == StatusCode::NOT_FOUND => Ok(None),
+            Err(r) => Err(refused(subject, r)),
+        }
+    }
+
+    /// Whether `schema` is compatible with one version of `subject` under
+    /// the subject's level (`POST /compatibility/subjects/{s}/versions/{v}`).
+    pub async fn check_compatibility_with(
+        &self,
+        subject: &str,
+        version: VersionRef,
+        schema: &AvroSchema,
+    ) -> Result<Compatibility, RegistryError> {
+        let mut url = self.endpoint(&[
+            "compatibility",
+            "subjects",
+            subject,
+            "versions",
+            &version.to_string(),
+        ]);
+        url.query_pairs_mut().append_pair("verbose", "true");
+        let body = json!({ "schema": schema.text() });
+        match self.call(Method::POST, url.clone(), Some(&body)).await? {
+            Ok(answer) => compatibility(&url, &answer),
+            // No subject (or no version) yet: the first schema is always accepted.
+            Err(r) if r.status == StatusCode::NOT_FOUND && version == VersionRef::Latest => {
+                Ok(Compatibility {
+                    is_compatible: true,
+                    messages: Vec::new(),
+                })
+            }
+            Err(r) => Err(refused(subject, r)),
+        }
+    }
+
+    /// The compatibility level of `subject`, or the registry's global one
+    /// for `None` (`GET /config[/{s}]`).
+    pub async fn compatibility_level(
+        &self,
+        subject: Option<&str>,
+    ) -> Result<CompatibilityLevel, RegistryError> {
+        let url = match subject {
+            Some(s) => self.endpoint(&["config", s]),
+            None => self.endpoint(&["config"]),
+        };
+        let answer = self
+            .call(Method::GET, url.clone(), None)
+            .await?
+            .map_err(|r| refused(subject.unwrap_or(""), r))?;
+        answer
+            .get("compatibilityLevel")
+            .or_else(|| answer.get("compatibility"))
+            .and_then(Json::as_str)
+            .and_then(CompatibilityLevel::parse)
+            .ok_or_else(|| RegistryError::Response {
+                url: url.to_string(),
+                message: format!("no known compatibilityLevel in {answer}"),
+            })
+    }
+
+    /// Sets the compatibility level of `subject`, or the global one for
+    /// `None` (`PUT /config[/{s}]`).
+    pub async fn set_compatibility_level(
+        &self,
+        subject: Option<&str>,
+        level: CompatibilityLevel,
+    ) -> Result<(), RegistryError> {
+        let url = match subject {
+            Some(s) => self.endpoint(&["config", s]),
+            None => self.endpoint(&["config"]),
+        };
+        let body = json!({ "compatibility": level.as_str() });
+        self.call(Method::PUT, url, Some(&body))
+            .await?
+            .map_err(|r| refused(subject.unwrap_or(""), r))?;
+        Ok(())
+    }
+
     fn cached_id(&self, subject: &str, fingerprint: u64) -> Option<u32> {
         self.ids
             .read()
@@ -416,6 +688,65 @@ impl HttpRegistry {
             .get(&(subject.to_string(), fingerprint))
             .copied()
     }
+}
+
+fn subject_version(
+    url: &Url,
+    subject: &str,
+    answer: &Json,
+) -> Result<SubjectVersion, RegistryError> {
+    let bad = |what: &str| RegistryError::Response {
+        url: url.to_string(),
+        message: format!("no {what} in {answer}"),
+    };
+    let number = |key: &str| {
+        answer
+            .get(key)
+            .and_then(Json::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| bad(key))
+    };
+    let id = number("id")?;
+    let version = number("version")?;
+    let text = answer
+        .get("schema")
+        .and_then(Json::as_str)
+        .ok_or_else(|| bad("schema"))?;
+    let schema =
+        AvroSchema::parse_str(text).map_err(|source| RegistryError::Schema { id, source })?;
+    Ok(SubjectVersion {
+        subject: answer
+            .get("subject")
+            .and_then(Json::as_str)
+            .unwrap_or(subject)
+            .to_string(),
+        version,
+        id,
+        schema: Arc::new(schema),
+    })
+}
+
+fn compatibility(url: &Url, answer: &Json) -> Result<Compatibility, RegistryError> {
+    let is_compatible = answer
+        .get("is_compatible")
+        .and_then(Json::as_bool)
+        .ok_or_else(|| RegistryError::Response {
+            url: url.to_string(),
+            message: format!("no is_compatible in {answer}"),
+        })?;
+    let messages = answer
+        .get("messages")
+        .and_then(Json::as_array)
+        .map(|m| {
+            m.iter()
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Compatibility {
+        is_compatible,
+        messages,
+    })
 }
 
 /// The `message` of a Confluent error body (`{"error_code":..,"message":..}`),
@@ -537,39 +868,8 @@ impl Registry for HttpRegistry {
         subject: &str,
         schema: &AvroSchema,
     ) -> Result<Compatibility, RegistryError> {
-        let mut url = self.endpoint(&["compatibility", "subjects", subject, "versions", "latest"]);
-        url.query_pairs_mut().append_pair("verbose", "true");
-        let body = json!({ "schema": schema.text() });
-        match self.call(Method::POST, url.clone(), Some(&body)).await? {
-            Ok(answer) => {
-                let is_compatible = answer
-                    .get("is_compatible")
-                    .and_then(Json::as_bool)
-                    .ok_or_else(|| RegistryError::Response {
-                        url: url.to_string(),
-                        message: format!("no is_compatible in {answer}"),
-                    })?;
-                let messages = answer
-                    .get("messages")
-                    .and_then(Json::as_array)
-                    .map(|m| {
-                        m.iter()
-                            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Ok(Compatibility {
-                    is_compatible,
-                    messages,
-                })
-            }
-            // No subject (or no version) yet: the first schema is always accepted.
-            Err(r) if r.status == StatusCode::NOT_FOUND => Ok(Compatibility {
-                is_compatible: true,
-                messages: Vec::new(),
-            }),
-            Err(r) => Err(refused(subject, r)),
-        }
+        self.check_compatibility_with(subject, VersionRef::Latest, schema)
+            .await
     }
 }
 
@@ -597,6 +897,55 @@ mod tests {
             serde_json::from_value::<RegistryConfig>(json!({"url": "http://r", "compat": "x"}))
                 .unwrap_err();
         assert!(err.to_string().contains("compat"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_policy_defaults_to_halt_and_names_a_dead_letter_topic() {
+        let c: RegistryConfig = serde_json::from_value(json!({"url": "http://r"})).unwrap();
+        assert_eq!(c.on_invalid, InvalidValuePolicy::Halt);
+        assert_eq!(c.contracts, None);
+        let c: RegistryConfig = serde_json::from_value(json!({
+            "url": "http://r",
+            "contracts": "schemas/contracts",
+            "on_invalid": {"dead_letter": {"topic": "walcast.dlq"}},
+        }))
+        .unwrap();
+        assert_eq!(
+            c.on_invalid,
+            InvalidValuePolicy::DeadLetter {
+                topic: "walcast.dlq".into()
+            }
+        );
+        let c: RegistryConfig =
+            serde_json::from_value(json!({"url": "http://r", "on_invalid": "halt"})).unwrap();
+        assert_eq!(c.on_invalid, InvalidValuePolicy::Halt);
+        assert!(serde_json::from_value::<RegistryConfig>(
+            json!({"url": "http://r", "on_invalid": {"dead_letter": {"topic": "t", "x": 1}}})
+        )
+        .is_err());
+        let mut c = RegistryConfig::new("http://r");
+        c.on_invalid = InvalidValuePolicy::DeadLetter { topic: " ".into() };
+        let RegistryError::Config { field, .. } = c.validate().unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(field, "on_invalid.dead_letter.topic");
+    }
+
+    #[test]
+    fn levels_and_versions_parse_as_the_api_spells_them() {
+        assert_eq!(
+            CompatibilityLevel::parse("FULL_TRANSITIVE"),
+            Some(CompatibilityLevel::FullTransitive)
+        );
+        assert_eq!(CompatibilityLevel::parse("backward"), None);
+        for level in [CompatibilityLevel::Backward, CompatibilityLevel::None] {
+            assert_eq!(CompatibilityLevel::parse(level.as_str()), Some(level));
+        }
+        assert_eq!(VersionRef::parse("latest"), Some(VersionRef::Latest));
+        assert_eq!(VersionRef::parse("-1"), Some(VersionRef::Latest));
+        assert_eq!(VersionRef::parse("3"), Some(VersionRef::Number(3)));
+        assert_eq!(VersionRef::parse("0"), None);
+        assert_eq!(VersionRef::parse("x"), None);
     }
 
     #[test]
