@@ -71,6 +71,21 @@ async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let prometheus = admin::install_recorder();
     let shutdown = CancellationToken::new();
 
+    if let Some(reg) = &cfg.embedded_registry {
+        let registry = std::sync::Arc::new(
+            walcast_schemas::EmbeddedRegistry::open(&reg.dir).with_context(|| format!("embedded_registry.dir = {}", reg.dir.display()))?,
+        );
+        if let Some(listen) = &reg.listen {
+            // Bound before any pipeline starts: schemas register on the first event.
+            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("embedded_registry.listen = {listen}"))?;
+            let sd = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = walcast_schemas::server::serve(registry, listener, async move { sd.cancelled().await }).await {
+                    tracing::error!(error = %e, "embedded schema registry stopped");
+                }
+            });
+        }
+    }
     let mut runnables = Vec::new();
     for (name, p) in &cfg.pipelines {
         runnables.push(pipeline::build(name, p).await?);

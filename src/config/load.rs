@@ -70,7 +70,7 @@ fn parse(path: &Path, text: &str, format: FileFormat, env: bool) -> Result<Confi
         };
         pipelines.insert(name, p);
     }
-    let cfg = Config { admin: top.admin, log: top.log, pipelines };
+    let cfg = Config { admin: top.admin, log: top.log, embedded_registry: top.embedded_registry, pipelines };
     validate(path, &cfg)?;
     Ok(cfg)
 }

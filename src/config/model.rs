@@ -24,6 +24,8 @@ pub const DEFAULT_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub struct Config {
     pub admin: AdminConfig,
     pub log: LogConfig,
+    /// A schema registry served by walcast itself (no JVM needed).
+    pub embedded_registry: Option<walcast_schemas::EmbeddedRegistryConfig>,
     /// Pipelines by name. The name is used in metrics, logs, and the default
     /// slot, publication and topic prefix.
     pub pipelines: BTreeMap<String, PipelineConfig>,
@@ -95,6 +97,9 @@ pub(crate) struct TopLevel {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Serve a Confluent-compatible registry from this process, with its
+    /// schemas kept in `dir`; pipelines point `[registry] url` at `listen`.
+    pub embedded_registry: Option<walcast_schemas::EmbeddedRegistryConfig>,
     pub pipelines: BTreeMap<String, PipelineKind>,
 }
 

@@ -105,12 +105,18 @@ pub async fn build_sinks(pipeline: &str, prefix: &str, sinks: &[SinkConfig], enc
                         // Subjects follow topic names, so the encoder names
                         // topics exactly as the sink routes them.
                         let router = walcast_kafka::topic::TopicRouter::new(k.topic_prefix.clone(), k.routes.clone());
-                        Arc::new(walcast_schemas::AvroEncoder::new(
+                        let mut encoder = walcast_schemas::AvroEncoder::new(
                             registry,
                             walcast_schemas::MappingOptions { unconstrained_numeric: r.unconstrained_numeric },
                             r.subject_strategy,
                             Arc::new(move |e: &walcast_sdk::ChangeEvent| router.name(&e.table.schema, &e.table.name)),
-                        ))
+                        );
+                        // Data contracts: an event whose derived schema breaks
+                        // its table's checked-in .avsc is refused, never sent.
+                        if let Some(c) = r.load_contracts().map_err(|e| err(e.to_string()))? {
+                            encoder = encoder.with_contracts(Arc::new(c));
+                        }
+                        Arc::new(encoder)
                     }
                 };
                 out.push(Box::new(walcast_kafka::KafkaSink::new(k, encoder).map_err(|e| err(e.to_string()))?));
