@@ -1,0 +1,128 @@
+//! OpenSearch back-pressure for real traffic: a proxy in the test sits
+//! between walcast and a real OpenSearch node and answers the first bulk
+//! requests with per-item 429 (es_rejected_execution_exception, what a full
+//! write queue gives) and then one whole-request 429, before forwarding.
+//! The sink must retry with backoff and deliver everything, in direct mode
+//! (Postgres → OpenSearch, no Kafka).
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use support::*;
+
+#[derive(Clone)]
+struct Proxy {
+    upstream: String,
+    bulk_seen: Arc<AtomicUsize>,
+    http: reqwest::Client,
+}
+
+/// Per-item 429 for every action of a `_bulk` body.
+fn rejected_items(body: &[u8]) -> Value {
+    let mut items = Vec::new();
+    let mut lines = body.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    while let Some(line) = lines.next() {
+        let action: Value = serde_json::from_slice(line).unwrap();
+        let (kind, meta) = action.as_object().unwrap().iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+        if kind != "delete" {
+            lines.next(); // the document
+        }
+        items.push(json!({kind: {"_index": meta["_index"], "_id": meta["_id"], "status": 429,
+            "error": {"type": "es_rejected_execution_exception", "reason": "rejected execution (queue capacity 1)"}}}));
+    }
+    json!({"took": 1, "errors": true, "items": items})
+}
+
+async fn handle(State(p): State<Proxy>, method: Method, uri: Uri, body: Bytes) -> Response {
+    if uri.path().ends_with("/_bulk") {
+        let n = p.bulk_seen.fetch_add(1, Ordering::SeqCst);
+        if n < 2 {
+            return (StatusCode::OK, axum::Json(rejected_items(&body))).into_response();
+        }
+        if n == 2 {
+            return (StatusCode::TOO_MANY_REQUESTS, axum::Json(json!({"error": {"type": "es_rejected_execution_exception"}, "status": 429}))).into_response();
+        }
+    }
+    let url = format!("{}{}", p.upstream, uri.path_and_query().map(|x| x.as_str()).unwrap_or("/"));
+    let resp = p
+        .http
+        .request(reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap(), url)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+    let bytes = resp.bytes().await.unwrap();
+    Response::builder().status(status).header("content-type", "application/json").body(Body::from(bytes)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_bulk_requests_are_retried_until_delivered() {
+    let search = var("WALCAST_TEST_OPENSEARCH_URL");
+    let proxy = Proxy { upstream: search.clone(), bulk_seen: Arc::new(AtomicUsize::new(0)), http: reqwest::Client::new() };
+    let seen = proxy.bulk_seen.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(listener, axum::Router::new().fallback(handle).with_state(proxy)).await.unwrap();
+    });
+
+    let db = TestDb::new("wc_429").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let index = unique("es429");
+    let w = Walcast::start_with(|_, admin| {
+        format!(
+            r#"[admin]
+listen = "{admin}"
+[log]
+format = "json"
+[pipelines.direct]
+kind = "capture"
+format = "json"
+[pipelines.direct.source]
+port = {port}
+database = "{db}"
+user = "postgres"
+tables = ["public.t"]
+[[pipelines.direct.sinks]]
+type = "elasticsearch"
+url = "{proxy_url}"
+index_template = "{index}"
+flush_interval_ms = 100
+retry_initial_ms = 50
+retry_max_ms = 500
+"#,
+            port = pg_port(),
+            db = db.name
+        )
+    });
+    w.wait_state("streaming", Duration::from_secs(60)).await;
+    db.exec("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g").await;
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let _ = http.post(format!("{search}/{index}/_refresh")).send().await;
+        let c: Value = http.get(format!("{search}/{index}/_count")).send().await.unwrap().json().await.unwrap_or(Value::Null);
+        if c["count"] == 20 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "documents never arrived: {c}; log:\n{}", tail(&w.log(), 3000));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(seen.load(Ordering::SeqCst) >= 4, "three rejected bulk requests, then at least one forwarded");
+    let doc: Value = http.get(format!("{search}/{index}/_doc/7")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(doc["_source"]["v"], "v7");
+    // The Postgres slot confirmed the transaction only after the index had it.
+    let (_, status) = w.http("/status").await.unwrap();
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["pipelines"][0]["in_flight_events"], 0);
+}
