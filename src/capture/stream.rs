@@ -157,6 +157,45 @@ pub async fn run(settings: CaptureSettings, sinks: Vec<Box<dyn Sink>>, status: S
     result
 }
 
+/// Events waiting to be handed to the sinks. Small transactions are
+/// grouped: a batch carries every transaction committed within
+/// [`LINGER`] (up to `batch_max_events`), confirmed at the end of the
+/// last one, so a stream of single-row transactions does not pay the
+/// per-batch cost (dispatch, acknowledgement, a sink round trip) each time.
+struct Outbox {
+    /// Events of committed transactions, then those of the open one.
+    events: Vec<ChangeEvent>,
+    /// How many leading events belong to committed transactions.
+    ready: usize,
+    /// The end of the last committed transaction among them.
+    ready_pos: Option<Lsn>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+/// How long committed transactions may wait to be grouped into one batch.
+const LINGER: Duration = Duration::from_millis(2);
+
+impl Outbox {
+    fn commit(&mut self, end: Lsn) {
+        self.ready = self.events.len();
+        self.ready_pos = Some(end);
+        self.deadline.get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
+    }
+
+    fn take_ready(&mut self) -> Option<(Vec<ChangeEvent>, Lsn)> {
+        let pos = self.ready_pos.take()?;
+        let events: Vec<ChangeEvent> = self.events.drain(..self.ready).collect();
+        self.ready = 0;
+        self.deadline = None;
+        Some((events, pos))
+    }
+
+    /// Events of the open transaction.
+    fn open_len(&self) -> usize {
+        self.events.len() - self.ready
+    }
+}
+
 /// A commit handed to the sinks, kept to measure commit-to-ack latency.
 struct PendingCommit {
     end: Lsn,
@@ -223,7 +262,7 @@ async fn session(
     let keyless: HashSet<String> = s.wanted.keyless.iter().map(|(a, b)| format!("{a}.{b}")).collect();
     let mut asm = Assembler::new(s.assemble.clone());
     let mut cp = LsnCheckpoint::new(start);
-    let mut pending = Vec::<ChangeEvent>::new();
+    let mut outbox = Outbox { events: Vec::new(), ready: 0, ready_pos: None, deadline: None };
     let mut commits = VecDeque::<PendingCommit>::new();
     let mut wal_end = start;
     let mut last_sent = Instant::now();
@@ -234,10 +273,18 @@ async fn session(
     let mut tx_counts: std::collections::HashMap<(String, &'static str), u64> = Default::default();
 
     let result: Result<(), CaptureError> = loop {
-        let can_read = cp.in_flight_events() + pending.len() < s.max_in_flight_events && tx.capacity() > 0;
+        let can_read = cp.in_flight_events() + outbox.events.len() < s.max_in_flight_events && tx.capacity() > 0;
+        let linger = outbox.deadline;
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = shutdown.cancelled() => {
+                // Hand over what is complete so it can be confirmed while draining.
+                if let Some((events, pos)) = outbox.take_ready() {
+                    let acker = cp.register(Some(pos), events.len());
+                    let _ = tx.send((events, acker)).await;
+                }
+                break Ok(());
+            }
             acked = cp.next_ack() => {
                 match acked {
                     Ok(true) => {
@@ -273,12 +320,18 @@ async fn session(
                     }
                 }
             }
+            _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() && tx.capacity() > 0 => {
+                if let Some((events, pos)) = outbox.take_ready() {
+                    let acker = cp.register(Some(pos), events.len());
+                    if tx.send((events, acker)).await.is_err() { break Ok(()); }
+                }
+            }
             msg = stream.recv(), if can_read => {
                 let msg = match msg { Ok(m) => m, Err(e) => break Err(rep_err(e)) };
                 match msg {
                     ServerMessage::Keepalive { wal_end: end, reply_requested, .. } => {
                         wal_end = wal_end.max(end);
-                        if cp.on_wal_end(end, asm.in_transaction() || !pending.is_empty()) { dirty = true; }
+                        if cp.on_wal_end(end, asm.in_transaction() || !outbox.events.is_empty()) { dirty = true; }
                         if reply_requested {
                             if let Err(e) = stream.send_status(cp.confirmed(), false).await { break Err(rep_err(e)); }
                             last_sent = Instant::now();
@@ -292,24 +345,32 @@ async fn session(
                             Ok(m) => m,
                             Err(source) => break Err(CaptureError::Decode { pipeline: p(), lsn, source }),
                         };
-                        if let Err(e) = handle(s, &mut asm, &mut catalog, &keyless, &mut pending, &mut tx_counts, m, lsn).await {
+                        if let Err(e) = handle(s, &mut asm, &mut catalog, &keyless, &mut outbox.events, &mut tx_counts, m, lsn).await {
                             break Err(e);
                         }
                         // A commit: hand the transaction over with its position.
                         if let Some((end_lsn, commit_micros)) = take_commit(&mut asm) {
-                            let events = std::mem::take(&mut pending);
-                            let n = events.len();
-                            let acker = cp.register(Some(end_lsn), n);
+                            let n = outbox.open_len();
+                            outbox.commit(end_lsn);
                             commits.push_back(PendingCommit { end: end_lsn, commit_micros });
                             ::metrics::counter!(metrics::TRANSACTIONS, "pipeline" => p()).increment(1);
                             ::metrics::gauge!(metrics::LAG_SECONDS, "pipeline" => p()).set((now_micros() - commit_micros).max(0) as f64 / 1e6);
                             status.update(|st| { st.events_total += n as u64; st.transactions_total += 1; });
                             for ((table, op), count) in tx_counts.drain() { metrics::events(&s.pipeline, &table, op, count); }
-                            if tx.send((events, acker)).await.is_err() { break Ok(()); }
-                        } else if pending.len() >= s.batch_max_events {
+                            if outbox.ready >= s.batch_max_events {
+                                if let Some((events, pos)) = outbox.take_ready() {
+                                    let acker = cp.register(Some(pos), events.len());
+                                    if tx.send((events, acker)).await.is_err() { break Ok(()); }
+                                }
+                            }
+                        } else if outbox.open_len() >= s.batch_max_events {
                             // A large transaction: deliver it in slices; only
                             // its last slice carries a position to confirm.
-                            let events = std::mem::take(&mut pending);
+                            if let Some((events, pos)) = outbox.take_ready() {
+                                let acker = cp.register(Some(pos), events.len());
+                                if tx.send((events, acker)).await.is_err() { break Ok(()); }
+                            }
+                            let events = std::mem::take(&mut outbox.events);
                             let acker = cp.register(None, events.len());
                             if tx.send((events, acker)).await.is_err() { break Ok(()); }
                         }
