@@ -300,3 +300,47 @@ async fn snapshot_values_read_like_streamed_ones() {
     assert_eq!(read["t"], "tab\there\nnewline \\ backslash ë");
     assert_eq!(read["nothing"], Value::Null);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_only_reads_the_tables_exits_zero_and_keeps_no_slot() {
+    let db = TestDb::new("wc_snaponly").await;
+    db.exec(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a SELECT i, 'a' FROM generate_series(1, 2500) i;
+         CREATE TABLE b (k int, v text); ALTER TABLE b REPLICA IDENTITY FULL; INSERT INTO b SELECT i, 'b' FROM generate_series(1, 300) i;",
+    )
+    .await;
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config(
+            "only",
+            &db.name,
+            &["public.a", "public.b"],
+            "snapshot = \"initial_only\"\nsnapshot_chunk_rows = 1000\nkeyless_tables = [\"public.b\"]",
+            out,
+            admin,
+        )
+    });
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(st) = w.exited() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "initial_only did not exit:\n{}", tail(&w.log(), 4000));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status:?}:\n{}", tail(&w.log(), 4000));
+    let ev = w.events();
+    assert_eq!(ev.len(), 2800);
+    assert!(ev.iter().all(|e| op(e) == "r"));
+    assert_eq!(marker(&ev[0]), "first");
+    assert_eq!(marker(&ev[2799]), "last");
+    assert_eq!(ev.iter().filter(|e| e["value"]["source"]["table"] == "b" && e["key"].is_null()).count(), 300);
+    assert_eq!(db.confirmed_flush("walcast_only").await, None, "the temporary slot is gone");
+    // Done is done: a second run reads nothing and exits at once.
+    w.spawn();
+    let deadline = Instant::now() + WAIT;
+    while w.exited().is_none() {
+        assert!(Instant::now() < deadline, "second initial_only run did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(w.events().len(), 2800);
+}
