@@ -17,6 +17,7 @@ const WAIT: Duration = Duration::from_secs(120);
 
 /// A capture of `tables` to a JSON-lines file, with extra source keys and
 /// extra file-sink keys.
+#[allow(clippy::too_many_arguments)]
 fn config(pipeline: &str, db: &str, tables: &[&str], source: &str, pipeline_extra: &str, sink: &str, out: &Path, admin: &str) -> String {
     let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
     format!(
