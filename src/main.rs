@@ -163,7 +163,9 @@ async fn systemd_notify(statuses: Vec<pipeline::status::StatusHandle>, shutdown:
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        if !ready && statuses.iter().all(|s| s.snapshot().state == PipelineState::Streaming) {
+        // A snapshot can take hours; it is progress, not a failed start, so
+        // it must not run into systemd's start timeout.
+        if !ready && statuses.iter().all(|s| matches!(s.snapshot().state, PipelineState::Streaming | PipelineState::Snapshotting)) {
             ready = true;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             tracing::info!("all pipelines streaming");
@@ -376,6 +378,10 @@ async fn slots_drop(path: &std::path::Path, name: &str) -> anyhow::Result<ExitCo
     let client = capture::catalog::connect(&s.connect).await?;
     if capture::setup::drop_slot(&client, &s.wanted.slot).await? {
         println!("dropped replication slot {}", s.wanted.slot);
+        // A snapshot's progress belongs to the slot it started with.
+        if std::fs::remove_file(&s.snapshot.state_path).is_ok() {
+            println!("removed snapshot state {}", s.snapshot.state_path.display());
+        }
     } else {
         println!("replication slot {} does not exist", s.wanted.slot);
     }

@@ -19,12 +19,13 @@ pub const IN_FLIGHT: &str = "walcast_in_flight_events";
 pub const CONFIRMED_LSN: &str = "walcast_confirmed_lsn";
 pub const STREAMING: &str = "walcast_streaming";
 pub const RESTARTS: &str = "walcast_pipeline_restarts_total";
+pub const SNAPSHOT_ROWS: &str = "walcast_snapshot_rows_total";
 
 /// All names, for the dashboard check.
 #[allow(dead_code)]
 pub const ALL: &[&str] = &[
     EVENTS, TRANSACTIONS, WAL_BYTES, LAG_BYTES, LAG_SECONDS, COMMIT_TO_ACK, SLOT_RETAINED, SINK_ERRORS, SINK_EVENTS,
-    IN_FLIGHT, CONFIRMED_LSN, STREAMING, RESTARTS,
+    IN_FLIGHT, CONFIRMED_LSN, STREAMING, RESTARTS, SNAPSHOT_ROWS,
 ];
 
 pub fn describe() {
@@ -41,6 +42,7 @@ pub fn describe() {
     describe_gauge!(CONFIRMED_LSN, "The LSN confirmed to Postgres, as a number");
     describe_gauge!(STREAMING, "1 while the pipeline streams");
     describe_counter!(RESTARTS, "Pipeline restarts after a transient error");
+    describe_counter!(SNAPSHOT_ROWS, "Rows read by snapshots and handed to the sinks");
 }
 
 /// Makes every series exist from the start, so dashboards and alerts see
@@ -50,6 +52,7 @@ pub fn register_pipeline(pipeline: &str, sinks: &[String]) {
     counter!(TRANSACTIONS, "pipeline" => p.clone()).absolute(0);
     counter!(WAL_BYTES, "pipeline" => p.clone()).absolute(0);
     counter!(RESTARTS, "pipeline" => p.clone()).absolute(0);
+    counter!(SNAPSHOT_ROWS, "pipeline" => p.clone()).absolute(0);
     gauge!(LAG_BYTES, "pipeline" => p.clone()).set(0.0);
     gauge!(LAG_SECONDS, "pipeline" => p.clone()).set(0.0);
     gauge!(SLOT_RETAINED, "pipeline" => p.clone()).set(0.0);

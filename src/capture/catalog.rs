@@ -26,6 +26,8 @@ pub enum CatalogError {
     Tls(#[from] tls::TlsError),
     #[error("catalog query failed ({what}): {source}")]
     Query { what: String, source: tokio_postgres::Error },
+    #[error("table {table} does not exist")]
+    Missing { table: String },
 }
 
 impl CatalogError {
@@ -33,7 +35,7 @@ impl CatalogError {
         match self {
             CatalogError::Connect { .. } => true,
             CatalogError::Query { source, .. } => source.is_closed() || source.as_db_error().is_none(),
-            CatalogError::Tls(_) => false,
+            CatalogError::Tls(_) | CatalogError::Missing { .. } => false,
         }
     }
 }
@@ -162,6 +164,16 @@ fn builtin(oid: u32, typmod: i32) -> Option<PgType> {
     })
 }
 
+/// A table described from the catalog (see [`Catalog::table_schema_by_name`]).
+#[derive(Debug, Clone)]
+pub struct CatalogTable {
+    pub schema: Arc<TableSchema>,
+    /// `format_type` of each column, for casting literals in SQL.
+    pub type_names: Vec<String>,
+    /// Indexes of the key columns in the order of the key's index.
+    pub key_order: Vec<usize>,
+}
+
 /// Resolves types and keys, caching what it learns for the process's life.
 pub struct Catalog {
     client: Client,
@@ -225,6 +237,83 @@ impl Catalog {
             "b" if category == "A" && elem != 0 => PgType::Array { element: Box::new(self.resolve_type(elem, -1).await?) },
             _ => PgType::Unknown { type_name: name },
         })
+    }
+
+    /// Describes a table from the catalog alone, as [`Self::table_schema`]
+    /// would from the table's Relation message: a snapshot reads rows
+    /// before any Relation arrives, and its events must have the same
+    /// shape as the streamed ones (same columns, types, key and relation
+    /// id). Generated columns are left out, as pgoutput leaves them out.
+    pub async fn table_schema_by_name(&mut self, schema: &str, table: &str) -> Result<CatalogTable, CatalogError> {
+        let name = format!("{schema}.{table}");
+        let rel = self
+            .client
+            .query_opt(
+                "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(q(format!("table {name}")))?
+            .ok_or_else(|| CatalogError::Missing { table: name.clone() })?;
+        let (oid, ident): (u32, String) = (rel.get(0), rel.get(1));
+        let replica_identity = match ident.as_str() {
+            "n" => ReplicaIdentity::Nothing,
+            "f" => ReplicaIdentity::Full,
+            "i" => ReplicaIdentity::Index,
+            _ => ReplicaIdentity::Default,
+        };
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnotnull, format_type(a.atttypid, a.atttypmod),
+                        coalesce(a.attnum = ANY(pk.indkey), false), coalesce(a.attnum = ANY(ri.indkey), false)
+                 FROM pg_attribute a
+                 LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary
+                 LEFT JOIN pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                 ORDER BY a.attnum",
+                &[&oid],
+            )
+            .await
+            .map_err(q(format!("columns of {name}")))?;
+        let has_pk = rows.iter().any(|r| r.get::<_, bool>(5));
+        let mut columns = Vec::with_capacity(rows.len());
+        let mut type_names = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let (col, type_oid, type_modifier, not_null): (String, u32, i32, bool) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            let pg_type = self.resolve_type(type_oid, type_modifier).await?;
+            let key = if has_pk { r.get::<_, bool>(5) } else { replica_identity == ReplicaIdentity::Index && r.get::<_, bool>(6) };
+            columns.push(Column { name: col, pg_type, type_oid, type_modifier, nullable: !not_null, key });
+            type_names.push(r.get::<_, String>(4));
+        }
+        // The key in index order, so that keyset pagination walks the index.
+        let index_keys = self
+            .client
+            .query(
+                "SELECT a.attname::text
+                 FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE i.indrelid = $1 AND (i.indisprimary OR (NOT $2 AND i.indisreplident))
+                 ORDER BY k.ord",
+                &[&oid, &has_pk],
+            )
+            .await
+            .map_err(q(format!("key of {name}")))?;
+        let key_order: Vec<usize> = index_keys
+            .iter()
+            .filter_map(|r| columns.iter().position(|c| c.name == r.get::<_, String>(0)))
+            .filter(|i| columns[*i].key)
+            .collect();
+        let schema = Arc::new(TableSchema {
+            relation_id: oid,
+            schema: schema.to_string(),
+            name: table.to_string(),
+            columns,
+            replica_identity,
+            version: 0,
+        });
+        Ok(CatalogTable { schema, type_names, key_order })
     }
 
     /// Builds the table description for a Relation message.

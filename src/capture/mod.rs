@@ -5,6 +5,7 @@
 //! * [`catalog`] resolves column types and primary keys.
 //! * [`convert`] turns pgoutput's text values into typed values.
 //! * [`assemble`] turns pgoutput messages into Debezium-shaped events.
+//! * [`snapshot`] reads the rows that exist when capture starts.
 //! * [`stream`] is the I/O loop: it reads the slot, hands batches to the
 //!   sinks and confirms positions through [`crate::checkpoint`].
 
@@ -12,4 +13,5 @@ pub mod assemble;
 pub mod catalog;
 pub mod convert;
 pub mod setup;
+pub mod snapshot;
 pub mod stream;

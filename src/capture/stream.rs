@@ -29,6 +29,8 @@ use crate::replication::ServerMessage;
 use super::assemble::{AssembleError, AssembleOptions, Assembler};
 use super::catalog::{self, Catalog, CatalogError};
 use super::setup::{self, SetupError, Wanted};
+use super::snapshot::{self, Outcome, SnapshotError, SnapshotJob, SnapshotSettings, SnapshotState};
+use crate::config::SnapshotMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -46,6 +48,8 @@ pub enum CaptureError {
     Delivery { pipeline: String, confirmed: Lsn, source: AckFailure },
     #[error("pipeline {pipeline}: {message}")]
     Definite { pipeline: String, message: String },
+    #[error("pipeline {pipeline}: {source}")]
+    Snapshot { pipeline: String, source: SnapshotError },
 }
 
 impl CaptureError {
@@ -54,6 +58,7 @@ impl CaptureError {
             CaptureError::Replication { source, .. } => source.is_transient(),
             CaptureError::Catalog { source, .. } => source.is_transient(),
             CaptureError::Setup { source, .. } => source.is_transient(),
+            CaptureError::Snapshot { source, .. } => source.is_transient(),
             _ => false,
         }
     }
@@ -76,6 +81,7 @@ pub struct CaptureSettings {
     pub batch_max_events: usize,
     pub shutdown_timeout: Duration,
     pub retry_max_backoff: Duration,
+    pub snapshot: SnapshotSettings,
 }
 
 /// Hands batches to every sink, in order, on its own task so that a slow
@@ -218,8 +224,16 @@ async fn session(
     let cat_err = |source| CaptureError::Catalog { pipeline: p(), source };
     let rep_err = |source| CaptureError::Replication { pipeline: p(), source };
     let setup_err = |source| CaptureError::Setup { pipeline: p(), source };
+    let snap_err = |source| CaptureError::Snapshot { pipeline: p(), source };
+    let mode = s.snapshot.mode;
+    let state_path = &s.snapshot.state_path;
 
     status.set_state(PipelineState::Starting);
+    let prior = SnapshotState::load(state_path).map_err(snap_err)?;
+    if mode == SnapshotMode::InitialOnly && prior.as_ref().is_some_and(|st| st.done && st.slot == s.wanted.slot) {
+        tracing::info!(pipeline = %s.pipeline, state = %state_path.display(), "snapshot = initial_only and the snapshot is complete; nothing to do");
+        return Ok(());
+    }
     let client = catalog::connect(&s.connect).await.map_err(cat_err)?;
     let plan = setup::plan(&client, &s.wanted).await.map_err(setup_err)?;
     if plan.create_slot && *slot_seen {
@@ -240,13 +254,80 @@ async fn session(
 
     let mut conn = ReplicationConnection::connect(&s.connect).await.map_err(rep_err)?;
     let system = conn.identify_system().await.map_err(rep_err)?;
+    // Which snapshot to take, if any (see the snapshot module for why
+    // this order keeps every row).
+    let unfinished = prior.filter(|st| !st.done && st.slot == s.wanted.slot);
+    let mut snapshot_state: Option<SnapshotState> = None;
+    let mut exported = None;
     let start = if plan.create_slot {
-        let created = conn.create_slot(&s.wanted.slot, false, false).await.map_err(rep_err)?;
-        tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, consistent_point = %created.consistent_point, "created replication slot");
+        let export = mode != SnapshotMode::Never;
+        if export {
+            // Written before the slot exists: a crash right after creating
+            // it must still find a snapshot to finish. A slot created anew
+            // streams from a new point, so earlier progress is void, except
+            // under initial_only whose temporary slot never streams.
+            let st = match unfinished {
+                Some(st) if mode == SnapshotMode::InitialOnly => st,
+                _ => SnapshotState::new(&s.pipeline, &s.wanted.slot, &plan.tables),
+            };
+            st.save(state_path).map_err(snap_err)?;
+            snapshot_state = Some(st);
+        }
+        // initial_only needs the slot only for its snapshot; a temporary one
+        // vanishes with the connection and pins no WAL afterwards.
+        let temporary = mode == SnapshotMode::InitialOnly;
+        let created = conn.create_slot(&s.wanted.slot, temporary, export).await.map_err(rep_err)?;
+        tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, consistent_point = %created.consistent_point, temporary, "created replication slot");
+        if let Some(st) = snapshot_state.as_mut() {
+            if st.consistent_point.is_none() || mode == SnapshotMode::InitialOnly {
+                st.consistent_point = Some(created.consistent_point.to_string());
+            }
+            st.save(state_path).map_err(snap_err)?;
+            exported = created.snapshot_name.clone();
+        }
         created.consistent_point
     } else {
-        plan.slot_confirmed_lsn.as_deref().and_then(|l| l.parse().ok()).unwrap_or_default()
+        let confirmed = plan.slot_confirmed_lsn.as_deref().and_then(|l| l.parse().ok()).unwrap_or_default();
+        match mode {
+            SnapshotMode::Never => {}
+            SnapshotMode::Initial => snapshot_state = unfinished,
+            // A snapshot is asked for: finish one, or take one now.
+            SnapshotMode::InitialOnly => {
+                snapshot_state = Some(unfinished.unwrap_or_else(|| {
+                    let mut st = SnapshotState::new(&s.pipeline, &s.wanted.slot, &plan.tables);
+                    st.consistent_point = Some(system.xlog_pos.to_string());
+                    st
+                }))
+            }
+        }
+        confirmed
     };
+    if let Some(mut st) = snapshot_state {
+        status.set_state(PipelineState::Snapshotting);
+        let job = SnapshotJob {
+            pipeline: &s.pipeline,
+            settings: &s.snapshot,
+            connect: &s.connect,
+            name: &s.assemble.name,
+            database: &s.assemble.database,
+            tables: &plan.tables,
+            exported,
+            position: st.consistent_point().unwrap_or(start),
+            max_in_flight_events: s.max_in_flight_events,
+            batch_max_events: s.batch_max_events,
+            shutdown_timeout: s.shutdown_timeout,
+        };
+        // The replication connection stays idle meanwhile: its next
+        // command would end the exported snapshot.
+        match snapshot::run(job, &mut st, &mut catalog, tx, status, shutdown).await.map_err(snap_err)? {
+            Outcome::Cancelled => return Ok(()),
+            Outcome::Complete => {}
+        }
+    }
+    if mode == SnapshotMode::InitialOnly {
+        tracing::info!(pipeline = %s.pipeline, "snapshot = initial_only: snapshot complete, not streaming");
+        return Ok(());
+    }
     let options = [
         ("proto_version", "1".to_string()),
         ("publication_names", quote_ident(&s.wanted.publication)),

@@ -124,6 +124,12 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                 if c.batch_max_events == 0 || c.max_in_flight_events < c.batch_max_events {
                     return Err(rule(key("max_in_flight_events"), "must be at least batch_max_events, which must be positive"));
                 }
+                if s.snapshot_workers == 0 {
+                    return Err(rule(key("source.snapshot_workers"), "must be at least 1"));
+                }
+                if s.snapshot_chunk_rows == 0 {
+                    return Err(rule(key("source.snapshot_chunk_rows"), "must be at least 1"));
+                }
                 if s.status_interval.is_zero() {
                     return Err(rule(key("source.status_interval"), "must be positive"));
                 }

@@ -18,6 +18,9 @@ pub const DEFAULT_MAX_IN_FLIGHT_EVENTS: usize = 200_000;
 pub const DEFAULT_BATCH_MAX_EVENTS: usize = 4_096;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub const DEFAULT_SNAPSHOT_WORKERS: usize = 2;
+pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 10_000;
+pub const DEFAULT_STATE_DIR: &str = "./walcast-state";
 
 /// The whole file.
 #[derive(Debug, Clone)]
@@ -170,6 +173,16 @@ pub struct CaptureConfig {
     /// How long a SIGTERM waits for in-flight events to be acknowledged.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Where durable progress lives (the snapshot's completed chunks), so
+    /// that a restart resumes instead of starting over. Relative to the
+    /// working directory; under systemd use `StateDirectory=walcast` and
+    /// `/var/lib/walcast`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
 }
 
 fn default_max_in_flight() -> usize {
@@ -239,6 +252,40 @@ pub struct PostgresSourceConfig {
     /// Longest wait between reconnection attempts (exponential backoff).
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max_backoff: Duration,
+    /// Whether the rows already in the tables are read when the slot is
+    /// created (Debezium's `snapshot.mode`).
+    #[serde(default)]
+    pub snapshot: SnapshotMode,
+    /// SQL sessions reading tables in parallel during a snapshot (one
+    /// table per session at a time).
+    #[serde(default = "default_snapshot_workers")]
+    pub snapshot_workers: usize,
+    /// Rows per snapshot chunk: the unit of progress a restart resumes from.
+    #[serde(default = "default_snapshot_chunk_rows")]
+    pub snapshot_chunk_rows: usize,
+}
+
+/// What happens to the rows that exist before capture starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Read every table (events with op `r`) when the slot is created, then
+    /// stream from the slot's consistent point.
+    #[default]
+    Initial,
+    /// Stream changes only.
+    Never,
+    /// Read every table once, then stop the pipeline (exit 0 when it is the
+    /// only one) without streaming; a temporary slot provides the snapshot
+    /// and pins no WAL afterwards.
+    InitialOnly,
+}
+
+fn default_snapshot_workers() -> usize {
+    DEFAULT_SNAPSHOT_WORKERS
+}
+fn default_snapshot_chunk_rows() -> usize {
+    DEFAULT_SNAPSHOT_CHUNK_ROWS
 }
 
 fn yes() -> bool {

@@ -12,6 +12,7 @@ use walcast_sdk::{EventEncoder, JsonEncoder, Sink};
 
 use crate::capture::assemble::AssembleOptions;
 use crate::capture::setup::{split_table, Wanted};
+use crate::capture::snapshot::SnapshotSettings;
 use crate::capture::stream::{self, CaptureSettings};
 use crate::config::{read_secret, CaptureConfig, EventFormat, PipelineConfig, RelayConfig, SinkConfig};
 use crate::replication::connection::ConnectParams;
@@ -69,6 +70,12 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
         batch_max_events: c.batch_max_events,
         shutdown_timeout: c.shutdown_timeout,
         retry_max_backoff: src.retry_max_backoff,
+        snapshot: SnapshotSettings {
+            mode: src.snapshot,
+            workers: src.snapshot_workers,
+            chunk_rows: src.snapshot_chunk_rows,
+            state_path: c.state_dir.join(format!("{name}.snapshot.json")),
+        },
     })
 }
 

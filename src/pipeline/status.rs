@@ -11,6 +11,8 @@ use walcast_sdk::Lsn;
 #[serde(rename_all = "snake_case")]
 pub enum PipelineState {
     Starting,
+    /// Reading the tables' existing rows (the initial snapshot).
+    Snapshotting,
     Streaming,
     /// Lost the connection or a sink; retrying with backoff.
     Retrying,

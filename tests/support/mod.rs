@@ -220,7 +220,10 @@ impl Walcast {
 
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("walcast.log")).expect("log file");
+        // In the test's folder, so that relative paths (the default
+        // `state_dir`) stay out of the source tree.
         let child = Command::new(bin())
+            .current_dir(&self.dir)
             .args(["run", "-c"])
             .arg(&self.config)
             .stdin(Stdio::null())
