@@ -40,37 +40,37 @@ async fn postgres_to_kafka_avro_to_redis_and_opensearch() {
         format!(
             r#"[admin]
 listen = "{admin}"
-[pipelines.capture]
+[pipelines.{prefix}_cap]
 kind = "capture"
 topic_prefix = "{prefix}"
 format = "avro"
-[pipelines.capture.registry]
+[pipelines.{prefix}_cap.registry]
 url = "{registry}"
-[pipelines.capture.source]
+[pipelines.{prefix}_cap.source]
 port = {port}
 database = "{db}"
 user = "postgres"
 tables = ["public.orders"]
-[[pipelines.capture.sinks]]
+[[pipelines.{prefix}_cap.sinks]]
 type = "kafka"
 bootstrap_servers = "{bootstrap}"
 create_topics = true
 topic_creation = {{ partitions = 3 }}
 
-[pipelines.relay]
+[pipelines.{prefix}_relay]
 kind = "relay"
-[pipelines.relay.source]
+[pipelines.{prefix}_relay.source]
 bootstrap_servers = "{bootstrap}"
 group_id = "{prefix}-relay"
 subscribe = {{ pattern = "^{prefix}\\..*" }}
 consumer = {{ "topic.metadata.refresh.interval.ms" = "500" }}
-[pipelines.relay.registry]
+[pipelines.{prefix}_relay.registry]
 url = "{registry}"
-[[pipelines.relay.sinks]]
+[[pipelines.{prefix}_relay.sinks]]
 type = "redis"
 urls = ["{redis_url}"]
 mode = {{ type = "upsert", key_template = "{prefix}:{{table}}:{{id}}" }}
-[[pipelines.relay.sinks]]
+[[pipelines.{prefix}_relay.sinks]]
 type = "elasticsearch"
 url = "{search}"
 index_template = "{prefix}-{{table}}"
