@@ -136,7 +136,10 @@ mod tests {
         let e = event_from_envelope(Some(&key), &env).unwrap().unwrap();
         assert_eq!(e.op, Op::Update);
         assert_eq!(e.version(), 20);
-        assert_eq!(e.after.as_ref().unwrap()[1], Value::Unavailable);
+        // Column order follows the JSON map's, which depends on serde_json's
+        // features: look the column up by name.
+        let big = e.table.column_index("big").unwrap();
+        assert_eq!(e.after.as_ref().unwrap()[big], Value::Unavailable);
         let opts = JsonOptions::default();
         assert_eq!(json::row(&e.table, e.after.as_ref().unwrap(), &opts), env["after"]);
         assert_eq!(json::key(&e, &opts).unwrap(), key);
