@@ -267,7 +267,9 @@ impl Walcast {
     /// Every JSON line the file sink wrote so far.
     pub fn events(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-        text.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+        // Only whole lines: the sink may be in the middle of writing the last.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
     }
 
     /// Waits until `pred` holds over the events written so far.
