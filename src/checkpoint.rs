@@ -22,8 +22,8 @@
 //! the last confirmed commit, so nothing is lost and duplicates are bounded
 //! by what was in flight.
 
-use walcast_sdk::{AckTracker, Acker, Lsn};
 use walcast_sdk::ack::AckFailure;
+use walcast_sdk::{AckTracker, Acker, Lsn};
 
 pub struct LsnCheckpoint {
     tracker: AckTracker<Lsn>,
@@ -33,7 +33,10 @@ pub struct LsnCheckpoint {
 impl LsnCheckpoint {
     /// Starts from the slot's confirmed_flush_lsn.
     pub fn new(start: Lsn) -> Self {
-        LsnCheckpoint { tracker: AckTracker::new(), confirmed: start }
+        LsnCheckpoint {
+            tracker: AckTracker::new(),
+            confirmed: start,
+        }
     }
 
     /// The position to confirm to Postgres now.
@@ -98,9 +101,15 @@ mod tests {
         assert!(c.on_wal_end(Lsn(200), false));
         assert_eq!(c.confirmed(), Lsn(200));
         assert!(!c.on_wal_end(Lsn(150), false), "never backwards");
-        assert!(!c.on_wal_end(Lsn(300), true), "not inside an open transaction");
+        assert!(
+            !c.on_wal_end(Lsn(300), true),
+            "not inside an open transaction"
+        );
         let a = c.register(Some(Lsn(250)), 3);
-        assert!(!c.on_wal_end(Lsn(400), false), "not while a batch is in flight");
+        assert!(
+            !c.on_wal_end(Lsn(400), false),
+            "not while a batch is in flight"
+        );
         a.ack();
         assert!(c.poll().unwrap());
         assert_eq!(c.confirmed(), Lsn(250));

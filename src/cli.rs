@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "walcast", version, about = "Postgres change data capture to Kafka, Redis and OpenSearch")]
+#[command(
+    name = "walcast",
+    version,
+    about = "Postgres change data capture to Kafka, Redis and OpenSearch"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -38,7 +42,11 @@ pub enum Command {
     Tail {
         /// The topic (`<prefix>.<schema>.<table>`).
         topic: String,
-        #[arg(long, env = "WALCAST_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+        #[arg(
+            long,
+            env = "WALCAST_KAFKA_BOOTSTRAP",
+            default_value = "127.0.0.1:9092"
+        )]
         bootstrap_servers: String,
         /// Confluent-compatible registry URL, for Avro topics.
         #[arg(long, env = "WALCAST_REGISTRY_URL")]

@@ -33,9 +33,15 @@ fn init_logging(format: LogFormat, level: &str) {
         LogFormat::Human => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
     } else {
         builder.init();
     }
@@ -43,7 +49,10 @@ fn init_logging(format: LogFormat, level: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
@@ -58,10 +67,27 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config } => run(&config).await,
         Command::Check { config, offline } => check(&config, offline).await,
         Command::Status { admin } => status(&admin).await,
-        Command::Tail { topic, bootstrap_servers, registry, from_beginning, max, idle_timeout } => {
-            tail(&topic, &bootstrap_servers, registry.as_deref(), from_beginning, max, idle_timeout).await
+        Command::Tail {
+            topic,
+            bootstrap_servers,
+            registry,
+            from_beginning,
+            max,
+            idle_timeout,
+        } => {
+            tail(
+                &topic,
+                &bootstrap_servers,
+                registry.as_deref(),
+                from_beginning,
+                max,
+                idle_timeout,
+            )
+            .await
         }
-        Command::Slots { command: SlotsCommand::Drop { config, pipeline } } => slots_drop(&config, &pipeline).await,
+        Command::Slots {
+            command: SlotsCommand::Drop { config, pipeline },
+        } => slots_drop(&config, &pipeline).await,
     }
 }
 
@@ -73,14 +99,21 @@ async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
 
     if let Some(reg) = &cfg.embedded_registry {
         let registry = std::sync::Arc::new(
-            walcast_schemas::EmbeddedRegistry::open(&reg.dir).with_context(|| format!("embedded_registry.dir = {}", reg.dir.display()))?,
+            walcast_schemas::EmbeddedRegistry::open(&reg.dir)
+                .with_context(|| format!("embedded_registry.dir = {}", reg.dir.display()))?,
         );
         if let Some(listen) = &reg.listen {
             // Bound before any pipeline starts: schemas register on the first event.
-            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("embedded_registry.listen = {listen}"))?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("embedded_registry.listen = {listen}"))?;
             let sd = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = walcast_schemas::server::serve(registry, listener, async move { sd.cancelled().await }).await {
+                if let Err(e) = walcast_schemas::server::serve(registry, listener, async move {
+                    sd.cancelled().await
+                })
+                .await
+                {
                     tracing::error!(error = %e, "embedded schema registry stopped");
                 }
             });
@@ -95,7 +128,9 @@ async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     if let Some(addr) = cfg.admin.address() {
         let addr = addr.context("admin.listen")?;
         let (p, s, sd) = (prometheus.clone(), statuses.clone(), shutdown.clone());
-        let listener_check = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on admin.listen = {addr}"))?;
+        let listener_check = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on admin.listen = {addr}"))?;
         drop(listener_check);
         tokio::spawn(async move {
             if let Err(e) = admin::serve(addr, p, s, sd).await {
@@ -139,7 +174,11 @@ async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn wait_for_signal() {
@@ -153,7 +192,10 @@ async fn wait_for_signal() {
 }
 
 /// READY=1 once every pipeline streams; WATCHDOG=1 while the process runs.
-async fn systemd_notify(statuses: Vec<pipeline::status::StatusHandle>, shutdown: CancellationToken) {
+async fn systemd_notify(
+    statuses: Vec<pipeline::status::StatusHandle>,
+    shutdown: CancellationToken,
+) {
     let watchdog = sd_notify::watchdog_enabled();
     let period = watchdog.map(|d| d / 2).unwrap_or(Duration::from_secs(1));
     let mut ready = false;
@@ -165,7 +207,14 @@ async fn systemd_notify(statuses: Vec<pipeline::status::StatusHandle>, shutdown:
         }
         // A snapshot can take hours; it is progress, not a failed start, so
         // it must not run into systemd's start timeout.
-        if !ready && statuses.iter().all(|s| matches!(s.snapshot().state, PipelineState::Streaming | PipelineState::Snapshotting)) {
+        if !ready
+            && statuses.iter().all(|s| {
+                matches!(
+                    s.snapshot().state,
+                    PipelineState::Streaming | PipelineState::Snapshotting
+                )
+            })
+        {
             ready = true;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             tracing::info!("all pipelines streaming");
@@ -178,7 +227,11 @@ async fn systemd_notify(statuses: Vec<pipeline::status::StatusHandle>, shutdown:
 
 async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode> {
     let cfg = config::load(path)?;
-    println!("config {}: valid ({} pipeline(s))", path.display(), cfg.pipelines.len());
+    println!(
+        "config {}: valid ({} pipeline(s))",
+        path.display(),
+        cfg.pipelines.len()
+    );
     if offline {
         return Ok(ExitCode::SUCCESS);
     }
@@ -197,16 +250,25 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                 };
                 match capture::setup::plan(&client, &s.wanted).await {
                     Ok(plan) => {
-                        println!("pipeline {name}: Postgres {}:{}/{} OK", s.connect.host, s.connect.port, s.connect.database);
+                        println!(
+                            "pipeline {name}: Postgres {}:{}/{} OK",
+                            s.connect.host, s.connect.port, s.connect.database
+                        );
                         for (sc, t) in &plan.tables {
                             println!("  table {sc}.{t}: OK");
                         }
                         match &plan.create_publication {
                             Some(sql) => println!("  would create publication: {sql}"),
-                            None => println!("  publication {}: exists and covers the tables", s.wanted.publication),
+                            None => println!(
+                                "  publication {}: exists and covers the tables",
+                                s.wanted.publication
+                            ),
                         }
                         if plan.create_slot {
-                            println!("  would create replication slot {} (pgoutput)", s.wanted.slot);
+                            println!(
+                                "  would create replication slot {} (pgoutput)",
+                                s.wanted.slot
+                            );
                         } else {
                             println!(
                                 "  replication slot {}: exists, confirmed up to {}",
@@ -227,27 +289,50 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                     "pipeline {name}: relay from Kafka {} (group {}) to {}",
                     r.source.bootstrap_servers,
                     r.source.group_id,
-                    r.sinks.iter().map(|s| s.kind()).collect::<Vec<_>>().join(", ")
+                    r.sinks
+                        .iter()
+                        .map(|s| s.kind())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
         }
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Reports the topics and subjects a capture would publish to.
-async fn check_kafka_sinks(name: &str, c: &config::CaptureConfig, s: &capture::stream::CaptureSettings) -> bool {
+async fn check_kafka_sinks(
+    name: &str,
+    c: &config::CaptureConfig,
+    s: &capture::stream::CaptureSettings,
+) -> bool {
     let mut ok = true;
     let tables: Vec<(String, String)> = s.wanted.tables.clone();
     for sink in &c.sinks {
-        let config::SinkConfig::Kafka(k) = sink else { continue };
+        let config::SinkConfig::Kafka(k) = sink else {
+            continue;
+        };
         let k = pipeline::kafka_config(k, &s.assemble.name);
-        match tokio::time::timeout(Duration::from_secs(15), walcast_kafka::KafkaSink::check(&k, &tables)).await {
+        match tokio::time::timeout(
+            Duration::from_secs(15),
+            walcast_kafka::KafkaSink::check(&k, &tables),
+        )
+        .await
+        {
             Ok(Ok(topics)) => {
                 for t in topics {
                     let state = match t.state {
-                        walcast_kafka::TopicState::Exists { partitions } => format!("exists ({partitions} partitions)"),
-                        walcast_kafka::TopicState::WouldCreate { .. } => "would be created".to_string(),
+                        walcast_kafka::TopicState::Exists { partitions } => {
+                            format!("exists ({partitions} partitions)")
+                        }
+                        walcast_kafka::TopicState::WouldCreate { .. } => {
+                            "would be created".to_string()
+                        }
                         other => format!("{other:?}"),
                     };
                     println!("  kafka: table {} -> topic {}: {state}", t.table, t.topic);
@@ -258,7 +343,10 @@ async fn check_kafka_sinks(name: &str, c: &config::CaptureConfig, s: &capture::s
                 ok = false;
             }
             Err(_) => {
-                println!("pipeline {name}: ERROR: kafka: no answer from {} within 15 s", k.bootstrap_servers);
+                println!(
+                    "pipeline {name}: ERROR: kafka: no answer from {} within 15 s",
+                    k.bootstrap_servers
+                );
                 ok = false;
             }
         }
@@ -266,14 +354,20 @@ async fn check_kafka_sinks(name: &str, c: &config::CaptureConfig, s: &capture::s
             let url = format!("{}/subjects", r.url.trim_end_matches('/'));
             match reqwest::get(&url).await {
                 Ok(resp) if resp.status().is_success() => {
-                    let router = walcast_kafka::topic::TopicRouter::new(k.topic_prefix.clone(), k.routes.clone());
+                    let router = walcast_kafka::topic::TopicRouter::new(
+                        k.topic_prefix.clone(),
+                        k.routes.clone(),
+                    );
                     for (sc, t) in &tables {
                         let topic = router.name(sc, t);
                         println!("  registry: subjects {topic}-key and {topic}-value (registered on first event)");
                     }
                 }
                 Ok(resp) => {
-                    println!("pipeline {name}: ERROR: schema registry {url} answered {}", resp.status());
+                    println!(
+                        "pipeline {name}: ERROR: schema registry {url} answered {}",
+                        resp.status()
+                    );
                     ok = false;
                 }
                 Err(e) => {
@@ -288,8 +382,13 @@ async fn check_kafka_sinks(name: &str, c: &config::CaptureConfig, s: &capture::s
 
 async fn status(admin: &str) -> anyhow::Result<ExitCode> {
     let url = format!("http://{admin}/status");
-    let body = reqwest::get(&url).await.with_context(|| format!("cannot reach the daemon at {url}"))?.text().await?;
-    let v: serde_json::Value = serde_json::from_str(&body).context("the daemon's /status is not JSON")?;
+    let body = reqwest::get(&url)
+        .await
+        .with_context(|| format!("cannot reach the daemon at {url}"))?
+        .text()
+        .await?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).context("the daemon's /status is not JSON")?;
     for p in v["pipelines"].as_array().into_iter().flatten() {
         println!(
             "{:<20} {:<10} confirmed={} wal_end={} lag_bytes={} in_flight={} events={}{}",
@@ -300,7 +399,10 @@ async fn status(admin: &str) -> anyhow::Result<ExitCode> {
             p["lag_bytes"],
             p["in_flight_events"],
             p["events_total"],
-            p["last_error"].as_str().map(|e| format!(" last_error={e}")).unwrap_or_default(),
+            p["last_error"]
+                .as_str()
+                .map(|e| format!(" last_error={e}"))
+                .unwrap_or_default(),
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -320,23 +422,30 @@ async fn tail(
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("walcast-tail-{}", std::process::id()))
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", if from_beginning { "earliest" } else { "latest" })
+        .set(
+            "auto.offset.reset",
+            if from_beginning { "earliest" } else { "latest" },
+        )
         .set("isolation.level", "read_committed")
         .create()
         .context("creating the Kafka consumer")?;
     consumer.subscribe(&[topic]).context("subscribing")?;
     let decoder = match registry {
-        Some(url) => Some(walcast_schemas::AvroDecoder::new(std::sync::Arc::new(walcast_schemas::HttpRegistry::new(
-            &walcast_schemas::RegistryConfig::new(url),
-        )?))),
+        Some(url) => Some(walcast_schemas::AvroDecoder::new(std::sync::Arc::new(
+            walcast_schemas::HttpRegistry::new(&walcast_schemas::RegistryConfig::new(url))?,
+        ))),
         None => None,
     };
     let decode = async |bytes: &[u8]| -> anyhow::Result<serde_json::Value> {
         if bytes.first() == Some(&0) {
-            let d = decoder.as_ref().context("an Avro record: pass --registry URL to decode it")?;
+            let d = decoder
+                .as_ref()
+                .context("an Avro record: pass --registry URL to decode it")?;
             Ok(d.decode(bytes).await?.1)
         } else {
-            Ok(serde_json::from_slice(bytes).unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())))
+            Ok(serde_json::from_slice(bytes).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())
+            }))
         }
     };
     let mut n = 0;
@@ -372,8 +481,13 @@ async fn tail(
 
 async fn slots_drop(path: &std::path::Path, name: &str) -> anyhow::Result<ExitCode> {
     let cfg = config::load(path)?;
-    let p = cfg.pipelines.get(name).with_context(|| format!("no pipeline named {name} in {}", path.display()))?;
-    let PipelineConfig::Capture(c) = p else { anyhow::bail!("pipeline {name} is a relay; it has no replication slot") };
+    let p = cfg
+        .pipelines
+        .get(name)
+        .with_context(|| format!("no pipeline named {name} in {}", path.display()))?;
+    let PipelineConfig::Capture(c) = p else {
+        anyhow::bail!("pipeline {name} is a relay; it has no replication slot")
+    };
     let s = pipeline::capture_settings(name, c)?;
     let client = capture::catalog::connect(&s.connect).await?;
     if capture::setup::drop_slot(&client, &s.wanted.slot).await? {

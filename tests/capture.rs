@@ -11,7 +11,15 @@ use support::*;
 const WAIT: Duration = Duration::from_secs(60);
 
 fn ops(ev: &[Value]) -> Vec<String> {
-    ev.iter().map(|e| format!("{}:{}", e["value"]["source"]["table"].as_str().unwrap_or("?"), e["value"]["op"].as_str().unwrap_or("?"))).collect()
+    ev.iter()
+        .map(|e| {
+            format!(
+                "{}:{}",
+                e["value"]["source"]["table"].as_str().unwrap_or("?"),
+                e["value"]["op"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,16 +32,29 @@ async fn interleaved_transactions_give_ordered_events_per_replica_identity() {
     )
     .await;
     let w = Walcast::start_with(|out, admin| {
-        file_pipeline_config("interleave", &db.name, &["public.ta", "public.tb", "public.tc"], r#"keyless_tables = ["public.tc"]"#, out, admin)
+        file_pipeline_config(
+            "interleave",
+            &db.name,
+            &["public.ta", "public.tb", "public.tc"],
+            r#"keyless_tables = ["public.tc"]"#,
+            out,
+            admin,
+        )
     });
     w.wait_state("streaming", WAIT).await;
 
     // Two sessions interleave; the second commits first.
     let s1 = connect(&db.name).await;
     let s2 = connect(&db.name).await;
-    s1.batch_execute("BEGIN; INSERT INTO ta VALUES (1, 'a1'); INSERT INTO tb VALUES (1, 'b1');").await.unwrap();
-    s2.batch_execute("BEGIN; INSERT INTO ta VALUES (2, 'a2'); INSERT INTO tc VALUES (7, 'c7');").await.unwrap();
-    s1.batch_execute("INSERT INTO ta VALUES (3, 'a3');").await.unwrap();
+    s1.batch_execute("BEGIN; INSERT INTO ta VALUES (1, 'a1'); INSERT INTO tb VALUES (1, 'b1');")
+        .await
+        .unwrap();
+    s2.batch_execute("BEGIN; INSERT INTO ta VALUES (2, 'a2'); INSERT INTO tc VALUES (7, 'c7');")
+        .await
+        .unwrap();
+    s1.batch_execute("INSERT INTO ta VALUES (3, 'a3');")
+        .await
+        .unwrap();
     s2.batch_execute("COMMIT;").await.unwrap();
     s1.batch_execute("COMMIT;").await.unwrap();
     db.exec(
@@ -56,7 +77,8 @@ async fn interleaved_transactions_give_ordered_events_per_replica_identity() {
         [
             "ta:c", "tc:c", // session 2 committed first
             "ta:c", "tb:c", "ta:c", // then session 1, in statement order
-            "ta:u", "ta:d", "ta:c", "ta:d", "tb:u", "tc:u", // a key change is a delete and a create
+            "ta:u", "ta:d", "ta:c", "ta:d", "tb:u",
+            "tc:u", // a key change is a delete and a create
             "tb:d", "tc:d", "ta:t",
         ]
     );
@@ -111,7 +133,9 @@ async fn every_type_round_trips_from_sql_to_its_value() {
             ai int[], at text[], big text)",
     )
     .await;
-    let w = Walcast::start_with(|out, admin| file_pipeline_config("types", &db.name, &["public.types"], "", out, admin));
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("types", &db.name, &["public.types"], "", out, admin)
+    });
     w.wait_state("streaming", WAIT).await;
     db.exec(
         r#"INSERT INTO types VALUES (
@@ -144,16 +168,32 @@ async fn every_type_round_trips_from_sql_to_its_value() {
     }
     // NULL everywhere but the key.
     let nulls = &ev[1]["value"]["after"];
-    assert!(nulls.as_object().unwrap().iter().all(|(k, v)| k == "id" || v.is_null()), "{nulls}");
+    assert!(
+        nulls
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| k == "id" || v.is_null()),
+        "{nulls}"
+    );
     let ext = &ev[2]["value"]["after"];
     assert_eq!(ext["f8"], "Infinity");
     assert_eq!(ext["nu"], "-Infinity");
     assert_eq!(ext["tstz"], "-infinity");
-    assert_eq!(ext["d"], -735_160, "44 BC as days since 1970, as Postgres counts them");
+    assert_eq!(
+        ext["d"], -735_160,
+        "44 BC as days since 1970, as Postgres counts them"
+    );
     // A TOASTed value over 1 MB arrives whole on insert, and is marked
     // unavailable (never null) when an update leaves it unchanged.
-    assert_eq!(ev[3]["value"]["after"]["big"].as_str().unwrap().len(), 1_280_000);
-    assert_eq!(ev[4]["value"]["after"]["big"], "__debezium_unavailable_value");
+    assert_eq!(
+        ev[3]["value"]["after"]["big"].as_str().unwrap().len(),
+        1_280_000
+    );
+    assert_eq!(
+        ev[4]["value"]["after"]["big"],
+        "__debezium_unavailable_value"
+    );
     assert_eq!(ev[4]["value"]["after"]["t"], "changed");
 }
 
@@ -161,7 +201,9 @@ async fn every_type_round_trips_from_sql_to_its_value() {
 async fn kill_9_then_restart_loses_nothing_and_replays_only_after_the_confirmed_lsn() {
     let db = TestDb::new("wc_crash").await;
     db.exec("CREATE TABLE c (id int PRIMARY KEY)").await;
-    let mut w = Walcast::start_with(|out, admin| file_pipeline_config("crash", &db.name, &["public.c"], "", out, admin));
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("crash", &db.name, &["public.c"], "", out, admin)
+    });
     w.wait_state("streaming", WAIT).await;
     const N: i32 = 600;
     let writer = {
@@ -175,13 +217,19 @@ async fn kill_9_then_restart_loses_nothing_and_replays_only_after_the_confirmed_
     };
     w.wait_events("some events", WAIT, |e| e.len() >= 100).await;
     w.kill9();
-    let confirmed_at_crash = db.confirmed_flush("walcast_crash").await.expect("slot exists");
+    let confirmed_at_crash = db
+        .confirmed_flush("walcast_crash")
+        .await
+        .expect("slot exists");
     let before_restart = w.events().len();
     w.spawn();
     writer.await.unwrap();
     let ev = w
         .wait_events("every row", WAIT, |e| {
-            let ids: std::collections::HashSet<i64> = e.iter().filter_map(|x| x["value"]["after"]["id"].as_i64()).collect();
+            let ids: std::collections::HashSet<i64> = e
+                .iter()
+                .filter_map(|x| x["value"]["after"]["id"].as_i64())
+                .collect();
             ids.len() == N as usize
         })
         .await;
@@ -193,7 +241,10 @@ async fn kill_9_then_restart_loses_nothing_and_replays_only_after_the_confirmed_
         if !seen.insert(id) {
             dups += 1;
             let lsn = e["value"]["source"]["commit_lsn"].as_u64().unwrap();
-            assert!(lsn >= confirmed_at_crash, "row {id} replayed from {lsn}, before the confirmed {confirmed_at_crash}");
+            assert!(
+                lsn >= confirmed_at_crash,
+                "row {id} replayed from {lsn}, before the confirmed {confirmed_at_crash}"
+            );
         }
     }
     assert!(before_restart >= 100);
@@ -205,11 +256,14 @@ async fn kill_9_then_restart_loses_nothing_and_replays_only_after_the_confirmed_
 async fn writes_to_uncaptured_tables_do_not_pin_wal() {
     let db = TestDb::new("wc_idle").await;
     db.exec("CREATE TABLE captured (id int PRIMARY KEY); CREATE TABLE noise (id serial PRIMARY KEY, v text)").await;
-    let w = Walcast::start_with(|out, admin| file_pipeline_config("idle", &db.name, &["public.captured"], "", out, admin));
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("idle", &db.name, &["public.captured"], "", out, admin)
+    });
     w.wait_state("streaming", WAIT).await;
     let start = db.confirmed_flush("walcast_idle").await.unwrap();
     for _ in 0..5 {
-        db.exec("INSERT INTO noise (v) SELECT repeat('x', 200) FROM generate_series(1, 20000)").await;
+        db.exec("INSERT INTO noise (v) SELECT repeat('x', 200) FROM generate_series(1, 20000)")
+            .await;
     }
     let target = db.current_wal().await;
     assert!(target > start + 5_000_000, "the noise wrote WAL");
@@ -219,7 +273,10 @@ async fn writes_to_uncaptured_tables_do_not_pin_wal() {
         if now >= target {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "confirmed_flush_lsn stuck at {now}, WAL at {target}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "confirmed_flush_lsn stuck at {now}, WAL at {target}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(w.events().is_empty(), "no event from an uncaptured table");
@@ -229,10 +286,15 @@ async fn writes_to_uncaptured_tables_do_not_pin_wal() {
 async fn sigterm_drains_and_exits_zero() {
     let db = TestDb::new("wc_term").await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
-    let mut w = Walcast::start_with(|out, admin| file_pipeline_config("term", &db.name, &["public.t"], "", out, admin));
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("term", &db.name, &["public.t"], "", out, admin)
+    });
     w.wait_state("streaming", WAIT).await;
-    db.exec("INSERT INTO t SELECT generate_series(1, 1000)").await;
-    let ev = w.wait_events("1000 events", WAIT, |e| e.len() >= 1000).await;
+    db.exec("INSERT INTO t SELECT generate_series(1, 1000)")
+        .await;
+    let ev = w
+        .wait_events("1000 events", WAIT, |e| e.len() >= 1000)
+        .await;
     let commit = ev[999]["value"]["source"]["commit_lsn"].as_u64().unwrap();
     assert!(w.terminate().success(), "exit 0 on SIGTERM");
     let confirmed = db.confirmed_flush("walcast_term").await.unwrap();

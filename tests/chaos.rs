@@ -15,15 +15,20 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use serde_json::Value;
-use support::*;
 #[allow(unused_imports)]
 use support::consume_json_until;
+use support::*;
 
 const WAIT: Duration = Duration::from_secs(180);
 
 fn kill9_pidfile(var_name: &str) {
-    let pid = std::fs::read_to_string(var(var_name)).expect("pid file").trim().to_string();
-    let _ = std::process::Command::new("kill").args(["-9", &pid]).status();
+    let pid = std::fs::read_to_string(var(var_name))
+        .expect("pid file")
+        .trim()
+        .to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .status();
 }
 
 /// Mixed load: inserts, updates and deletes in small transactions, over two
@@ -205,56 +210,74 @@ retry_max_ms = 1000
     let committed = writer.await.unwrap();
 
     // Rebuild both tables from Kafka with a plain consumer.
-    let pg_accounts = table_rows(&db.name, "SELECT id::text, to_jsonb(a)::text FROM accounts a").await;
-    let pg_ledger = table_rows(&db.name, "SELECT id::text, (to_jsonb(l) - 'at')::text FROM ledger l").await;
+    let pg_accounts = table_rows(
+        &db.name,
+        "SELECT id::text, to_jsonb(a)::text FROM accounts a",
+    )
+    .await;
+    let pg_ledger = table_rows(
+        &db.name,
+        "SELECT id::text, (to_jsonb(l) - 'at')::text FROM ledger l",
+    )
+    .await;
     let mut report = Vec::new();
     let mut total_dups = 0;
     for (table, pg) in [("accounts", &pg_accounts), ("ledger", &pg_ledger)] {
         let topic = format!("{prefix}.public.{table}");
-        let rebuild = |records: &[(Value, Option<Value>)]| -> (BTreeMap<String, Value>, usize, Vec<String>) {
-            let mut state: BTreeMap<String, Value> = BTreeMap::new();
-            let mut seen: HashSet<(String, u64)> = HashSet::new();
-            let mut last: HashMap<String, u64> = HashMap::new();
-            let mut dups = 0;
-            let mut disorder = Vec::new();
-            for (key, value) in records {
-                let Some(v) = value else { continue };
-                let id = key["id"].to_string();
-                let lsn = v["source"]["lsn"].as_u64().unwrap_or(0);
-                if !seen.insert((id.clone(), lsn)) {
-                    dups += 1;
-                    continue;
-                }
-                if let Some(prev) = last.insert(id.clone(), lsn) {
-                    if lsn < prev {
-                        disorder.push(format!("{table} {id}: {lsn} after {prev}"));
+        let rebuild =
+            |records: &[(Value, Option<Value>)]| -> (BTreeMap<String, Value>, usize, Vec<String>) {
+                let mut state: BTreeMap<String, Value> = BTreeMap::new();
+                let mut seen: HashSet<(String, u64)> = HashSet::new();
+                let mut last: HashMap<String, u64> = HashMap::new();
+                let mut dups = 0;
+                let mut disorder = Vec::new();
+                for (key, value) in records {
+                    let Some(v) = value else { continue };
+                    let id = key["id"].to_string();
+                    let lsn = v["source"]["lsn"].as_u64().unwrap_or(0);
+                    if !seen.insert((id.clone(), lsn)) {
+                        dups += 1;
+                        continue;
                     }
-                }
-                match v["op"].as_str() {
-                    Some("d") => {
-                        state.remove(&id);
-                    }
-                    Some("c") | Some("u") | Some("r") => {
-                        let mut after = v["after"].clone();
-                        if let Some(o) = after.as_object_mut() {
-                            o.remove("at");
+                    if let Some(prev) = last.insert(id.clone(), lsn) {
+                        if lsn < prev {
+                            disorder.push(format!("{table} {id}: {lsn} after {prev}"));
                         }
-                        state.insert(id, after);
                     }
-                    _ => {}
+                    match v["op"].as_str() {
+                        Some("d") => {
+                            state.remove(&id);
+                        }
+                        Some("c") | Some("u") | Some("r") => {
+                            let mut after = v["after"].clone();
+                            if let Some(o) = after.as_object_mut() {
+                                o.remove("at");
+                            }
+                            state.insert(id, after);
+                        }
+                        _ => {}
+                    }
                 }
-            }
-            (state, dups, disorder)
-        };
-        let expected: Vec<(String, Value)> = pg.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                (state, dups, disorder)
+            };
+        let expected: Vec<(String, Value)> =
+            pg.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let (records, _) = consume_json_until(&topic, WAIT, |r| {
             let (state, _, _) = rebuild(r);
             expected.iter().all(|(k, v)| state.get(k) == Some(v)) && state.len() == expected.len()
         });
         let (state, dups, disorder) = rebuild(&records);
         if &state != pg {
-            let missing: Vec<_> = pg.iter().filter(|(k, v)| state.get(*k) != Some(v)).take(5).collect();
-            let extra: Vec<_> = state.iter().filter(|(k, _)| !pg.contains_key(*k)).take(5).collect();
+            let missing: Vec<_> = pg
+                .iter()
+                .filter(|(k, v)| state.get(*k) != Some(v))
+                .take(5)
+                .collect();
+            let extra: Vec<_> = state
+                .iter()
+                .filter(|(k, _)| !pg.contains_key(*k))
+                .take(5)
+                .collect();
             panic!(
                 "{table} rebuilt from Kafka differs from Postgres: {} rows vs {}; differing {missing:?}; extra {extra:?}\nwalcast errors:\n{}",
                 state.len(),
@@ -264,7 +287,11 @@ retry_max_ms = 1000
         }
         assert!(disorder.is_empty(), "per-row order broken: {disorder:?}");
         total_dups += dups;
-        report.push(format!("{table}: {} rows, {} records, lost 0, duplicates {dups}", pg.len(), records.len()));
+        report.push(format!(
+            "{table}: {} rows, {} records, lost 0, duplicates {dups}",
+            pg.len(),
+            records.len()
+        ));
     }
 
     // The search index equals Postgres; Redis serves no stale row.
@@ -283,7 +310,8 @@ retry_max_ms = 1000
         let mut index_diffs = 0;
         if count == pg_accounts.len() {
             for (id, row) in pg_accounts.iter().step_by(37) {
-                let doc: Value = match http.get(format!("{search}/{index}/_doc/{id}")).send().await {
+                let doc: Value = match http.get(format!("{search}/{index}/_doc/{id}")).send().await
+                {
                     Ok(r) => r.json().await.unwrap_or(Value::Null),
                     Err(_) => Value::Null,
                 };
@@ -295,7 +323,11 @@ retry_max_ms = 1000
         let mut stale = 0;
         if let Ok(mut conn) = redis.get_multiplexed_async_connection().await {
             for (id, row) in &pg_accounts {
-                let v: Option<String> = redis::cmd("GET").arg(format!("{prefix}:{id}")).query_async(&mut conn).await.unwrap_or(None);
+                let v: Option<String> = redis::cmd("GET")
+                    .arg(format!("{prefix}:{id}"))
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or(None);
                 if let Some(v) = v {
                     if &serde_json::from_str::<Value>(&v).unwrap() != row {
                         stale += 1;

@@ -22,7 +22,15 @@ const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
 ];
 
 /// Source fields both produce with the same meaning.
-const SOURCE_FIELDS: &[&str] = &["connector", "db", "schema", "table", "txId", "lsn", "snapshot"];
+const SOURCE_FIELDS: &[&str] = &[
+    "connector",
+    "db",
+    "schema",
+    "table",
+    "txId",
+    "lsn",
+    "snapshot",
+];
 
 async fn connect_rest(method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let url = format!("{}{path}", var("WALCAST_TEST_CONNECT_URL"));
@@ -82,19 +90,29 @@ async fn walcast_json_matches_debezium_field_by_field() {
         })),
     )
     .await;
-    assert!(code == 201 || code == 200, "creating the Debezium connector: {code} {body}");
+    assert!(
+        code == 201 || code == 200,
+        "creating the Debezium connector: {code} {body}"
+    );
     let deadline = Instant::now() + WAIT;
     loop {
         let active: Option<bool> = db
             .client
-            .query_opt("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&format!("{connector}_slot")])
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&format!("{connector}_slot")],
+            )
             .await
             .unwrap()
             .map(|r| r.get(0));
         if active == Some(true) {
             break;
         }
-        assert!(Instant::now() < deadline, "Debezium's slot never became active: {:?}", connect_rest("GET", &format!("/connectors/{connector}/status"), None).await);
+        assert!(
+            Instant::now() < deadline,
+            "Debezium's slot never became active: {:?}",
+            connect_rest("GET", &format!("/connectors/{connector}/status"), None).await
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let w = Walcast::start_with(|_, admin| {
@@ -142,15 +160,30 @@ bootstrap_servers = "{bootstrap}"
     for table in ["items", "full_rows"] {
         let count = |r: &[(Value, Option<Value>)]| r.iter().filter(|(_, v)| v.is_some()).count();
         let expected = if table == "items" { 7 } else { 3 };
-        let dbz = consume_json(&format!("{dbz_prefix}.public.{table}"), WAIT, |r| count(r) >= expected);
-        let wc = consume_json(&format!("{wc_prefix}.public.{table}"), WAIT, |r| count(r) >= expected);
+        let dbz = consume_json(&format!("{dbz_prefix}.public.{table}"), WAIT, |r| {
+            count(r) >= expected
+        });
+        let wc = consume_json(&format!("{wc_prefix}.public.{table}"), WAIT, |r| {
+            count(r) >= expected
+        });
         let dbz: Vec<_> = dbz.into_iter().filter(|(_, v)| v.is_some()).collect();
         let wc: Vec<_> = wc.into_iter().filter(|(_, v)| v.is_some()).collect();
-        assert_eq!(dbz.len(), wc.len(), "{table}: Debezium {} events, walcast {}", dbz.len(), wc.len());
+        assert_eq!(
+            dbz.len(),
+            wc.len(),
+            "{table}: Debezium {} events, walcast {}",
+            dbz.len(),
+            wc.len()
+        );
         // Both publish in commit order; compare event by event, per key.
         let mut dbz_sorted = dbz.clone();
         let mut wc_sorted = wc.clone();
-        let order = |e: &(Value, Option<Value>)| (e.0.to_string(), e.1.as_ref().unwrap()["source"]["lsn"].as_u64().unwrap_or(0));
+        let order = |e: &(Value, Option<Value>)| {
+            (
+                e.0.to_string(),
+                e.1.as_ref().unwrap()["source"]["lsn"].as_u64().unwrap_or(0),
+            )
+        };
         dbz_sorted.sort_by_key(order);
         wc_sorted.sort_by_key(order);
         for ((dk, dv), (wk, wv)) in dbz_sorted.iter().zip(&wc_sorted) {
@@ -170,10 +203,18 @@ bootstrap_servers = "{bootstrap}"
                             if KNOWN_DIFFERENCES.iter().any(|(c, _)| c == col) {
                                 continue;
                             }
-                            diff(format!("{image}.{col}"), dval, w.get(col).unwrap_or(&Value::Null));
+                            diff(
+                                format!("{image}.{col}"),
+                                dval,
+                                w.get(col).unwrap_or(&Value::Null),
+                            );
                         }
                         for col in w.keys().filter(|c| !d.contains_key(*c)) {
-                            diff(format!("{image}.{col} (only walcast)"), &Value::Null, &w[col]);
+                            diff(
+                                format!("{image}.{col} (only walcast)"),
+                                &Value::Null,
+                                &w[col],
+                            );
                         }
                     }
                     (d, w) => diff(image.into(), d, w),
@@ -185,5 +226,10 @@ bootstrap_servers = "{bootstrap}"
         }
     }
     let _ = connect_rest("DELETE", &format!("/connectors/{connector}"), None).await;
-    assert_eq!(mismatches, 0, "walcast and Debezium disagree:\n{}", report.join("\n"));
+    assert_eq!(
+        mismatches,
+        0,
+        "walcast and Debezium disagree:\n{}",
+        report.join("\n")
+    );
 }

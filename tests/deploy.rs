@@ -32,8 +32,12 @@ fn unit_directives(text: &str) -> BTreeMap<(String, String), Vec<String>> {
             section = line[1..line.len() - 1].to_string();
             continue;
         }
-        let (k, v) = line.split_once('=').unwrap_or_else(|| panic!("not a Key=value line: {line}"));
-        out.entry((section.clone(), k.trim().to_string())).or_default().push(v.trim().to_string());
+        let (k, v) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("not a Key=value line: {line}"));
+        out.entry((section.clone(), k.trim().to_string()))
+            .or_default()
+            .push(v.trim().to_string());
     }
     out
 }
@@ -52,7 +56,10 @@ fn systemd_unit_has_the_intended_settings() {
     let expected = [
         ("Type", "notify"),
         ("NotifyAccess", "main"),
-        ("ExecStart", "/usr/local/bin/walcast run -c /etc/walcast/walcast.toml"),
+        (
+            "ExecStart",
+            "/usr/local/bin/walcast run -c /etc/walcast/walcast.toml",
+        ),
         ("Restart", "on-failure"),
         ("RestartSec", "5"),
         ("WatchdogSec", "30"),
@@ -83,18 +90,26 @@ fn systemd_unit_has_the_intended_settings() {
     for (k, v) in expected {
         assert_eq!(one(k), v, "[Service] {k}=");
     }
-    assert!(!d.contains_key(&("Service".to_string(), "ExecReload".to_string())), "the daemon has no reload");
+    assert!(
+        !d.contains_key(&("Service".to_string(), "ExecReload".to_string())),
+        "the daemon has no reload"
+    );
     // The stop timeout must leave room for the default drain (30 s).
     let stop: u64 = one("TimeoutStopSec").parse().unwrap();
-    assert!(stop > 30, "TimeoutStopSec={stop} does not exceed the default shutdown_timeout of 30 s");
+    assert!(
+        stop > 30,
+        "TimeoutStopSec={stop} does not exceed the default shutdown_timeout of 30 s"
+    );
     assert_eq!(
-        d.get(&("Install".to_string(), "WantedBy".to_string())).map(Vec::as_slice),
+        d.get(&("Install".to_string(), "WantedBy".to_string()))
+            .map(Vec::as_slice),
         Some(&["multi-user.target".to_string()][..])
     );
 
     let env = read("deploy/systemd/walcast.env.example");
     assert!(
-        env.lines().any(|l| l.starts_with("WALCAST_PIPELINES__ORDERS__SOURCE__PASSWORD=")),
+        env.lines()
+            .any(|l| l.starts_with("WALCAST_PIPELINES__ORDERS__SOURCE__PASSWORD=")),
         "walcast.env.example shows the password variable"
     );
 }
@@ -116,7 +131,10 @@ fn systemd_unit_passes_systemd_analyze() {
         eprintln!("SKIPPED: systemd-analyze is not installed (apt-get install systemd); unit not verified");
         return;
     };
-    let help = Command::new(&analyze).arg("--help").output().expect("systemd-analyze --help");
+    let help = Command::new(&analyze)
+        .arg("--help")
+        .output()
+        .expect("systemd-analyze --help");
     let help = String::from_utf8_lossy(&help.stdout).into_owned();
 
     let unit = read("deploy/systemd/walcast.service");
@@ -134,16 +152,32 @@ fn systemd_unit_passes_systemd_analyze() {
         // Only this unit's problems, not those of the targets it names.
         cmd.arg("--recursive-errors=no");
     }
-    let out = cmd.arg(&path).env("SYSTEMD_LOG_COLOR", "0").output().expect("run systemd-analyze verify");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "systemd-analyze verify failed ({}):\n{text}", out.status);
+    let out = cmd
+        .arg(&path)
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .output()
+        .expect("run systemd-analyze verify");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed ({}):\n{text}",
+        out.status
+    );
     // Unknown keys and unparsable values are only warnings (exit 0), so
     // any line about the unit fails the test.
     let about_unit: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("walcast.service") || l.contains(&*dir.path().to_string_lossy()))
         .collect();
-    assert!(about_unit.is_empty(), "systemd-analyze verify warned:\n{}", about_unit.join("\n"));
+    assert!(
+        about_unit.is_empty(),
+        "systemd-analyze verify warned:\n{}",
+        about_unit.join("\n")
+    );
 
     if help.contains("--offline") && help.contains("--threshold") {
         // Exposure score ×10: 30 is "OK" territory (the unit rates ~1.6).
@@ -176,7 +210,10 @@ fn yaml_docs(dir: &str) -> BTreeMap<String, Vec<Yaml>> {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         let docs: Vec<Yaml> = serde_yaml::Deserializer::from_str(&text)
-            .map(|d| serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{name}: invalid YAML: {e}")))
+            .map(|d| {
+                serde::Deserialize::deserialize(d)
+                    .unwrap_or_else(|e| panic!("{name}: invalid YAML: {e}"))
+            })
             .filter(|v: &Yaml| !v.is_null())
             .collect();
         assert!(!docs.is_empty(), "{name} holds no document");
@@ -191,7 +228,13 @@ fn walcast_accepts(config: &std::path::Path) {
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("WALCAST_")) {
         cmd.env_remove(k);
     }
-    let out = cmd.arg("check").arg("--offline").arg("-c").arg(config).output().expect("run walcast check");
+    let out = cmd
+        .arg("check")
+        .arg("--offline")
+        .arg("-c")
+        .arg(config)
+        .output()
+        .expect("run walcast check");
     assert!(
         out.status.success(),
         "walcast check --offline -c {} refused it:\n{}{}",
@@ -202,12 +245,20 @@ fn walcast_accepts(config: &std::path::Path) {
 }
 
 fn s<'a>(v: &'a Yaml, what: &str) -> &'a str {
-    v.as_str().unwrap_or_else(|| panic!("{what}: expected a string, found {v:?}"))
+    v.as_str()
+        .unwrap_or_else(|| panic!("{what}: expected a string, found {v:?}"))
 }
 
 /// The one document of `file`, checked to be `apiVersion`/`kind`.
-fn k8s_object<'a>(docs: &'a BTreeMap<String, Vec<Yaml>>, file: &str, api: &str, kind: &str) -> &'a Yaml {
-    let d = docs.get(file).unwrap_or_else(|| panic!("deploy/kubernetes/{file} is missing"));
+fn k8s_object<'a>(
+    docs: &'a BTreeMap<String, Vec<Yaml>>,
+    file: &str,
+    api: &str,
+    kind: &str,
+) -> &'a Yaml {
+    let d = docs
+        .get(file)
+        .unwrap_or_else(|| panic!("deploy/kubernetes/{file} is missing"));
     assert_eq!(d.len(), 1, "{file}: one object per file");
     let o = &d[0];
     assert_eq!(s(&o["apiVersion"], "apiVersion"), api, "{file}: apiVersion");
@@ -216,7 +267,9 @@ fn k8s_object<'a>(docs: &'a BTreeMap<String, Vec<Yaml>>, file: &str, api: &str, 
 }
 
 fn find_by_name<'a>(list: &'a Yaml, name: &str) -> Option<&'a Yaml> {
-    list.as_sequence()?.iter().find(|i| i["name"].as_str() == Some(name))
+    list.as_sequence()?
+        .iter()
+        .find(|i| i["name"].as_str() == Some(name))
 }
 
 #[test]
@@ -229,26 +282,52 @@ fn kubernetes_manifests_are_consistent() {
             continue;
         }
         for o in ds {
-            assert!(o["kind"].is_string() && o["apiVersion"].is_string(), "{file}: kind and apiVersion");
+            assert!(
+                o["kind"].is_string() && o["apiVersion"].is_string(),
+                "{file}: kind and apiVersion"
+            );
             assert!(o["metadata"]["name"].is_string(), "{file}: metadata.name");
-            assert!(o["metadata"]["namespace"].is_null(), "{file}: manifests carry no namespace");
+            assert!(
+                o["metadata"]["namespace"].is_null(),
+                "{file}: manifests carry no namespace"
+            );
         }
     }
 
     // The kustomization lists exactly the manifests there are.
-    let k = k8s_object(&docs, "kustomization.yaml", "kustomize.config.k8s.io/v1beta1", "Kustomization");
+    let k = k8s_object(
+        &docs,
+        "kustomization.yaml",
+        "kustomize.config.k8s.io/v1beta1",
+        "Kustomization",
+    );
     let listed: BTreeSet<String> = k["resources"]
         .as_sequence()
         .expect("kustomization resources")
         .iter()
         .map(|r| s(r, "resource").to_string())
         .collect();
-    let present: BTreeSet<String> = docs.keys().filter(|f| *f != "kustomization.yaml").cloned().collect();
-    assert_eq!(listed, present, "kustomization.yaml resources vs the manifests in deploy/kubernetes");
+    let present: BTreeSet<String> = docs
+        .keys()
+        .filter(|f| *f != "kustomization.yaml")
+        .cloned()
+        .collect();
+    assert_eq!(
+        listed, present,
+        "kustomization.yaml resources vs the manifests in deploy/kubernetes"
+    );
     for f in &listed {
-        assert!(root().join("deploy/kubernetes").join(f).is_file(), "{f} listed but missing");
+        assert!(
+            root().join("deploy/kubernetes").join(f).is_file(),
+            "{f} listed but missing"
+        );
     }
-    for f in ["configmap.yaml", "secret.yaml", "deployment.yaml", "service.yaml"] {
+    for f in [
+        "configmap.yaml",
+        "secret.yaml",
+        "deployment.yaml",
+        "service.yaml",
+    ] {
         assert!(listed.contains(f), "{f} is part of the kustomization");
     }
 
@@ -256,19 +335,34 @@ fn kubernetes_manifests_are_consistent() {
     let cm = k8s_object(&docs, "configmap.yaml", "v1", "ConfigMap");
     let cm_name = s(&cm["metadata"]["name"], "configmap name");
     let toml_text = s(&cm["data"]["walcast.toml"], "configmap data walcast.toml");
-    let cfg: toml::Table = toml::from_str(toml_text).unwrap_or_else(|e| panic!("walcast.toml in the ConfigMap: {e}"));
-    let pipelines = cfg.get("pipelines").and_then(|p| p.as_table()).expect("walcast.toml has a [pipelines] table");
+    let cfg: toml::Table =
+        toml::from_str(toml_text).unwrap_or_else(|e| panic!("walcast.toml in the ConfigMap: {e}"));
+    let pipelines = cfg
+        .get("pipelines")
+        .and_then(|p| p.as_table())
+        .expect("walcast.toml has a [pipelines] table");
     assert!(!pipelines.is_empty(), "at least one pipeline");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("walcast.toml");
     std::fs::write(&file, toml_text).unwrap();
     walcast_accepts(&file);
-    let orders = pipelines.get("orders").and_then(|p| p.as_table()).expect("pipelines.orders");
+    let orders = pipelines
+        .get("orders")
+        .and_then(|p| p.as_table())
+        .expect("pipelines.orders");
     assert_eq!(orders.get("kind").and_then(|k| k.as_str()), Some("capture"));
-    assert!(orders["source"].get("password").is_none(), "no password in the ConfigMap");
-    let sinks = orders.get("sinks").and_then(|s| s.as_array()).expect("pipelines.orders.sinks");
     assert!(
-        sinks.iter().any(|s| s.get("type").and_then(|t| t.as_str()) == Some("kafka")),
+        orders["source"].get("password").is_none(),
+        "no password in the ConfigMap"
+    );
+    let sinks = orders
+        .get("sinks")
+        .and_then(|s| s.as_array())
+        .expect("pipelines.orders.sinks");
+    assert!(
+        sinks
+            .iter()
+            .any(|s| s.get("type").and_then(|t| t.as_str()) == Some("kafka")),
         "the orders pipeline publishes to Kafka"
     );
 
@@ -276,22 +370,37 @@ fn kubernetes_manifests_are_consistent() {
     let secret = k8s_object(&docs, "secret.yaml", "v1", "Secret");
     let secret_name = s(&secret["metadata"]["name"], "secret name");
     let var = "WALCAST_PIPELINES__ORDERS__SOURCE__PASSWORD";
-    assert!(secret["stringData"][var].is_string(), "secret stringData.{var}");
+    assert!(
+        secret["stringData"][var].is_string(),
+        "secret stringData.{var}"
+    );
     for key in secret["stringData"].as_mapping().unwrap().keys() {
         let key = s(key, "secret key");
         if let Some(rest) = key.strip_prefix("WALCAST_PIPELINES__") {
             let name = rest.split("__").next().unwrap().to_lowercase();
-            assert!(pipelines.contains_key(&name), "{key} overrides a pipeline `{name}` that the ConfigMap lacks");
+            assert!(
+                pipelines.contains_key(&name),
+                "{key} overrides a pipeline `{name}` that the ConfigMap lacks"
+            );
         }
     }
 
     // Deployment.
     let dep = k8s_object(&docs, "deployment.yaml", "apps/v1", "Deployment");
     let spec = &dep["spec"];
-    assert_eq!(spec["replicas"].as_u64(), Some(1), "one replica: a replication slot has one reader");
+    assert_eq!(
+        spec["replicas"].as_u64(),
+        Some(1),
+        "one replica: a replication slot has one reader"
+    );
     assert_eq!(s(&spec["strategy"]["type"], "strategy"), "Recreate");
-    let labels = spec["template"]["metadata"]["labels"].as_mapping().expect("pod labels");
-    for (k, v) in spec["selector"]["matchLabels"].as_mapping().expect("selector.matchLabels") {
+    let labels = spec["template"]["metadata"]["labels"]
+        .as_mapping()
+        .expect("pod labels");
+    for (k, v) in spec["selector"]["matchLabels"]
+        .as_mapping()
+        .expect("selector.matchLabels")
+    {
         assert_eq!(labels.get(k), Some(v), "selector matches the pod labels");
     }
     let pod = &spec["template"]["spec"];
@@ -300,14 +409,22 @@ fn kubernetes_manifests_are_consistent() {
     assert_eq!(containers.len(), 1);
     let c = &containers[0];
     assert_eq!(s(&c["image"], "image"), "walcast:0.1.0");
-    let args: Vec<&str> = c["args"].as_sequence().expect("args").iter().map(|a| s(a, "arg")).collect();
+    let args: Vec<&str> = c["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .map(|a| s(a, "arg"))
+        .collect();
     assert_eq!(args, ["run", "-c", "/etc/walcast/walcast.toml"]);
     let env_from = c["envFrom"].as_sequence().expect("envFrom");
     assert!(
-        env_from.iter().any(|e| e["secretRef"]["name"].as_str() == Some(secret_name)),
+        env_from
+            .iter()
+            .any(|e| e["secretRef"]["name"].as_str() == Some(secret_name)),
         "envFrom the Secret {secret_name}"
     );
-    let listen = find_by_name(&c["env"], "WALCAST_ADMIN__LISTEN").expect("env WALCAST_ADMIN__LISTEN");
+    let listen =
+        find_by_name(&c["env"], "WALCAST_ADMIN__LISTEN").expect("env WALCAST_ADMIN__LISTEN");
     assert_eq!(s(&listen["value"], "listen"), "0.0.0.0:9187");
     let port = find_by_name(&c["ports"], "metrics").expect("a port named metrics");
     assert_eq!(port["containerPort"].as_u64(), Some(9187));
@@ -328,7 +445,12 @@ fn kubernetes_manifests_are_consistent() {
     assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
     assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
     assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
-    let drop: Vec<&str> = sc["capabilities"]["drop"].as_sequence().expect("capabilities.drop").iter().map(|c| s(c, "cap")).collect();
+    let drop: Vec<&str> = sc["capabilities"]["drop"]
+        .as_sequence()
+        .expect("capabilities.drop")
+        .iter()
+        .map(|c| s(c, "cap"))
+        .collect();
     assert_eq!(drop, ["ALL"]);
     // The config file is the ConfigMap, mounted where args point.
     let vol = pod["volumes"]
@@ -347,18 +469,33 @@ fn kubernetes_manifests_are_consistent() {
     let mount_path = s(&mount["mountPath"], "mountPath");
     assert_eq!(mount_path, "/etc/walcast");
     if let Some(items) = vol["configMap"]["items"].as_sequence() {
-        assert!(items.iter().any(|i| i["key"].as_str() == Some("walcast.toml") && i["path"].as_str() == Some("walcast.toml")));
+        assert!(items
+            .iter()
+            .any(|i| i["key"].as_str() == Some("walcast.toml")
+                && i["path"].as_str() == Some("walcast.toml")));
     }
 
     // Service.
     let svc = k8s_object(&docs, "service.yaml", "v1", "Service");
-    assert_eq!(svc["spec"]["type"].as_str().unwrap_or("ClusterIP"), "ClusterIP");
-    for (k, v) in svc["spec"]["selector"].as_mapping().expect("service selector") {
-        assert_eq!(labels.get(k), Some(v), "the Service selects the walcast pods");
+    assert_eq!(
+        svc["spec"]["type"].as_str().unwrap_or("ClusterIP"),
+        "ClusterIP"
+    );
+    for (k, v) in svc["spec"]["selector"]
+        .as_mapping()
+        .expect("service selector")
+    {
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "the Service selects the walcast pods"
+        );
     }
     let sp = find_by_name(&svc["spec"]["ports"], "metrics").expect("service port metrics");
     assert_eq!(sp["port"].as_u64(), Some(9187));
-    assert!(sp["targetPort"].as_str() == Some("metrics") || sp["targetPort"].as_u64() == Some(9187));
+    assert!(
+        sp["targetPort"].as_str() == Some("metrics") || sp["targetPort"].as_u64() == Some(9187)
+    );
     let ann = &svc["metadata"]["annotations"];
     assert_eq!(ann["prometheus.io/scrape"].as_str(), Some("true"));
     assert_eq!(ann["prometheus.io/port"].as_str(), Some("9187"));
@@ -370,22 +507,38 @@ fn kubernetes_manifests_are_consistent() {
 #[test]
 fn dockerfile_is_multi_stage_and_runs_as_non_root() {
     let text = read("deploy/docker/Dockerfile");
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
-    let froms: Vec<Vec<&str>> =
-        lines.iter().filter(|l| l.to_uppercase().starts_with("FROM ")).map(|l| l.split_whitespace().collect()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let froms: Vec<Vec<&str>> = lines
+        .iter()
+        .filter(|l| l.to_uppercase().starts_with("FROM "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     assert!(froms.len() >= 2, "a builder stage and a runtime stage");
     assert_eq!(froms[0][1], "rust:1-bookworm");
-    assert!(froms[0].len() == 4 && froms[0][2].eq_ignore_ascii_case("as"), "the builder stage is named");
+    assert!(
+        froms[0].len() == 4 && froms[0][2].eq_ignore_ascii_case("as"),
+        "the builder stage is named"
+    );
     let builder = froms[0][3];
     assert_eq!(froms.last().unwrap()[1], "debian:bookworm-slim");
     assert!(text.contains("cargo build --release --locked --bin walcast"));
     assert!(
-        lines.iter().any(|l| l.starts_with(&format!("COPY --from={builder} ")) && l.ends_with(" /usr/local/bin/walcast")),
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("COPY --from={builder} "))
+                && l.ends_with(" /usr/local/bin/walcast")),
         "the runtime copies the binary from {builder} to /usr/local/bin/walcast"
     );
 
     // USER in the final stage, not root.
-    let last_from = lines.iter().rposition(|l| l.to_uppercase().starts_with("FROM ")).unwrap();
+    let last_from = lines
+        .iter()
+        .rposition(|l| l.to_uppercase().starts_with("FROM "))
+        .unwrap();
     let users: Vec<&str> = lines[last_from..]
         .iter()
         .filter(|l| l.to_uppercase().starts_with("USER "))
@@ -402,7 +555,9 @@ fn dockerfile_is_multi_stage_and_runs_as_non_root() {
 #[test]
 fn compose_file_builds_walcast_with_its_services() {
     let docs = yaml_docs("deploy/docker");
-    let compose = &docs.get("compose.yaml").expect("deploy/docker/compose.yaml")[0];
+    let compose = &docs
+        .get("compose.yaml")
+        .expect("deploy/docker/compose.yaml")[0];
     let services = compose["services"].as_mapping().expect("services");
     let image = |name: &str| -> String {
         let svc = &compose["services"][name];
@@ -414,7 +569,11 @@ fn compose_file_builds_walcast_with_its_services() {
     assert_eq!(image("redis"), "redis:7");
     assert_eq!(image("opensearch"), "opensearchproject/opensearch:2.19.1");
     assert!(image("registry").starts_with("apicurio/apicurio-registry:"));
-    assert_eq!(services.len(), 6, "postgres, kafka, registry, redis, opensearch, walcast");
+    assert_eq!(
+        services.len(),
+        6,
+        "postgres, kafka, registry, redis, opensearch, walcast"
+    );
 
     let pg_cmd: Vec<&str> = compose["services"]["postgres"]["command"]
         .as_sequence()
@@ -422,9 +581,16 @@ fn compose_file_builds_walcast_with_its_services() {
         .iter()
         .map(|a| s(a, "arg"))
         .collect();
-    assert!(pg_cmd.windows(2).any(|w| w == ["-c", "wal_level=logical"]), "postgres runs with wal_level=logical");
+    assert!(
+        pg_cmd.windows(2).any(|w| w == ["-c", "wal_level=logical"]),
+        "postgres runs with wal_level=logical"
+    );
     let kafka_env = &compose["services"]["kafka"]["environment"];
-    assert_eq!(kafka_env["KAFKA_PROCESS_ROLES"].as_str(), Some("broker,controller"), "KRaft single node");
+    assert_eq!(
+        kafka_env["KAFKA_PROCESS_ROLES"].as_str(),
+        Some("broker,controller"),
+        "KRaft single node"
+    );
     let os_env = &compose["services"]["opensearch"]["environment"];
     assert_eq!(os_env["discovery.type"].as_str(), Some("single-node"));
     assert_eq!(os_env["DISABLE_SECURITY_PLUGIN"].as_str(), Some("true"));
@@ -435,8 +601,15 @@ fn compose_file_builds_walcast_with_its_services() {
     let dockerfile = s(&w["build"]["dockerfile"], "build.dockerfile");
     let compose_dir = root().join("deploy/docker");
     let ctx = compose_dir.join(context).canonicalize().unwrap();
-    assert_eq!(ctx, root().canonicalize().unwrap(), "the build context is the repository root");
-    assert_eq!(ctx.join(dockerfile).canonicalize().unwrap(), compose_dir.join("Dockerfile").canonicalize().unwrap());
+    assert_eq!(
+        ctx,
+        root().canonicalize().unwrap(),
+        "the build context is the repository root"
+    );
+    assert_eq!(
+        ctx.join(dockerfile).canonicalize().unwrap(),
+        compose_dir.join("Dockerfile").canonicalize().unwrap()
+    );
     assert!(w["environment"]["WALCAST_PIPELINES__ORDERS__SOURCE__PASSWORD"].is_string());
 
     // The mounted config exists and is a walcast.toml with pipelines.
@@ -448,18 +621,31 @@ fn compose_file_builds_walcast_with_its_services() {
         .find(|v| v.split(':').nth(1) == Some("/etc/walcast/walcast.toml"))
         .expect("a volume mounted at /etc/walcast/walcast.toml");
     let host = compose_dir.join(mount.split(':').next().unwrap());
-    let cfg: toml::Table = toml::from_str(&std::fs::read_to_string(&host).unwrap()).expect("deploy/docker/walcast.toml");
+    let cfg: toml::Table = toml::from_str(&std::fs::read_to_string(&host).unwrap())
+        .expect("deploy/docker/walcast.toml");
     walcast_accepts(&host);
     let p = cfg["pipelines"].as_table().expect("pipelines");
-    assert!(p.contains_key("orders"), "the password variable names pipeline orders");
-    assert_eq!(cfg["admin"]["listen"].as_str(), Some("0.0.0.0:9187"), "reachable through the published port");
+    assert!(
+        p.contains_key("orders"),
+        "the password variable names pipeline orders"
+    );
+    assert_eq!(
+        cfg["admin"]["listen"].as_str(),
+        Some("0.0.0.0:9187"),
+        "reachable through the published port"
+    );
     // Every host file the compose file mounts exists.
     for (name, svc) in services {
         for v in svc["volumes"].as_sequence().into_iter().flatten() {
             let v = s(v, "volume");
             if v.starts_with("./") || v.starts_with("../") {
                 let f = compose_dir.join(v.split(':').next().unwrap());
-                assert!(f.exists(), "service {}: {} does not exist", s(name, "service"), f.display());
+                assert!(
+                    f.exists(),
+                    "service {}: {} does not exist",
+                    s(name, "service"),
+                    f.display()
+                );
             }
         }
     }
@@ -492,11 +678,15 @@ fn defined_metrics() -> BTreeSet<String> {
     let src = read("src/admin/metrics.rs");
     let mut out = BTreeSet::new();
     for part in src.split('"').skip(1).step_by(2) {
-        if part.starts_with("walcast_") && part.bytes().all(|c| c.is_ascii_lowercase() || c == b'_') {
+        if part.starts_with("walcast_") && part.bytes().all(|c| c.is_ascii_lowercase() || c == b'_')
+        {
             out.insert(part.to_string());
         }
     }
-    assert!(out.len() >= 10, "found only {out:?} in src/admin/metrics.rs");
+    assert!(
+        out.len() >= 10,
+        "found only {out:?} in src/admin/metrics.rs"
+    );
     out
 }
 
@@ -505,7 +695,9 @@ fn collect_queries(v: &serde_json::Value, out: &mut Vec<String>) {
         serde_json::Value::Object(m) => {
             for (k, x) in m {
                 match (k.as_str(), x) {
-                    ("expr" | "query" | "definition", serde_json::Value::String(q)) => out.push(q.clone()),
+                    ("expr" | "query" | "definition", serde_json::Value::String(q)) => {
+                        out.push(q.clone())
+                    }
                     _ => collect_queries(x, out),
                 }
             }
@@ -517,20 +709,40 @@ fn collect_queries(v: &serde_json::Value, out: &mut Vec<String>) {
 
 #[test]
 fn grafana_dashboard_uses_only_exported_metrics() {
-    let dash: serde_json::Value = serde_json::from_str(&read("deploy/grafana/walcast.json")).expect("dashboard JSON");
-    assert!(dash["schemaVersion"].as_u64().unwrap_or(0) >= 36, "a current schemaVersion");
+    let dash: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/walcast.json")).expect("dashboard JSON");
     assert!(
-        dash["__inputs"].as_array().expect("__inputs").iter().any(|i| i["name"] == "DS_PROMETHEUS" && i["pluginId"] == "prometheus"),
+        dash["schemaVersion"].as_u64().unwrap_or(0) >= 36,
+        "a current schemaVersion"
+    );
+    assert!(
+        dash["__inputs"]
+            .as_array()
+            .expect("__inputs")
+            .iter()
+            .any(|i| i["name"] == "DS_PROMETHEUS" && i["pluginId"] == "prometheus"),
         "a DS_PROMETHEUS datasource input"
     );
 
     let panels = dash["panels"].as_array().expect("panels");
     let mut ids = BTreeSet::new();
     for p in panels {
-        assert!(ids.insert(p["id"].as_u64().expect("panel id")), "duplicate panel id {}", p["id"]);
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "duplicate panel id {}",
+            p["id"]
+        );
         if p["type"] != "row" {
-            assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "panel {} uses the input datasource", p["title"]);
-            assert!(!p["targets"].as_array().map_or(true, Vec::is_empty), "panel {} has queries", p["title"]);
+            assert_eq!(
+                p["datasource"]["uid"], "${DS_PROMETHEUS}",
+                "panel {} uses the input datasource",
+                p["title"]
+            );
+            assert!(
+                !p["targets"].as_array().map_or(true, Vec::is_empty),
+                "panel {} has queries",
+                p["title"]
+            );
         }
     }
 
@@ -545,7 +757,10 @@ fn grafana_dashboard_uses_only_exported_metrics() {
                 .find_map(|suf| name.strip_suffix(suf).filter(|b| defined.contains(*b)))
                 .unwrap_or(&name)
                 .to_string();
-            assert!(defined.contains(&base), "the dashboard queries {name}, which src/admin/metrics.rs does not define: {q}");
+            assert!(
+                defined.contains(&base),
+                "the dashboard queries {name}, which src/admin/metrics.rs does not define: {q}"
+            );
             used.insert(base);
         }
     }
@@ -565,7 +780,8 @@ fn grafana_dashboard_uses_only_exported_metrics() {
         assert!(used.contains(wanted), "no panel shows {wanted}");
     }
     assert!(
-        queries.iter().any(|q| q.contains("histogram_quantile(0.99") && q.contains("walcast_commit_to_ack_seconds_bucket")),
+        queries.iter().any(|q| q.contains("histogram_quantile(0.99")
+            && q.contains("walcast_commit_to_ack_seconds_bucket")),
         "a p99 of commit-to-ack latency"
     );
 }
@@ -573,7 +789,9 @@ fn grafana_dashboard_uses_only_exported_metrics() {
 #[test]
 fn metric_name_scanner() {
     assert_eq!(
-        metric_names(r#"histogram_quantile(0.5, sum by (le) (rate(walcast_commit_to_ack_seconds_bucket{pipeline=~"$p"}[5m]))) / x_walcast_no"#),
+        metric_names(
+            r#"histogram_quantile(0.5, sum by (le) (rate(walcast_commit_to_ack_seconds_bucket{pipeline=~"$p"}[5m]))) / x_walcast_no"#
+        ),
         ["walcast_commit_to_ack_seconds_bucket"]
     );
 }

@@ -18,44 +18,94 @@ async fn http_code(w: &Walcast, path: &str) -> Option<u16> {
 async fn wait_code(w: &Walcast, path: &str, code: u16) {
     let deadline = std::time::Instant::now() + WAIT;
     while http_code(w, path).await != Some(code) {
-        assert!(std::time::Instant::now() < deadline, "{path} never answered {code}; log:\n{}", tail(&w.log(), 3000));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{path} never answered {code}; log:\n{}",
+            tail(&w.log(), 3000)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_postgres_and_nothing_is_lost_across_its_restart() {
-    let pg = TempCluster::start(&["wal_level = logical", "max_replication_slots = 4", "max_wal_senders = 4"]);
-    pg.client().await.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    let pg = TempCluster::start(&[
+        "wal_level = logical",
+        "max_replication_slots = 4",
+        "max_wal_senders = 4",
+    ]);
+    pg.client()
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
     let port = pg.port;
     let w = Walcast::start_with(|out, admin| {
-        file_pipeline_config("ready", "postgres", &["public.t"], "retry_max_backoff = \"1s\"", out, admin)
-            .replace(&format!("port = {}", pg_port()), &format!("port = {port}"))
+        file_pipeline_config(
+            "ready",
+            "postgres",
+            &["public.t"],
+            "retry_max_backoff = \"1s\"",
+            out,
+            admin,
+        )
+        .replace(&format!("port = {}", pg_port()), &format!("port = {port}"))
     });
     wait_code(&w, "/readyz", 200).await;
     assert_eq!(http_code(&w, "/healthz").await, Some(200));
-    pg.client().await.batch_execute("INSERT INTO t VALUES (1)").await.unwrap();
+    pg.client()
+        .await
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
     w.wait_events("row 1", WAIT, |e| e.len() == 1).await;
 
     pg.stop();
     wait_code(&w, "/readyz", 503).await;
-    assert_eq!(http_code(&w, "/healthz").await, Some(200), "alive while Postgres is down");
+    assert_eq!(
+        http_code(&w, "/healthz").await,
+        Some(200),
+        "alive while Postgres is down"
+    );
     let (_, body) = w.http("/readyz").await.unwrap();
-    assert!(body.contains("ready") && body.contains("Retrying"), "{body}");
+    assert!(
+        body.contains("ready") && body.contains("Retrying"),
+        "{body}"
+    );
 
     pg.start_again();
     wait_code(&w, "/readyz", 200).await;
-    pg.client().await.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
-    let ev = w.wait_events("row 2 after the restart", WAIT, |e| e.iter().any(|x| x["value"]["after"]["id"] == 2)).await;
-    let ids: Vec<i64> = ev.iter().filter_map(|x| x["value"]["after"]["id"].as_i64()).collect();
+    pg.client()
+        .await
+        .batch_execute("INSERT INTO t VALUES (2)")
+        .await
+        .unwrap();
+    let ev = w
+        .wait_events("row 2 after the restart", WAIT, |e| {
+            e.iter().any(|x| x["value"]["after"]["id"] == 2)
+        })
+        .await;
+    let ids: Vec<i64> = ev
+        .iter()
+        .filter_map(|x| x["value"]["after"]["id"].as_i64())
+        .collect();
     assert!(ids.contains(&1) && ids.contains(&2), "{ids:?}");
     let (_, metrics) = w.http("/metrics").await.unwrap();
-    assert!(metrics.contains("walcast_pipeline_restarts_total{pipeline=\"ready\"}"), "restarts are counted");
+    assert!(
+        metrics.contains("walcast_pipeline_restarts_total{pipeline=\"ready\"}"),
+        "restarts are counted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scram_and_md5_roles_capture_and_secrets_stay_out_of_logs() {
-    for (user_var, pw_var) in [("WALCAST_TEST_PG_SCRAM_USER", "WALCAST_TEST_PG_SCRAM_PASSWORD"), ("WALCAST_TEST_PG_MD5_USER", "WALCAST_TEST_PG_MD5_PASSWORD")] {
+    for (user_var, pw_var) in [
+        (
+            "WALCAST_TEST_PG_SCRAM_USER",
+            "WALCAST_TEST_PG_SCRAM_PASSWORD",
+        ),
+        ("WALCAST_TEST_PG_MD5_USER", "WALCAST_TEST_PG_MD5_PASSWORD"),
+    ] {
         let user = var(user_var);
         let password = var(pw_var);
         let db = TestDb::new("wc_auth").await;
@@ -66,8 +116,15 @@ async fn scram_and_md5_roles_capture_and_secrets_stay_out_of_logs() {
             // The password arrives through a file, as a Kubernetes secret would.
             let pwfile = out.with_file_name("pw");
             std::fs::write(&pwfile, format!("{password}\n")).unwrap();
-            file_pipeline_config(&pipeline, &db.name, &["public.t"], &format!("password_file = \"{}\"", pwfile.display()), out, admin)
-                .replace("user = \"postgres\"", &format!("user = \"{user}\""))
+            file_pipeline_config(
+                &pipeline,
+                &db.name,
+                &["public.t"],
+                &format!("password_file = \"{}\"", pwfile.display()),
+                out,
+                admin,
+            )
+            .replace("user = \"postgres\"", &format!("user = \"{user}\""))
         });
         w.wait_state("streaming", WAIT).await;
         db.exec("INSERT INTO t VALUES (1, 'x')").await;
@@ -75,36 +132,129 @@ async fn scram_and_md5_roles_capture_and_secrets_stay_out_of_logs() {
         let status = w.http("/status").await.unwrap().1;
         let metrics = w.http("/metrics").await.unwrap().1;
         for (what, text) in [("log", w.log()), ("/status", status), ("/metrics", metrics)] {
-            assert!(!text.contains(&password), "the {user} password appears in the {what}");
+            assert!(
+                !text.contains(&password),
+                "the {user} password appears in the {what}"
+            );
         }
     }
 }
 
 fn openssl(args: &[&str], dir: &std::path::Path) {
-    let st = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (Debian package openssl)");
-    assert!(st.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&st.stderr));
+    let st = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (Debian package openssl)");
+    assert!(
+        st.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_verify_full_checks_the_ca_and_the_host_name() {
     let pki = tempfile::tempdir().unwrap();
     let d = pki.path();
-    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=walcast test CA"], d);
-    openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"], d);
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=walcast test CA",
+        ],
+        d,
+    );
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+        d,
+    );
     std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:localhost\n").unwrap();
-    openssl(&["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf"], d);
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+        d,
+    );
     // A second CA that did not sign the server's certificate.
-    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.crt", "-days", "2", "-subj", "/CN=other CA"], d);
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other CA",
+        ],
+        d,
+    );
 
-    let pg = TempCluster::start(&["wal_level = logical", "max_replication_slots = 4", "max_wal_senders = 8"]);
+    let pg = TempCluster::start(&[
+        "wal_level = logical",
+        "max_replication_slots = 4",
+        "max_wal_senders = 8",
+    ]);
     for f in ["server.crt", "server.key"] {
         std::fs::copy(d.join(f), pg.data_dir().join(f)).unwrap();
     }
-    Command::new("chown").args(["postgres"]).arg(pg.data_dir().join("server.key")).arg(pg.data_dir().join("server.crt")).status().unwrap();
-    Command::new("chmod").args(["600"]).arg(pg.data_dir().join("server.key")).status().unwrap();
+    Command::new("chown")
+        .args(["postgres"])
+        .arg(pg.data_dir().join("server.key"))
+        .arg(pg.data_dir().join("server.crt"))
+        .status()
+        .unwrap();
+    Command::new("chmod")
+        .args(["600"])
+        .arg(pg.data_dir().join("server.key"))
+        .status()
+        .unwrap();
     let c = pg.client().await;
     c.batch_execute("ALTER SYSTEM SET ssl = on").await.unwrap();
-    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY)").await.unwrap();
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -124,27 +274,44 @@ async fn tls_verify_full_checks_the_ca_and_the_host_name() {
     assert!(ok, "verify-full with the right CA and host name: {out}");
     let (_k2, wrong_name) = cfg("127.0.0.1", "verify-full", "ca.crt");
     let (ok, out) = check(&wrong_name);
-    assert!(!ok, "verify-full must refuse a certificate not issued for 127.0.0.1: {out}");
+    assert!(
+        !ok,
+        "verify-full must refuse a certificate not issued for 127.0.0.1: {out}"
+    );
     let (_k3, ca_only) = cfg("127.0.0.1", "verify-ca", "ca.crt");
     let (ok, out) = check(&ca_only);
     assert!(ok, "verify-ca ignores the host name: {out}");
     let (_k4, wrong_ca) = cfg("localhost", "verify-full", "other.crt");
     let (ok, out) = check(&wrong_ca);
-    assert!(!ok, "verify-full must refuse a certificate from another CA: {out}");
+    assert!(
+        !ok,
+        "verify-full must refuse a certificate from another CA: {out}"
+    );
 
     // Streaming over TLS (the replication connection, not only the catalog).
     let ca = d.join("ca.crt").display().to_string();
     let port = pg.port;
     let w = Walcast::start_with(|out, admin| {
-        file_pipeline_config("tlsrun", "postgres", &["public.t"], &format!("sslmode = \"verify-full\"\nssl_root_cert = \"{ca}\""), out, admin)
-            .replace("host = \"127.0.0.1\"", "host = \"localhost\"")
-            .replace(&format!("port = {}", pg_port()), &format!("port = {port}"))
+        file_pipeline_config(
+            "tlsrun",
+            "postgres",
+            &["public.t"],
+            &format!("sslmode = \"verify-full\"\nssl_root_cert = \"{ca}\""),
+            out,
+            admin,
+        )
+        .replace("host = \"127.0.0.1\"", "host = \"localhost\"")
+        .replace(&format!("port = {}", pg_port()), &format!("port = {port}"))
     });
     w.wait_state("streaming", WAIT).await;
     c.batch_execute("INSERT INTO t VALUES (42)").await.unwrap();
-    w.wait_events("the row over TLS", WAIT, |e| e.len() == 1).await;
+    w.wait_events("the row over TLS", WAIT, |e| e.len() == 1)
+        .await;
     let ssl_walsenders: i64 = c
-        .query_one("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_replication r USING (pid) WHERE s.ssl", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_replication r USING (pid) WHERE s.ssl",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);

@@ -50,7 +50,13 @@ fn writer(db: String, n: i32) -> tokio::task::JoinHandle<()> {
         let c = connect(&db).await;
         for chunk in (1..=n).collect::<Vec<_>>().chunks(10) {
             let values: Vec<String> = chunk.iter().map(|i| format!("({i}, 'v{i}')")).collect();
-            c.batch_execute(&format!("INSERT INTO t VALUES {}; UPDATE t SET v = v || '!' WHERE id = {}", values.join(","), chunk[0])).await.unwrap();
+            c.batch_execute(&format!(
+                "INSERT INTO t VALUES {}; UPDATE t SET v = v || '!' WHERE id = {}",
+                values.join(","),
+                chunk[0]
+            ))
+            .await
+            .unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -60,7 +66,10 @@ fn writer(db: String, n: i32) -> tokio::task::JoinHandle<()> {
 /// number of duplicated events.
 fn verify_topic(topic: &str, n: i32) -> usize {
     let records = consume_json(topic, WAIT, |r| {
-        let ids: HashSet<i64> = r.iter().filter_map(|(_, v)| v.as_ref()?.get("after")?.get("id")?.as_i64()).collect();
+        let ids: HashSet<i64> = r
+            .iter()
+            .filter_map(|(_, v)| v.as_ref()?.get("after")?.get("id")?.as_i64())
+            .collect();
         ids.len() == n as usize
     });
     let mut seen = HashSet::new();
@@ -88,25 +97,36 @@ async fn broker_stopped_for_30s_under_load_loses_nothing() {
     let db = TestDb::new("wc_brokerdown").await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
     let prefix = unique("bd");
-    let mut w = Walcast::start_with(|_, admin| kafka_json_config("brokerdown", &db.name, &prefix, admin));
+    let mut w =
+        Walcast::start_with(|_, admin| kafka_json_config("brokerdown", &db.name, &prefix, admin));
     w.wait_state("streaming", WAIT).await;
     const N: i32 = 3000;
     let load = writer(db.name.clone(), N);
     tokio::time::sleep(Duration::from_secs(2)).await;
     stack(&["stop", "kafka"]);
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let status = w.status().await.expect("walcast stays up while the broker is down");
+    let status = w
+        .status()
+        .await
+        .expect("walcast stays up while the broker is down");
     let in_flight = status["pipelines"][0]["in_flight_events"].as_u64().unwrap();
     stack(&["start", "kafka"]);
     load.await.unwrap();
-    assert!(w.exited().is_none(), "walcast exited during the outage:\n{}", tail(&w.log(), 3000));
+    assert!(
+        w.exited().is_none(),
+        "walcast exited during the outage:\n{}",
+        tail(&w.log(), 3000)
+    );
     let dups = verify_topic(&format!("{prefix}.public.t"), N);
     eprintln!("broker outage: in flight while down {in_flight}, duplicates {dups}");
     // Everything acknowledged: the slot caught up with the workload.
     let deadline = std::time::Instant::now() + WAIT;
     let end = db.current_wal().await;
     while db.confirmed_flush("walcast_brokerdown").await.unwrap() < end {
-        assert!(std::time::Instant::now() < deadline, "the slot never confirmed the end of the workload");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never confirmed the end of the workload"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -117,7 +137,8 @@ async fn kill_9_under_load_to_kafka_loses_nothing() {
     let db = TestDb::new("wc_kill").await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
     let prefix = unique("k9");
-    let mut w = Walcast::start_with(|_, admin| kafka_json_config("killk", &db.name, &prefix, admin));
+    let mut w =
+        Walcast::start_with(|_, admin| kafka_json_config("killk", &db.name, &prefix, admin));
     w.wait_state("streaming", WAIT).await;
     const N: i32 = 3000;
     let load = writer(db.name.clone(), N);
@@ -129,7 +150,10 @@ async fn kill_9_under_load_to_kafka_loses_nothing() {
     load.await.unwrap();
     let dups = verify_topic(&format!("{prefix}.public.t"), N);
     eprintln!("3 x kill -9 under load: duplicates {dups}");
-    assert!(dups <= 3 * 20_000, "duplicates bounded by the in-flight window");
+    assert!(
+        dups <= 3 * 20_000,
+        "duplicates bounded by the in-flight window"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,18 +202,34 @@ retry_max_ms = 1000
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     let http = reqwest::Client::new();
     async fn rows(db: &TestDb) -> HashMap<i64, String> {
-        db.client.query("SELECT id, v FROM t", &[]).await.unwrap().iter().map(|r| (r.get::<_, i32>(0) as i64, r.get::<_, String>(1))).collect()
+        db.client
+            .query("SELECT id, v FROM t", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, i32>(0) as i64, r.get::<_, String>(1)))
+            .collect()
     }
-    let converged = async |conn: &mut redis::aio::MultiplexedConnection, want: &HashMap<i64, String>, ids: &[i64]| -> bool {
+    let converged = async |conn: &mut redis::aio::MultiplexedConnection,
+                           want: &HashMap<i64, String>,
+                           ids: &[i64]|
+           -> bool {
         for id in ids {
-            let v: Option<String> = redis::cmd("GET").arg(format!("{prefix}:{id}")).query_async(conn).await.unwrap_or(None);
+            let v: Option<String> = redis::cmd("GET")
+                .arg(format!("{prefix}:{id}"))
+                .query_async(conn)
+                .await
+                .unwrap_or(None);
             let Some(v) = v else { return false };
             let row: Value = serde_json::from_str(&v).unwrap();
             if row["v"] != want[id].as_str() {
                 return false;
             }
         }
-        let _ = http.post(format!("{search}/{prefix}/_refresh")).send().await;
+        let _ = http
+            .post(format!("{search}/{prefix}/_refresh"))
+            .send()
+            .await;
         let count: Value = match http.get(format!("{search}/{prefix}/_count")).send().await {
             Ok(r) => r.json().await.unwrap_or(Value::Null),
             Err(_) => return false,
@@ -198,7 +238,14 @@ retry_max_ms = 1000
             return false;
         }
         for id in ids.iter().step_by(97) {
-            let doc: Value = http.get(format!("{search}/{prefix}/_doc/{id}")).send().await.unwrap().json().await.unwrap();
+            let doc: Value = http
+                .get(format!("{search}/{prefix}/_doc/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
             if doc["_source"]["v"] != want[id].as_str() {
                 return false;
             }
@@ -212,7 +259,12 @@ retry_max_ms = 1000
         assert!(
             std::time::Instant::now() < deadline,
             "Redis and the index never matched Postgres after kill -9:\n{}",
-            w.log().lines().filter(|l| l.contains("ERROR") || l.contains("refused")).take(20).collect::<Vec<_>>().join("\n")
+            w.log()
+                .lines()
+                .filter(|l| l.contains("ERROR") || l.contains("refused"))
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -238,8 +290,16 @@ retry_max_ms = 1000
             let ok = if service == "redis" {
                 let mut ok = true;
                 for id in &touched {
-                    let v: Option<String> = redis::cmd("GET").arg(format!("{prefix}:{id}")).query_async(&mut conn).await.unwrap_or(None);
-                    if v.map(|v| serde_json::from_str::<Value>(&v).unwrap()["v"] != want[id].as_str()).unwrap_or(true) {
+                    let v: Option<String> = redis::cmd("GET")
+                        .arg(format!("{prefix}:{id}"))
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or(None);
+                    if v.map(|v| {
+                        serde_json::from_str::<Value>(&v).unwrap()["v"] != want[id].as_str()
+                    })
+                    .unwrap_or(true)
+                    {
                         ok = false;
                         break;
                     }
@@ -251,7 +311,11 @@ retry_max_ms = 1000
             if ok {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "the relay did not catch up after {service} returned:\n{}", tail(&w.log(), 3000));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the relay did not catch up after {service} returned:\n{}",
+                tail(&w.log(), 3000)
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
             // A new connection: the old one died with the server.
             if let Ok(c) = redis.get_multiplexed_async_connection().await {
@@ -259,5 +323,8 @@ retry_max_ms = 1000
             }
         }
     }
-    assert!(w.exited().is_none(), "walcast stayed up through the outages");
+    assert!(
+        w.exited().is_none(),
+        "walcast stayed up through the outages"
+    );
 }

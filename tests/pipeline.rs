@@ -83,7 +83,11 @@ flush_interval_ms = 100
     w.wait_state("streaming", WAIT).await;
     let _ = until("both pipelines streaming", async || {
         let s = w.status().await?;
-        s["pipelines"].as_array()?.iter().all(|p| p["state"] == "streaming").then_some(())
+        s["pipelines"]
+            .as_array()?
+            .iter()
+            .all(|p| p["state"] == "streaming")
+            .then_some(())
     })
     .await;
 
@@ -107,13 +111,30 @@ flush_interval_ms = 100
     let mut records: Vec<(i32, Option<Vec<u8>>, Option<Vec<u8>>)> = Vec::new();
     let deadline = Instant::now() + WAIT;
     while records.len() < 6 {
-        assert!(Instant::now() < deadline, "only {} records on {topic}", records.len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} records on {topic}",
+            records.len()
+        );
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            records.push((m.partition(), m.key().map(|k| k.to_vec()), m.payload().map(|p| p.to_vec())));
+            records.push((
+                m.partition(),
+                m.key().map(|k| k.to_vec()),
+                m.payload().map(|p| p.to_vec()),
+            ));
         }
     }
-    assert_eq!(records.len(), 6, "3 inserts, 1 update, 1 delete, 1 tombstone");
-    assert!(records.iter().all(|(_, k, _)| k.as_ref().is_some_and(|k| k[0] == 0)), "Avro keys in the Confluent framing");
+    assert_eq!(
+        records.len(),
+        6,
+        "3 inserts, 1 update, 1 delete, 1 tombstone"
+    );
+    assert!(
+        records
+            .iter()
+            .all(|(_, k, _)| k.as_ref().is_some_and(|k| k[0] == 0)),
+        "Avro keys in the Confluent framing"
+    );
     let tombstones: Vec<_> = records.iter().filter(|(_, _, v)| v.is_none()).collect();
     assert_eq!(tombstones.len(), 1);
     let mut partition_of: HashMap<Vec<u8>, i32> = HashMap::new();
@@ -124,7 +145,8 @@ flush_interval_ms = 100
     assert_eq!(partition_of.len(), 3, "three distinct keys");
     // Decoded through the registry, the update is the Debezium envelope.
     let decoder = walcast_schemas::AvroDecoder::new(std::sync::Arc::new(
-        walcast_schemas::HttpRegistry::new(&walcast_schemas::RegistryConfig::new(registry.clone())).unwrap(),
+        walcast_schemas::HttpRegistry::new(&walcast_schemas::RegistryConfig::new(registry.clone()))
+            .unwrap(),
     ));
     let mut ops = Vec::new();
     for (_, _, v) in &records {
@@ -146,32 +168,69 @@ flush_interval_ms = 100
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let key1 = format!("{prefix}:orders:1");
     let v: String = until("the updated row in Redis", async || {
-        let v: Option<String> = redis::cmd("GET").arg(&key1).query_async(&mut conn).await.ok()?;
+        let v: Option<String> = redis::cmd("GET")
+            .arg(&key1)
+            .query_async(&mut conn)
+            .await
+            .ok()?;
         v.filter(|v| v.contains("9.99"))
     })
     .await;
     let row: serde_json::Value = serde_json::from_str(&v).unwrap();
     assert_eq!(row["item"], "apple");
-    let gone: Option<String> = redis::cmd("GET").arg(format!("{prefix}:orders:2")).query_async(&mut conn).await.unwrap();
+    let gone: Option<String> = redis::cmd("GET")
+        .arg(format!("{prefix}:orders:2"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(gone, None, "the deleted row is not cached");
 
     // OpenSearch: documents by primary key, the deleted one absent.
     let http = reqwest::Client::new();
     until("3 documents visible, then 2", async || {
-        http.post(format!("{search}/{index}/_refresh")).send().await.ok()?;
-        let doc: serde_json::Value = http.get(format!("{search}/{index}/_doc/1")).send().await.ok()?.json().await.ok()?;
+        http.post(format!("{search}/{index}/_refresh"))
+            .send()
+            .await
+            .ok()?;
+        let doc: serde_json::Value = http
+            .get(format!("{search}/{index}/_doc/1"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
         (doc["_source"]["price"] == "9.99").then_some(())
     })
     .await;
-    let deleted = http.get(format!("{search}/{index}/_doc/2")).send().await.unwrap();
+    let deleted = http
+        .get(format!("{search}/{index}/_doc/2"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(deleted.status().as_u16(), 404);
-    let fig: serde_json::Value = http.get(format!("{search}/{index}/_doc/3")).send().await.unwrap().json().await.unwrap();
+    let fig: serde_json::Value = http
+        .get(format!("{search}/{index}/_doc/3"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(fig["_source"]["item"], "fig");
 
     // Every metric the dashboard queries exists on the live /metrics.
     let (_, metrics) = w.http("/metrics").await.unwrap();
-    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/admin/metrics.rs")).unwrap();
-    for name in dashboard.split('"').filter(|s| s.starts_with("walcast_") && !s.contains(' ')) {
-        assert!(metrics.contains(name), "metric {name} missing from /metrics:\n{metrics}");
+    let dashboard =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/admin/metrics.rs"))
+            .unwrap();
+    for name in dashboard
+        .split('"')
+        .filter(|s| s.starts_with("walcast_") && !s.contains(' '))
+    {
+        assert!(
+            metrics.contains(name),
+            "metric {name} missing from /metrics:\n{metrics}"
+        );
     }
 }

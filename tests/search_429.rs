@@ -31,7 +31,13 @@ fn rejected_items(body: &[u8]) -> Value {
     let mut lines = body.split(|b| *b == b'\n').filter(|l| !l.is_empty());
     while let Some(line) = lines.next() {
         let action: Value = serde_json::from_slice(line).unwrap();
-        let (kind, meta) = action.as_object().unwrap().iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+        let (kind, meta) = action
+            .as_object()
+            .unwrap()
+            .iter()
+            .next()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .unwrap();
         if kind != "delete" {
             lines.next(); // the document
         }
@@ -48,13 +54,26 @@ async fn handle(State(p): State<Proxy>, method: Method, uri: Uri, body: Bytes) -
             return (StatusCode::OK, axum::Json(rejected_items(&body))).into_response();
         }
         if n == 2 {
-            return (StatusCode::TOO_MANY_REQUESTS, axum::Json(json!({"error": {"type": "es_rejected_execution_exception"}, "status": 429}))).into_response();
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                axum::Json(
+                    json!({"error": {"type": "es_rejected_execution_exception"}, "status": 429}),
+                ),
+            )
+                .into_response();
         }
     }
-    let url = format!("{}{}", p.upstream, uri.path_and_query().map(|x| x.as_str()).unwrap_or("/"));
+    let url = format!(
+        "{}{}",
+        p.upstream,
+        uri.path_and_query().map(|x| x.as_str()).unwrap_or("/")
+    );
     let resp = p
         .http
-        .request(reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap(), url)
+        .request(
+            reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap(),
+            url,
+        )
         .header("content-type", "application/json")
         .body(body.to_vec())
         .send()
@@ -62,18 +81,31 @@ async fn handle(State(p): State<Proxy>, method: Method, uri: Uri, body: Bytes) -
         .unwrap();
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
     let bytes = resp.bytes().await.unwrap();
-    Response::builder().status(status).header("content-type", "application/json").body(Body::from(bytes)).unwrap()
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(bytes))
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_bulk_requests_are_retried_until_delivered() {
     let search = var("WALCAST_TEST_OPENSEARCH_URL");
-    let proxy = Proxy { upstream: search.clone(), bulk_seen: Arc::new(AtomicUsize::new(0)), http: reqwest::Client::new() };
+    let proxy = Proxy {
+        upstream: search.clone(),
+        bulk_seen: Arc::new(AtomicUsize::new(0)),
+        http: reqwest::Client::new(),
+    };
     let seen = proxy.bulk_seen.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy_url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
-        axum::serve(listener, axum::Router::new().fallback(handle).with_state(proxy)).await.unwrap();
+        axum::serve(
+            listener,
+            axum::Router::new().fallback(handle).with_state(proxy),
+        )
+        .await
+        .unwrap();
     });
 
     let db = TestDb::new("wc_429").await;
@@ -106,20 +138,42 @@ retry_max_ms = 500
         )
     });
     w.wait_state("streaming", Duration::from_secs(60)).await;
-    db.exec("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g").await;
+    db.exec("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g")
+        .await;
     let http = reqwest::Client::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let _ = http.post(format!("{search}/{index}/_refresh")).send().await;
-        let c: Value = http.get(format!("{search}/{index}/_count")).send().await.unwrap().json().await.unwrap_or(Value::Null);
+        let c: Value = http
+            .get(format!("{search}/{index}/_count"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or(Value::Null);
         if c["count"] == 20 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "documents never arrived: {c}; log:\n{}", tail(&w.log(), 3000));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "documents never arrived: {c}; log:\n{}",
+            tail(&w.log(), 3000)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(seen.load(Ordering::SeqCst) >= 4, "three rejected bulk requests, then at least one forwarded");
-    let doc: Value = http.get(format!("{search}/{index}/_doc/7")).send().await.unwrap().json().await.unwrap();
+    assert!(
+        seen.load(Ordering::SeqCst) >= 4,
+        "three rejected bulk requests, then at least one forwarded"
+    );
+    let doc: Value = http
+        .get(format!("{search}/{index}/_doc/7"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(doc["_source"]["v"], "v7");
     // The batch is acknowledged once the index has it: nothing stays in flight.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -128,7 +182,10 @@ retry_max_ms = 500
         if status["pipelines"][0]["in_flight_events"] == 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "events stayed in flight: {status}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events stayed in flight: {status}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -18,7 +18,16 @@ const WAIT: Duration = Duration::from_secs(120);
 /// A capture of `tables` to a JSON-lines file, with extra source keys and
 /// extra file-sink keys.
 #[allow(clippy::too_many_arguments)]
-fn config(pipeline: &str, db: &str, tables: &[&str], source: &str, pipeline_extra: &str, sink: &str, out: &Path, admin: &str) -> String {
+fn config(
+    pipeline: &str,
+    db: &str,
+    tables: &[&str],
+    source: &str,
+    pipeline_extra: &str,
+    sink: &str,
+    out: &Path,
+    admin: &str,
+) -> String {
     let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
     format!(
         r#"[admin]
@@ -67,7 +76,10 @@ fn rebuild(ev: &[Value]) -> BTreeMap<i64, String> {
                 if let Some(before) = v["before"]["id"].as_i64() {
                     rows.remove(&before);
                 }
-                rows.insert(after["id"].as_i64().unwrap(), after["v"].as_str().unwrap_or("<null>").to_string());
+                rows.insert(
+                    after["id"].as_i64().unwrap(),
+                    after["v"].as_str().unwrap_or("<null>").to_string(),
+                );
             }
             "d" => {
                 rows.remove(&v["before"]["id"].as_i64().unwrap());
@@ -99,8 +111,16 @@ async fn converge(w: &Walcast, db: &TestDb) -> Vec<Value> {
             return ev;
         }
         if Instant::now() > deadline {
-            let missing = want.iter().filter(|(k, v)| got.get(k) != Some(v)).take(5).collect::<Vec<_>>();
-            let extra = got.iter().filter(|(k, _)| !want.contains_key(k)).take(5).collect::<Vec<_>>();
+            let missing = want
+                .iter()
+                .filter(|(k, v)| got.get(k) != Some(v))
+                .take(5)
+                .collect::<Vec<_>>();
+            let extra = got
+                .iter()
+                .filter(|(k, _)| !want.contains_key(k))
+                .take(5)
+                .collect::<Vec<_>>();
             panic!(
                 "events never rebuilt the table: {} rows vs {} in Postgres; differing {missing:?}, extra {extra:?}\nlog:\n{}",
                 got.len(),
@@ -113,7 +133,11 @@ async fn converge(w: &Walcast, db: &TestDb) -> Vec<Value> {
 }
 
 /// Inserts, updates and deletes in small transactions until told to stop.
-fn writer(db: String, first_new_id: i32, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<u64> {
+fn writer(
+    db: String,
+    first_new_id: i32,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let c = connect(&db).await;
         let mut n = 0u64;
@@ -149,7 +173,12 @@ async fn big_table(db: &TestDb, rows: i32) {
 }
 
 fn state_file(w: &Walcast, pipeline: &str) -> Option<Value> {
-    let text = std::fs::read_to_string(w.dir.join("walcast-state").join(format!("{pipeline}.snapshot.json"))).ok()?;
+    let text = std::fs::read_to_string(
+        w.dir
+            .join("walcast-state")
+            .join(format!("{pipeline}.snapshot.json")),
+    )
+    .ok()?;
     serde_json::from_str(&text).ok()
 }
 
@@ -163,31 +192,67 @@ async fn snapshot_under_concurrent_writes_rebuilds_the_table() {
     let writes = writer(db.name.clone(), N + 1, stop_rx);
     let started = Instant::now();
     let w = Walcast::start_with(|out, admin| {
-        config("snap", &db.name, &["public.big"], "snapshot_workers = 2\nsnapshot_chunk_rows = 1000", "", "", out, admin)
+        config(
+            "snap",
+            &db.name,
+            &["public.big"],
+            "snapshot_workers = 2\nsnapshot_chunk_rows = 1000",
+            "",
+            "",
+            out,
+            admin,
+        )
     });
-    w.wait_events("the last snapshot record", WAIT, |e| e.iter().any(|x| marker(x) == "last")).await;
+    w.wait_events("the last snapshot record", WAIT, |e| {
+        e.iter().any(|x| marker(x) == "last")
+    })
+    .await;
     let snapshot_secs = started.elapsed().as_secs_f64();
-    w.wait_events("streamed changes after the snapshot", WAIT, |e| e.iter().filter(|x| op(x) != "r").count() >= 50).await;
+    w.wait_events("streamed changes after the snapshot", WAIT, |e| {
+        e.iter().filter(|x| op(x) != "r").count() >= 50
+    })
+    .await;
     stop_tx.send(true).unwrap();
     let transactions = writes.await.unwrap();
     let ev = converge(&w, &db).await;
 
     let reads: Vec<&Value> = ev.iter().filter(|e| op(e) == "r").collect();
     let first_stream = ev.iter().position(|e| op(e) != "r").unwrap();
-    assert_eq!(first_stream, reads.len(), "every snapshot record comes before the first streamed change");
+    assert_eq!(
+        first_stream,
+        reads.len(),
+        "every snapshot record comes before the first streamed change"
+    );
     assert_eq!(marker(reads[0]), "first");
     assert_eq!(marker(reads[reads.len() - 1]), "last");
-    assert!(reads[1..reads.len() - 1].iter().all(|e| marker(e) == "true"));
+    assert!(reads[1..reads.len() - 1]
+        .iter()
+        .all(|e| marker(e) == "true"));
     assert!(ev[first_stream..].iter().all(|e| marker(e) == "false"));
-    let ids: std::collections::HashSet<i64> = reads.iter().map(|e| e["value"]["after"]["id"].as_i64().unwrap()).collect();
+    let ids: std::collections::HashSet<i64> = reads
+        .iter()
+        .map(|e| e["value"]["after"]["id"].as_i64().unwrap())
+        .collect();
     assert_eq!(ids.len(), reads.len(), "no row is read twice");
-    assert!(reads.len() >= (N as usize).saturating_sub(3 * transactions as usize), "{} rows read", reads.len());
+    assert!(
+        reads.len() >= (N as usize).saturating_sub(3 * transactions as usize),
+        "{} rows read",
+        reads.len()
+    );
     // Snapshot records: no transaction, the consistent point as position,
     // which streamed changes are all after.
     let cp = reads[0]["value"]["source"]["lsn"].as_u64().unwrap();
-    assert!(reads.iter().all(|e| e["value"]["source"]["commit_lsn"].as_u64() == Some(cp) && e["value"]["transaction"].is_null()));
-    assert!(ev[first_stream..].iter().all(|e| e["value"]["source"]["commit_lsn"].as_u64().unwrap() > cp));
-    assert_eq!(reads[0]["key"], serde_json::json!({"id": reads[0]["value"]["after"]["id"]}));
+    assert!(reads
+        .iter()
+        .all(|e| e["value"]["source"]["commit_lsn"].as_u64() == Some(cp)
+            && e["value"]["transaction"].is_null()));
+    assert!(ev[first_stream..]
+        .iter()
+        .all(|e| e["value"]["source"]["commit_lsn"].as_u64().unwrap() > cp));
+    assert_eq!(
+        reads[0]["key"],
+        serde_json::json!({"id": reads[0]["value"]["after"]["id"]})
+    );
     let status = w.status().await.unwrap();
     let progress = &status["pipelines"][0]["progress"]["snapshot"];
     assert_eq!(progress["state"], "done", "{status}");
@@ -225,30 +290,55 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
         if let Some(s) = state_file(&w, "snapkill") {
             let rows = s["tables"]["public.big"]["rows"].as_u64().unwrap_or(0);
             if rows > 0 {
-                assert_eq!(s["done"], false, "the snapshot finished before it could be interrupted; make it slower");
+                assert_eq!(
+                    s["done"], false,
+                    "the snapshot finished before it could be interrupted; make it slower"
+                );
                 break rows;
             }
         }
-        assert!(Instant::now() < deadline, "no snapshot progress saved:\n{}", tail(&w.log(), 4000));
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot progress saved:\n{}",
+            tail(&w.log(), 4000)
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     w.kill9();
     // A torn last line belongs to a batch that was never acknowledged.
     let text = std::fs::read(&w.out).unwrap();
-    let keep = text.iter().rposition(|b| *b == b'\n').map(|p| p + 1).unwrap_or(0);
+    let keep = text
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map(|p| p + 1)
+        .unwrap_or(0);
     std::fs::write(&w.out, &text[..keep]).unwrap();
     let before = w.events().len();
-    let saved_after_kill = state_file(&w, "snapkill").unwrap()["tables"]["public.big"]["rows"].as_u64().unwrap();
-    assert!(before as u64 >= saved_after_kill, "the state never claims more than the sink holds: {saved_after_kill} > {before}");
+    let saved_after_kill = state_file(&w, "snapkill").unwrap()["tables"]["public.big"]["rows"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        before as u64 >= saved_after_kill,
+        "the state never claims more than the sink holds: {saved_after_kill} > {before}"
+    );
 
     // Changes while it is down: streamed after the resumed snapshot.
     db.exec("UPDATE big SET v = 'changed while down' WHERE id % 1000 = 0; DELETE FROM big WHERE id % 1000 = 1; INSERT INTO big VALUES (200000, 'new while down')").await;
     w.spawn();
-    w.wait_events("the last snapshot record", WAIT, |e| e.iter().any(|x| marker(x) == "last")).await;
+    w.wait_events("the last snapshot record", WAIT, |e| {
+        e.iter().any(|x| marker(x) == "last")
+    })
+    .await;
     let ev = converge(&w, &db).await;
     let reads_after = ev[before..].iter().filter(|e| op(e) == "r").count();
-    assert!(reads_after > 0 && reads_after < N as usize, "{reads_after} rows read after the restart");
-    assert!(w.log().contains("\"resumed\":true"), "the log says it resumed");
+    assert!(
+        reads_after > 0 && reads_after < N as usize,
+        "{reads_after} rows read after the restart"
+    );
+    assert!(
+        w.log().contains("\"resumed\":true"),
+        "the log says it resumed"
+    );
     let state = state_file(&w, "snapkill").unwrap();
     assert_eq!(state["done"], true);
     eprintln!(
@@ -262,7 +352,16 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
 async fn snapshot_never_reads_no_existing_rows() {
     let db = TestDb::new("wc_snapnever").await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT i, 'x' FROM generate_series(1, 100) i").await;
-    let w = Walcast::start_with(|out, admin| file_pipeline_config("never", &db.name, &["public.t"], r#"snapshot = "never""#, out, admin));
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config(
+            "never",
+            &db.name,
+            &["public.t"],
+            r#"snapshot = "never""#,
+            out,
+            admin,
+        )
+    });
     w.wait_state("streaming", WAIT).await;
     db.exec("INSERT INTO t VALUES (1000, 'streamed')").await;
     let ev = w.wait_events("the insert", WAIT, |e| !e.is_empty()).await;
@@ -284,20 +383,35 @@ async fn snapshot_values_read_like_streamed_ones() {
     let row = r#"-1234567890.12, 'NaN', '2024-02-29 12:34:56.789+02', '{1,NULL,3}', '{"a b","c\"d",NULL,"x\\y"}',
         E'tab\there\nnewline \\ backslash ë', '\x00ff5c', '{"k": [1, "t\tx"]}', '1 year 2 mons -3 days 04:05:06.5', 'happy',
         '0044-03-15 BC', 1.1, NULL"#;
-    db.exec(&format!("INSERT INTO types VALUES (1, {row})")).await;
-    let w = Walcast::start_with(|out, admin| file_pipeline_config("snaptypes", &db.name, &["public.types"], "", out, admin));
+    db.exec(&format!("INSERT INTO types VALUES (1, {row})"))
+        .await;
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("snaptypes", &db.name, &["public.types"], "", out, admin)
+    });
     w.wait_state("streaming", WAIT).await;
-    db.exec(&format!("INSERT INTO types VALUES (2, {row})")).await;
-    let ev = w.wait_events("the snapshot row and the streamed row", WAIT, |e| e.len() >= 2).await;
+    db.exec(&format!("INSERT INTO types VALUES (2, {row})"))
+        .await;
+    let ev = w
+        .wait_events("the snapshot row and the streamed row", WAIT, |e| {
+            e.len() >= 2
+        })
+        .await;
     assert_eq!(op(&ev[0]), "r");
-    assert_eq!(marker(&ev[0]), "last", "a single-row snapshot's record is its last");
+    assert_eq!(
+        marker(&ev[0]),
+        "last",
+        "a single-row snapshot's record is its last"
+    );
     assert_eq!(op(&ev[1]), "c");
     let mut read = ev[0]["value"]["after"].clone();
     let mut streamed = ev[1]["value"]["after"].clone();
     read["id"] = Value::Null;
     streamed["id"] = Value::Null;
     assert_eq!(read, streamed);
-    assert!(read.get("g").is_none(), "generated columns are left out, as pgoutput does");
+    assert!(
+        read.get("g").is_none(),
+        "generated columns are left out, as pgoutput does"
+    );
     assert_eq!(read["t"], "tab\there\nnewline \\ backslash ë");
     assert_eq!(read["nothing"], Value::Null);
 }
@@ -325,22 +439,42 @@ async fn initial_only_reads_the_tables_exits_zero_and_keeps_no_slot() {
         if let Some(st) = w.exited() {
             break st;
         }
-        assert!(Instant::now() < deadline, "initial_only did not exit:\n{}", tail(&w.log(), 4000));
+        assert!(
+            Instant::now() < deadline,
+            "initial_only did not exit:\n{}",
+            tail(&w.log(), 4000)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(status.success(), "exit status {status:?}:\n{}", tail(&w.log(), 4000));
+    assert!(
+        status.success(),
+        "exit status {status:?}:\n{}",
+        tail(&w.log(), 4000)
+    );
     let ev = w.events();
     assert_eq!(ev.len(), 2800);
     assert!(ev.iter().all(|e| op(e) == "r"));
     assert_eq!(marker(&ev[0]), "first");
     assert_eq!(marker(&ev[2799]), "last");
-    assert_eq!(ev.iter().filter(|e| e["value"]["source"]["table"] == "b" && e["key"].is_null()).count(), 300);
-    assert_eq!(db.confirmed_flush("walcast_only").await, None, "the temporary slot is gone");
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e["value"]["source"]["table"] == "b" && e["key"].is_null())
+            .count(),
+        300
+    );
+    assert_eq!(
+        db.confirmed_flush("walcast_only").await,
+        None,
+        "the temporary slot is gone"
+    );
     // Done is done: a second run reads nothing and exits at once.
     w.spawn();
     let deadline = Instant::now() + WAIT;
     while w.exited().is_none() {
-        assert!(Instant::now() < deadline, "second initial_only run did not exit");
+        assert!(
+            Instant::now() < deadline,
+            "second initial_only run did not exit"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(w.events().len(), 2800);

@@ -7,14 +7,24 @@
 use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use walcast_schemas::{codec, default_topic, mapping, wire, AvroEncoder, EmbeddedRegistry, MappingOptions, SubjectStrategy};
+use walcast_schemas::{
+    codec, default_topic, mapping, wire, AvroEncoder, EmbeddedRegistry, MappingOptions,
+    SubjectStrategy,
+};
 use walcast_sdk::{
     ChangeEvent, Column, EventEncoder, Lsn, Numeric, Op, PgType, ReplicaIdentity, SourceInfo,
     TableSchema, TransactionInfo, Value,
 };
 
 fn col(name: &str, pg_type: PgType, oid: u32, key: bool) -> Column {
-    Column { name: name.into(), pg_type, type_oid: oid, type_modifier: -1, nullable: !key, key }
+    Column {
+        name: name.into(),
+        pg_type,
+        type_oid: oid,
+        type_modifier: -1,
+        nullable: !key,
+        key,
+    }
 }
 
 fn table(identity: ReplicaIdentity) -> Arc<TableSchema> {
@@ -26,7 +36,15 @@ fn table(identity: ReplicaIdentity) -> Arc<TableSchema> {
             col("id", PgType::Int8, 20, true),
             col("account", PgType::Int8, 20, false),
             col("label", PgType::Text, 25, false),
-            col("amount", PgType::Numeric { precision: Some(12), scale: Some(2) }, 1700, false),
+            col(
+                "amount",
+                PgType::Numeric {
+                    precision: Some(12),
+                    scale: Some(2),
+                },
+                1700,
+                false,
+            ),
             col("currency", PgType::Char { length: Some(3) }, 1042, false),
             col("note", PgType::Text, 25, false),
             col("created_at", PgType::TimestampTz, 1184, false),
@@ -54,7 +72,11 @@ fn event(i: i64, full: bool) -> ChangeEvent {
     let lsn = 0x1_0000_0000 + i as u64 * 120;
     ChangeEvent {
         op: if full { Op::Update } else { Op::Create },
-        table: table(if full { ReplicaIdentity::Full } else { ReplicaIdentity::Default }),
+        table: table(if full {
+            ReplicaIdentity::Full
+        } else {
+            ReplicaIdentity::Default
+        }),
         before: full.then(|| row(i - 1)),
         after: Some(row(i)),
         source: SourceInfo {
@@ -89,14 +111,18 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("codec_key_value_framed_insert", |b| {
         b.iter(|| {
-            let k = codec::encode_key(black_box(&insert), &schemas, &opts).unwrap().unwrap();
+            let k = codec::encode_key(black_box(&insert), &schemas, &opts)
+                .unwrap()
+                .unwrap();
             let v = codec::encode_value(black_box(&insert), &schemas, &opts).unwrap();
             (wire::frame(1, &k), wire::frame(2, &v))
         })
     });
     // The Kafka sink's path: AvroEncoder with its schema-id cache warm
     // (an in-process registry; the hot path makes no registry call).
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let enc = AvroEncoder::new(
         Arc::new(EmbeddedRegistry::new()),
         opts.clone(),

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 
 pub const EVENTS: &str = "walcast_events_total";
 pub const TRANSACTIONS: &str = "walcast_transactions_total";
@@ -24,25 +26,60 @@ pub const SNAPSHOT_ROWS: &str = "walcast_snapshot_rows_total";
 /// All names, for the dashboard check.
 #[allow(dead_code)]
 pub const ALL: &[&str] = &[
-    EVENTS, TRANSACTIONS, WAL_BYTES, LAG_BYTES, LAG_SECONDS, COMMIT_TO_ACK, SLOT_RETAINED, SINK_ERRORS, SINK_EVENTS,
-    IN_FLIGHT, CONFIRMED_LSN, STREAMING, RESTARTS, SNAPSHOT_ROWS,
+    EVENTS,
+    TRANSACTIONS,
+    WAL_BYTES,
+    LAG_BYTES,
+    LAG_SECONDS,
+    COMMIT_TO_ACK,
+    SLOT_RETAINED,
+    SINK_ERRORS,
+    SINK_EVENTS,
+    IN_FLIGHT,
+    CONFIRMED_LSN,
+    STREAMING,
+    RESTARTS,
+    SNAPSHOT_ROWS,
 ];
 
 pub fn describe() {
     describe_counter!(EVENTS, "Change events captured, by pipeline, table and op");
     describe_counter!(TRANSACTIONS, "Transactions captured");
-    describe_counter!(WAL_BYTES, Unit::Bytes, "pgoutput bytes received from Postgres");
-    describe_gauge!(LAG_BYTES, Unit::Bytes, "Server WAL end minus the confirmed LSN");
-    describe_gauge!(LAG_SECONDS, Unit::Seconds, "Now minus the commit time of the newest transaction received");
-    describe_histogram!(COMMIT_TO_ACK, Unit::Seconds, "From commit in Postgres to acknowledgement by every sink");
-    describe_gauge!(SLOT_RETAINED, Unit::Bytes, "WAL the replication slot keeps on the server (current LSN minus restart_lsn)");
+    describe_counter!(
+        WAL_BYTES,
+        Unit::Bytes,
+        "pgoutput bytes received from Postgres"
+    );
+    describe_gauge!(
+        LAG_BYTES,
+        Unit::Bytes,
+        "Server WAL end minus the confirmed LSN"
+    );
+    describe_gauge!(
+        LAG_SECONDS,
+        Unit::Seconds,
+        "Now minus the commit time of the newest transaction received"
+    );
+    describe_histogram!(
+        COMMIT_TO_ACK,
+        Unit::Seconds,
+        "From commit in Postgres to acknowledgement by every sink"
+    );
+    describe_gauge!(
+        SLOT_RETAINED,
+        Unit::Bytes,
+        "WAL the replication slot keeps on the server (current LSN minus restart_lsn)"
+    );
     describe_counter!(SINK_ERRORS, "Sink failures, by sink");
     describe_counter!(SINK_EVENTS, "Events handed to each sink");
     describe_gauge!(IN_FLIGHT, "Events handed to sinks and not yet acknowledged");
     describe_gauge!(CONFIRMED_LSN, "The LSN confirmed to Postgres, as a number");
     describe_gauge!(STREAMING, "1 while the pipeline streams");
     describe_counter!(RESTARTS, "Pipeline restarts after a transient error");
-    describe_counter!(SNAPSHOT_ROWS, "Rows read by snapshots and handed to the sinks");
+    describe_counter!(
+        SNAPSHOT_ROWS,
+        "Rows read by snapshots and handed to the sinks"
+    );
 }
 
 /// Makes every series exist from the start, so dashboards and alerts see
@@ -66,7 +103,8 @@ pub fn register_pipeline(pipeline: &str, sinks: &[String]) {
 }
 
 pub fn events(pipeline: &str, table: &str, op: &'static str, n: u64) {
-    counter!(EVENTS, "pipeline" => pipeline.to_string(), "table" => table.to_string(), "op" => op).increment(n);
+    counter!(EVENTS, "pipeline" => pipeline.to_string(), "table" => table.to_string(), "op" => op)
+        .increment(n);
 }
 
 pub fn commit_to_ack(pipeline: &str, d: Duration) {

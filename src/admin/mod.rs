@@ -25,7 +25,9 @@ struct AppState {
 /// Installs the global metrics recorder once per process.
 pub fn install_recorder() -> PrometheusHandle {
     let handle = PrometheusBuilder::new()
-        .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+        .set_buckets(&[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ])
         .expect("static buckets are valid")
         .install_recorder()
         .expect("the metrics recorder is installed once");
@@ -33,16 +35,26 @@ pub fn install_recorder() -> PrometheusHandle {
     handle
 }
 
-pub async fn serve(addr: SocketAddr, prometheus: PrometheusHandle, pipelines: Vec<StatusHandle>, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    prometheus: PrometheusHandle,
+    pipelines: Vec<StatusHandle>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/status", get(status))
-        .with_state(AppState { prometheus, pipelines });
+        .with_state(AppState {
+            prometheus,
+            pipelines,
+        });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin HTTP listening");
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
@@ -56,12 +68,18 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     if not_ready.is_empty() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", not_ready.join(", ")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", not_ready.join(", ")),
+        )
     }
 }
 
 async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
-    ([("content-type", "text/plain; version=0.0.4")], s.prometheus.render())
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.prometheus.render(),
+    )
 }
 
 async fn status(State(s): State<AppState>) -> impl IntoResponse {

@@ -10,7 +10,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use walcast_sdk::{ChangeEvent, Lsn, Op, ReplicaIdentity, SnapshotMarker, SourceInfo, TableSchema, TransactionInfo, Value};
+use walcast_sdk::{
+    ChangeEvent, Lsn, Op, ReplicaIdentity, SnapshotMarker, SourceInfo, TableSchema,
+    TransactionInfo, Value,
+};
 
 use crate::pgoutput::{pg_to_unix_micros, Begin, Commit, OldTuple, TupleValue};
 
@@ -23,11 +26,25 @@ pub enum AssembleError {
     #[error("row change at LSN {lsn} outside a transaction")]
     OutsideTransaction { lsn: Lsn },
     #[error("{table}.{column} at LSN {lsn}: {source}")]
-    Convert { table: String, column: String, lsn: Lsn, source: ConvertError },
+    Convert {
+        table: String,
+        column: String,
+        lsn: Lsn,
+        source: ConvertError,
+    },
     #[error("{table} at LSN {lsn}: the row has {got} columns but the table has {expected}")]
-    ColumnCount { table: String, lsn: Lsn, got: usize, expected: usize },
+    ColumnCount {
+        table: String,
+        lsn: Lsn,
+        got: usize,
+        expected: usize,
+    },
     #[error("{table}.{column} at LSN {lsn}: binary column values are not supported (walcast asks pgoutput for text)")]
-    Binary { table: String, column: String, lsn: Lsn },
+    Binary {
+        table: String,
+        column: String,
+        lsn: Lsn,
+    },
 }
 
 /// Settings that shape events.
@@ -63,12 +80,20 @@ pub struct Assembler {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Assembler {
     pub fn new(opts: AssembleOptions) -> Self {
-        Assembler { opts, relations: HashMap::new(), tx: None, finished: None }
+        Assembler {
+            opts,
+            relations: HashMap::new(),
+            tx: None,
+            finished: None,
+        }
     }
 
     pub fn set_relation(&mut self, table: Arc<TableSchema>) {
@@ -93,7 +118,10 @@ impl Assembler {
     /// durable (the end of the commit record).
     pub fn commit(&mut self, c: &Commit) -> Lsn {
         self.tx = None;
-        self.finished = Some(Finished { end_lsn: c.end_lsn, commit_micros: pg_to_unix_micros(c.commit_time) });
+        self.finished = Some(Finished {
+            end_lsn: c.end_lsn,
+            commit_micros: pg_to_unix_micros(c.commit_time),
+        });
         c.end_lsn
     }
 
@@ -104,14 +132,24 @@ impl Assembler {
     }
 
     fn wanted(&self, t: &TableSchema) -> bool {
-        self.opts.tables.as_ref().is_none_or(|set| set.contains(&t.qualified_name()))
+        self.opts
+            .tables
+            .as_ref()
+            .is_none_or(|set| set.contains(&t.qualified_name()))
     }
 
     fn table(&self, relation_id: u32, lsn: Lsn) -> Result<Arc<TableSchema>, AssembleError> {
-        self.relations.get(&relation_id).cloned().ok_or(AssembleError::UnknownRelation { relation_id, lsn })
+        self.relations
+            .get(&relation_id)
+            .cloned()
+            .ok_or(AssembleError::UnknownRelation { relation_id, lsn })
     }
 
-    fn row(table: &TableSchema, tuple: &[TupleValue], lsn: Lsn) -> Result<Vec<Value>, AssembleError> {
+    fn row(
+        table: &TableSchema,
+        tuple: &[TupleValue],
+        lsn: Lsn,
+    ) -> Result<Vec<Value>, AssembleError> {
         if tuple.len() != table.columns.len() {
             return Err(AssembleError::ColumnCount {
                 table: table.qualified_name(),
@@ -131,7 +169,11 @@ impl Assembler {
                         table: table.qualified_name(),
                         column: c.name.clone(),
                         lsn,
-                        source: ConvertError { type_name: c.pg_type.sql_name(), shown: String::new(), reason: e.to_string() },
+                        source: ConvertError {
+                            type_name: c.pg_type.sql_name(),
+                            shown: String::new(),
+                            reason: e.to_string(),
+                        },
                     })?;
                     convert::from_text(&c.pg_type, text).map_err(|source| AssembleError::Convert {
                         table: table.qualified_name(),
@@ -140,16 +182,28 @@ impl Assembler {
                         source,
                     })
                 }
-                TupleValue::Binary(_) => {
-                    Err(AssembleError::Binary { table: table.qualified_name(), column: c.name.clone(), lsn })
-                }
+                TupleValue::Binary(_) => Err(AssembleError::Binary {
+                    table: table.qualified_name(),
+                    column: c.name.clone(),
+                    lsn,
+                }),
             })
             .collect()
     }
 
-    fn event(&mut self, op: Op, table: Arc<TableSchema>, before: Option<Vec<Value>>, after: Option<Vec<Value>>, lsn: Lsn) -> Result<ChangeEvent, AssembleError> {
+    fn event(
+        &mut self,
+        op: Op,
+        table: Arc<TableSchema>,
+        before: Option<Vec<Value>>,
+        after: Option<Vec<Value>>,
+        lsn: Lsn,
+    ) -> Result<ChangeEvent, AssembleError> {
         let opts = &self.opts;
-        let tx = self.tx.as_mut().ok_or(AssembleError::OutsideTransaction { lsn })?;
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or(AssembleError::OutsideTransaction { lsn })?;
         tx.total_order += 1;
         let per = tx.per_table.entry(table.relation_id).or_insert(0);
         *per += 1;
@@ -177,13 +231,19 @@ impl Assembler {
         })
     }
 
-    pub fn insert(&mut self, relation_id: u32, new: &[TupleValue], lsn: Lsn) -> Result<Option<ChangeEvent>, AssembleError> {
+    pub fn insert(
+        &mut self,
+        relation_id: u32,
+        new: &[TupleValue],
+        lsn: Lsn,
+    ) -> Result<Option<ChangeEvent>, AssembleError> {
         let table = self.table(relation_id, lsn)?;
         if !self.wanted(&table) {
             return Ok(None);
         }
         let after = Self::row(&table, new, lsn)?;
-        self.event(Op::Create, table, None, Some(after), lsn).map(Some)
+        self.event(Op::Create, table, None, Some(after), lsn)
+            .map(Some)
     }
 
     /// With REPLICA IDENTITY DEFAULT or INDEX, Postgres sends the old key
@@ -196,7 +256,13 @@ impl Assembler {
     /// key and a create of the new one, as Debezium emits it: keyed topics
     /// and the sinks see the old row go away (a tombstone follows the delete
     /// on Kafka) instead of two keys that both look alive.
-    pub fn update(&mut self, relation_id: u32, old: Option<&OldTuple>, new: &[TupleValue], lsn: Lsn) -> Result<Vec<ChangeEvent>, AssembleError> {
+    pub fn update(
+        &mut self,
+        relation_id: u32,
+        old: Option<&OldTuple>,
+        new: &[TupleValue],
+        lsn: Lsn,
+    ) -> Result<Vec<ChangeEvent>, AssembleError> {
         let table = self.table(relation_id, lsn)?;
         if !self.wanted(&table) {
             return Ok(Vec::new());
@@ -215,27 +281,47 @@ impl Assembler {
         }
         let key_changed = table.has_key()
             && before.as_ref().is_some_and(|b| {
-                table.columns.iter().zip(b.iter().zip(&after)).any(|(c, (o, n))| c.key && o != n)
+                table
+                    .columns
+                    .iter()
+                    .zip(b.iter().zip(&after))
+                    .any(|(c, (o, n))| c.key && o != n)
             });
         if key_changed {
             let delete = self.event(Op::Delete, table.clone(), before, None, lsn)?;
             let create = self.event(Op::Create, table, None, Some(after), lsn)?;
             return Ok(vec![delete, create]);
         }
-        Ok(vec![self.event(Op::Update, table, before, Some(after), lsn)?])
+        Ok(vec![self.event(
+            Op::Update,
+            table,
+            before,
+            Some(after),
+            lsn,
+        )?])
     }
 
-    pub fn delete(&mut self, relation_id: u32, old: &OldTuple, lsn: Lsn) -> Result<Option<ChangeEvent>, AssembleError> {
+    pub fn delete(
+        &mut self,
+        relation_id: u32,
+        old: &OldTuple,
+        lsn: Lsn,
+    ) -> Result<Option<ChangeEvent>, AssembleError> {
         let table = self.table(relation_id, lsn)?;
         if !self.wanted(&table) {
             return Ok(None);
         }
         let (OldTuple::Key(t) | OldTuple::Full(t)) = old;
         let before = Self::row(&table, t, lsn)?;
-        self.event(Op::Delete, table, Some(before), None, lsn).map(Some)
+        self.event(Op::Delete, table, Some(before), None, lsn)
+            .map(Some)
     }
 
-    pub fn truncate(&mut self, relation_ids: &[u32], lsn: Lsn) -> Result<Vec<ChangeEvent>, AssembleError> {
+    pub fn truncate(
+        &mut self,
+        relation_ids: &[u32],
+        lsn: Lsn,
+    ) -> Result<Vec<ChangeEvent>, AssembleError> {
         let mut out = Vec::new();
         for id in relation_ids {
             let table = self.table(*id, lsn)?;

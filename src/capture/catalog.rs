@@ -21,11 +21,17 @@ use super::convert::SESSION_SETTINGS;
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("cannot connect to Postgres for catalog queries ({target}): {source}")]
-    Connect { target: String, source: tokio_postgres::Error },
+    Connect {
+        target: String,
+        source: tokio_postgres::Error,
+    },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("catalog query failed ({what}): {source}")]
-    Query { what: String, source: tokio_postgres::Error },
+    Query {
+        what: String,
+        source: tokio_postgres::Error,
+    },
     #[error("table {table} does not exist")]
     Missing { table: String },
 }
@@ -34,7 +40,9 @@ impl CatalogError {
     pub fn is_transient(&self) -> bool {
         match self {
             CatalogError::Connect { .. } => true,
-            CatalogError::Query { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            CatalogError::Query { source, .. } => {
+                source.is_closed() || source.as_db_error().is_none()
+            }
             CatalogError::Tls(_) | CatalogError::Missing { .. } => false,
         }
     }
@@ -53,13 +61,19 @@ pub async fn connect(p: &ConnectParams) -> Result<Client, CatalogError> {
     if let Some(pw) = &p.password {
         cfg.password(pw);
     }
-    let opts: Vec<String> = SESSION_SETTINGS.iter().map(|(k, v)| format!("-c {k}={v}")).collect();
+    let opts: Vec<String> = SESSION_SETTINGS
+        .iter()
+        .map(|(k, v)| format!("-c {k}={v}"))
+        .collect();
     cfg.options(opts.join(" "));
     let target = format!("{}:{}/{}", p.host, p.port, p.database);
     let client = match tls::client_config(p.sslmode, p.ssl_root_cert.as_deref())? {
         None => {
             cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|source| CatalogError::Connect { target, source })?;
+            let (client, conn) = cfg
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|source| CatalogError::Connect { target, source })?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "catalog connection closed");
@@ -74,7 +88,10 @@ pub async fn connect(p: &ConnectParams) -> Result<Client, CatalogError> {
                 tokio_postgres::config::SslMode::Require
             });
             let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config).clone());
-            let (client, conn) = cfg.connect(connector).await.map_err(|source| CatalogError::Connect { target, source })?;
+            let (client, conn) = cfg
+                .connect(connector)
+                .await
+                .map_err(|source| CatalogError::Connect { target, source })?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "catalog connection closed");
@@ -96,13 +113,21 @@ fn builtin(oid: u32, typmod: i32) -> Option<PgType> {
     let numeric = || {
         if typmod >= 4 {
             let t = typmod - 4;
-            PgType::Numeric { precision: Some(((t >> 16) & 0xffff) as u32), scale: Some((t & 0xffff) as u32) }
+            PgType::Numeric {
+                precision: Some(((t >> 16) & 0xffff) as u32),
+                scale: Some((t & 0xffff) as u32),
+            }
         } else {
-            PgType::Numeric { precision: None, scale: None }
+            PgType::Numeric {
+                precision: None,
+                scale: None,
+            }
         }
     };
     let len = || (typmod >= 4).then(|| (typmod - 4) as u32);
-    let arr = |e: PgType| PgType::Array { element: Box::new(e) };
+    let arr = |e: PgType| PgType::Array {
+        element: Box::new(e),
+    };
     Some(match oid {
         16 => PgType::Bool,
         17 => PgType::Bytea,
@@ -158,7 +183,10 @@ fn builtin(oid: u32, typmod: i32) -> Option<PgType> {
         1185 => arr(PgType::TimestampTz),
         1187 => arr(PgType::Interval),
         1270 => arr(PgType::TimeTz),
-        1231 => arr(PgType::Numeric { precision: None, scale: None }),
+        1231 => arr(PgType::Numeric {
+            precision: None,
+            scale: None,
+        }),
         2951 => arr(PgType::Uuid),
         _ => return None,
     })
@@ -183,7 +211,11 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn new(client: Client) -> Self {
-        Catalog { client, types: HashMap::new(), versions: HashMap::new() }
+        Catalog {
+            client,
+            types: HashMap::new(),
+            versions: HashMap::new(),
+        }
     }
 
     pub fn client(&self) -> &Client {
@@ -214,7 +246,11 @@ impl Catalog {
             )
             .await
             .map_err(q(format!("type {oid}")))?;
-        let Some(row) = row else { return Ok(PgType::Unknown { type_name: format!("oid {oid}") }) };
+        let Some(row) = row else {
+            return Ok(PgType::Unknown {
+                type_name: format!("oid {oid}"),
+            });
+        };
         let typtype: String = row.get(0);
         let base: u32 = row.get(1);
         let base_mod: i32 = row.get(2);
@@ -222,7 +258,10 @@ impl Catalog {
         let category: String = row.get(4);
         let name: String = row.get(5);
         Ok(match typtype.as_str() {
-            "d" => self.resolve_type(base, if typmod >= 0 { typmod } else { base_mod }).await?,
+            "d" => {
+                self.resolve_type(base, if typmod >= 0 { typmod } else { base_mod })
+                    .await?
+            }
             "e" => {
                 let labels = self
                     .client
@@ -232,9 +271,14 @@ impl Catalog {
                     .iter()
                     .map(|r| r.get::<_, String>(0))
                     .collect();
-                PgType::Enum { type_name: name, labels }
+                PgType::Enum {
+                    type_name: name,
+                    labels,
+                }
             }
-            "b" if category == "A" && elem != 0 => PgType::Array { element: Box::new(self.resolve_type(elem, -1).await?) },
+            "b" if category == "A" && elem != 0 => PgType::Array {
+                element: Box::new(self.resolve_type(elem, -1).await?),
+            },
             _ => PgType::Unknown { type_name: name },
         })
     }
@@ -244,7 +288,11 @@ impl Catalog {
     /// before any Relation arrives, and its events must have the same
     /// shape as the streamed ones (same columns, types, key and relation
     /// id). Generated columns are left out, as pgoutput leaves them out.
-    pub async fn table_schema_by_name(&mut self, schema: &str, table: &str) -> Result<CatalogTable, CatalogError> {
+    pub async fn table_schema_by_name(
+        &mut self,
+        schema: &str,
+        table: &str,
+    ) -> Result<CatalogTable, CatalogError> {
         let name = format!("{schema}.{table}");
         let rel = self
             .client
@@ -281,10 +329,22 @@ impl Catalog {
         let mut columns = Vec::with_capacity(rows.len());
         let mut type_names = Vec::with_capacity(rows.len());
         for r in &rows {
-            let (col, type_oid, type_modifier, not_null): (String, u32, i32, bool) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            let (col, type_oid, type_modifier, not_null): (String, u32, i32, bool) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
             let pg_type = self.resolve_type(type_oid, type_modifier).await?;
-            let key = if has_pk { r.get::<_, bool>(5) } else { replica_identity == ReplicaIdentity::Index && r.get::<_, bool>(6) };
-            columns.push(Column { name: col, pg_type, type_oid, type_modifier, nullable: !not_null, key });
+            let key = if has_pk {
+                r.get::<_, bool>(5)
+            } else {
+                replica_identity == ReplicaIdentity::Index && r.get::<_, bool>(6)
+            };
+            columns.push(Column {
+                name: col,
+                pg_type,
+                type_oid,
+                type_modifier,
+                nullable: !not_null,
+                key,
+            });
             type_names.push(r.get::<_, String>(4));
         }
         // The key in index order, so that keyset pagination walks the index.
@@ -313,12 +373,20 @@ impl Catalog {
             replica_identity,
             version: 0,
         });
-        Ok(CatalogTable { schema, type_names, key_order })
+        Ok(CatalogTable {
+            schema,
+            type_names,
+            key_order,
+        })
     }
 
     /// Builds the table description for a Relation message.
     pub async fn table_schema(&mut self, rel: &Relation) -> Result<Arc<TableSchema>, CatalogError> {
-        let schema = if rel.namespace.is_empty() { "pg_catalog".to_string() } else { rel.namespace.clone() };
+        let schema = if rel.namespace.is_empty() {
+            "pg_catalog".to_string()
+        } else {
+            rel.namespace.clone()
+        };
         let rows = self
             .client
             .query(
@@ -331,7 +399,10 @@ impl Catalog {
             )
             .await
             .map_err(q(format!("columns of {schema}.{}", rel.name)))?;
-        let info: HashMap<String, (bool, bool)> = rows.iter().map(|r| (r.get::<_, String>(0), (r.get(1), r.get(2)))).collect();
+        let info: HashMap<String, (bool, bool)> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), (r.get(1), r.get(2))))
+            .collect();
         let has_pk = info.values().any(|(_, pk)| *pk);
         let replica_identity = match rel.replica_identity {
             ReplicaIdentitySetting::Default => ReplicaIdentity::Default,
@@ -354,7 +425,11 @@ impl Catalog {
             // The key is the primary key; without one, the replica identity
             // index (pgoutput flags its columns). REPLICA IDENTITY FULL flags
             // every column, which is no key at all.
-            let key = if has_pk { pk } else { replica_identity == ReplicaIdentity::Index && c.identity };
+            let key = if has_pk {
+                pk
+            } else {
+                replica_identity == ReplicaIdentity::Index && c.identity
+            };
             columns.push(Column {
                 name: c.name.clone(),
                 pg_type,
@@ -364,7 +439,11 @@ impl Catalog {
                 key,
             });
         }
-        let version = self.versions.entry(rel.id).and_modify(|v| *v += 1).or_insert(1);
+        let version = self
+            .versions
+            .entry(rel.id)
+            .and_modify(|v| *v += 1)
+            .or_insert(1);
         Ok(Arc::new(TableSchema {
             relation_id: rel.id,
             schema,

@@ -7,12 +7,18 @@
 //! `extra_float_digits=3` (see [`SESSION_SETTINGS`]), which fixes the text
 //! forms parsed here.
 
-use walcast_sdk::value::{DATE_INFINITY, DATE_NEG_INFINITY, TIMESTAMP_INFINITY, TIMESTAMP_NEG_INFINITY};
+use walcast_sdk::value::{
+    DATE_INFINITY, DATE_NEG_INFINITY, TIMESTAMP_INFINITY, TIMESTAMP_NEG_INFINITY,
+};
 use walcast_sdk::{Numeric, PgType, Value};
 
 /// Session settings that make text output unambiguous for the parsers below.
-pub const SESSION_SETTINGS: &[(&str, &str)] =
-    &[("DateStyle", "ISO"), ("TimeZone", "UTC"), ("IntervalStyle", "iso_8601"), ("extra_float_digits", "3")];
+pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("DateStyle", "ISO"),
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "iso_8601"),
+    ("extra_float_digits", "3"),
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot read {type_name} value {shown:?}: {reason}")]
@@ -24,7 +30,11 @@ pub struct ConvertError {
 
 fn err(ty: &PgType, text: &str, reason: impl Into<String>) -> ConvertError {
     let shown: String = text.chars().take(64).collect();
-    ConvertError { type_name: ty.sql_name(), shown, reason: reason.into() }
+    ConvertError {
+        type_name: ty.sql_name(),
+        shown,
+        reason: reason.into(),
+    }
 }
 
 /// Converts one non-null value from its text form.
@@ -48,26 +58,46 @@ pub fn from_text(ty: &PgType, text: &str) -> Result<Value, ConvertError> {
             t if is_decimal(t) => Numeric::Finite(t.to_string()),
             _ => return Err(e("not a decimal number")),
         }),
-        PgType::Money => Value::Numeric(Numeric::Finite(money(text).ok_or_else(|| e("not a money amount"))?)),
-        PgType::Text | PgType::Varchar { .. } | PgType::Char { .. } | PgType::Name | PgType::Unknown { .. } => {
-            Value::Text(text.to_string())
+        PgType::Money => Value::Numeric(Numeric::Finite(
+            money(text).ok_or_else(|| e("not a money amount"))?,
+        )),
+        PgType::Text
+        | PgType::Varchar { .. }
+        | PgType::Char { .. }
+        | PgType::Name
+        | PgType::Unknown { .. } => Value::Text(text.to_string()),
+        PgType::Bytea => {
+            Value::Bytes(bytea(text).ok_or_else(|| e("not bytea hex or escape output"))?)
         }
-        PgType::Bytea => Value::Bytes(bytea(text).ok_or_else(|| e("not bytea hex or escape output"))?),
         PgType::Uuid => Value::Uuid(uuid(text).ok_or_else(|| e("not a uuid"))?),
         PgType::Json | PgType::Jsonb => Value::Json(text.to_string()),
         PgType::Date => Value::Date(date(text).ok_or_else(|| e("not an ISO date"))?),
         PgType::Time => Value::Time(time(text).ok_or_else(|| e("not a time of day"))?),
         PgType::TimeTz => {
             let (t, off) = split_offset(text).ok_or_else(|| e("not a time with zone"))?;
-            Value::TimeTz { micros: time(t).ok_or_else(|| e("not a time of day"))?, offset_seconds: off }
+            Value::TimeTz {
+                micros: time(t).ok_or_else(|| e("not a time of day"))?,
+                offset_seconds: off,
+            }
         }
-        PgType::Timestamp => Value::Timestamp(timestamp(text, false).ok_or_else(|| e("not an ISO timestamp"))?),
-        PgType::TimestampTz => Value::TimestampTz(timestamp(text, true).ok_or_else(|| e("not an ISO timestamp with zone"))?),
+        PgType::Timestamp => {
+            Value::Timestamp(timestamp(text, false).ok_or_else(|| e("not an ISO timestamp"))?)
+        }
+        PgType::TimestampTz => Value::TimestampTz(
+            timestamp(text, true).ok_or_else(|| e("not an ISO timestamp with zone"))?,
+        ),
         PgType::Interval => {
-            let (months, days, micros) = interval(text).ok_or_else(|| e("not an ISO 8601 interval"))?;
-            Value::Interval { months, days, micros }
+            let (months, days, micros) =
+                interval(text).ok_or_else(|| e("not an ISO 8601 interval"))?;
+            Value::Interval {
+                months,
+                days,
+                micros,
+            }
         }
-        PgType::Inet | PgType::Cidr | PgType::MacAddr | PgType::MacAddr8 => Value::Network(text.to_string()),
+        PgType::Inet | PgType::Cidr | PgType::MacAddr | PgType::MacAddr8 => {
+            Value::Network(text.to_string())
+        }
         PgType::Enum { .. } => Value::Enum(text.to_string()),
         PgType::Array { element } => array(element, text)?,
     })
@@ -100,7 +130,10 @@ fn is_decimal(t: &str) -> bool {
 /// `$1,234.56` / `-$1,234.56` (lc_monetary C or en_US) to `1234.56`.
 fn money(t: &str) -> Option<String> {
     let neg = t.starts_with('-') || t.starts_with('(');
-    let digits: String = t.chars().filter(|c| c.is_ascii_digit() || *c == '.').collect();
+    let digits: String = t
+        .chars()
+        .filter(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
     if digits.is_empty() || !is_decimal(&digits) {
         return None;
     }
@@ -122,7 +155,10 @@ fn bytea(t: &str) -> Option<Vec<u8>> {
         if b.len() % 2 != 0 {
             return None;
         }
-        return b.chunks(2).map(|p| Some(hex(p[0])? << 4 | hex(p[1])?)).collect();
+        return b
+            .chunks(2)
+            .map(|p| Some(hex(p[0])? << 4 | hex(p[1])?))
+            .collect();
     }
     // bytea_output = escape: backslash-octal and doubled backslashes.
     let b = t.as_bytes();
@@ -206,7 +242,11 @@ fn time(t: &str) -> Option<i64> {
     if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let frac_micros: i64 = if frac.is_empty() { 0 } else { format!("{frac:0<6}").parse().ok()? };
+    let frac_micros: i64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<6}").parse().ok()?
+    };
     Some(((h * 60 + m) * 60 + sec) * 1_000_000 + frac_micros)
 }
 
@@ -235,7 +275,11 @@ fn timestamp(t: &str, with_zone: bool) -> Option<i64> {
         None => (t, false),
     };
     let (d, rest) = t.split_once(' ')?;
-    let (clock, offset) = if with_zone { split_offset(rest)? } else { (rest, 0) };
+    let (clock, offset) = if with_zone {
+        split_offset(rest)?
+    } else {
+        (rest, 0)
+    };
     let days = date_days(&if bc { format!("{d} BC") } else { d.to_string() })?;
     let micros = time(clock)?;
     Some(days * 86_400_000_000 + micros - i64::from(offset) * 1_000_000)
@@ -262,15 +306,26 @@ fn interval(t: &str) -> Option<(i32, i32, i64)> {
             'M' => micros += num.parse::<i64>().ok()? * 60_000_000,
             'S' => {
                 let neg = num.starts_with('-');
-                let (s, f) = num.trim_start_matches('-').split_once('.').unwrap_or((num.trim_start_matches('-'), ""));
-                let f = if f.is_empty() { 0 } else { format!("{f:0<6}").get(..6)?.parse::<i64>().ok()? };
+                let (s, f) = num
+                    .trim_start_matches('-')
+                    .split_once('.')
+                    .unwrap_or((num.trim_start_matches('-'), ""));
+                let f = if f.is_empty() {
+                    0
+                } else {
+                    format!("{f:0<6}").get(..6)?.parse::<i64>().ok()?
+                };
                 let v = s.parse::<i64>().ok()? * 1_000_000 + f;
                 micros += if neg { -v } else { v };
             }
             _ => return None,
         }
     }
-    Some((i32::try_from(months).ok()?, i32::try_from(days).ok()?, micros))
+    Some((
+        i32::try_from(months).ok()?,
+        i32::try_from(days).ok()?,
+        micros,
+    ))
 }
 
 fn components(s: &str) -> Option<Vec<(&str, char)>> {
@@ -291,12 +346,17 @@ fn components(s: &str) -> Option<Vec<(&str, char)>> {
 /// Array literals: `{1,2,NULL}`, `{"a b","c\"d"}`, `{{1,2},{3,4}}`, with an
 /// optional `[lo:hi]=` dimension prefix.
 fn array(element: &PgType, text: &str) -> Result<Value, ConvertError> {
-    let ty = PgType::Array { element: Box::new(element.clone()) };
+    let ty = PgType::Array {
+        element: Box::new(element.clone()),
+    };
     let body = match text.find("={") {
         Some(i) if text.starts_with('[') => &text[i + 1..],
         _ => text,
     };
-    let mut p = ArrayParser { s: body.as_bytes(), i: 0 };
+    let mut p = ArrayParser {
+        s: body.as_bytes(),
+        i: 0,
+    };
     let v = p.parse(element).map_err(|r| err(&ty, text, r))?;
     if p.i != p.s.len() {
         return Err(err(&ty, text, "trailing characters after the array"));
@@ -354,7 +414,8 @@ impl ArrayParser<'_> {
                         }
                         self.i += 1;
                     }
-                    let raw = std::str::from_utf8(&self.s[start..self.i]).map_err(|_| "element is not UTF-8")?;
+                    let raw = std::str::from_utf8(&self.s[start..self.i])
+                        .map_err(|_| "element is not UTF-8")?;
                     if raw == "NULL" {
                         items.push(Value::Null);
                     } else {
@@ -387,16 +448,58 @@ mod tests {
     fn scalars() {
         assert_eq!(v(PgType::Bool, "t"), Value::Bool(true));
         assert_eq!(v(PgType::Int2, "-32768"), Value::Int16(i16::MIN));
-        assert_eq!(v(PgType::Int8, "9223372036854775807"), Value::Int64(i64::MAX));
+        assert_eq!(
+            v(PgType::Int8, "9223372036854775807"),
+            Value::Int64(i64::MAX)
+        );
         assert!(matches!(v(PgType::Float8, "NaN"), Value::Float64(f) if f.is_nan()));
-        assert_eq!(v(PgType::Float4, "-Infinity"), Value::Float32(f32::NEG_INFINITY));
-        assert_eq!(v(PgType::Numeric { precision: None, scale: None }, "-0.001"), Value::Numeric(Numeric::Finite("-0.001".into())));
-        assert_eq!(v(PgType::Numeric { precision: None, scale: None }, "Infinity"), Value::Numeric(Numeric::PositiveInfinity));
-        assert_eq!(v(PgType::Money, "-$1,234.56"), Value::Numeric(Numeric::Finite("-1234.56".into())));
-        assert_eq!(v(PgType::Bytea, "\\x00ff10"), Value::Bytes(vec![0, 255, 16]));
-        assert_eq!(v(PgType::Bytea, "a\\\\b\\001"), Value::Bytes(vec![b'a', b'\\', b'b', 1]));
-        assert_eq!(v(PgType::Uuid, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), Value::Uuid([0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd, 0x38, 0x0a, 0x11]));
-        assert!(from_text(&PgType::Int4, "x").unwrap_err().to_string().contains("integer"));
+        assert_eq!(
+            v(PgType::Float4, "-Infinity"),
+            Value::Float32(f32::NEG_INFINITY)
+        );
+        assert_eq!(
+            v(
+                PgType::Numeric {
+                    precision: None,
+                    scale: None
+                },
+                "-0.001"
+            ),
+            Value::Numeric(Numeric::Finite("-0.001".into()))
+        );
+        assert_eq!(
+            v(
+                PgType::Numeric {
+                    precision: None,
+                    scale: None
+                },
+                "Infinity"
+            ),
+            Value::Numeric(Numeric::PositiveInfinity)
+        );
+        assert_eq!(
+            v(PgType::Money, "-$1,234.56"),
+            Value::Numeric(Numeric::Finite("-1234.56".into()))
+        );
+        assert_eq!(
+            v(PgType::Bytea, "\\x00ff10"),
+            Value::Bytes(vec![0, 255, 16])
+        );
+        assert_eq!(
+            v(PgType::Bytea, "a\\\\b\\001"),
+            Value::Bytes(vec![b'a', b'\\', b'b', 1])
+        );
+        assert_eq!(
+            v(PgType::Uuid, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            Value::Uuid([
+                0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd, 0x38,
+                0x0a, 0x11
+            ])
+        );
+        assert!(from_text(&PgType::Int4, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("integer"));
     }
 
     #[test]
@@ -406,22 +509,77 @@ mod tests {
         assert_eq!(v(PgType::Date, "0001-01-01 BC"), Value::Date(-719_528));
         assert_eq!(v(PgType::Date, "infinity"), Value::Date(DATE_INFINITY));
         assert_eq!(v(PgType::Time, "13:14:15.5"), Value::Time(47_655_500_000));
-        assert_eq!(v(PgType::TimeTz, "01:00:00+02"), Value::TimeTz { micros: 3_600_000_000, offset_seconds: 7200 });
-        assert_eq!(v(PgType::TimeTz, "01:00:00-05:30"), Value::TimeTz { micros: 3_600_000_000, offset_seconds: -19_800 });
-        assert_eq!(v(PgType::Timestamp, "1970-01-02 00:00:00.000001"), Value::Timestamp(86_400_000_001));
-        assert_eq!(v(PgType::TimestampTz, "2023-11-14 22:13:20.123456+00"), Value::TimestampTz(1_700_000_000_123_456));
-        assert_eq!(v(PgType::TimestampTz, "1970-01-01 01:00:00+01"), Value::TimestampTz(0));
-        assert_eq!(v(PgType::TimestampTz, "-infinity"), Value::TimestampTz(TIMESTAMP_NEG_INFINITY));
-        assert_eq!(v(PgType::Interval, "P1Y2M3DT4H5M6.5S"), Value::Interval { months: 14, days: 3, micros: 14_706_500_000 });
-        assert_eq!(v(PgType::Interval, "P-1Y-2M3DT-4H-5M-6S"), Value::Interval { months: -14, days: 3, micros: -14_706_000_000 });
-        assert_eq!(v(PgType::Interval, "PT0S"), Value::Interval { months: 0, days: 0, micros: 0 });
-        assert_eq!(v(PgType::Interval, "PT-0.000001S"), Value::Interval { months: 0, days: 0, micros: -1 });
+        assert_eq!(
+            v(PgType::TimeTz, "01:00:00+02"),
+            Value::TimeTz {
+                micros: 3_600_000_000,
+                offset_seconds: 7200
+            }
+        );
+        assert_eq!(
+            v(PgType::TimeTz, "01:00:00-05:30"),
+            Value::TimeTz {
+                micros: 3_600_000_000,
+                offset_seconds: -19_800
+            }
+        );
+        assert_eq!(
+            v(PgType::Timestamp, "1970-01-02 00:00:00.000001"),
+            Value::Timestamp(86_400_000_001)
+        );
+        assert_eq!(
+            v(PgType::TimestampTz, "2023-11-14 22:13:20.123456+00"),
+            Value::TimestampTz(1_700_000_000_123_456)
+        );
+        assert_eq!(
+            v(PgType::TimestampTz, "1970-01-01 01:00:00+01"),
+            Value::TimestampTz(0)
+        );
+        assert_eq!(
+            v(PgType::TimestampTz, "-infinity"),
+            Value::TimestampTz(TIMESTAMP_NEG_INFINITY)
+        );
+        assert_eq!(
+            v(PgType::Interval, "P1Y2M3DT4H5M6.5S"),
+            Value::Interval {
+                months: 14,
+                days: 3,
+                micros: 14_706_500_000
+            }
+        );
+        assert_eq!(
+            v(PgType::Interval, "P-1Y-2M3DT-4H-5M-6S"),
+            Value::Interval {
+                months: -14,
+                days: 3,
+                micros: -14_706_000_000
+            }
+        );
+        assert_eq!(
+            v(PgType::Interval, "PT0S"),
+            Value::Interval {
+                months: 0,
+                days: 0,
+                micros: 0
+            }
+        );
+        assert_eq!(
+            v(PgType::Interval, "PT-0.000001S"),
+            Value::Interval {
+                months: 0,
+                days: 0,
+                micros: -1
+            }
+        );
     }
 
     #[test]
     fn arrays() {
         let int = PgType::Int4;
-        assert_eq!(array(&int, "{1,NULL,3}").unwrap(), Value::Array(vec![Value::Int32(1), Value::Null, Value::Int32(3)]));
+        assert_eq!(
+            array(&int, "{1,NULL,3}").unwrap(),
+            Value::Array(vec![Value::Int32(1), Value::Null, Value::Int32(3)])
+        );
         assert_eq!(array(&int, "{}").unwrap(), Value::Array(vec![]));
         assert_eq!(
             array(&int, "{{1,2},{3,4}}").unwrap(),
@@ -430,7 +588,10 @@ mod tests {
                 Value::Array(vec![Value::Int32(3), Value::Int32(4)])
             ])
         );
-        assert_eq!(array(&int, "[0:1]={7,8}").unwrap(), Value::Array(vec![Value::Int32(7), Value::Int32(8)]));
+        assert_eq!(
+            array(&int, "[0:1]={7,8}").unwrap(),
+            Value::Array(vec![Value::Int32(7), Value::Int32(8)])
+        );
         assert_eq!(
             array(&PgType::Text, r#"{"a b","c\"d",NULL,"NULL",plain}"#).unwrap(),
             Value::Array(vec![

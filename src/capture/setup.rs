@@ -16,14 +16,19 @@ pub enum SetupError {
     #[error("{0}")]
     Busy(String),
     #[error("catalog query failed ({what}): {source}")]
-    Query { what: String, source: tokio_postgres::Error },
+    Query {
+        what: String,
+        source: tokio_postgres::Error,
+    },
 }
 
 impl SetupError {
     pub fn is_transient(&self) -> bool {
         match self {
             SetupError::Busy(_) => true,
-            SetupError::Query { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            SetupError::Query { source, .. } => {
+                source.is_closed() || source.as_db_error().is_none()
+            }
             SetupError::Definite(_) => false,
         }
     }
@@ -54,7 +59,9 @@ pub fn split_table(s: &str) -> Option<(String, String)> {
     }
     parts.push(cur);
     match parts.as_slice() {
-        [schema, table] if !schema.is_empty() && !table.is_empty() && !quoted => Some((schema.clone(), table.clone())),
+        [schema, table] if !schema.is_empty() && !table.is_empty() && !quoted => {
+            Some((schema.clone(), table.clone()))
+        }
         _ => None,
     }
 }
@@ -89,7 +96,11 @@ fn qualified(s: &str, t: &str) -> String {
 /// Checks everything; creates nothing.
 pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
     let definite = |m: String| Err(SetupError::Definite(m));
-    let wal_level: String = client.query_one("SHOW wal_level", &[]).await.map_err(q("wal_level"))?.get(0);
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(q("wal_level"))?
+        .get(0);
     if wal_level != "logical" {
         return definite(format!(
             "Postgres has wal_level = {wal_level}; logical replication needs wal_level = logical. \
@@ -100,7 +111,8 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         .query_one("SELECT current_user::text, rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user", &[])
         .await
         .map_err(q("role attributes"))?;
-    let (user, replication, superuser): (String, bool, bool) = (role.get(0), role.get(1), role.get(2));
+    let (user, replication, superuser): (String, bool, bool) =
+        (role.get(0), role.get(1), role.get(2));
     if !replication && !superuser {
         return definite(format!(
             "role {user} lacks the REPLICATION attribute needed to stream changes; run ALTER ROLE {} REPLICATION;",
@@ -126,7 +138,9 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                 .map_err(q("schema"))?
                 .is_some();
             if !exists {
-                return definite(format!("schema {schema} does not exist in this database (listed in `schemas`)"));
+                return definite(format!(
+                    "schema {schema} does not exist in this database (listed in `schemas`)"
+                ));
             }
         }
         for r in rows {
@@ -154,7 +168,11 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         };
         let (ident, select, has_pk): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
         if !select {
-            return definite(format!("role {user} lacks SELECT on {s}.{t}; run GRANT SELECT ON {} TO {};", qualified(s, t), quote_ident(&user)));
+            return definite(format!(
+                "role {user} lacks SELECT on {s}.{t}; run GRANT SELECT ON {} TO {};",
+                qualified(s, t),
+                quote_ident(&user)
+            ));
         }
         if ident == "n" {
             return definite(format!(
@@ -187,7 +205,10 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         }
     }
 
-    let mut plan = Plan { tables: tables.clone(), ..Plan::default() };
+    let mut plan = Plan {
+        tables: tables.clone(),
+        ..Plan::default()
+    };
 
     // The publication.
     let publication = client
@@ -251,7 +272,10 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         .map_err(q("replication slot"))?;
     match slot {
         None if !w.create_slot => {
-            return definite(format!("replication slot {} does not exist and create_slot is false", w.slot));
+            return definite(format!(
+                "replication slot {} does not exist and create_slot is false",
+                w.slot
+            ));
         }
         None => {
             let row = client
@@ -271,9 +295,18 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             plan.create_slot = true;
         }
         Some(row) => {
-            let (plugin, database, active, confirmed, kind): (Option<String>, Option<String>, Option<i32>, Option<String>, String) =
-                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-            let db: String = client.query_one("SELECT current_database()::text", &[]).await.map_err(q("database"))?.get(0);
+            let (plugin, database, active, confirmed, kind): (
+                Option<String>,
+                Option<String>,
+                Option<i32>,
+                Option<String>,
+                String,
+            ) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            let db: String = client
+                .query_one("SELECT current_database()::text", &[])
+                .await
+                .map_err(q("database"))?
+                .get(0);
             if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
                 return definite(format!(
                     "replication slot {} exists but is not a logical pgoutput slot (plugin {}); choose another `slot` name",
@@ -320,17 +353,25 @@ pub async fn apply_publication(client: &Client, plan: &Plan) -> Result<(), Setup
 /// Drops a slot (the `walcast slots drop` command).
 pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, SetupError> {
     let row = client
-        .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .map_err(q("replication slot"))?;
     match row {
         None => Ok(false),
         Some(r) => {
             if let Some(pid) = r.get::<_, Option<i32>>(0) {
-                return Err(SetupError::Busy(format!("slot {slot} is in use by PID {pid}; stop that walcast first")));
+                return Err(SetupError::Busy(format!(
+                    "slot {slot} is in use by PID {pid}; stop that walcast first"
+                )));
             }
             client
-                .execute(&format!("SELECT pg_drop_replication_slot({})", quote_literal(slot)), &[])
+                .execute(
+                    &format!("SELECT pg_drop_replication_slot({})", quote_literal(slot)),
+                    &[],
+                )
                 .await
                 .map_err(q("drop slot"))?;
             Ok(true)
@@ -344,8 +385,14 @@ mod tests {
 
     #[test]
     fn splits_table_names() {
-        assert_eq!(split_table("public.orders"), Some(("public".into(), "orders".into())));
-        assert_eq!(split_table(r#""My Schema"."odd.""name""#), Some(("My Schema".into(), "odd.\"name".into())));
+        assert_eq!(
+            split_table("public.orders"),
+            Some(("public".into(), "orders".into()))
+        );
+        assert_eq!(
+            split_table(r#""My Schema"."odd.""name""#),
+            Some(("My Schema".into(), "odd.\"name".into()))
+        );
         assert_eq!(split_table("orders"), None);
         assert_eq!(split_table("a.b.c"), None);
         assert_eq!(split_table(".x"), None);

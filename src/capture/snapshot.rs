@@ -44,7 +44,9 @@ use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use walcast_sdk::ack::AckFailure;
-use walcast_sdk::{AckTracker, Acker, ChangeEvent, Lsn, Op, SnapshotMarker, SourceInfo, TableSchema, Value};
+use walcast_sdk::{
+    AckTracker, Acker, ChangeEvent, Lsn, Op, SnapshotMarker, SourceInfo, TableSchema, Value,
+};
 
 use crate::admin::metrics;
 use crate::config::SnapshotMode;
@@ -67,17 +69,34 @@ pub struct SnapshotSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("snapshot state file {path}: {source}")]
-    StateIo { path: PathBuf, source: std::io::Error },
+    StateIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("snapshot state file {path} is not valid JSON state ({source}); remove it to take the snapshot again from the start")]
-    StateParse { path: PathBuf, source: serde_json::Error },
+    StateParse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("snapshot: {0}")]
     Catalog(#[from] CatalogError),
     #[error("snapshot: {what}: {source}")]
-    Session { what: String, source: tokio_postgres::Error },
+    Session {
+        what: String,
+        source: tokio_postgres::Error,
+    },
     #[error("snapshot of {table}, chunk after key {after}: {source}")]
-    Query { table: String, after: String, source: tokio_postgres::Error },
+    Query {
+        table: String,
+        after: String,
+        source: tokio_postgres::Error,
+    },
     #[error("snapshot of {table}, chunk after key {after}: {reason}")]
-    Copy { table: String, after: String, reason: String },
+    Copy {
+        table: String,
+        after: String,
+        reason: String,
+    },
     #[error("snapshot of {table}: {reason}")]
     Table { table: String, reason: String },
     #[error("a sink failed to deliver snapshot events (consistent point {lsn}): {source}")]
@@ -93,7 +112,9 @@ impl SnapshotError {
             SnapshotError::Session { source, .. } | SnapshotError::Query { source, .. } => {
                 source.is_closed()
                     || source.as_db_error().is_none()
-                    || source.code().is_some_and(|c| c.code().starts_with("08") || c.code() == "57P01" || c.code() == "57P03")
+                    || source.code().is_some_and(|c| {
+                        c.code().starts_with("08") || c.code() == "57P01" || c.code() == "57P03"
+                    })
             }
             _ => false,
         }
@@ -137,15 +158,26 @@ impl SnapshotState {
             slot: slot.into(),
             consistent_point: None,
             done: false,
-            tables: tables.iter().map(|(s, t)| (format!("{s}.{t}"), TableProgress::default())).collect(),
+            tables: tables
+                .iter()
+                .map(|(s, t)| (format!("{s}.{t}"), TableProgress::default()))
+                .collect(),
         }
     }
 
     pub fn load(path: &Path) -> Result<Option<Self>, SnapshotError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| SnapshotError::StateParse { path: path.into(), source }),
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| {
+                SnapshotError::StateParse {
+                    path: path.into(),
+                    source,
+                }
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(SnapshotError::StateIo { path: path.into(), source }),
+            Err(source) => Err(SnapshotError::StateIo {
+                path: path.into(),
+                source,
+            }),
         }
     }
 
@@ -154,12 +186,19 @@ impl SnapshotState {
     /// the directory).
     pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
         use std::io::Write;
-        let io = |source| SnapshotError::StateIo { path: path.into(), source };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let io = |source| SnapshotError::StateIo {
+            path: path.into(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io)?;
         let tmp = path.with_extension("json.tmp");
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&serde_json::to_vec_pretty(self).expect("serializable")).map_err(io)?;
+        f.write_all(&serde_json::to_vec_pretty(self).expect("serializable"))
+            .map_err(io)?;
         f.sync_all().map_err(io)?;
         drop(f);
         std::fs::rename(&tmp, path).map_err(io)?;
@@ -170,7 +209,9 @@ impl SnapshotState {
     }
 
     pub fn consistent_point(&self) -> Option<Lsn> {
-        self.consistent_point.as_deref().and_then(|l| l.parse().ok())
+        self.consistent_point
+            .as_deref()
+            .and_then(|l| l.parse().ok())
     }
 }
 
@@ -207,7 +248,10 @@ pub fn parse_copy_line(line: &[u8]) -> Result<Vec<Option<String>>, CopyTextError
                     continue;
                 }
                 let Some(&c) = raw.get(i) else {
-                    return Err(CopyTextError { field, reason: "a backslash ends the field".into() });
+                    return Err(CopyTextError {
+                        field,
+                        reason: "a backslash ends the field".into(),
+                    });
                 };
                 i += 1;
                 match c {
@@ -246,7 +290,10 @@ pub fn parse_copy_line(line: &[u8]) -> Result<Vec<Option<String>>, CopyTextError
                     other => out.push(other),
                 }
             }
-            String::from_utf8(out).map(Some).map_err(|e| CopyTextError { field, reason: format!("not UTF-8: {e}") })
+            String::from_utf8(out).map(Some).map_err(|e| CopyTextError {
+                field,
+                reason: format!("not UTF-8: {e}"),
+            })
         })
         .collect()
 }
@@ -270,21 +317,45 @@ impl TableJob {
     }
 
     fn sql(&self, after: Option<&[String]>, limit: usize) -> String {
-        let cols: Vec<String> = self.table.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let from = format!("{}.{}", quote_ident(&self.table.schema), quote_ident(&self.table.name));
+        let cols: Vec<String> = self
+            .table
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect();
+        let from = format!(
+            "{}.{}",
+            quote_ident(&self.table.schema),
+            quote_ident(&self.table.name)
+        );
         if self.key_order.is_empty() {
-            return format!("COPY (SELECT {} FROM {from} ORDER BY ctid) TO STDOUT", cols.join(", "));
+            return format!(
+                "COPY (SELECT {} FROM {from} ORDER BY ctid) TO STDOUT",
+                cols.join(", ")
+            );
         }
-        let keys: Vec<String> = self.key_order.iter().map(|i| quote_ident(&self.table.columns[*i].name)).collect();
+        let keys: Vec<String> = self
+            .key_order
+            .iter()
+            .map(|i| quote_ident(&self.table.columns[*i].name))
+            .collect();
         let filter = match after {
             Some(k) => {
-                let lits: Vec<String> =
-                    self.key_order.iter().zip(k).map(|(i, v)| format!("{}::{}", quote_literal(v), self.type_names[*i])).collect();
+                let lits: Vec<String> = self
+                    .key_order
+                    .iter()
+                    .zip(k)
+                    .map(|(i, v)| format!("{}::{}", quote_literal(v), self.type_names[*i]))
+                    .collect();
                 format!(" WHERE ({}) > ({})", keys.join(", "), lits.join(", "))
             }
             None => String::new(),
         };
-        format!("COPY (SELECT {} FROM {from}{filter} ORDER BY {} LIMIT {limit}) TO STDOUT", cols.join(", "), keys.join(", "))
+        format!(
+            "COPY (SELECT {} FROM {from}{filter} ORDER BY {} LIMIT {limit}) TO STDOUT",
+            cols.join(", "),
+            keys.join(", ")
+        )
     }
 }
 
@@ -312,7 +383,10 @@ struct EventContext {
 }
 
 fn now_micros() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 fn read_event(cx: &EventContext, table: &Arc<TableSchema>, after: Vec<Value>) -> ChangeEvent {
@@ -365,9 +439,16 @@ impl Worker {
         let keyed = !job.key_order.is_empty();
         let mut after = job.resume_after.clone();
         loop {
-            let shown = after.as_ref().map(|k| format!("({})", k.join(", "))).unwrap_or_else(|| "(start)".into());
+            let shown = after
+                .as_ref()
+                .map(|k| format!("({})", k.join(", ")))
+                .unwrap_or_else(|| "(start)".into());
             let sql = job.sql(after.as_deref(), self.chunk_rows);
-            let qerr = |source| SnapshotError::Query { table: name.clone(), after: shown.clone(), source };
+            let qerr = |source| SnapshotError::Query {
+                table: name.clone(),
+                after: shown.clone(),
+                source,
+            };
             let stream = self.client.copy_out(sql.as_str()).await.map_err(qerr)?;
             futures::pin_mut!(stream);
             let mut buf = BytesMut::new();
@@ -382,25 +463,54 @@ impl Worker {
                 }
                 while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
                     let line = buf.split_to(nl + 1);
-                    let fields = parse_copy_line(&line[..nl])
-                        .map_err(|e| SnapshotError::Copy { table: name.clone(), after: shown.clone(), reason: e.to_string() })?;
+                    let fields = parse_copy_line(&line[..nl]).map_err(|e| SnapshotError::Copy {
+                        table: name.clone(),
+                        after: shown.clone(),
+                        reason: e.to_string(),
+                    })?;
                     let values = self.row(job, &fields, &shown)?;
                     if keyed {
-                        last_key = Some(job.key_order.iter().map(|i| fields[*i].clone().unwrap_or_default()).collect());
+                        last_key = Some(
+                            job.key_order
+                                .iter()
+                                .map(|i| fields[*i].clone().unwrap_or_default())
+                                .collect(),
+                        );
                     }
                     events.push(read_event(&self.cx, &job.table, values));
                     rows += 1;
                     if events.len() >= self.batch_max {
-                        self.send(Piece { events: std::mem::take(&mut events), ends: Vec::new() }).await?;
+                        self.send(Piece {
+                            events: std::mem::take(&mut events),
+                            ends: Vec::new(),
+                        })
+                        .await?;
                     }
                 }
                 if eof && !buf.is_empty() {
-                    return Err(SnapshotError::Copy { table: name.clone(), after: shown.clone(), reason: "COPY output ends inside a row".into() });
+                    return Err(SnapshotError::Copy {
+                        table: name.clone(),
+                        after: shown.clone(),
+                        reason: "COPY output ends inside a row".into(),
+                    });
                 }
             }
             let table_done = !keyed || rows < self.chunk_rows as u64;
-            let end = ChunkEnd { table: job.index, rows, last_key: if keyed { last_key.clone().or(after.clone()) } else { None }, table_done };
-            self.send(Piece { events, ends: vec![end] }).await?;
+            let end = ChunkEnd {
+                table: job.index,
+                rows,
+                last_key: if keyed {
+                    last_key.clone().or(after.clone())
+                } else {
+                    None
+                },
+                table_done,
+            };
+            self.send(Piece {
+                events,
+                ends: vec![end],
+            })
+            .await?;
             if table_done {
                 return Ok(());
             }
@@ -408,13 +518,22 @@ impl Worker {
         }
     }
 
-    fn row(&self, job: &TableJob, fields: &[Option<String>], shown: &str) -> Result<Vec<Value>, SnapshotError> {
+    fn row(
+        &self,
+        job: &TableJob,
+        fields: &[Option<String>],
+        shown: &str,
+    ) -> Result<Vec<Value>, SnapshotError> {
         let table = &job.table;
         if fields.len() != table.columns.len() {
             return Err(SnapshotError::Copy {
                 table: job.name(),
                 after: shown.into(),
-                reason: format!("a row has {} fields but the table has {} columns", fields.len(), table.columns.len()),
+                reason: format!(
+                    "a row has {} fields but the table has {} columns",
+                    fields.len(),
+                    table.columns.len()
+                ),
             });
         }
         fields
@@ -422,20 +541,25 @@ impl Worker {
             .zip(&table.columns)
             .map(|(f, c)| match f {
                 None => Ok(Value::Null),
-                Some(text) => convert::from_text(&c.pg_type, text).map_err(|e| SnapshotError::Copy {
-                    table: job.name(),
-                    after: shown.into(),
-                    reason: format!("column {}: {e}", c.name),
-                }),
+                Some(text) => {
+                    convert::from_text(&c.pg_type, text).map_err(|e| SnapshotError::Copy {
+                        table: job.name(),
+                        after: shown.into(),
+                        reason: format!("column {}: {e}", c.name),
+                    })
+                }
             })
             .collect()
     }
 
     async fn send(&self, piece: Piece) -> Result<(), SnapshotError> {
-        self.out.send(Ok(piece)).await.map_err(|_| SnapshotError::Table {
-            table: String::new(),
-            reason: "the snapshot stopped (shutdown or a failure elsewhere)".into(),
-        })
+        self.out
+            .send(Ok(piece))
+            .await
+            .map_err(|_| SnapshotError::Table {
+                table: String::new(),
+                reason: "the snapshot stopped (shutdown or a failure elsewhere)".into(),
+            })
     }
 }
 
@@ -472,7 +596,11 @@ pub struct SnapshotJob<'a> {
 
 /// Opens the worker sessions, all in one snapshot: the exported one, or a
 /// new one exported by the first session for the others.
-async fn open_sessions(p: &ConnectParams, n: usize, exported: Option<String>) -> Result<Vec<Client>, SnapshotError> {
+async fn open_sessions(
+    p: &ConnectParams,
+    n: usize,
+    exported: Option<String>,
+) -> Result<Vec<Client>, SnapshotError> {
     let begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
     let mut clients = Vec::with_capacity(n);
     let mut name = exported;
@@ -480,15 +608,29 @@ async fn open_sessions(p: &ConnectParams, n: usize, exported: Option<String>) ->
         let c = catalog::connect(p).await?;
         match &name {
             Some(snap) => c
-                .batch_execute(&format!("{begin}; SET TRANSACTION SNAPSHOT {}", quote_literal(snap)))
+                .batch_execute(&format!(
+                    "{begin}; SET TRANSACTION SNAPSHOT {}",
+                    quote_literal(snap)
+                ))
                 .await
-                .map_err(|source| SnapshotError::Session { what: format!("importing snapshot {snap} in worker {i}"), source })?,
+                .map_err(|source| SnapshotError::Session {
+                    what: format!("importing snapshot {snap} in worker {i}"),
+                    source,
+                })?,
             None => {
-                c.batch_execute(begin).await.map_err(|source| SnapshotError::Session { what: "beginning the snapshot".into(), source })?;
+                c.batch_execute(begin)
+                    .await
+                    .map_err(|source| SnapshotError::Session {
+                        what: "beginning the snapshot".into(),
+                        source,
+                    })?;
                 let row = c
                     .query_one("SELECT pg_export_snapshot()", &[])
                     .await
-                    .map_err(|source| SnapshotError::Session { what: "exporting a snapshot for the workers".into(), source })?;
+                    .map_err(|source| SnapshotError::Session {
+                        what: "exporting a snapshot for the workers".into(),
+                        source,
+                    })?;
                 name = Some(row.get(0));
             }
         }
@@ -513,7 +655,8 @@ impl Progress {
         let rate = self.rows_read as f64 / secs;
         let done = self.rows_before + self.rows_read;
         let remaining = self.estimate.saturating_sub(done);
-        let eta = (rate > 0.0 && state == "running").then(|| (remaining as f64 / rate).round() as u64);
+        let eta =
+            (rate > 0.0 && state == "running").then(|| (remaining as f64 / rate).round() as u64);
         let value = serde_json::json!({
             "state": state,
             "rows": done,
@@ -545,7 +688,12 @@ impl Progress {
 /// Records the chunk ends of every batch up to `seq`, which the sinks have
 /// acknowledged (the tracker resolves batches in order). Returns how many
 /// tables this completed.
-fn apply_acknowledged(state: &mut SnapshotState, names: &[String], ends_by_seq: &mut BTreeMap<u64, Vec<ChunkEnd>>, seq: u64) -> usize {
+fn apply_acknowledged(
+    state: &mut SnapshotState,
+    names: &[String],
+    ends_by_seq: &mut BTreeMap<u64, Vec<ChunkEnd>>,
+    seq: u64,
+) -> usize {
     let mut completed = 0;
     let rest = ends_by_seq.split_off(&(seq + 1));
     for end in std::mem::replace(ends_by_seq, rest).into_values().flatten() {
@@ -587,9 +735,15 @@ pub async fn run(
         let described = catalog.table_schema_by_name(s, t).await?;
         let reltuples: f64 = catalog
             .client()
-            .query_one("SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = $1", &[&described.schema.relation_id])
+            .query_one(
+                "SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = $1",
+                &[&described.schema.relation_id],
+            )
             .await
-            .map_err(|source| SnapshotError::Session { what: format!("row estimate of {name}"), source })?
+            .map_err(|source| SnapshotError::Session {
+                what: format!("row estimate of {name}"),
+                source,
+            })?
             .get(0);
         estimate += (reltuples as u64).max(progress.rows);
         names.push(name.clone());
@@ -597,7 +751,10 @@ pub async fn run(
             continue;
         }
         if described.key_order.is_empty() && described.schema.has_key() {
-            return Err(SnapshotError::Table { table: name, reason: "its key columns are not those of an index".into() });
+            return Err(SnapshotError::Table {
+                table: name,
+                reason: "its key columns are not those of an index".into(),
+            });
         }
         jobs.push_back(TableJob {
             index: names.len() - 1,
@@ -614,7 +771,11 @@ pub async fn run(
         rows_before,
         estimate,
         tables: names.len(),
-        tables_done: state.tables.iter().filter(|(n, t)| t.done && names.contains(n)).count(),
+        tables_done: state
+            .tables
+            .iter()
+            .filter(|(n, t)| t.done && names.contains(n))
+            .count(),
         resumed,
     };
     tracing::info!(
@@ -630,13 +791,27 @@ pub async fn run(
     progress.report(job.pipeline, status, "running", false);
 
     let workers = job.settings.workers.min(jobs.len()).max(1);
-    let clients = if jobs.is_empty() { Vec::new() } else { open_sessions(job.connect, workers, job.exported.clone()).await? };
-    let cx = EventContext { name: job.name.to_string(), database: job.database.to_string(), lsn: job.position };
+    let clients = if jobs.is_empty() {
+        Vec::new()
+    } else {
+        open_sessions(job.connect, workers, job.exported.clone()).await?
+    };
+    let cx = EventContext {
+        name: job.name.to_string(),
+        database: job.database.to_string(),
+        lsn: job.position,
+    };
     let (out_tx, mut out_rx) = mpsc::channel::<Result<Piece, SnapshotError>>(workers * 2);
     let queue = Arc::new(Mutex::new(jobs));
     let mut tasks = tokio::task::JoinSet::new();
     for client in clients {
-        let w = Worker { client, cx: cx.clone(), chunk_rows: job.settings.chunk_rows, batch_max: job.batch_max_events, out: out_tx.clone() };
+        let w = Worker {
+            client,
+            cx: cx.clone(),
+            chunk_rows: job.settings.chunk_rows,
+            batch_max: job.batch_max_events,
+            out: out_tx.clone(),
+        };
         tasks.spawn(w.run(Arc::clone(&queue)));
     }
     drop(out_tx);
@@ -686,7 +861,8 @@ pub async fn run(
         if workers_done && tracker.in_flight_batches() == 0 {
             break Outcome::Complete;
         }
-        let room = tracker.in_flight_events() < job.max_in_flight_events || tracker.in_flight_events() == 0;
+        let room = tracker.in_flight_events() < job.max_in_flight_events
+            || tracker.in_flight_events() == 0;
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Outcome::Cancelled,
@@ -784,30 +960,56 @@ mod tests {
 
     #[test]
     fn copy_text_fields_and_nulls() {
-        assert_eq!(parse_copy_line(b"1\tabc\t\\N\t").unwrap(), vec![f("1"), f("abc"), None, f("")]);
+        assert_eq!(
+            parse_copy_line(b"1\tabc\t\\N\t").unwrap(),
+            vec![f("1"), f("abc"), None, f("")]
+        );
         assert_eq!(parse_copy_line(b"").unwrap(), vec![f("")]);
         // A literal backslash followed by N is text, not NULL.
         assert_eq!(parse_copy_line(b"\\\\N").unwrap(), vec![f("\\N")]);
-        assert_eq!(parse_copy_line(b"\\N\\N").unwrap(), vec![f("NN")], "only a whole field is NULL");
+        assert_eq!(
+            parse_copy_line(b"\\N\\N").unwrap(),
+            vec![f("NN")],
+            "only a whole field is NULL"
+        );
     }
 
     #[test]
     fn copy_text_escapes() {
-        assert_eq!(parse_copy_line(b"a\\tb\\nc\\rd\\\\e").unwrap(), vec![f("a\tb\nc\rd\\e")]);
-        assert_eq!(parse_copy_line(b"\\b\\f\\v").unwrap(), vec![f("\u{8}\u{c}\u{b}")]);
-        assert_eq!(parse_copy_line(b"\\101\\0\\12x").unwrap(), vec![f("A\0\nx")]);
+        assert_eq!(
+            parse_copy_line(b"a\\tb\\nc\\rd\\\\e").unwrap(),
+            vec![f("a\tb\nc\rd\\e")]
+        );
+        assert_eq!(
+            parse_copy_line(b"\\b\\f\\v").unwrap(),
+            vec![f("\u{8}\u{c}\u{b}")]
+        );
+        assert_eq!(
+            parse_copy_line(b"\\101\\0\\12x").unwrap(),
+            vec![f("A\0\nx")]
+        );
         assert_eq!(parse_copy_line(b"\\x41\\x4g").unwrap(), vec![f("A\u{4}g")]);
-        assert_eq!(parse_copy_line(b"\\q\\.").unwrap(), vec![f("q.")], "other escaped characters stand for themselves");
+        assert_eq!(
+            parse_copy_line(b"\\q\\.").unwrap(),
+            vec![f("q.")],
+            "other escaped characters stand for themselves"
+        );
         // bytea's hex output arrives with its backslash doubled.
         assert_eq!(parse_copy_line(b"\\\\x00ff").unwrap(), vec![f("\\x00ff")]);
         // UTF-8 passes through.
-        assert_eq!(parse_copy_line("tëxt\t{\"a b\",NULL}".as_bytes()).unwrap(), vec![f("tëxt"), f("{\"a b\",NULL}")]);
+        assert_eq!(
+            parse_copy_line("tëxt\t{\"a b\",NULL}".as_bytes()).unwrap(),
+            vec![f("tëxt"), f("{\"a b\",NULL}")]
+        );
     }
 
     #[test]
     fn copy_text_errors() {
         assert_eq!(parse_copy_line(b"ok\tbad\\").unwrap_err().field, 1);
-        assert!(parse_copy_line(b"\\377").unwrap_err().reason.contains("UTF-8"));
+        assert!(parse_copy_line(b"\\377")
+            .unwrap_err()
+            .reason
+            .contains("UTF-8"));
     }
 
     #[test]
@@ -823,13 +1025,23 @@ mod tests {
         assert_eq!(s.consistent_point(), Some(Lsn(0x16B3748)));
         assert!(!path.with_extension("json.tmp").exists());
         std::fs::write(&path, b"{").unwrap();
-        assert!(matches!(SnapshotState::load(&path), Err(SnapshotError::StateParse { .. })));
+        assert!(matches!(
+            SnapshotState::load(&path),
+            Err(SnapshotError::StateParse { .. })
+        ));
     }
 
     #[test]
     fn chunk_sql_pages_by_key_in_index_order() {
         use walcast_sdk::{Column, PgType, ReplicaIdentity};
-        let col = |name: &str, key: bool| Column { name: name.into(), pg_type: PgType::Int4, type_oid: 23, type_modifier: -1, nullable: !key, key };
+        let col = |name: &str, key: bool| Column {
+            name: name.into(),
+            pg_type: PgType::Int4,
+            type_oid: 23,
+            type_modifier: -1,
+            nullable: !key,
+            key,
+        };
         let table = Arc::new(TableSchema {
             relation_id: 1,
             schema: "public".into(),
@@ -838,8 +1050,17 @@ mod tests {
             replica_identity: ReplicaIdentity::Default,
             version: 0,
         });
-        let job = TableJob { index: 0, table, key_order: vec![2, 1], type_names: vec!["integer".into(), "integer".into(), "text".into()], resume_after: None };
-        assert_eq!(job.sql(None, 10), r#"COPY (SELECT "v", "a", "b" FROM "public"."o'k" ORDER BY "b", "a" LIMIT 10) TO STDOUT"#);
+        let job = TableJob {
+            index: 0,
+            table,
+            key_order: vec![2, 1],
+            type_names: vec!["integer".into(), "integer".into(), "text".into()],
+            resume_after: None,
+        };
+        assert_eq!(
+            job.sql(None, 10),
+            r#"COPY (SELECT "v", "a", "b" FROM "public"."o'k" ORDER BY "b", "a" LIMIT 10) TO STDOUT"#
+        );
         assert_eq!(
             job.sql(Some(&["x'y".into(), "3".into()]), 10),
             r#"COPY (SELECT "v", "a", "b" FROM "public"."o'k" WHERE ("b", "a") > ('x''y'::text, '3'::integer) ORDER BY "b", "a" LIMIT 10) TO STDOUT"#

@@ -23,7 +23,9 @@ use crate::admin::metrics;
 use crate::checkpoint::LsnCheckpoint;
 use crate::pgoutput::{self, Message};
 use crate::pipeline::status::{PipelineState, StatusHandle};
-use crate::replication::connection::{quote_ident, ConnectParams, ReplicationConnection, ReplicationError};
+use crate::replication::connection::{
+    quote_ident, ConnectParams, ReplicationConnection, ReplicationError,
+};
 use crate::replication::ServerMessage;
 
 use super::assemble::{AssembleError, AssembleOptions, Assembler};
@@ -35,21 +37,46 @@ use crate::config::SnapshotMode;
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error("pipeline {pipeline}: {source}")]
-    Replication { pipeline: String, source: ReplicationError },
+    Replication {
+        pipeline: String,
+        source: ReplicationError,
+    },
     #[error("pipeline {pipeline}: {source}")]
-    Catalog { pipeline: String, source: CatalogError },
+    Catalog {
+        pipeline: String,
+        source: CatalogError,
+    },
     #[error("pipeline {pipeline}: {source}")]
-    Setup { pipeline: String, source: SetupError },
+    Setup {
+        pipeline: String,
+        source: SetupError,
+    },
     #[error("pipeline {pipeline}: {source}")]
-    Assemble { pipeline: String, source: AssembleError },
+    Assemble {
+        pipeline: String,
+        source: AssembleError,
+    },
     #[error("pipeline {pipeline}: decoding pgoutput at LSN {lsn}: {source}")]
-    Decode { pipeline: String, lsn: Lsn, source: pgoutput::DecodeError },
-    #[error("pipeline {pipeline}: a sink failed to deliver events after LSN {confirmed}: {source}")]
-    Delivery { pipeline: String, confirmed: Lsn, source: AckFailure },
+    Decode {
+        pipeline: String,
+        lsn: Lsn,
+        source: pgoutput::DecodeError,
+    },
+    #[error(
+        "pipeline {pipeline}: a sink failed to deliver events after LSN {confirmed}: {source}"
+    )]
+    Delivery {
+        pipeline: String,
+        confirmed: Lsn,
+        source: AckFailure,
+    },
     #[error("pipeline {pipeline}: {message}")]
     Definite { pipeline: String, message: String },
     #[error("pipeline {pipeline}: {source}")]
-    Snapshot { pipeline: String, source: SnapshotError },
+    Snapshot {
+        pipeline: String,
+        source: SnapshotError,
+    },
 }
 
 impl CaptureError {
@@ -64,8 +91,13 @@ impl CaptureError {
     }
 
     fn is_standby(&self) -> bool {
-        matches!(self, CaptureError::Setup { source: SetupError::Busy(_), .. })
-            || matches!(self, CaptureError::Replication { source, .. } if source.sqlstate() == Some("55006"))
+        matches!(
+            self,
+            CaptureError::Setup {
+                source: SetupError::Busy(_),
+                ..
+            }
+        ) || matches!(self, CaptureError::Replication { source, .. } if source.sqlstate() == Some("55006"))
     }
 }
 
@@ -86,7 +118,11 @@ pub struct CaptureSettings {
 
 /// Hands batches to every sink, in order, on its own task so that a slow
 /// sink never stops the capture loop from answering Postgres.
-async fn dispatch(pipeline: String, mut sinks: Vec<Box<dyn Sink>>, mut rx: mpsc::Receiver<(Vec<ChangeEvent>, Acker)>) -> Vec<Box<dyn Sink>> {
+async fn dispatch(
+    pipeline: String,
+    mut sinks: Vec<Box<dyn Sink>>,
+    mut rx: mpsc::Receiver<(Vec<ChangeEvent>, Acker)>,
+) -> Vec<Box<dyn Sink>> {
     while let Some((events, acker)) = rx.recv().await {
         let events = Arc::new(events);
         for sink in sinks.iter_mut() {
@@ -111,7 +147,12 @@ async fn dispatch(pipeline: String, mut sinks: Vec<Box<dyn Sink>>, mut rx: mpsc:
 }
 
 /// Runs a capture pipeline until shutdown or a definite error.
-pub async fn run(settings: CaptureSettings, sinks: Vec<Box<dyn Sink>>, status: StatusHandle, shutdown: CancellationToken) -> Result<(), CaptureError> {
+pub async fn run(
+    settings: CaptureSettings,
+    sinks: Vec<Box<dyn Sink>>,
+    status: StatusHandle,
+    shutdown: CancellationToken,
+) -> Result<(), CaptureError> {
     let (tx, rx) = mpsc::channel(8);
     let dispatcher = tokio::spawn(dispatch(settings.pipeline.clone(), sinks, rx));
     let mut backoff = Backoff::new(Duration::from_millis(500), settings.retry_max_backoff);
@@ -140,8 +181,10 @@ pub async fn run(settings: CaptureSettings, sinks: Vec<Box<dyn Sink>>, status: S
                     tracing::warn!(pipeline = %settings.pipeline, error = %e, retry_in = ?delay, "capture interrupted; reconnecting");
                 }
                 status.update(|s| s.last_error = Some(e.to_string()));
-                ::metrics::gauge!(metrics::STREAMING, "pipeline" => settings.pipeline.clone()).set(0.0);
-                ::metrics::counter!(metrics::RESTARTS, "pipeline" => settings.pipeline.clone()).increment(1);
+                ::metrics::gauge!(metrics::STREAMING, "pipeline" => settings.pipeline.clone())
+                    .set(0.0);
+                ::metrics::counter!(metrics::RESTARTS, "pipeline" => settings.pipeline.clone())
+                    .increment(1);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => break Ok(()),
@@ -185,7 +228,8 @@ impl Outbox {
     fn commit(&mut self, end: Lsn) {
         self.ready = self.events.len();
         self.ready_pos = Some(end);
-        self.deadline.get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
+        self.deadline
+            .get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
     }
 
     fn take_ready(&mut self) -> Option<(Vec<ChangeEvent>, Lsn)> {
@@ -209,7 +253,10 @@ struct PendingCommit {
 }
 
 fn now_micros() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 /// One replication session, from connecting to the end of the stream.
@@ -221,23 +268,42 @@ async fn session(
     slot_seen: &mut bool,
 ) -> Result<(), CaptureError> {
     let p = || s.pipeline.clone();
-    let cat_err = |source| CaptureError::Catalog { pipeline: p(), source };
-    let rep_err = |source| CaptureError::Replication { pipeline: p(), source };
-    let setup_err = |source| CaptureError::Setup { pipeline: p(), source };
-    let snap_err = |source| CaptureError::Snapshot { pipeline: p(), source };
+    let cat_err = |source| CaptureError::Catalog {
+        pipeline: p(),
+        source,
+    };
+    let rep_err = |source| CaptureError::Replication {
+        pipeline: p(),
+        source,
+    };
+    let setup_err = |source| CaptureError::Setup {
+        pipeline: p(),
+        source,
+    };
+    let snap_err = |source| CaptureError::Snapshot {
+        pipeline: p(),
+        source,
+    };
     let mode = s.snapshot.mode;
     let state_path = &s.snapshot.state_path;
 
     status.set_state(PipelineState::Starting);
     let prior = SnapshotState::load(state_path).map_err(snap_err)?;
-    if mode == SnapshotMode::InitialOnly && prior.as_ref().is_some_and(|st| st.done && st.slot == s.wanted.slot) {
+    if mode == SnapshotMode::InitialOnly
+        && prior
+            .as_ref()
+            .is_some_and(|st| st.done && st.slot == s.wanted.slot)
+    {
         tracing::info!(pipeline = %s.pipeline, state = %state_path.display(), "snapshot = initial_only and the snapshot is complete; nothing to do");
         return Ok(());
     }
     let client = catalog::connect(&s.connect).await.map_err(cat_err)?;
     let plan = setup::plan(&client, &s.wanted).await.map_err(setup_err)?;
     if plan.create_slot && *slot_seen {
-        let confirmed = status.snapshot().confirmed_lsn.unwrap_or_else(|| "?".into());
+        let confirmed = status
+            .snapshot()
+            .confirmed_lsn
+            .unwrap_or_else(|| "?".into());
         return Err(CaptureError::Definite {
             pipeline: p(),
             message: format!(
@@ -249,10 +315,14 @@ async fn session(
             ),
         });
     }
-    setup::apply_publication(&client, &plan).await.map_err(setup_err)?;
+    setup::apply_publication(&client, &plan)
+        .await
+        .map_err(setup_err)?;
     let mut catalog = Catalog::new(client);
 
-    let mut conn = ReplicationConnection::connect(&s.connect).await.map_err(rep_err)?;
+    let mut conn = ReplicationConnection::connect(&s.connect)
+        .await
+        .map_err(rep_err)?;
     let system = conn.identify_system().await.map_err(rep_err)?;
     // Which snapshot to take, if any (see the snapshot module for why
     // this order keeps every row).
@@ -276,7 +346,10 @@ async fn session(
         // initial_only needs the slot only for its snapshot; a temporary one
         // vanishes with the connection and pins no WAL afterwards.
         let temporary = mode == SnapshotMode::InitialOnly;
-        let created = conn.create_slot(&s.wanted.slot, temporary, export).await.map_err(rep_err)?;
+        let created = conn
+            .create_slot(&s.wanted.slot, temporary, export)
+            .await
+            .map_err(rep_err)?;
         tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, consistent_point = %created.consistent_point, temporary, "created replication slot");
         if let Some(st) = snapshot_state.as_mut() {
             if st.consistent_point.is_none() || mode == SnapshotMode::InitialOnly {
@@ -287,7 +360,11 @@ async fn session(
         }
         created.consistent_point
     } else {
-        let confirmed = plan.slot_confirmed_lsn.as_deref().and_then(|l| l.parse().ok()).unwrap_or_default();
+        let confirmed = plan
+            .slot_confirmed_lsn
+            .as_deref()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_default();
         match mode {
             SnapshotMode::Never => {}
             SnapshotMode::Initial => snapshot_state = unfinished,
@@ -319,7 +396,10 @@ async fn session(
         };
         // The replication connection stays idle meanwhile: its next
         // command would end the exported snapshot.
-        match snapshot::run(job, &mut st, &mut catalog, tx, status, shutdown).await.map_err(snap_err)? {
+        match snapshot::run(job, &mut st, &mut catalog, tx, status, shutdown)
+            .await
+            .map_err(snap_err)?
+        {
             Outcome::Cancelled => return Ok(()),
             Outcome::Complete => {}
         }
@@ -333,17 +413,30 @@ async fn session(
         ("publication_names", quote_ident(&s.wanted.publication)),
         ("messages", "true".to_string()),
     ];
-    let mut stream = conn.start_replication(&s.wanted.slot, Lsn(0), &options).await.map_err(rep_err)?;
+    let mut stream = conn
+        .start_replication(&s.wanted.slot, Lsn(0), &options)
+        .await
+        .map_err(rep_err)?;
     *slot_seen = true;
     tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, from = %start, server_wal = %system.xlog_pos, "streaming");
     status.set_state(PipelineState::Streaming);
     status.update(|st| st.last_error = None);
     ::metrics::gauge!(metrics::STREAMING, "pipeline" => p()).set(1.0);
 
-    let keyless: HashSet<String> = s.wanted.keyless.iter().map(|(a, b)| format!("{a}.{b}")).collect();
+    let keyless: HashSet<String> = s
+        .wanted
+        .keyless
+        .iter()
+        .map(|(a, b)| format!("{a}.{b}"))
+        .collect();
     let mut asm = Assembler::new(s.assemble.clone());
     let mut cp = LsnCheckpoint::new(start);
-    let mut outbox = Outbox { events: Vec::new(), ready: 0, ready_pos: None, deadline: None };
+    let mut outbox = Outbox {
+        events: Vec::new(),
+        ready: 0,
+        ready_pos: None,
+        deadline: None,
+    };
     let mut commits = VecDeque::<PendingCommit>::new();
     let mut wal_end = start;
     let mut last_sent = Instant::now();
@@ -354,7 +447,8 @@ async fn session(
     let mut tx_counts: std::collections::HashMap<(String, &'static str), u64> = Default::default();
 
     let result: Result<(), CaptureError> = loop {
-        let can_read = cp.in_flight_events() + outbox.events.len() < s.max_in_flight_events && tx.capacity() > 0;
+        let can_read = cp.in_flight_events() + outbox.events.len() < s.max_in_flight_events
+            && tx.capacity() > 0;
         let linger = outbox.deadline;
         tokio::select! {
             biased;
@@ -503,9 +597,14 @@ async fn handle(
     m: Message,
     lsn: Lsn,
 ) -> Result<(), CaptureError> {
-    let asm_err = |source| CaptureError::Assemble { pipeline: s.pipeline.clone(), source };
+    let asm_err = |source| CaptureError::Assemble {
+        pipeline: s.pipeline.clone(),
+        source,
+    };
     let mut push = |e: ChangeEvent, pending: &mut Vec<ChangeEvent>| {
-        *counts.entry((e.table.qualified_name(), e.op.code())).or_insert(0) += 1;
+        *counts
+            .entry((e.table.qualified_name(), e.op.code()))
+            .or_insert(0) += 1;
         pending.push(e);
     };
     match m {
@@ -514,12 +613,22 @@ async fn handle(
             asm.commit(&c);
         }
         Message::Relation(rel) => {
-            let table = catalog.table_schema(&rel).await.map_err(|source| CaptureError::Catalog { pipeline: s.pipeline.clone(), source })?;
+            let table =
+                catalog
+                    .table_schema(&rel)
+                    .await
+                    .map_err(|source| CaptureError::Catalog {
+                        pipeline: s.pipeline.clone(),
+                        source,
+                    })?;
             let name = table.qualified_name();
             let wanted = s.assemble.tables.as_ref().is_none_or(|t| t.contains(&name));
             if wanted && !keyless.contains(&name) {
                 if let Some(problem) = super::assemble::key_problem(&table) {
-                    return Err(CaptureError::Definite { pipeline: s.pipeline.clone(), message: problem });
+                    return Err(CaptureError::Definite {
+                        pipeline: s.pipeline.clone(),
+                        message: problem,
+                    });
                 }
             }
             tracing::debug!(pipeline = %s.pipeline, table = %name, version = table.version, "relation");
@@ -531,7 +640,10 @@ async fn handle(
             }
         }
         Message::Update(u) => {
-            for e in asm.update(u.relation_id, u.old.as_ref(), &u.new, lsn).map_err(asm_err)? {
+            for e in asm
+                .update(u.relation_id, u.old.as_ref(), &u.new, lsn)
+                .map_err(asm_err)?
+            {
                 push(e, pending);
             }
         }

@@ -9,16 +9,26 @@ use super::model::*;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("config file {path}: `{key}`: {message}")]
-    Rule { path: PathBuf, key: String, message: String },
+    Rule {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
 }
 
 /// Loads a file and the WALCAST_ environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
     let format = match path.extension().and_then(|e| e.to_str()) {
         Some("yaml") | Some("yml") => FileFormat::Yaml,
         _ => FileFormat::Toml,
@@ -33,30 +43,52 @@ pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigError> {
 }
 
 fn parse(path: &Path, text: &str, format: FileFormat, env: bool) -> Result<Config, ConfigError> {
-    let invalid = |message: String| ConfigError::Invalid { path: path.into(), message };
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.into(),
+        message,
+    };
     let mut builder = config::Config::builder().add_source(File::from_str(text, format));
     if env {
         for (key, value) in env_overrides(std::env::vars()) {
-            builder = builder.set_override(key, value).map_err(|e| invalid(e.to_string()))?;
+            builder = builder
+                .set_override(key, value)
+                .map_err(|e| invalid(e.to_string()))?;
         }
     }
     let raw = builder.build().map_err(|e| invalid(e.to_string()))?;
-    let top: TopLevel = raw.clone().try_deserialize().map_err(|e| invalid(e.to_string()))?;
+    let top: TopLevel = raw
+        .clone()
+        .try_deserialize()
+        .map_err(|e| invalid(e.to_string()))?;
     let mut pipelines = std::collections::BTreeMap::new();
     for (name, kind) in top.pipelines {
         let key = format!("pipelines.{name}");
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err(ConfigError::Rule { path: path.into(), key, message: "pipeline names use letters, digits, `_` and `-`".into() });
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ConfigError::Rule {
+                path: path.into(),
+                key,
+                message: "pipeline names use letters, digits, `_` and `-`".into(),
+            });
         }
         // serde_path_to_error keeps the path inside the pipeline, which the
         // config crate's own errors do not.
         let value: config::Value = raw.get(&key).map_err(|e| invalid(e.to_string()))?;
-        let at = |e: serde_path_to_error::Error<config::ConfigError>| {
-            ConfigError::Rule { path: path.into(), key: format!("{key}.{}", e.path()), message: e.into_inner().to_string() }
+        let at = |e: serde_path_to_error::Error<config::ConfigError>| ConfigError::Rule {
+            path: path.into(),
+            key: format!("{key}.{}", e.path()),
+            message: e.into_inner().to_string(),
         };
         let p = match kind.kind.as_deref() {
-            Some("capture") => PipelineConfig::Capture(serde_path_to_error::deserialize(value).map_err(at)?),
-            Some("relay") => PipelineConfig::Relay(serde_path_to_error::deserialize(value).map_err(at)?),
+            Some("capture") => {
+                PipelineConfig::Capture(serde_path_to_error::deserialize(value).map_err(at)?)
+            }
+            Some("relay") => {
+                PipelineConfig::Relay(serde_path_to_error::deserialize(value).map_err(at)?)
+            }
             Some(other) => {
                 return Err(ConfigError::Rule {
                     path: path.into(),
@@ -65,12 +97,21 @@ fn parse(path: &Path, text: &str, format: FileFormat, env: bool) -> Result<Confi
                 })
             }
             None => {
-                return Err(ConfigError::Rule { path: path.into(), key: format!("{key}.kind"), message: "missing: set kind = \"capture\" or \"relay\"".into() })
+                return Err(ConfigError::Rule {
+                    path: path.into(),
+                    key: format!("{key}.kind"),
+                    message: "missing: set kind = \"capture\" or \"relay\"".into(),
+                })
             }
         };
         pipelines.insert(name, p);
     }
-    let cfg = Config { admin: top.admin, log: top.log, embedded_registry: top.embedded_registry, pipelines };
+    let cfg = Config {
+        admin: top.admin,
+        log: top.log,
+        embedded_registry: top.embedded_registry,
+        pipelines,
+    };
     validate(path, &cfg)?;
     Ok(cfg)
 }
@@ -95,12 +136,22 @@ fn env_overrides(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, S
 }
 
 fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
-    let rule = |key: String, message: &str| ConfigError::Rule { path: path.into(), key, message: message.into() };
+    let rule = |key: String, message: &str| ConfigError::Rule {
+        path: path.into(),
+        key,
+        message: message.into(),
+    };
     if cfg.pipelines.is_empty() {
-        return Err(rule("pipelines".into(), "no pipeline is defined; add a [pipelines.NAME] section"));
+        return Err(rule(
+            "pipelines".into(),
+            "no pipeline is defined; add a [pipelines.NAME] section",
+        ));
     }
     if let Some(Err(e)) = cfg.admin.address() {
-        return Err(rule("admin.listen".into(), &format!("not a socket address (host:port): {e}")));
+        return Err(rule(
+            "admin.listen".into(),
+            &format!("not a socket address (host:port): {e}"),
+        ));
     }
     for (name, p) in &cfg.pipelines {
         match p {
@@ -108,27 +159,45 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                 let key = |k: &str| format!("pipelines.{name}.{k}");
                 let s = &c.source;
                 if s.tables.is_empty() && s.schemas.is_empty() {
-                    return Err(rule(key("source.tables"), "list the tables to capture (`tables`) or whole schemas (`schemas`)"));
+                    return Err(rule(
+                        key("source.tables"),
+                        "list the tables to capture (`tables`) or whole schemas (`schemas`)",
+                    ));
                 }
                 for t in s.tables.iter().chain(&s.keyless_tables) {
                     if crate::capture::setup::split_table(t).is_none() {
-                        return Err(rule(key("source.tables"), &format!("`{t}` is not of the form schema.table")));
+                        return Err(rule(
+                            key("source.tables"),
+                            &format!("`{t}` is not of the form schema.table"),
+                        ));
                     }
                 }
                 if s.password.is_some() && s.password_file.is_some() {
-                    return Err(rule(key("source.password_file"), "set `password` or `password_file`, not both"));
+                    return Err(rule(
+                        key("source.password_file"),
+                        "set `password` or `password_file`, not both",
+                    ));
                 }
                 if c.sinks.is_empty() {
-                    return Err(rule(key("sinks"), "a capture pipeline needs at least one sink"));
+                    return Err(rule(
+                        key("sinks"),
+                        "a capture pipeline needs at least one sink",
+                    ));
                 }
                 if c.batch_max_events == 0 || c.max_in_flight_events < c.batch_max_events {
-                    return Err(rule(key("max_in_flight_events"), "must be at least batch_max_events, which must be positive"));
+                    return Err(rule(
+                        key("max_in_flight_events"),
+                        "must be at least batch_max_events, which must be positive",
+                    ));
                 }
                 if s.snapshot_workers == 0 {
                     return Err(rule(key("source.snapshot_workers"), "must be at least 1"));
                 }
                 if s.snapshot_chunk_rows == 0 {
-                    return Err(rule(key("source.snapshot_chunk_rows"), "must be at least 1"));
+                    return Err(rule(
+                        key("source.snapshot_chunk_rows"),
+                        "must be at least 1",
+                    ));
                 }
                 if s.status_interval.is_zero() {
                     return Err(rule(key("source.status_interval"), "must be positive"));
@@ -142,21 +211,31 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                 }
                 validate_sinks(path, &key, &c.sinks)?;
                 if let Some(r) = &c.registry {
-                    r.validate().map_err(|e| rule(key("registry"), &e.to_string()))?;
+                    r.validate()
+                        .map_err(|e| rule(key("registry"), &e.to_string()))?;
                 }
             }
             PipelineConfig::Relay(r) => {
                 let key = |k: &str| format!("pipelines.{name}.{k}");
                 if r.sinks.is_empty() {
-                    return Err(rule(key("sinks"), "a relay pipeline needs at least one sink"));
+                    return Err(rule(
+                        key("sinks"),
+                        "a relay pipeline needs at least one sink",
+                    ));
                 }
                 if r.sinks.iter().any(|s| matches!(s, SinkConfig::Kafka(_))) {
-                    return Err(rule(key("sinks"), "a relay reads from Kafka; its sinks are redis, elasticsearch or file"));
+                    return Err(rule(
+                        key("sinks"),
+                        "a relay reads from Kafka; its sinks are redis, elasticsearch or file",
+                    ));
                 }
-                r.source.validate().map_err(|e| rule(key("source"), &e.to_string()))?;
+                r.source
+                    .validate()
+                    .map_err(|e| rule(key("source"), &e.to_string()))?;
                 validate_sinks(path, &key, &r.sinks)?;
                 if let Some(reg) = &r.registry {
-                    reg.validate().map_err(|e| rule(key("registry"), &e.to_string()))?;
+                    reg.validate()
+                        .map_err(|e| rule(key("registry"), &e.to_string()))?;
                 }
             }
         }
@@ -164,7 +243,11 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate_sinks(path: &Path, key: &dyn Fn(&str) -> String, sinks: &[SinkConfig]) -> Result<(), ConfigError> {
+fn validate_sinks(
+    path: &Path,
+    key: &dyn Fn(&str) -> String,
+    sinks: &[SinkConfig],
+) -> Result<(), ConfigError> {
     for (i, s) in sinks.iter().enumerate() {
         let problem = match s {
             SinkConfig::File(_) => None,
@@ -173,19 +256,30 @@ fn validate_sinks(path: &Path, key: &dyn Fn(&str) -> String, sinks: &[SinkConfig
             SinkConfig::Elasticsearch(e) => e.validate().err().map(|e| e.to_string()),
         };
         if let Some(message) = problem {
-            return Err(ConfigError::Rule { path: path.into(), key: key(&format!("sinks[{i}]")), message });
+            return Err(ConfigError::Rule {
+                path: path.into(),
+                key: key(&format!("sinks[{i}]")),
+                message,
+            });
         }
     }
     Ok(())
 }
 
 /// Reads a secret from its inline value or its file.
-pub fn read_secret(inline: Option<&Secret>, file: Option<&Path>) -> Result<Option<String>, std::io::Error> {
+pub fn read_secret(
+    inline: Option<&Secret>,
+    file: Option<&Path>,
+) -> Result<Option<String>, std::io::Error> {
     if let Some(s) = inline {
         return Ok(Some(s.0.clone()));
     }
     match file {
-        Some(p) => Ok(Some(std::fs::read_to_string(p)?.trim_end_matches(['\n', '\r']).to_string())),
+        Some(p) => Ok(Some(
+            std::fs::read_to_string(p)?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+        )),
         None => Ok(None),
     }
 }
@@ -209,16 +303,28 @@ path = "-"
     #[test]
     fn environment_overrides_only_config_keys() {
         let vars = vec![
-            ("WALCAST_PIPELINES__ORDERS__SOURCE__PASSWORD".to_string(), "s3cret".to_string()),
+            (
+                "WALCAST_PIPELINES__ORDERS__SOURCE__PASSWORD".to_string(),
+                "s3cret".to_string(),
+            ),
             ("WALCAST_TEST_PG_USER".to_string(), "x".to_string()),
-            ("WALCAST_CONFIG".to_string(), "/etc/walcast.toml".to_string()),
-            ("WALCAST_ADMIN__LISTEN".to_string(), "0.0.0.0:9187".to_string()),
+            (
+                "WALCAST_CONFIG".to_string(),
+                "/etc/walcast.toml".to_string(),
+            ),
+            (
+                "WALCAST_ADMIN__LISTEN".to_string(),
+                "0.0.0.0:9187".to_string(),
+            ),
         ];
         assert_eq!(
             env_overrides(vars.into_iter()),
             vec![
                 ("admin.listen".to_string(), "0.0.0.0:9187".to_string()),
-                ("pipelines.orders.source.password".to_string(), "s3cret".to_string()),
+                (
+                    "pipelines.orders.source.password".to_string(),
+                    "s3cret".to_string()
+                ),
             ]
         );
     }
@@ -226,7 +332,9 @@ path = "-"
     #[test]
     fn defaults_apply() {
         let c = load_str("t.toml", GOOD).unwrap();
-        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else { panic!("a capture") };
+        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
+            panic!("a capture")
+        };
         assert_eq!(p.source.port, DEFAULT_PG_PORT);
         assert_eq!(p.source.status_interval, DEFAULT_STATUS_INTERVAL);
         assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
@@ -248,13 +356,39 @@ path = "-"
 
     #[test]
     fn wrong_types_and_rules_are_explained() {
-        let e = load_str("t.toml", &GOOD.replace("database = \"app\"", "database = \"app\"\nport = \"five\"")).unwrap_err().to_string();
+        let e = load_str(
+            "t.toml",
+            &GOOD.replace("database = \"app\"", "database = \"app\"\nport = \"five\""),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("pipelines.orders.source.port"), "{e}");
-        let e = load_str("t.toml", &GOOD.replace("kind = \"capture\"", "kind = \"capturr\"")).unwrap_err().to_string();
-        assert!(e.contains("pipelines.orders.kind") && e.contains("capturr"), "{e}");
-        let e = load_str("t.toml", &GOOD.replace("[\"public.orders\"]", "[\"orders\"]")).unwrap_err().to_string();
-        assert!(e.contains("schema.table") && e.contains("pipelines.orders.source.tables"), "{e}");
-        let e = load_str("t.toml", &GOOD.replace("type = \"file\"", "type = \"carrier-pigeon\"")).unwrap_err().to_string();
+        let e = load_str(
+            "t.toml",
+            &GOOD.replace("kind = \"capture\"", "kind = \"capturr\""),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("pipelines.orders.kind") && e.contains("capturr"),
+            "{e}"
+        );
+        let e = load_str(
+            "t.toml",
+            &GOOD.replace("[\"public.orders\"]", "[\"orders\"]"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("schema.table") && e.contains("pipelines.orders.source.tables"),
+            "{e}"
+        );
+        let e = load_str(
+            "t.toml",
+            &GOOD.replace("type = \"file\"", "type = \"carrier-pigeon\""),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("carrier-pigeon"), "{e}");
     }
 }

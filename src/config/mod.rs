@@ -7,8 +7,8 @@
 //! Secrets can come from files (`password_file`) so they stay out of the
 //! config and the environment.
 
-mod model;
 mod load;
+mod model;
 
 pub use load::{load, read_secret};
 pub use model::*;

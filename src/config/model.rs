@@ -45,7 +45,9 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: default_admin_listen() }
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
     }
 }
 
@@ -81,7 +83,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::Auto, level: default_log_level() }
+        LogConfig {
+            format: LogFormat::Auto,
+            level: default_log_level(),
+        }
     }
 }
 

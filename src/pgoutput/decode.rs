@@ -32,7 +32,10 @@ struct Reader {
 impl Reader {
     fn need(&self, n: usize, field: &'static str) -> Result<(), DecodeError> {
         if self.buf.len() < n {
-            Err(DecodeError::Truncated { tag: self.tag, field })
+            Err(DecodeError::Truncated {
+                tag: self.tag,
+                field,
+            })
         } else {
             Ok(())
         }
@@ -85,9 +88,15 @@ impl Reader {
             .buf
             .iter()
             .position(|&b| b == 0)
-            .ok_or(DecodeError::Truncated { tag: self.tag, field })?;
+            .ok_or(DecodeError::Truncated {
+                tag: self.tag,
+                field,
+            })?;
         let s = std::str::from_utf8(&self.buf[..end])
-            .map_err(|e| DecodeError::Malformed { tag: self.tag, detail: format!("{field} is not UTF-8: {e}") })?
+            .map_err(|e| DecodeError::Malformed {
+                tag: self.tag,
+                detail: format!("{field} is not UTF-8: {e}"),
+            })?
             .to_string();
         self.buf = self.buf.slice(end + 1..);
         Ok(s)
@@ -96,7 +105,10 @@ impl Reader {
     fn tuple(&mut self) -> Result<Tuple, DecodeError> {
         let n = self.i16("column count")?;
         if n < 0 {
-            return Err(DecodeError::Malformed { tag: self.tag, detail: format!("negative column count {n}") });
+            return Err(DecodeError::Malformed {
+                tag: self.tag,
+                detail: format!("negative column count {n}"),
+            });
         }
         let mut cols = Vec::with_capacity(n as usize);
         for _ in 0..n {
@@ -107,7 +119,10 @@ impl Reader {
                 b't' | b'b' => {
                     let len = self.i32("column length")?;
                     if len < 0 {
-                        return Err(DecodeError::Malformed { tag: self.tag, detail: format!("negative column length {len}") });
+                        return Err(DecodeError::Malformed {
+                            tag: self.tag,
+                            detail: format!("negative column length {len}"),
+                        });
                     }
                     let data = self.bytes(len as usize, "column value")?;
                     if kind == b't' {
@@ -131,15 +146,23 @@ impl Reader {
         match kind {
             b'K' => Ok(OldTuple::Key(self.tuple()?)),
             b'O' => Ok(OldTuple::Full(self.tuple()?)),
-            other => Err(DecodeError::Malformed { tag: self.tag, detail: format!("expected 'K' or 'O', got {other:#04x}") }),
+            other => Err(DecodeError::Malformed {
+                tag: self.tag,
+                detail: format!("expected 'K' or 'O', got {other:#04x}"),
+            }),
         }
     }
 }
 
 /// Decodes one pgoutput message (the payload of one XLogData).
 pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
-    let Some(&tag) = payload.first() else { return Err(DecodeError::Empty) };
-    let mut r = Reader { buf: payload.slice(1..), tag: tag as char };
+    let Some(&tag) = payload.first() else {
+        return Err(DecodeError::Empty);
+    };
+    let mut r = Reader {
+        buf: payload.slice(1..),
+        tag: tag as char,
+    };
     let msg = match tag {
         b'B' => Message::Begin(Begin {
             final_lsn: r.lsn("final LSN")?,
@@ -152,7 +175,10 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
             end_lsn: r.lsn("end LSN")?,
             commit_time: r.i64("commit timestamp")?,
         }),
-        b'O' => Message::Origin(Origin { commit_lsn: r.lsn("origin LSN")?, name: r.cstr("origin name")? }),
+        b'O' => Message::Origin(Origin {
+            commit_lsn: r.lsn("origin LSN")?,
+            name: r.cstr("origin name")?,
+        }),
         b'R' => {
             let id = r.u32("relation id")?;
             let namespace = r.cstr("namespace")?;
@@ -163,7 +189,10 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
                 b'f' => ReplicaIdentitySetting::Full,
                 b'i' => ReplicaIdentitySetting::Index,
                 other => {
-                    return Err(DecodeError::Malformed { tag: 'R', detail: format!("unknown replica identity {other:#04x}") })
+                    return Err(DecodeError::Malformed {
+                        tag: 'R',
+                        detail: format!("unknown replica identity {other:#04x}"),
+                    })
                 }
             };
             let n = r.i16("column count")?;
@@ -176,14 +205,32 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
                     type_modifier: r.i32("column type modifier")?,
                 });
             }
-            Message::Relation(Relation { id, namespace, name, replica_identity, columns })
+            Message::Relation(Relation {
+                id,
+                namespace,
+                name,
+                replica_identity,
+                columns,
+            })
         }
-        b'Y' => Message::Type(TypeMessage { oid: r.u32("type oid")?, namespace: r.cstr("namespace")?, name: r.cstr("type name")? }),
+        b'Y' => Message::Type(TypeMessage {
+            oid: r.u32("type oid")?,
+            namespace: r.cstr("namespace")?,
+            name: r.cstr("type name")?,
+        }),
         b'I' => {
             let relation_id = r.u32("relation id")?;
             match r.u8("tuple kind")? {
-                b'N' => Message::Insert(Insert { relation_id, new: r.tuple()? }),
-                other => return Err(DecodeError::Malformed { tag: 'I', detail: format!("expected 'N', got {other:#04x}") }),
+                b'N' => Message::Insert(Insert {
+                    relation_id,
+                    new: r.tuple()?,
+                }),
+                other => {
+                    return Err(DecodeError::Malformed {
+                        tag: 'I',
+                        detail: format!("expected 'N', got {other:#04x}"),
+                    })
+                }
             }
         }
         b'U' => {
@@ -197,14 +244,24 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
                 None
             };
             if kind != b'N' {
-                return Err(DecodeError::Malformed { tag: 'U', detail: format!("expected 'N', got {kind:#04x}") });
+                return Err(DecodeError::Malformed {
+                    tag: 'U',
+                    detail: format!("expected 'N', got {kind:#04x}"),
+                });
             }
-            Message::Update(Update { relation_id, old, new: r.tuple()? })
+            Message::Update(Update {
+                relation_id,
+                old,
+                new: r.tuple()?,
+            })
         }
         b'D' => {
             let relation_id = r.u32("relation id")?;
             let kind = r.u8("tuple kind")?;
-            Message::Delete(Delete { relation_id, old: r.old_tuple(kind)? })
+            Message::Delete(Delete {
+                relation_id,
+                old: r.old_tuple(kind)?,
+            })
         }
         b'T' => {
             let n = r.i32("relation count")?;
@@ -213,7 +270,11 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
             for _ in 0..n {
                 relation_ids.push(r.u32("relation id")?);
             }
-            Message::Truncate(Truncate { cascade: options & 1 != 0, restart_identity: options & 2 != 0, relation_ids })
+            Message::Truncate(Truncate {
+                cascade: options & 1 != 0,
+                restart_identity: options & 2 != 0,
+                relation_ids,
+            })
         }
         b'M' => {
             let flags = r.u8("flags")?;
@@ -221,9 +282,16 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
             let prefix = r.cstr("prefix")?;
             let len = r.i32("content length")?;
             let content = r.bytes(len.max(0) as usize, "content")?;
-            Message::Message(LogicalMessage { transactional: flags & 1 != 0, lsn, prefix, content })
+            Message::Message(LogicalMessage {
+                transactional: flags & 1 != 0,
+                lsn,
+                prefix,
+                content,
+            })
         }
-        b'S' | b'E' | b'c' | b'A' | b'P' | b'K' | b'r' | b'p' | b'b' => return Err(DecodeError::Streaming(tag as char)),
+        b'S' | b'E' | b'c' | b'A' | b'P' | b'K' | b'r' | b'p' | b'b' => {
+            return Err(DecodeError::Streaming(tag as char))
+        }
         other => return Err(DecodeError::UnknownTag(other)),
     };
     Ok(msg)

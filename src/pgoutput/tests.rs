@@ -10,7 +10,10 @@ fn frames() -> Vec<Message> {
     include_str!("../../tests/fixtures/pgoutput/session1.hex")
         .lines()
         .map(|l| {
-            let bytes: Vec<u8> = (0..l.len()).step_by(2).map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap()).collect();
+            let bytes: Vec<u8> = (0..l.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap())
+                .collect();
             decode(Bytes::from(bytes)).unwrap_or_else(|e| panic!("frame {l}: {e}"))
         })
         .collect()
@@ -28,61 +31,114 @@ fn decodes_a_captured_session() {
     let m = frames();
     assert_eq!(m.len(), 35);
 
-    let Message::Begin(begin) = &m[0] else { panic!("{:?}", m[0]) };
-    let Message::Relation(rel) = &m[1] else { panic!("{:?}", m[1]) };
-    assert_eq!((rel.namespace.as_str(), rel.name.as_str()), ("public", "fx_items"));
+    let Message::Begin(begin) = &m[0] else {
+        panic!("{:?}", m[0])
+    };
+    let Message::Relation(rel) = &m[1] else {
+        panic!("{:?}", m[1])
+    };
+    assert_eq!(
+        (rel.namespace.as_str(), rel.name.as_str()),
+        ("public", "fx_items")
+    );
     assert_eq!(rel.replica_identity, ReplicaIdentitySetting::Default);
-    let names: Vec<_> = rel.columns.iter().map(|c| (c.name.as_str(), c.identity, c.type_oid)).collect();
-    assert_eq!(names, [("id", true, 20), ("name", false, 25), ("price", false, 1700), ("big", false, 25)]);
-    assert_eq!(rel.columns[2].type_modifier, ((12 << 16) | 2) + 4, "numeric(12,2) typmod");
+    let names: Vec<_> = rel
+        .columns
+        .iter()
+        .map(|c| (c.name.as_str(), c.identity, c.type_oid))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("id", true, 20),
+            ("name", false, 25),
+            ("price", false, 1700),
+            ("big", false, 25)
+        ]
+    );
+    assert_eq!(
+        rel.columns[2].type_modifier,
+        ((12 << 16) | 2) + 4,
+        "numeric(12,2) typmod"
+    );
 
-    let Message::Insert(ins) = &m[2] else { panic!("{:?}", m[2]) };
+    let Message::Insert(ins) = &m[2] else {
+        panic!("{:?}", m[2])
+    };
     assert_eq!(ins.relation_id, rel.id);
     assert_eq!(text(&ins.new[0]), "1");
     assert_eq!(text(&ins.new[2]), "1.50");
     assert_eq!(ins.new[3], TupleValue::Null);
-    let Message::Insert(ins2) = &m[3] else { panic!() };
-    assert_eq!(text(&ins2.new[3]).len(), 9600, "the long value arrives whole on insert");
+    let Message::Insert(ins2) = &m[3] else {
+        panic!()
+    };
+    assert_eq!(
+        text(&ins2.new[3]).len(),
+        9600,
+        "the long value arrives whole on insert"
+    );
 
-    let Message::Commit(commit) = &m[4] else { panic!("{:?}", m[4]) };
+    let Message::Commit(commit) = &m[4] else {
+        panic!("{:?}", m[4])
+    };
     assert_eq!(commit.commit_lsn, begin.final_lsn);
     assert!(commit.end_lsn > commit.commit_lsn);
     assert_eq!(commit.commit_time, begin.commit_time);
 
     // UPDATE name: no old tuple under REPLICA IDENTITY DEFAULT.
-    let Message::Update(u) = &m[6] else { panic!("{:?}", m[6]) };
+    let Message::Update(u) = &m[6] else {
+        panic!("{:?}", m[6])
+    };
     assert_eq!(u.old, None);
     assert_eq!(text(&u.new[1]), "green apple");
 
     // UPDATE id: the old key arrives as 'K' with only the key column set.
-    let Message::Update(u) = &m[9] else { panic!("{:?}", m[9]) };
-    let Some(OldTuple::Key(old)) = &u.old else { panic!("{u:?}") };
+    let Message::Update(u) = &m[9] else {
+        panic!("{:?}", m[9])
+    };
+    let Some(OldTuple::Key(old)) = &u.old else {
+        panic!("{u:?}")
+    };
     assert_eq!(text(&old[0]), "1");
     assert_eq!(old[1], TupleValue::Null);
     assert_eq!(text(&u.new[0]), "3");
 
     // UPDATE price: the unchanged TOASTed column is 'u', not null.
-    let Message::Update(u) = &m[12] else { panic!("{:?}", m[12]) };
+    let Message::Update(u) = &m[12] else {
+        panic!("{:?}", m[12])
+    };
     assert_eq!(text(&u.new[2]), "2.00");
     assert_eq!(u.new[3], TupleValue::UnchangedToast);
 
-    let Message::Delete(d) = &m[15] else { panic!("{:?}", m[15]) };
+    let Message::Delete(d) = &m[15] else {
+        panic!("{:?}", m[15])
+    };
     assert!(matches!(&d.old, OldTuple::Key(k) if text(&k[0]) == "3"));
 
     // REPLICA IDENTITY FULL: every column flagged, old rows are 'O'.
-    let Message::Relation(full) = &m[18] else { panic!("{:?}", m[18]) };
+    let Message::Relation(full) = &m[18] else {
+        panic!("{:?}", m[18])
+    };
     assert_eq!(full.replica_identity, ReplicaIdentitySetting::Full);
     assert!(full.columns.iter().all(|c| c.identity));
-    let Message::Update(u) = &m[22] else { panic!("{:?}", m[22]) };
+    let Message::Update(u) = &m[22] else {
+        panic!("{:?}", m[22])
+    };
     assert!(matches!(&u.old, Some(OldTuple::Full(o)) if text(&o[1]) == "a"));
-    let Message::Delete(d) = &m[25] else { panic!("{:?}", m[25]) };
+    let Message::Delete(d) = &m[25] else {
+        panic!("{:?}", m[25])
+    };
     assert!(matches!(&d.old, OldTuple::Full(o) if text(&o[1]) == "b"));
 
-    let Message::Truncate(t) = &m[30] else { panic!("{:?}", m[30]) };
+    let Message::Truncate(t) = &m[30] else {
+        panic!("{:?}", m[30])
+    };
     assert_eq!(t.relation_ids, vec![rel.id, full.id]);
     assert!(!t.cascade && !t.restart_identity);
 
-    let Message::Message(lm) = &m[33] else { panic!("{:?}", m[33]) };
+    let Message::Message(lm) = &m[33] else {
+        panic!("{:?}", m[33])
+    };
     assert!(lm.transactional);
     assert_eq!(lm.prefix, "walcast");
     assert_eq!(&lm.content[..], b"hello");
@@ -90,16 +146,30 @@ fn decodes_a_captured_session() {
 
 #[test]
 fn truncated_and_unknown_frames_are_errors_not_panics() {
-    let lines: Vec<&str> = include_str!("../../tests/fixtures/pgoutput/session1.hex").lines().collect();
+    let lines: Vec<&str> = include_str!("../../tests/fixtures/pgoutput/session1.hex")
+        .lines()
+        .collect();
     for l in lines {
-        let bytes: Vec<u8> = (0..l.len()).step_by(2).map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap()).collect();
+        let bytes: Vec<u8> = (0..l.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap())
+            .collect();
         for cut in 0..bytes.len() {
             // Every prefix either decodes (a shorter valid message) or errors.
             let _ = decode(Bytes::copy_from_slice(&bytes[..cut]));
         }
-        assert!(decode(Bytes::copy_from_slice(&bytes[..bytes.len() - 1])).is_err(), "{l}");
+        assert!(
+            decode(Bytes::copy_from_slice(&bytes[..bytes.len() - 1])).is_err(),
+            "{l}"
+        );
     }
     assert_eq!(decode(Bytes::from_static(b"")), Err(DecodeError::Empty));
-    assert_eq!(decode(Bytes::from_static(b"Z")), Err(DecodeError::UnknownTag(b'Z')));
-    assert_eq!(decode(Bytes::from_static(b"S\0\0\0\x01\x01")), Err(DecodeError::Streaming('S')));
+    assert_eq!(
+        decode(Bytes::from_static(b"Z")),
+        Err(DecodeError::UnknownTag(b'Z'))
+    );
+    assert_eq!(
+        decode(Bytes::from_static(b"S\0\0\0\x01\x01")),
+        Err(DecodeError::Streaming('S'))
+    );
 }

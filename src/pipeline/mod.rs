@@ -14,29 +14,56 @@ use crate::capture::assemble::AssembleOptions;
 use crate::capture::setup::{split_table, Wanted};
 use crate::capture::snapshot::SnapshotSettings;
 use crate::capture::stream::{self, CaptureSettings};
-use crate::config::{read_secret, CaptureConfig, EventFormat, PipelineConfig, RelayConfig, SinkConfig};
+use crate::config::{
+    read_secret, CaptureConfig, EventFormat, PipelineConfig, RelayConfig, SinkConfig,
+};
 use crate::replication::connection::ConnectParams;
 use status::StatusHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("pipeline {pipeline}: cannot read {key}: {source}")]
-    Secret { pipeline: String, key: &'static str, source: std::io::Error },
+    Secret {
+        pipeline: String,
+        key: &'static str,
+        source: std::io::Error,
+    },
     #[error("pipeline {pipeline}: sink {sink}: {message}")]
-    Sink { pipeline: String, sink: &'static str, message: String },
+    Sink {
+        pipeline: String,
+        sink: &'static str,
+        message: String,
+    },
 }
 
 /// Resolves a capture pipeline's settings (no I/O but reading secret files).
 pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings, BuildError> {
     let src = &c.source;
-    let password = read_secret(src.password.as_ref(), src.password_file.as_deref())
-        .map_err(|source| BuildError::Secret { pipeline: name.into(), key: "source.password_file", source })?;
-    let default_name = format!("walcast_{}", name.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+    let password =
+        read_secret(src.password.as_ref(), src.password_file.as_deref()).map_err(|source| {
+            BuildError::Secret {
+                pipeline: name.into(),
+                key: "source.password_file",
+                source,
+            }
+        })?;
+    let default_name = format!(
+        "walcast_{}",
+        name.to_lowercase()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    );
     let tables: Vec<(String, String)> = src.tables.iter().filter_map(|t| split_table(t)).collect();
-    let keyless: Vec<(String, String)> = src.keyless_tables.iter().filter_map(|t| split_table(t)).collect();
+    let keyless: Vec<(String, String)> = src
+        .keyless_tables
+        .iter()
+        .filter_map(|t| split_table(t))
+        .collect();
     let wanted = Wanted {
         slot: src.slot.clone().unwrap_or_else(|| default_name.clone()),
-        publication: src.publication.clone().unwrap_or_else(|| default_name.clone()),
+        publication: src
+            .publication
+            .clone()
+            .unwrap_or_else(|| default_name.clone()),
         tables: tables.clone(),
         schemas: src.schemas.clone(),
         keyless,
@@ -44,8 +71,11 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
         create_publication: src.create_publication,
     };
     // With whole schemas captured, every table of the publication is wanted.
-    let filter: Option<HashSet<String>> =
-        if src.schemas.is_empty() { Some(tables.iter().map(|(s, t)| format!("{s}.{t}")).collect()) } else { None };
+    let filter: Option<HashSet<String>> = if src.schemas.is_empty() {
+        Some(tables.iter().map(|(s, t)| format!("{s}.{t}")).collect())
+    } else {
+        None
+    };
     Ok(CaptureSettings {
         pipeline: name.to_string(),
         connect: ConnectParams {
@@ -87,7 +117,10 @@ pub struct Encoding<'a> {
 
 /// The Kafka sink's settings as the pipeline means them: its topic prefix
 /// is the pipeline's (Debezium's `topic.prefix`) unless the sink sets one.
-pub fn kafka_config(k: &walcast_kafka::KafkaSinkConfig, prefix: &str) -> walcast_kafka::KafkaSinkConfig {
+pub fn kafka_config(
+    k: &walcast_kafka::KafkaSinkConfig,
+    prefix: &str,
+) -> walcast_kafka::KafkaSinkConfig {
     let mut k = k.clone();
     if k.topic_prefix == walcast_kafka::config::DEFAULT_TOPIC_PREFIX {
         k.topic_prefix = prefix.to_string();
@@ -96,27 +129,52 @@ pub fn kafka_config(k: &walcast_kafka::KafkaSinkConfig, prefix: &str) -> walcast
 }
 
 /// Opens every sink of a pipeline.
-pub async fn build_sinks(pipeline: &str, prefix: &str, sinks: &[SinkConfig], encoding: &Encoding<'_>) -> Result<Vec<Box<dyn Sink>>, BuildError> {
+pub async fn build_sinks(
+    pipeline: &str,
+    prefix: &str,
+    sinks: &[SinkConfig],
+    encoding: &Encoding<'_>,
+) -> Result<Vec<Box<dyn Sink>>, BuildError> {
     let mut out: Vec<Box<dyn Sink>> = Vec::new();
     for s in sinks {
-        let err = |message: String| BuildError::Sink { pipeline: pipeline.into(), sink: s.kind(), message };
+        let err = |message: String| BuildError::Sink {
+            pipeline: pipeline.into(),
+            sink: s.kind(),
+            message,
+        };
         match s {
-            SinkConfig::File(f) => out.push(Box::new(walcast_file::FileSink::open(f).await.map_err(|e| err(e.to_string()))?)),
+            SinkConfig::File(f) => out.push(Box::new(
+                walcast_file::FileSink::open(f)
+                    .await
+                    .map_err(|e| err(e.to_string()))?,
+            )),
             SinkConfig::Kafka(k) => {
                 let k = kafka_config(k, prefix);
                 let encoder: Arc<dyn EventEncoder> = match (encoding.format, encoding.registry) {
                     (EventFormat::Json, _) => Arc::new(JsonEncoder::default()),
-                    (EventFormat::Avro, None) => return Err(err("format = \"avro\" needs a [registry] section".into())),
+                    (EventFormat::Avro, None) => {
+                        return Err(err("format = \"avro\" needs a [registry] section".into()))
+                    }
                     (EventFormat::Avro, Some(r)) => {
-                        let registry = Arc::new(walcast_schemas::HttpRegistry::new(r).map_err(|e| err(e.to_string()))?);
+                        let registry = Arc::new(
+                            walcast_schemas::HttpRegistry::new(r)
+                                .map_err(|e| err(e.to_string()))?,
+                        );
                         // Subjects follow topic names, so the encoder names
                         // topics exactly as the sink routes them.
-                        let router = walcast_kafka::topic::TopicRouter::new(k.topic_prefix.clone(), k.routes.clone());
+                        let router = walcast_kafka::topic::TopicRouter::new(
+                            k.topic_prefix.clone(),
+                            k.routes.clone(),
+                        );
                         let mut encoder = walcast_schemas::AvroEncoder::new(
                             registry,
-                            walcast_schemas::MappingOptions { unconstrained_numeric: r.unconstrained_numeric },
+                            walcast_schemas::MappingOptions {
+                                unconstrained_numeric: r.unconstrained_numeric,
+                            },
                             r.subject_strategy,
-                            Arc::new(move |e: &walcast_sdk::ChangeEvent| router.name(&e.table.schema, &e.table.name)),
+                            Arc::new(move |e: &walcast_sdk::ChangeEvent| {
+                                router.name(&e.table.schema, &e.table.name)
+                            }),
                         );
                         // Data contracts: an event whose derived schema breaks
                         // its table's checked-in .avsc is refused, never sent.
@@ -126,13 +184,19 @@ pub async fn build_sinks(pipeline: &str, prefix: &str, sinks: &[SinkConfig], enc
                         Arc::new(encoder)
                     }
                 };
-                out.push(Box::new(walcast_kafka::KafkaSink::new(k, encoder).map_err(|e| err(e.to_string()))?));
+                out.push(Box::new(
+                    walcast_kafka::KafkaSink::new(k, encoder).map_err(|e| err(e.to_string()))?,
+                ));
             }
-            SinkConfig::Redis(r) => {
-                out.push(Box::new(walcast_redis::RedisSink::connect(r.clone()).await.map_err(|e| err(e.to_string()))?))
-            }
+            SinkConfig::Redis(r) => out.push(Box::new(
+                walcast_redis::RedisSink::connect(r.clone())
+                    .await
+                    .map_err(|e| err(e.to_string()))?,
+            )),
             SinkConfig::Elasticsearch(e) => out.push(Box::new(
-                walcast_elasticsearch::ElasticsearchSink::connect(e.clone()).await.map_err(|e| err(e.to_string()))?,
+                walcast_elasticsearch::ElasticsearchSink::connect(e.clone())
+                    .await
+                    .map_err(|e| err(e.to_string()))?,
             )),
         }
     }
@@ -155,18 +219,32 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
     match cfg {
         PipelineConfig::Capture(c) => {
             let settings = capture_settings(name, c)?;
-            let encoding = Encoding { format: c.format, registry: c.registry.as_ref() };
+            let encoding = Encoding {
+                format: c.format,
+                registry: c.registry.as_ref(),
+            };
             let sinks = build_sinks(name, &settings.assemble.name, &c.sinks, &encoding).await?;
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
             crate::admin::metrics::register_pipeline(name, &sink_names);
-            Ok(Runnable { name: name.into(), status: StatusHandle::new(name, "capture", sink_names), kind: Kind::Capture(settings, sinks) })
+            Ok(Runnable {
+                name: name.into(),
+                status: StatusHandle::new(name, "capture", sink_names),
+                kind: Kind::Capture(settings, sinks),
+            })
         }
         PipelineConfig::Relay(r) => {
-            let encoding = Encoding { format: EventFormat::Json, registry: None };
+            let encoding = Encoding {
+                format: EventFormat::Json,
+                registry: None,
+            };
             let sinks = build_sinks(name, name, &r.sinks, &encoding).await?;
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
             crate::admin::metrics::register_pipeline(name, &sink_names);
-            Ok(Runnable { name: name.into(), status: StatusHandle::new(name, "relay", sink_names), kind: Kind::Relay(Box::new(r.clone()), sinks) })
+            Ok(Runnable {
+                name: name.into(),
+                status: StatusHandle::new(name, "relay", sink_names),
+                kind: Kind::Relay(Box::new(r.clone()), sinks),
+            })
         }
     }
 }
@@ -174,8 +252,12 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
 impl Runnable {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), String> {
         match self.kind {
-            Kind::Capture(settings, sinks) => stream::run(settings, sinks, self.status, shutdown).await.map_err(|e| e.to_string()),
-            Kind::Relay(cfg, sinks) => relay::run(&self.name, &cfg, sinks, self.status, shutdown).await.map_err(|e| e.to_string()),
+            Kind::Capture(settings, sinks) => stream::run(settings, sinks, self.status, shutdown)
+                .await
+                .map_err(|e| e.to_string()),
+            Kind::Relay(cfg, sinks) => relay::run(&self.name, &cfg, sinks, self.status, shutdown)
+                .await
+                .map_err(|e| e.to_string()),
         }
     }
 }

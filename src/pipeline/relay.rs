@@ -26,9 +26,18 @@ use crate::pipeline::status::{PipelineState, StatusHandle};
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("relay {pipeline}: {source}")]
-    Source { pipeline: String, source: walcast_kafka::SourceError },
+    Source {
+        pipeline: String,
+        source: walcast_kafka::SourceError,
+    },
     #[error("relay {pipeline}: record {topic}[{partition}]@{offset}: {message}")]
-    Decode { pipeline: String, topic: String, partition: i32, offset: i64, message: String },
+    Decode {
+        pipeline: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        message: String,
+    },
     #[error("relay {pipeline}: schema registry: {message}")]
     Registry { pipeline: String, message: String },
 }
@@ -40,18 +49,24 @@ struct Decoder {
 impl Decoder {
     async fn json(&self, bytes: &[u8]) -> Result<Json, String> {
         if bytes.first() == Some(&0) {
-            let avro = self.avro.as_ref().ok_or("an Avro record, but the relay has no [registry] to decode it")?;
+            let avro = self
+                .avro
+                .as_ref()
+                .ok_or("an Avro record, but the relay has no [registry] to decode it")?;
             let (_, v) = avro.decode(bytes).await.map_err(|e| e.to_string())?;
             Ok(v)
         } else {
-            serde_json::from_slice(bytes).map_err(|e| format!("neither Avro (magic byte 0) nor JSON: {e}"))
+            serde_json::from_slice(bytes)
+                .map_err(|e| format!("neither Avro (magic byte 0) nor JSON: {e}"))
         }
     }
 
     async fn event(&self, r: &SourceRecord) -> Result<Option<ChangeEvent>, String> {
         // A tombstone only tells compaction to forget the key: the delete
         // before it already reached the sinks.
-        let Some(value) = r.value.as_deref() else { return Ok(None) };
+        let Some(value) = r.value.as_deref() else {
+            return Ok(None);
+        };
         let env = self.json(value).await?;
         let key = match r.key.as_deref() {
             Some(k) => Some(self.json(k).await?),
@@ -61,16 +76,28 @@ impl Decoder {
     }
 }
 
-pub async fn run(name: &str, cfg: &RelayConfig, mut sinks: Vec<Box<dyn Sink>>, status: StatusHandle, shutdown: CancellationToken) -> Result<(), RelayError> {
+pub async fn run(
+    name: &str,
+    cfg: &RelayConfig,
+    mut sinks: Vec<Box<dyn Sink>>,
+    status: StatusHandle,
+    shutdown: CancellationToken,
+) -> Result<(), RelayError> {
     let p = || name.to_string();
     let avro = match &cfg.registry {
-        Some(r) => Some(AvroDecoder::new(Arc::new(
-            HttpRegistry::new(r).map_err(|e| RelayError::Registry { pipeline: p(), message: e.to_string() })?,
-        ))),
+        Some(r) => Some(AvroDecoder::new(Arc::new(HttpRegistry::new(r).map_err(
+            |e| RelayError::Registry {
+                pipeline: p(),
+                message: e.to_string(),
+            },
+        )?))),
         None => None,
     };
     let decoder = Decoder { avro };
-    let mut source = KafkaSource::new(cfg.source.clone()).map_err(|source| RelayError::Source { pipeline: p(), source })?;
+    let mut source = KafkaSource::new(cfg.source.clone()).map_err(|source| RelayError::Source {
+        pipeline: p(),
+        source,
+    })?;
     status.set_state(PipelineState::Streaming);
     ::metrics::gauge!(metrics::STREAMING, "pipeline" => p()).set(1.0);
     let mut commit_tick = tokio::time::interval(Duration::from_secs(1));
@@ -116,7 +143,12 @@ pub async fn run(name: &str, cfg: &RelayConfig, mut sinks: Vec<Box<dyn Sink>>, s
                 tokio::time::sleep(delay).await;
                 continue;
             }
-            Err(source) => break Err(RelayError::Source { pipeline: p(), source }),
+            Err(source) => {
+                break Err(RelayError::Source {
+                    pipeline: p(),
+                    source,
+                })
+            }
         };
         backoff.reset();
         status.set_state(PipelineState::Streaming);
@@ -130,7 +162,13 @@ pub async fn run(name: &str, cfg: &RelayConfig, mut sinks: Vec<Box<dyn Sink>>, s
                 Ok(Some(e)) => events.push(e),
                 Ok(None) => {}
                 Err(message) => {
-                    failed = Some(RelayError::Decode { pipeline: p(), topic: r.topic.clone(), partition: r.partition, offset: r.offset, message });
+                    failed = Some(RelayError::Decode {
+                        pipeline: p(),
+                        topic: r.topic.clone(),
+                        partition: r.partition,
+                        offset: r.offset,
+                        message,
+                    });
                     break;
                 }
             }
@@ -147,11 +185,21 @@ pub async fn run(name: &str, cfg: &RelayConfig, mut sinks: Vec<Box<dyn Sink>>, s
         let events = Arc::new(events);
         for sink in sinks.iter_mut() {
             let sname = sink.name().to_string();
-            match sink.send(Batch { events: Arc::clone(&events), acker: acker.clone() }).await {
-                Ok(()) => ::metrics::counter!(metrics::SINK_EVENTS, "pipeline" => p(), "sink" => sname).increment(n),
+            match sink
+                .send(Batch {
+                    events: Arc::clone(&events),
+                    acker: acker.clone(),
+                })
+                .await
+            {
+                Ok(()) => {
+                    ::metrics::counter!(metrics::SINK_EVENTS, "pipeline" => p(), "sink" => sname)
+                        .increment(n)
+                }
                 Err(e) => {
                     tracing::error!(pipeline = %name, sink = %sname, error = %e, "sink refused a batch");
-                    ::metrics::counter!(metrics::SINK_ERRORS, "pipeline" => p(), "sink" => sname).increment(1);
+                    ::metrics::counter!(metrics::SINK_ERRORS, "pipeline" => p(), "sink" => sname)
+                        .increment(1);
                 }
             }
         }

@@ -74,7 +74,10 @@ impl StatusHandle {
     }
 
     pub fn snapshot(&self) -> PipelineStatus {
-        self.0.lock().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.0
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     pub fn set_state(&self, state: PipelineState) {

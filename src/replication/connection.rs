@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::{ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -70,7 +70,10 @@ impl std::fmt::Display for ServerError {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error("cannot reach Postgres at {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("timed out after {0:?} connecting to Postgres")]
     ConnectTimeout(Duration),
     #[error("replication connection I/O: {0}")]
@@ -156,7 +159,13 @@ pub struct ReplicationConnection {
 }
 
 fn server_error(body: &ErrorResponseBody) -> ServerError {
-    let mut e = ServerError { severity: String::new(), code: String::new(), message: String::new(), detail: None, hint: None };
+    let mut e = ServerError {
+        severity: String::new(),
+        code: String::new(),
+        message: String::new(),
+        detail: None,
+        hint: None,
+    };
     let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
         let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
@@ -181,7 +190,13 @@ impl ReplicationConnection {
 
     async fn connect_inner(p: &ConnectParams) -> Result<Self, ReplicationError> {
         let addr = format!("{}:{}", p.host, p.port);
-        let mut tcp = TcpStream::connect(&addr).await.map_err(|source| ReplicationError::Connect { addr: addr.clone(), source })?;
+        let mut tcp =
+            TcpStream::connect(&addr)
+                .await
+                .map_err(|source| ReplicationError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
         tcp.set_nodelay(true)?;
         let io: Box<dyn Stream> = match tls::client_config(p.sslmode, p.ssl_root_cert.as_deref())? {
             None => Box::new(tcp),
@@ -194,7 +209,9 @@ impl ReplicationConnection {
                 match answer[0] {
                     b'S' => {
                         let name = rustls::pki_types::ServerName::try_from(p.host.clone())
-                            .map_err(|e| ReplicationError::TlsHandshake(std::io::Error::other(e)))?;
+                            .map_err(|e| {
+                                ReplicationError::TlsHandshake(std::io::Error::other(e))
+                            })?;
                         let tls = tokio_rustls::TlsConnector::from(config)
                             .connect(name, tcp)
                             .await
@@ -208,7 +225,12 @@ impl ReplicationConnection {
                 }
             }
         };
-        let mut conn = ReplicationConnection { io, buf: BytesMut::with_capacity(64 * 1024), out: BytesMut::new(), parameters: HashMap::new() };
+        let mut conn = ReplicationConnection {
+            io,
+            buf: BytesMut::with_capacity(64 * 1024),
+            out: BytesMut::new(),
+            parameters: HashMap::new(),
+        };
         conn.startup(p).await?;
         Ok(conn)
     }
@@ -263,25 +285,39 @@ impl ReplicationConnection {
             match self.read_message().await? {
                 Message::AuthenticationOk => {}
                 Message::AuthenticationCleartextPassword => {
-                    let pw = p.password.as_deref().ok_or_else(|| ReplicationError::PasswordRequired { user: p.user.clone() })?;
+                    let pw = p.password.as_deref().ok_or_else(|| {
+                        ReplicationError::PasswordRequired {
+                            user: p.user.clone(),
+                        }
+                    })?;
                     frontend::password_message(pw.as_bytes(), &mut self.out)?;
                     self.flush_out().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
-                    let pw = p.password.as_deref().ok_or_else(|| ReplicationError::PasswordRequired { user: p.user.clone() })?;
+                    let pw = p.password.as_deref().ok_or_else(|| {
+                        ReplicationError::PasswordRequired {
+                            user: p.user.clone(),
+                        }
+                    })?;
                     let hash = md5_hash(p.user.as_bytes(), pw.as_bytes(), body.salt());
                     frontend::password_message(hash.as_bytes(), &mut self.out)?;
                     self.flush_out().await?;
                 }
                 Message::AuthenticationSasl(body) => {
-                    let pw = p.password.as_deref().ok_or_else(|| ReplicationError::PasswordRequired { user: p.user.clone() })?;
+                    let pw = p.password.as_deref().ok_or_else(|| {
+                        ReplicationError::PasswordRequired {
+                            user: p.user.clone(),
+                        }
+                    })?;
                     let mut mechanisms = body.mechanisms();
                     let mut found = false;
                     while let Some(m) = mechanisms.next()? {
                         found |= m == "SCRAM-SHA-256";
                     }
                     if !found {
-                        return Err(ReplicationError::UnsupportedAuth("SASL without SCRAM-SHA-256".into()));
+                        return Err(ReplicationError::UnsupportedAuth(
+                            "SASL without SCRAM-SHA-256".into(),
+                        ));
                     }
                     let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
                     frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.out)?;
@@ -289,34 +325,55 @@ impl ReplicationConnection {
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram.as_mut().ok_or(ReplicationError::Unexpected { during: "authentication", tag: 'R' })?;
+                    let s = scram.as_mut().ok_or(ReplicationError::Unexpected {
+                        during: "authentication",
+                        tag: 'R',
+                    })?;
                     s.update(body.data())?;
                     frontend::sasl_response(s.message(), &mut self.out)?;
                     self.flush_out().await?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let mut s = scram.take().ok_or(ReplicationError::Unexpected { during: "authentication", tag: 'R' })?;
+                    let mut s = scram.take().ok_or(ReplicationError::Unexpected {
+                        during: "authentication",
+                        tag: 'R',
+                    })?;
                     s.finish(body.data())?;
                 }
-                Message::AuthenticationKerberosV5 => return Err(ReplicationError::UnsupportedAuth("Kerberos V5".into())),
-                Message::AuthenticationScmCredential => return Err(ReplicationError::UnsupportedAuth("SCM credentials".into())),
+                Message::AuthenticationKerberosV5 => {
+                    return Err(ReplicationError::UnsupportedAuth("Kerberos V5".into()))
+                }
+                Message::AuthenticationScmCredential => {
+                    return Err(ReplicationError::UnsupportedAuth("SCM credentials".into()))
+                }
                 Message::AuthenticationGss | Message::AuthenticationSspi => {
                     return Err(ReplicationError::UnsupportedAuth("GSSAPI/SSPI".into()))
                 }
                 Message::ParameterStatus(body) => {
-                    self.parameters.insert(body.name()?.to_string(), body.value()?.to_string());
+                    self.parameters
+                        .insert(body.name()?.to_string(), body.value()?.to_string());
                 }
                 Message::BackendKeyData(_) | Message::NoticeResponse(_) => {}
                 Message::ReadyForQuery(_) => return Ok(()),
-                Message::ErrorResponse(body) => return Err(ReplicationError::Server(server_error(&body))),
-                _ => return Err(ReplicationError::Unexpected { during: "startup", tag: '?' }),
+                Message::ErrorResponse(body) => {
+                    return Err(ReplicationError::Server(server_error(&body)))
+                }
+                _ => {
+                    return Err(ReplicationError::Unexpected {
+                        during: "startup",
+                        tag: '?',
+                    })
+                }
             }
         }
     }
 
     /// Runs one command with the simple query protocol and returns its rows
     /// as text.
-    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, ReplicationError> {
         frontend::query(sql, &mut self.out)?;
         self.flush_out().await?;
         let mut rows = Vec::new();
@@ -345,7 +402,10 @@ impl ReplicationConnection {
 
     pub async fn identify_system(&mut self) -> Result<SystemInfo, ReplicationError> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
-        let row = rows.first().ok_or(ReplicationError::Unexpected { during: "IDENTIFY_SYSTEM", tag: 'D' })?;
+        let row = rows.first().ok_or(ReplicationError::Unexpected {
+            during: "IDENTIFY_SYSTEM",
+            tag: 'D',
+        })?;
         let col = |i: usize| row.get(i).cloned().flatten();
         Ok(SystemInfo {
             system_id: col(0).unwrap_or_default(),
@@ -358,18 +418,35 @@ impl ReplicationConnection {
     /// Creates a logical slot for pgoutput. With `export_snapshot`, the
     /// snapshot stays usable (SET TRANSACTION SNAPSHOT) until this
     /// connection runs its next command.
-    pub async fn create_slot(&mut self, slot: &str, temporary: bool, export_snapshot: bool) -> Result<SlotCreated, ReplicationError> {
+    pub async fn create_slot(
+        &mut self,
+        slot: &str,
+        temporary: bool,
+        export_snapshot: bool,
+    ) -> Result<SlotCreated, ReplicationError> {
         let sql = format!(
             "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {}",
             quote_ident(slot),
             if temporary { " TEMPORARY" } else { "" },
-            if export_snapshot { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" }
+            if export_snapshot {
+                "EXPORT_SNAPSHOT"
+            } else {
+                "NOEXPORT_SNAPSHOT"
+            }
         );
         let rows = self.simple_query(&sql).await?;
-        let row = rows.first().ok_or(ReplicationError::Unexpected { during: "CREATE_REPLICATION_SLOT", tag: 'D' })?;
+        let row = rows.first().ok_or(ReplicationError::Unexpected {
+            during: "CREATE_REPLICATION_SLOT",
+            tag: 'D',
+        })?;
         Ok(SlotCreated {
             slot_name: row.first().cloned().flatten().unwrap_or_default(),
-            consistent_point: row.get(1).cloned().flatten().and_then(|l| l.parse().ok()).unwrap_or_default(),
+            consistent_point: row
+                .get(1)
+                .cloned()
+                .flatten()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or_default(),
             snapshot_name: row.get(2).cloned().flatten(),
         })
     }
@@ -382,8 +459,16 @@ impl ReplicationConnection {
         start: Lsn,
         options: &[(&str, String)],
     ) -> Result<ReplicationStream, ReplicationError> {
-        let opts: Vec<String> = options.iter().map(|(k, v)| format!("{} {}", quote_ident(k), quote_literal(v))).collect();
-        let sql = format!("START_REPLICATION SLOT {} LOGICAL {} ({})", quote_ident(slot), start, opts.join(", "));
+        let opts: Vec<String> = options
+            .iter()
+            .map(|(k, v)| format!("{} {}", quote_ident(k), quote_literal(v)))
+            .collect();
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} ({})",
+            quote_ident(slot),
+            start,
+            opts.join(", ")
+        );
         frontend::query(&sql, &mut self.out)?;
         self.flush_out().await?;
         loop {
@@ -395,13 +480,19 @@ impl ReplicationConnection {
                     return Err(ReplicationError::Server(e));
                 }
                 Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
-                _ => return Err(ReplicationError::Unexpected { during: "START_REPLICATION", tag: '?' }),
+                _ => {
+                    return Err(ReplicationError::Unexpected {
+                        during: "START_REPLICATION",
+                        tag: '?',
+                    })
+                }
             }
         }
     }
 }
 
-fn copy_both_placeholder() -> std::io::Result<postgres_protocol::message::backend::CopyInResponseBody> {
+fn copy_both_placeholder(
+) -> std::io::Result<postgres_protocol::message::backend::CopyInResponseBody> {
     // Reuse the CopyInResponse variant to signal CopyBoth: parse an empty
     // CopyIn body (format 0, zero columns).
     let mut b = BytesMut::from(&b"G\0\0\0\x07\0\0\0"[..]);
@@ -432,18 +523,32 @@ impl ReplicationStream {
     pub async fn recv(&mut self) -> Result<ServerMessage, ReplicationError> {
         loop {
             match self.conn.read_message().await? {
-                Message::CopyData(body) => return Ok(protocol::parse_server_message(body.into_bytes())?),
+                Message::CopyData(body) => {
+                    return Ok(protocol::parse_server_message(body.into_bytes())?)
+                }
                 Message::CopyDone => return Err(ReplicationError::Closed),
-                Message::ErrorResponse(body) => return Err(ReplicationError::Server(server_error(&body))),
+                Message::ErrorResponse(body) => {
+                    return Err(ReplicationError::Server(server_error(&body)))
+                }
                 Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
-                _ => return Err(ReplicationError::Unexpected { during: "streaming", tag: '?' }),
+                _ => {
+                    return Err(ReplicationError::Unexpected {
+                        during: "streaming",
+                        tag: '?',
+                    })
+                }
             }
         }
     }
 
     /// Sends a standby status update confirming `flushed`.
-    pub async fn send_status(&mut self, flushed: Lsn, reply_requested: bool) -> Result<(), ReplicationError> {
-        let payload: Bytes = protocol::standby_status_update(flushed, protocol::pg_now(), reply_requested);
+    pub async fn send_status(
+        &mut self,
+        flushed: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), ReplicationError> {
+        let payload: Bytes =
+            protocol::standby_status_update(flushed, protocol::pg_now(), reply_requested);
         frontend::CopyData::new(&payload[..])?.write(&mut self.conn.out);
         self.conn.flush_out().await
     }

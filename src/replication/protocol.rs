@@ -11,9 +11,18 @@ use crate::pgoutput::PG_EPOCH_OFFSET_MICROS;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerMessage {
     /// 'w': a piece of WAL, for us a pgoutput message.
-    XLogData { start: Lsn, wal_end: Lsn, send_time: i64, data: Bytes },
+    XLogData {
+        start: Lsn,
+        wal_end: Lsn,
+        send_time: i64,
+        data: Bytes,
+    },
     /// 'k': the server's WAL end, and whether it wants a status update now.
-    Keepalive { wal_end: Lsn, send_time: i64, reply_requested: bool },
+    Keepalive {
+        wal_end: Lsn,
+        send_time: i64,
+        reply_requested: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,28 +37,47 @@ pub enum ProtocolError {
 
 /// Parses the payload of one CopyData message from the server.
 pub fn parse_server_message(mut buf: Bytes) -> Result<ServerMessage, ProtocolError> {
-    let Some(&tag) = buf.first() else { return Err(ProtocolError::Empty) };
+    let Some(&tag) = buf.first() else {
+        return Err(ProtocolError::Empty);
+    };
     let len = buf.len();
     match tag {
         b'w' => {
             if len < 25 {
-                return Err(ProtocolError::Short { tag: 'w', len, need: 25 });
+                return Err(ProtocolError::Short {
+                    tag: 'w',
+                    len,
+                    need: 25,
+                });
             }
             buf.advance(1);
             let start = Lsn(buf.get_u64());
             let wal_end = Lsn(buf.get_u64());
             let send_time = buf.get_i64();
-            Ok(ServerMessage::XLogData { start, wal_end, send_time, data: buf })
+            Ok(ServerMessage::XLogData {
+                start,
+                wal_end,
+                send_time,
+                data: buf,
+            })
         }
         b'k' => {
             if len < 18 {
-                return Err(ProtocolError::Short { tag: 'k', len, need: 18 });
+                return Err(ProtocolError::Short {
+                    tag: 'k',
+                    len,
+                    need: 18,
+                });
             }
             buf.advance(1);
             let wal_end = Lsn(buf.get_u64());
             let send_time = buf.get_i64();
             let reply_requested = buf.get_u8() == 1;
-            Ok(ServerMessage::Keepalive { wal_end, send_time, reply_requested })
+            Ok(ServerMessage::Keepalive {
+                wal_end,
+                send_time,
+                reply_requested,
+            })
         }
         other => Err(ProtocolError::UnknownTag(other)),
     }
@@ -94,7 +122,12 @@ mod tests {
         let m = parse_server_message(w.freeze()).unwrap();
         assert_eq!(
             m,
-            ServerMessage::XLogData { start: Lsn(0x10), wal_end: Lsn(0x20), send_time: 7, data: Bytes::from_static(b"Bpayload") }
+            ServerMessage::XLogData {
+                start: Lsn(0x10),
+                wal_end: Lsn(0x20),
+                send_time: 7,
+                data: Bytes::from_static(b"Bpayload")
+            }
         );
 
         let mut k = BytesMut::new();
@@ -104,10 +137,24 @@ mod tests {
         k.put_u8(1);
         assert_eq!(
             parse_server_message(k.freeze()).unwrap(),
-            ServerMessage::Keepalive { wal_end: Lsn(0x30), send_time: 9, reply_requested: true }
+            ServerMessage::Keepalive {
+                wal_end: Lsn(0x30),
+                send_time: 9,
+                reply_requested: true
+            }
         );
-        assert_eq!(parse_server_message(Bytes::from_static(b"k\0")), Err(ProtocolError::Short { tag: 'k', len: 2, need: 18 }));
-        assert_eq!(parse_server_message(Bytes::from_static(b"x")), Err(ProtocolError::UnknownTag(b'x')));
+        assert_eq!(
+            parse_server_message(Bytes::from_static(b"k\0")),
+            Err(ProtocolError::Short {
+                tag: 'k',
+                len: 2,
+                need: 18
+            })
+        );
+        assert_eq!(
+            parse_server_message(Bytes::from_static(b"x")),
+            Err(ProtocolError::UnknownTag(b'x'))
+        );
     }
 
     #[test]

@@ -44,7 +44,10 @@ impl SslMode {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read the CA certificate file {path}: {source}")]
-    ReadCa { path: PathBuf, source: std::io::Error },
+    ReadCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the CA certificate file {path} holds no PEM certificate")]
     EmptyCa { path: PathBuf },
     #[error("sslmode={mode} needs a CA certificate: set `ssl_root_cert` to a PEM file")]
@@ -60,11 +63,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    let pem = std::fs::read(path).map_err(|source| TlsError::ReadCa { path: path.into(), source })?;
+    let pem = std::fs::read(path).map_err(|source| TlsError::ReadCa {
+        path: path.into(),
+        source,
+    })?;
     let mut roots = RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert = cert.map_err(|source| TlsError::ReadCa { path: path.into(), source })?;
-        roots.add(cert).map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let cert = cert.map_err(|source| TlsError::ReadCa {
+            path: path.into(),
+            source,
+        })?;
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
     }
     if roots.is_empty() {
         return Err(TlsError::EmptyCa { path: path.into() });
@@ -73,7 +84,10 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 }
 
 /// The rustls client configuration for a mode; `None` for `disable`.
-pub fn client_config(mode: SslMode, root_cert: Option<&Path>) -> Result<Option<Arc<ClientConfig>>, TlsError> {
+pub fn client_config(
+    mode: SslMode,
+    root_cert: Option<&Path>,
+) -> Result<Option<Arc<ClientConfig>>, TlsError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -85,7 +99,9 @@ pub fn client_config(mode: SslMode, root_cert: Option<&Path>) -> Result<Option<A
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCert { provider }))
             .with_no_client_auth(),
         SslMode::VerifyCa | SslMode::VerifyFull => {
-            let path = root_cert.ok_or(TlsError::MissingCa { mode: mode.as_str() })?;
+            let path = root_cert.ok_or(TlsError::MissingCa {
+                mode: mode.as_str(),
+            })?;
             let roots = Arc::new(load_roots(path)?);
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
                 .build()
@@ -128,7 +144,12 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -137,11 +158,18 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -161,11 +189,14 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
             Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
-            | Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext { .. })) => {
-                Ok(ServerCertVerified::assertion())
-            }
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
             other => other,
         }
     }

@@ -66,7 +66,9 @@ fn own_stack() {
 }
 
 pub fn pg_port() -> u16 {
-    var("WALCAST_TEST_PG_PORT").parse().expect("WALCAST_TEST_PG_PORT is a port")
+    var("WALCAST_TEST_PG_PORT")
+        .parse()
+        .expect("WALCAST_TEST_PG_PORT is a port")
 }
 
 pub async fn connect(db: &str) -> Client {
@@ -79,7 +81,10 @@ pub async fn connect_as(db: &str, user: &str, password: Option<&str>) -> Client 
     if let Some(p) = password {
         cfg.password(p);
     }
-    let (client, conn) = cfg.connect(NoTls).await.unwrap_or_else(|e| panic!("connecting to {db} as {user}: {e}"));
+    let (client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {db} as {user}: {e}"));
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -100,13 +105,20 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new(prefix: &str) -> Self {
         let name = unique(prefix);
-        connect("postgres").await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        connect("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
         let client = connect(&name).await;
         TestDb { name, client }
     }
 
     pub async fn exec(&self, sql: &str) {
-        self.client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     }
 
     pub async fn confirmed_flush(&self, slot: &str) -> Option<u64> {
@@ -115,11 +127,16 @@ impl TestDb {
             .query_opt("SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
             .await
             .expect("slot query");
-        row.and_then(|r| r.get::<_, Option<i64>>(0)).map(|v| v as u64)
+        row.and_then(|r| r.get::<_, Option<i64>>(0))
+            .map(|v| v as u64)
     }
 
     pub async fn current_wal(&self) -> u64 {
-        self.client.query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[]).await.expect("wal").get::<_, i64>(0) as u64
+        self.client
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+            .await
+            .expect("wal")
+            .get::<_, i64>(0) as u64
     }
 }
 
@@ -157,7 +174,11 @@ impl Drop for TestDb {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// The walcast binary, run with a config file in a temporary folder.
@@ -175,7 +196,14 @@ pub fn bin() -> &'static str {
 }
 
 /// A config for one capture pipeline of `db` writing JSON lines to a file.
-pub fn file_pipeline_config(pipeline: &str, db: &str, tables: &[&str], extra_source: &str, out: &Path, admin: &str) -> String {
+pub fn file_pipeline_config(
+    pipeline: &str,
+    db: &str,
+    tables: &[&str],
+    extra_source: &str,
+    out: &Path,
+    admin: &str,
+) -> String {
     let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
     format!(
         r#"[admin]
@@ -213,13 +241,24 @@ impl Walcast {
         let admin = format!("127.0.0.1:{}", free_port());
         let config = dir.join("walcast.toml");
         std::fs::write(&config, config_text(&out, &admin)).expect("write config");
-        let mut w = Walcast { child: None, dir, config, out, admin, _tmp: Some(tmp) };
+        let mut w = Walcast {
+            child: None,
+            dir,
+            config,
+            out,
+            admin,
+            _tmp: Some(tmp),
+        };
         w.spawn();
         w
     }
 
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("walcast.log")).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("walcast.log"))
+            .expect("log file");
         // In the test's folder, so that relative paths (the default
         // `state_dir`) stay out of the source tree.
         let child = Command::new(bin())
@@ -249,19 +288,28 @@ impl Walcast {
     /// SIGTERM, then the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
-        Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("kill -TERM");
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .expect("kill -TERM");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(st) = c.try_wait().expect("wait") {
                 return st;
             }
-            assert!(Instant::now() < deadline, "walcast did not exit within 30 s of SIGTERM:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "walcast did not exit within 30 s of SIGTERM:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().expect("wait"))
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("wait"))
     }
 
     /// Every JSON line the file sink wrote so far.
@@ -269,11 +317,20 @@ impl Walcast {
         let text = std::fs::read_to_string(&self.out).unwrap_or_default();
         // Only whole lines: the sink may be in the middle of writing the last.
         let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        complete.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+        complete
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
     }
 
     /// Waits until `pred` holds over the events written so far.
-    pub async fn wait_events(&self, what: &str, timeout: Duration, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+    pub async fn wait_events(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let ev = self.events();
@@ -281,14 +338,20 @@ impl Walcast {
                 return ev;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; {} events so far; log:\n{}", ev.len(), tail(&self.log(), 4000));
+                panic!(
+                    "timed out waiting for {what}; {} events so far; log:\n{}",
+                    ev.len(),
+                    tail(&self.log(), 4000)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     pub async fn http(&self, path: &str) -> Option<(u16, String)> {
-        let resp = reqwest::get(format!("http://{}{path}", self.admin)).await.ok()?;
+        let resp = reqwest::get(format!("http://{}{path}", self.admin))
+            .await
+            .ok()?;
         let code = resp.status().as_u16();
         Some((code, resp.text().await.unwrap_or_default()))
     }
@@ -308,7 +371,11 @@ impl Walcast {
                 }
             }
             if Instant::now() > deadline {
-                panic!("pipeline never reached {state}: {:?}\nlog:\n{}", self.status().await, tail(&self.log(), 4000));
+                panic!(
+                    "pipeline never reached {state}: {:?}\nlog:\n{}",
+                    self.status().await,
+                    tail(&self.log(), 4000)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -323,14 +390,27 @@ impl Drop for Walcast {
 
 pub fn tail(s: &str, n: usize) -> &str {
     let start = s.len().saturating_sub(n);
-    let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
     &s[start..]
 }
 
 /// Runs `walcast check -c FILE`; returns (success, stdout + stderr).
 pub fn check(config: &Path) -> (bool, String) {
-    let out = Command::new(bin()).args(["check", "-c"]).arg(config).output().expect("run walcast check");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(config)
+        .output()
+        .expect("run walcast check");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// A Postgres cluster of its own, for settings the shared one must not
@@ -351,8 +431,17 @@ impl TempCluster {
             c.args(["-u", "postgres", "--"]).arg(cmd);
             c
         };
-        Command::new("chown").args(["-R", "postgres"]).arg(dir.path()).status().expect("chown");
-        let st = as_pg(&bin.join("initdb")).args(["-A", "trust", "-U", "postgres", "-D"]).arg(&data).stdout(Stdio::null()).status().expect("initdb");
+        Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(dir.path())
+            .status()
+            .expect("chown");
+        let st = as_pg(&bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .status()
+            .expect("initdb");
         assert!(st.success(), "initdb failed");
         let mut conf = format!("port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n", dir.path().display());
         for s in settings {
@@ -369,7 +458,11 @@ impl TempCluster {
             .stdout(Stdio::null())
             .status()
             .expect("pg_ctl");
-        assert!(st.success(), "pg_ctl start failed: {}", std::fs::read_to_string(dir.path().join("log")).unwrap_or_default());
+        assert!(
+            st.success(),
+            "pg_ctl start failed: {}",
+            std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+        );
         TempCluster { port, dir }
     }
 
@@ -400,12 +493,19 @@ impl TempCluster {
 
     /// Stops the server at once (connections are cut), keeping its data.
     pub fn stop(&self) {
-        assert!(self.pg_ctl(&["-m", "immediate", "-w", "stop"]), "pg_ctl stop failed");
+        assert!(
+            self.pg_ctl(&["-m", "immediate", "-w", "stop"]),
+            "pg_ctl stop failed"
+        );
     }
 
     /// Starts it again on the same port.
     pub fn start_again(&self) {
-        assert!(self.pg_ctl(&["-w", "start"]), "pg_ctl start failed: {}", std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default());
+        assert!(
+            self.pg_ctl(&["-w", "start"]),
+            "pg_ctl start failed: {}",
+            std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        );
     }
 
     pub async fn client(&self) -> Client {
@@ -449,15 +549,28 @@ pub fn stack(args: &[&str]) {
         .env("WALCAST_STACK_DIR", var("WALCAST_TEST_STACK_DIR"))
         .output()
         .expect("run deploy/local/stack");
-    assert!(out.status.success(), "stack {args:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stack {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Reads a topic from the beginning with a plain consumer (none of
 /// walcast's code) until `done` holds over the JSON values read, or the
 /// deadline passes. Returns (key, value) pairs; tombstones have no value.
-pub fn consume_json(topic: &str, timeout: Duration, done: impl Fn(&[(serde_json::Value, Option<serde_json::Value>)]) -> bool) -> Vec<(serde_json::Value, Option<serde_json::Value>)> {
+pub fn consume_json(
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[(serde_json::Value, Option<serde_json::Value>)]) -> bool,
+) -> Vec<(serde_json::Value, Option<serde_json::Value>)> {
     let (records, finished) = consume_json_until(topic, timeout, done);
-    assert!(finished, "timed out reading {topic}: {} records", records.len());
+    assert!(
+        finished,
+        "timed out reading {topic}: {} records",
+        records.len()
+    );
     records
 }
 
@@ -486,8 +599,13 @@ pub fn consume_json_until(
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 idle = 0;
-                let key = m.key().map(|k| serde_json::from_slice(k).expect("JSON key")).unwrap_or(serde_json::Value::Null);
-                let value = m.payload().map(|v| serde_json::from_slice(v).expect("JSON value"));
+                let key = m
+                    .key()
+                    .map(|k| serde_json::from_slice(k).expect("JSON key"))
+                    .unwrap_or(serde_json::Value::Null);
+                let value = m
+                    .payload()
+                    .map(|v| serde_json::from_slice(v).expect("JSON value"));
                 out.push((key, value));
                 continue;
             }

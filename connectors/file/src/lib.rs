@@ -44,16 +44,34 @@ pub struct OpenError {
 impl FileSink {
     pub async fn open(cfg: &FileSinkConfig) -> Result<Self, OpenError> {
         if cfg.path == "-" {
-            return Ok(FileSink { out: Box::new(tokio::io::stdout()), file: None, fsync: false, opts: JsonOptions::default(), path: "-".into() });
+            return Ok(FileSink {
+                out: Box::new(tokio::io::stdout()),
+                file: None,
+                fsync: false,
+                opts: JsonOptions::default(),
+                path: "-".into(),
+            });
         }
         let f = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&cfg.path)
             .await
-            .map_err(|source| OpenError { path: cfg.path.clone().into(), source })?;
-        let writer = f.try_clone().await.map_err(|source| OpenError { path: cfg.path.clone().into(), source })?;
-        Ok(FileSink { out: Box::new(writer), file: Some(f), fsync: cfg.fsync, opts: JsonOptions::default(), path: cfg.path.clone() })
+            .map_err(|source| OpenError {
+                path: cfg.path.clone().into(),
+                source,
+            })?;
+        let writer = f.try_clone().await.map_err(|source| OpenError {
+            path: cfg.path.clone().into(),
+            source,
+        })?;
+        Ok(FileSink {
+            out: Box::new(writer),
+            file: Some(f),
+            fsync: cfg.fsync,
+            opts: JsonOptions::default(),
+            path: cfg.path.clone(),
+        })
     }
 }
 
@@ -71,7 +89,9 @@ impl Sink for FileSink {
             buf.push(b'\n');
         }
         let path = self.path.clone();
-        let io = |e: std::io::Error| SinkError::transient("file", format!("writing {path}: {e}")).with_source(e);
+        let io = |e: std::io::Error| {
+            SinkError::transient("file", format!("writing {path}: {e}")).with_source(e)
+        };
         self.out.write_all(&buf).await.map_err(io)?;
         self.out.flush().await.map_err(io)?;
         if self.fsync {

@@ -16,7 +16,14 @@ use walcast_sdk::{
 };
 
 fn col(name: &str, pg_type: PgType, oid: u32, key: bool) -> Column {
-    Column { name: name.into(), pg_type, type_oid: oid, type_modifier: -1, nullable: !key, key }
+    Column {
+        name: name.into(),
+        pg_type,
+        type_oid: oid,
+        type_modifier: -1,
+        nullable: !key,
+        key,
+    }
 }
 
 fn table(identity: ReplicaIdentity) -> Arc<TableSchema> {
@@ -28,7 +35,15 @@ fn table(identity: ReplicaIdentity) -> Arc<TableSchema> {
             col("id", PgType::Int8, 20, true),
             col("account", PgType::Int8, 20, false),
             col("label", PgType::Text, 25, false),
-            col("amount", PgType::Numeric { precision: Some(12), scale: Some(2) }, 1700, false),
+            col(
+                "amount",
+                PgType::Numeric {
+                    precision: Some(12),
+                    scale: Some(2),
+                },
+                1700,
+                false,
+            ),
             col("currency", PgType::Char { length: Some(3) }, 1042, false),
             col("note", PgType::Text, 25, false),
             col("created_at", PgType::TimestampTz, 1184, false),
@@ -58,7 +73,11 @@ pub fn event(i: i64, full: bool) -> ChangeEvent {
     let lsn = 0x1_0000_0000 + i as u64 * 120;
     ChangeEvent {
         op: if full { Op::Update } else { Op::Create },
-        table: table(if full { ReplicaIdentity::Full } else { ReplicaIdentity::Default }),
+        table: table(if full {
+            ReplicaIdentity::Full
+        } else {
+            ReplicaIdentity::Default
+        }),
         before: full.then(|| row(i - 1)),
         after: Some(row(i)),
         source: SourceInfo {
@@ -86,11 +105,15 @@ fn bench(c: &mut Criterion) {
     let opts = JsonOptions::default();
     let insert = event(123_456, false);
     let update = event(123_456, true);
-    g.bench_function("envelope_value_insert", |b| b.iter(|| json::envelope(black_box(&insert), &opts)));
+    g.bench_function("envelope_value_insert", |b| {
+        b.iter(|| json::envelope(black_box(&insert), &opts))
+    });
     g.bench_function("envelope_bytes_insert", |b| {
         b.iter(|| serde_json::to_vec(&json::envelope(black_box(&insert), &opts)).unwrap())
     });
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let enc = JsonEncoder::default();
     g.bench_function("encoder_key_value_insert", |b| {
         b.iter(|| rt.block_on(enc.encode(black_box(&insert))).unwrap())

@@ -86,7 +86,10 @@ impl Acker {
 
 impl Clone for Acker {
     fn clone(&self) -> Self {
-        Acker { state: Arc::clone(&self.state), answered: false }
+        Acker {
+            state: Arc::clone(&self.state),
+            answered: false,
+        }
     }
 }
 
@@ -100,7 +103,9 @@ impl Drop for Acker {
 
 impl std::fmt::Debug for Acker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Acker").field("seq", &self.state.seq).finish()
+        f.debug_struct("Acker")
+            .field("seq", &self.state.seq)
+            .finish()
     }
 }
 
@@ -137,7 +142,14 @@ impl<P: Clone> Default for AckTracker<P> {
 impl<P: Clone> AckTracker<P> {
     pub fn new() -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        AckTracker { next_seq: 0, pending: BTreeMap::new(), tx, rx, checkpoint: None, in_flight_events: 0 }
+        AckTracker {
+            next_seq: 0,
+            pending: BTreeMap::new(),
+            tx,
+            rx,
+            checkpoint: None,
+            in_flight_events: 0,
+        }
     }
 
     /// Registers a batch of `events` events. `position` is what the
@@ -147,7 +159,14 @@ impl<P: Clone> AckTracker<P> {
     pub fn register(&mut self, position: Option<P>, events: usize) -> Acker {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.pending.insert(seq, Pending { position, outcome: None, events });
+        self.pending.insert(
+            seq,
+            Pending {
+                position,
+                outcome: None,
+                events,
+            },
+        );
         self.in_flight_events += events;
         Acker {
             state: Arc::new(AckState {
@@ -208,7 +227,10 @@ impl<P: Clone> AckTracker<P> {
             match &entry.get().outcome {
                 None => break,
                 Some(Delivery::Failed(reason)) => {
-                    return Err(AckFailure { sequence: *entry.key(), reason: reason.clone() });
+                    return Err(AckFailure {
+                        sequence: *entry.key(),
+                        reason: reason.clone(),
+                    });
                 }
                 Some(Delivery::Delivered) => {
                     let p = entry.remove();

@@ -23,7 +23,11 @@ pub enum EncodeError {
     /// decimal with more digits than its column allows). Retrying cannot
     /// help; the configured policy (halt or dead-letter) applies.
     #[error("{table}: column `{column}`: {message}")]
-    Invalid { table: String, column: String, message: String },
+    Invalid {
+        table: String,
+        column: String,
+        message: String,
+    },
     /// The schema registry could not be reached or refused the schema.
     #[error("schema registry: {message}")]
     Registry {
@@ -36,7 +40,13 @@ pub enum EncodeError {
 
 impl EncodeError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, EncodeError::Registry { transient: true, .. })
+        matches!(
+            self,
+            EncodeError::Registry {
+                transient: true,
+                ..
+            }
+        )
     }
 }
 
@@ -67,9 +77,14 @@ pub struct JsonEncoder {
 #[async_trait]
 impl EventEncoder for JsonEncoder {
     async fn encode(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
-        let key = json::key(event, &self.options).map(|k| serde_json::to_vec(&k).expect("JSON values always serialise"));
-        let value = serde_json::to_vec(&json::envelope(event, &self.options)).expect("JSON values always serialise");
-        Ok(EncodedRecord { key, value: Some(value) })
+        let key = json::key(event, &self.options)
+            .map(|k| serde_json::to_vec(&k).expect("JSON values always serialise"));
+        let value = serde_json::to_vec(&json::envelope(event, &self.options))
+            .expect("JSON values always serialise");
+        Ok(EncodedRecord {
+            key,
+            value: Some(value),
+        })
     }
 
     fn format(&self) -> &'static str {

@@ -22,7 +22,9 @@ use serde_json::{json, Map, Value as Json};
 
 use crate::event::ChangeEvent;
 use crate::table::TableSchema;
-use crate::value::{Numeric, Value, DATE_INFINITY, DATE_NEG_INFINITY, TIMESTAMP_INFINITY, TIMESTAMP_NEG_INFINITY};
+use crate::value::{
+    Numeric, Value, DATE_INFINITY, DATE_NEG_INFINITY, TIMESTAMP_INFINITY, TIMESTAMP_NEG_INFINITY,
+};
 
 /// Debezium's default `unavailable.value.placeholder`.
 pub const DEFAULT_UNAVAILABLE_PLACEHOLDER: &str = "__debezium_unavailable_value";
@@ -36,7 +38,9 @@ pub struct JsonOptions {
 
 impl Default for JsonOptions {
     fn default() -> Self {
-        JsonOptions { unavailable_placeholder: DEFAULT_UNAVAILABLE_PLACEHOLDER.to_string() }
+        JsonOptions {
+            unavailable_placeholder: DEFAULT_UNAVAILABLE_PLACEHOLDER.to_string(),
+        }
     }
 }
 
@@ -105,18 +109,27 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
             Numeric::Finite(s) => s.clone(),
             other => other.to_string(),
         }),
-        Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => Json::String(s.clone()),
+        Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => {
+            Json::String(s.clone())
+        }
         Value::Bytes(b) => Json::String(base64::engine::general_purpose::STANDARD.encode(b)),
         Value::Uuid(u) => Json::String(uuid_string(u)),
         Value::Date(d) => json!(d),
         Value::Time(t) => json!(t),
-        Value::TimeTz { micros, offset_seconds } => {
+        Value::TimeTz {
+            micros,
+            offset_seconds,
+        } => {
             let utc = (micros - i64::from(*offset_seconds) * 1_000_000).rem_euclid(86_400_000_000);
             Json::String(format!("{}Z", time_of_day(utc)))
         }
         Value::Timestamp(t) => json!(t),
         Value::TimestampTz(t) => Json::String(timestamp_utc(*t)),
-        Value::Interval { months, days, micros } => {
+        Value::Interval {
+            months,
+            days,
+            micros,
+        } => {
             let month_micros = (f64::from(*months) * 30.4375 * 86_400_000_000.0) as i64;
             json!(month_micros + i64::from(*days) * 86_400_000_000 + micros)
         }
@@ -127,19 +140,40 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
 fn float(f: f64) -> Json {
     serde_json::Number::from_f64(f)
         .map(Json::Number)
-        .unwrap_or_else(|| Json::String(if f.is_nan() { "NaN".into() } else if f > 0.0 { "Infinity".into() } else { "-Infinity".into() }))
+        .unwrap_or_else(|| {
+            Json::String(if f.is_nan() {
+                "NaN".into()
+            } else if f > 0.0 {
+                "Infinity".into()
+            } else {
+                "-Infinity".into()
+            })
+        })
 }
 
 /// The canonical 8-4-4-4-12 form.
 pub fn uuid_string(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 fn time_of_day(micros: i64) -> String {
     let secs = micros / 1_000_000;
     let frac = micros % 1_000_000;
-    format!("{:02}:{:02}:{:02}.{:06}", secs / 3600, (secs / 60) % 60, secs % 60, frac)
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        frac
+    )
 }
 
 /// Days since 1970-01-01 as a proleptic Gregorian (year, month, day);
@@ -190,16 +224,44 @@ mod tests {
     #[test]
     fn renders_times_like_debezium() {
         assert_eq!(timestamp_utc(0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(timestamp_utc(1_700_000_000_123_456), "2023-11-14T22:13:20.123456Z");
+        assert_eq!(
+            timestamp_utc(1_700_000_000_123_456),
+            "2023-11-14T22:13:20.123456Z"
+        );
         assert_eq!(timestamp_utc(-1), "1969-12-31T23:59:59.999999Z");
         assert_eq!(timestamp_utc(TIMESTAMP_INFINITY), "infinity");
         assert_eq!(date_string(19_000), "2022-01-08");
         assert_eq!(date_string(-719_162), "0001-01-01");
         let opts = JsonOptions::default();
-        assert_eq!(value(&Value::TimeTz { micros: 3_600_000_000, offset_seconds: 7200 }, &opts), json!("23:00:00.000000Z"));
+        assert_eq!(
+            value(
+                &Value::TimeTz {
+                    micros: 3_600_000_000,
+                    offset_seconds: 7200
+                },
+                &opts
+            ),
+            json!("23:00:00.000000Z")
+        );
         assert_eq!(value(&Value::Float64(f64::NAN), &opts), json!("NaN"));
-        assert_eq!(value(&Value::Unavailable, &opts), json!(DEFAULT_UNAVAILABLE_PLACEHOLDER));
-        assert_eq!(value(&Value::Uuid([0xab; 16]), &opts), json!("abababab-abab-abab-abab-abababababab"));
-        assert_eq!(value(&Value::Interval { months: 0, days: 1, micros: 5 }, &opts), json!(86_400_000_005i64));
+        assert_eq!(
+            value(&Value::Unavailable, &opts),
+            json!(DEFAULT_UNAVAILABLE_PLACEHOLDER)
+        );
+        assert_eq!(
+            value(&Value::Uuid([0xab; 16]), &opts),
+            json!("abababab-abab-abab-abab-abababababab")
+        );
+        assert_eq!(
+            value(
+                &Value::Interval {
+                    months: 0,
+                    days: 1,
+                    micros: 5
+                },
+                &opts
+            ),
+            json!(86_400_000_005i64)
+        );
     }
 }

@@ -7,7 +7,19 @@ use std::str::FromStr;
 ///
 /// Printed and parsed in Postgres's own `X/X` form so that what walcast logs
 /// can be pasted into `pg_replication_slots` queries unchanged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct Lsn(pub u64);
 

@@ -41,8 +41,13 @@ fn value(j: &Json) -> Value {
 /// Rebuilds an event from its key (`None` for a key-less table or a
 /// truncate) and its envelope. Returns `Ok(None)` for a transaction
 /// metadata record or anything else without `op`.
-pub fn event_from_envelope(key: Option<&Json>, env: &Json) -> Result<Option<ChangeEvent>, EnvelopeError> {
-    let Some(op) = env.get("op").and_then(Json::as_str) else { return Ok(None) };
+pub fn event_from_envelope(
+    key: Option<&Json>,
+    env: &Json,
+) -> Result<Option<ChangeEvent>, EnvelopeError> {
+    let Some(op) = env.get("op").and_then(Json::as_str) else {
+        return Ok(None);
+    };
     let op = match op {
         "c" => Op::Create,
         "u" => Op::Update,
@@ -51,19 +56,31 @@ pub fn event_from_envelope(key: Option<&Json>, env: &Json) -> Result<Option<Chan
         "r" => Op::Read,
         other => return Err(EnvelopeError(format!("unknown op {other:?}"))),
     };
-    let src = env.get("source").ok_or_else(|| EnvelopeError("no `source` block".into()))?;
-    let s = |k: &str| src.get(k).and_then(Json::as_str).unwrap_or_default().to_string();
+    let src = env
+        .get("source")
+        .ok_or_else(|| EnvelopeError("no `source` block".into()))?;
+    let s = |k: &str| {
+        src.get(k)
+            .and_then(Json::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     let n = |k: &str| src.get(k).and_then(Json::as_i64);
     let before = env.get("before").filter(|v| !v.is_null());
     let after = env.get("after").filter(|v| !v.is_null());
     let image = after.or(before);
-    let key_names: Vec<String> = key.and_then(Json::as_object).map(|k| k.keys().cloned().collect()).unwrap_or_default();
+    let key_names: Vec<String> = key
+        .and_then(Json::as_object)
+        .map(|k| k.keys().cloned().collect())
+        .unwrap_or_default();
     let columns: Vec<Column> = match image.and_then(Json::as_object) {
         Some(row) => row
             .keys()
             .map(|name| Column {
                 name: name.clone(),
-                pg_type: PgType::Unknown { type_name: "relayed".into() },
+                pg_type: PgType::Unknown {
+                    type_name: "relayed".into(),
+                },
                 type_oid: 0,
                 type_modifier: -1,
                 nullable: true,
@@ -74,7 +91,12 @@ pub fn event_from_envelope(key: Option<&Json>, env: &Json) -> Result<Option<Chan
     };
     let row = |img: Option<&Json>| -> Option<Vec<Value>> {
         let obj = img?.as_object()?;
-        Some(columns.iter().map(|c| obj.get(&c.name).map(value).unwrap_or(Value::Null)).collect())
+        Some(
+            columns
+                .iter()
+                .map(|c| obj.get(&c.name).map(value).unwrap_or(Value::Null))
+                .collect(),
+        )
     };
     let table = Arc::new(TableSchema {
         relation_id: 0,
@@ -109,11 +131,21 @@ pub fn event_from_envelope(key: Option<&Json>, env: &Json) -> Result<Option<Chan
             ts_us: n("ts_us").unwrap_or(ts_ms * 1000),
             snapshot,
         },
-        transaction: env.get("transaction").filter(|t| !t.is_null()).map(|t| TransactionInfo {
-            id: t.get("id").and_then(Json::as_str).unwrap_or_default().to_string(),
-            total_order: t.get("total_order").and_then(Json::as_u64).unwrap_or(0),
-            data_collection_order: t.get("data_collection_order").and_then(Json::as_u64).unwrap_or(0),
-        }),
+        transaction: env
+            .get("transaction")
+            .filter(|t| !t.is_null())
+            .map(|t| TransactionInfo {
+                id: t
+                    .get("id")
+                    .and_then(Json::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                total_order: t.get("total_order").and_then(Json::as_u64).unwrap_or(0),
+                data_collection_order: t
+                    .get("data_collection_order")
+                    .and_then(Json::as_u64)
+                    .unwrap_or(0),
+            }),
         table,
         ts_ms: env.get("ts_ms").and_then(Json::as_i64).unwrap_or(0),
     }))
@@ -141,8 +173,15 @@ mod tests {
         let big = e.table.column_index("big").unwrap();
         assert_eq!(e.after.as_ref().unwrap()[big], Value::Unavailable);
         let opts = JsonOptions::default();
-        assert_eq!(json::row(&e.table, e.after.as_ref().unwrap(), &opts), env["after"]);
+        assert_eq!(
+            json::row(&e.table, e.after.as_ref().unwrap(), &opts),
+            env["after"]
+        );
         assert_eq!(json::key(&e, &opts).unwrap(), key);
-        assert!(event_from_envelope(None, &serde_json::json!({"status": "BEGIN"})).unwrap().is_none());
+        assert!(
+            event_from_envelope(None, &serde_json::json!({"status": "BEGIN"}))
+                .unwrap()
+                .is_none()
+        );
     }
 }

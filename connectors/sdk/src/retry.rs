@@ -17,7 +17,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Backoff { initial, max, attempt: 0 }
+        Backoff {
+            initial,
+            max,
+            attempt: 0,
+        }
     }
 
     /// The wait before the next attempt.

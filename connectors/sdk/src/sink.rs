@@ -41,11 +41,19 @@ pub enum SinkError {
 
 impl SinkError {
     pub fn transient(sink: impl Into<String>, message: impl Into<String>) -> Self {
-        SinkError::Transient { sink: sink.into(), message: message.into(), source: None }
+        SinkError::Transient {
+            sink: sink.into(),
+            message: message.into(),
+            source: None,
+        }
     }
 
     pub fn definite(sink: impl Into<String>, message: impl Into<String>) -> Self {
-        SinkError::Definite { sink: sink.into(), message: message.into(), source: None }
+        SinkError::Definite {
+            sink: sink.into(),
+            message: message.into(),
+            source: None,
+        }
     }
 
     pub fn with_source(mut self, err: impl std::error::Error + Send + Sync + 'static) -> Self {

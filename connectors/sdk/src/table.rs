@@ -18,11 +18,18 @@ pub enum PgType {
     Float4,
     Float8,
     /// `numeric(p, s)`; both `None` for an unconstrained `numeric`.
-    Numeric { precision: Option<u32>, scale: Option<u32> },
+    Numeric {
+        precision: Option<u32>,
+        scale: Option<u32>,
+    },
     Money,
     Text,
-    Varchar { max_length: Option<u32> },
-    Char { length: Option<u32> },
+    Varchar {
+        max_length: Option<u32>,
+    },
+    Char {
+        length: Option<u32>,
+    },
     Name,
     Bytea,
     Uuid,
@@ -38,10 +45,17 @@ pub enum PgType {
     Cidr,
     MacAddr,
     MacAddr8,
-    Enum { type_name: String, labels: Vec<String> },
-    Array { element: Box<PgType> },
+    Enum {
+        type_name: String,
+        labels: Vec<String>,
+    },
+    Array {
+        element: Box<PgType>,
+    },
     /// A type walcast has no conversion for; values travel as their text form.
-    Unknown { type_name: String },
+    Unknown {
+        type_name: String,
+    },
 }
 
 impl PgType {
@@ -54,7 +68,10 @@ impl PgType {
             PgType::Int8 => "bigint".into(),
             PgType::Float4 => "real".into(),
             PgType::Float8 => "double precision".into(),
-            PgType::Numeric { precision: Some(p), scale } => format!("numeric({p},{})", scale.unwrap_or(0)),
+            PgType::Numeric {
+                precision: Some(p),
+                scale,
+            } => format!("numeric({p},{})", scale.unwrap_or(0)),
             PgType::Numeric { .. } => "numeric".into(),
             PgType::Money => "money".into(),
             PgType::Text => "text".into(),
@@ -132,7 +149,12 @@ impl TableSchema {
 
     /// Indexes of the key columns, in column order.
     pub fn key_indexes(&self) -> Vec<usize> {
-        self.columns.iter().enumerate().filter(|(_, c)| c.key).map(|(i, _)| i).collect()
+        self.columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key)
+            .map(|(i, _)| i)
+            .collect()
     }
 
     pub fn has_key(&self) -> bool {

@@ -33,7 +33,9 @@ impl Numeric {
     /// The unscaled integer digits and the scale: `-12.50` is (`-1250`, 2).
     /// `None` for NaN and the infinities, which have no decimal form.
     pub fn unscaled(&self) -> Option<(String, u32)> {
-        let Numeric::Finite(text) = self else { return None };
+        let Numeric::Finite(text) = self else {
+            return None;
+        };
         let (neg, digits) = match text.strip_prefix('-') {
             Some(rest) => (true, rest),
             None => (false, text.as_str()),
@@ -107,14 +109,21 @@ pub enum Value {
     /// Microseconds since midnight.
     Time(i64),
     /// Microseconds since midnight and the zone's offset east of UTC in seconds.
-    TimeTz { micros: i64, offset_seconds: i32 },
+    TimeTz {
+        micros: i64,
+        offset_seconds: i32,
+    },
     /// Microseconds since 1970-01-01 00:00, no time zone; see [`TIMESTAMP_INFINITY`].
     Timestamp(i64),
     /// Microseconds since 1970-01-01 00:00 UTC; see [`TIMESTAMP_INFINITY`].
     TimestampTz(i64),
     /// Postgres keeps months, days and microseconds apart because their
     /// lengths vary; so do we.
-    Interval { months: i32, days: i32, micros: i64 },
+    Interval {
+        months: i32,
+        days: i32,
+        micros: i64,
+    },
     /// inet, cidr, macaddr and macaddr8 in Postgres's text form.
     Network(String),
     Enum(String),
@@ -138,7 +147,10 @@ mod tests {
         assert_eq!(n.with_scale(4).as_deref(), Some("-125000"));
         assert_eq!(n.with_scale(1).as_deref(), Some("-125"));
         assert_eq!(n.with_scale(0), None);
-        assert_eq!(Numeric::Finite("7".into()).with_scale(2).as_deref(), Some("700"));
+        assert_eq!(
+            Numeric::Finite("7".into()).with_scale(2).as_deref(),
+            Some("700")
+        );
         assert_eq!(Numeric::NaN.unscaled(), None);
     }
 }
