@@ -246,6 +246,9 @@ impl Outbox {
     }
 }
 
+type EventCounts =
+    std::collections::HashMap<(u32, &'static str), (Arc<walcast_sdk::TableSchema>, u64)>;
+
 /// A commit handed to the sinks, kept to measure commit-to-ack latency.
 struct PendingCommit {
     end: Lsn,
@@ -444,7 +447,9 @@ async fn session(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retained_tick = tokio::time::interval(Duration::from_secs(10));
-    let mut tx_counts: std::collections::HashMap<(String, &'static str), u64> = Default::default();
+    // Events per (relation, op) in the current transaction, turned into
+    // metric increments once per commit: no allocation per event.
+    let mut tx_counts: EventCounts = Default::default();
 
     let result: Result<(), CaptureError> = loop {
         let can_read = cp.in_flight_events() + outbox.events.len() < s.max_in_flight_events
@@ -531,7 +536,7 @@ async fn session(
                             ::metrics::counter!(metrics::TRANSACTIONS, "pipeline" => p()).increment(1);
                             ::metrics::gauge!(metrics::LAG_SECONDS, "pipeline" => p()).set((now_micros() - commit_micros).max(0) as f64 / 1e6);
                             status.update(|st| { st.events_total += n as u64; st.transactions_total += 1; });
-                            for ((table, op), count) in tx_counts.drain() { metrics::events(&s.pipeline, &table, op, count); }
+                            for ((_, op), (table, count)) in tx_counts.drain() { metrics::events(&s.pipeline, &table.qualified_name(), op, count); }
                             if outbox.ready >= s.batch_max_events {
                                 if let Some((events, pos)) = outbox.take_ready() {
                                     let acker = cp.register(Some(pos), events.len());
@@ -593,7 +598,7 @@ async fn handle(
     catalog: &mut Catalog,
     keyless: &HashSet<String>,
     pending: &mut Vec<ChangeEvent>,
-    counts: &mut std::collections::HashMap<(String, &'static str), u64>,
+    counts: &mut EventCounts,
     m: Message,
     lsn: Lsn,
 ) -> Result<(), CaptureError> {
@@ -602,9 +607,10 @@ async fn handle(
         source,
     };
     let mut push = |e: ChangeEvent, pending: &mut Vec<ChangeEvent>| {
-        *counts
-            .entry((e.table.qualified_name(), e.op.code()))
-            .or_insert(0) += 1;
+        counts
+            .entry((e.table.relation_id, e.op.code()))
+            .or_insert_with(|| (Arc::clone(&e.table), 0))
+            .1 += 1;
         pending.push(e);
     };
     match m {
