@@ -282,6 +282,7 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                         ok = false;
                     }
                 }
+                ok &= check_contracts(name, c, &s, client).await;
                 ok &= check_kafka_sinks(name, c, &s).await;
             }
             PipelineConfig::Relay(r) => {
@@ -303,6 +304,54 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Checks each captured table that has a data contract against the schema
+/// walcast would derive from it now, as `run` does before the first event.
+async fn check_contracts(
+    name: &str,
+    c: &config::CaptureConfig,
+    s: &capture::stream::CaptureSettings,
+    client: tokio_postgres::Client,
+) -> bool {
+    let (config::EventFormat::Avro, Some(r)) = (c.format, &c.registry) else {
+        return true;
+    };
+    let contracts = match r.load_contracts() {
+        Ok(Some(contracts)) => contracts,
+        Ok(None) => return true,
+        Err(e) => {
+            println!("pipeline {name}: ERROR: registry.contracts: {e}");
+            return false;
+        }
+    };
+    let options = walcast_schemas::MappingOptions {
+        unconstrained_numeric: r.unconstrained_numeric,
+    };
+    let mut catalog = capture::catalog::Catalog::new(client);
+    let mut ok = true;
+    for (sc, t) in &s.wanted.tables {
+        let Some(contract) = contracts.get(sc, t) else {
+            continue;
+        };
+        let path = contract.path.display();
+        let table = match catalog.table_schema_by_name(sc, t).await {
+            Ok(table) => table,
+            Err(e) => {
+                println!("pipeline {name}: ERROR: contract {path}: {e}");
+                ok = false;
+                continue;
+            }
+        };
+        match contracts.check_table(&table.schema, &s.assemble.name, &options) {
+            Ok(()) => println!("  contract {path}: table {sc}.{t} matches"),
+            Err(e) => {
+                println!("pipeline {name}: ERROR: {e}");
+                ok = false;
+            }
+        }
+    }
+    ok
 }
 
 /// Reports the topics and subjects a capture would publish to.

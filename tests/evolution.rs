@@ -170,7 +170,7 @@ async fn alter_table_mid_stream_with_the_embedded_registry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_contract_mismatch_is_refused_by_run() {
+async fn a_contract_mismatch_is_refused_by_run_and_reported_by_check() {
     let db = TestDb::new("wc_contract").await;
     // The checked-in example contract says public.orders has id bigint,
     // item text, price numeric(12,2); this table narrows price.
@@ -178,17 +178,36 @@ async fn a_contract_mismatch_is_refused_by_run() {
         .await;
     let prefix = unique("ctr");
     let contracts = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/contracts");
-    let mut w = Walcast::start_with(|_, admin| {
+    let text = |db: &str, admin: &str| {
         config(
             "contract",
             admin,
-            &db.name,
+            db,
             &prefix,
             &var("WALCAST_TEST_REGISTRY_URL"),
             "",
             &format!("contracts = \"{contracts}\""),
         )
-    });
+    };
+    // `walcast check` reports the mismatch before anything runs...
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("walcast.toml");
+    std::fs::write(&file, text(&db.name, "127.0.0.1:0")).unwrap();
+    let (ok, out) = check(&file);
+    assert!(!ok, "check must fail on a contract mismatch:\n{out}");
+    assert!(
+        out.contains("public.orders.avsc") && out.contains("price"),
+        "check names the contract and the field:\n{out}"
+    );
+    // ...and passes a table that keeps the contract.
+    let good = TestDb::new("wc_contract_ok").await;
+    good.exec("CREATE TABLE orders (id bigint PRIMARY KEY, item text, price numeric(12,2))")
+        .await;
+    std::fs::write(&file, text(&good.name, "127.0.0.1:0")).unwrap();
+    let (ok, out) = check(&file);
+    assert!(ok, "a table that keeps its contract passes check:\n{out}");
+    assert!(out.contains("matches"), "{out}");
+    let mut w = Walcast::start_with(|_, admin| text(&db.name, admin));
     w.wait_state("streaming", WAIT).await;
     db.exec("INSERT INTO orders VALUES (1, 'a', 1.00)").await;
     let deadline = std::time::Instant::now() + WAIT;
@@ -213,5 +232,64 @@ async fn a_contract_mismatch_is_refused_by_run() {
         "{}",
         tail(&log, 3000)
     );
+    w.kill9();
+}
+
+/// A value Avro cannot carry (NaN in a `numeric(12,2)` column) under the
+/// dead-letter policy: the event goes, as JSON with the error in a header,
+/// to the dead-letter topic; the rows around it reach their topic and the
+/// slot moves past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_value_goes_to_the_dead_letter_topic() {
+    let db = TestDb::new("wc_dlq").await;
+    db.exec("CREATE TABLE orders (id bigint PRIMARY KEY, item text, price numeric(12,2))")
+        .await;
+    let prefix = unique("dlq");
+    let dlq = format!("{prefix}.dlq");
+    let registry = var("WALCAST_TEST_REGISTRY_URL");
+    let mut w = Walcast::start_with(|_, admin| {
+        config(
+            "deadletter",
+            admin,
+            &db.name,
+            &prefix,
+            &registry,
+            "",
+            &format!("on_invalid = {{ dead_letter = {{ topic = \"{dlq}\" }} }}"),
+        )
+    });
+    w.wait_state("streaming", WAIT).await;
+    db.exec("INSERT INTO orders VALUES (1, 'a', 1.50); INSERT INTO orders VALUES (2, 'bad', 'NaN'); INSERT INTO orders VALUES (3, 'c', 2.50)")
+        .await;
+    let ev = decoded(&registry, &format!("{prefix}.public.orders"), 2).await;
+    let ids: Vec<i64> = ev
+        .iter()
+        .map(|e| e["event"]["after"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 3], "the valid rows reach the table's topic");
+    let dead = consume_json(&dlq, WAIT, |r| !r.is_empty());
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let value = dead[0].1.as_ref().expect("the event as JSON");
+    assert_eq!(value["after"]["id"], 2);
+    assert_eq!(value["after"]["price"], "NaN");
+    assert!(
+        w.log().contains("dead-letter") && w.log().contains("price"),
+        "the routing is logged with the column:\n{}",
+        tail(&w.log(), 3000)
+    );
+    // Nothing halted: the slot confirms past the three inserts.
+    let end = db.current_wal().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while db
+        .confirmed_flush("walcast_deadletter")
+        .await
+        .is_none_or(|c| c < end)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never moved past the dead-lettered event"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     w.kill9();
 }

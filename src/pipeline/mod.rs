@@ -184,9 +184,20 @@ pub async fn build_sinks(
                         Arc::new(encoder)
                     }
                 };
-                out.push(Box::new(
-                    walcast_kafka::KafkaSink::new(k, encoder).map_err(|e| err(e.to_string()))?,
-                ));
+                let mut sink =
+                    walcast_kafka::KafkaSink::new(k, encoder).map_err(|e| err(e.to_string()))?;
+                // Only the Avro encoder refuses values; JSON renders anything.
+                if let (
+                    EventFormat::Avro,
+                    Some(walcast_schemas::RegistryConfig {
+                        on_invalid: walcast_schemas::InvalidValuePolicy::DeadLetter { topic },
+                        ..
+                    }),
+                ) = (encoding.format, encoding.registry)
+                {
+                    sink = sink.with_dead_letter(topic.clone());
+                }
+                out.push(Box::new(sink));
             }
             SinkConfig::Redis(r) => out.push(Box::new(
                 walcast_redis::RedisSink::connect(r.clone())

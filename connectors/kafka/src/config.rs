@@ -138,7 +138,16 @@ pub enum DeliveryMode {
         transactional_id: String,
         #[serde(default = "default_transaction_timeout_ms")]
         transaction_timeout_ms: u64,
+        /// Compacted topic where each Kafka transaction records the last
+        /// Postgres change it carries, read back on start to skip changes
+        /// Kafka already holds (see [`crate::offsets`]).
+        #[serde(default = "default_offsets_topic")]
+        offsets_topic: String,
     },
+}
+
+fn default_offsets_topic() -> String {
+    crate::offsets::DEFAULT_OFFSETS_TOPIC.to_string()
 }
 
 /// The broker's default `transaction.max.timeout.ms` is 15 minutes; one
@@ -302,8 +311,12 @@ impl KafkaSinkConfig {
         if let DeliveryMode::ExactlyOnce {
             transactional_id,
             transaction_timeout_ms,
+            offsets_topic,
         } = &self.delivery
         {
+            if offsets_topic.trim().is_empty() {
+                return Err(invalid("delivery.offsets_topic", "must not be empty"));
+            }
             if transactional_id.trim().is_empty() {
                 return Err(invalid("delivery.transactional_id", "must not be empty"));
             }
@@ -338,6 +351,7 @@ impl KafkaSinkConfig {
         if let DeliveryMode::ExactlyOnce {
             transactional_id,
             transaction_timeout_ms,
+            ..
         } = &self.delivery
         {
             cfg.set("transactional.id", transactional_id);

@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod delivery;
+pub mod offsets;
 pub mod record;
 pub mod sink;
 pub mod source;

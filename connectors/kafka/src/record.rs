@@ -11,6 +11,25 @@ pub const LSN_HEADER: &str = "walcast.lsn";
 /// (snapshot reads).
 pub const TXID_HEADER: &str = "walcast.txid";
 
+/// On a dead-letter record: why the event was refused.
+pub const ERROR_HEADER: &str = "walcast.error";
+/// On a dead-letter record: the topic the event was meant for.
+pub const TOPIC_HEADER: &str = "walcast.topic";
+
+/// The headers of a dead-letter record: the usual ones plus the reason and
+/// the intended topic, so an operator can replay it once the cause is fixed.
+pub fn dead_letter_headers(event: &ChangeEvent, error: &str, topic: &str) -> OwnedHeaders {
+    headers(event)
+        .insert(Header {
+            key: ERROR_HEADER,
+            value: Some(error.as_bytes()),
+        })
+        .insert(Header {
+            key: TOPIC_HEADER,
+            value: Some(topic.as_bytes()),
+        })
+}
+
 /// The headers every record of `event` carries (the event itself and the
 /// tombstone that follows a delete).
 pub fn headers(event: &ChangeEvent) -> OwnedHeaders {

@@ -23,6 +23,7 @@ use walcast_sdk::{Acker, Batch, ChangeEvent, EncodeError, EventEncoder, Lsn, Op,
 
 use crate::config::{ConfigError, DeliveryMode, KafkaSinkConfig};
 use crate::delivery::{DeliveryContext, DeliveryError, RecordToken};
+use crate::offsets::{self, Position};
 use crate::record;
 use crate::topic::{Route, TopicAdmin, TopicError, TopicRouter, TopicStatus};
 use crate::transaction::TransactionMarkers;
@@ -64,11 +65,30 @@ pub struct KafkaSink {
     max_in_flight: u32,
     /// Set in exactly-once mode.
     transactional: Option<Transactional>,
+    /// Where events the encoder refuses as invalid go instead of halting.
+    dead_letter: Option<DeadLetter>,
+}
+
+/// The dead-letter policy: an event whose values do not fit its schema is
+/// written, as Debezium JSON, to `topic` with the error in a header, and
+/// the pipeline goes on. Never used for transient failures (an unreachable
+/// registry), which are retried.
+struct DeadLetter {
+    topic: Arc<str>,
+    encoder: walcast_sdk::JsonEncoder,
 }
 
 struct Transactional {
     timeout: Duration,
     initialized: bool,
+    id: String,
+    offsets_topic: Arc<str>,
+    /// Where the offsets topic is read back from and created with.
+    client: rdkafka::ClientConfig,
+    replication_factor: i32,
+    /// The last change Kafka holds: replayed changes up to it are dropped
+    /// (see [`crate::offsets`]). Read once at start, then kept current.
+    resume_after: Option<Position>,
 }
 
 impl KafkaSink {
@@ -107,13 +127,30 @@ impl KafkaSink {
                 DeliveryMode::AtLeastOnce => None,
                 DeliveryMode::ExactlyOnce {
                     transaction_timeout_ms,
-                    ..
+                    transactional_id,
+                    offsets_topic,
                 } => Some(Transactional {
                     timeout: Duration::from_millis(transaction_timeout_ms),
                     initialized: false,
+                    id: transactional_id,
+                    offsets_topic: Arc::from(offsets_topic.as_str()),
+                    client: client.clone(),
+                    replication_factor: config.topic_creation.replication_factor,
+                    resume_after: None,
                 }),
             },
+            dead_letter: None,
         })
+    }
+
+    /// Routes events the encoder refuses as invalid
+    /// (`EncodeError::Invalid`) to `topic` instead of failing the batch.
+    pub fn with_dead_letter(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter = Some(DeadLetter {
+            topic: Arc::from(topic.into().as_str()),
+            encoder: walcast_sdk::JsonEncoder::default(),
+        });
+        self
     }
 
     /// For `walcast check`: which topics the given tables (`(schema,
@@ -164,7 +201,20 @@ impl KafkaSink {
         events: &[ChangeEvent],
         acker: Option<&Acker>,
     ) -> Result<(), SinkError> {
+        let resume_after = self.transactional.as_ref().and_then(|t| t.resume_after);
+        let mut skipped = 0u64;
         for event in events {
+            if let (Some(after), Some(at)) = (resume_after, Position::of(event)) {
+                if at <= after {
+                    // Already in Kafka, with its transaction markers: only
+                    // the markers' counts need to see it.
+                    if let Some((_, markers)) = &mut self.transactions {
+                        markers.observe(event);
+                    }
+                    skipped += 1;
+                    continue;
+                }
+            }
             if event.op == Op::Truncate && self.skip_truncate {
                 continue;
             }
@@ -176,11 +226,15 @@ impl KafkaSink {
                 self.send_markers(event, acker).await?;
             }
             let lsn = event.source.commit_lsn;
-            let rec = self
-                .encoder
-                .encode(event)
-                .await
-                .map_err(|e| encode_sink_error(e, &what, lsn))?;
+            let rec = match self.encoder.encode(event).await {
+                Ok(rec) => rec,
+                Err(e @ EncodeError::Invalid { .. }) if self.dead_letter.is_some() => {
+                    self.send_dead_letter(event, &e, &topic, &what, acker)
+                        .await?;
+                    continue;
+                }
+                Err(e) => return Err(encode_sink_error(e, &what, lsn)),
+            };
             self.produce(
                 &topic,
                 rec.key.as_deref(),
@@ -212,7 +266,56 @@ impl KafkaSink {
                 }
             }
         }
+        if skipped > 0 {
+            tracing::info!(
+                skipped,
+                up_to = %resume_after.expect("skips need a position"),
+                "exactly-once: dropped replayed changes that Kafka already holds"
+            );
+        }
         Ok(())
+    }
+
+    /// Writes a refused event to the dead-letter topic. Its delivery
+    /// counts for the batch like any record, so the event is acknowledged
+    /// only once Kafka has it somewhere.
+    async fn send_dead_letter(
+        &mut self,
+        event: &ChangeEvent,
+        error: &EncodeError,
+        topic: &Arc<str>,
+        what: &Arc<str>,
+        acker: Option<&Acker>,
+    ) -> Result<(), SinkError> {
+        let dead = self.dead_letter.as_ref().expect("dead-letter policy");
+        let dlq = Arc::clone(&dead.topic);
+        let lsn = event.source.commit_lsn;
+        let rec = dead
+            .encoder
+            .encode(event)
+            .await
+            .map_err(|e| encode_sink_error(e, what, lsn))?;
+        let message = format!("cannot encode event of {what} at LSN {lsn}: {error}");
+        tracing::warn!(
+            dead_letter_topic = %dlq,
+            topic = %topic,
+            error = %message,
+            "kafka: event routed to the dead-letter topic"
+        );
+        if let Some(admin) = &mut self.admin {
+            admin.ensure(&dlq).await.map_err(topic_sink_error)?;
+        }
+        let headers = record::dead_letter_headers(event, &message, topic);
+        self.produce(
+            &dlq,
+            rec.key.as_deref(),
+            rec.value.as_deref(),
+            headers,
+            what,
+            lsn,
+            acker,
+        )
+        .await
     }
 
     async fn send_markers(
@@ -295,6 +398,7 @@ impl KafkaSink {
             blocking(move || p.init_transactions(timeout))
                 .await
                 .map_err(|e| transaction_sink_error("initialising transactions", e))?;
+            self.load_offsets().await?;
             if let Some(t) = &mut self.transactional {
                 t.initialized = true;
             }
@@ -306,6 +410,16 @@ impl KafkaSink {
         // starts the next one (see `transaction`), so that a transaction
         // split over batches still gets one BEGIN/END pair with its count.
         let sent = self.send_events(events, None).await;
+        let resume_after = self.transactional.as_ref().and_then(|t| t.resume_after);
+        let reached = events
+            .iter()
+            .filter_map(Position::of)
+            .max()
+            .filter(|p| Some(*p) > resume_after);
+        let sent = match (sent, reached) {
+            (Ok(()), Some(position)) => self.send_offsets(position).await,
+            (other, _) => other,
+        };
         let outcome = match sent {
             Ok(()) => {
                 let p = self.producer.clone();
@@ -315,6 +429,9 @@ impl KafkaSink {
             }
             Err(e) => Err(e),
         };
+        if let (Ok(()), Some(position), Some(t)) = (&outcome, reached, &mut self.transactional) {
+            t.resume_after = Some(position);
+        }
         if outcome.is_err() {
             let p = self.producer.clone();
             if let Err(abort) = blocking(move || p.abort_transaction(timeout)).await {
@@ -322,6 +439,60 @@ impl KafkaSink {
             }
         }
         outcome
+    }
+
+    /// Creates the offsets topic if needed and reads back where the last
+    /// committed transaction of this `transactional_id` ended. Runs after
+    /// `init_transactions`, which settled the predecessor's transaction.
+    async fn load_offsets(&mut self) -> Result<(), SinkError> {
+        let t = self.transactional.as_ref().expect("exactly-once mode");
+        let (client, topic, id) = (t.client.clone(), Arc::clone(&t.offsets_topic), t.id.clone());
+        let mut admin = TopicAdmin::new(&client, offsets::topic_creation(t.replication_factor))
+            .map_err(topic_sink_error)?;
+        admin.ensure(&topic).await.map_err(topic_sink_error)?;
+        let position = blocking(move || offsets::read_last(&client, &topic, &id))
+            .await
+            .map_err(|e| {
+                let message = e.to_string();
+                if e.is_transient() {
+                    SinkError::transient(SINK_NAME, message).with_source(e)
+                } else {
+                    SinkError::definite(SINK_NAME, message).with_source(e)
+                }
+            })?;
+        match position {
+            Some(p) => tracing::info!(
+                offsets_topic = %t.offsets_topic,
+                "exactly-once: Kafka holds everything up to {p}; replayed changes up to it are dropped"
+            ),
+            None => tracing::info!(
+                offsets_topic = %t.offsets_topic,
+                "exactly-once: no committed position yet for this transactional_id"
+            ),
+        }
+        if let Some(t) = &mut self.transactional {
+            t.resume_after = position;
+        }
+        Ok(())
+    }
+
+    /// Writes the batch's last position inside the open transaction.
+    async fn send_offsets(&mut self, position: Position) -> Result<(), SinkError> {
+        let t = self.transactional.as_ref().expect("exactly-once mode");
+        let topic = Arc::clone(&t.offsets_topic);
+        let (key, value) = offsets::record(&t.id, position);
+        let what: Arc<str> = Arc::from("exactly-once offsets");
+        let lsn = Lsn(position.commit_lsn);
+        self.produce(
+            &topic,
+            Some(&key),
+            Some(&value),
+            OwnedHeaders::new(),
+            &what,
+            lsn,
+            None,
+        )
+        .await
     }
 
     /// Hands one record to librdkafka, after taking a permit of the

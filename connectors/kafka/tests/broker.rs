@@ -16,7 +16,7 @@ use walcast_kafka::{
     DeliveryMode, KafkaSink, KafkaSinkConfig, KafkaSource, KafkaSourceConfig, Subscription,
     TopicState,
 };
-use walcast_sdk::{AckTracker, Batch, JsonEncoder, Op, Sink};
+use walcast_sdk::{AckTracker, Batch, ChangeEvent, JsonEncoder, Op, Sink};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -569,6 +569,7 @@ async fn exactly_once_commits_whole_batches_and_aborts_failed_ones() {
     cfg.delivery = DeliveryMode::ExactlyOnce {
         transactional_id: unique("walcast-it-eos"),
         transaction_timeout_ms: 30_000,
+        offsets_topic: walcast_kafka::offsets::DEFAULT_OFFSETS_TOPIC.into(),
     };
     cfg.producer
         .insert("message.max.bytes".into(), "2000".into());
@@ -637,6 +638,107 @@ async fn exactly_once_commits_whole_batches_and_aborts_failed_ones() {
         names,
         ["committed", "committed", "committed", "after"],
         "the aborted batch is invisible to read_committed"
+    );
+}
+
+/// A crash between a Kafka commit and the slot's confirmation makes
+/// Postgres replay transactions Kafka already holds, one of them split over
+/// two batches: the successor drops exactly what was committed.
+#[tokio::test]
+async fn exactly_once_drops_replayed_changes_that_kafka_already_holds() {
+    let topic = unique("walcast.it.eosreplay");
+    create_topic(&topic, 1, &[]).await;
+    let offsets_topic = unique("walcast.it.offsets");
+    let rows = table("public", "eosreplay", true);
+    let mut cfg = sink_config(&[("public.eosreplay", &topic)]);
+    let transactional_id = unique("walcast-it-eosreplay");
+    cfg.delivery = DeliveryMode::ExactlyOnce {
+        transactional_id: transactional_id.clone(),
+        transaction_timeout_ms: 30_000,
+        offsets_topic: offsets_topic.clone(),
+    };
+    // Transaction `tx` committed at `lsn`, changes `orders` of it.
+    let changes = |tx: u32, lsn: u64, orders: std::ops::RangeInclusive<u64>| -> Vec<ChangeEvent> {
+        orders
+            .map(|n| {
+                let name = format!("{tx}-{n}");
+                in_transaction(
+                    event(
+                        &rows,
+                        Op::Create,
+                        (tx as i64) * 100 + n as i64,
+                        &name,
+                        lsn,
+                        tx,
+                    ),
+                    n,
+                )
+            })
+            .collect()
+    };
+    let mut tracker: AckTracker<u64> = AckTracker::new();
+    let mut first = sink(cfg.clone());
+    for (pos, batch) in [changes(1, 0x100, 1..=3), changes(2, 0x200, 1..=2)]
+        .into_iter()
+        .enumerate()
+    {
+        let acker = tracker.register(Some(pos as u64 + 1), batch.len());
+        first
+            .send(Batch {
+                events: Arc::new(batch),
+                acker,
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(tracker.poll().unwrap(), Some(2));
+    // Crash: the slot never heard of either commit.
+    drop(first);
+
+    let mut second = sink(cfg);
+    let mut tracker: AckTracker<u64> = AckTracker::new();
+    let mut replay = changes(1, 0x100, 1..=3);
+    replay.extend(changes(2, 0x200, 1..=4));
+    replay.extend(changes(3, 0x300, 1..=1));
+    let acker = tracker.register(Some(9), replay.len());
+    second
+        .send(Batch {
+            events: Arc::new(replay),
+            acker,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        tracker.poll().unwrap(),
+        Some(9),
+        "the replayed batch is acknowledged, so the slot moves on"
+    );
+    let names: Vec<String> = read_all(&topic, 1, 8, WAIT)
+        .iter()
+        .map(|r| {
+            r.json_value()["after"]["name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["1-1", "1-2", "1-3", "2-1", "2-2", "2-3", "2-4", "3-1"],
+        "each change once, in order, across the crash"
+    );
+    let client = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .clone();
+    let last = walcast_kafka::offsets::read_last(&client, &offsets_topic, &transactional_id)
+        .unwrap()
+        .expect("a committed position");
+    assert_eq!(
+        last,
+        walcast_kafka::offsets::Position {
+            commit_lsn: 0x300,
+            total_order: 1
+        }
     );
 }
 

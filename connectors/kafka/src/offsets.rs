@@ -1,0 +1,245 @@
+//! Exactly-once across crashes: where the last committed Kafka transaction
+//! ended in the Postgres stream.
+//!
+//! # The invariant
+//!
+//! The slot's confirmed LSN moves only after a Kafka transaction commits,
+//! so a crash between the commit and the confirmation makes Postgres send
+//! again transactions that Kafka already holds. To tell them apart, every
+//! Kafka transaction also writes one record to the offsets topic (key: the
+//! pipeline's `transactional_id`, value: the [`Position`] of the last change
+//! it carries). Because that record is part of the same Kafka transaction,
+//! it is visible to a `read_committed` reader exactly when the changes are.
+//!
+//! On start, after `init_transactions` has fenced and aborted whatever the
+//! predecessor left open, the sink reads the last committed position back
+//! and drops every replayed change at or before it. A Postgres transaction
+//! is replayed with the same changes in the same order (pgoutput decodes the
+//! same WAL), so (commit LSN, order within the transaction) names a change
+//! across restarts, also when a large transaction was split over several
+//! Kafka transactions.
+//!
+//! Snapshot reads carry no such position and are never skipped: a crash in
+//! the middle of a snapshot resumes from its last acknowledged chunk (see
+//! the daemon's snapshot module) and may repeat that chunk's rows.
+//!
+//! The topic is compacted with one partition, so reading it back costs one
+//! record per pipeline. If another pipeline's transaction is open on the
+//! topic when this one starts, the reader may stop before this pipeline's
+//! last record (a `read_committed` reader cannot pass an open transaction):
+//! the result is duplicates, never a skipped change.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use walcast_sdk::{ChangeEvent, Lsn, SnapshotMarker};
+
+use crate::config::TopicCreationConfig;
+
+/// The offsets topic a pipeline uses unless configured otherwise.
+pub const DEFAULT_OFFSETS_TOPIC: &str = "walcast.offsets";
+
+/// How long reading the offsets back may take before start-up fails (and
+/// is retried by the pipeline).
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A change's place in the Postgres stream, stable across replays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Position {
+    /// Commit LSN of the change's transaction.
+    pub commit_lsn: u64,
+    /// 1-based order of the change within its transaction.
+    pub total_order: u64,
+}
+
+impl Position {
+    /// The position of a streamed change; `None` for snapshot reads and for
+    /// events that carry no transaction order.
+    pub fn of(event: &ChangeEvent) -> Option<Position> {
+        if event.source.snapshot != SnapshotMarker::False {
+            return None;
+        }
+        let order = event.transaction.as_ref()?.total_order;
+        Some(Position {
+            commit_lsn: event.source.commit_lsn.0,
+            total_order: order,
+        })
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "change #{} of the transaction committed at {}",
+            self.total_order,
+            Lsn(self.commit_lsn)
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OffsetsError {
+    #[error("exactly-once: cannot read offsets topic `{topic}`: {source}")]
+    Read {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("exactly-once: reading offsets topic `{topic}` did not finish within {secs} s (is the broker reachable?)")]
+    Timeout { topic: String, secs: u64 },
+    #[error("exactly-once: offsets topic `{topic}` holds a record for `{key}` that is not a walcast position: {reason}")]
+    Corrupt {
+        topic: String,
+        key: String,
+        reason: String,
+    },
+}
+
+impl OffsetsError {
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, OffsetsError::Corrupt { .. })
+    }
+}
+
+/// The record that goes into the offsets topic with a Kafka transaction.
+pub fn record(transactional_id: &str, position: Position) -> (Vec<u8>, Vec<u8>) {
+    (
+        transactional_id.as_bytes().to_vec(),
+        serde_json::to_vec(&position).expect("a position always serialises"),
+    )
+}
+
+/// How the offsets topic is created: one partition is plenty (one small
+/// record per pipeline after compaction), and compaction keeps only the
+/// latest position of each pipeline.
+pub fn topic_creation(replication_factor: i32) -> TopicCreationConfig {
+    TopicCreationConfig {
+        partitions: 1,
+        replication_factor,
+        config: BTreeMap::from([("cleanup.policy".to_string(), "compact".to_string())]),
+    }
+}
+
+/// Reads the last committed position of `transactional_id`, or `None` if
+/// it never committed one (or the topic does not exist yet).
+///
+/// `client` is the producer's configuration; only the properties that
+/// concern connecting (security, SASL, SSL, timeouts) are carried over to
+/// the reader. Blocks: call it off the async threads.
+pub fn read_last(
+    client: &ClientConfig,
+    topic: &str,
+    transactional_id: &str,
+) -> Result<Option<Position>, OffsetsError> {
+    let read = |source| OffsetsError::Read {
+        topic: topic.to_string(),
+        source,
+    };
+    let mut cfg = ClientConfig::new();
+    for (k, v) in client.config_map() {
+        let connection = [
+            "security.",
+            "sasl.",
+            "ssl.",
+            "socket.",
+            "client.",
+            "broker.",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p));
+        if connection || k == "bootstrap.servers" {
+            cfg.set(k, v);
+        }
+    }
+    cfg.set("group.id", "walcast-offsets-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .set("allow.auto.create.topics", "false");
+    let consumer: BaseConsumer = cfg.create().map_err(read)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), READ_TIMEOUT)
+        .map_err(read)?;
+    let partitions: Vec<i32> = match metadata.topics().first() {
+        Some(t) if t.error().is_none() => t.partitions().iter().map(|p| p.id()).collect(),
+        _ => return Ok(None),
+    };
+    let mut assignment = TopicPartitionList::new();
+    for &p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, READ_TIMEOUT)
+            .map_err(read)?;
+        if high > low {
+            assignment
+                .add_partition_offset(topic, p, Offset::Beginning)
+                .map_err(read)?;
+        }
+    }
+    let mut pending = assignment.count();
+    if pending == 0 {
+        return Ok(None);
+    }
+    consumer.assign(&assignment).map_err(read)?;
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let mut last = None;
+    while pending > 0 {
+        if Instant::now() > deadline {
+            return Err(OffsetsError::Timeout {
+                topic: topic.to_string(),
+                secs: READ_TIMEOUT.as_secs(),
+            });
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(_))) => pending -= 1,
+            Some(Err(e)) => return Err(read(e)),
+            Some(Ok(m)) => {
+                if m.key() != Some(transactional_id.as_bytes()) {
+                    continue;
+                }
+                // Compaction tombstones (null values) carry nothing.
+                let Some(value) = m.payload() else { continue };
+                let position: Position =
+                    serde_json::from_slice(value).map_err(|e| OffsetsError::Corrupt {
+                        topic: topic.to_string(),
+                        key: transactional_id.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                last = Some(position);
+            }
+        }
+    }
+    Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_order_by_commit_then_order_and_round_trip() {
+        let a = Position {
+            commit_lsn: 0x20,
+            total_order: 9,
+        };
+        let b = Position {
+            commit_lsn: 0x30,
+            total_order: 1,
+        };
+        assert!(a < b);
+        assert!(
+            a < Position {
+                commit_lsn: 0x20,
+                total_order: 10
+            }
+        );
+        let (key, value) = record("pipe-1", b);
+        assert_eq!(key, b"pipe-1");
+        assert_eq!(serde_json::from_slice::<Position>(&value).unwrap(), b);
+    }
+}
