@@ -146,7 +146,9 @@ async fn run_evolution(registry_url: &str, extra_top: &str) {
     }
     let log = w.log();
     assert!(
-        log.contains(&format!("{topic}-value")) && log.to_lowercase().contains("incompatible"),
+        log.contains(&format!("{topic}-value"))
+            && log.to_lowercase().contains("incompatible")
+            && log.contains("column `item`: text -> int4"),
         "{}",
         tail(&log, 3000)
     );

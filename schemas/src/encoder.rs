@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use serde_json::Value as Json;
-use walcast_sdk::{ChangeEvent, EncodeError, EncodedRecord, EventEncoder, TableSchema};
+use walcast_sdk::{ChangeEvent, EncodeError, EncodedRecord, EventEncoder, PgType, TableSchema};
 
 use crate::codec::{self, DecodeError};
 use crate::contracts::{ContractError, Contracts};
@@ -42,6 +42,73 @@ struct Registered {
     schemas: TableSchemas,
     key_id: Option<u32>,
     value_id: u32,
+}
+
+/// The columns that differ between two shapes of a table, and a sentence
+/// for each (`column `item`: text -> int4`, added, dropped).
+fn column_changes(old: &TableSchema, new: &TableSchema) -> (Vec<String>, Vec<String>) {
+    let mut columns = Vec::new();
+    let mut changes = Vec::new();
+    for o in &old.columns {
+        match new.columns.iter().find(|n| n.name == o.name) {
+            None => {
+                columns.push(o.name.clone());
+                changes.push(format!(
+                    "column `{}` ({}) dropped",
+                    o.name,
+                    type_label(&o.pg_type)
+                ));
+            }
+            Some(n) if n.pg_type != o.pg_type || n.key != o.key => {
+                columns.push(o.name.clone());
+                changes.push(format!(
+                    "column `{}`: {}{} -> {}{}",
+                    o.name,
+                    type_label(&o.pg_type),
+                    if o.key { " (key)" } else { "" },
+                    type_label(&n.pg_type),
+                    if n.key { " (key)" } else { "" },
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    for n in &new.columns {
+        if !old.columns.iter().any(|o| o.name == n.name) {
+            columns.push(n.name.clone());
+            changes.push(format!(
+                "column `{}` ({}) added",
+                n.name,
+                type_label(&n.pg_type)
+            ));
+        }
+    }
+    (columns, changes)
+}
+
+/// A Postgres type as a user would write it.
+fn type_label(t: &PgType) -> String {
+    match t {
+        PgType::Numeric {
+            precision: Some(p),
+            scale,
+        } => format!("numeric({p},{})", scale.unwrap_or(0)),
+        PgType::Numeric { .. } => "numeric".into(),
+        PgType::Varchar {
+            max_length: Some(n),
+        } => format!("varchar({n})"),
+        PgType::Char { length: Some(n) } => format!("char({n})"),
+        PgType::Enum { type_name, .. } | PgType::Unknown { type_name } => type_name.clone(),
+        PgType::Array { element } => format!("{}[]", type_label(element)),
+        other => {
+            let debug = format!("{other:?}");
+            debug
+                .split([' ', '{'])
+                .next()
+                .unwrap_or_default()
+                .to_lowercase()
+        }
+    }
 }
 
 /// Avro with a schema registry, as an [`EventEncoder`] for the Kafka sink.
@@ -145,11 +212,16 @@ impl AvroEncoder {
                 })?;
         }
         let topic = (self.topics)(event);
+        let refused = |e: RegistryError| match e {
+            RegistryError::Incompatible { .. } => self.incompatible(table, e),
+            e => e.into(),
+        };
         let key_id = match &schemas.key {
             Some(k) => Some(
                 self.registry
                     .register(&self.subjects.subject(&topic, k, true), k)
-                    .await?,
+                    .await
+                    .map_err(refused)?,
             ),
             None => None,
         };
@@ -159,7 +231,8 @@ impl AvroEncoder {
                 &self.subjects.subject(&topic, &schemas.value, false),
                 &schemas.value,
             )
-            .await?;
+            .await
+            .map_err(refused)?;
         let r = Arc::new(Registered {
             table: table.clone(),
             prefix: event.source.name.clone(),
@@ -172,6 +245,37 @@ impl AvroEncoder {
             .expect("encoder cache lock poisoned")
             .insert(key, r.clone());
         Ok(r)
+    }
+
+    /// The registry refused `table`'s new shape: says which columns changed
+    /// since the last shape this process registered for the table, with old
+    /// and new types, as an `Invalid` error so the pipeline's policy (halt
+    /// or dead-letter) applies rather than a retry that cannot succeed.
+    fn incompatible(&self, table: &TableSchema, refused: RegistryError) -> EncodeError {
+        let previous = self
+            .tables
+            .read()
+            .expect("encoder cache lock poisoned")
+            .values()
+            .filter(|r| r.table.relation_id == table.relation_id && r.table.version < table.version)
+            .max_by_key(|r| r.table.version)
+            .map(|r| r.table.clone());
+        let (columns, changes) = match previous {
+            Some(old) => column_changes(&old, table),
+            None => (
+                vec![],
+                vec!["no earlier shape of this table was registered by this process; compare with the subject's latest version".to_string()],
+            ),
+        };
+        EncodeError::Invalid {
+            table: table.qualified_name(),
+            column: if columns.is_empty() {
+                "*".to_string()
+            } else {
+                columns.join(", ")
+            },
+            message: format!("{refused}; changes: {}", changes.join("; ")),
+        }
     }
 
     fn key(&self, event: &ChangeEvent, r: &Registered) -> Result<Option<Vec<u8>>, EncodeError> {
@@ -327,6 +431,24 @@ mod tests {
             replica_identity: ReplicaIdentity::Default,
             version,
         })
+    }
+
+    #[test]
+    fn column_changes_name_columns_with_old_and_new_types() {
+        let old = table(1, true);
+        let mut retyped = (*old).clone();
+        retyped.columns[1].pg_type = PgType::Numeric {
+            precision: Some(8),
+            scale: Some(2),
+        };
+        let (cols, changes) = column_changes(&old, &retyped);
+        assert_eq!(cols, ["note"]);
+        assert_eq!(changes, ["column `note`: text -> numeric(8,2)"]);
+        let (cols, changes) = column_changes(&old, &table(2, false));
+        assert_eq!(cols, ["note"]);
+        assert_eq!(changes, ["column `note` (text) dropped"]);
+        let (_, changes) = column_changes(&table(1, false), &old);
+        assert_eq!(changes, ["column `note` (text) added"]);
     }
 
     #[tokio::test]
