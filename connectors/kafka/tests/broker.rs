@@ -247,6 +247,52 @@ async fn record_over_client_limit_fails_the_batch_naming_table_lsn_and_size() {
         .is_err());
 }
 
+/// A topic that does not exist, with topic creation off (walcast's and, for
+/// this client, the broker's): the batch fails definitely, naming the topic
+/// and the setting that fixes it, and nothing is acknowledged.
+#[tokio::test]
+async fn unknown_topic_fails_the_batch_with_a_hint() {
+    let topic = unique("walcast.it.missing");
+    let rows = table("public", "missing", true);
+    let mut cfg = sink_config(&[("public.missing", &topic)]);
+    cfg.create_topics = false;
+    cfg.producer
+        .insert("allow.auto.create.topics".into(), "false".into());
+    // How long librdkafka waits for a new topic to show up in metadata
+    // before it fails its records (30 s by default).
+    cfg.producer
+        .insert("topic.metadata.propagation.max.ms".into(), "2000".into());
+    let mut sink = sink(cfg);
+    let mut tracker: AckTracker<u64> = AckTracker::new();
+    let a = tracker.register(Some(1), 1);
+    // Handing over may succeed; the delivery report carries the failure.
+    let _ = sink
+        .send(Batch {
+            events: Arc::new(vec![event(&rows, Op::Create, 1, "x", 0x2B_0000_0010, 9)]),
+            acker: a,
+        })
+        .await;
+    let failure = tokio::time::timeout(WAIT, tracker.next())
+        .await
+        .expect("the delivery report arrives")
+        .expect_err("not delivered");
+    for needle in [
+        topic.as_str(),
+        "public.missing",
+        "2B/10",
+        "create_topics = true",
+    ] {
+        assert!(
+            failure.reason.contains(needle),
+            "`{needle}` missing: {}",
+            failure.reason
+        );
+    }
+    let err = sink.flush().await.expect_err("flush reports it");
+    assert!(!err.is_transient(), "{err}");
+    assert_eq!(tracker.checkpoint(), None);
+}
+
 #[tokio::test]
 async fn record_over_topic_limit_fails_from_the_delivery_report() {
     let topic = unique("walcast.it.bigtopic");
