@@ -110,6 +110,23 @@ async fn table_rows(db: &str, sql: &str) -> BTreeMap<String, Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_loses_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    chaos(false).await;
+}
+
+/// The same faults with the Kafka sink in exactly-once mode: zero lost and
+/// zero duplicates for a read_committed consumer (librdkafka's default
+/// isolation, which the rebuilding consumer uses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_exactly_once_loses_nothing_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    chaos(true).await;
+}
+
+/// Both variants stop shared servers: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+async fn chaos(exactly_once: bool) {
     let long = std::env::var("WALCAST_CHAOS_LONG").is_ok_and(|v| v == "1");
     let rounds = if long { 10 } else { 1 };
     let db = TestDb::new("wc_chaos").await;
@@ -118,7 +135,12 @@ async fn chaos_loses_nothing() {
          CREATE TABLE ledger (id bigserial PRIMARY KEY, account bigint, amount int, at timestamptz DEFAULT now());",
     )
     .await;
-    let prefix = unique("chaos");
+    let prefix = unique(if exactly_once { "chaoseos" } else { "chaos" });
+    let delivery = if exactly_once {
+        format!("delivery = {{ mode = \"exactly_once\", transactional_id = \"{prefix}\", offsets_topic = \"{prefix}.offsets\" }}")
+    } else {
+        String::new()
+    };
     let search = var("WALCAST_TEST_OPENSEARCH_URL");
     let redis_url = var("WALCAST_TEST_REDIS_URL");
     let bootstrap = var("WALCAST_TEST_KAFKA_BOOTSTRAP");
@@ -144,6 +166,7 @@ type = "kafka"
 bootstrap_servers = "{bootstrap}"
 create_topics = true
 topic_creation = {{ partitions = 3 }}
+{delivery}
 
 [pipelines.relay]
 kind = "relay"
@@ -346,5 +369,11 @@ retry_max_ms = 1000
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    eprintln!("chaos report ({} committed transactions):\n  faults: {}\n  {}\n  duplicates total: {total_dups}", committed, faults.join("; "), report.join("\n  "));
+    eprintln!("chaos report{} ({} committed transactions):\n  faults: {}\n  {}\n  duplicates total: {total_dups}", if exactly_once { " (exactly-once)" } else { "" }, committed, faults.join("; "), report.join("\n  "));
+    if exactly_once {
+        assert_eq!(
+            total_dups, 0,
+            "exactly-once: duplicates seen by a read_committed consumer"
+        );
+    }
 }
