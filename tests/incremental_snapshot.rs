@@ -355,3 +355,91 @@ async fn a_table_added_to_a_running_pipeline_is_read_by_walcast_snapshot() {
     assert_eq!(st["tables"], serde_json::json!([]));
     assert!(w.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_incremental_snapshot_resumes_without_a_new_signal() {
+    const N: i32 = 60_000;
+    let db = TestDb::new("wc_incrkill").await;
+    db.exec(&format!(
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT i, 'row ' || i FROM generate_series(1, {N}) i;
+         ANALYZE big;"
+    ))
+    .await;
+    // fsync per small batch slows the sink enough to stop it midway.
+    let mut w = Walcast::start_with(|out, admin| {
+        let base = file_pipeline_config(
+            "incrkill",
+            &db.name,
+            &["public.big"],
+            "snapshot = \"never\"\nsnapshot_chunk_rows = 1000",
+            out,
+            admin,
+        );
+        format!(
+            "{}fsync = true\n",
+            base.replace(
+                "kind = \"capture\"\n",
+                "kind = \"capture\"\nbatch_max_events = 200\nmax_in_flight_events = 2000\n"
+            )
+        )
+    });
+    w.wait_state("streaming", WAIT).await;
+    let (ok, out) = snapshot_cli(&w.config, &["public.big"]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + WAIT;
+    let saved = loop {
+        if let Some(st) = state(&w, "incrkill") {
+            let rows = st["tables"][0]["rows"].as_u64().unwrap_or(0);
+            if rows > 0 {
+                break rows;
+            }
+            assert!(
+                st["tables"].as_array().is_some_and(|t| !t.is_empty()),
+                "the snapshot finished before it could be interrupted; make it slower"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no incremental snapshot progress saved:\n{}",
+            tail(&w.log(), 4000)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    w.kill9();
+    // A torn last line belongs to a batch that was never acknowledged.
+    let text = std::fs::read(&w.out).unwrap();
+    let keep = text
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map(|p| p + 1)
+        .unwrap_or(0);
+    std::fs::write(&w.out, &text[..keep]).unwrap();
+    let before = w.events().len();
+    let saved_after_kill = state(&w, "incrkill").unwrap()["tables"][0]["rows"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        before as u64 >= saved_after_kill,
+        "the state never claims more than the sink holds: {saved_after_kill} > {before}"
+    );
+    // Changes while it is down, then a restart with no new signal.
+    db.exec("UPDATE big SET v = 'changed while down' WHERE id % 1000 = 0; DELETE FROM big WHERE id % 1000 = 1; INSERT INTO big VALUES (200000, 'new while down')").await;
+    w.spawn();
+    wait_incremental_done(&w).await;
+    let ev = converge(&w, &db, "big").await;
+    let reads_after = ev[before..].iter().filter(|e| op(e) == "r").count();
+    assert!(
+        reads_after > 0 && reads_after < N as usize,
+        "{reads_after} rows read after the restart"
+    );
+    assert!(w.log().contains("incremental snapshot resuming"));
+    assert_eq!(
+        state(&w, "incrkill").unwrap()["tables"],
+        serde_json::json!([])
+    );
+    eprintln!(
+        "killed with {saved} rows saved ({before} events in the file); {reads_after} rows read after the restart of {N}"
+    );
+    assert!(w.terminate().success());
+}

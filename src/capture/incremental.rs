@@ -301,7 +301,7 @@ enum ChunkOutcome {
 }
 
 struct Reader {
-    client: Client,
+    /// The reader's one SQL session (watermarks, catalog, COPY).
     catalog: Catalog,
     pipeline: String,
     run: String,
@@ -341,7 +341,15 @@ impl Reader {
         while let Some(req) = requests.recv().await {
             let chunk = req.chunk;
             let table = req.table.clone();
-            let result = self.read(req).await;
+            let result = match self.read(req).await {
+                // A definite error (a privilege, a type walcast cannot
+                // read) concerns this table only: skip it, keep streaming.
+                Err(e) if !e.is_transient() => Ok(ChunkOutcome::Skip {
+                    chunk,
+                    reason: e.to_string(),
+                }),
+                other => other,
+            };
             let ok = matches!(result, Ok(ChunkOutcome::Rows(_)));
             let failed = result.is_err();
             // The rows are with the loop before the high watermark is in
@@ -356,7 +364,6 @@ impl Reader {
                 }
             }
         }
-        drop(self.client);
     }
 
     async fn read(&mut self, req: ChunkRequest) -> Result<ChunkOutcome, IncrementalError> {
@@ -376,7 +383,8 @@ impl Reader {
             }
         };
         let published = self
-            .client
+            .catalog
+            .client()
             .query_opt(
                 "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
                 &[&self.publication, &schema, &name],
@@ -400,7 +408,8 @@ impl Reader {
         }
         let estimate = if req.after.is_none() {
             let reltuples: f64 = self
-                .client
+                .catalog
+                .client()
                 .query_one(
                     "SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = $1",
                     &[&described.schema.relation_id],
@@ -434,7 +443,12 @@ impl Reader {
                 source,
             })
         };
-        let stream = self.client.copy_out(sql.as_str()).await.map_err(read_err)?;
+        let stream = self
+            .catalog
+            .client()
+            .copy_out(sql.as_str())
+            .await
+            .map_err(read_err)?;
         futures::pin_mut!(stream);
         let mut buf = BytesMut::new();
         let mut rows = Vec::new();
@@ -852,17 +866,10 @@ impl Incremental {
         let publication = self.s.publication.clone();
         let chunk_rows = self.s.chunk_rows;
         tokio::spawn(async move {
-            let opened = async {
-                let client = catalog::connect(&connect).await?;
-                let catalog = Catalog::new(catalog::connect(&connect).await?);
-                Ok::<_, IncrementalError>((client, catalog))
-            }
-            .await;
-            match opened {
-                Ok((client, catalog)) => {
+            match catalog::connect(&connect).await {
+                Ok(client) => {
                     Reader {
-                        client,
-                        catalog,
+                        catalog: Catalog::new(client),
                         pipeline,
                         run,
                         publication,
@@ -872,7 +879,7 @@ impl Incremental {
                     .await
                 }
                 Err(e) => {
-                    let _ = res_tx.send(Err(e)).await;
+                    let _ = res_tx.send(Err(e.into())).await;
                 }
             }
         });
