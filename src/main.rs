@@ -580,14 +580,11 @@ async fn snapshot_signal(
         if !published {
             anyhow::bail!(
                 "{qualified} is not in publication {} yet, so its changes are not streamed: restart walcast with the \
-                 updated config (it adds the table) or run ALTER PUBLICATION {} ADD TABLE {}, then run this command again",
+                 updated config (it adds the table) or run ALTER PUBLICATION {} ADD TABLE {}.{}, then run this command again",
                 s.wanted.publication,
                 replication::connection::quote_ident(&s.wanted.publication),
-                format!(
-                    "{}.{}",
-                    replication::connection::quote_ident(&schema),
-                    replication::connection::quote_ident(&table)
-                ),
+                replication::connection::quote_ident(&schema),
+                replication::connection::quote_ident(&table),
             );
         }
         // Quoted where needed, so the daemon splits it back the same way.

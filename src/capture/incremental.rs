@@ -307,6 +307,8 @@ struct Reader {
     run: String,
     publication: String,
     chunk_rows: usize,
+    /// Tables whose row estimate this session already reported.
+    estimated: HashSet<String>,
 }
 
 impl Reader {
@@ -406,7 +408,7 @@ impl Reader {
         if described.key_order.is_empty() {
             return skip("it has no primary key (or replica identity index) to read it by; incremental snapshots page by key".into());
         }
-        let estimate = if req.after.is_none() {
+        let estimate = if self.estimated.insert(req.table.clone()) {
             let reltuples: f64 = self
                 .catalog
                 .client()
@@ -874,6 +876,7 @@ impl Incremental {
                         run,
                         publication,
                         chunk_rows,
+                        estimated: HashSet::new(),
                     }
                     .run(req_rx, res_tx)
                     .await
@@ -974,6 +977,9 @@ impl Incremental {
             p.rows += emitted;
             p.table_rows += emitted;
             if let Some(est) = chunk.estimate {
+                // Rows of a resumed table acknowledged before this session
+                // are not read again: they are not part of what remains.
+                let est = est.saturating_sub(front.rows - emitted);
                 p.table_estimate = est;
                 p.estimate += est;
             }
