@@ -413,6 +413,21 @@ async fn status(admin: &str) -> anyhow::Result<ExitCode> {
                 .map(|e| format!(" last_error={e}"))
                 .unwrap_or_default(),
         );
+        // Snapshots in progress (or just finished): rows, estimate, rate, ETA.
+        for (what, g) in p["progress"].as_object().into_iter().flatten() {
+            println!(
+                "  {what}: {} rows={}/{} rows_per_second={} eta_seconds={}{}",
+                g["state"].as_str().unwrap_or("?"),
+                g["rows"],
+                g["estimated_total"],
+                g["rows_per_second"],
+                g["eta_seconds"],
+                g["table"]
+                    .as_str()
+                    .map(|t| format!(" table={t}"))
+                    .unwrap_or_default(),
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -341,6 +341,15 @@ async fn a_table_added_to_a_running_pipeline_is_read_by_walcast_snapshot() {
     let (ok, out) = snapshot_cli(&w.config, &["b"]);
     assert!(ok, "{out}");
     wait_incremental_done(&w).await;
+    let shown = Command::new(bin())
+        .args(["status", "--admin", &w.admin])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("incremental_snapshot: done rows=3001/"),
+        "walcast status shows the progress: {shown}"
+    );
     let ev = converge(&w, &db, "b").await;
     let reads = ev
         .iter()

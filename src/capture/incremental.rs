@@ -47,9 +47,22 @@
 //! watermark in the WAL but which was not yet visible to the chunk's
 //! snapshot (Postgres makes a commit visible a moment after writing its
 //! record). The low watermark then only confirms, in the stream, that the
-//! reader started. Watermarks are non-transactional messages: they need no
-//! transaction id, are never rolled back, and appear in the stream at the
-//! point they were written, between transactions.
+//! reader started.
+//!
+//! One case stays open, as in DBLog and Debezium: a transaction the loop
+//! decoded *before* asking for the chunk but still invisible when the
+//! chunk's snapshot was taken. Logical decoding sends a commit once its
+//! record is flushed, and the committing backend becomes visible a little
+//! later (after waiting for synchronous standbys, if any). With a lagging
+//! synchronous standby such a row could be read older than its change
+//! already delivered; without synchronous replication the backend would
+//! have to stall between flushing its commit and leaving the proc array
+//! for longer than the loop takes to ask for a chunk and the reader to
+//! write a watermark and start its query.
+//!
+//! Watermarks are non-transactional messages: they need no transaction id,
+//! are never rolled back, and appear in the stream at the point they were
+//! written, between transactions.
 //!
 //! # Checkpoint
 //!
@@ -154,8 +167,8 @@ pub struct Signal {
     /// The pipeline meant; none means every pipeline capturing the tables.
     #[serde(default)]
     pub pipeline: Option<String>,
-    /// `schema.table` names.
-    #[serde(default)]
+    /// `schema.table` names (Debezium's `data-collections` is accepted).
+    #[serde(default, alias = "data-collections")]
     pub tables: Vec<String>,
 }
 
@@ -1104,6 +1117,11 @@ mod tests {
             split_table(&s.tables[1]),
             Some(("odd.s".into(), "b".into()))
         );
+        let debezium: Signal = serde_json::from_str(
+            r#"{"type": "execute-snapshot", "data-collections": ["public.t"]}"#,
+        )
+        .unwrap();
+        assert_eq!(debezium.tables, vec!["public.t".to_string()]);
         let any: Signal = serde_json::from_str(r#"{"type": "stop-snapshot"}"#).unwrap();
         assert_eq!(any.pipeline, None);
         assert!(any.tables.is_empty());
