@@ -54,6 +54,11 @@ impl LsnCheckpoint {
         self.tracker.in_flight_events()
     }
 
+    /// Every batch with a lower [`Acker::sequence`] was delivered.
+    pub fn delivered_below(&self) -> u64 {
+        self.tracker.delivered_below()
+    }
+
     pub fn in_flight_batches(&self) -> usize {
         self.tracker.in_flight_batches()
     }

@@ -61,6 +61,23 @@ pub enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         idle_timeout: Option<std::time::Duration>,
     },
+    /// Read tables' existing rows into a running pipeline (an incremental
+    /// snapshot, op `r`, while changes keep streaming). Sends the request
+    /// through Postgres (a logical decoding message on the pipeline's
+    /// source), so it reaches the daemon through its replication stream.
+    Snapshot {
+        #[arg(short, long, env = "WALCAST_CONFIG")]
+        config: PathBuf,
+        /// The capture pipeline; optional when the config has only one.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Forget every table still queued instead (stop-snapshot).
+        #[arg(long, conflicts_with = "tables")]
+        stop: bool,
+        /// Tables to read, `schema.table` (`table` alone means
+        /// `public.table`); they must be captured by the pipeline.
+        tables: Vec<String>,
+    },
     /// Manage replication slots.
     Slots {
         #[command(subcommand)]

@@ -85,6 +85,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
+        Command::Snapshot {
+            config,
+            pipeline,
+            stop,
+            tables,
+        } => snapshot_signal(&config, pipeline.as_deref(), stop, &tables).await,
         Command::Slots {
             command: SlotsCommand::Drop { config, pipeline },
         } => slots_drop(&config, &pipeline).await,
@@ -257,9 +263,12 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                         for (sc, t) in &plan.tables {
                             println!("  table {sc}.{t}: OK");
                         }
-                        match &plan.create_publication {
-                            Some(sql) => println!("  would create publication: {sql}"),
-                            None => println!(
+                        match (&plan.create_publication, &plan.alter_publication) {
+                            (Some(sql), _) => println!("  would create publication: {sql}"),
+                            (None, Some(sql)) => println!(
+                                "  would add tables to the publication: {sql} (then read their rows with `walcast snapshot`)"
+                            ),
+                            (None, None) => println!(
                                 "  publication {}: exists and covers the tables",
                                 s.wanted.publication
                             ),
@@ -453,6 +462,21 @@ async fn status(admin: &str) -> anyhow::Result<ExitCode> {
                 .map(|e| format!(" last_error={e}"))
                 .unwrap_or_default(),
         );
+        // Snapshots in progress (or just finished): rows, estimate, rate, ETA.
+        for (what, g) in p["progress"].as_object().into_iter().flatten() {
+            println!(
+                "  {what}: {} rows={}/{} rows_per_second={} eta_seconds={}{}",
+                g["state"].as_str().unwrap_or("?"),
+                g["rows"],
+                g["estimated_total"],
+                g["rows_per_second"],
+                g["eta_seconds"],
+                g["table"]
+                    .as_str()
+                    .map(|t| format!(" table={t}"))
+                    .unwrap_or_default(),
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -542,11 +566,127 @@ async fn slots_drop(path: &std::path::Path, name: &str) -> anyhow::Result<ExitCo
     if capture::setup::drop_slot(&client, &s.wanted.slot).await? {
         println!("dropped replication slot {}", s.wanted.slot);
         // A snapshot's progress belongs to the slot it started with.
-        if std::fs::remove_file(&s.snapshot.state_path).is_ok() {
-            println!("removed snapshot state {}", s.snapshot.state_path.display());
+        for state in [&s.snapshot.state_path, &s.snapshot.incremental_state_path] {
+            if std::fs::remove_file(state).is_ok() {
+                println!("removed snapshot state {}", state.display());
+            }
         }
     } else {
         println!("replication slot {} does not exist", s.wanted.slot);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `walcast snapshot`: checks the tables are captured and in the
+/// publication, then writes the signal the daemon reads from its stream.
+async fn snapshot_signal(
+    path: &std::path::Path,
+    pipeline: Option<&str>,
+    stop: bool,
+    tables: &[String],
+) -> anyhow::Result<ExitCode> {
+    use capture::incremental::{send_signal, Signal};
+    if tables.is_empty() && !stop {
+        anyhow::bail!("name at least one table to snapshot (schema.table), or --stop");
+    }
+    let cfg = config::load(path)?;
+    let captures: Vec<&String> = cfg
+        .pipelines
+        .iter()
+        .filter(|(_, p)| matches!(p, PipelineConfig::Capture(_)))
+        .map(|(n, _)| n)
+        .collect();
+    let name = match pipeline {
+        Some(n) => n.to_string(),
+        None if captures.len() == 1 => captures[0].clone(),
+        None => anyhow::bail!(
+            "{} has {} capture pipelines ({}); choose one with --pipeline",
+            path.display(),
+            captures.len(),
+            captures
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let p = cfg
+        .pipelines
+        .get(&name)
+        .with_context(|| format!("no pipeline named {name} in {}", path.display()))?;
+    let PipelineConfig::Capture(c) = p else {
+        anyhow::bail!("pipeline {name} is a relay; snapshots read Postgres tables")
+    };
+    let s = pipeline::capture_settings(&name, c)?;
+    let client = capture::catalog::connect(&s.connect).await?;
+    let mut names = Vec::new();
+    for t in tables {
+        let (schema, table) = capture::setup::split_table(t)
+            .or_else(|| (!t.contains('.')).then(|| ("public".to_string(), t.clone())))
+            .with_context(|| format!("{t} is not a table name (schema.table)"))?;
+        let qualified = format!("{schema}.{table}");
+        let captured = s.wanted.tables.contains(&(schema.clone(), table.clone()))
+            || s.wanted.schemas.contains(&schema);
+        if !captured {
+            anyhow::bail!(
+                "pipeline {name} does not capture {qualified}: add it to `source.tables` in {} and restart walcast \
+                 (it adds the table to the publication and streams its changes), then run this command again",
+                path.display()
+            );
+        }
+        let published = client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&s.wanted.publication, &schema, &table],
+            )
+            .await?
+            .is_some();
+        if !published {
+            anyhow::bail!(
+                "{qualified} is not in publication {} yet, so its changes are not streamed: restart walcast with the \
+                 updated config (it adds the table) or run ALTER PUBLICATION {} ADD TABLE {}.{}, then run this command again",
+                s.wanted.publication,
+                replication::connection::quote_ident(&s.wanted.publication),
+                replication::connection::quote_ident(&schema),
+                replication::connection::quote_ident(&table),
+            );
+        }
+        // Quoted where needed, so the daemon splits it back the same way.
+        names.push(
+            if schema.contains('.')
+                || table.contains('.')
+                || schema.contains('"')
+                || table.contains('"')
+            {
+                format!(
+                    "\"{}\".\"{}\"",
+                    schema.replace('"', "\"\""),
+                    table.replace('"', "\"\"")
+                )
+            } else {
+                qualified
+            },
+        );
+    }
+    let signal = Signal {
+        kind: if stop {
+            "stop-snapshot"
+        } else {
+            "execute-snapshot"
+        }
+        .into(),
+        pipeline: Some(name.clone()),
+        tables: names.clone(),
+    };
+    let lsn = send_signal(&client, &signal).await?;
+    if stop {
+        println!("asked pipeline {name} to stop its incremental snapshot (signal at LSN {lsn})");
+    } else {
+        println!(
+            "asked pipeline {name} to snapshot {} (signal at LSN {lsn}); a running walcast picks it up from its \
+             replication stream, a stopped one when it starts. Progress: `walcast status`",
+            names.join(", ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

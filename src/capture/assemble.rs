@@ -100,6 +100,11 @@ impl Assembler {
         self.relations.insert(table.relation_id, table);
     }
 
+    /// The table as the stream last described it.
+    pub fn relation(&self, relation_id: u32) -> Option<Arc<TableSchema>> {
+        self.relations.get(&relation_id).cloned()
+    }
+
     pub fn in_transaction(&self) -> bool {
         self.tx.is_some()
     }

@@ -82,6 +82,12 @@ pub struct Wanted {
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     pub create_publication: Option<String>,
+    /// `ALTER PUBLICATION ... ADD ...` for captured tables the existing
+    /// publication does not cover yet (a table added to `tables`).
+    pub alter_publication: Option<String>,
+    /// The tables that statement adds: their changes stream from then on,
+    /// their existing rows need an incremental snapshot.
+    pub added_tables: Vec<(String, String)>,
     pub create_slot: bool,
     /// The slot's confirmed_flush_lsn when it exists.
     pub slot_confirmed_lsn: Option<String>,
@@ -247,9 +253,30 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect();
-            let missing: Vec<String> =
-                tables.iter().filter(|t| !covered.contains(t)).map(|(s, t)| qualified(s, t)).collect();
-            if !missing.is_empty() {
+            let missing_tables: Vec<(String, String)> =
+                tables.iter().filter(|t| !covered.contains(t)).cloned().collect();
+            let missing: Vec<String> = missing_tables.iter().map(|(s, t)| qualified(s, t)).collect();
+            if !missing.is_empty() && w.create_publication {
+                // Tables listed by name are added by name; tables of a
+                // listed schema by their schema, so later ones follow.
+                let mut targets: Vec<String> = Vec::new();
+                for (sc, t) in &missing_tables {
+                    let target = if w.tables.contains(&(sc.clone(), t.clone())) {
+                        format!("TABLE {}", qualified(sc, t))
+                    } else {
+                        format!("TABLES IN SCHEMA {}", quote_ident(sc))
+                    };
+                    if !targets.contains(&target) {
+                        targets.push(target);
+                    }
+                }
+                plan.alter_publication = Some(format!(
+                    "ALTER PUBLICATION {} ADD {}",
+                    quote_ident(&w.publication),
+                    targets.join(", ")
+                ));
+                plan.added_tables = missing_tables;
+            } else if !missing.is_empty() {
                 return definite(format!(
                     "publication {} does not cover {}; run ALTER PUBLICATION {} ADD TABLE {}",
                     w.publication,
@@ -337,6 +364,16 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
 /// Creates the publication the plan calls for (the slot is created on the
 /// replication connection, which can export a snapshot).
 pub async fn apply_publication(client: &Client, plan: &Plan) -> Result<(), SetupError> {
+    if let Some(sql) = &plan.alter_publication {
+        tracing::info!(%sql, "adding tables to the publication");
+        client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {
+            Some(db) if db.code().code() == "42501" => SetupError::Definite(format!(
+                "cannot add tables to the publication: {}; the role must own the publication and the tables (or be superuser), or run it yourself: {sql}",
+                db.message()
+            )),
+            _ => SetupError::Query { what: "alter publication".into(), source: e },
+        })?;
+    }
     if let Some(sql) = &plan.create_publication {
         tracing::info!(%sql, "creating publication");
         client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {

@@ -64,6 +64,9 @@ pub struct SnapshotSettings {
     pub chunk_rows: usize,
     /// The state file: `<state_dir>/<pipeline>.snapshot.json`.
     pub state_path: PathBuf,
+    /// Incremental snapshots' queue and progress:
+    /// `<state_dir>/<pipeline>.incremental.json`.
+    pub incremental_state_path: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -302,21 +305,23 @@ pub fn parse_copy_line(line: &[u8]) -> Result<Vec<Option<String>>, CopyTextError
 // Workers.
 
 /// One table to read, with what is needed to page through it.
-struct TableJob {
-    index: usize,
-    table: Arc<TableSchema>,
+pub(super) struct TableJob {
+    pub(super) index: usize,
+    pub(super) table: Arc<TableSchema>,
     /// Key columns in the key index's order, empty for a key-less table.
-    key_order: Vec<usize>,
-    type_names: Vec<String>,
-    resume_after: Option<Vec<String>>,
+    pub(super) key_order: Vec<usize>,
+    pub(super) type_names: Vec<String>,
+    pub(super) resume_after: Option<Vec<String>>,
 }
 
 impl TableJob {
-    fn name(&self) -> String {
+    pub(super) fn name(&self) -> String {
         self.table.qualified_name()
     }
 
-    fn sql(&self, after: Option<&[String]>, limit: usize) -> String {
+    /// The `COPY ... TO STDOUT` of the chunk after key `after` (text forms
+    /// in key-index order), at most `limit` rows, ordered by key.
+    pub(super) fn sql(&self, after: Option<&[String]>, limit: usize) -> String {
         let cols: Vec<String> = self
             .table
             .columns
@@ -524,32 +529,7 @@ impl Worker {
         fields: &[Option<String>],
         shown: &str,
     ) -> Result<Vec<Value>, SnapshotError> {
-        let table = &job.table;
-        if fields.len() != table.columns.len() {
-            return Err(SnapshotError::Copy {
-                table: job.name(),
-                after: shown.into(),
-                reason: format!(
-                    "a row has {} fields but the table has {} columns",
-                    fields.len(),
-                    table.columns.len()
-                ),
-            });
-        }
-        fields
-            .iter()
-            .zip(&table.columns)
-            .map(|(f, c)| match f {
-                None => Ok(Value::Null),
-                Some(text) => {
-                    convert::from_text(&c.pg_type, text).map_err(|e| SnapshotError::Copy {
-                        table: job.name(),
-                        after: shown.into(),
-                        reason: format!("column {}: {e}", c.name),
-                    })
-                }
-            })
-            .collect()
+        row_values(job, fields, shown)
     }
 
     async fn send(&self, piece: Piece) -> Result<(), SnapshotError> {
@@ -561,6 +541,39 @@ impl Worker {
                 reason: "the snapshot stopped (shutdown or a failure elsewhere)".into(),
             })
     }
+}
+
+/// Converts one COPY row's text fields into the table's values, as the
+/// stream would (the same text output functions feed both).
+pub(super) fn row_values(
+    job: &TableJob,
+    fields: &[Option<String>],
+    shown: &str,
+) -> Result<Vec<Value>, SnapshotError> {
+    let table = &job.table;
+    if fields.len() != table.columns.len() {
+        return Err(SnapshotError::Copy {
+            table: job.name(),
+            after: shown.into(),
+            reason: format!(
+                "a row has {} fields but the table has {} columns",
+                fields.len(),
+                table.columns.len()
+            ),
+        });
+    }
+    fields
+        .iter()
+        .zip(&table.columns)
+        .map(|(f, c)| match f {
+            None => Ok(Value::Null),
+            Some(text) => convert::from_text(&c.pg_type, text).map_err(|e| SnapshotError::Copy {
+                table: job.name(),
+                after: shown.into(),
+                reason: format!("column {}: {e}", c.name),
+            }),
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ use crate::replication::ServerMessage;
 
 use super::assemble::{AssembleError, AssembleOptions, Assembler};
 use super::catalog::{self, Catalog, CatalogError};
+use super::incremental::{Incremental, IncrementalError, IncrementalSettings};
 use super::setup::{self, SetupError, Wanted};
 use super::snapshot::{self, Outcome, SnapshotError, SnapshotJob, SnapshotSettings, SnapshotState};
 use crate::config::SnapshotMode;
@@ -77,6 +78,11 @@ pub enum CaptureError {
         pipeline: String,
         source: SnapshotError,
     },
+    #[error("pipeline {pipeline}: {source}")]
+    Incremental {
+        pipeline: String,
+        source: IncrementalError,
+    },
 }
 
 impl CaptureError {
@@ -86,6 +92,7 @@ impl CaptureError {
             CaptureError::Catalog { source, .. } => source.is_transient(),
             CaptureError::Setup { source, .. } => source.is_transient(),
             CaptureError::Snapshot { source, .. } => source.is_transient(),
+            CaptureError::Incremental { source, .. } => source.is_transient(),
             _ => false,
         }
     }
@@ -287,6 +294,10 @@ async fn session(
         pipeline: p(),
         source,
     };
+    let inc_err = |source| CaptureError::Incremental {
+        pipeline: p(),
+        source,
+    };
     let mode = s.snapshot.mode;
     let state_path = &s.snapshot.state_path;
 
@@ -354,6 +365,11 @@ async fn session(
             .await
             .map_err(rep_err)?;
         tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, consistent_point = %created.consistent_point, temporary, "created replication slot");
+        // Incremental snapshot progress belongs to the slot it was read
+        // against; a new slot starts from a new point.
+        if !temporary && std::fs::remove_file(&s.snapshot.incremental_state_path).is_ok() {
+            tracing::info!(pipeline = %s.pipeline, state = %s.snapshot.incremental_state_path.display(), "removed the incremental snapshot state of the previous slot");
+        }
         if let Some(st) = snapshot_state.as_mut() {
             if st.consistent_point.is_none() || mode == SnapshotMode::InitialOnly {
                 st.consistent_point = Some(created.consistent_point.to_string());
@@ -433,6 +449,25 @@ async fn session(
         .map(|(a, b)| format!("{a}.{b}"))
         .collect();
     let mut asm = Assembler::new(s.assemble.clone());
+    let mut inc = Incremental::new(
+        IncrementalSettings {
+            pipeline: s.pipeline.clone(),
+            slot: s.wanted.slot.clone(),
+            publication: s.wanted.publication.clone(),
+            chunk_rows: s.snapshot.chunk_rows,
+            batch_max_events: s.batch_max_events,
+            state_path: s.snapshot.incremental_state_path.clone(),
+            name: s.assemble.name.clone(),
+            database: s.assemble.database.clone(),
+            tables: s.assemble.tables.clone(),
+        },
+        s.connect.clone(),
+    )
+    .map_err(inc_err)?;
+    for (schema, table) in &plan.added_tables {
+        tracing::warn!(pipeline = %s.pipeline, table = %format!("{schema}.{table}"), publication = %s.wanted.publication,
+            "table added to the publication: its changes stream from now on, its existing rows are not read; run `walcast snapshot {schema}.{table}` to read them");
+    }
     let mut cp = LsnCheckpoint::new(start);
     let mut outbox = Outbox {
         events: Vec::new(),
@@ -455,6 +490,9 @@ async fn session(
         let can_read = cp.in_flight_events() + outbox.events.len() < s.max_in_flight_events
             && tx.capacity() > 0;
         let linger = outbox.deadline;
+        if let Err(e) = inc.maybe_request(can_read) {
+            break Err(inc_err(e));
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
@@ -478,6 +516,14 @@ async fn session(
                     Ok(false) => {}
                     Err(source) => break Err(CaptureError::Delivery { pipeline: p(), confirmed: cp.confirmed(), source }),
                 }
+                if let Err(e) = inc.on_delivered(cp.delivered_below()) {
+                    break Err(inc_err(e));
+                }
+            }
+            result = inc.next_result(), if inc.awaiting_rows() => {
+                if let Some(Err(e)) = result {
+                    break Err(inc_err(e));
+                }
             }
             _ = tick.tick() => {
                 if dirty || last_sent.elapsed() >= s.status_interval {
@@ -486,6 +532,7 @@ async fn session(
                     dirty = false;
                 }
                 status.set_positions(cp.confirmed(), wal_end, cp.in_flight_events());
+                inc.report(status, false);
                 ::metrics::gauge!(metrics::LAG_BYTES, "pipeline" => p()).set(wal_end.0.saturating_sub(cp.confirmed().0) as f64);
                 ::metrics::gauge!(metrics::IN_FLIGHT, "pipeline" => p()).set(cp.in_flight_events() as f64);
                 ::metrics::gauge!(metrics::CONFIRMED_LSN, "pipeline" => p()).set(cp.confirmed().0 as f64);
@@ -525,7 +572,31 @@ async fn session(
                             Ok(m) => m,
                             Err(source) => break Err(CaptureError::Decode { pipeline: p(), lsn, source }),
                         };
-                        if let Err(e) = handle(s, &mut asm, &mut catalog, &keyless, &mut outbox.events, &mut tx_counts, m, lsn).await {
+                        if let Message::Message(lm) = &m {
+                            match inc.on_message(lm, &asm, status).await {
+                                Ok(None) => {}
+                                Ok(Some(chunk)) => {
+                                    // After everything streamed before the
+                                    // high watermark, in order.
+                                    if let Some((events, pos)) = outbox.take_ready() {
+                                        let acker = cp.register(Some(pos), events.len());
+                                        if tx.send((events, acker)).await.is_err() { break Ok(()); }
+                                    }
+                                    let n = chunk.batches.len();
+                                    let mut closed = false;
+                                    for (i, events) in chunk.batches.into_iter().enumerate() {
+                                        let last = i + 1 == n;
+                                        let acker = cp.register(last.then_some(chunk.position), events.len());
+                                        if last { inc.registered(acker.sequence()); }
+                                        if events.is_empty() { acker.ack(); continue; }
+                                        if tx.send((events, acker)).await.is_err() { closed = true; break; }
+                                    }
+                                    if closed { break Ok(()); }
+                                }
+                                Err(e) => break Err(inc_err(e)),
+                            }
+                        }
+                        if let Err(e) = handle(s, &mut asm, &mut catalog, &keyless, &mut outbox.events, &mut tx_counts, &mut inc, m, lsn).await {
                             break Err(e);
                         }
                         // A commit: hand the transaction over with its position.
@@ -599,6 +670,7 @@ async fn handle(
     keyless: &HashSet<String>,
     pending: &mut Vec<ChangeEvent>,
     counts: &mut EventCounts,
+    inc: &mut Incremental,
     m: Message,
     lsn: Lsn,
 ) -> Result<(), CaptureError> {
@@ -607,6 +679,7 @@ async fn handle(
         source,
     };
     let mut push = |e: ChangeEvent, pending: &mut Vec<ChangeEvent>| {
+        inc.observe(&e);
         counts
             .entry((e.table.relation_id, e.op.code()))
             .or_insert_with(|| (Arc::clone(&e.table), 0))

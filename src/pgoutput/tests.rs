@@ -3,6 +3,7 @@
 //! each frame.
 
 use bytes::Bytes;
+use walcast_sdk::Lsn;
 
 use super::*;
 
@@ -172,4 +173,45 @@ fn truncated_and_unknown_frames_are_errors_not_panics() {
         decode(Bytes::from_static(b"S\0\0\0\x01\x01")),
         Err(DecodeError::Streaming('S'))
     );
+}
+
+/// Frames captured from Postgres 15 with `messages 'true'`: a
+/// non-transactional watermark (sent on its own, no Begin) and a
+/// transactional signal (between Begin and Commit), as the incremental
+/// snapshot writes and reads them.
+#[test]
+fn decodes_watermark_and_signal_messages() {
+    let hex = |s: &str| -> Bytes {
+        Bytes::from(
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect::<Vec<u8>>(),
+        )
+    };
+    let low = decode(hex("4d000000000003cea0b877616c636173742e77617465726d61726b00000000317b22706970656c696e65223a2270222c2272756e223a2272222c226368756e6b223a312c226b696e64223a226c6f77227d")).unwrap();
+    let Message::Message(low) = low else {
+        panic!("{low:?}")
+    };
+    assert!(!low.transactional);
+    assert_eq!(low.lsn, Lsn(0x3CEA0B8));
+    assert_eq!(low.prefix, "walcast.watermark");
+    assert_eq!(
+        &low.content[..],
+        br#"{"pipeline":"p","run":"r","chunk":1,"kind":"low"}"#
+    );
+    let signal = decode(hex("4d010000000003cea13077616c636173742e7369676e616c00000000317b2274797065223a22657865637574652d736e617073686f74222c227461626c6573223a5b227075626c69632e74225d7d")).unwrap();
+    let Message::Message(signal) = signal else {
+        panic!("{signal:?}")
+    };
+    assert!(signal.transactional);
+    assert_eq!(signal.prefix, "walcast.signal");
+    assert_eq!(
+        &signal.content[..],
+        br#"{"type":"execute-snapshot","tables":["public.t"]}"#
+    );
+    assert!(matches!(
+        decode(hex("420000000003cea130000303f0bc98ba4700004cfa")),
+        Ok(Message::Begin(_))
+    ));
 }

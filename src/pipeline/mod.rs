@@ -105,6 +105,7 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
             workers: src.snapshot_workers,
             chunk_rows: src.snapshot_chunk_rows,
             state_path: c.state_dir.join(format!("{name}.snapshot.json")),
+            incremental_state_path: c.state_dir.join(format!("{name}.incremental.json")),
         },
     })
 }

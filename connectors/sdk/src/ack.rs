@@ -189,6 +189,15 @@ impl<P: Clone> AckTracker<P> {
         self.in_flight_events
     }
 
+    /// Every batch whose [`Acker::sequence`] is below this number is
+    /// delivered. Lets a source record progress that is not a checkpoint
+    /// position (a snapshot chunk) once the batch carrying it is durable.
+    pub fn delivered_below(&self) -> u64 {
+        self.pending
+            .first_key_value()
+            .map_or(self.next_seq, |(seq, _)| *seq)
+    }
+
     /// The newest position below which everything is delivered.
     pub fn checkpoint(&self) -> Option<&P> {
         self.checkpoint.as_ref()
@@ -264,8 +273,10 @@ mod tests {
         let b2 = b.clone();
         b.ack();
         assert_eq!(t.poll().unwrap(), None, "one holder of b has not answered");
+        assert_eq!(t.delivered_below(), 1, "a is resolved, b is not");
         b2.ack();
         assert_eq!(t.next().await.unwrap(), Some(30));
+        assert_eq!(t.delivered_below(), 3);
         assert_eq!(t.in_flight_batches(), 0);
         assert_eq!(t.in_flight_events(), 0);
     }

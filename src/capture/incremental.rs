@@ -1,0 +1,1176 @@
+//! Incremental snapshots while streaming: the watermark algorithm of
+//! Netflix's DBLog paper (and Debezium's incremental snapshots), so that a
+//! table's existing rows can be read at any time (a table added to a
+//! running pipeline, a sink rebuilt from scratch) without stopping the
+//! stream and without a consistent-point snapshot.
+//!
+//! # Signals
+//!
+//! A snapshot is asked for with a logical decoding message
+//! (`pg_logical_emit_message(true, 'walcast.signal', '{"type":
+//! "execute-snapshot", "pipeline": "...", "tables": [...]}')`, what
+//! `walcast snapshot` sends). It travels through the replication stream, so
+//! a running daemon needs no other channel, and it is transactional: a
+//! signal in a rolled-back transaction never arrives. Every slot of the
+//! database sees it; a pipeline acts on signals naming it (or naming no
+//! pipeline) and on tables it captures.
+//!
+//! # One chunk
+//!
+//! Tables are read one after the other, in chunks of `snapshot_chunk_rows`
+//! rows by primary key (`WHERE key > last ORDER BY key LIMIT n`), on a SQL
+//! session of their own, so that the replication loop keeps streaming
+//! while the query runs. For each chunk:
+//!
+//! 1. the loop opens a *window* on the table: from then on, the key of
+//!    every streamed change to that table is remembered;
+//! 2. the reader writes a low watermark (`pg_logical_emit_message(false,
+//!    'walcast.watermark', ...)`), reads the chunk, hands the rows to the
+//!    loop, and writes a high watermark;
+//! 3. when the loop reads the high watermark in the stream, it drops from
+//!    the chunk every row whose key changed in the window (the streamed
+//!    change is newer, or as new, and it was already emitted) and emits the
+//!    rest as op `r` events with `source.snapshot = "incremental"`, then
+//!    closes the window.
+//!
+//! Why this is correct: a change the chunk query did not see committed
+//! after its snapshot was taken, so the stream carries it after the window
+//! opened. If it arrives before the high watermark, the row is dropped from
+//! the chunk and the streamed change stands; if after, it follows the row
+//! in the stream. Either way, applying events in stream order ends with the
+//! table's current rows, and the memory held is one chunk plus the keys
+//! changed while it was read.
+//!
+//! The window opens when the loop *asks* for the chunk, before the low
+//! watermark is written: every transaction the loop decodes after that
+//! point is tracked, including one whose commit record precedes the low
+//! watermark in the WAL but which was not yet visible to the chunk's
+//! snapshot (Postgres makes a commit visible a moment after writing its
+//! record). The low watermark then only confirms, in the stream, that the
+//! reader started.
+//!
+//! One case stays open, as in DBLog and Debezium: a transaction the loop
+//! decoded *before* asking for the chunk but still invisible when the
+//! chunk's snapshot was taken. Logical decoding sends a commit once its
+//! record is flushed, and the committing backend becomes visible a little
+//! later (after waiting for synchronous standbys, if any). With a lagging
+//! synchronous standby such a row could be read older than its change
+//! already delivered; without synchronous replication the backend would
+//! have to stall between flushing its commit and leaving the proc array
+//! for longer than the loop takes to ask for a chunk and the reader to
+//! write a watermark and start its query.
+//!
+//! Watermarks are non-transactional messages: they need no transaction id,
+//! are never rolled back, and appear in the stream at the point they were
+//! written, between transactions.
+//!
+//! # Checkpoint
+//!
+//! The `r` events carry the high watermark's LSN as `source.lsn` and
+//! `commit_lsn` (their version: older than any later streamed change, newer
+//! than any earlier one) and are registered with the LSN checkpoint at that
+//! position, after every event streamed before it, so the slot is confirmed
+//! past the high watermark only once the sinks acknowledged them.
+//!
+//! # Progress
+//!
+//! Which tables remain and the last key of each acknowledged chunk are kept
+//! in `state_dir/<pipeline>.incremental.json`, written once the sinks
+//! acknowledged the chunk, so a restarted daemon resumes with the next
+//! chunk (a window interrupted by a crash is read again).
+
+use std::collections::{HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+use walcast_sdk::{ChangeEvent, Lsn, Op, SnapshotMarker, SourceInfo, TableSchema, Value};
+
+use crate::admin::metrics;
+use crate::pgoutput::LogicalMessage;
+use crate::pipeline::status::StatusHandle;
+use crate::replication::connection::ConnectParams;
+
+use super::assemble::Assembler;
+use super::catalog::{self, Catalog, CatalogError};
+use super::setup::split_table;
+use super::snapshot::{parse_copy_line, row_values, SnapshotError, TableJob};
+
+/// Prefix of the logical messages that ask for a snapshot.
+pub const SIGNAL_PREFIX: &str = "walcast.signal";
+/// Prefix of the chunk watermarks.
+pub const WATERMARK_PREFIX: &str = "walcast.watermark";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IncrementalError {
+    #[error("incremental snapshot state file {path}: {source}")]
+    StateIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("incremental snapshot state file {path} is not valid JSON state ({source}); remove it and signal the snapshot again")]
+    StateParse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("incremental snapshot: {0}")]
+    Catalog(#[from] CatalogError),
+    #[error("incremental snapshot of {table}: {what}: {source}")]
+    Query {
+        table: String,
+        what: &'static str,
+        source: tokio_postgres::Error,
+    },
+    #[error("incremental snapshot: {0}")]
+    Read(#[from] SnapshotError),
+    #[error("incremental snapshot: the chunk reader stopped")]
+    ReaderGone,
+    #[error("sending the snapshot signal: {0}")]
+    Signal(tokio_postgres::Error),
+}
+
+impl IncrementalError {
+    /// The connection went away: the session restarts and the snapshot
+    /// resumes from its last acknowledged chunk.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            IncrementalError::Catalog(e) => e.is_transient(),
+            IncrementalError::Read(e) => e.is_transient(),
+            IncrementalError::Query { source, .. } | IncrementalError::Signal(source) => {
+                source.is_closed()
+                    || source.as_db_error().is_none()
+                    || source.code().is_some_and(|c| {
+                        c.code().starts_with("08") || c.code() == "57P01" || c.code() == "57P03"
+                    })
+            }
+            IncrementalError::ReaderGone => true,
+            _ => false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Signals.
+
+/// What a signal message holds (JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Signal {
+    /// `execute-snapshot` (read these tables) or `stop-snapshot` (forget
+    /// every queued table), Debezium's names.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The pipeline meant; none means every pipeline capturing the tables.
+    #[serde(default)]
+    pub pipeline: Option<String>,
+    /// `schema.table` names (Debezium's `data-collections` is accepted).
+    #[serde(default, alias = "data-collections")]
+    pub tables: Vec<String>,
+}
+
+/// Writes a signal into the WAL over an ordinary SQL session; returns its
+/// LSN. Transactional, so it is decoded only once committed.
+pub async fn send_signal(client: &Client, signal: &Signal) -> Result<Lsn, IncrementalError> {
+    let body = serde_json::to_string(signal).expect("serializable");
+    let row = client
+        .query_one(
+            "SELECT pg_logical_emit_message(true, $1, $2::text)::text",
+            &[&SIGNAL_PREFIX, &body],
+        )
+        .await
+        .map_err(IncrementalError::Signal)?;
+    Ok(row.get::<_, String>(0).parse().unwrap_or_default())
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Watermark {
+    pipeline: String,
+    /// This process's session, so that watermarks of another daemon or of
+    /// an earlier session are ignored.
+    run: String,
+    chunk: u64,
+    /// `low` or `high`.
+    kind: String,
+}
+
+// ---------------------------------------------------------------------------
+// Durable progress.
+
+/// One table still to read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingTable {
+    /// `schema.table`, for display.
+    pub name: String,
+    pub schema: String,
+    pub table: String,
+    /// Rows acknowledged so far.
+    pub rows: u64,
+    /// Key (text forms, key-index order) of the last acknowledged row.
+    pub last_key: Option<Vec<String>>,
+}
+
+/// `<state_dir>/<pipeline>.incremental.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncrementalState {
+    pub format: u32,
+    pub pipeline: String,
+    pub slot: String,
+    /// Tables in the order they are read; the first is in progress.
+    pub tables: Vec<PendingTable>,
+}
+
+impl IncrementalState {
+    pub fn load(path: &Path) -> Result<Option<Self>, IncrementalError> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| {
+                IncrementalError::StateParse {
+                    path: path.into(),
+                    source,
+                }
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(IncrementalError::StateIo {
+                path: path.into(),
+                source,
+            }),
+        }
+    }
+
+    /// Atomic, as the initial snapshot's state: temporary file, fsync,
+    /// rename, fsync of the folder.
+    pub fn save(&self, path: &Path) -> Result<(), IncrementalError> {
+        use std::io::Write;
+        let io = |source| IncrementalError::StateIo {
+            path: path.into(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&serde_json::to_vec_pretty(self).expect("serializable"))
+            .map_err(io)?;
+        f.sync_all().map_err(io)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(io)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+/// What a chunk adds to the durable state once its events are delivered.
+#[derive(Debug, Clone)]
+struct ChunkDone {
+    /// Batches with a lower sequence must be delivered first.
+    seq_below: u64,
+    table: String,
+    rows: u64,
+    last_key: Option<Vec<String>>,
+    table_done: bool,
+}
+
+// ---------------------------------------------------------------------------
+// The chunk reader (its own SQL session and task).
+
+struct ChunkRequest {
+    chunk: u64,
+    /// `schema.table`, for messages.
+    table: String,
+    schema: String,
+    name: String,
+    after: Option<Vec<String>>,
+}
+
+/// A chunk read between its watermarks.
+struct ChunkRows {
+    chunk: u64,
+    table: Arc<TableSchema>,
+    rows: Vec<Vec<Value>>,
+    /// Text form of the last row's key, to resume after.
+    last_key: Option<Vec<String>>,
+    /// Fewer rows than asked: the table is done.
+    done: bool,
+    /// `pg_class.reltuples`, on a table's first chunk.
+    estimate: Option<u64>,
+}
+
+enum ChunkOutcome {
+    Rows(ChunkRows),
+    /// The table cannot be read incrementally (gone, no key, not in the
+    /// publication); it is dropped from the queue with this reason.
+    Skip {
+        chunk: u64,
+        reason: String,
+    },
+}
+
+struct Reader {
+    /// The reader's one SQL session (watermarks, catalog, COPY).
+    catalog: Catalog,
+    pipeline: String,
+    run: String,
+    publication: String,
+    chunk_rows: usize,
+    /// Tables whose row estimate this session already reported.
+    estimated: HashSet<String>,
+}
+
+impl Reader {
+    async fn watermark(&self, table: &str, chunk: u64, kind: &str) -> Result<(), IncrementalError> {
+        let body = serde_json::to_string(&Watermark {
+            pipeline: self.pipeline.clone(),
+            run: self.run.clone(),
+            chunk,
+            kind: kind.into(),
+        })
+        .expect("serializable");
+        self.catalog
+            .client()
+            .execute(
+                "SELECT pg_logical_emit_message(false, $1, $2::text)",
+                &[&WATERMARK_PREFIX, &body],
+            )
+            .await
+            .map_err(|source| IncrementalError::Query {
+                table: table.into(),
+                what: "writing a watermark",
+                source,
+            })?;
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<ChunkRequest>,
+        out: mpsc::Sender<Result<ChunkOutcome, IncrementalError>>,
+    ) {
+        while let Some(req) = requests.recv().await {
+            let chunk = req.chunk;
+            let table = req.table.clone();
+            let result = match self.read(req).await {
+                // A definite error (a privilege, a type walcast cannot
+                // read) concerns this table only: skip it, keep streaming.
+                Err(e) if !e.is_transient() => Ok(ChunkOutcome::Skip {
+                    chunk,
+                    reason: e.to_string(),
+                }),
+                other => other,
+            };
+            let ok = matches!(result, Ok(ChunkOutcome::Rows(_)));
+            let failed = result.is_err();
+            // The rows are with the loop before the high watermark is in
+            // the WAL, so the loop has them when it reads the watermark.
+            if out.send(result).await.is_err() || failed {
+                return;
+            }
+            if ok {
+                if let Err(e) = self.watermark(&table, chunk, "high").await {
+                    let _ = out.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn read(&mut self, req: ChunkRequest) -> Result<ChunkOutcome, IncrementalError> {
+        let skip = |reason: String| {
+            Ok(ChunkOutcome::Skip {
+                chunk: req.chunk,
+                reason,
+            })
+        };
+        let (schema, name) = (req.schema.clone(), req.name.clone());
+        let qerr = |what| {
+            let table = req.table.clone();
+            move |source| IncrementalError::Query {
+                table,
+                what,
+                source,
+            }
+        };
+        let published = self
+            .catalog
+            .client()
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&self.publication, &schema, &name],
+            )
+            .await
+            .map_err(qerr("publication membership"))?
+            .is_some();
+        if !published {
+            return skip(format!(
+                "it is not in publication {}, so its changes are not streamed; add it to the pipeline's `tables` and restart walcast (which alters the publication), then signal the snapshot again",
+                self.publication
+            ));
+        }
+        let described = match self.catalog.table_schema_by_name(&schema, &name).await {
+            Ok(d) => d,
+            Err(CatalogError::Missing { .. }) => return skip("the table does not exist".into()),
+            Err(e) => return Err(e.into()),
+        };
+        if described.key_order.is_empty() {
+            return skip("it has no primary key (or replica identity index) to read it by; incremental snapshots page by key".into());
+        }
+        let estimate = if self.estimated.insert(req.table.clone()) {
+            let reltuples: f64 = self
+                .catalog
+                .client()
+                .query_one(
+                    "SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = $1",
+                    &[&described.schema.relation_id],
+                )
+                .await
+                .map_err(qerr("row estimate"))?
+                .get(0);
+            Some(reltuples as u64)
+        } else {
+            None
+        };
+        let job = TableJob {
+            index: 0,
+            table: Arc::clone(&described.schema),
+            key_order: described.key_order,
+            type_names: described.type_names,
+            resume_after: None,
+        };
+        let shown = req
+            .after
+            .as_ref()
+            .map(|k| format!("({})", k.join(", ")))
+            .unwrap_or_else(|| "(start)".into());
+        let sql = job.sql(req.after.as_deref(), self.chunk_rows);
+
+        self.watermark(&req.table, req.chunk, "low").await?;
+        let read_err = |source| {
+            IncrementalError::Read(SnapshotError::Query {
+                table: req.table.clone(),
+                after: shown.clone(),
+                source,
+            })
+        };
+        let stream = self
+            .catalog
+            .client()
+            .copy_out(sql.as_str())
+            .await
+            .map_err(read_err)?;
+        futures::pin_mut!(stream);
+        let mut buf = BytesMut::new();
+        let mut rows = Vec::new();
+        let mut last_key = None;
+        let mut eof = false;
+        while !eof {
+            match stream.next().await {
+                Some(chunk) => buf.extend_from_slice(&chunk.map_err(read_err)?),
+                None => eof = true,
+            }
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line = buf.split_to(nl + 1);
+                let fields = parse_copy_line(&line[..nl]).map_err(|e| SnapshotError::Copy {
+                    table: req.table.clone(),
+                    after: shown.clone(),
+                    reason: e.to_string(),
+                })?;
+                rows.push(row_values(&job, &fields, &shown)?);
+                last_key = Some(
+                    job.key_order
+                        .iter()
+                        .map(|i| fields[*i].clone().unwrap_or_default())
+                        .collect(),
+                );
+            }
+            if eof && !buf.is_empty() {
+                return Err(SnapshotError::Copy {
+                    table: req.table.clone(),
+                    after: shown.clone(),
+                    reason: "COPY output ends inside a row".into(),
+                }
+                .into());
+            }
+        }
+        Ok(ChunkOutcome::Rows(ChunkRows {
+            chunk: req.chunk,
+            done: rows.len() < self.chunk_rows,
+            table: job.table,
+            rows,
+            last_key: last_key.or(req.after),
+            estimate,
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The loop's side.
+
+/// The key of a row as a comparable string (the same values give the same
+/// string whether they came from COPY or from pgoutput: both convert the
+/// type's text output).
+fn key_string(table: &TableSchema, row: &[Value]) -> String {
+    let mut out = String::new();
+    for (c, v) in table.columns.iter().zip(row) {
+        if c.key {
+            out.push_str(&format!("{v:?}\u{1f}"));
+        }
+    }
+    out
+}
+
+/// An open chunk: from the loop's request to the high watermark.
+struct Window {
+    chunk: u64,
+    schema: String,
+    name: String,
+    low_seen: bool,
+    /// Keys of streamed changes to the table since the window opened.
+    changed: HashSet<String>,
+    /// A truncate of the table arrived: every row read is stale.
+    truncated: bool,
+    rows: Option<ChunkRows>,
+}
+
+/// Settings of the incremental snapshots of one pipeline.
+#[derive(Debug, Clone)]
+pub struct IncrementalSettings {
+    pub pipeline: String,
+    pub slot: String,
+    pub publication: String,
+    pub chunk_rows: usize,
+    pub batch_max_events: usize,
+    /// `<state_dir>/<pipeline>.incremental.json`.
+    pub state_path: PathBuf,
+    /// `source.name` and `source.db` of events.
+    pub name: String,
+    pub database: String,
+    /// Tables the pipeline captures (`None`: every table of the
+    /// publication, when whole schemas are captured).
+    pub tables: Option<HashSet<String>>,
+}
+
+/// Rows, rate and ETA for /status and the log.
+struct Progress {
+    started: Instant,
+    rows: u64,
+    estimate: u64,
+    table_estimate: u64,
+    table_rows: u64,
+    tables_done: usize,
+    last_log: Instant,
+}
+
+/// Events to hand to the sinks at a high watermark.
+pub struct ChunkEvents {
+    /// Batches of at most `batch_max_events` (possibly one empty batch: the
+    /// chunk's progress still needs a place in the acknowledgement order).
+    pub batches: Vec<Vec<ChangeEvent>>,
+    /// The high watermark's LSN: the position of the last batch.
+    pub position: Lsn,
+}
+
+/// The incremental snapshots of one replication session.
+pub struct Incremental {
+    s: IncrementalSettings,
+    run: String,
+    connect: ConnectParams,
+    /// What the state file says (acknowledged).
+    durable: IncrementalState,
+    /// Tables still to read and where the next chunk starts (emitted, not
+    /// necessarily acknowledged).
+    queue: VecDeque<PendingTable>,
+    next_chunk: u64,
+    window: Option<Window>,
+    requests: Option<mpsc::Sender<ChunkRequest>>,
+    results: Option<mpsc::Receiver<Result<ChunkOutcome, IncrementalError>>>,
+    awaiting_delivery: VecDeque<ChunkDone>,
+    progress: Option<Progress>,
+}
+
+impl Incremental {
+    /// Loads what an earlier session left unfinished.
+    pub fn new(s: IncrementalSettings, connect: ConnectParams) -> Result<Self, IncrementalError> {
+        let durable = match IncrementalState::load(&s.state_path)? {
+            Some(st) if st.slot == s.slot => st,
+            Some(_) | None => IncrementalState {
+                format: 1,
+                pipeline: s.pipeline.clone(),
+                slot: s.slot.clone(),
+                tables: Vec::new(),
+            },
+        };
+        let queue: VecDeque<PendingTable> = durable.tables.iter().cloned().collect();
+        if !queue.is_empty() {
+            tracing::info!(
+                pipeline = %s.pipeline,
+                tables = ?queue.iter().map(|t| &t.name).collect::<Vec<_>>(),
+                "incremental snapshot resuming from the last acknowledged chunk"
+            );
+        }
+        let run = format!("{:016x}", rand::random::<u64>());
+        let mut me = Incremental {
+            s,
+            run,
+            connect,
+            durable,
+            queue,
+            next_chunk: 0,
+            window: None,
+            requests: None,
+            results: None,
+            awaiting_delivery: VecDeque::new(),
+            progress: None,
+        };
+        if !me.queue.is_empty() {
+            me.start_progress();
+        }
+        Ok(me)
+    }
+
+    fn start_progress(&mut self) {
+        if self.progress.is_none() {
+            self.progress = Some(Progress {
+                started: Instant::now(),
+                rows: 0,
+                estimate: 0,
+                table_estimate: 0,
+                table_rows: 0,
+                tables_done: 0,
+                last_log: Instant::now(),
+            });
+        }
+    }
+
+    fn captured(&self, name: &str) -> bool {
+        self.s.tables.as_ref().is_none_or(|t| t.contains(name))
+    }
+
+    /// A logical message from the stream. Returns the chunk's events when
+    /// it is this session's high watermark.
+    pub async fn on_message(
+        &mut self,
+        m: &LogicalMessage,
+        asm: &Assembler,
+        status: &StatusHandle,
+    ) -> Result<Option<ChunkEvents>, IncrementalError> {
+        if m.prefix == SIGNAL_PREFIX {
+            self.on_signal(m);
+            self.report(status, true);
+            return Ok(None);
+        }
+        if m.prefix != WATERMARK_PREFIX {
+            return Ok(None);
+        }
+        let Ok(w) = serde_json::from_slice::<Watermark>(&m.content) else {
+            return Ok(None);
+        };
+        if w.pipeline != self.s.pipeline || w.run != self.run {
+            return Ok(None);
+        }
+        let Some(win) = self.window.as_mut().filter(|win| win.chunk == w.chunk) else {
+            return Ok(None);
+        };
+        if w.kind == "low" {
+            win.low_seen = true;
+            return Ok(None);
+        }
+        // The high watermark: the reader sent the rows before writing it.
+        if win.rows.is_none() {
+            let outcome = match self.results.as_mut() {
+                Some(rx) => rx.recv().await.ok_or(IncrementalError::ReaderGone)?,
+                None => return Err(IncrementalError::ReaderGone),
+            };
+            self.on_result(outcome)?;
+        }
+        let Some(win) = self.window.take() else {
+            return Ok(None);
+        };
+        let Some(chunk) = win.rows else {
+            return Ok(None);
+        };
+        Ok(Some(self.emit(
+            win.changed,
+            win.truncated,
+            win.low_seen,
+            chunk,
+            m.lsn,
+            asm,
+            status,
+        )))
+    }
+
+    fn on_signal(&mut self, m: &LogicalMessage) {
+        let signal: Signal = match serde_json::from_slice(&m.content) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(pipeline = %self.s.pipeline, lsn = %m.lsn, error = %e, "ignoring a malformed walcast.signal message");
+                return;
+            }
+        };
+        if signal
+            .pipeline
+            .as_ref()
+            .is_some_and(|p| *p != self.s.pipeline)
+        {
+            return;
+        }
+        match signal.kind.as_str() {
+            "execute-snapshot" => {
+                let mut added = Vec::new();
+                for t in &signal.tables {
+                    let Some((schema, table)) = split_table(t) else {
+                        tracing::error!(pipeline = %self.s.pipeline, table = %t, "snapshot signal: not a schema.table name; ignored");
+                        continue;
+                    };
+                    let name = format!("{schema}.{table}");
+                    if !self.captured(&name) {
+                        if signal.pipeline.is_some() {
+                            tracing::error!(pipeline = %self.s.pipeline, table = %name, "snapshot signal: this pipeline does not capture the table (add it to `tables` and restart); ignored");
+                        }
+                        continue;
+                    }
+                    if self.queue.iter().any(|q| q.name == name) {
+                        tracing::info!(pipeline = %self.s.pipeline, table = %name, "snapshot signal: table already queued");
+                        continue;
+                    }
+                    let pending = PendingTable {
+                        name: name.clone(),
+                        schema,
+                        table,
+                        rows: 0,
+                        last_key: None,
+                    };
+                    self.queue.push_back(pending.clone());
+                    self.durable.tables.push(pending);
+                    added.push(name);
+                }
+                if added.is_empty() {
+                    return;
+                }
+                // Saved now, before the signal's transaction can be
+                // confirmed to Postgres: a crash cannot lose the request.
+                if let Err(e) = self.durable.save(&self.s.state_path) {
+                    tracing::error!(pipeline = %self.s.pipeline, error = %e, "cannot save the incremental snapshot queue; it holds until the process stops");
+                }
+                self.start_progress();
+                tracing::info!(pipeline = %self.s.pipeline, lsn = %m.lsn, tables = ?added, "incremental snapshot requested");
+            }
+            "stop-snapshot" => {
+                tracing::info!(pipeline = %self.s.pipeline, lsn = %m.lsn, tables = ?self.queue.iter().map(|t| &t.name).collect::<Vec<_>>(), "incremental snapshot stopped by signal");
+                self.queue.clear();
+                self.durable.tables.clear();
+                self.window = None;
+                self.progress = None;
+                if let Err(e) = self.durable.save(&self.s.state_path) {
+                    tracing::error!(pipeline = %self.s.pipeline, error = %e, "cannot save the incremental snapshot queue");
+                }
+            }
+            other => {
+                tracing::warn!(pipeline = %self.s.pipeline, kind = %other, "ignoring a walcast.signal of unknown type")
+            }
+        }
+    }
+
+    /// A change event just assembled: remembered if the open window's
+    /// table changed.
+    pub fn observe(&mut self, e: &ChangeEvent) {
+        let Some(win) = self.window.as_mut() else {
+            return;
+        };
+        if e.table.name != win.name || e.table.schema != win.schema {
+            return;
+        }
+        if e.op == walcast_sdk::Op::Truncate {
+            win.truncated = true;
+            return;
+        }
+        if let Some(row) = e.identity_row() {
+            win.changed.insert(key_string(&e.table, row));
+        }
+    }
+
+    /// Whether a chunk's rows are awaited from the reader.
+    pub fn awaiting_rows(&self) -> bool {
+        self.window.as_ref().is_some_and(|w| w.rows.is_none()) && self.results.is_some()
+    }
+
+    /// The reader's answer (in the loop's `select!`).
+    pub async fn next_result(&mut self) -> Option<Result<(), IncrementalError>> {
+        let rx = self.results.as_mut()?;
+        let outcome = rx.recv().await.unwrap_or(Err(IncrementalError::ReaderGone));
+        Some(self.on_result(outcome))
+    }
+
+    fn on_result(
+        &mut self,
+        outcome: Result<ChunkOutcome, IncrementalError>,
+    ) -> Result<(), IncrementalError> {
+        match outcome? {
+            ChunkOutcome::Rows(rows) => {
+                if let Some(win) = self.window.as_mut().filter(|w| w.chunk == rows.chunk) {
+                    win.rows = Some(rows);
+                }
+            }
+            ChunkOutcome::Skip { chunk, reason } => {
+                if self.window.as_ref().is_some_and(|w| w.chunk == chunk) {
+                    self.window = None;
+                    if let Some(t) = self.queue.pop_front() {
+                        tracing::error!(pipeline = %self.s.pipeline, table = %t.name, reason = %reason, "incremental snapshot of this table skipped");
+                        self.durable.tables.retain(|d| d.name != t.name);
+                        if let Err(e) = self.durable.save(&self.s.state_path) {
+                            tracing::error!(pipeline = %self.s.pipeline, error = %e, "cannot save the incremental snapshot queue");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks for the next chunk when none is open and the sinks have room;
+    /// the window opens now (see the module doc).
+    pub fn maybe_request(&mut self, room: bool) -> Result<(), IncrementalError> {
+        if self.window.is_some() || !room {
+            return Ok(());
+        }
+        let Some(next) = self.queue.front().cloned() else {
+            return Ok(());
+        };
+        let (schema, name) = (next.schema.clone(), next.table.clone());
+        if self.requests.is_none() {
+            self.spawn_reader();
+        }
+        self.next_chunk += 1;
+        let req = ChunkRequest {
+            chunk: self.next_chunk,
+            table: next.name,
+            schema: next.schema,
+            name: next.table,
+            after: next.last_key,
+        };
+        self.requests
+            .as_ref()
+            .expect("spawned")
+            .try_send(req)
+            .map_err(|_| IncrementalError::ReaderGone)?;
+        self.window = Some(Window {
+            chunk: self.next_chunk,
+            schema,
+            name,
+            low_seen: false,
+            changed: HashSet::new(),
+            truncated: false,
+            rows: None,
+        });
+        Ok(())
+    }
+
+    fn spawn_reader(&mut self) {
+        let (req_tx, req_rx) = mpsc::channel(1);
+        let (res_tx, res_rx) = mpsc::channel(1);
+        let connect = self.connect.clone();
+        let pipeline = self.s.pipeline.clone();
+        let run = self.run.clone();
+        let publication = self.s.publication.clone();
+        let chunk_rows = self.s.chunk_rows;
+        tokio::spawn(async move {
+            match catalog::connect(&connect).await {
+                Ok(client) => {
+                    Reader {
+                        catalog: Catalog::new(client),
+                        pipeline,
+                        run,
+                        publication,
+                        chunk_rows,
+                        estimated: HashSet::new(),
+                    }
+                    .run(req_rx, res_tx)
+                    .await
+                }
+                Err(e) => {
+                    let _ = res_tx.send(Err(e.into())).await;
+                }
+            }
+        });
+        self.requests = Some(req_tx);
+        self.results = Some(res_rx);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        changed: HashSet<String>,
+        truncated: bool,
+        low_seen: bool,
+        chunk: ChunkRows,
+        position: Lsn,
+        asm: &Assembler,
+        status: &StatusHandle,
+    ) -> ChunkEvents {
+        if !low_seen {
+            tracing::warn!(pipeline = %self.s.pipeline, chunk = chunk.chunk, "high watermark without its low watermark in the stream");
+        }
+        // Streamed events of the table carry the relation as the stream
+        // last described it; snapshot events use the same description when
+        // the columns agree, so both encode with one schema.
+        let table = match asm.relation(chunk.table.relation_id) {
+            Some(r)
+                if r.columns.len() == chunk.table.columns.len()
+                    && r.columns.iter().zip(&chunk.table.columns).all(|(a, b)| {
+                        a.name == b.name && a.type_oid == b.type_oid && a.key == b.key
+                    }) =>
+            {
+                r
+            }
+            _ => Arc::clone(&chunk.table),
+        };
+        let name = table.qualified_name();
+        let read = chunk.rows.len() as u64;
+        let us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        let mut events = Vec::with_capacity(chunk.rows.len());
+        if !truncated {
+            for row in chunk.rows {
+                if changed.contains(&key_string(&table, &row)) {
+                    continue;
+                }
+                events.push(ChangeEvent {
+                    op: Op::Read,
+                    table: Arc::clone(&table),
+                    before: None,
+                    after: Some(row),
+                    source: SourceInfo {
+                        name: self.s.name.clone(),
+                        db: self.s.database.clone(),
+                        lsn: position,
+                        commit_lsn: position,
+                        tx_id: None,
+                        ts_ms: us.div_euclid(1000),
+                        ts_us: us,
+                        snapshot: SnapshotMarker::Incremental,
+                    },
+                    transaction: None,
+                    ts_ms: us.div_euclid(1000),
+                });
+            }
+        }
+        let emitted = events.len() as u64;
+        tracing::debug!(pipeline = %self.s.pipeline, table = %name, chunk = chunk.chunk, read, emitted, superseded = read - emitted, truncated, lsn = %position, "incremental snapshot chunk");
+        if emitted > 0 {
+            ::metrics::counter!(metrics::SNAPSHOT_ROWS, "pipeline" => self.s.pipeline.clone())
+                .increment(emitted);
+            metrics::events(&self.s.pipeline, &name, "r", emitted);
+            status.update(|s| s.events_total += emitted);
+        }
+        // Where the table stands once these events are delivered.
+        let done = chunk.done;
+        let front = self
+            .queue
+            .front_mut()
+            .expect("a window reads the queue's first table");
+        front.rows += emitted;
+        front.last_key = chunk.last_key.clone();
+        self.awaiting_delivery.push_back(ChunkDone {
+            seq_below: 0, // set by `registered`
+            table: front.name.clone(),
+            rows: emitted,
+            last_key: chunk.last_key,
+            table_done: done,
+        });
+        if let Some(p) = self.progress.as_mut() {
+            p.rows += emitted;
+            p.table_rows += emitted;
+            if let Some(est) = chunk.estimate {
+                // Rows of a resumed table acknowledged before this session
+                // are not read again: they are not part of what remains.
+                let est = est.saturating_sub(front.rows - emitted);
+                p.table_estimate = est;
+                p.estimate += est;
+            }
+        }
+        if done {
+            let t = self.queue.pop_front().expect("front");
+            tracing::info!(pipeline = %self.s.pipeline, table = %t.name, rows = t.rows, "incremental snapshot of table read");
+            if let Some(p) = self.progress.as_mut() {
+                p.tables_done += 1;
+                p.estimate = p.estimate.saturating_sub(p.table_estimate) + p.table_rows;
+                p.table_estimate = 0;
+                p.table_rows = 0;
+            }
+        }
+        let mut batches: Vec<Vec<ChangeEvent>> = Vec::new();
+        let max = self.s.batch_max_events.max(1);
+        let mut it = events.into_iter().peekable();
+        while it.peek().is_some() {
+            batches.push(it.by_ref().take(max).collect());
+        }
+        if batches.is_empty() {
+            batches.push(Vec::new());
+        }
+        self.report(status, done);
+        ChunkEvents { batches, position }
+    }
+
+    /// The last batch of the chunk just emitted has sequence `seq`.
+    pub fn registered(&mut self, seq: u64) {
+        if let Some(d) = self.awaiting_delivery.back_mut() {
+            d.seq_below = seq + 1;
+        }
+    }
+
+    /// Records chunks whose events every sink has now acknowledged
+    /// (every batch below `delivered_below`).
+    pub fn on_delivered(&mut self, delivered_below: u64) -> Result<(), IncrementalError> {
+        let mut changed = false;
+        while self
+            .awaiting_delivery
+            .front()
+            .is_some_and(|d| d.seq_below > 0 && d.seq_below <= delivered_below)
+        {
+            let d = self.awaiting_delivery.pop_front().expect("checked");
+            if let Some(t) = self.durable.tables.iter_mut().find(|t| t.name == d.table) {
+                t.rows += d.rows;
+                t.last_key = d.last_key;
+            }
+            if d.table_done {
+                self.durable.tables.retain(|t| t.name != d.table);
+            }
+            changed = true;
+        }
+        if changed {
+            self.durable.save(&self.s.state_path)?;
+        }
+        Ok(())
+    }
+
+    /// Progress in /status (`progress.incremental_snapshot`) and, every
+    /// 5 s or when asked, in the log.
+    pub fn report(&mut self, status: &StatusHandle, force_log: bool) {
+        let Some(p) = self.progress.as_mut() else {
+            return;
+        };
+        let idle = self.queue.is_empty() && self.window.is_none();
+        let secs = p.started.elapsed().as_secs_f64().max(0.001);
+        let rate = p.rows as f64 / secs;
+        // Tables not started yet count with what the ones read so far did.
+        let estimate = (p.estimate.saturating_sub(p.table_estimate)
+            + p.table_estimate.max(p.table_rows))
+        .max(p.rows);
+        let remaining = estimate.saturating_sub(p.rows);
+        let eta = (!idle && rate > 0.0).then(|| (remaining as f64 / rate).round() as u64);
+        let state = if idle { "done" } else { "running" };
+        let value = serde_json::json!({
+            "state": state,
+            "table": self.queue.front().map(|t| t.name.clone()),
+            "tables_remaining": self.queue.len(),
+            "tables_done": p.tables_done,
+            "rows": p.rows,
+            "estimated_total": estimate,
+            "rows_per_second": rate.round(),
+            "eta_seconds": eta,
+        });
+        status.update(|s| {
+            s.progress.insert("incremental_snapshot".into(), value);
+        });
+        let log = force_log || p.last_log.elapsed() >= Duration::from_secs(5);
+        if log {
+            p.last_log = Instant::now();
+            tracing::info!(
+                pipeline = %self.s.pipeline,
+                table = ?self.queue.front().map(|t| &t.name),
+                rows = p.rows,
+                estimated_total = estimate,
+                rows_per_second = rate.round(),
+                eta_seconds = ?eta,
+                tables_remaining = self.queue.len(),
+                "incremental snapshot {state}"
+            );
+        }
+        if idle {
+            self.progress = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_and_watermarks_round_trip_as_json() {
+        let s: Signal = serde_json::from_str(
+            r#"{"type": "execute-snapshot", "pipeline": "orders", "tables": ["public.a", "\"odd.s\".b"]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.kind, "execute-snapshot");
+        assert_eq!(s.pipeline.as_deref(), Some("orders"));
+        assert_eq!(
+            split_table(&s.tables[1]),
+            Some(("odd.s".into(), "b".into()))
+        );
+        let debezium: Signal = serde_json::from_str(
+            r#"{"type": "execute-snapshot", "data-collections": ["public.t"]}"#,
+        )
+        .unwrap();
+        assert_eq!(debezium.tables, vec!["public.t".to_string()]);
+        let any: Signal = serde_json::from_str(r#"{"type": "stop-snapshot"}"#).unwrap();
+        assert_eq!(any.pipeline, None);
+        assert!(any.tables.is_empty());
+    }
+
+    #[test]
+    fn keys_compare_across_sources() {
+        use walcast_sdk::{Column, PgType, ReplicaIdentity};
+        let col = |name: &str, key: bool| Column {
+            name: name.into(),
+            pg_type: PgType::Int4,
+            type_oid: 23,
+            type_modifier: -1,
+            nullable: !key,
+            key,
+        };
+        let t = TableSchema {
+            relation_id: 1,
+            schema: "public".into(),
+            name: "t".into(),
+            columns: vec![col("a", true), col("v", false), col("b", true)],
+            replica_identity: ReplicaIdentity::Default,
+            version: 0,
+        };
+        let r1 = [Value::Int32(1), Value::Text("x".into()), Value::Int32(2)];
+        let r2 = [Value::Int32(1), Value::Text("y".into()), Value::Int32(2)];
+        let r3 = [Value::Int32(2), Value::Text("x".into()), Value::Int32(1)];
+        assert_eq!(key_string(&t, &r1), key_string(&t, &r2));
+        assert_ne!(key_string(&t, &r1), key_string(&t, &r3));
+    }
+
+    #[test]
+    fn state_is_saved_and_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.incremental.json");
+        assert_eq!(IncrementalState::load(&path).unwrap(), None);
+        let st = IncrementalState {
+            format: 1,
+            pipeline: "p".into(),
+            slot: "walcast_p".into(),
+            tables: vec![PendingTable {
+                name: "public.t".into(),
+                schema: "public".into(),
+                table: "t".into(),
+                rows: 10,
+                last_key: Some(vec!["10".into()]),
+            }],
+        };
+        st.save(&path).unwrap();
+        assert_eq!(IncrementalState::load(&path).unwrap(), Some(st));
+    }
+}

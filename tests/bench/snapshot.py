@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Snapshot throughput: walcast's snapshots against Postgres's own COPY.
+
+Loads N rows (WALCAST_BENCH_SNAPSHOT_ROWS, default 1,000,000) into the
+8-column table the other benchmarks use (bench.py's COLS / ROW_EXPR), then,
+in the same run, on the same table:
+
+  ceiling      `COPY snap_rows TO STDOUT` through psql into /dev/null: what
+               Postgres itself takes to read and send every row as text.
+  initial      `walcast run` with `snapshot = "initial_only"` and a file sink
+               to /dev/null (JSON lines: parsed, typed, encoded and written):
+               timed from process start (slot creation included) to its exit.
+  incremental  a streaming walcast (`snapshot = "never"`) told `walcast
+               snapshot public.snap_rows`: timed from the command to
+               /status saying the incremental snapshot is done (chunks
+               between watermarks, on one SQL session).
+
+Prints the figures and appends them to tests/bench/RESULTS.md. Run through
+tests/bench/snapshot (release build, stack env); needs only python3.
+"""
+
+import datetime
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
+E = os.environ
+N = int(float(E.get("WALCAST_BENCH_SNAPSHOT_ROWS", "1000000")))
+BIN = E.get("WALCAST_BENCH_BIN", os.path.join(ROOT, "target", "bench", "release", "walcast"))
+PGBIN = E["WALCAST_TEST_PG_BIN"]
+PGPORT = E["WALCAST_TEST_PG_PORT"]
+DB = "walcast_bench_snap"
+WORKERS = int(E.get("WALCAST_BENCH_SNAPSHOT_WORKERS", "2"))
+CHUNK = int(E.get("WALCAST_BENCH_SNAPSHOT_CHUNK", "10000"))
+TIMEOUT = float(E.get("WALCAST_BENCH_TIMEOUT", "900"))
+
+
+def bench_defs():
+    """COLS and ROW_EXPR from bench.py, so both benchmarks use one table shape
+    (bench.py itself needs Kafka at import)."""
+    src = open(os.path.join(HERE, "bench.py")).read()
+    ns = {}
+    for name in ("COLS", "ROW_EXPR"):
+        m = re.search(rf"^{name} = (\(.*?\)|\".*?\")\n", src, re.S | re.M)
+        exec(f"{name} = {m.group(1)}", ns)
+    return ns["COLS"], ns["ROW_EXPR"]
+
+
+COLS, ROW_EXPR = bench_defs()
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def psql(sql, db=DB):
+    r = subprocess.run([f"{PGBIN}/psql", "-h", "127.0.0.1", "-p", PGPORT, "-U", "postgres", "-d", db,
+                        "-v", "ON_ERROR_STOP=1", "-qAtX", "-c", sql], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"psql failed: {sql[:200]}\n{r.stderr}")
+    return r.stdout.strip()
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def config(work, mode, admin):
+    return f"""[admin]
+listen = "{admin}"
+[log]
+format = "json"
+level = "info"
+[pipelines.snapbench]
+kind = "capture"
+state_dir = "{work}/state"
+[pipelines.snapbench.source]
+host = "127.0.0.1"
+port = {PGPORT}
+database = "{DB}"
+user = "postgres"
+tables = ["public.snap_rows"]
+slot = "bench_snap"
+publication = "bench_snap_pub"
+snapshot = "{mode}"
+snapshot_workers = {WORKERS}
+snapshot_chunk_rows = {CHUNK}
+[[pipelines.snapbench.sinks]]
+type = "file"
+path = "/dev/null"
+"""
+
+
+def setup():
+    if psql(f"SELECT 1 FROM pg_database WHERE datname = '{DB}'", db="postgres") != "1":
+        psql(f"CREATE DATABASE {DB}", db="postgres")
+    if psql("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'bench_snap'") == "1":
+        psql("SELECT pg_drop_replication_slot('bench_snap')")
+    have = psql("SELECT count(*) FROM pg_class WHERE relname = 'snap_rows'")
+    if have == "1" and int(psql("SELECT count(*) FROM snap_rows")) == N:
+        log(f"snap_rows already holds {N:,} rows")
+    else:
+        t0 = time.monotonic()
+        psql(f"DROP TABLE IF EXISTS snap_rows; CREATE TABLE snap_rows ({COLS});"
+             f"INSERT INTO snap_rows SELECT {ROW_EXPR} FROM generate_series(1, {N}) g")
+        log(f"loaded {N:,} rows in {time.monotonic() - t0:.1f} s")
+    psql("VACUUM ANALYZE snap_rows")
+    psql("DROP PUBLICATION IF EXISTS bench_snap_pub; CREATE PUBLICATION bench_snap_pub FOR TABLE snap_rows")
+    psql("CHECKPOINT")
+    return int(psql("SELECT pg_total_relation_size('snap_rows')"))
+
+
+def ceiling():
+    """COPY ... TO STDOUT into /dev/null, best of two (the first warms the cache)."""
+    best = None
+    for _ in range(2):
+        t0 = time.monotonic()
+        with open(os.devnull, "wb") as null:
+            subprocess.run([f"{PGBIN}/psql", "-h", "127.0.0.1", "-p", PGPORT, "-U", "postgres", "-d", DB,
+                            "-qAtX", "-c", "COPY snap_rows TO STDOUT"], stdout=null, check=True)
+        dt = time.monotonic() - t0
+        best = dt if best is None else min(best, dt)
+    return best
+
+
+def peak_rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def initial(work):
+    cfg = os.path.join(work, "initial.toml")
+    with open(cfg, "w") as f:
+        f.write(config(work, "initial_only", ""))
+    logf = open(os.path.join(work, "initial.log"), "w")
+    t0 = time.monotonic()
+    p = subprocess.Popen([BIN, "run", "-c", cfg], stdout=subprocess.DEVNULL, stderr=logf, cwd=work)
+    rss = 0
+    while p.poll() is None:
+        rss = max(rss, peak_rss_kib(p.pid))
+        if time.monotonic() - t0 > TIMEOUT:
+            p.kill()
+            raise RuntimeError("initial snapshot timed out")
+        time.sleep(0.05)
+    dt = time.monotonic() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"walcast exited {p.returncode}; see {logf.name}")
+    rows = None
+    for line in open(logf.name):
+        if '"snapshot done"' in line:
+            rows = json.loads(line).get("rows")
+    if rows != N:
+        raise RuntimeError(f"walcast's snapshot read {rows} rows, not {N}; see {logf.name}")
+    return dt, rss
+
+
+def status(admin):
+    try:
+        with urllib.request.urlopen(f"http://{admin}/status", timeout=2) as r:
+            return json.load(r)
+    except OSError:
+        return None
+
+
+def incremental(work):
+    admin = f"127.0.0.1:{free_port()}"
+    cfg = os.path.join(work, "incremental.toml")
+    with open(cfg, "w") as f:
+        f.write(config(work, "never", admin))
+    logf = open(os.path.join(work, "incremental.log"), "w")
+    p = subprocess.Popen([BIN, "run", "-c", cfg], stdout=subprocess.DEVNULL, stderr=logf, cwd=work)
+    try:
+        t0 = time.monotonic()
+        while True:
+            st = status(admin)
+            if st and st["pipelines"][0]["state"] == "streaming":
+                break
+            if p.poll() is not None or time.monotonic() - t0 > 120:
+                raise RuntimeError(f"walcast did not start streaming; see {logf.name}")
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        subprocess.run([BIN, "snapshot", "-c", cfg, "public.snap_rows"], check=True, capture_output=True)
+        rss = 0
+        while True:
+            rss = max(rss, peak_rss_kib(p.pid))
+            st = status(admin)
+            prog = (st or {"pipelines": [{}]})["pipelines"][0].get("progress", {}).get("incremental_snapshot", {})
+            if prog.get("state") == "done":
+                break
+            if p.poll() is not None or time.monotonic() - t0 > TIMEOUT:
+                raise RuntimeError(f"incremental snapshot did not finish; see {logf.name}")
+            time.sleep(0.05)
+        dt = time.monotonic() - t0
+        if prog.get("rows") != N:
+            raise RuntimeError(f"incremental snapshot read {prog.get('rows')} rows, not {N}")
+        return dt, rss
+    finally:
+        p.terminate()
+        p.wait(timeout=60)
+        psql("SELECT pg_drop_replication_slot('bench_snap') FROM pg_replication_slots WHERE slot_name = 'bench_snap'")
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="walcast-snapbench-")
+    started = datetime.datetime.now()
+    size = setup()
+    log(f"table: {N:,} rows, {size / 1e6:.0f} MB with indexes")
+    c = ceiling()
+    log(f"ceiling: COPY TO STDOUT > /dev/null {c:.2f} s = {N / c:,.0f} rows/s")
+    i, irss = initial(work)
+    log(f"walcast initial snapshot ({WORKERS} workers, chunks of {CHUNK}): {i:.2f} s = {N / i:,.0f} rows/s, "
+        f"peak RSS {irss / 1024:.0f} MiB")
+    n, nrss = incremental(work)
+    log(f"walcast incremental snapshot (chunks of {CHUNK}): {n:.2f} s = {N / n:,.0f} rows/s, "
+        f"peak RSS {nrss / 1024:.0f} MiB")
+    load = os.getloadavg()
+    fsync = psql("SHOW fsync")
+    commit = E.get("WALCAST_BENCH_COMMIT") or subprocess.run(
+        ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        "",
+        f"## Snapshot throughput, {started:%Y-%m-%d %H:%M} (commit {commit}, tests/bench/snapshot)",
+        "",
+        f"{N:,} rows of the 8-column benchmark table ({size / 1e6:.0f} MB), file sink to /dev/null (JSON), "
+        f"release build, {os.cpu_count()} cores, load average {load[0]:.1f} at the end, Postgres fsync={fsync}.",
+        "",
+        "| reader | seconds | rows/s | ÷ COPY | peak RSS |",
+        "|---|---:|---:|---:|---:|",
+        f"| `COPY snap_rows TO STDOUT` > /dev/null (psql) | {c:.2f} | {N / c:,.0f} | 1.00 | |",
+        f"| walcast initial snapshot ({WORKERS} workers, chunks of {CHUNK:,}) | {i:.2f} | {N / i:,.0f} | {c / i:.2f} | {irss / 1024:.0f} MiB |",
+        f"| walcast incremental snapshot (1 session, chunks of {CHUNK:,}, while streaming) | {n:.2f} | {N / n:,.0f} | {c / n:.2f} | {nrss / 1024:.0f} MiB |",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
+        f.write(text)
+    log(f"appended to {os.path.join(HERE, 'RESULTS.md')}; logs in {work}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
