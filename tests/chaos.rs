@@ -317,8 +317,19 @@ retry_max_ms = 1000
         ));
     }
 
-    // The search index equals Postgres; Redis serves no stale row.
+    eprintln!(
+        "chaos, Kafka side{}:\n  {}",
+        if exactly_once { " (exactly-once)" } else { "" },
+        report.join("\n  ")
+    );
+
+    // The search index equals Postgres; Redis serves no stale row. The
+    // relay may still be catching up (the long form leaves it ~10^5 rows
+    // behind on a busy machine): wait while it makes progress, fail when
+    // it stalls.
     let http = reqwest::Client::new();
+    let mut last_progress = Instant::now();
+    let mut last_seen = (usize::MAX, usize::MAX);
     let redis = redis::Client::open(redis_url.as_str()).unwrap();
     let index = format!("{prefix}-accounts");
     let deadline = Instant::now() + WAIT;
@@ -362,9 +373,13 @@ retry_max_ms = 1000
             report.push(format!("search index: {count} documents, as many as rows, sampled rows equal; redis: no stale row"));
             break;
         }
+        if (count, stale) != last_seen {
+            last_seen = (count, stale);
+            last_progress = Instant::now();
+        }
         assert!(
-            Instant::now() < deadline,
-            "sinks never converged: index {count} docs vs {} rows ({index_diffs} sampled differ), {stale} stale Redis rows",
+            Instant::now() < deadline || last_progress.elapsed() < Duration::from_secs(90),
+            "sinks stopped converging: index {count} docs vs {} rows ({index_diffs} sampled differ), {stale} stale Redis rows, no progress for 90 s",
             pg_accounts.len()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
