@@ -145,11 +145,13 @@ impl AvroEncoder {
                 })?;
         }
         let topic = (self.topics)(event);
+        let refused = |e: RegistryError| self.refusal(table, e);
         let key_id = match &schemas.key {
             Some(k) => Some(
                 self.registry
                     .register(&self.subjects.subject(&topic, k, true), k)
-                    .await?,
+                    .await
+                    .map_err(refused)?,
             ),
             None => None,
         };
@@ -159,7 +161,8 @@ impl AvroEncoder {
                 &self.subjects.subject(&topic, &schemas.value, false),
                 &schemas.value,
             )
-            .await?;
+            .await
+            .map_err(refused)?;
         let r = Arc::new(Registered {
             table: table.clone(),
             prefix: event.source.name.clone(),
@@ -174,6 +177,37 @@ impl AvroEncoder {
         Ok(r)
     }
 
+    /// A registry error as an encode error; an incompatible schema also
+    /// names the table and the columns that changed since the shape this
+    /// process registered before (the registry's own message speaks of
+    /// Avro paths such as `/fields/1/type/1`).
+    fn refusal(&self, table: &TableSchema, e: RegistryError) -> EncodeError {
+        if !matches!(e, RegistryError::Incompatible { .. }) {
+            return e.into();
+        }
+        let previous = self
+            .tables
+            .read()
+            .expect("encoder cache lock poisoned")
+            .iter()
+            .filter(|((rel, version), _)| *rel == table.relation_id && *version < table.version)
+            .max_by_key(|((_, version), _)| *version)
+            .map(|(_, r)| Arc::clone(&r.table));
+        let changes = match previous {
+            Some(old) => column_changes(&old, table),
+            None => "compare its columns with the subject's latest version".to_string(),
+        };
+        EncodeError::Registry {
+            message: format!(
+                "{e}; table {}: {changes}. Make the change compatible (add columns as nullable, widen \
+                 types), or set the subject's compatibility to NONE if the consumers can cope, then restart",
+                table.qualified_name()
+            ),
+            transient: false,
+            source: Some(Box::new(e)),
+        }
+    }
+
     fn key(&self, event: &ChangeEvent, r: &Registered) -> Result<Option<Vec<u8>>, EncodeError> {
         let (Some(id), Some(datum)) = (
             r.key_id,
@@ -182,6 +216,37 @@ impl AvroEncoder {
             return Ok(None);
         };
         Ok(Some(wire::frame(id, &datum)))
+    }
+}
+
+/// What changed between two shapes of a table, column by column.
+fn column_changes(old: &TableSchema, new: &TableSchema) -> String {
+    let mut out = Vec::new();
+    for c in &new.columns {
+        match old.columns.iter().find(|o| o.name == c.name) {
+            Some(o) if o.pg_type != c.pg_type => out.push(format!(
+                "column `{}` changed type from {} to {}",
+                c.name,
+                o.pg_type.sql_name(),
+                c.pg_type.sql_name()
+            )),
+            Some(o) if o.nullable && !c.nullable => {
+                out.push(format!("column `{}` became NOT NULL", c.name))
+            }
+            Some(_) => {}
+            None if !c.nullable => out.push(format!("column `{}` was added as NOT NULL", c.name)),
+            None => {}
+        }
+    }
+    for o in &old.columns {
+        if !new.columns.iter().any(|c| c.name == o.name) {
+            out.push(format!("column `{}` was dropped", o.name));
+        }
+    }
+    if out.is_empty() {
+        "no column change explains it".to_string()
+    } else {
+        out.join(", ")
     }
 }
 

@@ -19,6 +19,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use tokio::sync::Semaphore;
+use walcast_sdk::retry::Backoff;
 use walcast_sdk::{Acker, Batch, ChangeEvent, EncodeError, EventEncoder, Lsn, Op, Sink, SinkError};
 
 use crate::config::{ConfigError, DeliveryMode, KafkaSinkConfig};
@@ -33,6 +34,9 @@ const SINK_NAME: &str = "kafka";
 /// `max_in_flight_records`).
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backoff while the schema registry is unavailable (see `KafkaSink::encode`).
+const ENCODE_RETRY_INITIAL: Duration = Duration::from_millis(500);
+const ENCODE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Why the sink could not be built or checked.
 #[derive(Debug, thiserror::Error)]
@@ -176,11 +180,7 @@ impl KafkaSink {
                 self.send_markers(event, acker).await?;
             }
             let lsn = event.source.commit_lsn;
-            let rec = self
-                .encoder
-                .encode(event)
-                .await
-                .map_err(|e| encode_sink_error(e, &what, lsn))?;
+            let rec = self.encode(event, false, &what, lsn).await?;
             self.produce(
                 &topic,
                 rec.key.as_deref(),
@@ -192,11 +192,7 @@ impl KafkaSink {
             )
             .await?;
             if event.op == Op::Delete && self.tombstones_on_delete {
-                let rec = self
-                    .encoder
-                    .encode_tombstone(event)
-                    .await
-                    .map_err(|e| encode_sink_error(e, &what, lsn))?;
+                let rec = self.encode(event, true, &what, lsn).await?;
                 // A key-less table has nothing for compaction to forget.
                 if rec.key.is_some() {
                     self.produce(
@@ -213,6 +209,40 @@ impl KafkaSink {
             }
         }
         Ok(())
+    }
+
+    /// Encodes an event, waiting out a schema registry outage: a transient
+    /// failure (unreachable, 5xx, 429 after the client's own attempts) is
+    /// retried with backoff for as long as it lasts, holding the batch —
+    /// and so the capture, by back-pressure — as a broker outage does.
+    /// Failing the batch instead would stop the pipeline for good, since a
+    /// failed acknowledgement is definite. Refusals (an incompatible or
+    /// invalid schema, a value that does not fit) fail at once.
+    async fn encode(
+        &self,
+        event: &ChangeEvent,
+        tombstone: bool,
+        what: &str,
+        lsn: Lsn,
+    ) -> Result<walcast_sdk::EncodedRecord, SinkError> {
+        let mut backoff = Backoff::new(ENCODE_RETRY_INITIAL, ENCODE_RETRY_MAX);
+        loop {
+            let encoded = if tombstone {
+                self.encoder.encode_tombstone(event).await
+            } else {
+                self.encoder.encode(event).await
+            };
+            match encoded {
+                Ok(rec) => return Ok(rec),
+                Err(e) if e.is_transient() => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(table = %what, lsn = %lsn, error = %e, retry_in = ?delay,
+                        "kafka: cannot encode an event while the schema registry is unavailable; holding the pipeline and retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(encode_sink_error(e, what, lsn)),
+            }
+        }
     }
 
     async fn send_markers(
