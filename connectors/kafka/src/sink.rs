@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, PurgeConfig, ThreadedProducer};
 use tokio::sync::Semaphore;
 use walcast_sdk::retry::Backoff;
 use walcast_sdk::{Acker, Batch, ChangeEvent, EncodeError, EventEncoder, Lsn, Op, Sink, SinkError};
@@ -68,6 +68,50 @@ pub struct KafkaSink {
     max_in_flight: u32,
     /// Set in exactly-once mode.
     transactional: Option<Transactional>,
+    /// Ends the task that purges the queues after refused credentials.
+    _auth_watch: AuthWatch,
+}
+
+/// Refused credentials leave records in librdkafka's queues for ever (it
+/// keeps reconnecting); a task purges them so that they fail, with the
+/// authentication error, and the pipeline stops with it. Dropping this
+/// ends the task.
+struct AuthWatch(Arc<tokio::sync::Notify>);
+
+impl AuthWatch {
+    fn start(context: &DeliveryContext, producer: &ThreadedProducer<DeliveryContext>) -> Self {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let failed = Arc::clone(&context.auth_failed);
+            let producer = producer.clone();
+            let stopped = Arc::clone(&stop);
+            rt.spawn(async move {
+                let purge = tokio::select! {
+                    _ = failed.notified() => true,
+                    _ = stopped.notified() => false,
+                };
+                if purge {
+                    tracing::error!("kafka: purging queued records after refused credentials");
+                }
+                // Off the async threads: the last handle's drop joins the
+                // producer's polling thread.
+                let _ = tokio::task::spawn_blocking(move || {
+                    if purge {
+                        producer.purge(PurgeConfig::default().queue().inflight());
+                    }
+                    drop(producer);
+                })
+                .await;
+            });
+        }
+        AuthWatch(stop)
+    }
+}
+
+impl Drop for AuthWatch {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 struct Transactional {
@@ -94,7 +138,9 @@ impl KafkaSink {
             None
         };
         let max_in_flight = config.max_in_flight_records as u32;
+        let auth_watch = AuthWatch::start(&context, &producer);
         Ok(KafkaSink {
+            _auth_watch: auth_watch,
             producer,
             context,
             encoder,
@@ -173,9 +219,7 @@ impl KafkaSink {
                 continue;
             }
             let Route { topic, table: what } = self.router.route(&event.table);
-            if let Some(admin) = &mut self.admin {
-                admin.ensure(&topic).await.map_err(topic_sink_error)?;
-            }
+            self.ensure_topic(&topic).await?;
             if self.transactions.is_some() {
                 self.send_markers(event, acker).await?;
             }
@@ -209,6 +253,30 @@ impl KafkaSink {
             }
         }
         Ok(())
+    }
+
+    /// Makes sure the topic exists (with `create_topics`), waiting out a
+    /// broker that cannot be reached, as deliveries do; a refusal, or
+    /// credentials the broker refused meanwhile, fail at once.
+    async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkError> {
+        let Some(admin) = &mut self.admin else {
+            return Ok(());
+        };
+        let mut backoff = Backoff::new(ENCODE_RETRY_INITIAL, ENCODE_RETRY_MAX);
+        loop {
+            match admin.ensure(topic).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    if let Some(f) = self.context.failure() {
+                        return Err(delivery_sink_error(f));
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(topic, error = %e, retry_in = ?delay, "kafka: cannot make sure the topic exists; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(topic_sink_error(e)),
+            }
+        }
     }
 
     /// Encodes an event, waiting out a schema registry outage: a transient
@@ -267,9 +335,7 @@ impl KafkaSink {
         if records.is_empty() {
             return Ok(());
         }
-        if let Some(admin) = &mut self.admin {
-            admin.ensure(topic).await.map_err(topic_sink_error)?;
-        }
+        self.ensure_topic(topic).await?;
         let what: Arc<str> = Arc::from("transaction metadata");
         for m in records {
             let headers = record::headers_for(m.commit_lsn, m.tx_id);
