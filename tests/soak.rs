@@ -233,8 +233,12 @@ topic_creation = {{ partitions = 3 }}
         .map(|s| (s.secs as f64 - mx).powi(2))
         .sum();
     let slope_kib_per_h = if var > 0.0 { cov / var * 3600.0 } else { 0.0 };
+    // What each transaction after warm-up left behind, on average: a leak
+    // per commit shows here whatever the run's length.
+    let growth_per_tx = (last.rss_kib as f64 - base.rss_kib as f64) * 1024.0
+        / (last.committed_tx.saturating_sub(base.committed_tx).max(1)) as f64;
     let summary = format!(
-        "| {stamp} | {minutes} min | {total_tx} tx ({} row changes) | {} MiB | {} MiB | {} MiB | {} MiB | {:+.1} MiB/h | {} → {} (max {fds_max}) | {} KiB | {} KiB | [{csv_name}]({csv_name}) |\n",
+        "| {stamp} | {minutes} min | {total_tx} tx ({} row changes) | {} MiB | {} MiB | {} MiB | {} MiB | {:+.1} MiB/h | {growth_per_tx:+.1} B | {} → {} (max {fds_max}) | {} KiB | {} KiB | [{csv_name}]({csv_name}) |\n",
         total_tx * 8,
         base.rss_kib / 1024,
         last.rss_kib / 1024,
@@ -255,8 +259,8 @@ topic_creation = {{ partitions = 3 }}
              debug build, sampled every 10 s. RSS and fds are the walcast process's; lag is\n\
              `pg_current_wal_lsn() - confirmed_flush_lsn`. \"after warm-up\" is the first sample past\n\
              a fifth of the run (1 to 5 minutes).\n\n\
-             | run (UTC) | length | load | RSS after warm-up | RSS at end | RSS max | VmHWM | RSS slope | open fds | lag p50 | lag max | samples |\n\
-             |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+             | run (UTC) | length | load | RSS after warm-up | RSS at end | RSS max | VmHWM | RSS slope | RSS growth per tx | open fds | lag p50 | lag max | samples |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         )
         .unwrap();
     }
@@ -270,6 +274,12 @@ topic_creation = {{ partitions = 3 }}
         "RSS grew from {} KiB after warm-up to {} KiB",
         base.rss_kib,
         last.rss_kib
+    );
+    // Before the metrics upkeep fix every commit left about 20 bytes (its
+    // latency sample) behind; allocator noise over a run is well under this.
+    assert!(
+        growth_per_tx < 8.0,
+        "RSS grew by {growth_per_tx:.1} bytes per transaction after warm-up"
     );
     assert!(
         last.fds <= base.fds + 8,
