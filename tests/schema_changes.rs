@@ -329,3 +329,51 @@ async fn a_dropped_publication_stops_the_pipeline_naming_it_and_is_never_recreat
         "the change inside the gap is skipped, as the message says"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_dropped_before_a_reconnect_is_not_recreated_by_it() {
+    let db = TestDb::new("wc_droppub2").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let pipeline = unique("droppub2");
+    let publication = format!("walcast_{pipeline}");
+    let slot = publication.clone();
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config(
+            &pipeline,
+            &db.name,
+            &["public.t"],
+            "retry_max_backoff = \"1s\"",
+            out,
+            admin,
+        )
+    });
+    w.wait_state("streaming", WAIT).await;
+    db.exec("INSERT INTO t VALUES (1, 'a')").await;
+    w.wait_events("1 event", WAIT, |ev| !ev.is_empty()).await;
+    // No change follows the drop, so the walsender has nothing to fail on;
+    // the connection is cut instead (a transient error: walcast reconnects
+    // and finds the publication missing).
+    db.exec(&format!("DROP PUBLICATION {publication}")).await;
+    db.exec(&format!(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+    ))
+    .await;
+    wait_failed(&mut w, "the publication missing at reconnect").await;
+    let log = w.log();
+    assert!(
+        log.contains(&format!("publication {publication} disappeared"))
+            && log.contains("pg_replication_slot_advance"),
+        "{}",
+        tail(&log, 3000)
+    );
+    let recreated = db
+        .client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .unwrap()
+        .is_some();
+    assert!(!recreated, "walcast recreated the publication on reconnect");
+}
