@@ -148,7 +148,7 @@ async fn run_evolution(registry_url: &str, extra_top: &str) {
     assert!(
         log.contains(&format!("{topic}-value"))
             && log.to_lowercase().contains("incompatible")
-            && log.contains("column `item`: text -> int4"),
+            && log.contains("column `item` changed type from text to integer"),
         "{}",
         tail(&log, 3000)
     );

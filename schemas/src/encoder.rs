@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use serde_json::Value as Json;
-use walcast_sdk::{ChangeEvent, EncodeError, EncodedRecord, EventEncoder, PgType, TableSchema};
+use walcast_sdk::{ChangeEvent, EncodeError, EncodedRecord, EventEncoder, TableSchema};
 
 use crate::codec::{self, DecodeError};
 use crate::contracts::{ContractError, Contracts};
@@ -45,70 +45,44 @@ struct Registered {
 }
 
 /// The columns that differ between two shapes of a table, and a sentence
-/// for each (`column `item`: text -> int4`, added, dropped).
+/// for each, in Postgres's type names.
 fn column_changes(old: &TableSchema, new: &TableSchema) -> (Vec<String>, Vec<String>) {
     let mut columns = Vec::new();
     let mut changes = Vec::new();
-    for o in &old.columns {
-        match new.columns.iter().find(|n| n.name == o.name) {
-            None => {
-                columns.push(o.name.clone());
-                changes.push(format!(
-                    "column `{}` ({}) dropped",
-                    o.name,
-                    type_label(&o.pg_type)
-                ));
-            }
-            Some(n) if n.pg_type != o.pg_type || n.key != o.key => {
-                columns.push(o.name.clone());
-                changes.push(format!(
-                    "column `{}`: {}{} -> {}{}",
-                    o.name,
-                    type_label(&o.pg_type),
-                    if o.key { " (key)" } else { "" },
-                    type_label(&n.pg_type),
-                    if n.key { " (key)" } else { "" },
-                ));
-            }
-            Some(_) => {}
-        }
+    for c in &new.columns {
+        let change = match old.columns.iter().find(|o| o.name == c.name) {
+            Some(o) if o.pg_type != c.pg_type => format!(
+                "column `{}` changed type from {} to {}",
+                c.name,
+                o.pg_type.sql_name(),
+                c.pg_type.sql_name()
+            ),
+            Some(o) if o.nullable && !c.nullable => format!("column `{}` became NOT NULL", c.name),
+            Some(_) => continue,
+            None if !c.nullable => format!(
+                "column `{}` ({}) was added as NOT NULL",
+                c.name,
+                c.pg_type.sql_name()
+            ),
+            None => format!("column `{}` ({}) was added", c.name, c.pg_type.sql_name()),
+        };
+        columns.push(c.name.clone());
+        changes.push(change);
     }
-    for n in &new.columns {
-        if !old.columns.iter().any(|o| o.name == n.name) {
-            columns.push(n.name.clone());
+    for o in &old.columns {
+        if !new.columns.iter().any(|c| c.name == o.name) {
+            columns.push(o.name.clone());
             changes.push(format!(
-                "column `{}` ({}) added",
-                n.name,
-                type_label(&n.pg_type)
+                "column `{}` ({}) was dropped",
+                o.name,
+                o.pg_type.sql_name()
             ));
         }
     }
-    (columns, changes)
-}
-
-/// A Postgres type as a user would write it.
-fn type_label(t: &PgType) -> String {
-    match t {
-        PgType::Numeric {
-            precision: Some(p),
-            scale,
-        } => format!("numeric({p},{})", scale.unwrap_or(0)),
-        PgType::Numeric { .. } => "numeric".into(),
-        PgType::Varchar {
-            max_length: Some(n),
-        } => format!("varchar({n})"),
-        PgType::Char { length: Some(n) } => format!("char({n})"),
-        PgType::Enum { type_name, .. } | PgType::Unknown { type_name } => type_name.clone(),
-        PgType::Array { element } => format!("{}[]", type_label(element)),
-        other => {
-            let debug = format!("{other:?}");
-            debug
-                .split([' ', '{'])
-                .next()
-                .unwrap_or_default()
-                .to_lowercase()
-        }
+    if changes.is_empty() {
+        changes.push("no column change explains it".to_string());
     }
+    (columns, changes)
 }
 
 /// Avro with a schema registry, as an [`EventEncoder`] for the Kafka sink.
@@ -274,7 +248,11 @@ impl AvroEncoder {
             } else {
                 columns.join(", ")
             },
-            message: format!("{refused}; changes: {}", changes.join("; ")),
+            message: format!(
+                "{refused}; changes: {}. Make the change compatible (add columns as nullable, widen \
+                 types), or set the subject's compatibility to NONE if the consumers can cope, then restart",
+                changes.join("; ")
+            ),
         }
     }
 
@@ -443,12 +421,15 @@ mod tests {
         };
         let (cols, changes) = column_changes(&old, &retyped);
         assert_eq!(cols, ["note"]);
-        assert_eq!(changes, ["column `note`: text -> numeric(8,2)"]);
+        assert_eq!(
+            changes,
+            ["column `note` changed type from text to numeric(8,2)"]
+        );
         let (cols, changes) = column_changes(&old, &table(2, false));
         assert_eq!(cols, ["note"]);
-        assert_eq!(changes, ["column `note` (text) dropped"]);
+        assert_eq!(changes, ["column `note` (text) was dropped"]);
         let (_, changes) = column_changes(&table(1, false), &old);
-        assert_eq!(changes, ["column `note` (text) added"]);
+        assert_eq!(changes, ["column `note` (text) was added"]);
     }
 
     #[tokio::test]

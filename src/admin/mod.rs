@@ -22,7 +22,14 @@ struct AppState {
     pipelines: Vec<StatusHandle>,
 }
 
-/// Installs the global metrics recorder once per process.
+/// How often the recorder folds histogram samples into their buckets.
+/// `install_recorder` leaves that to the caller: until then (or until
+/// /metrics is scraped) it keeps every sample, so an unscraped daemon grew
+/// by every commit's latency sample (found by tests/soak.rs).
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the global metrics recorder once per process, and the task that
+/// keeps its memory bounded (needs a Tokio runtime).
 pub fn install_recorder() -> PrometheusHandle {
     let handle = PrometheusBuilder::new()
         .set_buckets(&[
@@ -32,6 +39,14 @@ pub fn install_recorder() -> PrometheusHandle {
         .install_recorder()
         .expect("the metrics recorder is installed once");
     metrics::describe();
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(METRICS_UPKEEP);
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     handle
 }
 

@@ -207,6 +207,11 @@ pub struct Catalog {
     client: Client,
     types: HashMap<(u32, i32), PgType>,
     versions: HashMap<u32, u32>,
+    /// The last description of each relation, for when the table is gone
+    /// from the catalog by the time its Relation message is decoded.
+    known: HashMap<u32, Arc<TableSchema>>,
+    /// Relations found dropped (see [`Self::was_dropped`]).
+    dropped: std::collections::HashSet<u32>,
 }
 
 impl Catalog {
@@ -215,11 +220,21 @@ impl Catalog {
             client,
             types: HashMap::new(),
             versions: HashMap::new(),
+            known: HashMap::new(),
+            dropped: Default::default(),
         }
     }
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// Whether the relation no longer existed in the catalog when its last
+    /// Relation message was described: it was dropped after the changes
+    /// being decoded were committed. Its key then comes from the Relation
+    /// message (or an earlier description), not from the catalog.
+    pub fn was_dropped(&self, relation_id: u32) -> bool {
+        self.dropped.contains(&relation_id)
     }
 
     /// The walcast type for a column type OID and modifier.
@@ -404,6 +419,28 @@ impl Catalog {
             .map(|r| (r.get::<_, String>(0), (r.get(1), r.get(2))))
             .collect();
         let has_pk = info.values().any(|(_, pk)| *pk);
+        // A table dropped after the changes being decoded: pgoutput still
+        // decodes them (with the catalog as of their WAL position), but the
+        // live catalog knows nothing of it. Those changes were committed and
+        // are delivered; the key comes from what this process saw of the
+        // table before, or else from the replica identity flags of the
+        // Relation message (the primary key under REPLICA IDENTITY DEFAULT).
+        let gone = rows.is_empty();
+        let previous = if gone {
+            self.dropped.insert(rel.id);
+            let previous = self.known.get(&rel.id).cloned();
+            tracing::warn!(
+                table = %format!("{schema}.{}", rel.name),
+                relation_id = rel.id,
+                key_from = if previous.is_some() { "the table's earlier description" } else { "the Relation message" },
+                "table no longer exists (dropped?): delivering the changes committed before the drop; \
+                 remove it from `tables` once they are through"
+            );
+            previous
+        } else {
+            self.dropped.remove(&rel.id);
+            None
+        };
         let replica_identity = match rel.replica_identity {
             ReplicaIdentitySetting::Default => ReplicaIdentity::Default,
             ReplicaIdentitySetting::Nothing => ReplicaIdentity::Nothing,
@@ -425,10 +462,24 @@ impl Catalog {
             // The key is the primary key; without one, the replica identity
             // index (pgoutput flags its columns). REPLICA IDENTITY FULL flags
             // every column, which is no key at all.
-            let key = if has_pk {
-                pk
+            let (key, not_null) = if gone {
+                match previous
+                    .as_ref()
+                    .and_then(|p| p.columns.iter().find(|pc| pc.name == c.name))
+                {
+                    Some(pc) => (pc.key, !pc.nullable),
+                    None => (
+                        replica_identity != ReplicaIdentity::Full && c.identity,
+                        false,
+                    ),
+                }
+            } else if has_pk {
+                (pk, not_null)
             } else {
-                replica_identity == ReplicaIdentity::Index && c.identity
+                (
+                    replica_identity == ReplicaIdentity::Index && c.identity,
+                    not_null,
+                )
             };
             columns.push(Column {
                 name: c.name.clone(),
@@ -444,13 +495,15 @@ impl Catalog {
             .entry(rel.id)
             .and_modify(|v| *v += 1)
             .or_insert(1);
-        Ok(Arc::new(TableSchema {
+        let table = Arc::new(TableSchema {
             relation_id: rel.id,
             schema,
             name: rel.name.clone(),
             columns,
             replica_identity,
             version: *version,
-        }))
+        });
+        self.known.insert(rel.id, Arc::clone(&table));
+        Ok(table)
     }
 }

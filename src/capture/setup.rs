@@ -156,6 +156,18 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             }
         }
     }
+    // A listed table that is gone is a mistake in a new pipeline, but in
+    // one whose slot exists it is a table dropped since (the slot may still
+    // hold its last changes, which are delivered): warn, capture the rest.
+    let slot_exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&w.slot],
+        )
+        .await
+        .map_err(q("replication slot"))?
+        .is_some();
+    let mut dropped = Vec::new();
     for (s, t) in &tables {
         let row = client
             .query_opt(
@@ -168,6 +180,16 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             .await
             .map_err(q(format!("table {s}.{t}")))?;
         let Some(row) = row else {
+            if slot_exists {
+                tracing::warn!(
+                    table = %format!("{s}.{t}"),
+                    slot = %w.slot,
+                    "captured table does not exist any more (dropped?); the other tables are captured and its \
+                     changes committed before the drop are still delivered; remove it from `tables`"
+                );
+                dropped.push((s.clone(), t.clone()));
+                continue;
+            }
             return definite(format!(
                 "table {s}.{t} does not exist (names are case-sensitive and used as written; check `tables`)"
             ));
@@ -211,6 +233,7 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         }
     }
 
+    tables.retain(|t| !dropped.contains(t));
     let mut plan = Plan {
         tables: tables.clone(),
         ..Plan::default()
@@ -233,8 +256,14 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             ))
         }
         None => {
-            let mut targets: Vec<String> = w.tables.iter().map(|(s, t)| format!("TABLE {}", qualified(s, t))).collect();
+            let mut targets: Vec<String> = w.tables.iter().filter(|t| !dropped.contains(t)).map(|(s, t)| format!("TABLE {}", qualified(s, t))).collect();
             targets.extend(w.schemas.iter().map(|s| format!("TABLES IN SCHEMA {}", quote_ident(s))));
+            if targets.is_empty() {
+                return definite(format!(
+                    "none of the tables listed in `tables` exists any more, and publication {} is missing; nothing to capture",
+                    w.publication
+                ));
+            }
             plan.create_publication = Some(format!("CREATE PUBLICATION {} FOR {}", quote_ident(&w.publication), targets.join(", ")));
         }
         Some(row) => {

@@ -73,6 +73,28 @@ pub enum CaptureError {
     },
     #[error("pipeline {pipeline}: {message}")]
     Definite { pipeline: String, message: String },
+    /// The walsender found the publication gone while decoding. pgoutput
+    /// reads publications as of the WAL position it decodes, so every
+    /// change after the drop fails, even once the publication is created
+    /// again: no reconnect can help, and recreating it quietly would hide
+    /// the gap. Definite.
+    #[error(
+        "pipeline {pipeline}: publication {publication} was dropped while walcast streamed from slot {slot} \
+         ({source}). Postgres cannot decode the changes made after the drop through this slot, even once \
+         the publication exists again, and walcast does not recreate it by itself. Everything up to LSN \
+         {confirmed} was delivered. To go on: recreate the publication (CREATE PUBLICATION ... FOR TABLE ..., \
+         or let walcast create it at start with create_publication = true), then either skip the gap with \
+         SELECT pg_replication_slot_advance('{slot}', pg_current_wal_lsn()); (changes made between the drop \
+         and then are not delivered) or drop the slot (walcast slots drop) so the next start snapshots the \
+         tables again"
+    )]
+    PublicationDropped {
+        pipeline: String,
+        publication: String,
+        slot: String,
+        confirmed: Lsn,
+        source: ReplicationError,
+    },
     #[error("pipeline {pipeline}: {source}")]
     Snapshot {
         pipeline: String,
@@ -329,6 +351,18 @@ async fn session(
             ),
         });
     }
+    if plan.create_publication.is_some() && *slot_seen {
+        return Err(CaptureError::Definite {
+            pipeline: p(),
+            message: format!(
+                "publication {} disappeared while walcast was streaming (dropped externally?). walcast does not \
+                 recreate it mid-stream: Postgres cannot decode the changes made after the drop through slot {} \
+                 even once it exists again. Recreate it, then skip the gap with \
+                 SELECT pg_replication_slot_advance('{}', pg_current_wal_lsn()); or drop the slot to snapshot again",
+                s.wanted.publication, s.wanted.slot, s.wanted.slot
+            ),
+        });
+    }
     setup::apply_publication(&client, &plan)
         .await
         .map_err(setup_err)?;
@@ -482,6 +516,7 @@ async fn session(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retained_tick = tokio::time::interval(Duration::from_secs(10));
+    let mut dropped_seen = HashSet::<(String, String)>::new();
     // Events per (relation, op) in the current transaction, turned into
     // metric increments once per commit: no allocation per event.
     let mut tx_counts: EventCounts = Default::default();
@@ -538,6 +573,7 @@ async fn session(
                 ::metrics::gauge!(metrics::CONFIRMED_LSN, "pipeline" => p()).set(cp.confirmed().0 as f64);
             }
             _ = retained_tick.tick() => {
+                warn_dropped_tables(s, &catalog, &plan.tables, &mut dropped_seen).await;
                 if let Ok(row) = catalog.client().query_opt(
                     "SELECT (pg_current_wal_lsn() - restart_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
                     &[&s.wanted.slot],
@@ -554,7 +590,7 @@ async fn session(
                 }
             }
             msg = stream.recv(), if can_read => {
-                let msg = match msg { Ok(m) => m, Err(e) => break Err(rep_err(e)) };
+                let msg = match msg { Ok(m) => m, Err(e) => break Err(stream_error(s, e, cp.confirmed())) };
                 match msg {
                     ServerMessage::Keepalive { wal_end: end, reply_requested, .. } => {
                         wal_end = wal_end.max(end);
@@ -657,6 +693,64 @@ async fn session(
     result
 }
 
+/// An error that ended the replication stream, with the publication named
+/// when it is the publication that went missing (SQLSTATE 42704 from
+/// pgoutput: `publication "x" does not exist`).
+fn stream_error(s: &CaptureSettings, e: ReplicationError, confirmed: Lsn) -> CaptureError {
+    let publication_missing = matches!(&e, ReplicationError::Server(se)
+        if se.code == "42704" && se.message.starts_with("publication "));
+    if publication_missing {
+        CaptureError::PublicationDropped {
+            pipeline: s.pipeline.clone(),
+            publication: s.wanted.publication.clone(),
+            slot: s.wanted.slot.clone(),
+            confirmed,
+            source: e,
+        }
+    } else {
+        CaptureError::Replication {
+            pipeline: s.pipeline.clone(),
+            source: e,
+        }
+    }
+}
+
+/// Warns once per table about captured tables that were dropped while
+/// streaming. Nothing stops: pgoutput still decodes the changes committed
+/// before the drop (they are delivered), and simply sends nothing for the
+/// table afterwards, as Debezium's connector keeps running too.
+async fn warn_dropped_tables(
+    s: &CaptureSettings,
+    catalog: &Catalog,
+    tables: &[(String, String)],
+    seen: &mut HashSet<(String, String)>,
+) {
+    let (schemas, names): (Vec<String>, Vec<String>) = tables.iter().cloned().unzip();
+    let Ok(rows) = catalog
+        .client()
+        .query(
+            "SELECT x.s, x.t FROM unnest($1::text[], $2::text[]) AS x(s, t)
+             WHERE NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                               WHERE n.nspname = x.s AND c.relname = x.t)",
+            &[&schemas, &names],
+        )
+        .await
+    else {
+        return;
+    };
+    for r in rows {
+        let t: (String, String) = (r.get(0), r.get(1));
+        if seen.insert(t.clone()) {
+            tracing::warn!(
+                pipeline = %s.pipeline,
+                table = %format!("{}.{}", t.0, t.1),
+                "captured table was dropped: the changes committed before the drop are delivered, the other \
+                 tables keep streaming; remove it from `tables` (or `schemas`) of this pipeline"
+            );
+        }
+    }
+}
+
 /// The commit just assembled, if the last message was a Commit.
 fn take_commit(asm: &mut Assembler) -> Option<(Lsn, i64)> {
     asm.take_finished()
@@ -702,7 +796,10 @@ async fn handle(
                     })?;
             let name = table.qualified_name();
             let wanted = s.assemble.tables.as_ref().is_none_or(|t| t.contains(&name));
-            if wanted && !keyless.contains(&name) {
+            // A dropped table's key may be unknowable (REPLICA IDENTITY FULL
+            // and never seen by this process): its last changes then go out
+            // with a null key rather than stopping every other table.
+            if wanted && !keyless.contains(&name) && !catalog.was_dropped(rel.id) {
                 if let Some(problem) = super::assemble::key_problem(&table) {
                     return Err(CaptureError::Definite {
                         pipeline: s.pipeline.clone(),

@@ -39,6 +39,14 @@ pub enum DeliveryError {
         size: usize,
         code: RDKafkaErrorCode,
     },
+    /// The broker refused the client's credentials (SASL). librdkafka keeps
+    /// reconnecting, but the records would wait forever: the sink purges
+    /// them and they fail with this. Definite, as in the Java producer.
+    #[error(
+        "kafka: the broker refused the client's credentials ({reason}); check security.protocol, \
+         sasl.mechanism, sasl.username and sasl.password in the sink's [producer] properties"
+    )]
+    Authentication { reason: String },
     /// The broker or librdkafka refused the record.
     #[error(
         "kafka: record for {what} at LSN {lsn} was not delivered to topic `{topic}`: {code}{hint}"
@@ -84,7 +92,7 @@ impl DeliveryError {
     /// restart from the checkpoint (the records are re-read then).
     pub fn is_transient(&self) -> bool {
         match self {
-            DeliveryError::RecordTooLarge { .. } => false,
+            DeliveryError::RecordTooLarge { .. } | DeliveryError::Authentication { .. } => false,
             DeliveryError::Refused { code, .. } => is_transient(*code),
         }
     }
@@ -151,6 +159,9 @@ pub(crate) struct RecordToken {
 #[derive(Clone, Default)]
 pub(crate) struct DeliveryContext {
     failure: Arc<Mutex<Option<DeliveryError>>>,
+    /// Woken when the credentials are refused, so the sink purges what
+    /// waits in librdkafka's queues.
+    pub(crate) auth_failed: Arc<tokio::sync::Notify>,
 }
 
 impl DeliveryContext {
@@ -169,7 +180,22 @@ impl DeliveryContext {
 impl ClientContext for DeliveryContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // Broker-down and similar errors are reported here while librdkafka
-        // keeps retrying; records are not failed by them.
+        // keeps retrying; records are not failed by them. Refused
+        // credentials are different: no retry will pass.
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+        ) {
+            let first = self.failure().is_none();
+            self.record_failure(DeliveryError::Authentication {
+                reason: reason.to_string(),
+            });
+            if first {
+                tracing::error!(error = %error, reason, "kafka producer: authentication failed");
+                self.auth_failed.notify_one();
+            }
+            return;
+        }
         tracing::warn!(error = %error, reason, "kafka producer");
     }
 }
@@ -195,7 +221,11 @@ impl ProducerContext for DeliveryContext {
             Err((err, msg)) => {
                 let code = err.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
                 let size = size.max(msg.payload_len() + msg.key().map_or(0, <[u8]>::len));
-                let err = DeliveryError::new(code, &topic, what.to_string(), lsn, size);
+                // Records purged after refused credentials fail with that.
+                let err = match self.failure() {
+                    Some(auth @ DeliveryError::Authentication { .. }) => auth,
+                    _ => DeliveryError::new(code, &topic, what.to_string(), lsn, size),
+                };
                 tracing::error!(error = %err, transient = err.is_transient(), "kafka delivery failed");
                 if let Some(a) = acker {
                     a.fail(err.to_string());

@@ -17,8 +17,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, PurgeConfig, ThreadedProducer};
 use tokio::sync::Semaphore;
+use walcast_sdk::retry::Backoff;
 use walcast_sdk::{Acker, Batch, ChangeEvent, EncodeError, EventEncoder, Lsn, Op, Sink, SinkError};
 
 use crate::config::{ConfigError, DeliveryMode, KafkaSinkConfig};
@@ -34,6 +35,9 @@ const SINK_NAME: &str = "kafka";
 /// `max_in_flight_records`).
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(10);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backoff while the schema registry is unavailable (see `KafkaSink::encode`).
+const ENCODE_RETRY_INITIAL: Duration = Duration::from_millis(500);
+const ENCODE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Why the sink could not be built or checked.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,8 @@ pub struct KafkaSink {
     transactional: Option<Transactional>,
     /// Where events the encoder refuses as invalid go instead of halting.
     dead_letter: Option<DeadLetter>,
+    /// Ends the task that purges the queues after refused credentials.
+    _auth_watch: AuthWatch,
 }
 
 /// The dead-letter policy: an event whose values do not fit its schema is
@@ -76,6 +82,48 @@ pub struct KafkaSink {
 struct DeadLetter {
     topic: Arc<str>,
     encoder: walcast_sdk::JsonEncoder,
+}
+
+/// Refused credentials leave records in librdkafka's queues for ever (it
+/// keeps reconnecting); a task purges them so that they fail, with the
+/// authentication error, and the pipeline stops with it. Dropping this
+/// ends the task.
+struct AuthWatch(Arc<tokio::sync::Notify>);
+
+impl AuthWatch {
+    fn start(context: &DeliveryContext, producer: &ThreadedProducer<DeliveryContext>) -> Self {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let failed = Arc::clone(&context.auth_failed);
+            let producer = producer.clone();
+            let stopped = Arc::clone(&stop);
+            rt.spawn(async move {
+                let purge = tokio::select! {
+                    _ = failed.notified() => true,
+                    _ = stopped.notified() => false,
+                };
+                if purge {
+                    tracing::error!("kafka: purging queued records after refused credentials");
+                }
+                // Off the async threads: the last handle's drop joins the
+                // producer's polling thread.
+                let _ = tokio::task::spawn_blocking(move || {
+                    if purge {
+                        producer.purge(PurgeConfig::default().queue().inflight());
+                    }
+                    drop(producer);
+                })
+                .await;
+            });
+        }
+        AuthWatch(stop)
+    }
+}
+
+impl Drop for AuthWatch {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 struct Transactional {
@@ -110,7 +158,9 @@ impl KafkaSink {
             None
         };
         let max_in_flight = config.max_in_flight_records as u32;
+        let auth_watch = AuthWatch::start(&context, &producer);
         Ok(KafkaSink {
+            _auth_watch: auth_watch,
             producer,
             context,
             encoder,
@@ -219,14 +269,12 @@ impl KafkaSink {
                 continue;
             }
             let Route { topic, table: what } = self.router.route(&event.table);
-            if let Some(admin) = &mut self.admin {
-                admin.ensure(&topic).await.map_err(topic_sink_error)?;
-            }
+            self.ensure_topic(&topic).await?;
             if self.transactions.is_some() {
                 self.send_markers(event, acker).await?;
             }
             let lsn = event.source.commit_lsn;
-            let rec = match self.encoder.encode(event).await {
+            let rec = match self.encode(event, false, &what, lsn).await {
                 Ok(rec) => rec,
                 Err(e @ EncodeError::Invalid { .. }) if self.dead_letter.is_some() => {
                     self.send_dead_letter(event, &e, &topic, &what, acker)
@@ -247,8 +295,7 @@ impl KafkaSink {
             .await?;
             if event.op == Op::Delete && self.tombstones_on_delete {
                 let rec = self
-                    .encoder
-                    .encode_tombstone(event)
+                    .encode(event, true, &what, lsn)
                     .await
                     .map_err(|e| encode_sink_error(e, &what, lsn))?;
                 // A key-less table has nothing for compaction to forget.
@@ -302,9 +349,7 @@ impl KafkaSink {
             error = %message,
             "kafka: event routed to the dead-letter topic"
         );
-        if let Some(admin) = &mut self.admin {
-            admin.ensure(&dlq).await.map_err(topic_sink_error)?;
-        }
+        self.ensure_topic(&dlq).await?;
         let headers = record::dead_letter_headers(event, &message, topic);
         self.produce(
             &dlq,
@@ -316,6 +361,65 @@ impl KafkaSink {
             acker,
         )
         .await
+    }
+
+    /// Makes sure the topic exists (with `create_topics`), waiting out a
+    /// broker that cannot be reached, as deliveries do; a refusal, or
+    /// credentials the broker refused meanwhile, fail at once.
+    async fn ensure_topic(&mut self, topic: &str) -> Result<(), SinkError> {
+        let Some(admin) = &mut self.admin else {
+            return Ok(());
+        };
+        let mut backoff = Backoff::new(ENCODE_RETRY_INITIAL, ENCODE_RETRY_MAX);
+        loop {
+            match admin.ensure(topic).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    if let Some(f) = self.context.failure() {
+                        return Err(delivery_sink_error(f));
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(topic, error = %e, retry_in = ?delay, "kafka: cannot make sure the topic exists; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(topic_sink_error(e)),
+            }
+        }
+    }
+
+    /// Encodes an event, waiting out a schema registry outage: a transient
+    /// failure (unreachable, 5xx, 429 after the client's own attempts) is
+    /// retried with backoff for as long as it lasts, holding the batch —
+    /// and so the capture, by back-pressure — as a broker outage does.
+    /// Failing the batch instead would stop the pipeline for good, since a
+    /// failed acknowledgement is definite. Refusals (an incompatible or
+    /// invalid schema, a value that does not fit) are returned at once, for
+    /// the caller's invalid-value policy.
+    async fn encode(
+        &self,
+        event: &ChangeEvent,
+        tombstone: bool,
+        what: &str,
+        lsn: Lsn,
+    ) -> Result<walcast_sdk::EncodedRecord, EncodeError> {
+        let mut backoff = Backoff::new(ENCODE_RETRY_INITIAL, ENCODE_RETRY_MAX);
+        loop {
+            let encoded = if tombstone {
+                self.encoder.encode_tombstone(event).await
+            } else {
+                self.encoder.encode(event).await
+            };
+            match encoded {
+                Ok(rec) => return Ok(rec),
+                Err(e) if e.is_transient() => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(table = %what, lsn = %lsn, error = %e, retry_in = ?delay,
+                        "kafka: cannot encode an event while the schema registry is unavailable; holding the pipeline and retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn send_markers(
@@ -340,9 +444,7 @@ impl KafkaSink {
         if records.is_empty() {
             return Ok(());
         }
-        if let Some(admin) = &mut self.admin {
-            admin.ensure(topic).await.map_err(topic_sink_error)?;
-        }
+        self.ensure_topic(topic).await?;
         let what: Arc<str> = Arc::from("transaction metadata");
         for m in records {
             let headers = record::headers_for(m.commit_lsn, m.tx_id);
