@@ -293,6 +293,78 @@ async fn unknown_topic_fails_the_batch_with_a_hint() {
     assert_eq!(tracker.checkpoint(), None);
 }
 
+fn env(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: load `deploy/local/stack env`"))
+}
+
+/// Authorisation refused for real: the stack's broker enforces ACLs, and a
+/// DENY of WRITE on the topic for the SCRAM user makes the produce fail
+/// with TOPIC_AUTHORIZATION_FAILED. The batch fails definitely, naming the
+/// topic, table and LSN and what permission is missing.
+#[tokio::test]
+async fn authorization_failure_fails_the_batch_definitely_with_a_hint() {
+    let topic = unique("walcast.it.denied");
+    create_topic(&topic, 1, &[]).await;
+    let user = env("WALCAST_TEST_KAFKA_SASL_USER");
+    let stack = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/local/stack");
+    let acl = std::process::Command::new("bash")
+        .arg(stack)
+        .args(["kafka-tool", "AclCommand", "--bootstrap-server"])
+        .arg(bootstrap())
+        .args(["--add", "--deny-principal"])
+        .arg(format!("User:{user}"))
+        .args(["--operation", "Write", "--topic", &topic])
+        .env("WALCAST_STACK_DIR", env("WALCAST_TEST_STACK_DIR"))
+        .output()
+        .expect("run AclCommand");
+    assert!(
+        acl.status.success(),
+        "adding the DENY ACL failed: {}{}",
+        String::from_utf8_lossy(&acl.stdout),
+        String::from_utf8_lossy(&acl.stderr)
+    );
+    let rows = table("public", "secret", true);
+    let mut cfg = KafkaSinkConfig::new(env("WALCAST_TEST_KAFKA_SASL_BOOTSTRAP"));
+    cfg.routes = BTreeMap::from([("public.secret".to_string(), topic.clone())]);
+    for (k, v) in [
+        ("security.protocol", "SASL_PLAINTEXT".to_string()),
+        ("sasl.mechanism", env("WALCAST_TEST_KAFKA_SASL_MECHANISM")),
+        ("sasl.username", user.clone()),
+        ("sasl.password", env("WALCAST_TEST_KAFKA_SASL_PASSWORD")),
+    ] {
+        cfg.producer.insert(k.to_string(), v);
+    }
+    let mut sink = sink(cfg);
+    let mut tracker: AckTracker<u64> = AckTracker::new();
+    let a = tracker.register(Some(1), 1);
+    let _ = sink
+        .send(Batch {
+            events: Arc::new(vec![event(&rows, Op::Create, 1, "x", 0x42, 7)]),
+            acker: a,
+        })
+        .await;
+    let failure = tokio::time::timeout(WAIT, tracker.next())
+        .await
+        .expect("the delivery report arrives")
+        .expect_err("not delivered");
+    for needle in [
+        topic.as_str(),
+        "public.secret",
+        "0/42",
+        "WRITE on the topic",
+    ] {
+        assert!(
+            failure.reason.contains(needle),
+            "`{needle}` missing: {}",
+            failure.reason
+        );
+    }
+    let err = sink.flush().await.expect_err("flush reports it");
+    assert!(!err.is_transient(), "{err}");
+    assert_eq!(tracker.checkpoint(), None);
+}
+
 #[tokio::test]
 async fn record_over_topic_limit_fails_from_the_delivery_report() {
     let topic = unique("walcast.it.bigtopic");
