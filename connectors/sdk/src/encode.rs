@@ -77,10 +77,8 @@ pub struct JsonEncoder {
 #[async_trait]
 impl EventEncoder for JsonEncoder {
     async fn encode(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
-        let key = json::key(event, &self.options)
-            .map(|k| serde_json::to_vec(&k).expect("JSON values always serialise"));
-        let value = serde_json::to_vec(&json::envelope(event, &self.options))
-            .expect("JSON values always serialise");
+        let key = json::key_bytes(event, &self.options);
+        let value = json::envelope_bytes(event, &self.options);
         Ok(EncodedRecord {
             key,
             value: Some(value),

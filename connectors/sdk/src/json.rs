@@ -18,6 +18,7 @@
 //! | uuid, json, jsonb, inet, enum | string | io.debezium.data.Uuid / Json / ... |
 
 use base64::Engine;
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{json, Map, Value as Json};
 
 use crate::event::ChangeEvent;
@@ -134,6 +135,154 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
             json!(month_micros + i64::from(*days) * 86_400_000_000 + micros)
         }
         Value::Array(items) => Json::Array(items.iter().map(|i| value(i, opts)).collect()),
+    }
+}
+
+/// [`envelope`] written straight to bytes, without building the JSON tree:
+/// what the Kafka sink's JSON encoder sends for every event. Profiling
+/// showed the tree (a `BTreeMap` per row, an allocation per field) took
+/// about half of the encoding time. Rows are written in column order and
+/// the envelope in Debezium's field order; the content equals
+/// [`envelope`]'s (tested).
+pub fn envelope_bytes(event: &ChangeEvent, opts: &JsonOptions) -> Vec<u8> {
+    serde_json::to_vec(&EnvelopeSer { event, opts }).expect("events always serialise")
+}
+
+/// [`key`] written straight to bytes; `None` for a key-less table.
+pub fn key_bytes(event: &ChangeEvent, opts: &JsonOptions) -> Option<Vec<u8>> {
+    let cols = event.key_values()?;
+    Some(serde_json::to_vec(&KeySer { cols: &cols, opts }).expect("keys always serialise"))
+}
+
+struct EnvelopeSer<'a> {
+    event: &'a ChangeEvent,
+    opts: &'a JsonOptions,
+}
+
+impl<'a> Serialize for EnvelopeSer<'a> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let (e, opts) = (self.event, self.opts);
+        let row = |r: &'a Option<Vec<Value>>| -> Option<RowSer<'a>> {
+            r.as_deref().map(|values| RowSer {
+                table: &e.table,
+                values,
+                opts,
+            })
+        };
+        let mut m = ser.serialize_map(Some(6))?;
+        m.serialize_entry("before", &row(&e.before))?;
+        m.serialize_entry("after", &row(&e.after))?;
+        m.serialize_entry("source", &SourceSer(e))?;
+        m.serialize_entry("op", e.op.code())?;
+        m.serialize_entry("ts_ms", &e.ts_ms)?;
+        m.serialize_entry("transaction", &e.transaction.as_ref().map(TransactionSer))?;
+        m.end()
+    }
+}
+
+struct SourceSer<'a>(&'a ChangeEvent);
+
+impl Serialize for SourceSer<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let (s, table) = (&self.0.source, &self.0.table);
+        let mut m = ser.serialize_map(Some(12))?;
+        m.serialize_entry("version", env!("CARGO_PKG_VERSION"))?;
+        m.serialize_entry("connector", "postgresql")?;
+        m.serialize_entry("name", &s.name)?;
+        m.serialize_entry("ts_ms", &s.ts_ms)?;
+        m.serialize_entry("ts_us", &s.ts_us)?;
+        m.serialize_entry("snapshot", s.snapshot.as_str())?;
+        m.serialize_entry("db", &s.db)?;
+        m.serialize_entry("schema", &table.schema)?;
+        m.serialize_entry("table", &table.name)?;
+        m.serialize_entry("txId", &s.tx_id)?;
+        m.serialize_entry("lsn", &s.lsn.0)?;
+        m.serialize_entry("commit_lsn", &s.commit_lsn.0)?;
+        m.end()
+    }
+}
+
+struct TransactionSer<'a>(&'a crate::event::TransactionInfo);
+
+impl Serialize for TransactionSer<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let mut m = ser.serialize_map(Some(3))?;
+        m.serialize_entry("id", &self.0.id)?;
+        m.serialize_entry("total_order", &self.0.total_order)?;
+        m.serialize_entry("data_collection_order", &self.0.data_collection_order)?;
+        m.end()
+    }
+}
+
+struct RowSer<'a> {
+    table: &'a TableSchema,
+    values: &'a [Value],
+    opts: &'a JsonOptions,
+}
+
+impl Serialize for RowSer<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let mut m = ser.serialize_map(Some(self.values.len()))?;
+        for (c, v) in self.table.columns.iter().zip(self.values) {
+            m.serialize_entry(&c.name, &ValueSer(v, self.opts))?;
+        }
+        m.end()
+    }
+}
+
+struct KeySer<'a> {
+    cols: &'a [(&'a str, &'a Value)],
+    opts: &'a JsonOptions,
+}
+
+impl Serialize for KeySer<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        let mut m = ser.serialize_map(Some(self.cols.len()))?;
+        for (name, v) in self.cols {
+            m.serialize_entry(name, &ValueSer(v, self.opts))?;
+        }
+        m.end()
+    }
+}
+
+/// One value, rendered as [`value`] renders it.
+struct ValueSer<'a>(&'a Value, &'a JsonOptions);
+
+impl Serialize for ValueSer<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Null => ser.serialize_unit(),
+            Value::Unavailable => ser.serialize_str(&self.1.unavailable_placeholder),
+            Value::Bool(b) => ser.serialize_bool(*b),
+            Value::Int16(i) => ser.serialize_i16(*i),
+            Value::Int32(i) => ser.serialize_i32(*i),
+            Value::Int64(i) => ser.serialize_i64(*i),
+            Value::Float32(f) => serialize_float(f64::from(*f), ser),
+            Value::Float64(f) => serialize_float(*f, ser),
+            Value::Numeric(Numeric::Finite(s)) => ser.serialize_str(s),
+            Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => {
+                ser.serialize_str(s)
+            }
+            Value::Date(d) => ser.serialize_i32(*d),
+            Value::Time(t) | Value::Timestamp(t) => ser.serialize_i64(*t),
+            Value::Array(items) => {
+                let mut seq = ser.serialize_seq(Some(items.len()))?;
+                for i in items {
+                    seq.serialize_element(&ValueSer(i, self.1))?;
+                }
+                seq.end()
+            }
+            // Rarer or string-building types: the tree renderer's answer.
+            other => value(other, self.1).serialize(ser),
+        }
+    }
+}
+
+fn serialize_float<S: Serializer>(f: f64, ser: S) -> Result<S::Ok, S::Error> {
+    if f.is_finite() {
+        ser.serialize_f64(f)
+    } else {
+        float(f).serialize(ser)
     }
 }
 
@@ -263,5 +412,101 @@ mod tests {
             ),
             json!(86_400_000_005i64)
         );
+    }
+
+    #[test]
+    fn bytes_equal_the_tree_for_every_value_kind() {
+        use crate::event::{Op, SnapshotMarker, SourceInfo, TransactionInfo};
+        use crate::table::{Column, PgType, ReplicaIdentity};
+        use crate::Lsn;
+        let values = vec![
+            Value::Int64(7),
+            Value::Null,
+            Value::Unavailable,
+            Value::Bool(true),
+            Value::Int16(-3),
+            Value::Int32(i32::MAX),
+            Value::Float32(0.1),
+            Value::Float64(f64::NEG_INFINITY),
+            Value::Float64(f64::NAN),
+            Value::Float64(-2.25e-300),
+            Value::Numeric(Numeric::Finite("12.50".into())),
+            Value::Numeric(Numeric::NaN),
+            Value::Text("tëxt \"quoted\"\n".into()),
+            Value::Json(r#"{"a": 1}"#.into()),
+            Value::Bytes(vec![0, 255]),
+            Value::Uuid([0xab; 16]),
+            Value::Date(DATE_NEG_INFINITY),
+            Value::Time(86_399_999_999),
+            Value::TimeTz {
+                micros: 3_600_000_000,
+                offset_seconds: 7200,
+            },
+            Value::Timestamp(TIMESTAMP_INFINITY),
+            Value::TimestampTz(1_700_000_000_123_456),
+            Value::Interval {
+                months: 14,
+                days: -3,
+                micros: 5,
+            },
+            Value::Array(vec![Value::Int32(1), Value::Null, Value::Text("x".into())]),
+        ];
+        let columns = (0..values.len())
+            .map(|i| Column {
+                name: format!("c{i}"),
+                pg_type: PgType::Text,
+                type_oid: 25,
+                type_modifier: -1,
+                nullable: i != 0,
+                key: i == 0,
+            })
+            .collect();
+        let table = std::sync::Arc::new(TableSchema {
+            relation_id: 1,
+            schema: "public".into(),
+            name: "every".into(),
+            columns,
+            replica_identity: ReplicaIdentity::Default,
+            version: 1,
+        });
+        let opts = JsonOptions::default();
+        for (before, transaction) in [
+            (None, None),
+            (
+                Some(values.clone()),
+                Some(TransactionInfo {
+                    id: "9:42".into(),
+                    total_order: 3,
+                    data_collection_order: 2,
+                }),
+            ),
+        ] {
+            let event = ChangeEvent {
+                op: if before.is_some() {
+                    Op::Update
+                } else {
+                    Op::Create
+                },
+                table: table.clone(),
+                before,
+                after: Some(values.clone()),
+                source: SourceInfo {
+                    name: "shop".into(),
+                    db: "db".into(),
+                    lsn: Lsn(0x42),
+                    commit_lsn: Lsn(0x43),
+                    tx_id: Some(9),
+                    ts_ms: 1,
+                    ts_us: 1_000,
+                    snapshot: SnapshotMarker::False,
+                },
+                transaction,
+                ts_ms: 2,
+            };
+            let streamed: Json = serde_json::from_slice(&envelope_bytes(&event, &opts)).unwrap();
+            assert_eq!(streamed, envelope(&event, &opts));
+            let key: Json = serde_json::from_slice(&key_bytes(&event, &opts).unwrap()).unwrap();
+            assert_eq!(Some(key), super::key(&event, &opts));
+        }
     }
 }
