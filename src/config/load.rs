@@ -338,6 +338,10 @@ path = "-"
         assert_eq!(p.source.port, DEFAULT_PG_PORT);
         assert_eq!(p.source.status_interval, DEFAULT_STATUS_INTERVAL);
         assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
+        // The admin HTTP server (status, metrics) is reachable from this
+        // host only unless the operator says otherwise.
+        let admin = c.admin.address().expect("on by default").unwrap();
+        assert!(admin.ip().is_loopback(), "{admin}");
         assert!(p.source.create_slot);
     }
 
