@@ -23,8 +23,14 @@ use support::*;
 const WAIT: Duration = Duration::from_secs(90);
 
 /// The virtualenv's python, created on first use; a stamp file marks a
-/// complete install so an interrupted one is redone.
+/// complete install so an interrupted one is redone. Both tests of this
+/// binary run at once: the install happens once per process.
 fn venv_python() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(install_venv).clone()
+}
+
+fn install_venv() -> PathBuf {
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py-venv-e2e");
     let python = venv.join("bin/python");
     let stamp = venv.join(".walcast-installed");
