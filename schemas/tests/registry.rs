@@ -280,7 +280,8 @@ async fn encoder_round_trips_through_the_registry() {
         key_id
     );
 
-    // An incompatible shape is a definite error naming the subject.
+    // An incompatible shape is refused as invalid (so `on_invalid` applies),
+    // naming the subject and the changed column with both types.
     let mut changed = base_columns();
     changed[1] = column("qty", PgType::Text, false);
     let mut row = ev.after.clone().unwrap();
@@ -290,18 +291,16 @@ async fn encoder_round_trips_through_the_registry() {
         .await
         .unwrap_err();
     assert!(
-        matches!(
-            err,
-            EncodeError::Registry {
-                transient: false,
-                ..
-            }
-        ),
+        matches!(&err, EncodeError::Invalid { column, .. } if column.contains("qty")),
         "{err}"
     );
+    assert!(!err.is_transient(), "{err}");
     assert!(
         err.to_string()
-            .contains(&format!("{prefix}.public.orders-value")),
+            .contains(&format!("{prefix}.public.orders-value"))
+            && err
+                .to_string()
+                .contains("column `qty` changed type from integer to text"),
         "{err}"
     );
 }
