@@ -225,45 +225,32 @@ pub struct IncrementalState {
 
 impl IncrementalState {
     pub fn load(path: &Path) -> Result<Option<Self>, IncrementalError> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| {
-                IncrementalError::StateParse {
-                    path: path.into(),
-                    source,
-                }
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(IncrementalError::StateIo {
+        let Some(bytes) =
+            super::snapshot::read_if_exists(path).map_err(|source| IncrementalError::StateIo {
                 path: path.into(),
                 source,
-            }),
-        }
+            })?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| IncrementalError::StateParse {
+                path: path.into(),
+                source,
+            })
     }
 
-    /// Atomic, as the initial snapshot's state: temporary file, fsync,
-    /// rename, fsync of the folder.
+    /// Atomic, as the initial snapshot's state (the same writer).
     pub fn save(&self, path: &Path) -> Result<(), IncrementalError> {
-        use std::io::Write;
-        let io = |source| IncrementalError::StateIo {
+        super::snapshot::write_atomically(
+            path,
+            &serde_json::to_vec_pretty(self).expect("serializable"),
+        )
+        .map_err(|source| IncrementalError::StateIo {
             path: path.into(),
             source,
-        };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&serde_json::to_vec_pretty(self).expect("serializable"))
-            .map_err(io)?;
-        f.sync_all().map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        })
     }
 }
 

@@ -169,46 +169,33 @@ impl SnapshotState {
     }
 
     pub fn load(path: &Path) -> Result<Option<Self>, SnapshotError> {
-        match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|source| {
-                SnapshotError::StateParse {
-                    path: path.into(),
-                    source,
-                }
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(SnapshotError::StateIo {
+        let Some(bytes) = read_if_exists(path).map_err(|source| SnapshotError::StateIo {
+            path: path.into(),
+            source,
+        })?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| SnapshotError::StateParse {
                 path: path.into(),
                 source,
-            }),
-        }
+            })
     }
 
     /// Writes the file atomically: a crash leaves the old or the new
     /// content, never a torn one (temporary file, fsync, rename, fsync of
     /// the directory).
     pub fn save(&self, path: &Path) -> Result<(), SnapshotError> {
-        use std::io::Write;
-        let io = |source| SnapshotError::StateIo {
+        write_atomically(
+            path,
+            &serde_json::to_vec_pretty(self).expect("serializable"),
+        )
+        .map_err(|source| SnapshotError::StateIo {
             path: path.into(),
             source,
-        };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&serde_json::to_vec_pretty(self).expect("serializable"))
-            .map_err(io)?;
-        f.sync_all().map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        })
     }
 
     pub fn consistent_point(&self) -> Option<Lsn> {
@@ -1079,4 +1066,34 @@ mod tests {
             r#"COPY (SELECT "v", "a", "b" FROM "public"."o'k" WHERE ("b", "a") > ('x''y'::text, '3'::integer) ORDER BY "b", "a" LIMIT 10) TO STDOUT"#
         );
     }
+}
+
+/// A state file's bytes, or `None` when it does not exist yet.
+pub(crate) fn read_if_exists(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a state file so that a crash leaves the old or the new content,
+/// never a torn one: temporary file, fsync, rename, fsync of the folder.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
