@@ -23,6 +23,9 @@ use crate::admin::metrics;
 use crate::config::RelayConfig;
 use crate::pipeline::status::{PipelineState, StatusHandle};
 
+/// How often acknowledged offsets are committed.
+const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("relay {pipeline}: {source}")]
@@ -100,47 +103,63 @@ pub async fn run(
     })?;
     status.set_state(PipelineState::Streaming);
     ::metrics::gauge!(metrics::STREAMING, "pipeline" => p()).set(1.0);
-    let mut commit_tick = tokio::time::interval(Duration::from_secs(1));
     let mut backoff = Backoff::default();
+    let mut last_commit = tokio::time::Instant::now();
     let result = loop {
-        let batch = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            _ = commit_tick.tick() => {
-                match source.commit_acknowledged().await {
-                    Ok(_) => {}
-                    Err(e @ walcast_kafka::SourceError::NotApplied { .. }) => {
-                        // A sink gave up on a batch: nothing past it may be
-                        // committed. Re-read from the committed offsets; the
-                        // sinks' version checks make the replay idempotent.
-                        tracing::error!(pipeline = %name, error = %e, "a batch was not applied; re-reading from the last committed offsets");
-                        ::metrics::counter!(metrics::RESTARTS, "pipeline" => p()).increment(1);
-                        status.set_state(PipelineState::Retrying);
-                        status.update(|s| s.last_error = Some(e.to_string()));
-                        let _ = source.shutdown().await;
-                        tokio::time::sleep(backoff.next_delay()).await;
-                        source = match KafkaSource::new(cfg.source.clone()) {
-                            Ok(s) => s,
-                            Err(source) => {
-                                let e = RelayError::Source { pipeline: p(), source };
-                                status.update(|s| { s.state = PipelineState::Failed; s.last_error = Some(e.to_string()); });
-                                return Err(e);
-                            }
-                        };
-                    }
-                    Err(e) => tracing::warn!(pipeline = %name, error = %e, "committing offsets failed; will retry"),
+        // `next_batch` is not cancel-safe (records it registered would be
+        // dropped unanswered and fail their partitions), so it is never
+        // raced against a timer or the shutdown signal: it returns within
+        // `max_batch_wait_ms`, and both are checked between calls.
+        if shutdown.is_cancelled() {
+            break Ok(());
+        }
+        if last_commit.elapsed() >= COMMIT_INTERVAL {
+            last_commit = tokio::time::Instant::now();
+            match source.commit_acknowledged().await {
+                Ok(_) => {}
+                Err(e @ walcast_kafka::SourceError::NotApplied { .. }) => {
+                    // A sink gave up on a batch: nothing past it may be
+                    // committed. Re-read from the committed offsets; the
+                    // sinks' version checks make the replay idempotent.
+                    tracing::error!(pipeline = %name, error = %e, "a batch was not applied; re-reading from the last committed offsets");
+                    ::metrics::counter!(metrics::RESTARTS, "pipeline" => p()).increment(1);
+                    status.set_state(PipelineState::Retrying);
+                    status.update(|s| s.last_error = Some(e.to_string()));
+                    let _ = source.shutdown().await;
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    source = match KafkaSource::new(cfg.source.clone()) {
+                        Ok(s) => s,
+                        Err(source) => {
+                            let e = RelayError::Source {
+                                pipeline: p(),
+                                source,
+                            };
+                            status.update(|s| {
+                                s.state = PipelineState::Failed;
+                                s.last_error = Some(e.to_string());
+                            });
+                            return Err(e);
+                        }
+                    };
+                    continue;
                 }
-                status.update(|s| s.in_flight_events = source.in_flight_records());
-                continue;
+                Err(e) => {
+                    tracing::warn!(pipeline = %name, error = %e, "committing offsets failed; will retry")
+                }
             }
-            b = source.next_batch() => b,
-        };
+            status.update(|s| s.in_flight_events = source.in_flight_records());
+        }
+        let batch = source.next_batch().await;
         let batch = match batch {
             Ok(b) => b,
             Err(e) if e.is_transient() => {
                 let delay = backoff.next_delay();
                 tracing::warn!(pipeline = %name, error = %e, retry_in = ?delay, "Kafka source error; retrying");
                 status.set_state(PipelineState::Retrying);
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
                 continue;
             }
             Err(source) => {
