@@ -2,24 +2,29 @@
 //! [`crate::mapping`]. No I/O: the registry lookups live in the encoder and
 //! decoder.
 //!
-//! Values apache-avro cannot hold are refused here with the table and column
+//! Encoding writes the Avro binary directly, field by field in the order
+//! the schema of [`crate::mapping::derive`] declares (see [`crate::binary`]);
+//! the tests decode every output with apache-avro against that schema and
+//! check that re-encoding it gives the same bytes, so the two cannot drift
+//! apart unnoticed. Decoding uses apache-avro.
+//!
+//! Values Avro cannot hold are refused here with the table and column
 //! named ([`EncodeError::Invalid`]); the pipeline's policy then halts or
-//! dead-letters. apache-avro validates every datum against its schema on
-//! write as a second line of defence.
+//! dead-letters.
 
 use std::collections::HashMap;
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema::{Name, ResolvedSchema};
 use apache_avro::types::Value as Avro;
-use apache_avro::writer::datum::GenericDatumWriter;
-use apache_avro::{Decimal, Schema};
+use apache_avro::Schema;
 use base64::Engine;
 use num_bigint::{BigInt, Sign};
 use serde_json::{json, Map, Value as Json};
 use walcast_sdk::json::{timestamp_utc, DEFAULT_UNAVAILABLE_PLACEHOLDER};
 use walcast_sdk::{ChangeEvent, Column, EncodeError, Numeric, PgType, TableSchema, Value};
 
+use crate::binary as bin;
 use crate::mapping::{
     row_field_nullable, MappingOptions, TableSchemas, UnconstrainedNumeric, COLUMN_ATTRIBUTE,
     VARIABLE_SCALE_DECIMAL,
@@ -50,20 +55,28 @@ pub fn encode_key(
     schemas: &TableSchemas,
     opts: &MappingOptions,
 ) -> Result<Option<Vec<u8>>, EncodeError> {
-    let (Some(key_schema), Some(row)) = (&schemas.key, event.identity_row()) else {
-        return Ok(None);
+    let mut out = Vec::new();
+    Ok(encode_key_into(event, schemas, opts, &mut out)?.then_some(out))
+}
+
+/// Appends the key's Avro binary to `out`; false (and nothing written) for
+/// a key-less table or a truncate.
+pub fn encode_key_into(
+    event: &ChangeEvent,
+    schemas: &TableSchemas,
+    opts: &MappingOptions,
+    out: &mut Vec<u8>,
+) -> Result<bool, EncodeError> {
+    let (Some(_), Some(row)) = (&schemas.key, event.identity_row()) else {
+        return Ok(false);
     };
     let table = &event.table;
-    let mut fields = Vec::new();
     for i in table.key_indexes() {
         let c = &table.columns[i];
         let v = row.get(i).unwrap_or(&Value::Null);
-        fields.push((
-            schemas.fields[i].clone(),
-            field_value(table, c, v, c.nullable, opts)?,
-        ));
+        field(out, table, c, v, c.nullable, opts)?;
     }
-    write(table, key_schema.schema(), Avro::Record(fields)).map(Some)
+    Ok(true)
 }
 
 /// The Avro binary of the event's Debezium envelope.
@@ -72,88 +85,102 @@ pub fn encode_value(
     schemas: &TableSchemas,
     opts: &MappingOptions,
 ) -> Result<Vec<u8>, EncodeError> {
+    let mut out = Vec::with_capacity(256);
+    encode_value_into(event, schemas, opts, &mut out)?;
+    Ok(out)
+}
+
+/// Appends the envelope's Avro binary to `out`, field by field in the order
+/// of [`crate::mapping::derive`]'s schema (`before`, `after`, `source`,
+/// `op`, `ts_ms`, `transaction`).
+pub fn encode_value_into(
+    event: &ChangeEvent,
+    schemas: &TableSchemas,
+    opts: &MappingOptions,
+    out: &mut Vec<u8>,
+) -> Result<(), EncodeError> {
     let table = &event.table;
-    let image = |row: Option<&[Value]>| -> Result<Avro, EncodeError> {
-        let Some(row) = row else {
-            return Ok(Avro::Union(0, Box::new(Avro::Null)));
-        };
-        if row.len() != table.columns.len() {
-            return Err(invalid(
-                table,
-                "*",
-                format!(
-                    "row has {} values for {} columns",
-                    row.len(),
-                    table.columns.len()
-                ),
-            ));
-        }
-        let mut fields = Vec::with_capacity(row.len());
-        for ((c, v), name) in table.columns.iter().zip(row).zip(&schemas.fields) {
-            fields.push((
-                name.clone(),
-                field_value(table, c, v, row_field_nullable(c), opts)?,
-            ));
-        }
-        Ok(Avro::Union(1, Box::new(Avro::Record(fields))))
-    };
-    let s = &event.source;
-    let source = Avro::Record(vec![
-        (
-            "version".into(),
-            Avro::String(env!("CARGO_PKG_VERSION").into()),
-        ),
-        ("connector".into(), Avro::String("postgresql".into())),
-        ("name".into(), Avro::String(s.name.clone())),
-        ("ts_ms".into(), Avro::Long(s.ts_ms)),
-        ("ts_us".into(), some(Avro::Long(s.ts_us))),
-        ("snapshot".into(), Avro::String(s.snapshot.as_str().into())),
-        ("db".into(), Avro::String(s.db.clone())),
-        ("schema".into(), Avro::String(table.schema.clone())),
-        ("table".into(), Avro::String(table.name.clone())),
-        (
-            "txId".into(),
-            s.tx_id
-                .map_or_else(none, |t| some(Avro::Long(i64::from(t)))),
-        ),
-        ("lsn".into(), some(Avro::Long(s.lsn.0 as i64))),
-        ("commit_lsn".into(), some(Avro::Long(s.commit_lsn.0 as i64))),
-    ]);
-    let transaction = match &event.transaction {
-        None => none(),
-        Some(t) => some(Avro::Record(vec![
-            ("id".into(), Avro::String(t.id.clone())),
-            ("total_order".into(), Avro::Long(t.total_order as i64)),
-            (
-                "data_collection_order".into(),
-                Avro::Long(t.data_collection_order as i64),
+    if schemas.fields.len() != table.columns.len() {
+        return Err(invalid(
+            table,
+            "*",
+            format!(
+                "schema has {} fields for {} columns",
+                schemas.fields.len(),
+                table.columns.len()
             ),
-        ])),
+        ));
+    }
+    image(out, table, event.before.as_deref(), opts)?;
+    image(out, table, event.after.as_deref(), opts)?;
+    let s = &event.source;
+    bin::string(out, env!("CARGO_PKG_VERSION"));
+    bin::string(out, "postgresql");
+    bin::string(out, &s.name);
+    bin::long(out, s.ts_ms);
+    optional_long(out, Some(s.ts_us));
+    bin::string(out, s.snapshot.as_str());
+    bin::string(out, &s.db);
+    bin::string(out, &table.schema);
+    bin::string(out, &table.name);
+    optional_long(out, s.tx_id.map(i64::from));
+    optional_long(out, Some(s.lsn.0 as i64));
+    optional_long(out, Some(s.commit_lsn.0 as i64));
+    bin::string(out, event.op.code());
+    optional_long(out, Some(event.ts_ms));
+    match &event.transaction {
+        None => bin::long(out, NULL_BRANCH),
+        Some(t) => {
+            bin::long(out, VALUE_BRANCH);
+            bin::string(out, &t.id);
+            bin::long(out, t.total_order as i64);
+            bin::long(out, t.data_collection_order as i64);
+        }
+    }
+    Ok(())
+}
+
+/// Union branches of every `["null", T]` the mapping writes.
+const NULL_BRANCH: i64 = 0;
+const VALUE_BRANCH: i64 = 1;
+
+fn optional_long(out: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        None => bin::long(out, NULL_BRANCH),
+        Some(v) => {
+            bin::long(out, VALUE_BRANCH);
+            bin::long(out, v);
+        }
+    }
+}
+
+/// A `["null", Value]` row image.
+fn image(
+    out: &mut Vec<u8>,
+    table: &TableSchema,
+    row: Option<&[Value]>,
+    opts: &MappingOptions,
+) -> Result<(), EncodeError> {
+    let Some(row) = row else {
+        bin::long(out, NULL_BRANCH);
+        return Ok(());
     };
-    let envelope = Avro::Record(vec![
-        ("before".into(), image(event.before.as_deref())?),
-        ("after".into(), image(event.after.as_deref())?),
-        ("source".into(), source),
-        ("op".into(), Avro::String(event.op.code().into())),
-        ("ts_ms".into(), some(Avro::Long(event.ts_ms))),
-        ("transaction".into(), transaction),
-    ]);
-    write(table, schemas.value.schema(), envelope)
-}
-
-fn write(table: &TableSchema, schema: &Schema, value: Avro) -> Result<Vec<u8>, EncodeError> {
-    GenericDatumWriter::builder(schema)
-        .build()
-        .and_then(|w| w.write_value_to_vec(value))
-        .map_err(|e| invalid(table, "*", format!("Avro writer refused the record: {e}")))
-}
-
-fn some(v: Avro) -> Avro {
-    Avro::Union(1, Box::new(v))
-}
-
-fn none() -> Avro {
-    Avro::Union(0, Box::new(Avro::Null))
+    if row.len() != table.columns.len() {
+        return Err(invalid(
+            table,
+            "*",
+            format!(
+                "row has {} values for {} columns",
+                row.len(),
+                table.columns.len()
+            ),
+        ));
+    }
+    bin::long(out, VALUE_BRANCH);
+    for (c, v) in table.columns.iter().zip(row) {
+        field(out, table, c, v, row_field_nullable(c), opts)?;
+    }
+    Ok(())
 }
 
 fn invalid(table: &TableSchema, column: &str, message: String) -> EncodeError {
@@ -164,16 +191,18 @@ fn invalid(table: &TableSchema, column: &str, message: String) -> EncodeError {
     }
 }
 
-fn field_value(
+fn field(
+    out: &mut Vec<u8>,
     table: &TableSchema,
     c: &Column,
     v: &Value,
     nullable: bool,
     opts: &MappingOptions,
-) -> Result<Avro, EncodeError> {
+) -> Result<(), EncodeError> {
     if v.is_null() {
         if nullable {
-            return Ok(none());
+            bin::long(out, NULL_BRANCH);
+            return Ok(());
         }
         return Err(invalid(
             table,
@@ -181,8 +210,10 @@ fn field_value(
             "NULL in a column whose Avro type is not nullable (a key column)".into(),
         ));
     }
-    let inner = column_value(&c.pg_type, v, opts).map_err(|m| invalid(table, &c.name, m))?;
-    Ok(if nullable { some(inner) } else { inner })
+    if nullable {
+        bin::long(out, VALUE_BRANCH);
+    }
+    column_value(out, &c.pg_type, v, opts).map_err(|m| invalid(table, &c.name, m))
 }
 
 /// Whether the column's Avro type is a plain string, which can carry the
@@ -209,11 +240,18 @@ fn is_string_typed(pg: &PgType, opts: &MappingOptions) -> bool {
     }
 }
 
-/// The non-null Avro value of one column value; the error is the message
-/// for [`EncodeError::Invalid`].
-fn column_value(pg: &PgType, v: &Value, opts: &MappingOptions) -> Result<Avro, String> {
+/// Writes the non-null Avro value of one column value, of the type
+/// [`crate::mapping::avro_type`] gives `pg`; the error is the message for
+/// [`EncodeError::Invalid`]. On error `out` may hold part of the value: the
+/// caller discards the whole record.
+fn column_value(
+    out: &mut Vec<u8>,
+    pg: &PgType,
+    v: &Value,
+    opts: &MappingOptions,
+) -> Result<(), String> {
     if matches!(v, Value::Unavailable) {
-        return unavailable(pg, opts);
+        return unavailable(out, pg, opts);
     }
     let mismatch = || {
         format!(
@@ -221,47 +259,62 @@ fn column_value(pg: &PgType, v: &Value, opts: &MappingOptions) -> Result<Avro, S
             pg.sql_name()
         )
     };
-    Ok(match (pg, v) {
-        (PgType::Bool, Value::Bool(b)) => Avro::Boolean(*b),
-        (PgType::Int2 | PgType::Int4, Value::Int16(i)) => Avro::Int(i32::from(*i)),
-        (PgType::Int2 | PgType::Int4, Value::Int32(i)) => Avro::Int(*i),
-        (PgType::Int8, Value::Int16(i)) => Avro::Long(i64::from(*i)),
-        (PgType::Int8, Value::Int32(i)) => Avro::Long(i64::from(*i)),
-        (PgType::Int8, Value::Int64(i)) => Avro::Long(*i),
-        (PgType::Float4, Value::Float32(f)) => Avro::Float(*f),
-        (PgType::Float8, Value::Float32(f)) => Avro::Double(f64::from(*f)),
-        (PgType::Float8, Value::Float64(f)) => Avro::Double(*f),
+    match (pg, v) {
+        (PgType::Bool, Value::Bool(b)) => out.push(u8::from(*b)),
+        (PgType::Int2 | PgType::Int4, Value::Int16(i)) => bin::long(out, i64::from(*i)),
+        (PgType::Int2 | PgType::Int4, Value::Int32(i)) => bin::long(out, i64::from(*i)),
+        (PgType::Int8, Value::Int16(i)) => bin::long(out, i64::from(*i)),
+        (PgType::Int8, Value::Int32(i)) => bin::long(out, i64::from(*i)),
+        (PgType::Int8, Value::Int64(i)) => bin::long(out, *i),
+        (PgType::Float4, Value::Float32(f)) => out.extend_from_slice(&f.to_le_bytes()),
+        (PgType::Float8, Value::Float32(f)) => out.extend_from_slice(&f64::from(*f).to_le_bytes()),
+        (PgType::Float8, Value::Float64(f)) => out.extend_from_slice(&f.to_le_bytes()),
         (
             PgType::Numeric {
                 precision: Some(_),
                 scale,
             },
             Value::Numeric(n),
-        ) => decimal(n, scale.unwrap_or(0))?,
+        ) => bin::bytes(out, &decimal_bytes(n, scale.unwrap_or(0))?),
         (
             PgType::Numeric {
                 precision: None, ..
             },
             Value::Numeric(n),
-        ) => unconstrained(n, opts.unconstrained_numeric)?,
-        (PgType::Money, Value::Numeric(n)) => decimal(n, crate::mapping::MONEY_SCALE)?,
-        (PgType::Money, Value::Text(t)) => decimal(
-            &money_numeric(t).ok_or_else(mismatch)?,
-            crate::mapping::MONEY_SCALE,
-        )?,
-        (PgType::Money, Value::Int64(cents)) => {
-            Avro::Decimal(Decimal::from(BigInt::from(*cents).to_signed_bytes_be()))
+        ) => unconstrained(out, n, opts.unconstrained_numeric)?,
+        (PgType::Money, Value::Numeric(n)) => {
+            bin::bytes(out, &decimal_bytes(n, crate::mapping::MONEY_SCALE)?)
         }
-        (PgType::Bytea, Value::Bytes(b)) => Avro::Bytes(b.clone()),
-        (PgType::Uuid, Value::Uuid(u)) => Avro::Uuid(apache_avro::Uuid::from_bytes(*u)),
-        (PgType::Uuid, Value::Text(t)) => Avro::Uuid(
-            apache_avro::Uuid::parse_str(t).map_err(|e| format!("`{t}` is not a UUID: {e}"))?,
+        (PgType::Money, Value::Text(t)) => bin::bytes(
+            out,
+            &decimal_bytes(
+                &money_numeric(t).ok_or_else(mismatch)?,
+                crate::mapping::MONEY_SCALE,
+            )?,
         ),
-        (PgType::Date, Value::Date(d)) => Avro::Date(*d),
-        (PgType::Time, Value::Time(t)) => Avro::TimeMicros(*t),
-        (PgType::TimeTz, v @ Value::TimeTz { .. }) => Avro::String(zoned_time(v)),
-        (PgType::Timestamp, Value::Timestamp(t)) => Avro::LocalTimestampMicros(*t),
-        (PgType::TimestampTz, Value::TimestampTz(t)) => Avro::TimestampMicros(*t),
+        (PgType::Money, Value::Int64(cents)) => {
+            bin::bytes(out, &BigInt::from(*cents).to_signed_bytes_be())
+        }
+        (PgType::Bytea, Value::Bytes(b)) => bin::bytes(out, b),
+        (PgType::Uuid, Value::Uuid(u)) => {
+            let mut text = apache_avro::Uuid::encode_buffer();
+            bin::string(
+                out,
+                apache_avro::Uuid::from_bytes(*u)
+                    .hyphenated()
+                    .encode_lower(&mut text),
+            );
+        }
+        (PgType::Uuid, Value::Text(t)) => {
+            let u =
+                apache_avro::Uuid::parse_str(t).map_err(|e| format!("`{t}` is not a UUID: {e}"))?;
+            bin::string(out, &u.hyphenated().to_string());
+        }
+        (PgType::Date, Value::Date(d)) => bin::long(out, i64::from(*d)),
+        (PgType::Time, Value::Time(t)) => bin::long(out, *t),
+        (PgType::TimeTz, v @ Value::TimeTz { .. }) => bin::string(out, &zoned_time(v)),
+        (PgType::Timestamp, Value::Timestamp(t)) => bin::long(out, *t),
+        (PgType::TimestampTz, Value::TimestampTz(t)) => bin::long(out, *t),
         (
             PgType::Interval,
             Value::Interval {
@@ -269,53 +322,58 @@ fn column_value(pg: &PgType, v: &Value, opts: &MappingOptions) -> Result<Avro, S
                 days,
                 micros,
             },
-        ) => Avro::Long(interval_micros(*months, *days, *micros)),
-        (PgType::Array { element }, Value::Array(items)) => Avro::Array(
-            items
-                .iter()
-                .map(|i| {
+        ) => bin::long(out, interval_micros(*months, *days, *micros)),
+        (PgType::Array { element }, Value::Array(items)) => {
+            // One block holding every item, then the empty block that ends
+            // the array (an empty array is the end block alone).
+            if !items.is_empty() {
+                bin::long(out, items.len() as i64);
+                for i in items {
                     if i.is_null() {
-                        Ok(none())
+                        bin::long(out, NULL_BRANCH);
                     } else {
-                        column_value(element, i, opts).map(some)
+                        bin::long(out, VALUE_BRANCH);
+                        column_value(out, element, i, opts)?;
                     }
-                })
-                .collect::<Result<_, _>>()?,
-        ),
+                }
+            }
+            bin::long(out, 0);
+        }
         (pg, Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s))
             if is_string_typed(pg, opts) =>
         {
-            Avro::String(s.clone())
+            bin::string(out, s)
         }
         _ => return Err(mismatch()),
-    })
+    }
+    Ok(())
 }
 
 /// Debezium's placeholder where a string or bytes can carry it; anything
 /// else has no representation for "the value exists but was not sent".
-fn unavailable(pg: &PgType, opts: &MappingOptions) -> Result<Avro, String> {
+fn unavailable(out: &mut Vec<u8>, pg: &PgType, opts: &MappingOptions) -> Result<(), String> {
     match pg {
-        pg if is_string_typed(pg, opts) => Ok(Avro::String(DEFAULT_UNAVAILABLE_PLACEHOLDER.into())),
-        PgType::Bytea => Ok(Avro::Bytes(DEFAULT_UNAVAILABLE_PLACEHOLDER.as_bytes().to_vec())),
+        pg if is_string_typed(pg, opts) => bin::string(out, DEFAULT_UNAVAILABLE_PLACEHOLDER),
+        PgType::Bytea => bin::bytes(out, DEFAULT_UNAVAILABLE_PLACEHOLDER.as_bytes()),
         PgType::Array { element } if is_string_typed(element, opts) => {
-            Ok(Avro::Array(vec![some(Avro::String(DEFAULT_UNAVAILABLE_PLACEHOLDER.into()))]))
+            bin::long(out, 1);
+            bin::long(out, VALUE_BRANCH);
+            bin::string(out, DEFAULT_UNAVAILABLE_PLACEHOLDER);
+            bin::long(out, 0);
         }
-        _ => Err(format!(
-            "an unchanged TOASTed {} value was not sent by Postgres and Avro has no placeholder for this type; \
-             set REPLICA IDENTITY FULL on the table so the old row carries it",
-            pg.sql_name()
-        )),
+        _ => {
+            return Err(format!(
+                "an unchanged TOASTed {} value was not sent by Postgres and Avro has no placeholder for this type; \
+                 set REPLICA IDENTITY FULL on the table so the old row carries it",
+                pg.sql_name()
+            ))
+        }
     }
-}
-
-/// `numeric(p, s)` as Avro decimal bytes: the unscaled value in big-endian
-/// two's complement.
-fn decimal(n: &Numeric, scale: u32) -> Result<Avro, String> {
-    Ok(Avro::Decimal(Decimal::from(decimal_bytes(n, scale)?)))
+    Ok(())
 }
 
 /// The big-endian two's-complement bytes of `n` at `scale` (`12.50` at
-/// scale 2 is `0x04E2`).
+/// scale 2 is `0x04E2`): an Avro decimal's unscaled value.
 pub fn decimal_bytes(n: &Numeric, scale: u32) -> Result<Vec<u8>, String> {
     let Numeric::Finite(_) = n else {
         return Err(format!(
@@ -331,27 +389,29 @@ pub fn decimal_bytes(n: &Numeric, scale: u32) -> Result<Vec<u8>, String> {
     Ok(int.to_signed_bytes_be())
 }
 
-fn unconstrained(n: &Numeric, mode: UnconstrainedNumeric) -> Result<Avro, String> {
+fn unconstrained(out: &mut Vec<u8>, n: &Numeric, mode: UnconstrainedNumeric) -> Result<(), String> {
     match mode {
-        UnconstrainedNumeric::String => Ok(Avro::String(n.to_string())),
-        UnconstrainedNumeric::Double => Ok(Avro::Double(match n {
-            Numeric::Finite(s) => s
-                .parse()
-                .map_err(|e| format!("numeric {s} is not a number: {e}"))?,
-            Numeric::NaN => f64::NAN,
-            Numeric::PositiveInfinity => f64::INFINITY,
-            Numeric::NegativeInfinity => f64::NEG_INFINITY,
-        })),
+        UnconstrainedNumeric::String => bin::string(out, &n.to_string()),
+        UnconstrainedNumeric::Double => {
+            let f = match n {
+                Numeric::Finite(s) => s
+                    .parse()
+                    .map_err(|e| format!("numeric {s} is not a number: {e}"))?,
+                Numeric::NaN => f64::NAN,
+                Numeric::PositiveInfinity => f64::INFINITY,
+                Numeric::NegativeInfinity => f64::NEG_INFINITY,
+            };
+            out.extend_from_slice(&f64::to_le_bytes(f));
+        }
         UnconstrainedNumeric::VariableScale => {
             let (_, scale) = n.unscaled().ok_or_else(|| {
                 format!("numeric {n} has no decimal form; set unconstrained_numeric = \"string\" to carry NaN and infinities")
             })?;
-            Ok(Avro::Record(vec![
-                ("scale".into(), Avro::Int(scale as i32)),
-                ("value".into(), Avro::Bytes(decimal_bytes(n, scale)?)),
-            ]))
+            bin::long(out, i64::from(scale));
+            bin::bytes(out, &decimal_bytes(n, scale)?);
         }
     }
+    Ok(())
 }
 
 /// `$1,234.50` (money's text output) as a numeric.
@@ -544,6 +604,28 @@ pub fn decimal_string(unscaled: &BigInt, scale: usize) -> String {
 mod tests {
     use super::*;
     use crate::mapping::derive;
+    use apache_avro::writer::datum::GenericDatumWriter;
+
+    /// Decodes `datum` with apache-avro against `schema`, requires every
+    /// byte to be consumed, and requires apache-avro's own encoding of the
+    /// decoded value (validated against the schema) to be the same bytes.
+    fn checked_decode(schema: &Schema, datum: &[u8]) -> Avro {
+        let mut rest = datum;
+        let value = GenericDatumReader::builder(schema)
+            .build()
+            .and_then(|r| r.read_value(&mut rest))
+            .expect("apache-avro reads the datum");
+        assert!(rest.is_empty(), "{} bytes left after the datum", rest.len());
+        let again = GenericDatumWriter::builder(schema)
+            .build()
+            .and_then(|w| w.write_value_to_vec(value.clone()))
+            .expect("apache-avro writes the decoded value back");
+        assert_eq!(
+            again, datum,
+            "apache-avro encodes the same value differently"
+        );
+        value
+    }
     use std::sync::Arc;
     use walcast_sdk::{Lsn, Op, ReplicaIdentity, SnapshotMarker, SourceInfo, TransactionInfo};
 
@@ -734,7 +816,7 @@ mod tests {
         let schemas = derive(&ev.table, "shop", &opts).unwrap();
         let key = encode_key(&ev, &schemas, &opts).unwrap().unwrap();
         let key_json = to_json(
-            &decode(schemas.key.as_ref().unwrap().schema(), &key).unwrap(),
+            &checked_decode(schemas.key.as_ref().unwrap().schema(), &key),
             schemas.key.as_ref().unwrap().schema(),
         )
         .unwrap();
@@ -742,7 +824,7 @@ mod tests {
 
         let bytes = encode_value(&ev, &schemas, &opts).unwrap();
         let decoded = to_json(
-            &decode(schemas.value.schema(), &bytes).unwrap(),
+            &checked_decode(schemas.value.schema(), &bytes),
             schemas.value.schema(),
         )
         .unwrap();
@@ -816,7 +898,7 @@ mod tests {
             };
             let s = derive(&ev.table, "p", &opts).unwrap();
             let decoded = to_json(
-                &decode(s.value.schema(), &encode_value(&ev, &s, &opts).unwrap()).unwrap(),
+                &checked_decode(s.value.schema(), &encode_value(&ev, &s, &opts).unwrap()),
                 s.value.schema(),
             )
             .unwrap();
@@ -893,7 +975,7 @@ mod tests {
             vec![Value::Int32(1), Value::Unavailable],
         );
         let s = derive(&ev.table, "p", &opts).unwrap();
-        let avro = decode(s.value.schema(), &encode_value(&ev, &s, &opts).unwrap()).unwrap();
+        let avro = checked_decode(s.value.schema(), &encode_value(&ev, &s, &opts).unwrap());
         let Avro::Record(env) = avro else { panic!() };
         let Avro::Union(1, after) = &env[1].1 else {
             panic!()
@@ -910,6 +992,101 @@ mod tests {
                 ))
             )
         );
+    }
+
+    #[test]
+    fn every_shape_matches_apache_avro_byte_for_byte() {
+        // An update with both images, each unconstrained-numeric mode, the
+        // money and uuid inputs that arrive as text, empty and placeholder
+        // arrays, a snapshot read without transaction: `checked_decode`
+        // compares each datum with apache-avro's encoding.
+        let cols = vec![
+            col("id", PgType::Int8, false, true),
+            col("k2", PgType::Text, false, true),
+            col(
+                "free",
+                PgType::Numeric {
+                    precision: None,
+                    scale: None,
+                },
+                true,
+                false,
+            ),
+            col("cash", PgType::Money, true, false),
+            col("cents", PgType::Money, true, false),
+            col("uid", PgType::Uuid, true, false),
+            col(
+                "none",
+                PgType::Array {
+                    element: Box::new(PgType::Int4),
+                },
+                true,
+                false,
+            ),
+            col(
+                "toast",
+                PgType::Array {
+                    element: Box::new(PgType::Text),
+                },
+                true,
+                false,
+            ),
+            col("f", PgType::Float8, true, false),
+            col("neg", PgType::Int4, true, false),
+        ];
+        let row = |free: &str| {
+            vec![
+                Value::Int64(-9_000_000_000),
+                Value::Text("naïve".into()),
+                Value::Numeric(Numeric::Finite(free.into())),
+                Value::Text("-$1,234.50".into()),
+                Value::Int64(-5),
+                Value::Text("ABABABAB-ABAB-ABAB-ABAB-ABABABABABAB".into()),
+                Value::Array(vec![]),
+                Value::Unavailable,
+                Value::Float32(0.25),
+                Value::Int32(i32::MIN),
+            ]
+        };
+        for mode in [
+            UnconstrainedNumeric::String,
+            UnconstrainedNumeric::Double,
+            UnconstrainedNumeric::VariableScale,
+        ] {
+            let opts = MappingOptions {
+                unconstrained_numeric: mode,
+            };
+            let mut ev = event(cols.clone(), row("123456789012345678901234567890.5"));
+            ev.op = Op::Update;
+            ev.before = Some(row("-0.000001"));
+            let s = derive(&ev.table, "p", &opts).unwrap();
+            let key = encode_key(&ev, &s, &opts).unwrap().unwrap();
+            checked_decode(s.key.as_ref().unwrap().schema(), &key);
+            let value = checked_decode(s.value.schema(), &encode_value(&ev, &s, &opts).unwrap());
+            let json = to_json(&value, s.value.schema()).unwrap();
+            assert_eq!(json["before"]["cash"], json!("-1234.50"), "{mode:?}");
+            assert_eq!(json["after"]["cents"], json!("-0.05"), "{mode:?}");
+            assert_eq!(
+                json["after"]["uid"],
+                json!("abababab-abab-abab-abab-abababababab"),
+                "{mode:?}"
+            );
+            assert_eq!(json["after"]["none"], json!([]), "{mode:?}");
+            assert_eq!(json["after"]["neg"], json!(i32::MIN), "{mode:?}");
+
+            ev.op = Op::Read;
+            ev.transaction = None;
+            ev.source.tx_id = None;
+            ev.source.snapshot = SnapshotMarker::True;
+            let json = to_json(
+                &checked_decode(s.value.schema(), &encode_value(&ev, &s, &opts).unwrap()),
+                s.value.schema(),
+            )
+            .unwrap();
+            assert_eq!(json["transaction"], Json::Null);
+            assert_eq!(json["source"]["txId"], Json::Null);
+            assert_eq!(json["op"], json!("r"));
+        }
     }
 
     #[test]

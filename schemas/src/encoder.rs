@@ -257,13 +257,12 @@ impl AvroEncoder {
     }
 
     fn key(&self, event: &ChangeEvent, r: &Registered) -> Result<Option<Vec<u8>>, EncodeError> {
-        let (Some(id), Some(datum)) = (
-            r.key_id,
-            codec::encode_key(event, &r.schemas, &self.options)?,
-        ) else {
+        let Some(id) = r.key_id else {
             return Ok(None);
         };
-        Ok(Some(wire::frame(id, &datum)))
+        let mut out = Vec::with_capacity(32);
+        wire::write_header(&mut out, id);
+        Ok(codec::encode_key_into(event, &r.schemas, &self.options, &mut out)?.then_some(out))
     }
 }
 
@@ -272,10 +271,9 @@ impl EventEncoder for AvroEncoder {
     async fn encode(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
         let r = self.registered(event).await?;
         let key = self.key(event, &r)?;
-        let value = wire::frame(
-            r.value_id,
-            &codec::encode_value(event, &r.schemas, &self.options)?,
-        );
+        let mut value = Vec::with_capacity(256);
+        wire::write_header(&mut value, r.value_id);
+        codec::encode_value_into(event, &r.schemas, &self.options, &mut value)?;
         Ok(EncodedRecord {
             key,
             value: Some(value),

@@ -8,6 +8,7 @@
 //! Schemas are registered once per table shape and cached; the hot path
 //! makes no HTTP call.
 
+pub mod binary;
 pub mod codec;
 pub mod contracts;
 pub mod embedded;
