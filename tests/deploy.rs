@@ -56,6 +56,7 @@ fn systemd_unit_has_the_intended_settings() {
     let expected = [
         ("Type", "notify"),
         ("NotifyAccess", "main"),
+        ("Environment", "MALLOC_ARENA_MAX=2"),
         (
             "ExecStart",
             "/usr/local/bin/walcast run -c /etc/walcast/walcast.toml",
@@ -426,6 +427,8 @@ fn kubernetes_manifests_are_consistent() {
     let listen =
         find_by_name(&c["env"], "WALCAST_ADMIN__LISTEN").expect("env WALCAST_ADMIN__LISTEN");
     assert_eq!(s(&listen["value"], "listen"), "0.0.0.0:9187");
+    let arenas = find_by_name(&c["env"], "MALLOC_ARENA_MAX").expect("env MALLOC_ARENA_MAX");
+    assert_eq!(s(&arenas["value"], "MALLOC_ARENA_MAX"), "2");
     let port = find_by_name(&c["ports"], "metrics").expect("a port named metrics");
     assert_eq!(port["containerPort"].as_u64(), Some(9187));
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {

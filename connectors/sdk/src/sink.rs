@@ -39,19 +39,33 @@ pub enum SinkError {
     },
 }
 
+/// The message without a leading `"{sink}: "`: the sink's own errors
+/// often name it already, and the variant's display adds it once.
+fn unprefixed(sink: &str, message: String) -> String {
+    match message
+        .strip_prefix(sink)
+        .and_then(|rest| rest.strip_prefix(": "))
+    {
+        Some(rest) => rest.to_string(),
+        None => message,
+    }
+}
+
 impl SinkError {
     pub fn transient(sink: impl Into<String>, message: impl Into<String>) -> Self {
+        let sink = sink.into();
         SinkError::Transient {
-            sink: sink.into(),
-            message: message.into(),
+            message: unprefixed(&sink, message.into()),
+            sink,
             source: None,
         }
     }
 
     pub fn definite(sink: impl Into<String>, message: impl Into<String>) -> Self {
+        let sink = sink.into();
         SinkError::Definite {
-            sink: sink.into(),
-            message: message.into(),
+            message: unprefixed(&sink, message.into()),
+            sink,
             source: None,
         }
     }
@@ -91,5 +105,21 @@ pub trait Sink: Send {
     /// Whether the destination is reachable, for readiness probes.
     async fn healthy(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sink_is_named_once() {
+        let e = SinkError::definite("kafka", "kafka: cannot create topic `t`");
+        assert_eq!(e.to_string(), "kafka: cannot create topic `t`");
+        let e = SinkError::transient("redis", "connection refused");
+        assert_eq!(
+            e.to_string(),
+            "redis: connection refused (transient; will retry)"
+        );
     }
 }
