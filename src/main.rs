@@ -13,6 +13,12 @@ mod pgoutput;
 mod pipeline;
 mod replication;
 
+/// mimalloc instead of glibc malloc: allocation was about a fifth of the
+/// capture path's CPU time under glibc, and its per-thread arenas let RSS
+/// creep on long runs (tests/bench/RESULTS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
