@@ -34,40 +34,6 @@ async fn wait_incremental_done(w: &Walcast) -> Value {
     st["pipelines"][0]["progress"]["incremental_snapshot"].clone()
 }
 
-/// Inserts, updates, deletes and key changes in small transactions until
-/// told to stop.
-fn writer(
-    db: String,
-    first_new_id: i32,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let c = connect(&db).await;
-        let mut n = 0u64;
-        let mut next = first_new_id;
-        while !*stop.borrow() {
-            let k = (rand::random::<u32>() % first_new_id as u32) as i32 + 1;
-            c.batch_execute(&format!(
-                "BEGIN;
-                 INSERT INTO big VALUES ({next}, 'new {next}');
-                 UPDATE big SET v = v || ' u{n}' WHERE id = {k};
-                 UPDATE big SET v = 'hot {n}' WHERE id = {};
-                 DELETE FROM big WHERE id = {};
-                 UPDATE big SET id = id + 1000000 WHERE id = {};
-                 COMMIT;",
-                k + 3,
-                k + 7,
-                k + 13
-            ))
-            .await
-            .unwrap();
-            next += 1;
-            n += 1;
-        }
-        n
-    })
-}
-
 fn state(w: &Walcast, pipeline: &str) -> Option<Value> {
     w.state_file(&format!("{pipeline}.incremental.json"))
 }
@@ -95,7 +61,7 @@ async fn incremental_snapshot_under_concurrent_writes_rebuilds_the_table() {
     });
     w.wait_state("streaming", WAIT).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let writes = writer(db.name.clone(), N + 1, stop_rx);
+    let writes = big_writer(db.name.clone(), true, N + 1, stop_rx);
     w.wait_events("streamed changes before the snapshot", WAIT, |e| {
         e.len() >= 20
     })

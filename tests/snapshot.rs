@@ -21,37 +21,6 @@ fn marker(e: &Value) -> &str {
     e["value"]["source"]["snapshot"].as_str().unwrap_or("?")
 }
 
-/// Inserts, updates and deletes in small transactions until told to stop.
-fn writer(
-    db: String,
-    first_new_id: i32,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let c = connect(&db).await;
-        let mut n = 0u64;
-        let mut next = first_new_id;
-        while !*stop.borrow() {
-            let k = (rand::random::<u32>() % first_new_id as u32) as i32 + 1;
-            c.batch_execute(&format!(
-                "BEGIN;
-                 INSERT INTO big VALUES ({next}, 'new {next}');
-                 UPDATE big SET v = v || ' u{n}' WHERE id = {k};
-                 DELETE FROM big WHERE id = {};
-                 UPDATE big SET id = id + 1000000 WHERE id = {};
-                 COMMIT;",
-                k + 7,
-                k + 13
-            ))
-            .await
-            .unwrap();
-            next += 1;
-            n += 1;
-        }
-        n
-    })
-}
-
 async fn big_table(db: &TestDb, rows: i32) {
     db.exec(&format!(
         "CREATE TABLE big (id int PRIMARY KEY, v text);
@@ -72,7 +41,7 @@ async fn snapshot_under_concurrent_writes_rebuilds_the_table() {
     big_table(&db, N).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Writes start before the slot exists and go on through the snapshot.
-    let writes = writer(db.name.clone(), N + 1, stop_rx);
+    let writes = big_writer(db.name.clone(), false, N + 1, stop_rx);
     let started = Instant::now();
     let w = Walcast::start_with(|out, admin| {
         file_pipeline_config_with(

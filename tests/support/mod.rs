@@ -691,6 +691,47 @@ pub fn rebuild_rows(events: &[serde_json::Value], table: &str) -> BTreeMap<i64, 
     rows
 }
 
+/// Concurrent load on `big (id, v)` for the snapshot tests: small
+/// transactions of an insert, an update, (with `hot`, an update of a second
+/// row,) a delete and a key change, until told to stop. Returns how many
+/// committed.
+pub fn big_writer(
+    db: String,
+    hot: bool,
+    first_new_id: i32,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let c = connect(&db).await;
+        let mut n = 0u64;
+        let mut next = first_new_id;
+        while !*stop.borrow() {
+            let k = (rand::random::<u32>() % first_new_id as u32) as i32 + 1;
+            let hot_update = if hot {
+                format!("UPDATE big SET v = 'hot {n}' WHERE id = {};", k + 3)
+            } else {
+                String::new()
+            };
+            c.batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO big VALUES ({next}, 'new {next}');
+                 UPDATE big SET v = v || ' u{n}' WHERE id = {k};
+                 {hot_update}
+                 DELETE FROM big WHERE id = {};
+                 UPDATE big SET id = id + 1000000 WHERE id = {};
+                 COMMIT;",
+                k + 7,
+                k + 13
+            ))
+            .await
+            .unwrap();
+            next += 1;
+            n += 1;
+        }
+        n
+    })
+}
+
 /// `table`'s `id -> v` rows as Postgres has them, to compare with
 /// [`rebuild_rows`].
 pub async fn table_rows(db: &TestDb, table: &str) -> BTreeMap<i64, String> {
