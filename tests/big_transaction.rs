@@ -68,31 +68,9 @@ async fn a_multi_million_row_transaction_is_delivered_whole_in_bounded_memory() 
     let prefix = unique("bt");
     let topic = format!("{prefix}.public.big");
     let mut w = Walcast::start_with(|_, admin| {
-        format!(
-            r#"[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[pipelines.{pipeline}]
-kind = "capture"
-topic_prefix = "{prefix}"
-format = "json"
-[pipelines.{pipeline}.source]
-port = {port}
-database = "{db}"
-user = "postgres"
-tables = ["public.big"]
-status_interval = "1s"
-[[pipelines.{pipeline}.sinks]]
-type = "kafka"
-bootstrap_servers = "{bootstrap}"
-create_topics = true
-topic_creation = {{ partitions = 3 }}
-"#,
-            port = pg_port(),
-            db = db.name,
-            bootstrap = var("WALCAST_TEST_KAFKA_BOOTSTRAP")
-        )
+        KafkaCapture::new(&pipeline, &db.name, &prefix, &["public.big"])
+            .create_topics()
+            .toml(admin)
     });
     w.wait_state("streaming", Duration::from_secs(120)).await;
     let pid = w.child.as_ref().unwrap().id();

@@ -143,53 +143,23 @@ async fn chaos(exactly_once: bool) {
     };
     let search = var("WALCAST_TEST_OPENSEARCH_URL");
     let redis_url = var("WALCAST_TEST_REDIS_URL");
-    let bootstrap = var("WALCAST_TEST_KAFKA_BOOTSTRAP");
     let mut w = Walcast::start_with(|_, admin| {
-        format!(
-            r#"[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[pipelines.chaos]
-kind = "capture"
-topic_prefix = "{prefix}"
-format = "json"
-[pipelines.chaos.source]
-port = {port}
-database = "{db}"
-user = "postgres"
-tables = ["public.accounts", "public.ledger"]
-status_interval = "1s"
-retry_max_backoff = "2s"
-[[pipelines.chaos.sinks]]
-type = "kafka"
-bootstrap_servers = "{bootstrap}"
-create_topics = true
-topic_creation = {{ partitions = 3 }}
-{delivery}
-
-[pipelines.relay]
-kind = "relay"
-[pipelines.relay.source]
-bootstrap_servers = "{bootstrap}"
-group_id = "{prefix}-relay"
-subscribe = {{ topics = ["{prefix}.public.accounts"] }}
-consumer = {{ "topic.metadata.refresh.interval.ms" = "500" }}
-[[pipelines.relay.sinks]]
-type = "redis"
-urls = ["{redis_url}"]
-mode = {{ type = "upsert", key_template = "{prefix}:{{id}}" }}
-retry_max_ms = 1000
-[[pipelines.relay.sinks]]
-type = "elasticsearch"
-url = "{search}"
-index_template = "{prefix}-{{table}}"
-flush_interval_ms = 200
-retry_max_ms = 1000
-"#,
-            port = pg_port(),
-            db = db.name
+        KafkaCapture::new(
+            "chaos",
+            &db.name,
+            &prefix,
+            &["public.accounts", "public.ledger"],
         )
+        .source("retry_max_backoff = \"2s\"")
+        .create_topics()
+        .sink(&delivery)
+        .toml(admin)
+            + &relay_to_redis_and_search(
+                &prefix,
+                &format!("{prefix}.public.accounts"),
+                &format!("{prefix}-{{table}}"),
+                200,
+            )
     });
     w.wait_state("streaming", WAIT).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -334,12 +304,7 @@ retry_max_ms = 1000
     let index = format!("{prefix}-accounts");
     let deadline = Instant::now() + WAIT;
     loop {
-        let _ = http.post(format!("{search}/{index}/_refresh")).send().await;
-        let count: Value = match http.get(format!("{search}/{index}/_count")).send().await {
-            Ok(r) => r.json().await.unwrap_or(Value::Null),
-            Err(_) => Value::Null,
-        };
-        let count = count["count"].as_u64().unwrap_or(0) as usize;
+        let count = search_count(&http, &search, &index).await.unwrap_or(0) as usize;
         // Every 37th row compared in full (the index is too big to fetch in one page).
         let mut index_diffs = 0;
         if count == pg_accounts.len() {

@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
@@ -22,67 +21,10 @@ fn config(
     extra_top: &str,
     extra_registry: &str,
 ) -> String {
-    format!(
-        r#"{extra_top}
-[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[pipelines.{pipeline}]
-kind = "capture"
-topic_prefix = "{prefix}"
-format = "avro"
-[pipelines.{pipeline}.registry]
-url = "{registry_url}"
-{extra_registry}
-[pipelines.{pipeline}.source]
-port = {port}
-database = "{db}"
-user = "postgres"
-tables = ["public.orders"]
-[[pipelines.{pipeline}.sinks]]
-type = "kafka"
-bootstrap_servers = "{bootstrap}"
-"#,
-        port = pg_port(),
-        bootstrap = var("WALCAST_TEST_KAFKA_BOOTSTRAP")
-    )
-}
-
-async fn decoded(registry_url: &str, topic: &str, n: usize) -> Vec<serde_json::Value> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::Message;
-    let decoder = walcast_schemas::AvroDecoder::new(Arc::new(
-        walcast_schemas::HttpRegistry::new(&walcast_schemas::RegistryConfig::new(registry_url))
-            .unwrap(),
-    ));
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", var("WALCAST_TEST_KAFKA_BOOTSTRAP"))
-        .set("group.id", unique("evo"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut raw = Vec::new();
-    let deadline = std::time::Instant::now() + WAIT;
-    while raw.len() < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} of {n} records on {topic}",
-            raw.len()
-        );
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            if let Some(p) = m.payload() {
-                raw.push(p.to_vec());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    for r in raw {
-        let (id, v) = decoder.decode(&r).await.unwrap();
-        out.push(serde_json::json!({"schema_id": id, "event": v}));
-    }
-    out
+    KafkaCapture::new(pipeline, db, prefix, &["public.orders"])
+        .top(extra_top)
+        .avro(registry_url, extra_registry)
+        .toml(admin)
 }
 
 async fn run_evolution(registry_url: &str, extra_top: &str) {
@@ -107,13 +49,10 @@ async fn run_evolution(registry_url: &str, extra_top: &str) {
     db.exec("ALTER TABLE orders ADD COLUMN price numeric(8,2)")
         .await;
     db.exec("INSERT INTO orders VALUES (2, 'b', 2.50)").await;
-    let ev = decoded(registry_url, &topic, 2).await;
-    assert_ne!(
-        ev[0]["schema_id"], ev[1]["schema_id"],
-        "a new schema version for the new shape"
-    );
-    assert_eq!(ev[1]["event"]["after"]["price"], "2.50");
-    assert!(ev[0]["event"]["after"].get("price").is_none());
+    let ev = consume_avro(registry_url, &topic, 2, WAIT).await;
+    assert_ne!(ev[0].0, ev[1].0, "a new schema version for the new shape");
+    assert_eq!(ev[1].1["after"]["price"], "2.50");
+    assert!(ev[0].1["after"].get("price").is_none());
     // Both versions are in the registry under the value subject.
     let versions: serde_json::Value =
         reqwest::get(format!("{registry_url}/subjects/{topic}-value/versions"))
@@ -128,22 +67,7 @@ async fn run_evolution(registry_url: &str, extra_top: &str) {
     db.exec("ALTER TABLE orders ALTER COLUMN item TYPE int USING 0")
         .await;
     db.exec("INSERT INTO orders VALUES (3, 3, 1.00)").await;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        if w.exited().is_some()
-            || w.status()
-                .await
-                .is_some_and(|s| s["pipelines"][0]["state"] == "failed")
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "an incompatible schema did not stop the pipeline:\n{}",
-            tail(&w.log(), 3000)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    w.wait_failed("an incompatible schema", WAIT).await;
     let log = w.log();
     assert!(
         log.contains(&format!("{topic}-value"))
@@ -212,22 +136,7 @@ async fn a_contract_mismatch_is_refused_by_run_and_reported_by_check() {
     let mut w = Walcast::start_with(|_, admin| text(&db.name, admin));
     w.wait_state("streaming", WAIT).await;
     db.exec("INSERT INTO orders VALUES (1, 'a', 1.00)").await;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        if w.exited().is_some()
-            || w.status()
-                .await
-                .is_some_and(|s| s["pipelines"][0]["state"] == "failed")
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the contract mismatch did not stop the pipeline:\n{}",
-            tail(&w.log(), 3000)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    w.wait_failed("the contract mismatch", WAIT).await;
     let log = w.log();
     assert!(
         log.contains("contract") && log.contains("price"),
@@ -263,10 +172,10 @@ async fn an_invalid_value_goes_to_the_dead_letter_topic() {
     w.wait_state("streaming", WAIT).await;
     db.exec("INSERT INTO orders VALUES (1, 'a', 1.50); INSERT INTO orders VALUES (2, 'bad', 'NaN'); INSERT INTO orders VALUES (3, 'c', 2.50)")
         .await;
-    let ev = decoded(&registry, &format!("{prefix}.public.orders"), 2).await;
+    let ev = consume_avro(&registry, &format!("{prefix}.public.orders"), 2, WAIT).await;
     let ids: Vec<i64> = ev
         .iter()
-        .map(|e| e["event"]["after"]["id"].as_i64().unwrap())
+        .map(|(_, e)| e["after"]["id"].as_i64().unwrap())
         .collect();
     assert_eq!(ids, [1, 3], "the valid rows reach the table's topic");
     let dead = consume_json(&dlq, WAIT, |r| !r.is_empty());
@@ -281,17 +190,13 @@ async fn an_invalid_value_goes_to_the_dead_letter_topic() {
     );
     // Nothing halted: the slot confirms past the three inserts.
     let end = db.current_wal().await;
-    let deadline = std::time::Instant::now() + WAIT;
-    while db
-        .confirmed_flush("walcast_deadletter")
-        .await
-        .is_none_or(|c| c < end)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slot never moved past the dead-lettered event"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    w.wait_confirmed(
+        &db,
+        "walcast_deadletter",
+        end,
+        WAIT,
+        "the slot never moved past the dead-lettered event",
+    )
+    .await;
     w.kill9();
 }

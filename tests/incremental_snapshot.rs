@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -25,156 +24,18 @@ fn table_of(e: &Value) -> &str {
     e["value"]["source"]["table"].as_str().unwrap_or("?")
 }
 
-/// Applies the events of `table` in file order, per key.
-fn rebuild(ev: &[Value], table: &str) -> BTreeMap<i64, String> {
-    let mut rows = BTreeMap::new();
-    for e in ev.iter().filter(|e| table_of(e) == table) {
-        let v = &e["value"];
-        match op(e) {
-            "r" | "c" | "u" => {
-                let after = &v["after"];
-                if let Some(before) = v["before"]["id"].as_i64() {
-                    rows.remove(&before);
-                }
-                rows.insert(
-                    after["id"].as_i64().unwrap(),
-                    after["v"].as_str().unwrap_or("<null>").to_string(),
-                );
-            }
-            "d" => {
-                rows.remove(&v["before"]["id"].as_i64().unwrap());
-            }
-            other => panic!("unexpected op {other}: {e}"),
-        }
-    }
-    rows
-}
-
-async fn rows(db: &TestDb, table: &str) -> BTreeMap<i64, String> {
-    db.client
-        .query(
-            &format!("SELECT id::int8, coalesce(v, '<null>') FROM {table}"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
-        .collect()
-}
-
-/// Waits until the events of `table` rebuild it as Postgres has it.
-async fn converge(w: &Walcast, db: &TestDb, table: &str) -> Vec<Value> {
-    let want = rows(db, table).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let ev = w.events();
-        let got = rebuild(&ev, table);
-        if got == want {
-            return ev;
-        }
-        if Instant::now() > deadline {
-            let differing: Vec<_> = want
-                .iter()
-                .filter(|(k, v)| got.get(k) != Some(v))
-                .take(5)
-                .map(|(k, v)| (k, v, got.get(k)))
-                .collect();
-            let extra: Vec<_> = got
-                .iter()
-                .filter(|(k, _)| !want.contains_key(k))
-                .take(5)
-                .collect();
-            panic!(
-                "events never rebuilt {table}: {} rows vs {} in Postgres; differing (key, postgres, events) {differing:?}, extra {extra:?}\nlog:\n{}",
-                got.len(),
-                want.len(),
-                tail(&w.log(), 4000)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// `walcast snapshot -c CONFIG ARGS...`: exit success and output.
-fn snapshot_cli(config: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin())
-        .args(["snapshot", "-c"])
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run walcast snapshot");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// The incremental snapshot's entry in /status, once it says done.
 async fn wait_incremental_done(w: &Walcast) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(st) = w.status().await {
-            let p = &st["pipelines"][0]["progress"]["incremental_snapshot"];
-            if p["state"] == "done" {
-                return p.clone();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the incremental snapshot did not finish:\n{}",
-            tail(&w.log(), 4000)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Inserts, updates, deletes and key changes in small transactions until
-/// told to stop.
-fn writer(
-    db: String,
-    first_new_id: i32,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let c = connect(&db).await;
-        let mut n = 0u64;
-        let mut next = first_new_id;
-        while !*stop.borrow() {
-            let k = (rand::random::<u32>() % first_new_id as u32) as i32 + 1;
-            c.batch_execute(&format!(
-                "BEGIN;
-                 INSERT INTO big VALUES ({next}, 'new {next}');
-                 UPDATE big SET v = v || ' u{n}' WHERE id = {k};
-                 UPDATE big SET v = 'hot {n}' WHERE id = {};
-                 DELETE FROM big WHERE id = {};
-                 UPDATE big SET id = id + 1000000 WHERE id = {};
-                 COMMIT;",
-                k + 3,
-                k + 7,
-                k + 13
-            ))
-            .await
-            .unwrap();
-            next += 1;
-            n += 1;
-        }
-        n
-    })
+    let st = w
+        .wait_status("the incremental snapshot to finish", WAIT, |s| {
+            s["pipelines"][0]["progress"]["incremental_snapshot"]["state"] == "done"
+        })
+        .await;
+    st["pipelines"][0]["progress"]["incremental_snapshot"].clone()
 }
 
 fn state(w: &Walcast, pipeline: &str) -> Option<Value> {
-    let text = std::fs::read_to_string(
-        w.dir
-            .join("walcast-state")
-            .join(format!("{pipeline}.incremental.json")),
-    )
-    .ok()?;
-    serde_json::from_str(&text).ok()
+    w.state_file(&format!("{pipeline}.incremental.json"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,13 +61,13 @@ async fn incremental_snapshot_under_concurrent_writes_rebuilds_the_table() {
     });
     w.wait_state("streaming", WAIT).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let writes = writer(db.name.clone(), N + 1, stop_rx);
+    let writes = big_writer(db.name.clone(), true, N + 1, stop_rx);
     w.wait_events("streamed changes before the snapshot", WAIT, |e| {
         e.len() >= 20
     })
     .await;
     let started = Instant::now();
-    let (ok, out) = snapshot_cli(&w.config, &["public.big"]);
+    let (ok, out) = cli("snapshot", &w.config, &["public.big"]);
     assert!(ok, "walcast snapshot failed: {out}");
     assert!(out.contains("public.big"), "{out}");
     let progress = wait_incremental_done(&w).await;
@@ -219,7 +80,7 @@ async fn incremental_snapshot_under_concurrent_writes_rebuilds_the_table() {
     .await;
     stop_tx.send(true).unwrap();
     let transactions = writes.await.unwrap();
-    let ev = converge(&w, &db, "big").await;
+    let ev = converge(&w, &db, "big", WAIT).await;
 
     let reads: Vec<(usize, &Value)> = ev
         .iter()
@@ -306,7 +167,7 @@ async fn a_table_added_to_a_running_pipeline_is_read_by_walcast_snapshot() {
     assert_eq!(w.events().len(), 10, "the initial snapshot of a");
 
     // Not captured yet: the command says what to do.
-    let (ok, out) = snapshot_cli(&w.config, &["b"]);
+    let (ok, out) = cli("snapshot", &w.config, &["b"]);
     assert!(!ok, "{out}");
     assert!(out.contains("does not capture public.b"), "{out}");
 
@@ -336,9 +197,9 @@ async fn a_table_added_to_a_running_pipeline_is_read_by_walcast_snapshot() {
         e.iter().filter(|x| table_of(x) == "b").count() >= 2
     })
     .await;
-    assert_eq!(rebuild(&w.events(), "b").len(), 2);
+    assert_eq!(rebuild_rows(&w.events(), "b").len(), 2);
 
-    let (ok, out) = snapshot_cli(&w.config, &["b"]);
+    let (ok, out) = cli("snapshot", &w.config, &["b"]);
     assert!(ok, "{out}");
     wait_incremental_done(&w).await;
     let shown = Command::new(bin())
@@ -350,14 +211,14 @@ async fn a_table_added_to_a_running_pipeline_is_read_by_walcast_snapshot() {
         shown.contains("incremental_snapshot: done rows=3001/"),
         "walcast status shows the progress: {shown}"
     );
-    let ev = converge(&w, &db, "b").await;
+    let ev = converge(&w, &db, "b", WAIT).await;
     let reads = ev
         .iter()
         .filter(|e| table_of(e) == "b" && op(e) == "r")
         .count();
     assert_eq!(reads, 3001, "every row of b, read once");
-    assert_eq!(rebuild(&ev, "b").len(), 3001);
-    assert_eq!(rebuild(&ev, "b")[&1], "changed");
+    assert_eq!(rebuild_rows(&ev, "b").len(), 3001);
+    assert_eq!(rebuild_rows(&ev, "b")[&1], "changed");
     // Table a was left alone.
     assert_eq!(ev.iter().filter(|e| table_of(e) == "a").count(), 10);
     let st = state(&w, "add").expect("state file");
@@ -377,24 +238,19 @@ async fn kill_9_mid_incremental_snapshot_resumes_without_a_new_signal() {
     .await;
     // fsync per small batch slows the sink enough to stop it midway.
     let mut w = Walcast::start_with(|out, admin| {
-        let base = file_pipeline_config(
+        file_pipeline_config_with(
             "incrkill",
             &db.name,
             &["public.big"],
             "snapshot = \"never\"\nsnapshot_chunk_rows = 1000",
+            "batch_max_events = 200\nmax_in_flight_events = 2000",
+            "fsync = true",
             out,
             admin,
-        );
-        format!(
-            "{}fsync = true\n",
-            base.replace(
-                "kind = \"capture\"\n",
-                "kind = \"capture\"\nbatch_max_events = 200\nmax_in_flight_events = 2000\n"
-            )
         )
     });
     w.wait_state("streaming", WAIT).await;
-    let (ok, out) = snapshot_cli(&w.config, &["public.big"]);
+    let (ok, out) = cli("snapshot", &w.config, &["public.big"]);
     assert!(ok, "{out}");
     let deadline = Instant::now() + WAIT;
     let saved = loop {
@@ -415,16 +271,7 @@ async fn kill_9_mid_incremental_snapshot_resumes_without_a_new_signal() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    w.kill9();
-    // A torn last line belongs to a batch that was never acknowledged.
-    let text = std::fs::read(&w.out).unwrap();
-    let keep = text
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map(|p| p + 1)
-        .unwrap_or(0);
-    std::fs::write(&w.out, &text[..keep]).unwrap();
-    let before = w.events().len();
+    let before = w.kill9_keeping_whole_lines();
     let saved_after_kill = state(&w, "incrkill").unwrap()["tables"][0]["rows"]
         .as_u64()
         .unwrap();
@@ -436,7 +283,7 @@ async fn kill_9_mid_incremental_snapshot_resumes_without_a_new_signal() {
     db.exec("UPDATE big SET v = 'changed while down' WHERE id % 1000 = 0; DELETE FROM big WHERE id % 1000 = 1; INSERT INTO big VALUES (200000, 'new while down')").await;
     w.spawn();
     wait_incremental_done(&w).await;
-    let ev = converge(&w, &db, "big").await;
+    let ev = converge(&w, &db, "big", WAIT).await;
     let reads_after = ev[before..].iter().filter(|e| op(e) == "r").count();
     assert!(
         reads_after > 0 && reads_after < N as usize,

@@ -16,37 +16,20 @@ use support::*;
 const WAIT: Duration = Duration::from_secs(120);
 
 fn config(pipeline: &str, db: &str, prefix: &str, admin: &str, password: &str) -> String {
-    format!(
-        r#"[admin]
-listen = "{admin}"
-[log]
-format = "json"
-level = "debug"
-[pipelines.{pipeline}]
-kind = "capture"
-topic_prefix = "{prefix}"
-format = "json"
-[pipelines.{pipeline}.source]
-port = {port}
-database = "{db}"
-user = "postgres"
-tables = ["public.t"]
-status_interval = "1s"
-[[pipelines.{pipeline}.sinks]]
-type = "kafka"
-bootstrap_servers = "{bootstrap}"
-create_topics = true
+    KafkaCapture::new(pipeline, db, prefix, &["public.t"])
+        .bootstrap(&var("WALCAST_TEST_KAFKA_SASL_BOOTSTRAP"))
+        .log("level = \"debug\"")
+        .sink(&format!(
+            r#"create_topics = true
 [pipelines.{pipeline}.sinks.producer]
 "security.protocol" = "SASL_PLAINTEXT"
 "sasl.mechanism" = "{mechanism}"
 "sasl.username" = "{user}"
-"sasl.password" = "{password}"
-"#,
-        port = pg_port(),
-        bootstrap = var("WALCAST_TEST_KAFKA_SASL_BOOTSTRAP"),
-        mechanism = var("WALCAST_TEST_KAFKA_SASL_MECHANISM"),
-        user = var("WALCAST_TEST_KAFKA_SASL_USER"),
-    )
+"sasl.password" = "{password}""#,
+            mechanism = var("WALCAST_TEST_KAFKA_SASL_MECHANISM"),
+            user = var("WALCAST_TEST_KAFKA_SASL_USER"),
+        ))
+        .toml(admin)
 }
 
 /// Every place a secret must not show up: the log, /status, /metrics.
@@ -80,11 +63,8 @@ async fn sasl_scram_producer_delivers_and_a_wrong_password_is_a_clear_error() {
     assert_eq!(records[6].1.as_ref().unwrap()["after"]["v"], "v7");
     let slot = format!("walcast_{pipeline}");
     let end = db.current_wal().await;
-    let deadline = std::time::Instant::now() + WAIT;
-    while db.confirmed_flush(&slot).await.unwrap_or(0) < end {
-        assert!(std::time::Instant::now() < deadline, "never confirmed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    w.wait_confirmed(&db, &slot, end, WAIT, "never confirmed")
+        .await;
     assert_secret_absent(&w, &password).await;
     w.kill9();
 
@@ -100,23 +80,7 @@ async fn sasl_scram_producer_delivers_and_a_wrong_password_is_a_clear_error() {
     });
     db2.exec("INSERT INTO t VALUES (1, 'never delivered')")
         .await;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        if w2.exited().is_some()
-            || w2
-                .status()
-                .await
-                .is_some_and(|s| s["pipelines"][0]["state"] == "failed")
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a wrong SASL password did not stop the pipeline:\n{}",
-            tail(&w2.log(), 4000)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    w2.wait_failed("a wrong SASL password", WAIT).await;
     let log = w2.log();
     let stopped = log
         .lines()

@@ -16,32 +16,11 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const WAIT: Duration = Duration::from_secs(120);
 
 fn kafka_json_config(pipeline: &str, db: &str, prefix: &str, admin: &str) -> String {
-    format!(
-        r#"[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[pipelines.{pipeline}]
-kind = "capture"
-topic_prefix = "{prefix}"
-format = "json"
-max_in_flight_events = 20000
-[pipelines.{pipeline}.source]
-port = {port}
-database = "{db}"
-user = "postgres"
-tables = ["public.t"]
-status_interval = "1s"
-retry_max_backoff = "2s"
-[[pipelines.{pipeline}.sinks]]
-type = "kafka"
-bootstrap_servers = "{bootstrap}"
-create_topics = true
-topic_creation = {{ partitions = 3 }}
-"#,
-        port = pg_port(),
-        bootstrap = var("WALCAST_TEST_KAFKA_BOOTSTRAP")
-    )
+    KafkaCapture::new(pipeline, db, prefix, &["public.t"])
+        .pipeline("max_in_flight_events = 20000")
+        .source("retry_max_backoff = \"2s\"")
+        .create_topics()
+        .toml(admin)
 }
 
 /// Inserts `n` rows, 10 per transaction, at a steady pace.
@@ -91,6 +70,21 @@ fn verify_topic(topic: &str, n: i32) -> usize {
     dups
 }
 
+/// Kills `w` with -9 and restarts it three times while 3000 rows are
+/// inserted; checks the topic has every row in per-row order and returns
+/// the number of duplicated events.
+async fn kill_9_three_times_under_load(w: &mut Walcast, db: &TestDb, prefix: &str) -> usize {
+    const N: i32 = 3000;
+    let load = writer(db.name.clone(), N);
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500 + 700 * round)).await;
+        w.kill9();
+        w.spawn();
+    }
+    load.await.unwrap();
+    verify_topic(&format!("{prefix}.public.t"), N)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_stopped_for_30s_under_load_loses_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -120,15 +114,15 @@ async fn broker_stopped_for_30s_under_load_loses_nothing() {
     let dups = verify_topic(&format!("{prefix}.public.t"), N);
     eprintln!("broker outage: in flight while down {in_flight}, duplicates {dups}");
     // Everything acknowledged: the slot caught up with the workload.
-    let deadline = std::time::Instant::now() + WAIT;
     let end = db.current_wal().await;
-    while db.confirmed_flush("walcast_brokerdown").await.unwrap() < end {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slot never confirmed the end of the workload"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    w.wait_confirmed(
+        &db,
+        "walcast_brokerdown",
+        end,
+        WAIT,
+        "the slot never confirmed the end of the workload",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,15 +134,7 @@ async fn kill_9_under_load_to_kafka_loses_nothing() {
     let mut w =
         Walcast::start_with(|_, admin| kafka_json_config("killk", &db.name, &prefix, admin));
     w.wait_state("streaming", WAIT).await;
-    const N: i32 = 3000;
-    let load = writer(db.name.clone(), N);
-    for round in 0..3 {
-        tokio::time::sleep(Duration::from_millis(1500 + 700 * round)).await;
-        w.kill9();
-        w.spawn();
-    }
-    load.await.unwrap();
-    let dups = verify_topic(&format!("{prefix}.public.t"), N);
+    let dups = kill_9_three_times_under_load(&mut w, &db, &prefix).await;
     eprintln!("3 x kill -9 under load: duplicates {dups}");
     assert!(
         dups <= 3 * 20_000,
@@ -175,15 +161,7 @@ async fn kill_9_under_load_exactly_once_gives_no_duplicates() {
             )
     });
     w.wait_state("streaming", WAIT).await;
-    const N: i32 = 3000;
-    let load = writer(db.name.clone(), N);
-    for round in 0..3 {
-        tokio::time::sleep(Duration::from_millis(1500 + 700 * round)).await;
-        w.kill9();
-        w.spawn();
-    }
-    load.await.unwrap();
-    let dups = verify_topic(&format!("{prefix}.public.t"), N);
+    let dups = kill_9_three_times_under_load(&mut w, &db, &prefix).await;
     let log = w.log();
     let dropped = log
         .lines()
@@ -202,30 +180,8 @@ async fn relay_survives_kill_9_and_sink_outages_and_converges() {
     let search = var("WALCAST_TEST_OPENSEARCH_URL");
     let redis_url = var("WALCAST_TEST_REDIS_URL");
     let mut w = Walcast::start_with(|_, admin| {
-        format!(
-            r#"{capture}
-[pipelines.relay]
-kind = "relay"
-[pipelines.relay.source]
-bootstrap_servers = "{bootstrap}"
-group_id = "{prefix}-relay"
-subscribe = {{ topics = ["{prefix}.public.t"] }}
-consumer = {{ "topic.metadata.refresh.interval.ms" = "500" }}
-[[pipelines.relay.sinks]]
-type = "redis"
-urls = ["{redis_url}"]
-mode = {{ type = "upsert", key_template = "{prefix}:{{id}}" }}
-retry_max_ms = 1000
-[[pipelines.relay.sinks]]
-type = "elasticsearch"
-url = "{search}"
-index_template = "{prefix}"
-flush_interval_ms = 100
-retry_max_ms = 1000
-"#,
-            capture = kafka_json_config("relaycap", &db.name, &prefix, admin),
-            bootstrap = var("WALCAST_TEST_KAFKA_BOOTSTRAP"),
-        )
+        kafka_json_config("relaycap", &db.name, &prefix, admin)
+            + &relay_to_redis_and_search(&prefix, &format!("{prefix}.public.t"), &prefix, 100)
     });
     w.wait_state("streaming", WAIT).await;
 
@@ -263,26 +219,11 @@ retry_max_ms = 1000
                 return false;
             }
         }
-        let _ = http
-            .post(format!("{search}/{prefix}/_refresh"))
-            .send()
-            .await;
-        let count: Value = match http.get(format!("{search}/{prefix}/_count")).send().await {
-            Ok(r) => r.json().await.unwrap_or(Value::Null),
-            Err(_) => return false,
-        };
-        if count["count"].as_u64() != Some(want.len() as u64) {
+        if search_count(&http, &search, &prefix).await != Some(want.len() as u64) {
             return false;
         }
         for id in ids.iter().step_by(97) {
-            let doc: Value = http
-                .get(format!("{search}/{prefix}/_doc/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let doc = search_doc(&http, &search, &prefix, id).await;
             if doc["_source"]["v"] != want[id].as_str() {
                 return false;
             }

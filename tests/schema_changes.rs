@@ -77,23 +77,36 @@ fn warnings_for(log: &str, table: &str) -> usize {
         .count()
 }
 
-async fn wait_failed(w: &mut Walcast, what: &str) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        if w.exited().is_some()
-            || w.status()
-                .await
-                .is_some_and(|s| s["pipelines"][0]["state"] == "failed")
-        {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what} did not stop the pipeline:\n{}",
-            tail(&w.log(), 4000)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// A database with `t (id, v)` and walcast streaming it to a file, with a
+/// short retry backoff: the publication tests' start. Returns the
+/// publication's name, `walcast_<pipeline>` (the slot's too).
+async fn streaming_t(db_prefix: &str, pipeline_prefix: &str) -> (TestDb, Walcast, String) {
+    let db = TestDb::new(db_prefix).await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let pipeline = unique(pipeline_prefix);
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config(
+            &pipeline,
+            &db.name,
+            &["public.t"],
+            "retry_max_backoff = \"1s\"",
+            out,
+            admin,
+        )
+    });
+    w.wait_state("streaming", WAIT).await;
+    (db, w, format!("walcast_{pipeline}"))
+}
+
+async fn publication_exists(db: &TestDb, publication: &str) -> bool {
+    db.client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .unwrap()
+        .is_some()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,21 +205,14 @@ async fn a_captured_table_dropped_mid_stream_delivers_its_last_changes_and_the_o
     );
     // The slot is not stuck behind the dropped tables.
     let end = db.current_wal().await;
-    let slot = pipeline.clone();
-    let deadline = std::time::Instant::now() + WAIT;
-    while db
-        .confirmed_flush(&format!("walcast_{slot}"))
-        .await
-        .unwrap_or(0)
-        < end
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slot never confirmed past the drops:\n{}",
-            tail(&w.log(), 3000)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    w.wait_confirmed(
+        &db,
+        &format!("walcast_{pipeline}"),
+        end,
+        WAIT,
+        "the slot never confirmed past the drops",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,22 +267,9 @@ async fn a_column_type_changed_mid_stream_gives_events_of_the_new_type() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_publication_stops_the_pipeline_naming_it_and_is_never_recreated() {
-    let db = TestDb::new("wc_droppub").await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
-    let pipeline = unique("droppub");
-    let publication = format!("walcast_{pipeline}");
+    let (db, mut w, publication) = streaming_t("wc_droppub", "droppub").await;
+    // The publication and the slot are both named after the pipeline.
     let slot = publication.clone();
-    let mut w = Walcast::start_with(|out, admin| {
-        file_pipeline_config(
-            &pipeline,
-            &db.name,
-            &["public.t"],
-            "retry_max_backoff = \"1s\"",
-            out,
-            admin,
-        )
-    });
-    w.wait_state("streaming", WAIT).await;
     for i in 1..=10 {
         db.exec(&format!("INSERT INTO t VALUES ({i}, 'v{i}')"))
             .await;
@@ -285,7 +278,7 @@ async fn a_dropped_publication_stops_the_pipeline_naming_it_and_is_never_recreat
 
     db.exec(&format!("DROP PUBLICATION {publication}")).await;
     db.exec("INSERT INTO t VALUES (11, 'after the drop')").await;
-    wait_failed(&mut w, "the dropped publication").await;
+    w.wait_failed("the dropped publication", WAIT).await;
     let log = w.log();
     assert!(
         log.contains(&format!("publication {publication} was dropped"))
@@ -297,15 +290,7 @@ async fn a_dropped_publication_stops_the_pipeline_naming_it_and_is_never_recreat
         assert!(!st.success(), "a failed pipeline exits non-zero");
     }
     // walcast did not recreate it (that would hide the gap).
-    let recreated = db
-        .client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .unwrap()
-        .is_some();
+    let recreated = publication_exists(&db, &publication).await;
     assert!(!recreated, "walcast recreated the publication by itself");
     let ev = w.events();
     assert_eq!(ev.len(), 10, "exactly the changes before the drop");
@@ -332,22 +317,9 @@ async fn a_dropped_publication_stops_the_pipeline_naming_it_and_is_never_recreat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_dropped_before_a_reconnect_is_not_recreated_by_it() {
-    let db = TestDb::new("wc_droppub2").await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
-    let pipeline = unique("droppub2");
-    let publication = format!("walcast_{pipeline}");
+    let (db, mut w, publication) = streaming_t("wc_droppub2", "droppub2").await;
+    // The publication and the slot are both named after the pipeline.
     let slot = publication.clone();
-    let mut w = Walcast::start_with(|out, admin| {
-        file_pipeline_config(
-            &pipeline,
-            &db.name,
-            &["public.t"],
-            "retry_max_backoff = \"1s\"",
-            out,
-            admin,
-        )
-    });
-    w.wait_state("streaming", WAIT).await;
     db.exec("INSERT INTO t VALUES (1, 'a')").await;
     w.wait_events("1 event", WAIT, |ev| !ev.is_empty()).await;
     // No change follows the drop, so the walsender has nothing to fail on;
@@ -358,7 +330,8 @@ async fn a_publication_dropped_before_a_reconnect_is_not_recreated_by_it() {
         "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}'"
     ))
     .await;
-    wait_failed(&mut w, "the publication missing at reconnect").await;
+    w.wait_failed("the publication missing at reconnect", WAIT)
+        .await;
     let log = w.log();
     assert!(
         log.contains(&format!("publication {publication} disappeared"))
@@ -366,14 +339,6 @@ async fn a_publication_dropped_before_a_reconnect_is_not_recreated_by_it() {
         "{}",
         tail(&log, 3000)
     );
-    let recreated = db
-        .client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .unwrap()
-        .is_some();
+    let recreated = publication_exists(&db, &publication).await;
     assert!(!recreated, "walcast recreated the publication on reconnect");
 }

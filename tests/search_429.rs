@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -63,29 +63,15 @@ async fn handle(State(p): State<Proxy>, method: Method, uri: Uri, body: Bytes) -
                 .into_response();
         }
     }
-    let url = format!(
-        "{}{}",
-        p.upstream,
-        uri.path_and_query().map(|x| x.as_str()).unwrap_or("/")
-    );
-    let resp = p
-        .http
-        .request(
-            reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap(),
-            url,
-        )
-        .header("content-type", "application/json")
-        .body(body.to_vec())
-        .send()
-        .await
-        .unwrap();
-    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
-    let bytes = resp.bytes().await.unwrap();
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Body::from(bytes))
-        .unwrap()
+    forward(
+        &p.http,
+        &p.upstream,
+        &method,
+        &uri,
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,16 +83,7 @@ async fn rejected_bulk_requests_are_retried_until_delivered() {
         http: reqwest::Client::new(),
     };
     let seen = proxy.bulk_seen.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy_url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            axum::Router::new().fallback(handle).with_state(proxy),
-        )
-        .await
-        .unwrap();
-    });
+    let proxy_url = serve(axum::Router::new().fallback(handle).with_state(proxy)).await;
 
     let db = TestDb::new("wc_429").await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
@@ -143,21 +120,13 @@ retry_max_ms = 500
     let http = reqwest::Client::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let _ = http.post(format!("{search}/{index}/_refresh")).send().await;
-        let c: Value = http
-            .get(format!("{search}/{index}/_count"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap_or(Value::Null);
-        if c["count"] == 20 {
+        let count = search_count(&http, &search, &index).await;
+        if count == Some(20) {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "documents never arrived: {c}; log:\n{}",
+            "documents never arrived: {count:?} in the index; log:\n{}",
             tail(&w.log(), 3000)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -166,26 +135,13 @@ retry_max_ms = 500
         seen.load(Ordering::SeqCst) >= 4,
         "three rejected bulk requests, then at least one forwarded"
     );
-    let doc: Value = http
-        .get(format!("{search}/{index}/_doc/7"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = search_doc(&http, &search, &index, 7).await;
     assert_eq!(doc["_source"]["v"], "v7");
     // The batch is acknowledged once the index has it: nothing stays in flight.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = w.status().await.unwrap_or(Value::Null);
-        if status["pipelines"][0]["in_flight_events"] == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "events stayed in flight: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    w.wait_status(
+        "no events in flight (events stayed in flight)",
+        Duration::from_secs(30),
+        |s| s["pipelines"][0]["in_flight_events"] == 0,
+    )
+    .await;
 }

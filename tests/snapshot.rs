@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -15,152 +13,12 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// A capture of `tables` to a JSON-lines file, with extra source keys and
-/// extra file-sink keys.
-#[allow(clippy::too_many_arguments)]
-fn config(
-    pipeline: &str,
-    db: &str,
-    tables: &[&str],
-    source: &str,
-    pipeline_extra: &str,
-    sink: &str,
-    out: &Path,
-    admin: &str,
-) -> String {
-    let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
-    format!(
-        r#"[admin]
-listen = "{admin}"
-[log]
-format = "json"
-level = "info,walcast=debug"
-[pipelines.{pipeline}]
-kind = "capture"
-{pipeline_extra}
-[pipelines.{pipeline}.source]
-host = "127.0.0.1"
-port = {port}
-database = "{db}"
-user = "postgres"
-tables = [{tables}]
-status_interval = "1s"
-{source}
-[[pipelines.{pipeline}.sinks]]
-type = "file"
-path = "{out}"
-{sink}
-"#,
-        port = pg_port(),
-        tables = tables.join(", "),
-        out = out.display()
-    )
-}
-
 fn op(e: &Value) -> &str {
     e["value"]["op"].as_str().unwrap_or("?")
 }
 
 fn marker(e: &Value) -> &str {
     e["value"]["source"]["snapshot"].as_str().unwrap_or("?")
-}
-
-/// Applies the events in file order, per key: what a sink would hold.
-fn rebuild(ev: &[Value]) -> BTreeMap<i64, String> {
-    let mut rows = BTreeMap::new();
-    for e in ev {
-        let v = &e["value"];
-        match op(e) {
-            "r" | "c" | "u" => {
-                let after = &v["after"];
-                if let Some(before) = v["before"]["id"].as_i64() {
-                    rows.remove(&before);
-                }
-                rows.insert(
-                    after["id"].as_i64().unwrap(),
-                    after["v"].as_str().unwrap_or("<null>").to_string(),
-                );
-            }
-            "d" => {
-                rows.remove(&v["before"]["id"].as_i64().unwrap());
-            }
-            other => panic!("unexpected op {other}: {e}"),
-        }
-    }
-    rows
-}
-
-async fn table(db: &TestDb) -> BTreeMap<i64, String> {
-    db.client
-        .query("SELECT id::int8, coalesce(v, '<null>') FROM big", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
-        .collect()
-}
-
-/// Waits until the events rebuild the table as Postgres has it.
-async fn converge(w: &Walcast, db: &TestDb) -> Vec<Value> {
-    let want = table(db).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let ev = w.events();
-        let got = rebuild(&ev);
-        if got == want {
-            return ev;
-        }
-        if Instant::now() > deadline {
-            let missing = want
-                .iter()
-                .filter(|(k, v)| got.get(k) != Some(v))
-                .take(5)
-                .collect::<Vec<_>>();
-            let extra = got
-                .iter()
-                .filter(|(k, _)| !want.contains_key(k))
-                .take(5)
-                .collect::<Vec<_>>();
-            panic!(
-                "events never rebuilt the table: {} rows vs {} in Postgres; differing {missing:?}, extra {extra:?}\nlog:\n{}",
-                got.len(),
-                want.len(),
-                tail(&w.log(), 4000)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Inserts, updates and deletes in small transactions until told to stop.
-fn writer(
-    db: String,
-    first_new_id: i32,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let c = connect(&db).await;
-        let mut n = 0u64;
-        let mut next = first_new_id;
-        while !*stop.borrow() {
-            let k = (rand::random::<u32>() % first_new_id as u32) as i32 + 1;
-            c.batch_execute(&format!(
-                "BEGIN;
-                 INSERT INTO big VALUES ({next}, 'new {next}');
-                 UPDATE big SET v = v || ' u{n}' WHERE id = {k};
-                 DELETE FROM big WHERE id = {};
-                 UPDATE big SET id = id + 1000000 WHERE id = {};
-                 COMMIT;",
-                k + 7,
-                k + 13
-            ))
-            .await
-            .unwrap();
-            next += 1;
-            n += 1;
-        }
-        n
-    })
 }
 
 async fn big_table(db: &TestDb, rows: i32) {
@@ -173,13 +31,7 @@ async fn big_table(db: &TestDb, rows: i32) {
 }
 
 fn state_file(w: &Walcast, pipeline: &str) -> Option<Value> {
-    let text = std::fs::read_to_string(
-        w.dir
-            .join("walcast-state")
-            .join(format!("{pipeline}.snapshot.json")),
-    )
-    .ok()?;
-    serde_json::from_str(&text).ok()
+    w.state_file(&format!("{pipeline}.snapshot.json"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,10 +41,10 @@ async fn snapshot_under_concurrent_writes_rebuilds_the_table() {
     big_table(&db, N).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Writes start before the slot exists and go on through the snapshot.
-    let writes = writer(db.name.clone(), N + 1, stop_rx);
+    let writes = big_writer(db.name.clone(), false, N + 1, stop_rx);
     let started = Instant::now();
     let w = Walcast::start_with(|out, admin| {
-        config(
+        file_pipeline_config_with(
             "snap",
             &db.name,
             &["public.big"],
@@ -214,7 +66,7 @@ async fn snapshot_under_concurrent_writes_rebuilds_the_table() {
     .await;
     stop_tx.send(true).unwrap();
     let transactions = writes.await.unwrap();
-    let ev = converge(&w, &db).await;
+    let ev = converge(&w, &db, "big", WAIT).await;
 
     let reads: Vec<&Value> = ev.iter().filter(|e| op(e) == "r").collect();
     let first_stream = ev.iter().position(|e| op(e) != "r").unwrap();
@@ -274,7 +126,7 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
     big_table(&db, N).await;
     // fsync per small batch slows the sink down enough to stop it midway.
     let mut w = Walcast::start_with(|out, admin| {
-        config(
+        file_pipeline_config_with(
             "snapkill",
             &db.name,
             &["public.big"],
@@ -304,16 +156,7 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    w.kill9();
-    // A torn last line belongs to a batch that was never acknowledged.
-    let text = std::fs::read(&w.out).unwrap();
-    let keep = text
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map(|p| p + 1)
-        .unwrap_or(0);
-    std::fs::write(&w.out, &text[..keep]).unwrap();
-    let before = w.events().len();
+    let before = w.kill9_keeping_whole_lines();
     let saved_after_kill = state_file(&w, "snapkill").unwrap()["tables"]["public.big"]["rows"]
         .as_u64()
         .unwrap();
@@ -329,7 +172,7 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
         e.iter().any(|x| marker(x) == "last")
     })
     .await;
-    let ev = converge(&w, &db).await;
+    let ev = converge(&w, &db, "big", WAIT).await;
     let reads_after = ev[before..].iter().filter(|e| op(e) == "r").count();
     assert!(
         reads_after > 0 && reads_after < N as usize,

@@ -101,31 +101,9 @@ async fn soak_memory_fds_and_lag_stay_flat() {
     let pipeline = unique("soak");
     let prefix = unique("soak");
     let w = Walcast::start_with(|_, admin| {
-        format!(
-            r#"[admin]
-listen = "{admin}"
-[log]
-format = "json"
-[pipelines.{pipeline}]
-kind = "capture"
-topic_prefix = "{prefix}"
-format = "json"
-[pipelines.{pipeline}.source]
-port = {port}
-database = "{db}"
-user = "postgres"
-tables = ["public.s"]
-status_interval = "1s"
-[[pipelines.{pipeline}.sinks]]
-type = "kafka"
-bootstrap_servers = "{bootstrap}"
-create_topics = true
-topic_creation = {{ partitions = 3 }}
-"#,
-            port = pg_port(),
-            db = db.name,
-            bootstrap = var("WALCAST_TEST_KAFKA_BOOTSTRAP")
-        )
+        KafkaCapture::new(&pipeline, &db.name, &prefix, &["public.s"])
+            .create_topics()
+            .toml(admin)
     });
     w.wait_state("streaming", Duration::from_secs(120)).await;
     let pid = w.child.as_ref().unwrap().id();
@@ -173,14 +151,14 @@ topic_creation = {{ partitions = 3 }}
 
     // Everything is confirmed once the load stops.
     let end = db.current_wal().await;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while db.confirmed_flush(&slot).await.unwrap_or(0) < end {
-        assert!(
-            Instant::now() < deadline,
-            "the slot never caught up after the load"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    w.wait_confirmed(
+        &db,
+        &slot,
+        end,
+        Duration::from_secs(300),
+        "the slot never caught up after the load",
+    )
+    .await;
     let hwm = proc_kib(pid, "VmHWM:");
 
     // The report.

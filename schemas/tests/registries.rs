@@ -78,6 +78,26 @@ async fn raw(method: reqwest::Method, url: String, body: Option<Json>) -> (u16, 
     )
 }
 
+/// Sends a raw request and asserts the registry's error answer (HTTP
+/// `status` and `error_code`, as Confluent's API gives them); returns the
+/// answer. `name` says which registry or case in the failure message.
+async fn assert_error(
+    name: &str,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Json>,
+    status: u16,
+    code: impl Into<Json>,
+) -> Json {
+    let (got, answer) = raw(method, url, body).await;
+    assert_eq!(
+        (got, &answer["error_code"]),
+        (status, &code.into()),
+        "{name}: {answer}"
+    );
+    answer
+}
+
 async fn suite(name: &str, url: &str) {
     let prefix = unique("suite");
     let subject = format!("{prefix}.public.orders-value");
@@ -179,30 +199,26 @@ async fn suite(name: &str, url: &str) {
     );
     assert!(!err.is_transient());
     let versions_url = format!("{url}/subjects/{subject}/versions");
-    let (status, body) = raw(
+    assert_error(
+        name,
         reqwest::Method::POST,
         versions_url.clone(),
         Some(json!({"schema": v3.text()})),
+        409,
+        409,
     )
     .await;
-    assert_eq!(
-        (status, &body["error_code"]),
-        (409, &json!(409)),
-        "{name}: {body}"
-    );
 
     // An invalid schema: 422 with error_code 42201.
-    let (status, body) = raw(
+    let body = assert_error(
+        name,
         reqwest::Method::POST,
         versions_url,
         Some(json!({"schema": "{\"type\":\"record\"}"})),
+        422,
+        42201,
     )
     .await;
-    assert_eq!(
-        (status, &body["error_code"]),
-        (422, &json!(42201)),
-        "{name}: {body}"
-    );
     assert!(body["message"].is_string(), "{name}: {body}");
 
     // Unknown subject, version and id.
@@ -211,39 +227,33 @@ async fn suite(name: &str, url: &str) {
         matches!(err, RegistryError::NotFound { .. }),
         "{name}: {err}"
     );
-    let (status, body) = raw(
+    assert_error(
+        name,
         reqwest::Method::GET,
         format!("{url}/subjects/{nosuch}/versions"),
         None,
+        404,
+        40401,
     )
     .await;
-    assert_eq!(
-        (status, &body["error_code"]),
-        (404, &json!(40401)),
-        "{name}: {body}"
-    );
-    let (status, body) = raw(
+    assert_error(
+        name,
         reqwest::Method::GET,
         format!("{url}/subjects/{subject}/versions/7"),
         None,
+        404,
+        40402,
     )
     .await;
-    assert_eq!(
-        (status, &body["error_code"]),
-        (404, &json!(40402)),
-        "{name}: {body}"
-    );
-    let (status, body) = raw(
+    assert_error(
+        name,
         reqwest::Method::GET,
         format!("{url}/schemas/ids/{}", i32::MAX),
         None,
+        404,
+        40403,
     )
     .await;
-    assert_eq!(
-        (status, &body["error_code"]),
-        (404, &json!(40403)),
-        "{name}: {body}"
-    );
     assert!(matches!(
         fresh.schema_by_id(i32::MAX as u32).await,
         Err(RegistryError::NotFound { .. })
@@ -269,17 +279,15 @@ async fn suite(name: &str, url: &str) {
         CompatibilityLevel::Backward,
         "{name}"
     );
-    let (status, body) = raw(
+    assert_error(
+        name,
         reqwest::Method::PUT,
         format!("{url}/config/{subject}"),
         Some(json!({"compatibility": "SOMETIMES"})),
+        422,
+        42203,
     )
     .await;
-    assert_eq!(
-        (status, &body["error_code"]),
-        (422, &json!(42203)),
-        "{name}: {body}"
-    );
 }
 
 #[tokio::test]
@@ -407,12 +415,7 @@ async fn embedded_answers_in_confluents_media_type_and_codes() {
         ),
     ];
     for (method, path, body, status, code) in cases {
-        let (got, answer) = raw(method, format!("{url}/{path}"), body).await;
-        assert_eq!(
-            (got, &answer["error_code"]),
-            (status, &code),
-            "{path}: {answer}"
-        );
+        let answer = assert_error(&path, method, format!("{url}/{path}"), body, status, code).await;
         assert!(answer["message"].is_string(), "{path}: {answer}");
     }
     let (status, answer) = raw(

@@ -10,9 +10,11 @@
 //! Every test uses its own subjects (a per-run suffix in the pipeline
 //! prefix), so runs against a long-lived registry do not interfere.
 
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+mod common;
 
+use std::sync::Arc;
+
+use common::{column, registry_url, unique};
 use serde_json::json;
 use walcast_schemas::mapping::derive;
 use walcast_schemas::{
@@ -24,39 +26,12 @@ use walcast_sdk::{
     SnapshotMarker, SourceInfo, TableSchema, TransactionInfo, Value,
 };
 
-fn registry_url() -> String {
-    std::env::var("WALCAST_TEST_REGISTRY_URL").unwrap_or_else(|_| {
-        panic!(
-            "WALCAST_TEST_REGISTRY_URL is not set: start a registry with `deploy/local/stack up --only registry` \
-             and run `eval \"$(deploy/local/stack env)\"` before these tests"
-        )
-    })
-}
-
 fn client() -> HttpRegistry {
-    HttpRegistry::new(&RegistryConfig::new(registry_url())).expect("registry client")
+    common::client(&registry_url())
 }
 
-/// A prefix no earlier run used, so subjects start empty.
-fn unique_prefix(test: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("it{}_{}_{test}", std::process::id(), nanos)
-}
-
-fn column(name: &str, pg_type: PgType, key: bool) -> Column {
-    Column {
-        name: name.into(),
-        pg_type,
-        type_oid: 0,
-        type_modifier: -1,
-        nullable: !key,
-        key,
-    }
-}
-
+/// `public.orders` at `version`, under one relation id across versions (as
+/// an altered table keeps its oid): the encoder relates the versions by it.
 fn table(version: u32, columns: Vec<Column>) -> Arc<TableSchema> {
     Arc::new(TableSchema {
         relation_id: 16_384,
@@ -111,7 +86,7 @@ fn event(prefix: &str, table: Arc<TableSchema>, after: Vec<Value>) -> ChangeEven
 
 #[tokio::test]
 async fn registers_idempotently_and_looks_up_by_id() {
-    let prefix = unique_prefix("idem");
+    let prefix = unique("idem");
     let schemas = derive(
         &table(1, base_columns()),
         &prefix,
@@ -170,7 +145,7 @@ async fn registers_idempotently_and_looks_up_by_id() {
 
 #[tokio::test]
 async fn nullable_column_evolves_and_type_change_is_refused() {
-    let prefix = unique_prefix("evolve");
+    let prefix = unique("evolve");
     let subject = format!("{prefix}.public.orders-value");
     let registry = client();
     let opts = MappingOptions::default();
@@ -222,7 +197,7 @@ async fn nullable_column_evolves_and_type_change_is_refused() {
 
 #[tokio::test]
 async fn encoder_round_trips_through_the_registry() {
-    let prefix = unique_prefix("roundtrip");
+    let prefix = unique("roundtrip");
     let config: RegistryConfig = serde_json::from_value(
         json!({"url": registry_url(), "unconstrained_numeric": "variable_scale"}),
     )
@@ -307,7 +282,7 @@ async fn encoder_round_trips_through_the_registry() {
 
 #[tokio::test]
 async fn record_name_strategy_uses_the_record_full_name() {
-    let prefix = unique_prefix("recname");
+    let prefix = unique("recname");
     let registry = Arc::new(client());
     let encoder = AvroEncoder::new(
         registry.clone(),

@@ -8,6 +8,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -204,6 +205,22 @@ pub fn file_pipeline_config(
     out: &Path,
     admin: &str,
 ) -> String {
+    file_pipeline_config_with(pipeline, db, tables, extra_source, "", "", out, admin)
+}
+
+/// As [`file_pipeline_config`], with extra keys for the pipeline table and
+/// the file sink too (the snapshot tests set both).
+#[allow(clippy::too_many_arguments)]
+pub fn file_pipeline_config_with(
+    pipeline: &str,
+    db: &str,
+    tables: &[&str],
+    extra_source: &str,
+    extra_pipeline: &str,
+    extra_sink: &str,
+    out: &Path,
+    admin: &str,
+) -> String {
     let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
     format!(
         r#"[admin]
@@ -213,6 +230,7 @@ format = "json"
 level = "info,walcast=debug"
 [pipelines.{pipeline}]
 kind = "capture"
+{extra_pipeline}
 [pipelines.{pipeline}.source]
 host = "127.0.0.1"
 port = {port}
@@ -224,11 +242,147 @@ status_interval = "1s"
 [[pipelines.{pipeline}.sinks]]
 type = "file"
 path = "{out}"
+{extra_sink}
 "#,
         port = pg_port(),
         tables = tables.join(", "),
         out = out.display()
     )
+}
+
+/// A capture pipeline of `db` to the stack's Kafka, as TOML: the config the
+/// Kafka end-to-end tests share, with a slot for each kind of extra setting.
+/// JSON, `status_interval = "1s"` and a plain sink unless told otherwise.
+#[derive(Clone, Debug)]
+pub struct KafkaCapture {
+    pipeline: String,
+    db: String,
+    prefix: String,
+    tables: Vec<String>,
+    format: String,
+    bootstrap: String,
+    top: String,
+    log: String,
+    pipeline_extra: String,
+    registry: Option<String>,
+    source: String,
+    sink: String,
+}
+
+impl KafkaCapture {
+    pub fn new(pipeline: &str, db: &str, prefix: &str, tables: &[&str]) -> Self {
+        KafkaCapture {
+            pipeline: pipeline.into(),
+            db: db.into(),
+            prefix: prefix.into(),
+            tables: tables.iter().map(|t| t.to_string()).collect(),
+            format: "json".into(),
+            bootstrap: var("WALCAST_TEST_KAFKA_BOOTSTRAP"),
+            top: String::new(),
+            log: String::new(),
+            pipeline_extra: String::new(),
+            registry: None,
+            source: "status_interval = \"1s\"\n".into(),
+            sink: String::new(),
+        }
+    }
+
+    /// Avro through the registry at `url`, with extra `[registry]` keys.
+    pub fn avro(mut self, url: &str, extra_registry: &str) -> Self {
+        self.format = "avro".into();
+        self.registry = Some(format!("url = \"{url}\"\n{extra_registry}\n"));
+        self
+    }
+
+    /// Another broker (the SASL listener).
+    pub fn bootstrap(mut self, bootstrap: &str) -> Self {
+        self.bootstrap = bootstrap.into();
+        self
+    }
+
+    /// Lines before everything else (other top-level tables).
+    pub fn top(mut self, lines: &str) -> Self {
+        self.top.push_str(lines);
+        self.top.push('\n');
+        self
+    }
+
+    /// Extra `[log]` keys.
+    pub fn log(mut self, lines: &str) -> Self {
+        self.log.push_str(lines);
+        self.log.push('\n');
+        self
+    }
+
+    /// Extra keys of the pipeline's own table.
+    pub fn pipeline(mut self, lines: &str) -> Self {
+        self.pipeline_extra.push_str(lines);
+        self.pipeline_extra.push('\n');
+        self
+    }
+
+    /// Extra source keys.
+    pub fn source(mut self, lines: &str) -> Self {
+        self.source.push_str(lines);
+        self.source.push('\n');
+        self
+    }
+
+    /// Extra Kafka sink keys (and sub-tables, last).
+    pub fn sink(mut self, lines: &str) -> Self {
+        self.sink.push_str(lines);
+        self.sink.push('\n');
+        self
+    }
+
+    /// `create_topics = true` with 3 partitions per topic.
+    pub fn create_topics(self) -> Self {
+        self.sink("create_topics = true\ntopic_creation = { partitions = 3 }")
+    }
+
+    /// The config file's text, with the admin endpoint on `admin`.
+    pub fn toml(&self, admin: &str) -> String {
+        let KafkaCapture {
+            pipeline,
+            db,
+            prefix,
+            format,
+            bootstrap,
+            top,
+            log,
+            pipeline_extra,
+            source,
+            sink,
+            ..
+        } = self;
+        let tables: Vec<String> = self.tables.iter().map(|t| format!("{t:?}")).collect();
+        let registry = self
+            .registry
+            .as_ref()
+            .map(|r| format!("[pipelines.{pipeline}.registry]\n{r}"))
+            .unwrap_or_default();
+        format!(
+            r#"{top}[admin]
+listen = "{admin}"
+[log]
+format = "json"
+{log}[pipelines.{pipeline}]
+kind = "capture"
+topic_prefix = "{prefix}"
+format = "{format}"
+{pipeline_extra}{registry}[pipelines.{pipeline}.source]
+port = {port}
+database = "{db}"
+user = "postgres"
+tables = [{tables}]
+{source}[[pipelines.{pipeline}.sinks]]
+type = "kafka"
+bootstrap_servers = "{bootstrap}"
+{sink}"#,
+            port = pg_port(),
+            tables = tables.join(", "),
+        )
+    }
 }
 
 impl Walcast {
@@ -283,6 +437,21 @@ impl Walcast {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// kill -9 mid-write, then drops the file sink's torn last line (it
+    /// belongs to a batch that was never acknowledged); returns how many
+    /// events the file keeps. For the resume-after-kill tests.
+    pub fn kill9_keeping_whole_lines(&mut self) -> usize {
+        self.kill9();
+        let text = std::fs::read(&self.out).expect("the file sink's output");
+        let keep = text
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map(|p| p + 1)
+            .unwrap_or(0);
+        std::fs::write(&self.out, &text[..keep]).expect("trim the sink's file");
+        self.events().len()
     }
 
     /// SIGTERM, then the exit status.
@@ -361,24 +530,96 @@ impl Walcast {
         serde_json::from_str(&body).ok()
     }
 
-    /// Waits until the admin endpoint reports the first pipeline in `state`.
-    pub async fn wait_state(&self, state: &str, timeout: Duration) -> serde_json::Value {
+    /// Waits until `/status` satisfies `pred`: the one status poll with a
+    /// deadline that the waits on the admin endpoint share.
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.status().await {
-                if s["pipelines"][0]["state"] == state {
+                if pred(&s) {
                     return s;
                 }
             }
             if Instant::now() > deadline {
                 panic!(
-                    "pipeline never reached {state}: {:?}\nlog:\n{}",
+                    "timed out waiting for {what}: {:?}\nlog:\n{}",
                     self.status().await,
                     tail(&self.log(), 4000)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Waits until the admin endpoint reports the first pipeline in `state`.
+    pub async fn wait_state(&self, state: &str, timeout: Duration) -> serde_json::Value {
+        self.wait_status(
+            &format!("the pipeline to reach {state} (it never did)"),
+            timeout,
+            |s| s["pipelines"][0]["state"] == state,
+        )
+        .await
+    }
+
+    /// Waits until the pipeline has stopped on an error: the process exited
+    /// or /status says `failed`. Shared by every test of a fatal error;
+    /// `what` names the cause in the failure message.
+    pub async fn wait_failed(&mut self, what: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.exited().is_some()
+                || self
+                    .status()
+                    .await
+                    .is_some_and(|s| s["pipelines"][0]["state"] == "failed")
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not stop the pipeline:\n{}",
+                tail(&self.log(), 4000)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `db`'s replication slot `slot` confirms `lsn` (everything
+    /// up to it acknowledged); panics with `failure`, the slot's position
+    /// and the log's tail when `timeout` passes first.
+    pub async fn wait_confirmed(
+        &self,
+        db: &TestDb,
+        slot: &str,
+        lsn: u64,
+        timeout: Duration,
+        failure: &str,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let confirmed = db.confirmed_flush(slot).await;
+            if confirmed.is_some_and(|c| c >= lsn) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{failure}: slot {slot} confirmed {confirmed:?}, waiting for {lsn}\nlog:\n{}",
+                tail(&self.log(), 3000)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The JSON state file `name` under the default `state_dir`, if written
+    /// (snapshot progress files).
+    pub fn state_file(&self, name: &str) -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(self.dir.join("walcast-state").join(name)).ok()?;
+        serde_json::from_str(&text).ok()
     }
 }
 
@@ -398,11 +639,18 @@ pub fn tail(s: &str, n: usize) -> &str {
 
 /// Runs `walcast check -c FILE`; returns (success, stdout + stderr).
 pub fn check(config: &Path) -> (bool, String) {
+    cli("check", config, &[])
+}
+
+/// Runs `walcast SUBCOMMAND -c FILE ARGS...` as a user would; returns
+/// (success, stdout + stderr).
+pub fn cli(subcommand: &str, config: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new(bin())
-        .args(["check", "-c"])
+        .args([subcommand, "-c"])
         .arg(config)
+        .args(args)
         .output()
-        .expect("run walcast check");
+        .unwrap_or_else(|e| panic!("run walcast {subcommand}: {e}"));
     (
         out.status.success(),
         format!(
@@ -411,6 +659,131 @@ pub fn check(config: &Path) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// Applies the change events of `table` (as the file sink writes them) in
+/// order, per `id` key: the `id -> v` rows a sink would hold. The snapshot
+/// tests rebuild their tables with it.
+pub fn rebuild_rows(events: &[serde_json::Value], table: &str) -> BTreeMap<i64, String> {
+    let mut rows = BTreeMap::new();
+    for e in events
+        .iter()
+        .filter(|e| e["value"]["source"]["table"].as_str().unwrap_or("?") == table)
+    {
+        let v = &e["value"];
+        match v["op"].as_str().unwrap_or("?") {
+            "r" | "c" | "u" => {
+                let after = &v["after"];
+                if let Some(before) = v["before"]["id"].as_i64() {
+                    rows.remove(&before);
+                }
+                rows.insert(
+                    after["id"].as_i64().unwrap(),
+                    after["v"].as_str().unwrap_or("<null>").to_string(),
+                );
+            }
+            "d" => {
+                rows.remove(&v["before"]["id"].as_i64().unwrap());
+            }
+            other => panic!("unexpected op {other}: {e}"),
+        }
+    }
+    rows
+}
+
+/// Concurrent load on `big (id, v)` for the snapshot tests: small
+/// transactions of an insert, an update, (with `hot`, an update of a second
+/// row,) a delete and a key change, until told to stop. Returns how many
+/// committed.
+pub fn big_writer(
+    db: String,
+    hot: bool,
+    first_new_id: i32,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let c = connect(&db).await;
+        let mut n = 0u64;
+        let mut next = first_new_id;
+        while !*stop.borrow() {
+            let k = (rand::random::<u32>() % first_new_id as u32) as i32 + 1;
+            let hot_update = if hot {
+                format!("UPDATE big SET v = 'hot {n}' WHERE id = {};", k + 3)
+            } else {
+                String::new()
+            };
+            c.batch_execute(&format!(
+                "BEGIN;
+                 INSERT INTO big VALUES ({next}, 'new {next}');
+                 UPDATE big SET v = v || ' u{n}' WHERE id = {k};
+                 {hot_update}
+                 DELETE FROM big WHERE id = {};
+                 UPDATE big SET id = id + 1000000 WHERE id = {};
+                 COMMIT;",
+                k + 7,
+                k + 13
+            ))
+            .await
+            .unwrap();
+            next += 1;
+            n += 1;
+        }
+        n
+    })
+}
+
+/// `table`'s `id -> v` rows as Postgres has them, to compare with
+/// [`rebuild_rows`].
+pub async fn table_rows(db: &TestDb, table: &str) -> BTreeMap<i64, String> {
+    db.client
+        .query(
+            &format!("SELECT id::int8, coalesce(v, '<null>') FROM {table}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+        .collect()
+}
+
+/// Waits until the events of `table` rebuild it as Postgres has it;
+/// returns the events. On timeout, names the differing and extra rows.
+pub async fn converge(
+    w: &Walcast,
+    db: &TestDb,
+    table: &str,
+    timeout: Duration,
+) -> Vec<serde_json::Value> {
+    let want = table_rows(db, table).await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ev = w.events();
+        let got = rebuild_rows(&ev, table);
+        if got == want {
+            return ev;
+        }
+        if Instant::now() > deadline {
+            let differing: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(k) != Some(v))
+                .take(5)
+                .map(|(k, v)| (k, v, got.get(k)))
+                .collect();
+            let extra: Vec<_> = got
+                .iter()
+                .filter(|(k, _)| !want.contains_key(k))
+                .take(5)
+                .collect();
+            panic!(
+                "events never rebuilt {table}: {} rows vs {} in Postgres; differing (key, postgres, events) {differing:?}, extra {extra:?}\nlog:\n{}",
+                got.len(),
+                want.len(),
+                tail(&w.log(), 4000)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A Postgres cluster of its own, for settings the shared one must not
@@ -619,4 +992,172 @@ pub fn consume_json_until(
             return (out, false);
         }
     }
+}
+
+/// Reads the first `n` records of an Avro topic from the beginning and
+/// decodes them through the registry at `registry_url`: (schema id, event)
+/// pairs, in the order read. Fails after `timeout` with how many arrived.
+pub async fn consume_avro(
+    registry_url: &str,
+    topic: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<(u32, serde_json::Value)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let decoder = walcast_schemas::AvroDecoder::new(std::sync::Arc::new(
+        walcast_schemas::HttpRegistry::new(&walcast_schemas::RegistryConfig::new(registry_url))
+            .expect("registry client"),
+    ));
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", var("WALCAST_TEST_KAFKA_BOOTSTRAP"))
+        .set("group.id", unique("avro"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut raw = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while raw.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} records on {topic}",
+            raw.len()
+        );
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            if let Some(p) = m.payload() {
+                raw.push(p.to_vec());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for r in raw {
+        out.push(
+            decoder
+                .decode(&r)
+                .await
+                .expect("decode through the registry"),
+        );
+    }
+    out
+}
+
+/// Serves `router` on a free loopback port for the rest of the test; returns
+/// its URL. The failure-injecting proxies run on it.
+pub async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        axum::serve(listener, router).await.expect("serve");
+    });
+    url
+}
+
+/// What the failure-injecting proxies do with a request they let through:
+/// sends it to `upstream` (same method, path, query and body, with
+/// `headers`) and answers with upstream's status, body and content type.
+pub async fn forward(
+    http: &reqwest::Client,
+    upstream: &str,
+    method: &axum::http::Method,
+    uri: &axum::http::Uri,
+    headers: &[(&str, &str)],
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    let url = format!(
+        "{upstream}{}",
+        uri.path_and_query().map(|x| x.as_str()).unwrap_or("/")
+    );
+    let mut req = http.request(
+        reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap(),
+        url,
+    );
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = req.body(body.to_vec()).send().await.unwrap();
+    let status = axum::http::StatusCode::from_u16(resp.status().as_u16()).unwrap();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    let bytes = resp.bytes().await.unwrap();
+    axum::response::Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(axum::body::Body::from(bytes))
+        .unwrap()
+}
+
+/// A relay pipeline named `relay` from `topic` to the stack's Redis (upsert
+/// under `{prefix}:{id}`) and OpenSearch (`index_template`), as TOML to
+/// append to a config: the fan-out the outage and chaos tests check.
+pub fn relay_to_redis_and_search(
+    prefix: &str,
+    topic: &str,
+    index_template: &str,
+    flush_interval_ms: u64,
+) -> String {
+    format!(
+        r#"
+[pipelines.relay]
+kind = "relay"
+[pipelines.relay.source]
+bootstrap_servers = "{bootstrap}"
+group_id = "{prefix}-relay"
+subscribe = {{ topics = ["{topic}"] }}
+consumer = {{ "topic.metadata.refresh.interval.ms" = "500" }}
+[[pipelines.relay.sinks]]
+type = "redis"
+urls = ["{redis_url}"]
+mode = {{ type = "upsert", key_template = "{prefix}:{{id}}" }}
+retry_max_ms = 1000
+[[pipelines.relay.sinks]]
+type = "elasticsearch"
+url = "{search}"
+index_template = "{index_template}"
+flush_interval_ms = {flush_interval_ms}
+retry_max_ms = 1000
+"#,
+        bootstrap = var("WALCAST_TEST_KAFKA_BOOTSTRAP"),
+        redis_url = var("WALCAST_TEST_REDIS_URL"),
+        search = var("WALCAST_TEST_OPENSEARCH_URL"),
+    )
+}
+
+/// Refreshes the OpenSearch `index` at `search` and counts its documents;
+/// `None` while OpenSearch does not answer. How the tests see what a
+/// search sink has delivered.
+pub async fn search_count(http: &reqwest::Client, search: &str, index: &str) -> Option<u64> {
+    let _ = http.post(format!("{search}/{index}/_refresh")).send().await;
+    let count: serde_json::Value = http
+        .get(format!("{search}/{index}/_count"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .unwrap_or(serde_json::Value::Null);
+    count["count"].as_u64()
+}
+
+/// The OpenSearch document `id` of `index` as JSON (`_source` holds the
+/// row; a missing one answers `found: false`).
+pub async fn search_doc(
+    http: &reqwest::Client,
+    search: &str,
+    index: &str,
+    id: impl std::fmt::Display,
+) -> serde_json::Value {
+    http.get(format!("{search}/{index}/_doc/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }

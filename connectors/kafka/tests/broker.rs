@@ -16,22 +16,9 @@ use walcast_kafka::{
     DeliveryMode, KafkaSink, KafkaSinkConfig, KafkaSource, KafkaSourceConfig, Subscription,
     TopicState,
 };
-use walcast_sdk::{AckTracker, Batch, ChangeEvent, JsonEncoder, Op, Sink};
+use walcast_sdk::{AckTracker, Batch, ChangeEvent, Op, Sink};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn sink_config(routes: &[(&str, &str)]) -> KafkaSinkConfig {
-    let mut c = KafkaSinkConfig::new(bootstrap());
-    c.routes = routes
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
-    c
-}
-
-fn sink(config: KafkaSinkConfig) -> KafkaSink {
-    KafkaSink::new(config, Arc::new(JsonEncoder::default())).expect("sink")
-}
 
 /// Waits until the tracker's checkpoint reaches `pos`.
 async fn acked(tracker: &mut AckTracker<u64>, pos: u64) {
@@ -42,6 +29,45 @@ async fn acked(tracker: &mut AckTracker<u64>, pos: u64) {
     })
     .await
     .unwrap_or_else(|_| panic!("checkpoint did not reach {pos}: {:?}", tracker.checkpoint()));
+}
+
+/// Asserts that a failure's `reason` names each of `needles`.
+fn assert_names(reason: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(reason.contains(needle), "`{needle}` missing: {reason}");
+    }
+}
+
+/// Sends `event` as a batch of its own that the broker refuses, and checks
+/// the failure is definite: the delivery report fails the batch, flush
+/// reports a permanent error and nothing is acknowledged. Returns the
+/// report's reason.
+async fn refused_by_the_broker(sink: &mut KafkaSink, event: ChangeEvent) -> String {
+    let mut tracker: AckTracker<u64> = AckTracker::new();
+    let a = tracker.register(Some(1), 1);
+    // Handing over may succeed; the delivery report carries the failure.
+    let _ = sink
+        .send(Batch {
+            events: Arc::new(vec![event]),
+            acker: a,
+        })
+        .await;
+    let failure = tokio::time::timeout(WAIT, tracker.next())
+        .await
+        .expect("the delivery report arrives")
+        .expect_err("not delivered");
+    let err = sink.flush().await.expect_err("flush reports it");
+    assert!(!err.is_transient(), "{err}");
+    assert_eq!(tracker.checkpoint(), None);
+    failure.reason
+}
+
+/// A plain producer on the stack's broker, to fill topics the source reads.
+fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -222,19 +248,16 @@ async fn record_over_client_limit_fails_the_batch_naming_table_lsn_and_size() {
         .expect_err("a record over message.max.bytes is refused");
     assert!(!err.is_transient(), "{err}");
     let failure = tracker.poll().expect_err("batch failed");
-    for needle in [
-        "public.docs",
-        "2A/10",
-        &topic,
-        "message.max.bytes",
-        "max.message.bytes",
-    ] {
-        assert!(
-            failure.reason.contains(needle),
-            "`{needle}` missing: {}",
-            failure.reason
-        );
-    }
+    assert_names(
+        &failure.reason,
+        &[
+            "public.docs",
+            "2A/10",
+            &topic,
+            "message.max.bytes",
+            "max.message.bytes",
+        ],
+    );
     assert_eq!(tracker.checkpoint(), None);
     // The sink refuses further batches: the pipeline must stop.
     let a = tracker.register(Some(2), 1);
@@ -263,39 +286,15 @@ async fn unknown_topic_fails_the_batch_with_a_hint() {
     cfg.producer
         .insert("topic.metadata.propagation.max.ms".into(), "2000".into());
     let mut sink = sink(cfg);
-    let mut tracker: AckTracker<u64> = AckTracker::new();
-    let a = tracker.register(Some(1), 1);
-    // Handing over may succeed; the delivery report carries the failure.
-    let _ = sink
-        .send(Batch {
-            events: Arc::new(vec![event(&rows, Op::Create, 1, "x", 0x2B_0000_0010, 9)]),
-            acker: a,
-        })
-        .await;
-    let failure = tokio::time::timeout(WAIT, tracker.next())
-        .await
-        .expect("the delivery report arrives")
-        .expect_err("not delivered");
-    for needle in [
-        topic.as_str(),
-        "public.missing",
-        "2B/10",
-        "create_topics = true",
-    ] {
-        assert!(
-            failure.reason.contains(needle),
-            "`{needle}` missing: {}",
-            failure.reason
-        );
-    }
-    let err = sink.flush().await.expect_err("flush reports it");
-    assert!(!err.is_transient(), "{err}");
-    assert_eq!(tracker.checkpoint(), None);
-}
-
-fn env(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: load `deploy/local/stack env`"))
+    let reason = refused_by_the_broker(
+        &mut sink,
+        event(&rows, Op::Create, 1, "x", 0x2B_0000_0010, 9),
+    )
+    .await;
+    assert_names(
+        &reason,
+        &[&topic, "public.missing", "2B/10", "create_topics = true"],
+    );
 }
 
 /// Authorisation refused for real: the stack's broker enforces ACLs, and a
@@ -307,15 +306,12 @@ async fn authorization_failure_fails_the_batch_definitely_with_a_hint() {
     let topic = unique("walcast.it.denied");
     create_topic(&topic, 1, &[]).await;
     let user = env("WALCAST_TEST_KAFKA_SASL_USER");
-    let stack = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/local/stack");
-    let acl = std::process::Command::new("bash")
-        .arg(stack)
+    let acl = stack_command()
         .args(["kafka-tool", "AclCommand", "--bootstrap-server"])
         .arg(bootstrap())
         .args(["--add", "--deny-principal"])
         .arg(format!("User:{user}"))
         .args(["--operation", "Write", "--topic", &topic])
-        .env("WALCAST_STACK_DIR", env("WALCAST_TEST_STACK_DIR"))
         .output()
         .expect("run AclCommand");
     assert!(
@@ -336,33 +332,11 @@ async fn authorization_failure_fails_the_batch_definitely_with_a_hint() {
         cfg.producer.insert(k.to_string(), v);
     }
     let mut sink = sink(cfg);
-    let mut tracker: AckTracker<u64> = AckTracker::new();
-    let a = tracker.register(Some(1), 1);
-    let _ = sink
-        .send(Batch {
-            events: Arc::new(vec![event(&rows, Op::Create, 1, "x", 0x42, 7)]),
-            acker: a,
-        })
-        .await;
-    let failure = tokio::time::timeout(WAIT, tracker.next())
-        .await
-        .expect("the delivery report arrives")
-        .expect_err("not delivered");
-    for needle in [
-        topic.as_str(),
-        "public.secret",
-        "0/42",
-        "WRITE on the topic",
-    ] {
-        assert!(
-            failure.reason.contains(needle),
-            "`{needle}` missing: {}",
-            failure.reason
-        );
-    }
-    let err = sink.flush().await.expect_err("flush reports it");
-    assert!(!err.is_transient(), "{err}");
-    assert_eq!(tracker.checkpoint(), None);
+    let reason = refused_by_the_broker(&mut sink, event(&rows, Op::Create, 1, "x", 0x42, 7)).await;
+    assert_names(
+        &reason,
+        &[&topic, "public.secret", "0/42", "WRITE on the topic"],
+    );
 }
 
 #[tokio::test]
@@ -533,10 +507,7 @@ fn committed_at(group: &str, topic: &str, partition: i32) -> Option<i64> {
 async fn source_commits_only_the_acknowledged_prefix() {
     let topic = unique("walcast.it.src");
     create_topic(&topic, 1, &[]).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
+    let producer = producer();
     for i in 0..110 {
         let key = format!("k{i}");
         let value = format!("v{i}");
@@ -627,10 +598,7 @@ async fn source_commits_only_the_acknowledged_prefix() {
 async fn a_failed_record_stops_the_partition_and_is_reported() {
     let topic = unique("walcast.it.srcfail");
     create_topic(&topic, 1, &[]).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
+    let producer = producer();
     for i in 0..3 {
         let v = format!("{i}");
         producer
@@ -742,18 +710,8 @@ async fn exactly_once_commits_whole_batches_and_aborts_failed_ones() {
         .unwrap();
     assert_eq!(tracker2.poll().unwrap(), Some(3));
 
-    let recs = read_all(&topic, 1, 4, WAIT);
-    let names: Vec<_> = recs
-        .iter()
-        .map(|r| {
-            r.json_value()["after"]["name"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
     assert_eq!(
-        names,
+        after_names(&read_all(&topic, 1, 4, WAIT)),
         ["committed", "committed", "committed", "after"],
         "the aborted batch is invisible to read_committed"
     );
@@ -831,17 +789,8 @@ async fn exactly_once_drops_replayed_changes_that_kafka_already_holds() {
         Some(9),
         "the replayed batch is acknowledged, so the slot moves on"
     );
-    let names: Vec<String> = read_all(&topic, 1, 8, WAIT)
-        .iter()
-        .map(|r| {
-            r.json_value()["after"]["name"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
     assert_eq!(
-        names,
+        after_names(&read_all(&topic, 1, 8, WAIT)),
         ["1-1", "1-2", "1-3", "2-1", "2-2", "2-3", "2-4", "3-1"],
         "each change once, in order, across the crash"
     );
@@ -864,10 +813,7 @@ async fn exactly_once_drops_replayed_changes_that_kafka_already_holds() {
 async fn revoked_partitions_commit_what_is_acknowledged_before_moving() {
     let topic = unique("walcast.it.rebalance");
     create_topic(&topic, 2, &[]).await;
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
+    let producer = producer();
     for i in 0..20 {
         let v = format!("{i}");
         let rec = FutureRecord::<(), _>::to(&topic)

@@ -4,23 +4,15 @@
 
 mod support;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-use walcast_kafka::{KafkaSink, KafkaSinkConfig};
-use walcast_sdk::{AckTracker, Batch, JsonEncoder, Op, Sink};
+use walcast_sdk::{AckTracker, Batch, Op, Sink};
 
 fn stack(cmd: &str) {
-    let dir = std::env::var("WALCAST_TEST_STACK_DIR").unwrap_or_else(|_| {
-        panic!("WALCAST_TEST_STACK_DIR is not set: run `eval \"$(deploy/local/stack env)\"` first")
-    });
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/local/stack");
-    let status = Command::new("bash")
-        .arg(script)
+    let status = stack_command()
         .args([cmd, "kafka"])
-        .env("WALCAST_STACK_DIR", &dir)
         .status()
         .expect("run deploy/local/stack");
     assert!(status.success(), "deploy/local/stack {cmd} kafka failed");
@@ -41,9 +33,7 @@ async fn outage_stalls_acknowledgement_until_the_broker_returns() {
     let topic = unique("walcast.it.outage");
     create_topic(&topic, 1, &[]).await;
     let rows = table("public", "outage", true);
-    let mut cfg = KafkaSinkConfig::new(bootstrap());
-    cfg.routes.insert("public.outage".into(), topic.clone());
-    let mut sink = KafkaSink::new(cfg, Arc::new(JsonEncoder::default())).unwrap();
+    let mut sink = sink(sink_config(&[("public.outage", &topic)]));
     let mut tracker: AckTracker<u64> = AckTracker::new();
 
     let a = tracker.register(Some(1), 1);
@@ -89,17 +79,8 @@ async fn outage_stalls_acknowledgement_until_the_broker_returns() {
     assert_eq!(cp.unwrap(), Some(2));
     sink.flush().await.unwrap();
     let recs = read_all(&topic, 1, 3, Duration::from_secs(60));
-    let names: Vec<_> = recs
-        .iter()
-        .map(|r| {
-            r.json_value()["after"]["name"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
     assert_eq!(
-        names,
+        after_names(&recs),
         ["before", "during", "during"],
         "no loss, no duplicate (idempotent producer)"
     );

@@ -11,9 +11,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
+use walcast_kafka::{KafkaSink, KafkaSinkConfig};
 use walcast_sdk::{
-    ChangeEvent, Column, Lsn, Op, PgType, ReplicaIdentity, SnapshotMarker, SourceInfo, TableSchema,
-    TransactionInfo, Value,
+    ChangeEvent, Column, JsonEncoder, Lsn, Op, PgType, ReplicaIdentity, SnapshotMarker, SourceInfo,
+    TableSchema, TransactionInfo, Value,
 };
 
 /// The broker's address; a missing variable fails the test with the fix.
@@ -24,6 +25,39 @@ pub fn bootstrap() -> String {
              `deploy/local/stack up --only kafka` and run `eval \"$(deploy/local/stack env)\"` first"
         )
     })
+}
+
+/// A variable `deploy/local/stack env` sets; a missing one fails the test
+/// with the fix.
+pub fn env(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: load `deploy/local/stack env`"))
+}
+
+/// `deploy/local/stack` on the stack the tests use (stop/start the broker,
+/// run a Kafka CLI tool), ready for its arguments.
+pub fn stack_command() -> std::process::Command {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/local/stack");
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(script)
+        .env("WALCAST_STACK_DIR", env("WALCAST_TEST_STACK_DIR"));
+    cmd
+}
+
+/// A sink config for the stack's broker with `(table, topic)` routes: the
+/// base every sink test changes.
+pub fn sink_config(routes: &[(&str, &str)]) -> KafkaSinkConfig {
+    let mut c = KafkaSinkConfig::new(bootstrap());
+    c.routes = routes
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    c
+}
+
+/// A sink with the JSON encoder, as the sink tests use it.
+pub fn sink(config: KafkaSinkConfig) -> KafkaSink {
+    KafkaSink::new(config, Arc::new(JsonEncoder::default())).expect("sink")
 }
 
 /// A name no earlier run used, so tests never read each other's records.
@@ -204,4 +238,18 @@ pub fn read_all(topic: &str, partitions: i32, count: usize, timeout: Duration) -
     );
     out.sort_by_key(|r| (r.partition, r.offset));
     out
+}
+
+/// The `after.name` of each record, in order: what the delivery tests
+/// compare to say which events arrived.
+pub fn after_names(records: &[Read]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| {
+            r.json_value()["after"]["name"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
 }
