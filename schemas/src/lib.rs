@@ -1,5 +1,6 @@
 //! Avro for walcast: the Postgres to Avro type mapping ([`mapping`]), the
-//! codec ([`codec`]), the Confluent wire header ([`wire`]), a Confluent
+//! codec ([`codec`], writing Avro's binary encoding with [`binary`]), the
+//! Confluent wire header ([`wire`]), a Confluent
 //! Schema Registry client ([`registry`]), an embedded registry kept in a
 //! directory ([`embedded`]) and served over the Confluent REST API
 //! ([`server`]), data contracts ([`contracts`]) and the [`AvroEncoder`] /

@@ -35,13 +35,14 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 
+import benchlib
+from benchlib import COLS, ROW_EXPR, free_port, log
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -79,26 +80,8 @@ TABLES = ["public.bench_rows", "public.bench_full"]
 LAT_TABLES = ["public.pgbench_accounts", "public.pgbench_tellers", "public.pgbench_branches", "public.pgbench_history"]
 
 
-def log(*a):
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
-
-
-def psql(sql, db=DB, capture=True):
-    r = subprocess.run(
-        [f"{PGBIN}/psql", "-h", "127.0.0.1", "-p", PGPORT, "-U", "postgres", "-d", db,
-         "-v", "ON_ERROR_STOP=1", "-qAtX", "-c", sql],
-        capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"psql failed: {sql[:200]}\n{r.stderr}")
-    return r.stdout.strip()
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+def psql(sql, db=DB):
+    return benchlib.psql(sql, db)
 
 
 # ---------------------------------------------------------------- sampling
@@ -220,9 +203,6 @@ def slot_wait_active(name, seconds=120, proc=None):
     raise RuntimeError(f"slot {name} never became active")
 
 
-COLS = "id bigint PRIMARY KEY, account bigint NOT NULL, label text NOT NULL, amount numeric(12,2), currency char(3), note text, created_at timestamptz NOT NULL, updated_at timestamptz"
-ROW_EXPR = ("g, g % 9973, 'label-' || g, (g % 100000) + (g % 100) / 100.0, 'EUR', "
-            "'some free text that a real row might carry, about sixty bytes', now(), now()")
 
 
 def setup_db():

@@ -2,7 +2,7 @@
 """Snapshot throughput: walcast's snapshots against Postgres's own COPY.
 
 Loads N rows (WALCAST_BENCH_SNAPSHOT_ROWS, default 1,000,000) into the
-8-column table the other benchmarks use (bench.py's COLS / ROW_EXPR), then,
+8-column table the other benchmarks use (benchlib's COLS / ROW_EXPR), then,
 in the same run, on the same table:
 
   ceiling      `COPY snap_rows TO STDOUT` through psql into /dev/null: what
@@ -22,13 +22,14 @@ tests/bench/snapshot (release build, stack env); needs only python3.
 import datetime
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+import benchlib
+from benchlib import COLS, ROW_EXPR, free_port, log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -43,38 +44,10 @@ CHUNK = int(E.get("WALCAST_BENCH_SNAPSHOT_CHUNK", "10000"))
 TIMEOUT = float(E.get("WALCAST_BENCH_TIMEOUT", "900"))
 
 
-def bench_defs():
-    """COLS and ROW_EXPR from bench.py, so both benchmarks use one table shape
-    (bench.py itself needs Kafka at import)."""
-    src = open(os.path.join(HERE, "bench.py")).read()
-    ns = {}
-    for name in ("COLS", "ROW_EXPR"):
-        m = re.search(rf"^{name} = (\(.*?\)|\".*?\")\n", src, re.S | re.M)
-        exec(f"{name} = {m.group(1)}", ns)
-    return ns["COLS"], ns["ROW_EXPR"]
-
-
-COLS, ROW_EXPR = bench_defs()
-
-
-def log(*a):
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
 def psql(sql, db=DB):
-    r = subprocess.run([f"{PGBIN}/psql", "-h", "127.0.0.1", "-p", PGPORT, "-U", "postgres", "-d", db,
-                        "-v", "ON_ERROR_STOP=1", "-qAtX", "-c", sql], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"psql failed: {sql[:200]}\n{r.stderr}")
-    return r.stdout.strip()
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+    return benchlib.psql(sql, db)
 
 
 def config(work, mode, admin):
