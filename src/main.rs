@@ -269,6 +269,25 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                         for (sc, t) in &plan.tables {
                             println!("  table {sc}.{t}: OK");
                         }
+                        for p in &plan.partitioned {
+                            let (sc, t) = &p.table;
+                            if s.wanted.via_root {
+                                println!(
+                                    "  table {sc}.{t} is partitioned ({} partitions): published via the partition root, \
+                                     so every partition's changes (and those of partitions attached later) go out as {sc}.{t}",
+                                    p.leaves.len()
+                                );
+                            } else {
+                                println!(
+                                    "  table {sc}.{t} is partitioned: publish_via_partition_root = false, so each of its {} \
+                                     partitions is captured as a table of its own (partitions attached later too)",
+                                    p.leaves.len()
+                                );
+                            }
+                        }
+                        if let Some(sql) = &plan.set_via_root {
+                            println!("  would change the publication: {sql}");
+                        }
                         match (&plan.create_publication, &plan.alter_publication) {
                             (Some(sql), _) => println!("  would create publication: {sql}"),
                             (None, Some(sql)) => println!(

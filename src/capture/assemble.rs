@@ -136,6 +136,19 @@ impl Assembler {
         self.finished.take().map(|f| (f.end_lsn, f.commit_micros))
     }
 
+    /// Adds a table to those emitted (a partition attached while
+    /// streaming, when partitions are captured as tables of their own).
+    pub fn want(&mut self, name: String) {
+        if let Some(set) = self.opts.tables.as_mut() {
+            set.insert(name);
+        }
+    }
+
+    /// Whether events of this table are emitted.
+    pub fn wants(&self, name: &str) -> bool {
+        self.opts.tables.as_ref().is_none_or(|set| set.contains(name))
+    }
+
     fn wanted(&self, t: &TableSchema) -> bool {
         self.opts
             .tables

@@ -40,10 +40,30 @@ impl CatalogError {
     pub fn is_transient(&self) -> bool {
         match self {
             CatalogError::Connect { .. } => true,
-            CatalogError::Query { source, .. } => {
-                source.is_closed() || source.as_db_error().is_none()
-            }
+            CatalogError::Query { source, .. } => transient_sql(source),
             CatalogError::Tls(_) | CatalogError::Missing { .. } => false,
+        }
+    }
+}
+
+/// Whether an SQL error may go away by reconnecting later: the connection
+/// closed or failed below SQL, or the server said it is going away or not
+/// ready (a restart, a crash, a terminated backend, too many connections,
+/// a serialization failure). One rule for every SQL session of a capture.
+pub fn transient_sql(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => e.as_db_error().is_none(),
+        Some(c) => {
+            let c = c.code();
+            c.starts_with("08") // connection exceptions
+                || c.starts_with("57P") // admin/crash shutdown, cannot connect now
+                || c == "53300" // too_many_connections
+                || c == "53000" // insufficient_resources
+                || c == "40001" // serialization_failure
+                || c == "40P01" // deadlock_detected
         }
     }
 }

@@ -142,11 +142,7 @@ impl IncrementalError {
             IncrementalError::Catalog(e) => e.is_transient(),
             IncrementalError::Read(e) => e.is_transient(),
             IncrementalError::Query { source, .. } | IncrementalError::Signal(source) => {
-                source.is_closed()
-                    || source.as_db_error().is_none()
-                    || source.code().is_some_and(|c| {
-                        c.code().starts_with("08") || c.code() == "57P01" || c.code() == "57P03"
-                    })
+                super::catalog::transient_sql(source)
             }
             IncrementalError::ReaderGone => true,
             _ => false,

@@ -26,9 +26,7 @@ impl SetupError {
     pub fn is_transient(&self) -> bool {
         match self {
             SetupError::Busy(_) => true,
-            SetupError::Query { source, .. } => {
-                source.is_closed() || source.as_db_error().is_none()
-            }
+            SetupError::Query { source, .. } => super::catalog::transient_sql(source),
             SetupError::Definite(_) => false,
         }
     }
@@ -76,6 +74,17 @@ pub struct Wanted {
     pub keyless: Vec<(String, String)>,
     pub create_slot: bool,
     pub create_publication: bool,
+    /// The publication's `publish_via_partition_root`: partitions' changes
+    /// arrive as changes of their partitioned table (`true`), or under
+    /// each partition's own name (`false`).
+    pub via_root: bool,
+}
+
+/// A captured partitioned table and its partitions (leaves) when planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partitioned {
+    pub table: (String, String),
+    pub leaves: Vec<(String, String)>,
 }
 
 /// What `apply` would do, and the state found.
@@ -91,8 +100,15 @@ pub struct Plan {
     pub create_slot: bool,
     /// The slot's confirmed_flush_lsn when it exists.
     pub slot_confirmed_lsn: Option<String>,
-    /// Captured tables as found (schema, table).
+    /// Captured tables as found (schema, table). With
+    /// `publish_via_partition_root = false` a listed partitioned table is
+    /// replaced by its partitions here: those are the names in the stream.
     pub tables: Vec<(String, String)>,
+    /// The partitioned tables among the captured ones.
+    pub partitioned: Vec<Partitioned>,
+    /// `ALTER PUBLICATION ... SET (publish_via_partition_root = ...)` when
+    /// the existing publication publishes partitions the other way.
+    pub set_via_root: Option<String>,
 }
 
 fn qualified(s: &str, t: &str) -> String {
@@ -132,8 +148,10 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         let rows = client
             .query(
                 "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') ORDER BY 2",
-                &[schema],
+                 WHERE n.nspname = $1 AND c.relkind IN ('r', 'p')
+                   AND CASE WHEN $2 THEN NOT c.relispartition ELSE c.relkind = 'r' END
+                 ORDER BY 2",
+                &[schema, &w.via_root],
             )
             .await
             .map_err(q(format!("tables of schema {schema}")))?;
@@ -168,11 +186,13 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         .map_err(q("replication slot"))?
         .is_some();
     let mut dropped = Vec::new();
+    let mut partitioned = Vec::new();
     for (s, t) in &tables {
         let row = client
             .query_opt(
                 "SELECT c.relreplident::text, has_table_privilege(c.oid, 'SELECT'),
-                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                        c.oid, c.relkind = 'p'
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
                 &[s, t],
@@ -195,6 +215,11 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             ));
         };
         let (ident, select, has_pk): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        let (oid, is_partitioned): (u32, bool) = (row.get(3), row.get(4));
+        if is_partitioned {
+            let p = partitions(client, (s, t), oid, has_pk, &ident).await?;
+            partitioned.push(p);
+        }
         if !select {
             return definite(format!(
                 "role {user} lacks SELECT on {s}.{t}; run GRANT SELECT ON {} TO {};",
@@ -234,15 +259,42 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
     }
 
     tables.retain(|t| !dropped.contains(t));
+    if w.via_root {
+        // A partition listed beside its partitioned table would only ever
+        // get snapshot events: its changes arrive under the parent's name.
+        for p in &partitioned {
+            if let Some(leaf) = p.leaves.iter().find(|l| tables.contains(l)) {
+                return definite(format!(
+                    "table {}.{} is a partition of {}.{}, which is captured too: with publish_via_partition_root = true \
+                     (the default) its changes are published as changes of {}.{}; remove {}.{} from `tables` \
+                     (or set publish_via_partition_root = false to capture each partition as a table of its own)",
+                    leaf.0, leaf.1, p.table.0, p.table.1, p.table.0, p.table.1, leaf.0, leaf.1
+                ));
+            }
+        }
+    } else {
+        // Each partition is a table of its own: the stream names them.
+        let mut expanded = Vec::new();
+        for t in &tables {
+            match partitioned.iter().find(|p| &p.table == t) {
+                Some(p) => expanded.extend(p.leaves.iter().cloned()),
+                None => expanded.push(t.clone()),
+            }
+        }
+        expanded.dedup();
+        tables = expanded;
+    }
     let mut plan = Plan {
         tables: tables.clone(),
+        partitioned: partitioned.clone(),
         ..Plan::default()
     };
+    let with_via_root = format!(" WITH (publish_via_partition_root = {})", w.via_root);
 
     // The publication.
     let publication = client
         .query_opt(
-            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1",
+            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&w.publication],
         )
         .await
@@ -264,7 +316,11 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                     w.publication
                 ));
             }
-            plan.create_publication = Some(format!("CREATE PUBLICATION {} FOR {}", quote_ident(&w.publication), targets.join(", ")));
+            plan.create_publication = Some(format!(
+                "CREATE PUBLICATION {} FOR {}{with_via_root}",
+                quote_ident(&w.publication),
+                targets.join(", ")
+            ));
         }
         Some(row) => {
             let ops: [bool; 4] = [row.get(1), row.get(2), row.get(3), row.get(4)];
@@ -275,15 +331,44 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                     quote_ident(&w.publication)
                 ));
             }
-            let covered: Vec<(String, String)> = client
-                .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&w.publication])
-                .await
-                .map_err(q("publication tables"))?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            let missing_tables: Vec<(String, String)> =
-                tables.iter().filter(|t| !covered.contains(t)).cloned().collect();
+            let via_root: bool = row.get(5);
+            if via_root != w.via_root && (!partitioned.is_empty() || !w.schemas.is_empty()) {
+                let sql = format!(
+                    "ALTER PUBLICATION {} SET (publish_via_partition_root = {})",
+                    quote_ident(&w.publication),
+                    w.via_root
+                );
+                if !w.create_publication {
+                    return definite(format!(
+                        "publication {} has publish_via_partition_root = {via_root} but the pipeline is configured with \
+                         publish_via_partition_root = {}, so the partitions' changes would arrive under names the pipeline \
+                         does not capture; run {sql}; (or change the pipeline's setting)",
+                        w.publication, w.via_root
+                    ));
+                }
+                plan.set_via_root = Some(sql);
+            }
+            let mut missing_tables: Vec<(String, String)> = Vec::new();
+            for (sc, t) in &tables {
+                // Listed in the publication, or a partition (or partitioned
+                // table) whose partition tree is a member: pg_publication_tables
+                // lists roots or leaves depending on publish_via_partition_root.
+                let covered: bool = client
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)
+                             OR EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                                        JOIN pg_class c ON c.relname = $3 JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = $2
+                                        WHERE p.pubname = $1
+                                          AND (pr.prrelid = c.oid OR pr.prrelid IN (SELECT relid FROM pg_partition_ancestors(c.oid))))",
+                        &[&w.publication, sc, t],
+                    )
+                    .await
+                    .map_err(q("publication tables"))?
+                    .get(0);
+                if !covered {
+                    missing_tables.push((sc.clone(), t.clone()));
+                }
+            }
             let missing: Vec<String> = missing_tables.iter().map(|(s, t)| qualified(s, t)).collect();
             if !missing.is_empty() && w.create_publication {
                 // Tables listed by name are added by name; tables of a
@@ -393,6 +478,16 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
 /// Creates the publication the plan calls for (the slot is created on the
 /// replication connection, which can export a snapshot).
 pub async fn apply_publication(client: &Client, plan: &Plan) -> Result<(), SetupError> {
+    if let Some(sql) = &plan.set_via_root {
+        tracing::warn!(%sql, "the publication published partitioned tables the other way than publish_via_partition_root asks; changing it");
+        client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {
+            Some(db) if db.code().code() == "42501" => SetupError::Definite(format!(
+                "cannot change the publication: {}; the role must own the publication (or be superuser), or run it yourself: {sql}",
+                db.message()
+            )),
+            _ => SetupError::Query { what: "alter publication".into(), source: e },
+        })?;
+    }
     if let Some(sql) = &plan.alter_publication {
         tracing::info!(%sql, "adding tables to the publication");
         client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {
@@ -414,6 +509,54 @@ pub async fn apply_publication(client: &Client, plan: &Plan) -> Result<(), Setup
         })?;
     }
     Ok(())
+}
+
+/// The partitions of a captured partitioned table, checked the way Postgres
+/// checks them: updates and deletes of a partition are logged with the
+/// partition's own replica identity, not its parent's.
+async fn partitions(
+    client: &Client,
+    (s, t): (&String, &String),
+    oid: u32,
+    has_pk: bool,
+    parent_ident: &str,
+) -> Result<Partitioned, SetupError> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.relreplident::text,
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+             FROM pg_partition_tree($1::oid::regclass) pt
+             JOIN pg_class c ON c.oid = pt.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE pt.isleaf ORDER BY 1, 2",
+            &[&oid],
+        )
+        .await
+        .map_err(q(format!("partitions of {s}.{t}")))?;
+    let mut leaves = Vec::with_capacity(rows.len());
+    let mut unidentified = Vec::new();
+    for r in &rows {
+        let (ls, lt, ident, leaf_pk): (String, String, String, bool) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        if ident == "n" || (ident == "d" && !leaf_pk) {
+            unidentified.push(qualified(&ls, &lt));
+        }
+        leaves.push((ls, lt));
+    }
+    // A key-less parent with REPLICA IDENTITY DEFAULT is captured insert-only
+    // (`keyless_tables`, warned about above): its partitions are too.
+    let insert_only = !has_pk && parent_ident == "d";
+    if !unidentified.is_empty() && !insert_only {
+        return Err(SetupError::Definite(format!(
+            "partitioned table {s}.{t}: Postgres logs updates and deletes of a partition with the partition's own \
+             replica identity, and {} cannot publish them (no primary key, REPLICA IDENTITY DEFAULT or NOTHING); run \
+             ALTER TABLE ... REPLICA IDENTITY FULL on each (the parent's setting does not apply to its partitions)",
+            unidentified.join(", ")
+        )));
+    }
+    Ok(Partitioned {
+        table: (s.clone(), t.clone()),
+        leaves,
+    })
 }
 
 /// Drops a slot (the `walcast slots drop` command).

@@ -113,11 +113,7 @@ impl SnapshotError {
         match self {
             SnapshotError::Catalog(e) => e.is_transient(),
             SnapshotError::Session { source, .. } | SnapshotError::Query { source, .. } => {
-                source.is_closed()
-                    || source.as_db_error().is_none()
-                    || source.code().is_some_and(|c| {
-                        c.code().starts_with("08") || c.code() == "57P01" || c.code() == "57P03"
-                    })
+                super::catalog::transient_sql(source)
             }
             _ => false,
         }

@@ -482,7 +482,15 @@ async fn session(
         .iter()
         .map(|(a, b)| format!("{a}.{b}"))
         .collect();
-    let mut asm = Assembler::new(s.assemble.clone());
+    // The names the stream carries for the captured tables: with
+    // publish_via_partition_root = false a listed partitioned table
+    // stands for its partitions.
+    let mut assemble = s.assemble.clone();
+    if let Some(set) = assemble.tables.as_mut() {
+        set.extend(plan.tables.iter().map(|(a, b)| format!("{a}.{b}")));
+    }
+    let mut asm = Assembler::new(assemble.clone());
+    let mut skipped = HashSet::<u32>::new();
     let mut inc = Incremental::new(
         IncrementalSettings {
             pipeline: s.pipeline.clone(),
@@ -493,7 +501,7 @@ async fn session(
             state_path: s.snapshot.incremental_state_path.clone(),
             name: s.assemble.name.clone(),
             database: s.assemble.database.clone(),
-            tables: s.assemble.tables.clone(),
+            tables: assemble.tables.clone(),
         },
         s.connect.clone(),
     )
@@ -632,7 +640,7 @@ async fn session(
                                 Err(e) => break Err(inc_err(e)),
                             }
                         }
-                        if let Err(e) = handle(s, &mut asm, &mut catalog, &keyless, &mut outbox.events, &mut tx_counts, &mut inc, m, lsn).await {
+                        if let Err(e) = handle(s, &mut asm, &mut catalog, &keyless, &mut skipped, &mut outbox.events, &mut tx_counts, &mut inc, m, lsn).await {
                             break Err(e);
                         }
                         // A commit: hand the transaction over with its position.
@@ -751,6 +759,63 @@ async fn warn_dropped_tables(
     }
 }
 
+/// What to do with a relation the pipeline does not list.
+enum Unlisted {
+    Skip,
+    Capture,
+    /// Deliver its changes as changes of this partitioned table.
+    AsParent(String, String),
+}
+
+/// A relation the pipeline does not list arrived in the stream. A partition
+/// of a captured partitioned table is captured: as a table of its own when
+/// partitions are (one attached since the start), or else as its parent
+/// (WAL decoded from before the publication published via the root, e.g. a
+/// publication created by an older walcast, names the partition: skipping
+/// it would lose its changes). Anything else is a table the publication
+/// covers beyond the pipeline's list: skipped, with a warning once, never
+/// silently.
+async fn unlisted_relation(
+    s: &CaptureSettings,
+    asm: &mut Assembler,
+    catalog: &Catalog,
+    skipped: &mut HashSet<u32>,
+    relation_id: u32,
+    name: &str,
+) -> Unlisted {
+    let ancestors: Vec<(String, String)> = catalog
+        .client()
+        .query(
+            "SELECT n.nspname::text, c.relname::text
+             FROM pg_partition_ancestors($1::oid::regclass) a
+             JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE a.relid <> $1::oid::regclass",
+            &[&relation_id],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        .unwrap_or_default();
+    if let Some((ps, pt)) = ancestors.iter().find(|(a, b)| asm.wants(&format!("{a}.{b}"))) {
+        if s.wanted.via_root {
+            tracing::warn!(pipeline = %s.pipeline, table = %name, parent = %format!("{ps}.{pt}"),
+                "changes of a partition arrive under its own name (decoded from before the publication published \
+                 via the partition root): delivering them as changes of the partitioned table");
+            return Unlisted::AsParent(ps.clone(), pt.clone());
+        }
+        tracing::info!(pipeline = %s.pipeline, table = %name, parent = %format!("{ps}.{pt}"),
+            "capturing a partition of a captured partitioned table (attached since the start; rows it held when \
+             attached are not read: run `walcast snapshot` for it)");
+        asm.want(name.to_string());
+        return Unlisted::Capture;
+    }
+    if skipped.insert(relation_id) {
+        tracing::warn!(pipeline = %s.pipeline, table = %name, publication = %s.wanted.publication,
+            "the publication sends changes of a table this pipeline does not capture: they are skipped; \
+             add the table to `tables`, or remove it from the publication");
+    }
+    Unlisted::Skip
+}
+
 /// The commit just assembled, if the last message was a Commit.
 fn take_commit(asm: &mut Assembler) -> Option<(Lsn, i64)> {
     asm.take_finished()
@@ -762,6 +827,7 @@ async fn handle(
     asm: &mut Assembler,
     catalog: &mut Catalog,
     keyless: &HashSet<String>,
+    skipped: &mut HashSet<u32>,
     pending: &mut Vec<ChangeEvent>,
     counts: &mut EventCounts,
     inc: &mut Incremental,
@@ -794,8 +860,22 @@ async fn handle(
                         pipeline: s.pipeline.clone(),
                         source,
                     })?;
+            let mut table = table;
+            let mut wanted = asm.wants(&table.qualified_name());
+            if !wanted {
+                match unlisted_relation(s, asm, catalog, skipped, rel.id, &table.qualified_name()).await {
+                    Unlisted::Skip => {}
+                    Unlisted::Capture => wanted = true,
+                    Unlisted::AsParent(schema, name) => {
+                        let mut t = (*table).clone();
+                        t.schema = schema;
+                        t.name = name;
+                        table = Arc::new(t);
+                        wanted = true;
+                    }
+                }
+            }
             let name = table.qualified_name();
-            let wanted = s.assemble.tables.as_ref().is_none_or(|t| t.contains(&name));
             // A dropped table's key may be unknowable (REPLICA IDENTITY FULL
             // and never seen by this process): its last changes then go out
             // with a null key rather than stopping every other table.

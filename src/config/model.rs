@@ -248,6 +248,16 @@ pub struct PostgresSourceConfig {
     /// Tables allowed to have no primary key (events carry a null key).
     #[serde(default)]
     pub keyless_tables: Vec<String>,
+    /// How a partitioned table's changes are published (Postgres's
+    /// publication option of the same name). `true` (the default, as in
+    /// supabase/etl and what Debezium users set by hand): every change of a
+    /// partition is published as a change of the partitioned table it
+    /// belongs to, to the parent's topic, and partitions attached later are
+    /// captured with no config change. `false`: each partition is a table
+    /// of its own (its own topic and schema); a listed parent stands for its
+    /// partitions.
+    #[serde(default = "yes")]
+    pub publish_via_partition_root: bool,
     /// Interval of standby status updates; Postgres also gets one whenever
     /// it asks. Keep it under the server's wal_sender_timeout.
     #[serde(default = "default_status_interval", with = "humantime_serde")]

@@ -69,6 +69,7 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
         keyless,
         create_slot: src.create_slot,
         create_publication: src.create_publication,
+        via_root: src.publish_via_partition_root,
     };
     // With whole schemas captured, every table of the publication is wanted.
     let filter: Option<HashSet<String>> = if src.schemas.is_empty() {

@@ -119,8 +119,8 @@ impl ReplicationError {
             ReplicationError::Server(e) => {
                 e.code == "55006" // object_in_use: the slot is active elsewhere
                     || e.code == "53300" // too_many_connections
-                    || e.code == "57P01" // admin_shutdown
-                    || e.code == "57P03" // cannot_connect_now (starting up)
+                    || e.code.starts_with("57P") // admin/crash shutdown, cannot connect now
+                    || e.code == "53000" // insufficient_resources
                     || e.code.starts_with("08")
             }
             _ => false,
@@ -480,10 +480,10 @@ impl ReplicationConnection {
                     return Err(ReplicationError::Server(e));
                 }
                 Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
-                _ => {
+                other => {
                     return Err(ReplicationError::Unexpected {
                         during: "START_REPLICATION",
-                        tag: '?',
+                        tag: tag(&other),
                     })
                 }
             }
@@ -499,6 +499,39 @@ fn copy_both_placeholder(
     match Message::parse(&mut b)? {
         Some(Message::CopyInResponse(body)) => Ok(body),
         _ => Err(std::io::Error::other("cannot build CopyBoth marker")),
+    }
+}
+
+/// The protocol tag of a backend message, to name it in an error.
+fn tag(m: &Message) -> char {
+    match m {
+        Message::AuthenticationOk
+        | Message::AuthenticationCleartextPassword
+        | Message::AuthenticationMd5Password(_)
+        | Message::AuthenticationSasl(_)
+        | Message::AuthenticationSaslContinue(_)
+        | Message::AuthenticationSaslFinal(_) => 'R',
+        Message::BackendKeyData(_) => 'K',
+        Message::BindComplete => '2',
+        Message::CloseComplete => '3',
+        Message::CommandComplete(_) => 'C',
+        Message::CopyData(_) => 'd',
+        Message::CopyDone => 'c',
+        Message::CopyInResponse(_) => 'G',
+        Message::CopyOutResponse(_) => 'H',
+        Message::DataRow(_) => 'D',
+        Message::EmptyQueryResponse => 'I',
+        Message::ErrorResponse(_) => 'E',
+        Message::NoData => 'n',
+        Message::NoticeResponse(_) => 'N',
+        Message::NotificationResponse(_) => 'A',
+        Message::ParameterDescription(_) => 't',
+        Message::ParameterStatus(_) => 'S',
+        Message::ParseComplete => '1',
+        Message::PortalSuspended => 's',
+        Message::ReadyForQuery(_) => 'Z',
+        Message::RowDescription(_) => 'T',
+        _ => '?',
     }
 }
 
@@ -526,15 +559,24 @@ impl ReplicationStream {
                 Message::CopyData(body) => {
                     return Ok(protocol::parse_server_message(body.into_bytes())?)
                 }
-                Message::CopyDone => return Err(ReplicationError::Closed),
+                // How a walsender ends the stream: CopyDone when it stops
+                // streaming (a client's CopyDone answered, a timeline
+                // switch), CommandComplete and ReadyForQuery when it exits
+                // at a smart or fast shutdown without waiting for ours.
+                // All mean "reconnect", never "stop the daemon".
+                Message::CopyDone | Message::CommandComplete(_) | Message::ReadyForQuery(_) => {
+                    return Err(ReplicationError::Closed)
+                }
                 Message::ErrorResponse(body) => {
                     return Err(ReplicationError::Server(server_error(&body)))
                 }
-                Message::NoticeResponse(_) | Message::ParameterStatus(_) => {}
-                _ => {
+                Message::NoticeResponse(_)
+                | Message::ParameterStatus(_)
+                | Message::NotificationResponse(_) => {}
+                other => {
                     return Err(ReplicationError::Unexpected {
                         during: "streaming",
-                        tag: '?',
+                        tag: tag(&other),
                     })
                 }
             }

@@ -864,6 +864,15 @@ impl TempCluster {
             .unwrap_or(false)
     }
 
+    /// Stops the server with `pg_ctl stop -m MODE` (smart, fast,
+    /// immediate), keeping its data.
+    pub fn stop_mode(&self, mode: &str) {
+        assert!(
+            self.pg_ctl(&["-m", mode, "-w", "stop"]),
+            "pg_ctl stop -m {mode} failed"
+        );
+    }
+
     /// Stops the server at once (connections are cut), keeping its data.
     pub fn stop(&self) {
         assert!(

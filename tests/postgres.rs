@@ -1,0 +1,330 @@
+//! Postgres as it is deployed (issue: partitioned tables, restarts):
+//! partitioned tables captured through their root or per partition, and
+//! every way the server goes away (fast and immediate shutdown, a killed
+//! walsender) taken as transient, with nothing lost.
+//! Run with the stack's settings: `eval "$(deploy/local/stack env)"`.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn tables_in(ev: &[Value]) -> HashSet<String> {
+    ev.iter()
+        .filter_map(|e| e["value"]["source"]["table"].as_str().map(String::from))
+        .collect()
+}
+
+/// A range-partitioned table (partition key = primary key), two
+/// partitions, rows in both.
+async fn partitioned(db: &TestDb) {
+    db.exec(
+        "CREATE TABLE m (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE m_a PARTITION OF m FOR VALUES FROM (0) TO (1000);
+         CREATE TABLE m_b PARTITION OF m FOR VALUES FROM (1000) TO (2000);
+         INSERT INTO m SELECT g, 'old ' || g FROM generate_series(1, 20) g;
+         INSERT INTO m SELECT g, 'old ' || g FROM generate_series(1001, 1020) g;",
+    )
+    .await;
+}
+
+/// Inserts into both partitions, updates in place and across partitions
+/// (a key change), deletes, then attaches a third partition and writes to it.
+async fn partition_workload(db: &TestDb) {
+    db.exec(
+        "INSERT INTO m SELECT g, 'new ' || g FROM generate_series(21, 40) g;
+         INSERT INTO m SELECT g, 'new ' || g FROM generate_series(1021, 1040) g;
+         UPDATE m SET v = 'updated' WHERE id IN (5, 1005);
+         UPDATE m SET id = 1100 WHERE id = 7;
+         DELETE FROM m WHERE id IN (9, 1009);
+         CREATE TABLE m_c (LIKE m INCLUDING ALL);
+         ALTER TABLE m ATTACH PARTITION m_c FOR VALUES FROM (2000) TO (3000);
+         INSERT INTO m SELECT g, 'attached ' || g FROM generate_series(2001, 2010) g;
+         UPDATE m SET v = 'moved', id = 2500 WHERE id = 1011;",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_table_streams_through_its_root() {
+    let db = TestDb::new("wc_part").await;
+    partitioned(&db).await;
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("part", &db.name, &["public.m"], "", out, admin)
+    });
+    let (ok, out) = check(&w.config);
+    assert!(ok, "check failed:\n{out}");
+    assert!(
+        out.contains("public.m is partitioned (2 partitions): published via the partition root"),
+        "check does not explain the partitioned table:\n{out}"
+    );
+    w.wait_state("streaming", WAIT).await;
+    partition_workload(&db).await;
+    let ev = converge(&w, &db, "m", WAIT).await;
+    // Every event under the parent's name: none for the partitions.
+    assert_eq!(
+        tables_in(&ev),
+        HashSet::from(["m".to_string()]),
+        "events named other tables"
+    );
+    let streamed = ev
+        .iter()
+        .filter(|e| e["value"]["op"].as_str() != Some("r"))
+        .count();
+    assert!(streamed >= 50, "only {streamed} streamed events");
+    let publication: bool = db
+        .client
+        .query_one(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = 'walcast_part'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(publication, "the publication does not publish via the root");
+    assert!(w.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publication_without_partition_root_is_fixed_and_old_wal_is_mapped_to_the_parent() {
+    // A publication an older walcast created: partitions' changes decoded
+    // from before it is changed arrive under the partitions' names.
+    let db = TestDb::new("wc_partold").await;
+    partitioned(&db).await;
+    db.exec("CREATE PUBLICATION walcast_partold FOR TABLE m").await;
+    db.client
+        .batch_execute("SELECT pg_create_logical_replication_slot('walcast_partold', 'pgoutput')")
+        .await
+        .unwrap();
+    db.exec("INSERT INTO m VALUES (50, 'before'), (1050, 'before'); UPDATE m SET v = 'before' WHERE id = 3;")
+        .await;
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config(
+            "partold",
+            &db.name,
+            &["public.m"],
+            "snapshot = \"never\"",
+            out,
+            admin,
+        )
+    });
+    w.wait_state("streaming", WAIT).await;
+    db.exec("INSERT INTO m VALUES (51, 'after'), (1051, 'after')").await;
+    let ev = w
+        .wait_events("the changes before and after the fix", WAIT, |e| {
+            let ids: HashSet<i64> = e
+                .iter()
+                .filter_map(|x| x["value"]["after"]["id"].as_i64())
+                .collect();
+            [50, 1050, 3, 51, 1051].iter().all(|i| ids.contains(i))
+        })
+        .await;
+    assert_eq!(tables_in(&ev), HashSet::from(["m".to_string()]));
+    assert!(
+        w.log().contains("delivering them as changes of the partitioned table"),
+        "no warning about the partitions' names"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_as_tables_of_their_own_on_request() {
+    let db = TestDb::new("wc_leaf").await;
+    partitioned(&db).await;
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config(
+            "leaf",
+            &db.name,
+            &["public.m"],
+            "publish_via_partition_root = false",
+            out,
+            admin,
+        )
+    });
+    w.wait_state("streaming", WAIT).await;
+    partition_workload(&db).await;
+    // Rebuild the union of the partitions' topics: it equals the parent.
+    let want = table_rows(&db, "m").await;
+    let deadline = Instant::now() + WAIT;
+    let ev = loop {
+        let ev = w.events();
+        let mut got = BTreeMap::new();
+        for t in ["m_a", "m_b", "m_c"] {
+            got.extend(rebuild_rows(&ev, t));
+        }
+        if got == want {
+            break ev;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partition events never rebuilt m: {got:?} vs {want:?}\n{}",
+            tail(&w.log(), 3000)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        tables_in(&ev),
+        HashSet::from(["m_a".to_string(), "m_b".to_string(), "m_c".to_string()])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_the_publication_sends_but_the_pipeline_does_not_list_is_named() {
+    let db = TestDb::new("wc_extra").await;
+    db.exec(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY, v text);
+         CREATE PUBLICATION wide FOR TABLE a, b;",
+    )
+    .await;
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("extra", &db.name, &["public.a"], "publication = \"wide\"", out, admin)
+    });
+    w.wait_state("streaming", WAIT).await;
+    db.exec("INSERT INTO b VALUES (1, 'x'); INSERT INTO a VALUES (1, 'y');")
+        .await;
+    w.wait_events("a's insert", WAIT, |e| !e.is_empty()).await;
+    let deadline = Instant::now() + WAIT;
+    while !w.log().contains("does not capture: they are skipped") {
+        assert!(Instant::now() < deadline, "b's changes were skipped silently");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(w.log().contains("public.b"));
+    assert_eq!(tables_in(&w.events()), HashSet::from(["a".to_string()]));
+}
+
+// ---------------------------------------------------------------------------
+// Restarts
+
+/// The rows of `c` on the cluster.
+async fn cluster_rows(client: &tokio_postgres::Client) -> BTreeMap<i64, String> {
+    client
+        .query("SELECT id::int8, v FROM c", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+        .collect()
+}
+
+/// Writes single-row transactions (insert, update) to `c` until told to
+/// stop, riding over the server's restarts; returns how many committed.
+fn writer(port: u16, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut n = 0u64;
+        let mut id = 0i32;
+        while !*stop.borrow() {
+            let conn = tokio_postgres::Config::new()
+                .host("127.0.0.1")
+                .port(port)
+                .user("postgres")
+                .dbname("postgres")
+                .connect(tokio_postgres::NoTls)
+                .await;
+            let Ok((c, conn)) = conn else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            while !*stop.borrow() {
+                let r = c
+                    .batch_execute(&format!(
+                        "INSERT INTO c VALUES ({}, 'v'); UPDATE c SET v = 'u{n}' WHERE id = {};",
+                        id + 1,
+                        id / 2 + 1
+                    ))
+                    .await;
+                if r.is_err() {
+                    break;
+                }
+                id += 1;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        n
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
+    let cluster = TempCluster::start(&["wal_level = logical", "max_wal_senders = 5", "max_replication_slots = 5"]);
+    let client = cluster.client().await;
+    client
+        .batch_execute("CREATE TABLE c (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    drop(client);
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("restart", "postgres", &["public.c"], "retry_max_backoff = \"1s\"", out, admin)
+            .replace(&format!("port = {}", pg_port()), &format!("port = {}", cluster.port))
+    });
+    w.wait_state("streaming", WAIT).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = writer(cluster.port, stop_rx);
+
+    let mut seen = 0;
+    let mut progress = |w: &mut Walcast, what: &str| {
+        let before = seen;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let n = w.events().len();
+            if n > before + 50 {
+                seen = n;
+                return;
+            }
+            assert!(
+                w.exited().is_none() && Instant::now() < deadline,
+                "no events after {what}:\n{}",
+                tail(&w.log(), 4000)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    progress(&mut w, "start");
+    for (what, mode) in [("fast shutdown", "fast"), ("immediate shutdown", "immediate")] {
+        cluster.stop_mode(mode);
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(w.exited().is_none(), "walcast exited after a {what}:\n{}", tail(&w.log(), 4000));
+        cluster.start_again();
+        w.wait_state("streaming", WAIT).await;
+        progress(&mut w, what);
+    }
+    let c = cluster.client().await;
+    c.batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(w.exited().is_none(), "walcast exited after its walsender was terminated");
+    w.wait_state("streaming", WAIT).await;
+    progress(&mut w, "a terminated walsender");
+
+    stop_tx.send(true).unwrap();
+    let committed = load.await.unwrap();
+    let want = cluster_rows(&c).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = rebuild_rows(&w.events(), "c");
+        if got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events never rebuilt c: {} rows vs {} in Postgres; missing {:?}\n{}",
+            got.len(),
+            want.len(),
+            want.keys().filter(|k| !got.contains_key(k)).take(10).collect::<Vec<_>>(),
+            tail(&w.log(), 3000)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = w.log();
+    assert!(!log.contains("unexpected message"), "an unexpected message:\n{}", tail(&log, 3000));
+    eprintln!("{committed} transactions through a fast and an immediate shutdown and a killed walsender; {} rows equal", want.len());
+    assert!(w.terminate().success());
+}
