@@ -200,3 +200,95 @@ async fn an_invalid_value_goes_to_the_dead_letter_topic() {
     .await;
     w.kill9();
 }
+
+/// Exactly-once, a refused batch, and batches of another table queued
+/// behind it (shared/REPRODUCTIONS.md): no later transaction may commit,
+/// or its position in the offsets topic would make the restarted daemon
+/// drop the refused changes as "already in Kafka".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_commits_nothing_after_a_refused_batch_and_loses_nothing() {
+    use std::collections::HashMap;
+    let db = TestDb::new("wc_eofail").await;
+    db.exec(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY, v text);
+         INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 100) g;
+         INSERT INTO b SELECT g, 'b' || g FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let prefix = unique("eofail");
+    let registry = var("WALCAST_TEST_REGISTRY_URL");
+    let txn = unique("walcast-eofail");
+    let mut w = Walcast::start_with(|_, admin| {
+        KafkaCapture::new("eofail", &db.name, &prefix, &["public.a", "public.b"])
+            .avro(&registry, "")
+            .sink(&format!(
+                "delivery = {{ mode = \"exactly_once\", transactional_id = \"{txn}\", offsets_topic = \"{prefix}.offsets\" }}"
+            ))
+            .toml(admin)
+    });
+    w.wait_state("streaming", WAIT).await;
+    consume_avro(&registry, &format!("{prefix}.public.a"), 100, WAIT).await;
+    consume_avro(&registry, &format!("{prefix}.public.b"), 100, WAIT).await;
+    // The registry refuses a's new value schema (BACKWARD): a's batch fails.
+    db.exec("ALTER TABLE a ALTER COLUMN v TYPE integer USING length(v)")
+        .await;
+    db.exec("INSERT INTO a VALUES (101, 7)").await;
+    for i in 101..=400 {
+        db.client
+            .execute("INSERT INTO b VALUES ($1, 'later')", &[&i])
+            .await
+            .unwrap();
+    }
+    w.wait_failed("the refused schema", WAIT).await;
+    w.kill9();
+    // The operator allows the change and restarts.
+    let client = reqwest::Client::new();
+    let r = client
+        .put(format!("{registry}/config/{prefix}.public.a-value"))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .body(r#"{"compatibility":"NONE"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "setting compatibility: {}", r.status());
+    w.spawn();
+    w.wait_state("streaming", WAIT).await;
+    // A read_committed consumer sees every row once.
+    for (table, n) in [("a", 101usize), ("b", 400)] {
+        let topic = format!("{prefix}.public.{table}");
+        let ev = consume_avro(&registry, &topic, n, WAIT).await;
+        let mut count: HashMap<i64, usize> = HashMap::new();
+        for (_, e) in &ev {
+            *count.entry(e["after"]["id"].as_i64().unwrap()).or_default() += 1;
+        }
+        let dups: Vec<_> = count.iter().filter(|(_, c)| **c > 1).collect();
+        assert!(dups.is_empty(), "{table}: duplicates {dups:?}");
+        assert_eq!(count.len(), n, "{table}: {} of {n} rows", count.len());
+        // And nothing more is there behind them.
+        let all = committed_records(&topic);
+        assert_eq!(all, n, "{table}: {all} records, {n} expected");
+    }
+}
+
+/// How many records a read_committed consumer reads from `topic` until it
+/// has been idle for 3 s.
+fn committed_records(topic: &str) -> usize {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", var("WALCAST_TEST_KAFKA_BOOTSTRAP"))
+        .set("group.id", unique("count"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut n = 0;
+    let mut idle = std::time::Instant::now();
+    while idle.elapsed() < Duration::from_secs(3) {
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(200)) {
+            n += 1;
+            idle = std::time::Instant::now();
+        }
+    }
+    n
+}

@@ -90,6 +90,14 @@ pub enum OffsetsError {
         #[source]
         source: KafkaError,
     },
+    /// The broker answered for the topic with an error other than "it does
+    /// not exist": reading it as "no position" would republish everything.
+    #[error("exactly-once: the broker refuses to describe offsets topic `{topic}`: {code}{advice}")]
+    Metadata {
+        topic: String,
+        code: rdkafka::types::RDKafkaErrorCode,
+        advice: &'static str,
+    },
     #[error("exactly-once: reading offsets topic `{topic}` did not finish within {secs} s (is the broker reachable?)")]
     Timeout { topic: String, secs: u64 },
     #[error("exactly-once: offsets topic `{topic}` holds a record for `{key}` that is not a walcast position: {reason}")]
@@ -102,7 +110,16 @@ pub enum OffsetsError {
 
 impl OffsetsError {
     pub fn is_transient(&self) -> bool {
-        !matches!(self, OffsetsError::Corrupt { .. })
+        match self {
+            OffsetsError::Corrupt { .. } => false,
+            OffsetsError::Metadata { code, .. } => !matches!(
+                code,
+                rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed
+                    | rdkafka::types::RDKafkaErrorCode::ClusterAuthorizationFailed
+                    | rdkafka::types::RDKafkaErrorCode::InvalidTopic
+            ),
+            _ => true,
+        }
     }
 }
 
@@ -165,9 +182,26 @@ pub fn read_last(
     let metadata = consumer
         .fetch_metadata(Some(topic), READ_TIMEOUT)
         .map_err(read)?;
+    // Only "the topic does not exist" means "no position yet"; any other
+    // answer (an ACL refusal above all) must not be read as one.
     let partitions: Vec<i32> = match metadata.topics().first() {
-        Some(t) if t.error().is_none() => t.partitions().iter().map(|p| p.id()).collect(),
-        _ => return Ok(None),
+        None => return Ok(None),
+        Some(t) => match t.error().map(rdkafka::types::RDKafkaErrorCode::from) {
+            None => t.partitions().iter().map(|p| p.id()).collect(),
+            Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok(None),
+            Some(code) => {
+                return Err(OffsetsError::Metadata {
+                    topic: topic.to_string(),
+                    code,
+                    advice: match code {
+                        rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed => {
+                            "; grant the producer's principal Describe and Read on it (and Write, Create)"
+                        }
+                        _ => "",
+                    },
+                })
+            }
+        },
     };
     let mut assignment = TopicPartitionList::new();
     for &p in &partitions {

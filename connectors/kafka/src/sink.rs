@@ -137,6 +137,13 @@ struct Transactional {
     /// The last change Kafka holds: replayed changes up to it are dropped
     /// (see [`crate::offsets`]). Read once at start, then kept current.
     resume_after: Option<Position>,
+    /// Why a transaction failed, once one has. Batches queued behind it
+    /// are refused from then on: committing one would write a later
+    /// position to the offsets topic, and a restarted daemon would take the
+    /// failed batch's changes as already in Kafka and drop them. Only a
+    /// new process (which replays from the slot's confirmed position, below
+    /// the failed batch) delivers again.
+    failed: Option<String>,
 }
 
 impl KafkaSink {
@@ -187,6 +194,7 @@ impl KafkaSink {
                     client: client.clone(),
                     replication_factor: config.topic_creation.replication_factor,
                     resume_after: None,
+                    failed: None,
                 }),
             },
             dead_letter: None,
@@ -470,17 +478,29 @@ impl KafkaSink {
         events: &[ChangeEvent],
         acker: Acker,
     ) -> Result<(), SinkError> {
-        let timeout = self
-            .transactional
-            .as_ref()
-            .map(|t| t.timeout)
-            .expect("exactly-once mode");
+        let t = self.transactional.as_ref().expect("exactly-once mode");
+        let timeout = t.timeout;
+        if let Some(reason) = &t.failed {
+            let e = SinkError::definite(
+                SINK_NAME,
+                format!(
+                    "exactly-once: not committing this batch because an earlier transaction failed ({reason}); \
+                     a later commit would move the position in the offsets topic past the failed changes. \
+                     Restart walcast to replay from the last confirmed position"
+                ),
+            );
+            acker.fail(e.to_string());
+            return Err(e);
+        }
         match self.run_transaction(events, timeout).await {
             Ok(()) => {
                 acker.ack();
                 Ok(())
             }
             Err(e) => {
+                if let Some(t) = &mut self.transactional {
+                    t.failed = Some(e.to_string());
+                }
                 acker.fail(e.to_string());
                 Err(e)
             }
