@@ -9,9 +9,9 @@
 //! after warm-up, open fds at the end no more than after warm-up plus a
 //! small slack, and once the load stops the slot confirms everything.
 //!
-//! `WALCAST_SOAK=1 cargo test --test soak -- --nocapture` (30 minutes;
-//! `WALCAST_SOAK_MINUTES=N` to change). Without WALCAST_SOAK it returns at
-//! once.
+//! `cargo test --test soak -- --ignored --nocapture` (30 minutes;
+//! `WALCAST_SOAK_MINUTES=N` to change). Ignored otherwise, so CI output says
+//! it did not run (it used to return at once and count as passed).
 
 mod support;
 
@@ -82,11 +82,8 @@ fn load(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "30-minute soak: run with `cargo test --test soak -- --ignored --nocapture`"]
 async fn soak_memory_fds_and_lag_stay_flat() {
-    if std::env::var("WALCAST_SOAK").map_or(true, |v| v != "1") {
-        eprintln!("soak skipped: set WALCAST_SOAK=1 (WALCAST_SOAK_MINUTES, default 30)");
-        return;
-    }
     let minutes: u64 = std::env::var("WALCAST_SOAK_MINUTES")
         .ok()
         .and_then(|v| v.parse().ok())

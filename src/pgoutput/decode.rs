@@ -30,6 +30,13 @@ struct Reader {
 }
 
 impl Reader {
+    /// Room for `n` items of at least `min_size` bytes each, but never more
+    /// than the bytes left could hold: a count comes from the network, and
+    /// a lying one must not reserve gigabytes before the reads fail.
+    fn capacity(&self, n: usize, min_size: usize) -> usize {
+        n.min(self.buf.len() / min_size.max(1))
+    }
+
     fn need(&self, n: usize, field: &'static str) -> Result<(), DecodeError> {
         if self.buf.len() < n {
             Err(DecodeError::Truncated {
@@ -110,7 +117,8 @@ impl Reader {
                 detail: format!("negative column count {n}"),
             });
         }
-        let mut cols = Vec::with_capacity(n as usize);
+        // Each column takes at least its one-byte kind.
+        let mut cols = Vec::with_capacity(self.capacity(n as usize, 1));
         for _ in 0..n {
             let kind = self.u8("column kind")?;
             cols.push(match kind {
@@ -196,7 +204,8 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
                 }
             };
             let n = r.i16("column count")?;
-            let mut columns = Vec::with_capacity(n.max(0) as usize);
+            // flags, an empty name's NUL, type OID, modifier: 10 bytes at least.
+            let mut columns = Vec::with_capacity(r.capacity(n.max(0) as usize, 10));
             for _ in 0..n {
                 columns.push(RelationColumn {
                     identity: r.u8("column flags")? & 1 == 1,
@@ -266,7 +275,7 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
         b'T' => {
             let n = r.i32("relation count")?;
             let options = r.u8("options")?;
-            let mut relation_ids = Vec::with_capacity(n.max(0) as usize);
+            let mut relation_ids = Vec::with_capacity(r.capacity(n.max(0) as usize, 4));
             for _ in 0..n {
                 relation_ids.push(r.u32("relation id")?);
             }

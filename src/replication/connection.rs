@@ -128,6 +128,10 @@ impl ReplicationError {
     }
 }
 
+/// The most a message's announced length reserves in one go (a message
+/// longer than this grows the buffer as its bytes arrive).
+const MAX_RESERVE: usize = 1 << 20;
+
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
@@ -258,7 +262,10 @@ impl ReplicationConnection {
                 } else if let Some(m) = Message::parse(&mut self.buf)? {
                     return Ok(m);
                 }
-                self.buf.reserve(len + 1);
+                // The length comes from the network: reserve at most a
+                // bounded step ahead, and let the buffer grow with the bytes
+                // that actually arrive.
+                self.buf.reserve((len + 1).min(MAX_RESERVE));
             }
             let n = self.io.read_buf(&mut self.buf).await?;
             if n == 0 {
