@@ -434,27 +434,82 @@ async fn check_kafka_sinks(
             }
         }
         if let (config::EventFormat::Avro, Some(r)) = (c.format, &c.registry) {
-            let url = format!("{}/subjects", r.url.trim_end_matches('/'));
-            match reqwest::get(&url).await {
-                Ok(resp) if resp.status().is_success() => {
-                    let router = walcast_kafka::topic::TopicRouter::new(
-                        k.topic_prefix.clone(),
-                        k.routes.clone(),
-                    );
-                    for (sc, t) in &tables {
-                        let topic = router.name(sc, t);
-                        println!("  registry: subjects {topic}-key and {topic}-value (registered on first event)");
-                    }
+            let router =
+                walcast_kafka::topic::TopicRouter::new(k.topic_prefix.clone(), k.routes.clone());
+            ok &= check_registry(name, r, s, &router).await;
+        }
+    }
+    ok
+}
+
+/// Asks the registry whether each captured table's key and value schemas,
+/// as this config derives them, would be accepted under their subjects'
+/// compatibility levels: a change of mapping options (say
+/// `unconstrained_numeric`) or of a column type that the registry would
+/// refuse is reported here, before `run` stops on it.
+async fn check_registry(
+    name: &str,
+    r: &walcast_schemas::RegistryConfig,
+    s: &capture::stream::CaptureSettings,
+    router: &walcast_kafka::topic::TopicRouter,
+) -> bool {
+    use walcast_schemas::registry::VersionRef;
+    let registry = match walcast_schemas::HttpRegistry::new(r) {
+        Ok(reg) => reg,
+        Err(e) => {
+            println!("pipeline {name}: ERROR: registry: {e}");
+            return false;
+        }
+    };
+    let client = match capture::catalog::connect(&s.connect).await {
+        Ok(c) => c,
+        Err(e) => {
+            println!("pipeline {name}: ERROR: {e}");
+            return false;
+        }
+    };
+    let options = walcast_schemas::MappingOptions {
+        unconstrained_numeric: r.unconstrained_numeric,
+    };
+    let mut catalog = capture::catalog::Catalog::new(client);
+    let mut ok = true;
+    for (sc, t) in &s.wanted.tables {
+        let table = match catalog.table_schema_by_name(sc, t).await {
+            Ok(table) => table,
+            Err(e) => {
+                println!("pipeline {name}: ERROR: registry: table {sc}.{t}: {e}");
+                ok = false;
+                continue;
+            }
+        };
+        let schemas = match walcast_schemas::mapping::derive(&table.schema, &s.assemble.name, &options) {
+            Ok(schemas) => schemas,
+            Err(e) => {
+                println!("pipeline {name}: ERROR: registry: table {sc}.{t}: {e}");
+                ok = false;
+                continue;
+            }
+        };
+        let topic = router.name(sc, t);
+        let parts = [(schemas.key.as_ref(), true), (Some(&schemas.value), false)];
+        for (schema, is_key) in parts {
+            let Some(schema) = schema else { continue };
+            let subject = r.subject_strategy.subject(&topic, schema, is_key);
+            match registry.check_compatibility_with(&subject, VersionRef::Latest, schema).await {
+                Ok(c) if c.is_compatible => {
+                    println!("  registry: subject {subject}: the schema of {sc}.{t} is accepted (new or compatible)")
                 }
-                Ok(resp) => {
+                Ok(c) => {
                     println!(
-                        "pipeline {name}: ERROR: schema registry {url} answered {}",
-                        resp.status()
+                        "pipeline {name}: ERROR: registry: subject {subject} would refuse the schema of {sc}.{t} as incompatible \
+                         with its latest version{}; run would stop at the table's first event. Revert the change, register under \
+                         a new subject (another topic), or relax the subject's compatibility (PUT /config/{subject})",
+                        if c.messages.is_empty() { String::new() } else { format!(": {}", c.messages.join("; ")) }
                     );
                     ok = false;
                 }
                 Err(e) => {
-                    println!("pipeline {name}: ERROR: schema registry {url} unreachable: {e}");
+                    println!("pipeline {name}: ERROR: registry: subject {subject}: {e}");
                     ok = false;
                 }
             }

@@ -908,7 +908,10 @@ mod tests {
 
     #[test]
     fn refuses_what_avro_cannot_carry_naming_the_column() {
-        let opts = MappingOptions::default();
+        // variable_scale (Debezium's precise mode) cannot carry the special values.
+        let opts = MappingOptions {
+            unconstrained_numeric: UnconstrainedNumeric::VariableScale,
+        };
         let cases = [
             (
                 PgType::Numeric {

@@ -50,11 +50,15 @@ pub const COLUMN_ATTRIBUTE: &str = "walcast.column";
 pub enum UnconstrainedNumeric {
     /// Debezium's default (`decimal.handling.mode=precise`): a record
     /// `io.debezium.data.VariableScaleDecimal {scale: int, value: bytes}`.
-    /// Exact, and what Debezium consumers expect.
-    #[default]
+    /// Exact, and what Debezium consumers expect, but it cannot carry `NaN`
+    /// or `±Infinity`: Debezium 3.6 stops its connector on them
+    /// (`ConnectException` from `SpecialValueDecimal.fromLogical`).
     VariableScale,
     /// Postgres's text form: exact and readable, and the only form that can
-    /// carry `NaN` and `Infinity`.
+    /// carry `NaN` and `Infinity`. The default: an unconstrained `numeric`
+    /// is where Postgres allows the special values (a `numeric(p,s)` holds
+    /// no infinity), and a legal value must never stop a pipeline.
+    #[default]
     String,
     /// A double: convenient, lossy beyond 15-17 significant digits.
     Double,
@@ -548,7 +552,7 @@ mod tests {
                     precision: None,
                     scale: None,
                 },
-                "Record(io.debezium.data.VariableScaleDecimal)",
+                "String",
             ),
             (PgType::Money, "Decimal(19,2)"),
             (PgType::Text, "String"),
@@ -674,7 +678,10 @@ mod tests {
             ),
             col("note", PgType::Text, false, false),
         ]);
-        let s = derive(&t, "shop", &MappingOptions::default()).unwrap();
+        let variable_scale = MappingOptions {
+            unconstrained_numeric: UnconstrainedNumeric::VariableScale,
+        };
+        let s = derive(&t, "shop", &variable_scale).unwrap();
         assert_eq!(s.namespace, "shop.public.orders");
         assert_eq!(
             s.value.full_name().as_deref(),

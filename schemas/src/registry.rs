@@ -884,7 +884,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.subject_strategy, SubjectStrategy::TopicName);
-        assert_eq!(c.unconstrained_numeric, UnconstrainedNumeric::VariableScale);
+        assert_eq!(c.unconstrained_numeric, UnconstrainedNumeric::String);
         assert_eq!(c.max_attempts, DEFAULT_MAX_ATTEMPTS);
         assert!(
             !format!("{c:?}").contains("\"p\""),
