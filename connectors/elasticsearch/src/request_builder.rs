@@ -239,6 +239,16 @@ pub struct RequestBuilder {
 }
 
 impl RequestBuilder {
+    /// Whether `event` can become actions at all (an index name, and a
+    /// document id unless it is a truncate), without building them.
+    pub fn check(&self, event: &ChangeEvent) -> Result<(), RequestError> {
+        self.index.render(&event.table)?;
+        if event.op != Op::Truncate {
+            document_id(event)?;
+        }
+        Ok(())
+    }
+
     pub fn entries(&self, event: &ChangeEvent) -> Result<Vec<Entry>, RequestError> {
         let table = &event.table;
         let index = self.index.render(table)?;
@@ -552,6 +562,15 @@ mod tests {
                 0x2_0000_0001,
             ))
             .unwrap_err();
+        assert_eq!(
+            builder()
+                .check(&event(&keyless, Op::Create, None, Some(vec![Value::Null]), 0x2_0000_0001))
+                .unwrap_err(),
+            err
+        );
+        assert!(builder()
+            .check(&event(&keyless, Op::Truncate, None, None, 1))
+            .is_ok());
         assert_eq!(err.to_string(), "table Sales.log has no primary key (nor replica identity index), so its rows have no document id (event at LSN 2/1); give the table a key or leave it out of the publication");
     }
 

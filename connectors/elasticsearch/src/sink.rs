@@ -339,6 +339,15 @@ impl Sink for ElasticsearchSink {
         }
     }
 
+    /// A table without key (no document id) or a table name the index
+    /// template cannot turn into an index.
+    fn refuses(&self, event: &walcast_sdk::ChangeEvent) -> Option<String> {
+        self.builder
+            .check(event)
+            .err()
+            .map(|e| ElasticsearchSinkError::from(e).to_string())
+    }
+
     /// `GET /_cluster/health` answers (yellow is healthy: a single node
     /// never allocates replicas).
     async fn healthy(&self) -> bool {

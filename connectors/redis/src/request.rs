@@ -497,6 +497,19 @@ impl Plan {
         })
     }
 
+    /// Whether `event` can be written at all (its key, or channel, renders),
+    /// without building the writes.
+    pub fn check(&self, event: &ChangeEvent) -> Result<(), RequestError> {
+        let lsn = event.source.commit_lsn;
+        match self {
+            Plan::Publish { name, .. } => name.render(&event.table, None, lsn).map(|_| ()),
+            _ if event.op == Op::Truncate => Ok(()),
+            Plan::Invalidate { key, .. } | Plan::Upsert { key, .. } => key
+                .render(&event.table, event.key_values().as_deref(), lsn)
+                .map(|_| ()),
+        }
+    }
+
     /// The writes for one event, in order.
     pub fn writes(&self, event: &ChangeEvent) -> Result<Vec<Write>, RequestError> {
         let table = &event.table;
@@ -772,6 +785,17 @@ mod tests {
             Some(vec![Value::Int32(1)]),
             0x16_0000_0010,
         );
+        assert_eq!(
+            upsert_plan(UpsertFormat::Json).check(&e).unwrap_err(),
+            upsert_plan(UpsertFormat::Json).writes(&e).unwrap_err(),
+            "the check says up front what writing would refuse"
+        );
+        let publish = Plan::Publish {
+            via: PublishVia::Channel,
+            name: KeyTemplate::parse("cdc:{table}").unwrap(),
+            stream_maxlen: 1,
+        };
+        assert!(publish.check(&e).is_ok());
         let err = upsert_plan(UpsertFormat::Json).writes(&e).unwrap_err();
         assert!(
             err.to_string().contains("public.orders has no primary key"),

@@ -531,6 +531,15 @@ impl Sink for RedisSink {
         }
     }
 
+    /// A table without the key the template needs, or a template naming a
+    /// column that is not a key column.
+    fn refuses(&self, event: &ChangeEvent) -> Option<String> {
+        self.plan
+            .check(event)
+            .err()
+            .map(|e| RedisSinkError::from(e).to_string())
+    }
+
     /// Nothing is buffered: `send` returns only once its batch is answered.
     async fn flush(&mut self) -> Result<(), SinkError> {
         Ok(())
