@@ -176,7 +176,10 @@ async fn wait_doc(prefix: &str, id: i64) -> Json {
         if doc["found"] == true {
             return doc;
         }
-        assert!(Instant::now() < deadline, "orders {id} never indexed: {doc}");
+        assert!(
+            Instant::now() < deadline,
+            "orders {id} never indexed: {doc}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -187,8 +190,18 @@ async fn a_keyless_record_stops_the_relay_by_default_instead_of_looping() {
     let orders = format!("{prefix}.public.orders");
     let log = format!("{prefix}.public.log");
     create_topics(&[&orders, &log]).await;
-    produce(&orders, Some(json!({"id": 1})), envelope("orders", json!({"id": 1, "item": "pen"}), 10)).await;
-    produce(&log, None, envelope("log", json!({"line": "no key here"}), 11)).await;
+    produce(
+        &orders,
+        Some(json!({"id": 1})),
+        envelope("orders", json!({"id": 1, "item": "pen"}), 10),
+    )
+    .await;
+    produce(
+        &log,
+        None,
+        envelope("log", json!({"line": "no key here"}), 11),
+    )
+    .await;
 
     let mut w = Walcast::start_with(|_, admin| relay_config(&prefix, admin, ""));
     w.wait_failed("a record of a key-less table", WAIT).await;
@@ -224,10 +237,20 @@ async fn keyless_records_go_to_the_dead_letter_once_and_the_relay_moves_on() {
     // Outside the subscription pattern, or the relay would read it back.
     let dlq = format!("{prefix}-dlq");
     create_topics(&[&orders, &log, &dlq]).await;
-    produce(&orders, Some(json!({"id": 1})), envelope("orders", json!({"id": 1, "item": "pen"}), 10)).await;
+    produce(
+        &orders,
+        Some(json!({"id": 1})),
+        envelope("orders", json!({"id": 1, "item": "pen"}), 10),
+    )
+    .await;
     let first = envelope("log", json!({"line": "first"}), 11);
     produce(&log, None, first.clone()).await;
-    produce(&orders, Some(json!({"id": 2})), envelope("orders", json!({"id": 2, "item": "ink"}), 12)).await;
+    produce(
+        &orders,
+        Some(json!({"id": 2})),
+        envelope("orders", json!({"id": 2, "item": "ink"}), 12),
+    )
+    .await;
 
     let w = Walcast::start_with(|_, admin| {
         relay_config(
@@ -258,7 +281,10 @@ async fn keyless_records_go_to_the_dead_letter_once_and_the_relay_moves_on() {
         first,
         "the record as it was read"
     );
-    assert!(headers["walcast.error"].contains("public.log has no primary key"), "{headers:?}");
+    assert!(
+        headers["walcast.error"].contains("public.log has no primary key"),
+        "{headers:?}"
+    );
     assert_eq!(headers["walcast.sink"], "elasticsearch,redis");
     assert_eq!(headers["walcast.topic"], log);
     assert_eq!(headers["walcast.partition"], "0");
@@ -267,11 +293,19 @@ async fn keyless_records_go_to_the_dead_letter_once_and_the_relay_moves_on() {
     // The relay goes on: another refused record is set aside once, the
     // first is not repeated, and later rows still arrive.
     produce(&log, None, envelope("log", json!({"line": "second"}), 13)).await;
-    produce(&orders, Some(json!({"id": 3})), envelope("orders", json!({"id": 3, "item": "cap"}), 14)).await;
+    produce(
+        &orders,
+        Some(json!({"id": 3})),
+        envelope("orders", json!({"id": 3, "item": "cap"}), 14),
+    )
+    .await;
     wait_doc(&prefix, 3).await;
     let deadline = Instant::now() + WAIT;
     while committed(&group, &log) != Some(2) {
-        assert!(Instant::now() < deadline, "not committed past the second record");
+        assert!(
+            Instant::now() < deadline,
+            "not committed past the second record"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let dead = read_topic(&dlq, 2);
@@ -316,7 +350,10 @@ url = "{search}"
     let path = dir.path().join("walcast.toml");
     std::fs::write(&path, config(&format!("127.0.0.1:{}", free_port()))).unwrap();
     let (ok, out) = check(&path);
-    assert!(!ok, "check accepted a key-less table for the search sink:\n{out}");
+    assert!(
+        !ok,
+        "check accepted a key-less table for the search sink:\n{out}"
+    );
     assert!(
         out.contains(&format!("pipelines.{prefix}.sinks[0]"))
             && out.contains("`public.log`")
@@ -330,7 +367,11 @@ url = "{search}"
         if let Some(s) = w.exited() {
             break s;
         }
-        assert!(Instant::now() < deadline, "walcast run started:\n{}", w.log());
+        assert!(
+            Instant::now() < deadline,
+            "walcast run started:\n{}",
+            w.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(!status.success());

@@ -260,7 +260,10 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                     .map_err(|e| rule(key("source"), &e.to_string()))?;
                 if let OnRefused::DeadLetter { topic } = &r.on_refused {
                     if topic.trim().is_empty() {
-                        return Err(rule(key("on_refused.dead_letter.topic"), "must not be empty"));
+                        return Err(rule(
+                            key("on_refused.dead_letter.topic"),
+                            "must not be empty",
+                        ));
                     }
                     let subscribed = match &r.source.subscribe {
                         walcast_kafka::Subscription::Topics(t) => t.contains(topic),
@@ -429,7 +432,11 @@ path = "-"
 "#
             )
         };
-        let c = load_str("t.toml", &relay(r#"{ dead_letter = { topic = "shop-dlq" } }"#)).unwrap();
+        let c = load_str(
+            "t.toml",
+            &relay(r#"{ dead_letter = { topic = "shop-dlq" } }"#),
+        )
+        .unwrap();
         let PipelineConfig::Relay(r) = &c.pipelines["cache"] else {
             panic!()
         };
@@ -439,11 +446,15 @@ path = "-"
                 topic: "shop-dlq".into()
             }
         );
-        let e = load_str("t.toml", &relay(r#"{ dead_letter = { topic = "shop.dlq" } }"#))
-            .unwrap_err()
-            .to_string();
+        let e = load_str(
+            "t.toml",
+            &relay(r#"{ dead_letter = { topic = "shop.dlq" } }"#),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
-            e.contains("pipelines.cache.on_refused.dead_letter.topic") && e.contains("read its own dead letters"),
+            e.contains("pipelines.cache.on_refused.dead_letter.topic")
+                && e.contains("read its own dead letters"),
             "{e}"
         );
         let c = load_str("t.toml", &relay(r#""halt""#)).unwrap();

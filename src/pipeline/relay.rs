@@ -220,12 +220,14 @@ pub async fn run(
     let decoder = Decoder { avro };
     let dead_letter = match &cfg.on_refused {
         OnRefused::Halt => None,
-        OnRefused::DeadLetter { topic } => Some(
-            RecordDeadLetter::new(&cfg.source, topic).map_err(|source| RelayError::Source {
-                pipeline: p(),
-                source,
-            })?,
-        ),
+        OnRefused::DeadLetter { topic } => {
+            Some(RecordDeadLetter::new(&cfg.source, topic).map_err(|source| {
+                RelayError::Source {
+                    pipeline: p(),
+                    source,
+                }
+            })?)
+        }
     };
     let mut source = KafkaSource::new(cfg.source.clone()).map_err(|source| RelayError::Source {
         pipeline: p(),
@@ -350,9 +352,7 @@ pub async fn run(
             }
             refusals.extend(refusal);
         }
-        if let Err(e) =
-            set_aside(name, &refusals, &batch.records, dead_letter.as_ref()).await
-        {
+        if let Err(e) = set_aside(name, &refusals, &batch.records, dead_letter.as_ref()).await {
             // The batch's ackers drop unanswered: nothing past it commits.
             break Err(e);
         }

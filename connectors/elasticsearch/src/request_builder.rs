@@ -564,7 +564,13 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             builder()
-                .check(&event(&keyless, Op::Create, None, Some(vec![Value::Null]), 0x2_0000_0001))
+                .check(&event(
+                    &keyless,
+                    Op::Create,
+                    None,
+                    Some(vec![Value::Null]),
+                    0x2_0000_0001
+                ))
                 .unwrap_err(),
             err
         );
@@ -581,7 +587,11 @@ mod tests {
             &t,
             Op::Update,
             None,
-            Some(vec![Value::Int32(1), Value::Text("new".into()), Value::Unavailable]),
+            Some(vec![
+                Value::Int32(1),
+                Value::Text("new".into()),
+                Value::Unavailable,
+            ]),
             7,
         );
         let mut entries = builder().entries(&e).unwrap();
@@ -589,7 +599,11 @@ mod tests {
             panic!()
         };
         assert_eq!(a.unavailable, vec!["body"]);
-        assert!(!a.ndjson.contains("__debezium_unavailable_value"), "{}", a.ndjson);
+        assert!(
+            !a.ndjson.contains("__debezium_unavailable_value"),
+            "{}",
+            a.ndjson
+        );
         assert_eq!(a.document.as_deref(), Some(r#"{"id":1,"title":"new"}"#));
         let stored = json!({"body": "long"});
         let mut kept = a.clone();

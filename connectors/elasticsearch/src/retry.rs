@@ -190,7 +190,10 @@ mod tests {
             docs,
             vec![
                 Fetched::Found(
-                    serde_json::json!({"big": "zz"}).as_object().unwrap().clone()
+                    serde_json::json!({"big": "zz"})
+                        .as_object()
+                        .unwrap()
+                        .clone()
                 ),
                 Fetched::Missing,
                 Fetched::Missing,

@@ -40,8 +40,8 @@ use crate::request_builder::{
     IndexTemplate, RequestBuilder, RequestError, TemplateError,
 };
 use crate::retry::{
-    classify_item, classify_response, classify_truncate, parse_bulk_response,
-    parse_mget_response, Fetched, ItemOutcome, ItemResult, ResponseOutcome,
+    classify_item, classify_response, classify_truncate, parse_bulk_response, parse_mget_response,
+    Fetched, ItemOutcome, ItemResult, ResponseOutcome,
 };
 
 const SINK_NAME: &str = "elasticsearch";
@@ -521,8 +521,10 @@ impl Worker {
         };
         // The newest version of each row this flush writes before the
         // action at hand: `None` once deleted (or truncated).
-        let mut latest: HashMap<(String, String), Option<serde_json::Map<String, serde_json::Value>>> =
-            HashMap::new();
+        let mut latest: HashMap<
+            (String, String),
+            Option<serde_json::Map<String, serde_json::Value>>,
+        > = HashMap::new();
         let mut truncated: HashSet<String> = HashSet::new();
         for (_, entries) in batches.iter_mut() {
             for entry in entries.iter_mut() {

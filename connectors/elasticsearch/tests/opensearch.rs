@@ -488,9 +488,12 @@ async fn unchanged_toast_values_keep_the_stored_value() {
     )
     .await
     .unwrap();
-    send(&mut sink, vec![upsert(&t, row(1, "b", Value::Unavailable), 20)])
-        .await
-        .unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&t, row(1, "b", Value::Unavailable), 20)],
+    )
+    .await
+    .unwrap();
     let (_, doc) = os.get(&format!("{index}/_doc/1")).await;
     assert_eq!(
         source(&doc),
@@ -516,17 +519,23 @@ async fn unchanged_toast_values_keep_the_stored_value() {
     );
 
     // A replayed older event is still refused by its version.
-    send(&mut sink, vec![upsert(&t, row(1, "stale", Value::Unavailable), 15)])
-        .await
-        .unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&t, row(1, "stale", Value::Unavailable), 15)],
+    )
+    .await
+    .unwrap();
     let (_, doc) = os.get(&format!("{index}/_doc/1")).await;
     assert_eq!(source(&doc)["title"], "d");
     assert_eq!(doc["_version"], 31);
 
     // No stored document (a key change creates the new row this way).
-    send(&mut sink, vec![upsert(&t, row(2, "new key", Value::Unavailable), 40)])
-        .await
-        .unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&t, row(2, "new key", Value::Unavailable), 40)],
+    )
+    .await
+    .unwrap();
     let (_, doc) = os.get(&format!("{index}/_doc/2")).await;
     assert_eq!(
         source(&doc),
@@ -538,7 +547,10 @@ async fn unchanged_toast_values_keep_the_stored_value() {
         .await
         .unwrap();
     let (_, doc) = os.get(&format!("{index}/_doc/2")).await;
-    assert_eq!(source(&doc), json!({"id": 2, "title": "full", "body": "b2"}));
+    assert_eq!(
+        source(&doc),
+        json!({"id": 2, "title": "full", "body": "b2"})
+    );
     let stats = sink.stats();
     assert_eq!(
         stats

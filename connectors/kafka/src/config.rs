@@ -688,10 +688,9 @@ mod tests {
             "a pattern finds new topics within seconds"
         );
         let mut tuned = c.clone();
-        tuned.consumer.insert(
-            "topic.metadata.refresh.interval.ms".into(),
-            "60000".into(),
-        );
+        tuned
+            .consumer
+            .insert("topic.metadata.refresh.interval.ms".into(), "60000".into());
         assert_eq!(
             tuned
                 .client_config()

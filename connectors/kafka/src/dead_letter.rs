@@ -105,8 +105,7 @@ impl RecordDeadLetter {
                 value: Some(sink.as_bytes()),
             });
         }
-        let mut out: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.topic).headers(headers);
+        let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
         if let Some(k) = record.key.as_deref() {
             out = out.key(k);
         }

@@ -89,9 +89,9 @@ pub enum SourceError {
 impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
-            SourceError::Config(_) | SourceError::Client { .. } | SourceError::DeadLetter { .. } => {
-                false
-            }
+            SourceError::Config(_)
+            | SourceError::Client { .. }
+            | SourceError::DeadLetter { .. } => false,
             SourceError::Consume { transient, .. } => *transient,
             // A restart from the committed offsets is the remedy.
             SourceError::Commit { .. } | SourceError::NotApplied { .. } => true,

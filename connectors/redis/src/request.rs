@@ -868,14 +868,24 @@ mod tests {
             &t,
             Op::Update,
             None,
-            Some(vec![Value::Int32(5), Value::Text("Ann".into()), Value::Unavailable]),
+            Some(vec![
+                Value::Int32(5),
+                Value::Text("Ann".into()),
+                Value::Unavailable,
+            ]),
             900,
         );
         for (format, payload) in [
-            (UpsertFormat::Json, Payload::Json(r#"{"id":5,"name":"Ann"}"#.into())),
+            (
+                UpsertFormat::Json,
+                Payload::Json(r#"{"id":5,"name":"Ann"}"#.into()),
+            ),
             (
                 UpsertFormat::Hash,
-                Payload::Hash(vec![("id".into(), "5".into()), ("name".into(), "Ann".into())]),
+                Payload::Hash(vec![
+                    ("id".into(), "5".into()),
+                    ("name".into(), "Ann".into()),
+                ]),
             ),
         ] {
             assert_eq!(

@@ -409,12 +409,18 @@ async fn unchanged_toast_values_keep_the_stored_value() {
     let doc = |s: Option<String>| -> serde_json::Value {
         serde_json::from_str(&s.expect("a stored document")).unwrap()
     };
-    send(&mut sink, vec![upsert(&t, row(1, "a", text("long \"text\" v1")), 10)])
-        .await
-        .unwrap();
-    send(&mut sink, vec![upsert(&t, row(1, "b", Value::Unavailable), 20)])
-        .await
-        .unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&t, row(1, "a", text("long \"text\" v1")), 10)],
+    )
+    .await
+    .unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&t, row(1, "b", Value::Unavailable), 20)],
+    )
+    .await
+    .unwrap();
     assert_eq!(
         doc(get(&mut r, &key1).await),
         serde_json::json!({"id": 1, "title": "b", "body": "long \"text\" v1"})
@@ -433,14 +439,24 @@ async fn unchanged_toast_values_keep_the_stored_value() {
         serde_json::json!({"id": 1, "title": "d", "body": null}),
         "a stored NULL is a value too"
     );
-    send(&mut sink, vec![upsert(&t, row(1, "stale", Value::Unavailable), 15)])
-        .await
-        .unwrap();
-    assert_eq!(doc(get(&mut r, &key1).await)["title"], "d", "stale stays refused");
+    send(
+        &mut sink,
+        vec![upsert(&t, row(1, "stale", Value::Unavailable), 15)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        doc(get(&mut r, &key1).await)["title"],
+        "d",
+        "stale stays refused"
+    );
     let key2 = format!("public.{name}:2");
-    send(&mut sink, vec![upsert(&t, row(2, "new key", Value::Unavailable), 40)])
-        .await
-        .unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&t, row(2, "new key", Value::Unavailable), 40)],
+    )
+    .await
+    .unwrap();
     assert_eq!(
         doc(get(&mut r, &key2).await),
         serde_json::json!({"id": 2, "title": "new key", "__walcast_incomplete": ["body"]})
@@ -455,26 +471,40 @@ async fn unchanged_toast_values_keep_the_stored_value() {
     let hash = |r: &mut redis::aio::MultiplexedConnection, k: String| {
         let mut r = r.clone();
         async move {
-            let m: std::collections::BTreeMap<String, String> =
-                redis::cmd("HGETALL").arg(k).query_async(&mut r).await.unwrap();
+            let m: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+                .arg(k)
+                .query_async(&mut r)
+                .await
+                .unwrap();
             m
         }
     };
     send(&mut sink, vec![upsert(&th, row(1, "a", text("big")), 10)])
         .await
         .unwrap();
-    send(&mut sink, vec![upsert(&th, row(1, "b", Value::Unavailable), 20)])
-        .await
-        .unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&th, row(1, "b", Value::Unavailable), 20)],
+    )
+    .await
+    .unwrap();
     let h = hash(&mut r, hkey.clone()).await;
     assert_eq!(h.get("body").map(String::as_str), Some("big"));
     assert_eq!(h.get("title").map(String::as_str), Some("b"));
     assert!(!h.contains_key("__walcast_incomplete"));
-    send(&mut sink, vec![upsert(&th, row(2, "x", Value::Unavailable), 30)])
-        .await
-        .unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&th, row(2, "x", Value::Unavailable), 30)],
+    )
+    .await
+    .unwrap();
     let h = hash(&mut r, format!("public.{hname}:2")).await;
-    assert_eq!(h.get("__walcast_incomplete").map(String::as_str), Some(r#"["body"]"#));
+    assert_eq!(
+        h.get("__walcast_incomplete").map(String::as_str),
+        Some(r#"["body"]"#)
+    );
     assert!(!h.contains_key("body"));
-    assert!(h.values().all(|v| !v.contains("__debezium_unavailable_value")));
+    assert!(h
+        .values()
+        .all(|v| !v.contains("__debezium_unavailable_value")));
 }
