@@ -210,6 +210,32 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                     ));
                 }
                 validate_sinks(path, &key, &c.sinks)?;
+                if !s.keyless_tables.is_empty() {
+                    // Known from the config alone: those tables have no key,
+                    // and these sinks name rows by their key.
+                    for (i, sink) in c.sinks.iter().enumerate() {
+                        let why = match sink {
+                            SinkConfig::Elasticsearch(_) => "its document ids are primary keys",
+                            SinkConfig::Redis(r) if r.needs_row_key() => {
+                                "its key template names the row's key"
+                            }
+                            _ => continue,
+                        };
+                        return Err(rule(
+                            key(&format!("sinks[{i}]")),
+                            &format!(
+                                "source.keyless_tables lists {}, but the {} sink cannot write rows without a primary key ({why}); \
+                                 give those tables a key (or REPLICA IDENTITY USING INDEX), or capture them in a pipeline without this sink",
+                                s.keyless_tables
+                                    .iter()
+                                    .map(|t| format!("`{t}`"))
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                                sink.kind()
+                            ),
+                        ));
+                    }
+                }
                 if let Some(r) = &c.registry {
                     r.validate()
                         .map_err(|e| rule(key("registry"), &e.to_string()))?;
@@ -232,6 +258,29 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                 r.source
                     .validate()
                     .map_err(|e| rule(key("source"), &e.to_string()))?;
+                if let OnRefused::DeadLetter { topic } = &r.on_refused {
+                    if topic.trim().is_empty() {
+                        return Err(rule(
+                            key("on_refused.dead_letter.topic"),
+                            "must not be empty",
+                        ));
+                    }
+                    let subscribed = match &r.source.subscribe {
+                        walcast_kafka::Subscription::Topics(t) => t.contains(topic),
+                        walcast_kafka::Subscription::Pattern(_) => r
+                            .source
+                            .subscription_names()
+                            .first()
+                            .and_then(|p| regex::Regex::new(p).ok())
+                            .is_some_and(|re| re.is_match(topic)),
+                    };
+                    if subscribed {
+                        return Err(rule(
+                            key("on_refused.dead_letter.topic"),
+                            &format!("`{topic}` is one the relay subscribes to, so it would read its own dead letters back; choose a topic outside `source.subscribe`"),
+                        ));
+                    }
+                }
                 validate_sinks(path, &key, &r.sinks)?;
                 if let Some(reg) = &r.registry {
                     reg.validate()
@@ -327,6 +376,92 @@ path = "-"
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn keyless_tables_are_refused_for_sinks_that_need_a_key() {
+        let keyless = GOOD.replace(
+            "tables = [\"public.orders\"]",
+            "tables = [\"public.orders\", \"public.log\"]\nkeyless_tables = [\"public.log\"]",
+        );
+        load_str("t.toml", &keyless).expect("a file sink takes key-less rows");
+        let search = keyless.replace(
+            "type = \"file\"\npath = \"-\"",
+            "type = \"elasticsearch\"\nurl = \"http://search:9200\"",
+        );
+        let e = load_str("t.toml", &search).unwrap_err().to_string();
+        assert!(
+            e.contains("pipelines.orders.sinks[0]")
+                && e.contains("`public.log`")
+                && e.contains("elasticsearch sink cannot write rows without a primary key"),
+            "{e}"
+        );
+        let redis = |mode: &str| {
+            keyless.replace(
+                "type = \"file\"\npath = \"-\"",
+                &format!("type = \"redis\"\nurls = [\"redis://cache:6379\"]\nmode = {mode}"),
+            )
+        };
+        assert!(load_str(
+            "t.toml",
+            &redis(r#"{ type = "upsert", key_template = "{table}:{id}" }"#)
+        )
+        .is_err());
+        load_str(
+            "t.toml",
+            &redis(r#"{ type = "publish", via = "channel", name_template = "cdc:{table}" }"#),
+        )
+        .expect("publishing names no row");
+    }
+
+    #[test]
+    fn a_relay_dead_letter_topic_must_be_outside_its_subscription() {
+        let relay = |on_refused: &str| {
+            format!(
+                r#"
+[pipelines.cache]
+kind = "relay"
+on_refused = {on_refused}
+[pipelines.cache.source]
+bootstrap_servers = "k:9092"
+group_id = "g"
+subscribe = {{ pattern = "^shop\\..*" }}
+[[pipelines.cache.sinks]]
+type = "file"
+path = "-"
+"#
+            )
+        };
+        let c = load_str(
+            "t.toml",
+            &relay(r#"{ dead_letter = { topic = "shop-dlq" } }"#),
+        )
+        .unwrap();
+        let PipelineConfig::Relay(r) = &c.pipelines["cache"] else {
+            panic!()
+        };
+        assert_eq!(
+            r.on_refused,
+            OnRefused::DeadLetter {
+                topic: "shop-dlq".into()
+            }
+        );
+        let e = load_str(
+            "t.toml",
+            &relay(r#"{ dead_letter = { topic = "shop.dlq" } }"#),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("pipelines.cache.on_refused.dead_letter.topic")
+                && e.contains("read its own dead letters"),
+            "{e}"
+        );
+        let c = load_str("t.toml", &relay(r#""halt""#)).unwrap();
+        let PipelineConfig::Relay(r) = &c.pipelines["cache"] else {
+            panic!()
+        };
+        assert_eq!(r.on_refused, OnRefused::Halt);
     }
 
     #[test]

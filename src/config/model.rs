@@ -149,6 +149,32 @@ pub struct RelayConfig {
     /// How long a SIGTERM waits for in-flight records to be acknowledged.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// What to do with a record that cannot be applied whatever happens:
+    /// one that does not decode, or that a sink refuses (a table without
+    /// the key a document id or key template needs).
+    #[serde(default)]
+    pub on_refused: OnRefused,
+}
+
+/// A relay's policy for records it can never apply, as Kafka Connect's
+/// `errors.tolerance` and `errors.deadletterqueue.topic.name`.
+///
+/// In TOML: `on_refused = "halt"` or
+/// `on_refused = { dead_letter = { topic = "walcast.relay.dlq" } }`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum OnRefused {
+    /// Stop the relay, and the daemon with exit code 1, naming the record
+    /// and the reason, without committing its offset: nothing is skipped
+    /// silently. Fix the cause (or choose `dead_letter`) and restart.
+    #[default]
+    Halt,
+    /// Copy the record as it was read (key, value, headers) to `topic`,
+    /// with headers naming the reason, the sink and where it came from
+    /// (`walcast.error`, `walcast.sink`, `walcast.topic`,
+    /// `walcast.partition`, `walcast.offset`), then commit past it. The
+    /// other sinks still get it when they can take it.
+    DeadLetter { topic: String },
 }
 
 #[derive(Debug, Clone, Deserialize)]

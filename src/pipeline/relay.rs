@@ -7,20 +7,39 @@
 //! commit and the sinks' version checks (commit LSN) make replays no-ops.
 //! Each relay has its own group, so a slow search cluster never holds back
 //! the Postgres slot or another relay.
+//!
+//! # Records that can never be applied
+//!
+//! A record that does not decode, or that a sink refuses whatever the state
+//! of the destination ([`Sink::refuses`]: a table without the key a document
+//! id or a key template needs), would fail every batch it is in on every
+//! re-read: an endless loop that starves every other table. So each record
+//! is checked before anything is sent, and `on_refused` decides, as Kafka
+//! Connect's `errors.tolerance` does: `halt` (the default) stops the relay,
+//! and the daemon with exit code 1, without committing past the record;
+//! `dead_letter` copies the record once to a topic with the reason in
+//! headers, leaves it out of the refusing sink's batch (the other sinks
+//! still get it), and the offset moves on.
+//!
+//! A batch a sink fails later (an acker answered `fail`: a permission
+//! refused, maxmemory reached) can never succeed as it is either (that is
+//! what `fail` means), and it is not one record's fault: the relay stops
+//! with the reason rather than re-reading the same records without end. Only
+//! a transient error returned by `send` re-reads from the committed offsets.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
-use walcast_kafka::{KafkaSource, SourceRecord};
+use walcast_kafka::{KafkaSource, RecordDeadLetter, SourceRecord};
 use walcast_schemas::{AvroDecoder, HttpRegistry};
 use walcast_sdk::relay::event_from_envelope;
 use walcast_sdk::retry::Backoff;
 use walcast_sdk::{Batch, ChangeEvent, Sink};
 
 use crate::admin::metrics;
-use crate::config::RelayConfig;
+use crate::config::{OnRefused, RelayConfig};
 use crate::pipeline::status::{PipelineState, StatusHandle};
 
 /// How often acknowledged offsets are committed.
@@ -43,6 +62,52 @@ pub enum RelayError {
     },
     #[error("relay {pipeline}: schema registry: {message}")]
     Registry { pipeline: String, message: String },
+    #[error(
+        "relay {pipeline}: record {topic}[{partition}]@{offset} refused by the {sink} sink: {message}; \
+         its offset is not committed. Fix the cause, or set `on_refused = {{ dead_letter = {{ topic = \"...\" }} }}` \
+         on the relay to set such records aside and go on"
+    )]
+    Refused {
+        pipeline: String,
+        sink: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        message: String,
+    },
+    #[error("relay {pipeline}: cannot write record {topic}[{partition}]@{offset} to the dead-letter topic: {source}")]
+    DeadLetter {
+        pipeline: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        source: walcast_kafka::SourceError,
+    },
+    #[error(
+        "relay {pipeline}: the {sink} sink refused a batch: {message}; retrying cannot help, \
+         so the relay stops with the offsets before it"
+    )]
+    Sink {
+        pipeline: String,
+        sink: String,
+        message: String,
+    },
+    #[error(
+        "relay {pipeline}: a sink failed a batch and retrying cannot help ({source}); \
+         the relay stops with the offsets before it: fix the cause and restart"
+    )]
+    NotApplied {
+        pipeline: String,
+        source: walcast_kafka::SourceError,
+    },
+}
+
+/// A record of the batch that cannot be applied: the sinks that refuse it
+/// and why, or no sink when it does not decode (no sink can take it).
+struct Refusal {
+    record: usize,
+    sinks: Vec<String>,
+    reasons: Vec<String>,
 }
 
 struct Decoder {
@@ -79,6 +144,62 @@ impl Decoder {
     }
 }
 
+/// Applies `on_refused` to the batch's refused records: the first one
+/// stops the relay without a dead-letter topic; with one, each record is
+/// copied there once (naming every sink that refused it) before the batch
+/// goes on.
+async fn set_aside(
+    pipeline: &str,
+    refusals: &[Refusal],
+    records: &[SourceRecord],
+    dead_letter: Option<&RecordDeadLetter>,
+) -> Result<(), RelayError> {
+    for refusal in refusals {
+        let r = &records[refusal.record];
+        let reason = refusal.reasons.join("; ");
+        let sinks = refusal.sinks.join(",");
+        let Some(dlq) = dead_letter else {
+            return Err(if sinks.is_empty() {
+                RelayError::Decode {
+                    pipeline: pipeline.to_string(),
+                    topic: r.topic.clone(),
+                    partition: r.partition,
+                    offset: r.offset,
+                    message: reason,
+                }
+            } else {
+                RelayError::Refused {
+                    pipeline: pipeline.to_string(),
+                    sink: sinks,
+                    topic: r.topic.clone(),
+                    partition: r.partition,
+                    offset: r.offset,
+                    message: reason,
+                }
+            });
+        };
+        dlq.send(r, (!sinks.is_empty()).then_some(sinks.as_str()), &reason)
+            .await
+            .map_err(|source| RelayError::DeadLetter {
+                pipeline: pipeline.to_string(),
+                topic: r.topic.clone(),
+                partition: r.partition,
+                offset: r.offset,
+                source,
+            })?;
+        tracing::warn!(
+            pipeline, sinks = %sinks, topic = %r.topic, partition = r.partition, offset = r.offset,
+            dead_letter_topic = dlq.topic(), reason = %reason,
+            "record refused; copied to the dead-letter topic and skipped"
+        );
+        for sink in &refusal.sinks {
+            ::metrics::counter!(metrics::SINK_ERRORS, "pipeline" => pipeline.to_string(), "sink" => sink.clone())
+                .increment(1);
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(
     name: &str,
     cfg: &RelayConfig,
@@ -97,6 +218,17 @@ pub async fn run(
         None => None,
     };
     let decoder = Decoder { avro };
+    let dead_letter = match &cfg.on_refused {
+        OnRefused::Halt => None,
+        OnRefused::DeadLetter { topic } => {
+            Some(RecordDeadLetter::new(&cfg.source, topic).map_err(|source| {
+                RelayError::Source {
+                    pipeline: p(),
+                    source,
+                }
+            })?)
+        }
+    };
     let mut source = KafkaSource::new(cfg.source.clone()).map_err(|source| RelayError::Source {
         pipeline: p(),
         source,
@@ -105,6 +237,9 @@ pub async fn run(
     ::metrics::gauge!(metrics::STREAMING, "pipeline" => p()).set(1.0);
     let mut backoff = Backoff::default();
     let mut last_commit = tokio::time::Instant::now();
+    // A sink returned a transient error: its batch's failure is worth a
+    // re-read, unlike any other failed batch.
+    let mut transient_failure = false;
     let result = loop {
         // `next_batch` is not cancel-safe (records it registered would be
         // dropped unanswered and fail their partitions), so it is never
@@ -117,10 +252,18 @@ pub async fn run(
             last_commit = tokio::time::Instant::now();
             match source.commit_acknowledged().await {
                 Ok(_) => {}
+                Err(e @ walcast_kafka::SourceError::NotApplied { .. }) if !transient_failure => {
+                    break Err(RelayError::NotApplied {
+                        pipeline: p(),
+                        source: e,
+                    });
+                }
                 Err(e @ walcast_kafka::SourceError::NotApplied { .. }) => {
-                    // A sink gave up on a batch: nothing past it may be
-                    // committed. Re-read from the committed offsets; the
-                    // sinks' version checks make the replay idempotent.
+                    // A sink's send failed transiently: nothing past the
+                    // batch may be committed. Re-read from the committed
+                    // offsets; the sinks' version checks make the replay
+                    // idempotent.
+                    transient_failure = false;
                     tracing::error!(pipeline = %name, error = %e, "a batch was not applied; re-reading from the last committed offsets");
                     ::metrics::counter!(metrics::RESTARTS, "pipeline" => p()).increment(1);
                     status.set_state(PipelineState::Retrying);
@@ -175,24 +318,41 @@ pub async fn run(
             continue;
         }
         let mut events = Vec::with_capacity(batch.records.len());
-        let mut failed = None;
-        for r in &batch.records {
+        let mut records_of = Vec::with_capacity(batch.records.len());
+        let mut refusals = Vec::new();
+        for (i, r) in batch.records.iter().enumerate() {
             match decoder.event(r).await {
-                Ok(Some(e)) => events.push(e),
-                Ok(None) => {}
-                Err(message) => {
-                    failed = Some(RelayError::Decode {
-                        pipeline: p(),
-                        topic: r.topic.clone(),
-                        partition: r.partition,
-                        offset: r.offset,
-                        message,
-                    });
-                    break;
+                Ok(Some(e)) => {
+                    events.push(e);
+                    records_of.push(i);
                 }
+                Ok(None) => {}
+                Err(message) => refusals.push(Refusal {
+                    record: i,
+                    sinks: Vec::new(),
+                    reasons: vec![message],
+                }),
             }
         }
-        if let Some(e) = failed {
+        // Per sink, the events it refuses (indices into `events`).
+        let mut refused_by: Vec<Vec<usize>> = vec![Vec::new(); sinks.len()];
+        for (j, e) in events.iter().enumerate() {
+            let mut refusal: Option<Refusal> = None;
+            for (k, sink) in sinks.iter().enumerate() {
+                if let Some(reason) = sink.refuses(e) {
+                    refused_by[k].push(j);
+                    let r = refusal.get_or_insert_with(|| Refusal {
+                        record: records_of[j],
+                        sinks: Vec::new(),
+                        reasons: Vec::new(),
+                    });
+                    r.sinks.push(sink.name().to_string());
+                    r.reasons.push(reason);
+                }
+            }
+            refusals.extend(refusal);
+        }
+        if let Err(e) = set_aside(name, &refusals, &batch.records, dead_letter.as_ref()).await {
             // The batch's ackers drop unanswered: nothing past it commits.
             break Err(e);
         }
@@ -202,25 +362,51 @@ pub async fn run(
         }
         let acker = source.join(batch.ackers);
         let events = Arc::new(events);
-        for sink in sinks.iter_mut() {
+        let mut halt = None;
+        for (sink, refused) in sinks.iter_mut().zip(&refused_by) {
             let sname = sink.name().to_string();
+            let events = if refused.is_empty() {
+                Arc::clone(&events)
+            } else {
+                Arc::new(
+                    events
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| !refused.contains(j))
+                        .map(|(_, e)| e.clone())
+                        .collect(),
+                )
+            };
+            let sent = events.len() as u64;
             match sink
                 .send(Batch {
-                    events: Arc::clone(&events),
+                    events,
                     acker: acker.clone(),
                 })
                 .await
             {
                 Ok(()) => {
                     ::metrics::counter!(metrics::SINK_EVENTS, "pipeline" => p(), "sink" => sname)
-                        .increment(n)
+                        .increment(sent)
                 }
                 Err(e) => {
                     tracing::error!(pipeline = %name, sink = %sname, error = %e, "sink refused a batch");
-                    ::metrics::counter!(metrics::SINK_ERRORS, "pipeline" => p(), "sink" => sname)
+                    ::metrics::counter!(metrics::SINK_ERRORS, "pipeline" => p(), "sink" => sname.clone())
                         .increment(1);
+                    if e.is_transient() {
+                        transient_failure = true;
+                    } else {
+                        halt.get_or_insert(RelayError::Sink {
+                            pipeline: p(),
+                            sink: sname,
+                            message: e.to_string(),
+                        });
+                    }
                 }
             }
+        }
+        if let Some(e) = halt {
+            break Err(e);
         }
         acker.ack();
         status.update(|s| s.events_total += n);

@@ -8,13 +8,23 @@
 //! actions, and every action carries the commit LSN as an external version,
 //! so the cluster itself refuses older versions (409).
 //!
+//! An `index` action for an update that left TOASTed columns unchanged
+//! ([`Action::unavailable`] not empty) is not ready to send: its document
+//! lacks those columns, and the sink first fetches the stored document
+//! (`_mget`, I/O, in the sink) and completes the action with
+//! [`Action::complete`] (pure), so that the placeholder never overwrites a
+//! stored value; see [`walcast_sdk::toast`]. The completed document is still
+//! indexed with the event's commit LSN as external version, so a stale
+//! event stays refused (409) whatever it was merged with. No script is
+//! involved: clusters without the painless module behave the same.
+//!
 //! The request format (no `_type`, `version`/`version_type` in the action
 //! line) is what Elasticsearch 7.x and 8.x and OpenSearch 1.x and 2.x
 //! accept alike.
 
 use serde_json::{json, Value as Json};
 use walcast_sdk::json::{row, value, JsonOptions};
-use walcast_sdk::{ChangeEvent, Lsn, Op, TableSchema, Value};
+use walcast_sdk::{toast, ChangeEvent, Lsn, Op, TableSchema, Value};
 
 use crate::config::VersionType;
 
@@ -167,6 +177,45 @@ pub struct Action {
     pub ndjson: String,
     /// The document, for the dead letter.
     pub document: Option<String>,
+    /// Columns the event does not carry (unchanged TOASTed values): the
+    /// document lacks them until [`Self::complete`] fills them in.
+    pub unavailable: Vec<String>,
+}
+
+impl Action {
+    /// Fills the columns this action's event does not carry from `stored`
+    /// (the document as the cluster, or an earlier action of the same
+    /// flush, has it; `None` when there is none) and re-renders the
+    /// document. Returns the columns still unknown, which the document
+    /// lists under [`toast::INCOMPLETE_FIELD`]. Returns nothing and changes
+    /// nothing for an action without unavailable columns.
+    pub fn complete(&mut self, stored: Option<&serde_json::Map<String, Json>>) -> Vec<String> {
+        if self.unavailable.is_empty() {
+            return Vec::new();
+        }
+        let Some(Ok(Json::Object(mut doc))) =
+            self.document.as_deref().map(serde_json::from_str::<Json>)
+        else {
+            return Vec::new();
+        };
+        let incomplete = toast::merge(&mut doc, &self.unavailable, stored);
+        let doc = Json::Object(doc).to_string();
+        let header_end = self.ndjson.find('\n').map_or(self.ndjson.len(), |i| i + 1);
+        self.ndjson.truncate(header_end);
+        self.ndjson.push_str(&doc);
+        self.ndjson.push('\n');
+        self.document = Some(doc);
+        self.unavailable.clear();
+        incomplete
+    }
+
+    /// The document as a JSON object, for a later action of the same row.
+    pub fn document_object(&self) -> Option<serde_json::Map<String, Json>> {
+        match serde_json::from_str(self.document.as_deref()?) {
+            Ok(Json::Object(m)) => Some(m),
+            _ => None,
+        }
+    }
 }
 
 /// What one event asks of the cluster, in order.
@@ -190,6 +239,16 @@ pub struct RequestBuilder {
 }
 
 impl RequestBuilder {
+    /// Whether `event` can become actions at all (an index name, and a
+    /// document id unless it is a truncate), without building them.
+    pub fn check(&self, event: &ChangeEvent) -> Result<(), RequestError> {
+        self.index.render(&event.table)?;
+        if event.op != Op::Truncate {
+            document_id(event)?;
+        }
+        Ok(())
+    }
+
     pub fn entries(&self, event: &ChangeEvent) -> Result<Vec<Entry>, RequestError> {
         let table = &event.table;
         let index = self.index.render(table)?;
@@ -250,14 +309,17 @@ impl RequestBuilder {
                     image: "after",
                     lsn: event.source.commit_lsn,
                 })?;
-            let doc = row(table, after, &JsonOptions::default()).to_string();
-            out.push(Entry::Action(self.action(
-                event,
-                ActionKind::Index,
-                &index,
-                id,
-                Some(doc),
-            )));
+            let unavailable = toast::unavailable_columns(event);
+            let mut doc = row(table, after, &JsonOptions::default());
+            if let Json::Object(m) = &mut doc {
+                for col in &unavailable {
+                    m.remove(col);
+                }
+            }
+            let mut action =
+                self.action(event, ActionKind::Index, &index, id, Some(doc.to_string()));
+            action.unavailable = unavailable;
+            out.push(Entry::Action(action));
         }
         Ok(out)
     }
@@ -296,8 +358,19 @@ impl RequestBuilder {
             op: event.op,
             ndjson,
             document,
+            unavailable: Vec::new(),
         }
     }
+}
+
+/// The `_mget` body fetching, for each `(index, id, columns)`, the stored
+/// values of `columns`.
+pub fn mget_body(docs: &[(String, String, Vec<String>)]) -> String {
+    let docs: Vec<Json> = docs
+        .iter()
+        .map(|(index, id, columns)| json!({"_index": index, "_id": id, "_source": columns}))
+        .collect();
+    json!({ "docs": docs }).to_string()
 }
 
 /// A `_bulk` body of `actions`.
@@ -489,7 +562,70 @@ mod tests {
                 0x2_0000_0001,
             ))
             .unwrap_err();
+        assert_eq!(
+            builder()
+                .check(&event(
+                    &keyless,
+                    Op::Create,
+                    None,
+                    Some(vec![Value::Null]),
+                    0x2_0000_0001
+                ))
+                .unwrap_err(),
+            err
+        );
+        assert!(builder()
+            .check(&event(&keyless, Op::Truncate, None, None, 1))
+            .is_ok());
         assert_eq!(err.to_string(), "table Sales.log has no primary key (nor replica identity index), so its rows have no document id (event at LSN 2/1); give the table a key or leave it out of the publication");
+    }
+
+    #[test]
+    fn unchanged_toast_columns_are_left_out_then_filled_from_the_stored_document() {
+        let t = table("docs", &["id"], &["id", "title", "body"]);
+        let e = event(
+            &t,
+            Op::Update,
+            None,
+            Some(vec![
+                Value::Int32(1),
+                Value::Text("new".into()),
+                Value::Unavailable,
+            ]),
+            7,
+        );
+        let mut entries = builder().entries(&e).unwrap();
+        let Entry::Action(a) = &mut entries[0] else {
+            panic!()
+        };
+        assert_eq!(a.unavailable, vec!["body"]);
+        assert!(
+            !a.ndjson.contains("__debezium_unavailable_value"),
+            "{}",
+            a.ndjson
+        );
+        assert_eq!(a.document.as_deref(), Some(r#"{"id":1,"title":"new"}"#));
+        let stored = json!({"body": "long"});
+        let mut kept = a.clone();
+        assert!(kept.complete(stored.as_object()).is_empty());
+        assert_eq!(
+            kept.ndjson,
+            concat!(
+                r#"{"index":{"_index":"sales.docs","_id":"1","version":7,"version_type":"external_gte"}}"#,
+                "\n",
+                r#"{"body":"long","id":1,"title":"new"}"#,
+                "\n"
+            )
+        );
+        assert_eq!(a.complete(None), vec!["body"]);
+        assert_eq!(
+            a.document.as_deref(),
+            Some(r#"{"__walcast_incomplete":["body"],"id":1,"title":"new"}"#)
+        );
+        assert_eq!(
+            mget_body(&[("i".into(), "1".into(), vec!["body".into()])]),
+            r#"{"docs":[{"_id":"1","_index":"i","_source":["body"]}]}"#
+        );
     }
 
     #[test]

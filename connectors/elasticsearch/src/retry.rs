@@ -108,6 +108,57 @@ pub fn classify_item(kind: ActionKind, item: &ItemResult) -> ItemOutcome {
     }
 }
 
+/// One document of an `_mget` response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fetched {
+    /// The stored `_source` (only the fields asked for).
+    Found(serde_json::Map<String, serde_json::Value>),
+    /// No such document, or no such index yet: nothing to keep.
+    Missing,
+    /// The document could not be read now (a shard unavailable): retry.
+    Retry(String),
+}
+
+#[derive(Deserialize)]
+struct MgetResponse {
+    docs: Vec<MgetDoc>,
+}
+
+#[derive(Deserialize)]
+struct MgetDoc {
+    #[serde(default)]
+    found: bool,
+    #[serde(rename = "_source", default)]
+    source: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    error: Option<RawError>,
+}
+
+/// The documents of an `_mget` response, in request order. A missing index
+/// answers a per-document `index_not_found_exception`, which is
+/// [`Fetched::Missing`]; any other per-document error is worth a retry (the
+/// whole request was accepted, so it is not about permissions).
+pub fn parse_mget_response(body: &[u8]) -> Result<Vec<Fetched>, serde_json::Error> {
+    let resp: MgetResponse = serde_json::from_slice(body)?;
+    Ok(resp
+        .docs
+        .into_iter()
+        .map(|d| match (d.error, d.found, d.source) {
+            (Some(e), _, _) if e.error_type.as_deref() == Some("index_not_found_exception") => {
+                Fetched::Missing
+            }
+            (Some(e), _, _) => Fetched::Retry(
+                e.full_reason()
+                    .or(e.error_type)
+                    .unwrap_or_else(|| "unknown error".into()),
+            ),
+            (None, true, Some(source)) => Fetched::Found(source),
+            (None, true, None) => Fetched::Found(serde_json::Map::new()),
+            (None, false, _) => Fetched::Missing,
+        })
+        .collect())
+}
+
 /// The answer to `_delete_by_query`: a missing index has nothing to delete.
 pub fn classify_truncate(status: u16, body: &[u8]) -> ItemOutcome {
     match status {
@@ -127,6 +178,28 @@ mod tests {
     /// Captured from OpenSearch 2.19.1: created, an older version (409), a
     /// string into a `long` field (400), a delete of a missing document.
     const MIXED: &str = r#"{"took":136,"errors":true,"items":[{"index":{"_index":"capture","_id":"1","_version":5,"result":"created","_shards":{"total":1,"successful":1,"failed":0},"_seq_no":0,"_primary_term":1,"status":201}},{"index":{"_index":"capture","_id":"1","status":409,"error":{"type":"version_conflict_engine_exception","reason":"[1]: version conflict, current version [5] is higher than the one provided [4]","index":"capture","shard":"0","index_uuid":"vAezQ6ztQ3y04HvmiXP4Pg"}}},{"index":{"_index":"capture","_id":"2","status":400,"error":{"type":"mapper_parsing_exception","reason":"failed to parse field [n] of type [long] in document with id '2'. Preview of field's value: 'not a number'","caused_by":{"type":"illegal_argument_exception","reason":"For input string: \"not a number\""}}}},{"delete":{"_index":"capture","_id":"9","_version":5,"result":"not_found","_shards":{"total":1,"successful":1,"failed":0},"_seq_no":1,"_primary_term":1,"status":404}}]}"#;
+
+    /// Captured from OpenSearch 2.19.1: a stored document (only the
+    /// requested `_source` fields), a missing id, a missing index.
+    const MGET: &str = r#"{"docs":[{"_index":"tmpmget-x","_id":"1","_version":5,"_seq_no":0,"_primary_term":1,"found":true,"_source":{"big":"zz"}},{"_index":"tmpmget-x","_id":"2","found":false},{"_index":"tmpmget-nosuch","_id":"1","error":{"root_cause":[{"type":"index_not_found_exception","reason":"no such index [tmpmget-nosuch]","index":"tmpmget-nosuch","resource.id":"tmpmget-nosuch","resource.type":"index_expression","index_uuid":"_na_"}],"type":"index_not_found_exception","reason":"no such index [tmpmget-nosuch]","index":"tmpmget-nosuch","resource.id":"tmpmget-nosuch","resource.type":"index_expression","index_uuid":"_na_"}}]}"#;
+
+    #[test]
+    fn reads_a_captured_mget_response() {
+        let docs = parse_mget_response(MGET.as_bytes()).unwrap();
+        assert_eq!(
+            docs,
+            vec![
+                Fetched::Found(
+                    serde_json::json!({"big": "zz"})
+                        .as_object()
+                        .unwrap()
+                        .clone()
+                ),
+                Fetched::Missing,
+                Fetched::Missing,
+            ]
+        );
+    }
 
     #[test]
     fn classifies_a_captured_mixed_response() {

@@ -10,7 +10,17 @@
 //! transiently, are retried with [`Backoff`] while the worker holds the
 //! batches; its queue is one batch deep, so `send` then waits, which
 //! back-pressures the pipeline.
+//!
+//! Updates that left TOASTed columns unchanged carry no value for them. Before
+//! writing, a flush reads those columns of the stored documents with one
+//! `_mget` per `bulk_max_actions` rows and completes each such action from
+//! the newest version it knows: an earlier action of the same row in the
+//! same flush, else the stored document (see
+//! [`crate::request_builder::Action::complete`] and [`walcast_sdk::toast`]).
+//! Flushes run one at a time, so nothing of the row is in flight between
+//! the read and the write.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,12 +36,12 @@ use walcast_sdk::{Acker, Batch, Lsn, Sink, SinkError};
 
 use crate::config::{Auth, ConfigError, DeadLetter, ElasticsearchSinkConfig, TruncateAction};
 use crate::request_builder::{
-    bulk_body, dead_letter_id, dead_letter_record, Action, Entry, IndexTemplate, RequestBuilder,
-    RequestError, TemplateError,
+    bulk_body, dead_letter_id, dead_letter_record, mget_body, Action, ActionKind, Entry,
+    IndexTemplate, RequestBuilder, RequestError, TemplateError,
 };
 use crate::retry::{
-    classify_item, classify_response, classify_truncate, parse_bulk_response, ItemOutcome,
-    ItemResult, ResponseOutcome,
+    classify_item, classify_response, classify_truncate, parse_bulk_response, parse_mget_response,
+    Fetched, ItemOutcome, ItemResult, ResponseOutcome,
 };
 
 const SINK_NAME: &str = "elasticsearch";
@@ -109,6 +119,16 @@ pub enum DeliveryError {
         reason: String,
     },
     #[error(
+        "reading the stored documents of {table} (LSN {lsn}) to keep its unchanged TOASTed columns: \
+         _mget refused with HTTP {status}: {body}; the user needs the `read` privilege on the indices it writes"
+    )]
+    FetchRefused {
+        table: String,
+        lsn: Lsn,
+        status: u16,
+        body: String,
+    },
+    #[error(
         "truncate of {table} (LSN {lsn}): _delete_by_query on `{index}` refused with HTTP {status}: {body}; \
          set `truncate = \"ignore\"` to skip truncates"
     )]
@@ -135,6 +155,11 @@ pub struct ElasticsearchSinkStats {
     pub retries: AtomicU64,
     pub batches_acked: AtomicU64,
     pub batches_failed: AtomicU64,
+    /// Unchanged TOASTed values taken from the stored document.
+    pub unavailable_kept: AtomicU64,
+    /// Documents written without some unchanged TOASTed value because no
+    /// stored value existed (listed under `__walcast_incomplete`).
+    pub incomplete_documents: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -314,6 +339,15 @@ impl Sink for ElasticsearchSink {
         }
     }
 
+    /// A table without key (no document id) or a table name the index
+    /// template cannot turn into an index.
+    fn refuses(&self, event: &walcast_sdk::ChangeEvent) -> Option<String> {
+        self.builder
+            .check(event)
+            .err()
+            .map(|e| ElasticsearchSinkError::from(e).to_string())
+    }
+
     /// `GET /_cluster/health` answers (yellow is healthy: a single node
     /// never allocates replicas).
     async fn healthy(&self) -> bool {
@@ -375,14 +409,19 @@ impl Worker {
 
     /// Writes every buffered batch and answers its acker.
     async fn flush(&mut self) -> Result<(), DeliveryError> {
-        let batches = std::mem::take(&mut self.buffer);
+        let mut batches = std::mem::take(&mut self.buffer);
         self.buffered_actions = 0;
         self.buffered_bytes = 0;
         self.oldest = None;
         let mut failures: Vec<Option<DeliveryError>> = vec![None; batches.len()];
+        self.fill_unavailable(&mut batches, &mut failures).await;
         let mut chunk: Vec<Slot<'_>> = Vec::new();
         let mut chunk_bytes = 0;
         for (bi, (_, entries)) in batches.iter().enumerate() {
+            if failures[bi].is_some() {
+                // Its documents could not be completed: write none of them.
+                continue;
+            }
             for entry in entries {
                 match entry {
                     Entry::Action(a) => {
@@ -430,6 +469,165 @@ impl Worker {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// Completes the actions whose events left TOASTed columns unchanged
+    /// (see the module doc). A batch whose stored documents cannot be read
+    /// fails, and none of its actions is written.
+    async fn fill_unavailable(
+        &mut self,
+        batches: &mut [(Acker, Vec<Entry>)],
+        failures: &mut [Option<DeliveryError>],
+    ) {
+        let mut wanted: HashMap<(String, String), BTreeSet<String>> = HashMap::new();
+        for (_, entries) in batches.iter() {
+            for entry in entries {
+                if let Entry::Action(a) = entry {
+                    if !a.unavailable.is_empty() {
+                        wanted
+                            .entry((a.index.clone(), a.id.clone()))
+                            .or_default()
+                            .extend(a.unavailable.iter().cloned());
+                    }
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        let keys: Vec<(String, String, Vec<String>)> = wanted
+            .into_iter()
+            .map(|((index, id), cols)| (index, id, cols.into_iter().collect()))
+            .collect();
+        let stored = match self.fetch(&keys).await {
+            Ok(stored) => stored,
+            Err((status, body)) => {
+                for (bi, (_, entries)) in batches.iter().enumerate() {
+                    let first = entries.iter().find_map(|e| match e {
+                        Entry::Action(a) if !a.unavailable.is_empty() => Some(a),
+                        _ => None,
+                    });
+                    if let Some(a) = first {
+                        failures[bi].get_or_insert_with(|| DeliveryError::FetchRefused {
+                            table: a.table.clone(),
+                            lsn: Lsn(a.version),
+                            status,
+                            body: body.clone(),
+                        });
+                    }
+                }
+                return;
+            }
+        };
+        // The newest version of each row this flush writes before the
+        // action at hand: `None` once deleted (or truncated).
+        let mut latest: HashMap<
+            (String, String),
+            Option<serde_json::Map<String, serde_json::Value>>,
+        > = HashMap::new();
+        let mut truncated: HashSet<String> = HashSet::new();
+        for (_, entries) in batches.iter_mut() {
+            for entry in entries.iter_mut() {
+                let a = match entry {
+                    Entry::Truncate { index, .. } => {
+                        latest.retain(|(i, _), _| i != index);
+                        truncated.insert(index.clone());
+                        continue;
+                    }
+                    Entry::Action(a) => a,
+                };
+                let key = (a.index.clone(), a.id.clone());
+                let Some(fetched) = stored.get(&key) else {
+                    continue; // no action of this row lacks a value
+                };
+                if a.kind == ActionKind::Delete {
+                    latest.insert(key, None);
+                    continue;
+                }
+                if !a.unavailable.is_empty() {
+                    let base = match latest.get(&key) {
+                        Some(newest) => newest.as_ref(),
+                        None if truncated.contains(&a.index) => None,
+                        None => fetched.as_ref(),
+                    };
+                    let asked = a.unavailable.clone();
+                    let incomplete = a.complete(base);
+                    self.stats
+                        .unavailable_kept
+                        .fetch_add((asked.len() - incomplete.len()) as u64, Ordering::Relaxed);
+                    if !incomplete.is_empty() {
+                        self.stats
+                            .incomplete_documents
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            index = %a.index, id = %a.id, table = %a.table, lsn = %Lsn(a.version),
+                            columns = ?incomplete,
+                            "elasticsearch sink: unchanged TOASTed columns have no stored value (no document yet, \
+                             e.g. after a key change); written without them and listed in `{}`; \
+                             REPLICA IDENTITY FULL or a re-snapshot of the table supplies them",
+                            walcast_sdk::toast::INCOMPLETE_FIELD
+                        );
+                    }
+                }
+                latest.insert(key, a.document_object());
+            }
+        }
+    }
+
+    /// The stored values of the given columns of the given documents,
+    /// `None` for a document that does not exist. Retries transient
+    /// failures; a definite refusal returns its status and body.
+    async fn fetch(
+        &mut self,
+        keys: &[(String, String, Vec<String>)],
+    ) -> Result<
+        HashMap<(String, String), Option<serde_json::Map<String, serde_json::Value>>>,
+        (u16, String),
+    > {
+        let mut out = HashMap::with_capacity(keys.len());
+        for chunk in keys.chunks(self.max_actions.max(1)) {
+            self.backoff.reset();
+            loop {
+                let rb = self
+                    .http
+                    .request(Method::POST, "_mget")
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(mget_body(chunk));
+                let reason = match self.http.send(rb).await {
+                    Err(e) => format!("_mget request failed: {e}"),
+                    Ok((status, body)) => match classify_response(status) {
+                        ResponseOutcome::Retry => {
+                            format!("_mget answered HTTP {status}: {}", excerpt(&body))
+                        }
+                        ResponseOutcome::Definite => return Err((status, excerpt(&body))),
+                        ResponseOutcome::Items => match parse_mget_response(&body) {
+                            Ok(docs) if docs.len() == chunk.len() => {
+                                match docs.iter().find_map(|d| match d {
+                                    Fetched::Retry(r) => Some(r.clone()),
+                                    _ => None,
+                                }) {
+                                    Some(r) => format!("_mget could not read a document: {r}"),
+                                    None => {
+                                        for ((index, id, _), doc) in chunk.iter().zip(docs) {
+                                            let doc = match doc {
+                                                Fetched::Found(m) => Some(m),
+                                                _ => None,
+                                            };
+                                            out.insert((index.clone(), id.clone()), doc);
+                                        }
+                                        break;
+                                    }
+                                }
+                            }
+                            _ => return Err((status, excerpt(&body))),
+                        },
+                    },
+                };
+                let delay = self.retry_pause(&reason);
+                tokio::time::sleep(delay).await;
+            }
+        }
+        Ok(out)
     }
 
     fn retry_pause(&mut self, reason: &str) -> Duration {
@@ -673,8 +871,8 @@ fn entry_bytes(e: &Entry) -> usize {
 fn item_refused(a: &Action, item: &ItemResult) -> DeliveryError {
     DeliveryError::ItemRefused {
         verb: match a.kind {
-            crate::request_builder::ActionKind::Index => "index",
-            crate::request_builder::ActionKind::Delete => "delete",
+            ActionKind::Index => "index",
+            ActionKind::Delete => "delete",
         },
         index: a.index.clone(),
         id: a.id.clone(),

@@ -467,3 +467,101 @@ async fn a_closed_port_is_reported_at_connect() {
         "{err}"
     );
 }
+
+/// Issue 21: an update that left a TOASTed column unchanged carries no value
+/// for it. The stored value must survive (from the cluster, or from an
+/// earlier change of the row in the same flush); a stale event stays
+/// refused; and with no stored value the placeholder is never written.
+#[tokio::test]
+async fn unchanged_toast_values_keep_the_stored_value() {
+    let name = unique("toast");
+    let index = format!("it-{name}");
+    let t = table(&name, &[("id", true), ("title", false), ("body", false)]);
+    let mut sink = ElasticsearchSink::connect(config()).await.unwrap();
+    let os = Search::new();
+    let row = |id: i64, title: &str, body: Value| vec![Value::Int64(id), text(title), body];
+    let source = |doc: &Json| doc["_source"].clone();
+
+    send(
+        &mut sink,
+        vec![upsert(&t, row(1, "a", text("long text v1")), 10)],
+    )
+    .await
+    .unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&t, row(1, "b", Value::Unavailable), 20)],
+    )
+    .await
+    .unwrap();
+    let (_, doc) = os.get(&format!("{index}/_doc/1")).await;
+    assert_eq!(
+        source(&doc),
+        json!({"id": 1, "title": "b", "body": "long text v1"}),
+        "the stored body survives an update that did not carry it"
+    );
+    assert_eq!(doc["_version"], 20, "still versioned by the commit LSN");
+
+    // Two changes of the row in one flush: the second keeps the first's body.
+    send(
+        &mut sink,
+        vec![
+            upsert(&t, row(1, "c", text("long text v2")), 30),
+            upsert(&t, row(1, "d", Value::Unavailable), 31),
+        ],
+    )
+    .await
+    .unwrap();
+    let (_, doc) = os.get(&format!("{index}/_doc/1")).await;
+    assert_eq!(
+        source(&doc),
+        json!({"id": 1, "title": "d", "body": "long text v2"})
+    );
+
+    // A replayed older event is still refused by its version.
+    send(
+        &mut sink,
+        vec![upsert(&t, row(1, "stale", Value::Unavailable), 15)],
+    )
+    .await
+    .unwrap();
+    let (_, doc) = os.get(&format!("{index}/_doc/1")).await;
+    assert_eq!(source(&doc)["title"], "d");
+    assert_eq!(doc["_version"], 31);
+
+    // No stored document (a key change creates the new row this way).
+    send(
+        &mut sink,
+        vec![upsert(&t, row(2, "new key", Value::Unavailable), 40)],
+    )
+    .await
+    .unwrap();
+    let (_, doc) = os.get(&format!("{index}/_doc/2")).await;
+    assert_eq!(
+        source(&doc),
+        json!({"id": 2, "title": "new key", "__walcast_incomplete": ["body"]}),
+        "an unknown value is left out and listed, never the placeholder"
+    );
+    // The next change that carries the column completes the document.
+    send(&mut sink, vec![upsert(&t, row(2, "full", text("b2")), 41)])
+        .await
+        .unwrap();
+    let (_, doc) = os.get(&format!("{index}/_doc/2")).await;
+    assert_eq!(
+        source(&doc),
+        json!({"id": 2, "title": "full", "body": "b2"})
+    );
+    let stats = sink.stats();
+    assert_eq!(
+        stats
+            .unavailable_kept
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    assert_eq!(
+        stats
+            .incomplete_documents
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}

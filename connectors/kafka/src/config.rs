@@ -59,6 +59,19 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("isolation.level", "read_committed"),
 ];
 
+/// `topic.metadata.refresh.interval.ms` for pattern subscriptions, unless
+/// the user sets it in `consumer`.
+///
+/// librdkafka matches a pattern only against the topics of its last
+/// metadata refresh, every 300 s by default (the Java consumer's
+/// `metadata.max.age.ms` is the same). A relay started before the capture
+/// created a new table's topic would then see nothing for up to five
+/// minutes. Every 5 s finds a new topic within seconds; the price is one
+/// metadata request (all topics, as any pattern subscription needs) per
+/// consumer every 5 s, which brokers serve from memory. Topic-list
+/// subscriptions keep librdkafka's default: they do not discover topics.
+pub const PATTERN_METADATA_REFRESH_MS: &str = "5000";
+
 /// librdkafka properties walcast must own for its delivery guarantees; a user
 /// value for them is refused rather than silently overriding the contract.
 const CONSUMER_RESERVED: &[&str] = &["enable.auto.commit", "group.id", "bootstrap.servers"];
@@ -432,6 +445,12 @@ impl KafkaSourceConfig {
         for (k, v) in CONSUMER_DEFAULTS {
             cfg.set(*k, *v);
         }
+        if matches!(self.subscribe, Subscription::Pattern(_)) {
+            cfg.set(
+                "topic.metadata.refresh.interval.ms",
+                PATTERN_METADATA_REFRESH_MS,
+            );
+        }
         for (k, v) in &self.consumer {
             cfg.set(k, v);
         }
@@ -663,6 +682,29 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.subscription_names(), vec!["^shop\\..*".to_string()]);
         assert_eq!(c.client_config().get("enable.auto.commit"), Some("false"));
+        assert_eq!(
+            c.client_config().get("topic.metadata.refresh.interval.ms"),
+            Some(PATTERN_METADATA_REFRESH_MS),
+            "a pattern finds new topics within seconds"
+        );
+        let mut tuned = c.clone();
+        tuned
+            .consumer
+            .insert("topic.metadata.refresh.interval.ms".into(), "60000".into());
+        assert_eq!(
+            tuned
+                .client_config()
+                .get("topic.metadata.refresh.interval.ms"),
+            Some("60000"),
+            "the user's value wins"
+        );
+        let listed = KafkaSourceConfig::new("k:1", "g", Subscription::Topics(vec!["t".into()]));
+        assert_eq!(
+            listed
+                .client_config()
+                .get("topic.metadata.refresh.interval.ms"),
+            None
+        );
 
         let c: KafkaSourceConfig = toml::from_str(
             r#"

@@ -15,6 +15,7 @@
 //!   [`KafkaSource::commit_acknowledged`] regularly.
 
 pub mod config;
+pub mod dead_letter;
 pub mod delivery;
 pub mod offsets;
 pub mod record;
@@ -27,6 +28,7 @@ pub use config::{
     ConfigError, DeliveryMode, KafkaSinkConfig, KafkaSourceConfig, Subscription,
     TopicCreationConfig,
 };
+pub use dead_letter::RecordDeadLetter;
 pub use delivery::DeliveryError;
 pub use sink::{KafkaSink, KafkaSinkError};
 pub use source::{KafkaSource, SourceBatch, SourceError, SourceRecord};

@@ -68,6 +68,13 @@ pub enum SourceError {
         #[source]
         source: KafkaError,
     },
+    /// A relay could not copy a refused record to its dead-letter topic.
+    #[error("kafka: cannot write to the dead-letter topic `{topic}`: {source}; check that it exists and that the relay may write to it")]
+    DeadLetter {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
     /// A record was not applied by the sink: the partition cannot commit past
     /// it; restart the relay to re-read from the committed offset.
     #[error("kafka source: record of topic `{topic}` partition {partition} was not applied, offsets stop at {committed:?}: {reason}")]
@@ -82,7 +89,9 @@ pub enum SourceError {
 impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
-            SourceError::Config(_) | SourceError::Client { .. } => false,
+            SourceError::Config(_)
+            | SourceError::Client { .. }
+            | SourceError::DeadLetter { .. } => false,
             SourceError::Consume { transient, .. } => *transient,
             // A restart from the committed offsets is the remedy.
             SourceError::Commit { .. } | SourceError::NotApplied { .. } => true,

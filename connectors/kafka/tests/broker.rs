@@ -892,3 +892,70 @@ async fn revoked_partitions_commit_what_is_acknowledged_before_moving() {
     b.commit_acknowledged().await.unwrap();
     assert_eq!(committed_at(&group, &topic, 1), Some(10));
 }
+
+/// The README's minimal relay: a pattern subscription, no consumer
+/// settings, started before the capture created its topics. The new
+/// topic's records must arrive within seconds (librdkafka alone would
+/// look for new topics only every 300 s).
+#[tokio::test]
+async fn a_pattern_subscription_finds_a_topic_created_later_within_seconds() {
+    let prefix = unique("walcast.it.late");
+    let group = unique("walcast-it-late");
+    let mut cfg = KafkaSourceConfig::new(
+        bootstrap(),
+        group,
+        Subscription::Pattern(format!("^{}\\..*", prefix.replace('.', "\\."))),
+    );
+    cfg.max_batch_wait_ms = 200;
+    let mut source = KafkaSource::new(cfg).unwrap();
+    // The relay is up and has matched the pattern against the topics that
+    // exist now (none): a few polls let it join and read metadata once.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        // As the relay does, a pattern matching nothing yet is waited out.
+        match source.next_batch().await {
+            Ok(b) => assert!(b.is_empty()),
+            Err(e) if e.is_transient() => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    let topic = format!("{prefix}.public.orders");
+    create_topic(&topic, 1, &[]).await;
+    let producer = producer();
+    for i in 0..3 {
+        let v = format!("v{i}");
+        producer
+            .send(
+                FutureRecord::<(), _>::to(&topic).payload(&v),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+    }
+    let created = std::time::Instant::now();
+    let mut records = Vec::new();
+    let mut ackers = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while records.len() < 3 {
+            match source.next_batch().await {
+                Ok(b) => {
+                    records.extend(b.records);
+                    ackers.extend(b.ackers);
+                }
+                Err(e) if e.is_transient() => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the topic created {:?} ago was not found by the pattern subscription",
+            created.elapsed()
+        )
+    });
+    assert!(records.iter().all(|r| r.topic == topic));
+    ackers.into_iter().for_each(|a| a.ack());
+    source.shutdown().await.unwrap();
+}

@@ -122,6 +122,19 @@ fn bad(field: &'static str, problem: impl Into<String>) -> ConfigError {
 }
 
 impl RedisSinkConfig {
+    /// Whether every row needs a primary key here: the key (or channel)
+    /// template names `{id}` or a key column. A table without key cannot be
+    /// written then.
+    pub fn needs_row_key(&self) -> bool {
+        let template = match &self.mode {
+            Mode::Invalidate { key_template, .. } | Mode::Upsert { key_template, .. } => {
+                key_template
+            }
+            Mode::Publish { name_template, .. } => name_template,
+        };
+        crate::request::KeyTemplate::parse(template).is_ok_and(|t| t.uses_key())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.urls.is_empty() {
             return Err(bad("urls", "must name at least one Redis URL"));

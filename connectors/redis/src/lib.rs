@@ -9,7 +9,10 @@
 //! A batch is acknowledged once Redis has answered every command of it;
 //! transient errors are retried inside [`walcast_sdk::Sink::send`], definite ones
 //! (maxmemory reached, wrong credentials, a key of the wrong type, a table
-//! without the key the template needs) fail the batch's acker.
+//! without the key the template needs) fail the batch's acker. The last
+//! one is known from the event alone, and [`walcast_sdk::Sink::refuses`]
+//! says so before sending, so that a relay can set such a record aside or
+//! stop instead of failing its batch on every re-read.
 
 pub mod config;
 pub mod request;

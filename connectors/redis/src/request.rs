@@ -20,6 +20,16 @@
 //! tombstone with a TTL, so that a late older upsert cannot resurrect the
 //! row. The companion of a live row expires with the row when a TTL is set.
 //!
+//! # Unchanged TOASTed values (upsert mode)
+//! An update that left a TOASTed column unchanged does not carry its value
+//! ([`walcast_sdk::toast`]). The write leaves such columns out of the
+//! payload and names them ([`Write::Upsert::keep`]); the script keeps their
+//! stored values (JSON: decoded from the stored document; hash: the fields
+//! are not overwritten), under the same version check. Without a stored
+//! value the column is left out and listed in `__walcast_incomplete`
+//! (a JSON array in the document, or a hash field holding one); the
+//! placeholder is never stored.
+//!
 //! # Truncate
 //! In invalidate and upsert modes a truncate becomes a `SCAN MATCH` for the
 //! table's keys (the template up to its first key placeholder, then `*`)
@@ -39,11 +49,18 @@ use crate::config::{Mode, PublishVia, UpsertFormat};
 /// Keeps the row and its version key in step; see the module doc.
 ///
 /// KEYS: row key, version key. ARGV: version (decimal u64), action (`set`,
-/// `hset`, `del`), ttl seconds (0 = none; for `del` the tombstone TTL), then
-/// the JSON text (`set`) or field/value pairs (`hset`).
-/// Returns 1 when applied, 0 when a newer version is already stored.
+/// `hset`, `del`), ttl seconds (0 = none; for `del` the tombstone TTL), the
+/// number N of columns to keep from the stored row, those N column names,
+/// then the JSON text (`set`) or field/value pairs (`hset`).
+/// Returns 0 when a newer version is already stored, 1 when applied, 2 when
+/// applied without some kept column because the stored row lacked it (the
+/// row then lists them under `__walcast_incomplete`).
 /// Versions compare as decimal strings (length first) because Lua numbers
 /// are doubles and an LSN can exceed 2^53.
+///
+/// Kept JSON values go through Redis's cjson: the JSON text of the event's
+/// own columns is spliced in untouched, and only the kept values (TOASTed
+/// text, bytea, json: strings) are decoded and encoded again.
 pub const VERSIONED_WRITE_LUA: &str = r#"
 local v = ARGV[1]
 local cur = redis.call('GET', KEYS[2])
@@ -57,19 +74,96 @@ if action == 'del' then
   redis.call('SET', KEYS[2], v, 'EX', ttl)
   return 1
 end
+local nkeep = tonumber(ARGV[4])
+local first = 5 + nkeep
+local stored_type = 'none'
+if nkeep > 0 then
+  stored_type = redis.call('TYPE', KEYS[1]).ok
+end
+local missing = {}
+local result = 1
 if action == 'set' then
+  local doc = ARGV[first]
+  if nkeep > 0 then
+    local stored = nil
+    if stored_type == 'string' then
+      local ok, decoded = pcall(cjson.decode, redis.call('GET', KEYS[1]))
+      if ok and type(decoded) == 'table' then
+        stored = decoded
+      end
+    end
+    local extra = {}
+    for i = 5, first - 1 do
+      local val = nil
+      if stored then
+        val = stored[ARGV[i]]
+      end
+      if val == nil then
+        table.insert(missing, ARGV[i])
+      else
+        table.insert(extra, cjson.encode(ARGV[i]) .. ':' .. cjson.encode(val))
+      end
+    end
+    if #missing > 0 then
+      table.insert(extra, '"__walcast_incomplete":' .. cjson.encode(missing))
+      result = 2
+    end
+    if #extra > 0 then
+      if doc == '{}' then
+        doc = '{' .. table.concat(extra, ',') .. '}'
+      else
+        doc = string.sub(doc, 1, -2) .. ',' .. table.concat(extra, ',') .. '}'
+      end
+    end
+  end
   if ttl > 0 then
-    redis.call('SET', KEYS[1], ARGV[4], 'EX', ttl)
+    redis.call('SET', KEYS[1], doc, 'EX', ttl)
   else
-    redis.call('SET', KEYS[1], ARGV[4])
+    redis.call('SET', KEYS[1], doc)
   end
 else
-  redis.call('DEL', KEYS[1])
-  if #ARGV >= 5 then
-    redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-    if ttl > 0 then
-      redis.call('EXPIRE', KEYS[1], ttl)
+  local kept = {}
+  if nkeep > 0 then
+    local unknown = {}
+    if stored_type == 'hash' then
+      local marker = redis.call('HGET', KEYS[1], '__walcast_incomplete')
+      if marker then
+        local ok, cols = pcall(cjson.decode, marker)
+        if ok and type(cols) == 'table' then
+          for _, c in ipairs(cols) do
+            unknown[c] = true
+          end
+        end
+      end
     end
+    for i = 5, first - 1 do
+      local val = false
+      if stored_type == 'hash' then
+        val = redis.call('HGET', KEYS[1], ARGV[i])
+      end
+      if val then
+        table.insert(kept, ARGV[i])
+        table.insert(kept, val)
+      elseif stored_type ~= 'hash' or unknown[ARGV[i]] then
+        -- A stored hash without the field held NULL there; no hash, or a
+        -- field it lists as unknown, leaves the value unknown.
+        table.insert(missing, ARGV[i])
+      end
+    end
+  end
+  redis.call('DEL', KEYS[1])
+  if #ARGV >= first + 1 then
+    redis.call('HSET', KEYS[1], unpack(ARGV, first))
+  end
+  if #kept > 0 then
+    redis.call('HSET', KEYS[1], unpack(kept))
+  end
+  if #missing > 0 then
+    redis.call('HSET', KEYS[1], '__walcast_incomplete', cjson.encode(missing))
+    result = 2
+  end
+  if ttl > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+    redis.call('EXPIRE', KEYS[1], ttl)
   end
 end
 if ttl > 0 then
@@ -77,7 +171,7 @@ if ttl > 0 then
 else
   redis.call('SET', KEYS[2], v)
 end
-return 1
+return result
 "#;
 
 /// A template that does not parse.
@@ -321,6 +415,9 @@ pub enum Write {
         version: u64,
         payload: Payload,
         ttl_secs: Option<u64>,
+        /// Columns the event does not carry (unchanged TOASTed values),
+        /// absent from `payload`: the stored values are kept.
+        keep: Vec<String>,
     },
     /// [`VERSIONED_WRITE_LUA`] with `del`.
     Tombstone {
@@ -398,6 +495,19 @@ impl Plan {
                 stream_maxlen: *stream_maxlen,
             },
         })
+    }
+
+    /// Whether `event` can be written at all (its key, or channel, renders),
+    /// without building the writes.
+    pub fn check(&self, event: &ChangeEvent) -> Result<(), RequestError> {
+        let lsn = event.source.commit_lsn;
+        match self {
+            Plan::Publish { name, .. } => name.render(&event.table, None, lsn).map(|_| ()),
+            _ if event.op == Op::Truncate => Ok(()),
+            Plan::Invalidate { key, .. } | Plan::Upsert { key, .. } => key
+                .render(&event.table, event.key_values().as_deref(), lsn)
+                .map(|_| ()),
+        }
     }
 
     /// The writes for one event, in order.
@@ -481,9 +591,16 @@ impl Plan {
                                 image: "after",
                                 lsn,
                             })?;
+                    let keep = walcast_sdk::toast::unavailable_columns(event);
                     let payload = match format {
                         UpsertFormat::Json => {
-                            Payload::Json(row(table, after, &JsonOptions::default()).to_string())
+                            let mut doc = row(table, after, &JsonOptions::default());
+                            if let Json::Object(m) = &mut doc {
+                                for col in &keep {
+                                    m.remove(col);
+                                }
+                            }
+                            Payload::Json(doc.to_string())
                         }
                         UpsertFormat::Hash => Payload::Hash(hash_fields(table, after)),
                     };
@@ -492,6 +609,7 @@ impl Plan {
                         version,
                         payload,
                         ttl_secs: *ttl_secs,
+                        keep,
                     });
                 }
                 Ok(out)
@@ -549,13 +667,14 @@ fn old_key_if_changed(
 }
 
 /// Field/value pairs for HSET: NULL columns are left out (a hash has no
-/// NULL), strings as they are, other values as JSON text.
+/// NULL), and so are unavailable ones (the stored field is kept), strings
+/// as they are, other values as JSON text.
 pub fn hash_fields(table: &TableSchema, image: &[Value]) -> Vec<(String, String)> {
     table
         .columns
         .iter()
         .zip(image)
-        .filter(|(_, v)| !v.is_null())
+        .filter(|(_, v)| !matches!(v, Value::Null | Value::Unavailable))
         .map(|(c, v)| (c.name.clone(), key_part(v)))
         .collect()
 }
@@ -666,6 +785,17 @@ mod tests {
             Some(vec![Value::Int32(1)]),
             0x16_0000_0010,
         );
+        assert_eq!(
+            upsert_plan(UpsertFormat::Json).check(&e).unwrap_err(),
+            upsert_plan(UpsertFormat::Json).writes(&e).unwrap_err(),
+            "the check says up front what writing would refuse"
+        );
+        let publish = Plan::Publish {
+            via: PublishVia::Channel,
+            name: KeyTemplate::parse("cdc:{table}").unwrap(),
+            stream_maxlen: 1,
+        };
+        assert!(publish.check(&e).is_ok());
         let err = upsert_plan(UpsertFormat::Json).writes(&e).unwrap_err();
         assert!(
             err.to_string().contains("public.orders has no primary key"),
@@ -704,6 +834,7 @@ mod tests {
                 version: 900,
                 payload: Payload::Json(r#"{"gone":null,"id":5,"name":"Ann"}"#.into()),
                 ttl_secs: Some(60),
+                keep: vec![],
             }]
         );
         assert_eq!(
@@ -716,6 +847,7 @@ mod tests {
                     ("name".into(), "Ann".into())
                 ]),
                 ttl_secs: Some(60),
+                keep: vec![],
             }
         );
         let d = event(&t, Op::Delete, Some(after), None, 901);
@@ -727,6 +859,46 @@ mod tests {
                 ttl_secs: 86_400
             }]
         );
+    }
+
+    #[test]
+    fn unavailable_columns_are_kept_not_written() {
+        let t = table(&["id"], &["id", "name", "body"]);
+        let e = event(
+            &t,
+            Op::Update,
+            None,
+            Some(vec![
+                Value::Int32(5),
+                Value::Text("Ann".into()),
+                Value::Unavailable,
+            ]),
+            900,
+        );
+        for (format, payload) in [
+            (
+                UpsertFormat::Json,
+                Payload::Json(r#"{"id":5,"name":"Ann"}"#.into()),
+            ),
+            (
+                UpsertFormat::Hash,
+                Payload::Hash(vec![
+                    ("id".into(), "5".into()),
+                    ("name".into(), "Ann".into()),
+                ]),
+            ),
+        ] {
+            assert_eq!(
+                upsert_plan(format).writes(&e).unwrap(),
+                vec![Write::Upsert {
+                    key: "orders:5".into(),
+                    version: 900,
+                    payload,
+                    ttl_secs: Some(60),
+                    keep: vec!["body".into()],
+                }]
+            );
+        }
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub struct RedisSinkStats {
     pub writes_applied: AtomicU64,
     /// Versioned writes refused because a newer version was stored.
     pub writes_stale: AtomicU64,
+    /// Upserts written without some unchanged TOASTed column because no
+    /// stored value existed (listed under `__walcast_incomplete`).
+    pub writes_incomplete: AtomicU64,
     /// Attempts repeated after a transient error.
     pub retries: AtomicU64,
 }
@@ -306,6 +309,18 @@ impl RedisSink {
             for (p, reply) in writes.iter().zip(replies) {
                 match reply {
                     Ok(RedisValue::Int(0)) if is_versioned(&p.write) => stale += 1,
+                    Ok(RedisValue::Int(2)) if is_versioned(&p.write) => {
+                        applied += 1;
+                        self.stats.writes_incomplete.fetch_add(1, Ordering::Relaxed);
+                        if let Write::Upsert { key, keep, .. } = &p.write {
+                            tracing::warn!(
+                                key, table = %p.table, lsn = %p.lsn, columns = ?keep,
+                                "redis sink: unchanged TOASTed columns have no stored value (no row yet, e.g. after a key change); \
+                                 written without them and listed in `{}`; REPLICA IDENTITY FULL or a re-snapshot of the table supplies them",
+                                walcast_sdk::toast::INCOMPLETE_FIELD
+                            );
+                        }
+                    }
                     Ok(_) => applied += 1,
                     Err(source) => match classify(&source) {
                         Classification::ReloadScript => reload = true,
@@ -386,14 +401,22 @@ impl RedisSink {
                 version,
                 payload,
                 ttl_secs,
+                keep,
             } => {
                 let mut c = self.script_cmd(key, *version);
+                let action = match payload {
+                    Payload::Json(_) => "set",
+                    Payload::Hash(_) => "hset",
+                };
+                c.arg(action).arg(ttl_secs.unwrap_or(0)).arg(keep.len());
+                for col in keep {
+                    c.arg(col);
+                }
                 match payload {
                     Payload::Json(text) => {
-                        c.arg("set").arg(ttl_secs.unwrap_or(0)).arg(text);
+                        c.arg(text);
                     }
                     Payload::Hash(fields) => {
-                        c.arg("hset").arg(ttl_secs.unwrap_or(0));
                         for (f, v) in fields {
                             c.arg(f).arg(v);
                         }
@@ -506,6 +529,15 @@ impl Sink for RedisSink {
                 Err(e.into_sink_error())
             }
         }
+    }
+
+    /// A table without the key the template needs, or a template naming a
+    /// column that is not a key column.
+    fn refuses(&self, event: &ChangeEvent) -> Option<String> {
+        self.plan
+            .check(event)
+            .err()
+            .map(|e| RedisSinkError::from(e).to_string())
     }
 
     /// Nothing is buffered: `send` returns only once its batch is answered.

@@ -392,3 +392,119 @@ async fn unreachable_server_is_reported_at_connect() {
         "{text}"
     );
 }
+
+/// Issue 21: an update that left a TOASTed column unchanged must keep the
+/// stored value (JSON and hash), still under the version check; with no
+/// stored row the placeholder is never written.
+#[tokio::test]
+async fn unchanged_toast_values_keep_the_stored_value() {
+    let name = unique_table("toast");
+    let t = table(&name, &[("id", true), ("title", false), ("body", false)]);
+    let row = |id: i64, title: &str, body: Value| vec![Value::Int64(id), text(title), body];
+    let mut r = client().await;
+
+    // JSON documents.
+    let mut sink = sink(upsert_mode(UpsertFormat::Json, None)).await;
+    let key1 = format!("public.{name}:1");
+    let doc = |s: Option<String>| -> serde_json::Value {
+        serde_json::from_str(&s.expect("a stored document")).unwrap()
+    };
+    send(
+        &mut sink,
+        vec![upsert(&t, row(1, "a", text("long \"text\" v1")), 10)],
+    )
+    .await
+    .unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&t, row(1, "b", Value::Unavailable), 20)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        doc(get(&mut r, &key1).await),
+        serde_json::json!({"id": 1, "title": "b", "body": "long \"text\" v1"})
+    );
+    send(
+        &mut sink,
+        vec![
+            upsert(&t, row(1, "c", Value::Null), 30),
+            upsert(&t, row(1, "d", Value::Unavailable), 31),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        doc(get(&mut r, &key1).await),
+        serde_json::json!({"id": 1, "title": "d", "body": null}),
+        "a stored NULL is a value too"
+    );
+    send(
+        &mut sink,
+        vec![upsert(&t, row(1, "stale", Value::Unavailable), 15)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        doc(get(&mut r, &key1).await)["title"],
+        "d",
+        "stale stays refused"
+    );
+    let key2 = format!("public.{name}:2");
+    send(
+        &mut sink,
+        vec![upsert(&t, row(2, "new key", Value::Unavailable), 40)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        doc(get(&mut r, &key2).await),
+        serde_json::json!({"id": 2, "title": "new key", "__walcast_incomplete": ["body"]})
+    );
+    assert_eq!(sink.stats().writes_incomplete.load(Ordering::Relaxed), 1);
+
+    // Hashes.
+    let hname = unique_table("toasth");
+    let th = table(&hname, &[("id", true), ("title", false), ("body", false)]);
+    let mut sink = common::sink(upsert_mode(UpsertFormat::Hash, None)).await;
+    let hkey = format!("public.{hname}:1");
+    let hash = |r: &mut redis::aio::MultiplexedConnection, k: String| {
+        let mut r = r.clone();
+        async move {
+            let m: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+                .arg(k)
+                .query_async(&mut r)
+                .await
+                .unwrap();
+            m
+        }
+    };
+    send(&mut sink, vec![upsert(&th, row(1, "a", text("big")), 10)])
+        .await
+        .unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&th, row(1, "b", Value::Unavailable), 20)],
+    )
+    .await
+    .unwrap();
+    let h = hash(&mut r, hkey.clone()).await;
+    assert_eq!(h.get("body").map(String::as_str), Some("big"));
+    assert_eq!(h.get("title").map(String::as_str), Some("b"));
+    assert!(!h.contains_key("__walcast_incomplete"));
+    send(
+        &mut sink,
+        vec![upsert(&th, row(2, "x", Value::Unavailable), 30)],
+    )
+    .await
+    .unwrap();
+    let h = hash(&mut r, format!("public.{hname}:2")).await;
+    assert_eq!(
+        h.get("__walcast_incomplete").map(String::as_str),
+        Some(r#"["body"]"#)
+    );
+    assert!(!h.contains_key("body"));
+    assert!(h
+        .values()
+        .all(|v| !v.contains("__debezium_unavailable_value")));
+}

@@ -20,6 +20,7 @@ pub mod relay;
 pub mod retry;
 pub mod sink;
 pub mod table;
+pub mod toast;
 pub mod value;
 
 pub use ack::{AckTracker, Acker, Delivery};

@@ -102,6 +102,17 @@ pub trait Sink: Send {
     /// Waits until every batch taken so far has been answered.
     async fn flush(&mut self) -> Result<(), SinkError>;
 
+    /// Why this sink would refuse `event` definitively whatever the state
+    /// of the destination (a table without the key its document id or key
+    /// template needs), or `None`. Pure and cheap: a relay asks before
+    /// sending, so that such a record is dead-lettered once, or stops the
+    /// relay, instead of failing every batch it is in on every re-read.
+    /// A sink whose `send` can refuse single events this way must say so
+    /// here.
+    fn refuses(&self, _event: &ChangeEvent) -> Option<String> {
+        None
+    }
+
     /// Whether the destination is reachable, for readiness probes.
     async fn healthy(&self) -> bool {
         true
