@@ -292,3 +292,66 @@ fn committed_records(topic: &str) -> usize {
     }
     n
 }
+
+/// NaN and ±Infinity are legal in an unconstrained `numeric`: the default
+/// Avro pipeline carries them (as Postgres's text) instead of stopping, as
+/// Debezium's precise mode and walcast's `variable_scale` do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn special_numeric_values_travel_in_the_default_avro_pipeline() {
+    let db = TestDb::new("wc_nan").await;
+    db.exec("CREATE TABLE orders (id bigint PRIMARY KEY, item text, amount numeric)")
+        .await;
+    let prefix = unique("nan");
+    let registry = var("WALCAST_TEST_REGISTRY_URL");
+    let mut w = Walcast::start_with(|_, admin| {
+        config("nan", admin, &db.name, &prefix, &registry, "", "")
+    });
+    w.wait_state("streaming", WAIT).await;
+    db.exec(
+        "INSERT INTO orders VALUES (1, 'a', 'NaN'), (2, 'b', 'Infinity'), (3, 'c', '-Infinity'), (4, 'd', 12.340)",
+    )
+    .await;
+    let ev = consume_avro(&registry, &format!("{prefix}.public.orders"), 4, WAIT).await;
+    let amounts: Vec<&str> = ev
+        .iter()
+        .map(|(_, e)| e["after"]["amount"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(amounts, ["NaN", "Infinity", "-Infinity", "12.340"]);
+    assert!(w.exited().is_none(), "the pipeline stopped:\n{}", tail(&w.log(), 3000));
+    w.kill9();
+}
+
+/// `walcast check` asks the registry about every captured table's schemas:
+/// a mapping change the subject would refuse (here `unconstrained_numeric`
+/// from `variable_scale` to `string` under BACKWARD) is an error before
+/// `run`, and the unchanged config is reported accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_a_schema_change_the_registry_would_refuse() {
+    let db = TestDb::new("wc_compat").await;
+    db.exec("CREATE TABLE orders (id bigint PRIMARY KEY, item text, amount numeric)")
+        .await;
+    let prefix = unique("compat");
+    let registry = var("WALCAST_TEST_REGISTRY_URL");
+    let variable = "unconstrained_numeric = \"variable_scale\"";
+    let mut w = Walcast::start_with(|_, admin| {
+        config("compat", admin, &db.name, &prefix, &registry, "", variable)
+    });
+    w.wait_state("streaming", WAIT).await;
+    db.exec("INSERT INTO orders VALUES (1, 'a', 1.5)").await;
+    consume_avro(&registry, &format!("{prefix}.public.orders"), 1, WAIT).await;
+    assert!(w.terminate().success());
+    let (ok, out) = check(&w.config);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("subject {prefix}.public.orders-value: the schema of public.orders is accepted")),
+        "{out}"
+    );
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    std::fs::write(&w.config, text.replace(variable, "unconstrained_numeric = \"string\"")).unwrap();
+    let (ok, out) = check(&w.config);
+    assert!(!ok, "check accepted a change the registry refuses:\n{out}");
+    assert!(
+        out.contains(&format!("subject {prefix}.public.orders-value would refuse the schema of public.orders")),
+        "{out}"
+    );
+}
