@@ -266,6 +266,9 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                             "pipeline {name}: Postgres {}:{}/{} OK",
                             s.connect.host, s.connect.port, s.connect.database
                         );
+                        if let Some(w) = replication::tls::exposure_warning(&s.connect.host, s.connect.sslmode) {
+                            println!("  warning: {w}");
+                        }
                         for (sc, t) in &plan.tables {
                             println!("  table {sc}.{t}: OK");
                         }

@@ -153,10 +153,10 @@ fn openssl(args: &[&str], dir: &std::path::Path) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_verify_full_checks_the_ca_and_the_host_name() {
-    let pki = tempfile::tempdir().unwrap();
-    let d = pki.path();
+/// A CA, a server certificate for `localhost` signed by it, a second CA
+/// that signed nothing (all in `d`), and a cluster serving TLS with that
+/// certificate, with a table `t`.
+async fn tls_cluster(d: &std::path::Path) -> (TempCluster, tokio_postgres::Client) {
     openssl(
         &[
             "req",
@@ -257,6 +257,14 @@ async fn tls_verify_full_checks_the_ca_and_the_host_name() {
         .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
+    (pg, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verify_full_checks_the_ca_and_the_host_name() {
+    let pki = tempfile::tempdir().unwrap();
+    let d = pki.path();
+    let (pg, c) = tls_cluster(d).await;
 
     let cfg = |host: &str, mode: &str, ca: &str| {
         let dir = tempfile::tempdir().unwrap();
@@ -316,4 +324,78 @@ async fn tls_verify_full_checks_the_ca_and_the_host_name() {
         .unwrap()
         .get(0);
     assert_eq!(ssl_walsenders, 1, "the walsender connection is encrypted");
+}
+
+/// Passwords never cross the network readable, SCRAM binds to the server's
+/// certificate, and `require` with a root certificate checks the CA
+/// (libpq's rules), for the catalog and the replication connections alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_are_protected_and_scram_binds_to_the_certificate() {
+    let pki = tempfile::tempdir().unwrap();
+    let d = pki.path();
+    let (pg, c) = tls_cluster(d).await;
+    c.batch_execute(
+        "SET password_encryption = 'md5'; CREATE ROLE md5u LOGIN REPLICATION SUPERUSER PASSWORD 'md5-secret';
+         SET password_encryption = 'scram-sha-256';
+         CREATE ROLE clear LOGIN REPLICATION SUPERUSER PASSWORD 'clear-secret';
+         CREATE ROLE scram LOGIN REPLICATION SUPERUSER PASSWORD 'scram-secret';",
+    )
+    .await
+    .unwrap();
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let rest = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!(
+            "host all md5u 127.0.0.1/32 md5\nhost all clear 127.0.0.1/32 password\nhost all scram 127.0.0.1/32 scram-sha-256\n{rest}"
+        ),
+    )
+    .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let run = |host: &str, user: &str, password: &str, extra: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[pipelines.sec]\nkind = \"capture\"\nformat = \"json\"\n[pipelines.sec.source]\nhost = \"{host}\"\nport = {port}\n\
+             database = \"postgres\"\nuser = \"{user}\"\npassword = \"{password}\"\ntables = [\"public.t\"]\nconnect_timeout = \"5s\"\n{extra}\n\
+             [[pipelines.sec.sinks]]\ntype = \"file\"\npath = \"-\"\n",
+            port = pg.port,
+        );
+        let p = dir.path().join("sec.toml");
+        std::fs::write(&p, text).unwrap();
+        check(&p)
+    };
+    let ca = d.join("ca.crt").display().to_string();
+    let other = d.join("other.crt").display().to_string();
+
+    for (user, pw, method) in [("clear", "clear-secret", "in clear text"), ("md5u", "md5-secret", "as md5")] {
+        let (ok, out) = run("127.0.0.1", user, pw, "sslmode = \"disable\"");
+        assert!(!ok, "{user}: a password {method} over plain text was sent:\n{out}");
+        assert!(out.contains(method) && out.contains("allow_plaintext_password"), "{out}");
+        let (ok, out) = run("127.0.0.1", user, pw, "sslmode = \"disable\"\nallow_plaintext_password = true");
+        assert!(ok, "{user} with allow_plaintext_password: {out}");
+        // Over TLS the same exchange is fine.
+        let (ok, out) = run("127.0.0.1", user, pw, "sslmode = \"require\"");
+        assert!(ok, "{user} over TLS: {out}");
+    }
+    // SCRAM bound to the certificate, required: the replication and the
+    // catalog connection both authenticate with SCRAM-SHA-256-PLUS.
+    let (ok, out) = run(
+        "localhost",
+        "scram",
+        "scram-secret",
+        &format!("sslmode = \"verify-full\"\nssl_root_cert = \"{ca}\"\nchannel_binding = \"require\""),
+    );
+    assert!(ok, "SCRAM-SHA-256-PLUS: {out}");
+    assert!(!out.contains("warning: sslmode"), "no warning for verify-full on localhost: {out}");
+    let (ok, out) = run("127.0.0.1", "scram", "scram-secret", "sslmode = \"disable\"\nchannel_binding = \"require\"");
+    assert!(!ok && out.contains("channel_binding"), "binding required without TLS: {out}");
+    let (ok, out) = run("127.0.0.1", "clear", "clear-secret", "sslmode = \"require\"\nchannel_binding = \"require\"");
+    assert!(!ok && out.contains("channel_binding"), "binding required with a password exchange: {out}");
+    // `require` with a root certificate verifies the CA.
+    let (ok, out) = run("127.0.0.1", "scram", "scram-secret", &format!("sslmode = \"require\"\nssl_root_cert = \"{other}\""));
+    assert!(!ok, "require with another CA's root certificate connected: {out}");
+    let (ok, out) = run("127.0.0.1", "scram", "scram-secret", &format!("sslmode = \"require\"\nssl_root_cert = \"{ca}\""));
+    assert!(ok, "require with the right CA (host name not checked): {out}");
 }

@@ -27,6 +27,11 @@ pub enum CatalogError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The password exchange this connection would make is refused (see
+    /// `ReplicationError::PlaintextPassword`); checked with walcast's own
+    /// protocol code first, since tokio-postgres would just answer.
+    #[error("{0}")]
+    Auth(crate::replication::connection::ReplicationError),
     #[error("catalog query failed ({what}): {source}")]
     Query {
         what: String,
@@ -41,6 +46,7 @@ impl CatalogError {
         match self {
             CatalogError::Connect { .. } => true,
             CatalogError::Query { source, .. } => transient_sql(source),
+            CatalogError::Auth(e) => e.is_transient(),
             CatalogError::Tls(_) | CatalogError::Missing { .. } => false,
         }
     }
@@ -71,7 +77,23 @@ pub fn transient_sql(e: &tokio_postgres::Error) -> bool {
 /// Opens an ordinary SQL session with the same settings as the walsender,
 /// so COPY output parses like pgoutput's.
 pub async fn connect(p: &ConnectParams) -> Result<Client, CatalogError> {
+    // tokio-postgres sends a password however the server asks for it. Where
+    // the connection may end up unencrypted, the same exchange is made
+    // first with walcast's own startup, which refuses a clear-text or md5
+    // password there (and channel_binding = require without binding).
+    let may_be_plain = matches!(p.sslmode, SslMode::Disable | SslMode::Prefer);
+    let binding_required = p.channel_binding == tls::ChannelBindingMode::Require;
+    if (may_be_plain && p.password.is_some() && !p.allow_plaintext_password) || binding_required {
+        crate::replication::connection::ReplicationConnection::connect(p)
+            .await
+            .map_err(CatalogError::Auth)?;
+    }
     let mut cfg = tokio_postgres::Config::new();
+    cfg.channel_binding(match p.channel_binding {
+        tls::ChannelBindingMode::Disable => tokio_postgres::config::ChannelBinding::Disable,
+        tls::ChannelBindingMode::Prefer => tokio_postgres::config::ChannelBinding::Prefer,
+        tls::ChannelBindingMode::Require => tokio_postgres::config::ChannelBinding::Require,
+    });
     cfg.host(&p.host)
         .port(p.port)
         .user(&p.user)
@@ -107,7 +129,7 @@ pub async fn connect(p: &ConnectParams) -> Result<Client, CatalogError> {
             } else {
                 tokio_postgres::config::SslMode::Require
             });
-            let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls_config).clone());
+            let connector = crate::replication::sql_tls::MakeTls(tls_config);
             let (client, conn) = cfg
                 .connect(connector)
                 .await

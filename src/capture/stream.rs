@@ -182,6 +182,9 @@ pub async fn run(
     status: StatusHandle,
     shutdown: CancellationToken,
 ) -> Result<(), CaptureError> {
+    if let Some(w) = crate::replication::tls::exposure_warning(&settings.connect.host, settings.connect.sslmode) {
+        tracing::warn!(pipeline = %settings.pipeline, "{w}");
+    }
     let (tx, rx) = mpsc::channel(8);
     let dispatcher = tokio::spawn(dispatch(settings.pipeline.clone(), sinks, rx));
     let mut backoff = Backoff::new(Duration::from_millis(500), settings.retry_max_backoff);

@@ -252,8 +252,17 @@ pub struct PostgresSourceConfig {
     pub password_file: Option<PathBuf>,
     #[serde(default)]
     pub sslmode: SslMode,
-    /// PEM CA certificate for sslmode verify-ca / verify-full.
+    /// PEM CA certificate for sslmode verify-ca / verify-full (and for
+    /// `require`, which then verifies the CA, as libpq does).
     pub ssl_root_cert: Option<PathBuf>,
+    /// SCRAM channel binding: `prefer` (SCRAM-SHA-256-PLUS whenever TLS is
+    /// on and the server offers it), `require`, `disable` (libpq's).
+    #[serde(default)]
+    pub channel_binding: crate::replication::tls::ChannelBindingMode,
+    /// Allow a clear-text or md5 password exchange over an unencrypted
+    /// connection (refused by default).
+    #[serde(default)]
+    pub allow_plaintext_password: bool,
     /// Replication slot name. Default: `walcast_<pipeline>`.
     pub slot: Option<String>,
     /// Publication name. Default: `walcast_<pipeline>`.

@@ -29,6 +29,11 @@ pub struct ConnectParams {
     pub ssl_root_cert: Option<PathBuf>,
     pub application_name: String,
     pub connect_timeout: Duration,
+    /// Send a password in clear text, or as md5, over a connection that
+    /// is not encrypted. Off by default: anyone on the path reads it (md5
+    /// is as good as the password to them).
+    pub allow_plaintext_password: bool,
+    pub channel_binding: tls::ChannelBindingMode,
 }
 
 impl std::fmt::Debug for ConnectParams {
@@ -86,6 +91,21 @@ pub enum ReplicationError {
     TlsRefused(&'static str),
     #[error("Postgres asks for a password for user `{user}` and none is configured (set `password` or `password_file`)")]
     PasswordRequired { user: String },
+    #[error(
+        "Postgres asks for the password {method} over a connection that is not encrypted (sslmode = {sslmode}), \
+         so anyone on the network path could read it; walcast refuses. Turn TLS on in Postgres and use \
+         sslmode = \"verify-full\" (or \"require\"), use scram-sha-256 in pg_hba.conf, or set \
+         allow_plaintext_password = true in the pipeline's source to accept the risk"
+    )]
+    PlaintextPassword {
+        method: &'static str,
+        sslmode: &'static str,
+    },
+    #[error(
+        "channel_binding = \"require\" but {0}; use TLS (sslmode = \"verify-full\") and scram-sha-256 \
+         authentication with a certificate signed with SHA-256/384/512, or set channel_binding = \"prefer\""
+    )]
+    ChannelBindingUnavailable(&'static str),
     #[error("Postgres asks for authentication method {0}, which walcast does not support (use scram-sha-256, md5 or trust)")]
     UnsupportedAuth(String),
     #[error("Postgres: {0}")]
@@ -160,6 +180,9 @@ pub struct ReplicationConnection {
     buf: BytesMut,
     out: BytesMut,
     pub parameters: HashMap<String, String>,
+    /// `None` in plain text; with TLS, the certificate's
+    /// `tls-server-end-point` data when it has one.
+    tls: Option<Option<Vec<u8>>>,
 }
 
 fn server_error(body: &ErrorResponseBody) -> ServerError {
@@ -202,6 +225,7 @@ impl ReplicationConnection {
                     source,
                 })?;
         tcp.set_nodelay(true)?;
+        let mut end_point = None;
         let io: Box<dyn Stream> = match tls::client_config(p.sslmode, p.ssl_root_cert.as_deref())? {
             None => Box::new(tcp),
             Some(config) => {
@@ -220,6 +244,13 @@ impl ReplicationConnection {
                             .connect(name, tcp)
                             .await
                             .map_err(ReplicationError::TlsHandshake)?;
+                        end_point = Some(
+                            tls.get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|c| tls::server_end_point(c.as_ref())),
+                        );
                         Box::new(tls)
                     }
                     // The server declined TLS; under `prefer` the same
@@ -234,9 +265,49 @@ impl ReplicationConnection {
             buf: BytesMut::with_capacity(64 * 1024),
             out: BytesMut::new(),
             parameters: HashMap::new(),
+            tls: end_point,
         };
         conn.startup(p).await?;
         Ok(conn)
+    }
+
+    /// Whether a password may go out in clear text or as md5 here: over
+    /// TLS, or when the user accepted the risk.
+    fn plaintext_allowed(&self, p: &ConnectParams, method: &'static str) -> Result<(), ReplicationError> {
+        if self.tls.is_some() || p.allow_plaintext_password || p.password.is_none() {
+            return Ok(());
+        }
+        Err(ReplicationError::PlaintextPassword {
+            method,
+            sslmode: p.sslmode.as_str(),
+        })
+    }
+
+    /// The SCRAM mechanism and channel binding to use: SCRAM-SHA-256-PLUS
+    /// bound to the server's certificate whenever TLS is on and the server
+    /// offers it (what libpq does), unless disabled.
+    fn channel_binding(
+        &self,
+        mode: tls::ChannelBindingMode,
+        offered: bool,
+    ) -> Result<(&'static str, ChannelBinding), ReplicationError> {
+        use tls::ChannelBindingMode as M;
+        let required = mode == M::Require;
+        match (&self.tls, mode) {
+            (_, M::Disable) => Ok(("SCRAM-SHA-256", ChannelBinding::unsupported())),
+            (None, _) if required => Err(ReplicationError::ChannelBindingUnavailable("the connection is not encrypted")),
+            (None, _) => Ok(("SCRAM-SHA-256", ChannelBinding::unsupported())),
+            (Some(Some(end_point)), _) if offered => Ok((
+                "SCRAM-SHA-256-PLUS",
+                ChannelBinding::tls_server_end_point(end_point.clone()),
+            )),
+            (Some(_), _) if required => Err(ReplicationError::ChannelBindingUnavailable(
+                if offered { "the server's certificate names no usable hash" } else { "the server does not offer SCRAM-SHA-256-PLUS" },
+            )),
+            // We could bind, the server did not offer to: say so ("y"),
+            // so a server that did offer it and was stripped is detected.
+            (Some(_), _) => Ok(("SCRAM-SHA-256", ChannelBinding::unrequested())),
+        }
     }
 
     async fn flush_out(&mut self) -> Result<(), ReplicationError> {
@@ -288,10 +359,18 @@ impl ReplicationConnection {
         frontend::startup_message(params.iter().copied(), &mut self.out)?;
         self.flush_out().await?;
         let mut scram: Option<ScramSha256> = None;
+        let mut bound = false;
         loop {
             match self.read_message().await? {
-                Message::AuthenticationOk => {}
+                Message::AuthenticationOk => {
+                    if p.channel_binding == tls::ChannelBindingMode::Require && !bound {
+                        return Err(ReplicationError::ChannelBindingUnavailable(
+                            "the server let walcast in without a SCRAM exchange bound to its certificate",
+                        ));
+                    }
+                }
                 Message::AuthenticationCleartextPassword => {
+                    self.plaintext_allowed(p, "in clear text")?;
                     let pw = p.password.as_deref().ok_or_else(|| {
                         ReplicationError::PasswordRequired {
                             user: p.user.clone(),
@@ -301,6 +380,7 @@ impl ReplicationConnection {
                     self.flush_out().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
+                    self.plaintext_allowed(p, "as md5")?;
                     let pw = p.password.as_deref().ok_or_else(|| {
                         ReplicationError::PasswordRequired {
                             user: p.user.clone(),
@@ -317,17 +397,20 @@ impl ReplicationConnection {
                         }
                     })?;
                     let mut mechanisms = body.mechanisms();
-                    let mut found = false;
+                    let (mut plain, mut plus) = (false, false);
                     while let Some(m) = mechanisms.next()? {
-                        found |= m == "SCRAM-SHA-256";
+                        plain |= m == "SCRAM-SHA-256";
+                        plus |= m == "SCRAM-SHA-256-PLUS";
                     }
-                    if !found {
+                    let (mechanism, binding) = self.channel_binding(p.channel_binding, plus)?;
+                    bound = mechanism == "SCRAM-SHA-256-PLUS";
+                    if !plain && mechanism == "SCRAM-SHA-256" {
                         return Err(ReplicationError::UnsupportedAuth(
                             "SASL without SCRAM-SHA-256".into(),
                         ));
                     }
-                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut self.out)?;
+                    let s = ScramSha256::new(pw.as_bytes(), binding);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.out)?;
                     self.flush_out().await?;
                     scram = Some(s);
                 }

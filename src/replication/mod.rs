@@ -10,6 +10,7 @@
 
 pub mod connection;
 pub mod protocol;
+pub mod sql_tls;
 pub mod tls;
 
 pub use protocol::ServerMessage;
