@@ -399,3 +399,132 @@ async fn passwords_are_protected_and_scram_binds_to_the_certificate() {
     let (ok, out) = run("127.0.0.1", "scram", "scram-secret", &format!("sslmode = \"require\"\nssl_root_cert = \"{ca}\""));
     assert!(ok, "require with the right CA (host name not checked): {out}");
 }
+
+/// One redaction rule for every secret: a canary in every credential slot
+/// of every connector's config (the Postgres password, the registry's URL
+/// and password, Kafka client properties of the sink and of a relay's
+/// source, the Redis URL, the Elasticsearch URL and basic auth) never
+/// appears in `walcast check`'s output, in the daemon's debug log while it
+/// runs and fails to authenticate, or in its admin endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_log_an_error_or_the_admin_api() {
+    const CANARY: &str = "CANARYc4n4ry";
+    let db = TestDb::new("wc_canary").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let bootstrap = var("WALCAST_TEST_KAFKA_BOOTSTRAP");
+    let registry = var("WALCAST_TEST_REGISTRY_URL").replacen("://", &format!("://walcast:{CANARY}@"), 1);
+    let redis = var("WALCAST_TEST_REDIS_URL").replacen("://", &format!("://:{CANARY}@"), 1);
+    let search = var("WALCAST_TEST_OPENSEARCH_URL").replacen("://", &format!("://walcast:{CANARY}@"), 1);
+    let prefix = unique("canary");
+    let text = |admin: &str, redis: &str, search: &str| {
+        format!(
+            r#"[admin]
+listen = "{admin}"
+[log]
+format = "json"
+level = "debug"
+[pipelines.cap]
+kind = "capture"
+topic_prefix = "{prefix}"
+format = "avro"
+[pipelines.cap.registry]
+url = "{registry}"
+username = "walcast"
+password = "{CANARY}"
+[pipelines.cap.source]
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+user = "postgres"
+password = "{CANARY}"
+tables = ["public.t"]
+[[pipelines.cap.sinks]]
+type = "kafka"
+bootstrap_servers = "{bootstrap}"
+producer = {{ "sasl.password" = "{CANARY}", "sasl.username" = "walcast" }}
+[[pipelines.cap.sinks]]
+type = "redis"
+urls = ["{redis}"]
+mode = {{ type = "upsert", key_template = "{prefix}:{{id}}" }}
+retry_max_ms = 500
+[[pipelines.cap.sinks]]
+type = "elasticsearch"
+url = "{search}"
+auth = {{ type = "basic", username = "walcast", password = "{CANARY}" }}
+retry_max_ms = 500
+[pipelines.rel]
+kind = "relay"
+[pipelines.rel.source]
+bootstrap_servers = "{bootstrap}"
+group_id = "{prefix}-relay"
+subscribe = {{ topics = ["{prefix}.public.t"] }}
+consumer = {{ "sasl.password" = "{CANARY}", "ssl.key.password" = "{CANARY}" }}
+[pipelines.rel.registry]
+url = "{registry}"
+username = "walcast"
+password = "{CANARY}"
+[[pipelines.rel.sinks]]
+type = "redis"
+urls = ["{redis}"]
+mode = {{ type = "invalidate", key_template = "{prefix}:{{id}}" }}
+retry_max_ms = 500
+"#,
+            port = pg_port(),
+            db = db.name,
+        )
+    };
+    // Redis refuses the password (it has none): the daemon stops, naming
+    // the URL without it.
+    let mut refused = Walcast::start_with(|_, admin| text(admin, &redis, &search));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while refused.exited().is_none() {
+        assert!(std::time::Instant::now() < deadline, "walcast kept running with a refused Redis password");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let refusal = refused.log();
+    assert!(refusal.contains("redis://:<redacted>@"), "{}", tail(&refusal, 2000));
+    // Everything else carries the canary and runs.
+    let plain_redis = var("WALCAST_TEST_REDIS_URL");
+    // An unreachable search cluster: the sink's errors name its URL.
+    let closed = format!("http://walcast:{CANARY}@127.0.0.1:{}", free_port());
+    let closed_registry = format!("http://walcast:{CANARY}@127.0.0.1:{}", free_port());
+    let mut unreachable = Walcast::start_with(|_, admin| {
+        text(admin, &plain_redis, &closed).replace(&registry, &closed_registry)
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !unreachable.log().contains("elasticsearch sink: cannot reach") {
+        assert!(std::time::Instant::now() < deadline, "no word of the unreachable search cluster:\n{}", tail(&unreachable.log(), 3000));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    unreachable.kill9();
+    // `check` asks the unreachable registry too, and says so.
+    let (_, checked_unreachable) = check(&unreachable.config);
+    assert!(checked_unreachable.contains("registry"), "{checked_unreachable}");
+    let refusal = refusal + &unreachable.log() + &checked_unreachable;
+    let mut w = Walcast::start_with(|_, admin| text(admin, &plain_redis, &search));
+    let (_, checked) = check(&w.config);
+    w.wait_state("streaming", Duration::from_secs(60)).await;
+    db.exec("INSERT INTO t VALUES (1, 'x')").await;
+    let client = reqwest::Client::new();
+    let mut admin_answers = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        for path in ["status", "metrics", "readyz", "healthz"] {
+            if let Ok(r) = client.get(format!("http://{}/{path}", w.admin)).send().await {
+                admin_answers.push_str(&r.text().await.unwrap_or_default());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    w.kill9();
+    let log = w.log() + &refusal;
+    assert!(log.len() > 1000, "the daemon logged almost nothing:\n{log}");
+    assert!(admin_answers.contains("cap"), "the admin API did not answer: {admin_answers}\n{}", tail(&log, 3000));
+    for (what, text) in [("check", &checked), ("the log", &log), ("the admin API", &admin_answers)] {
+        if let Some(at) = text.find(CANARY) {
+            let from = at.saturating_sub(300);
+            panic!("a secret in {what}: ...{}...", &text[from..(at + 100).min(text.len())]);
+        }
+    }
+}

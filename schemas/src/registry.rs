@@ -128,7 +128,7 @@ pub enum InvalidValuePolicy {
 impl std::fmt::Debug for RegistryConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegistryConfig")
-            .field("url", &self.url)
+            .field("url", &walcast_sdk::secret::redact_url(&self.url))
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("ca_file", &self.ca_file)
@@ -504,7 +504,7 @@ impl HttpRegistry {
                 Ok(answer) => answer,
                 Err(source) if last => {
                     return Err(RegistryError::Unreachable {
-                        url: url.to_string(),
+                        url: walcast_sdk::secret::redact_url(url.as_str()),
                         attempts: attempt,
                         source,
                     });
@@ -519,7 +519,7 @@ impl HttpRegistry {
                 return serde_json::from_str(&text)
                     .map(Ok)
                     .map_err(|e| RegistryError::Response {
-                        url: url.to_string(),
+                        url: walcast_sdk::secret::redact_url(url.as_str()),
                         message: format!("{e}: {text}"),
                     });
             }
@@ -527,7 +527,7 @@ impl HttpRegistry {
             if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
                 if last {
                     return Err(RegistryError::Unavailable {
-                        url: url.to_string(),
+                        url: walcast_sdk::secret::redact_url(url.as_str()),
                         status: status.as_u16(),
                         attempts: attempt,
                         message,
@@ -539,13 +539,13 @@ impl HttpRegistry {
             }
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
                 return Err(RegistryError::Unauthorized {
-                    url: url.to_string(),
+                    url: walcast_sdk::secret::redact_url(url.as_str()),
                     status: status.as_u16(),
                     message,
                 });
             }
             return Ok(Err(Refusal {
-                url: url.to_string(),
+                url: walcast_sdk::secret::redact_url(url.as_str()),
                 status,
                 message,
             }));
@@ -560,7 +560,7 @@ impl HttpRegistry {
             .await?
             .map_err(|r| refused("", r))?;
         serde_json::from_value(answer.clone()).map_err(|e| RegistryError::Response {
-            url: url.to_string(),
+            url: walcast_sdk::secret::redact_url(url.as_str()),
             message: format!("{e}: {answer}"),
         })
     }
@@ -574,7 +574,7 @@ impl HttpRegistry {
             .await?
             .map_err(|r| refused(subject, r))?;
         serde_json::from_value(answer.clone()).map_err(|e| RegistryError::Response {
-            url: url.to_string(),
+            url: walcast_sdk::secret::redact_url(url.as_str()),
             message: format!("{e}: {answer}"),
         })
     }
@@ -658,7 +658,7 @@ impl HttpRegistry {
             .and_then(Json::as_str)
             .and_then(CompatibilityLevel::parse)
             .ok_or_else(|| RegistryError::Response {
-                url: url.to_string(),
+                url: walcast_sdk::secret::redact_url(url.as_str()),
                 message: format!("no known compatibilityLevel in {answer}"),
             })
     }
@@ -696,7 +696,7 @@ fn subject_version(
     answer: &Json,
 ) -> Result<SubjectVersion, RegistryError> {
     let bad = |what: &str| RegistryError::Response {
-        url: url.to_string(),
+        url: walcast_sdk::secret::redact_url(url.as_str()),
         message: format!("no {what} in {answer}"),
     };
     let number = |key: &str| {
@@ -731,7 +731,7 @@ fn compatibility(url: &Url, answer: &Json) -> Result<Compatibility, RegistryErro
         .get("is_compatible")
         .and_then(Json::as_bool)
         .ok_or_else(|| RegistryError::Response {
-            url: url.to_string(),
+            url: walcast_sdk::secret::redact_url(url.as_str()),
             message: format!("no is_compatible in {answer}"),
         })?;
     let messages = answer
@@ -801,7 +801,7 @@ impl Registry for HttpRegistry {
             .and_then(Json::as_u64)
             .and_then(|id| u32::try_from(id).ok())
             .ok_or_else(|| RegistryError::Response {
-                url: url.to_string(),
+                url: walcast_sdk::secret::redact_url(url.as_str()),
                 message: format!("no schema id in {answer}"),
             })?;
         tracing::info!(subject, id, "schema registered");
@@ -840,7 +840,7 @@ impl Registry for HttpRegistry {
         if let Some(kind) = answer.get("schemaType").and_then(Json::as_str) {
             if kind != "AVRO" {
                 return Err(RegistryError::Response {
-                    url: url.to_string(),
+                    url: walcast_sdk::secret::redact_url(url.as_str()),
                     message: format!("schema id {id} is {kind}, not Avro"),
                 });
             }
@@ -850,7 +850,7 @@ impl Registry for HttpRegistry {
                 .get("schema")
                 .and_then(Json::as_str)
                 .ok_or_else(|| RegistryError::Response {
-                    url: url.to_string(),
+                    url: walcast_sdk::secret::redact_url(url.as_str()),
                     message: format!("no schema in {answer}"),
                 })?;
         let schema = Arc::new(

@@ -217,7 +217,7 @@ impl fmt::Debug for Auth {
 impl fmt::Debug for ElasticsearchSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ElasticsearchSinkConfig")
-            .field("url", &self.url)
+            .field("url", &walcast_sdk::secret::redact_url(&self.url))
             .field("index_template", &self.index_template)
             .field("auth", &self.auth)
             .field("ca_file", &self.ca_file)

@@ -245,12 +245,12 @@ impl ElasticsearchSink {
             .send(http.request(Method::GET, ""))
             .await
             .map_err(|source| ElasticsearchSinkError::Unreachable {
-                url: config.url.clone(),
+                url: walcast_sdk::secret::redact_url(&config.url),
                 source,
             })?;
         if !StatusCode::from_u16(status).is_ok_and(|s| s.is_success()) {
             return Err(ElasticsearchSinkError::Refused {
-                url: config.url.clone(),
+                url: walcast_sdk::secret::redact_url(&config.url),
                 status,
                 body: excerpt(&body),
             });

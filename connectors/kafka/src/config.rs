@@ -491,14 +491,9 @@ pub(crate) fn check_topic_name(field: &str, topic: &str) -> Result<(), ConfigErr
     Ok(())
 }
 
-/// Keys whose values must never reach a log.
+/// Keys whose values must never reach a log (the SDK's one rule).
 fn is_secret(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    k.contains("password")
-        || k.contains("secret")
-        || k.ends_with(".pem")
-        || k.contains("jaas")
-        || k.contains("token")
+    walcast_sdk::secret::is_secret_key(key)
 }
 
 struct Redacted<'a>(&'a BTreeMap<String, String>);

@@ -227,27 +227,9 @@ impl fmt::Debug for RedisSinkConfig {
     }
 }
 
-/// The URL with any password replaced, for logs and messages.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, path) = rest
-        .split_once('/')
-        .map(|(a, p)| (a, Some(p)))
-        .unwrap_or((rest, None));
-    let redacted = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("***@{host}"),
-        },
-        None => authority.to_string(),
-    };
-    match path {
-        Some(p) => format!("{scheme}://{redacted}/{p}"),
-        None => format!("{scheme}://{redacted}"),
-    }
-}
+/// The URL with any password replaced, for logs and messages (the SDK's
+/// one redaction rule).
+pub use walcast_sdk::secret::redact_url;
 
 fn default_key_template() -> String {
     DEFAULT_KEY_TEMPLATE.to_string()
@@ -308,7 +290,7 @@ mod tests {
         assert_eq!(c.timeout_ms, DEFAULT_TIMEOUT_MS);
         let debug = format!("{c:?}");
         assert!(!debug.contains("s3cret"), "{debug}");
-        assert!(debug.contains("app:***@127.0.0.1:6379/0"), "{debug}");
+        assert!(debug.contains("app:<redacted>@127.0.0.1:6379/0"), "{debug}");
     }
 
     #[test]
@@ -366,8 +348,8 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact_url("rediss://u:p@h:1/2"), "rediss://u:***@h:1/2");
-        assert_eq!(redact_url("redis://:p@h"), "redis://:***@h");
+        assert_eq!(redact_url("rediss://u:p@h:1/2"), "rediss://u:<redacted>@h:1/2");
+        assert_eq!(redact_url("redis://:p@h"), "redis://:<redacted>@h");
         assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
     }
 }

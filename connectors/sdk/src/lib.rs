@@ -18,6 +18,7 @@ pub mod json;
 pub mod position;
 pub mod relay;
 pub mod retry;
+pub mod secret;
 pub mod sink;
 pub mod table;
 pub mod toast;
