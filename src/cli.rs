@@ -33,9 +33,16 @@ pub enum Command {
     },
     /// Show a running daemon's pipelines: state, positions, lag.
     Status {
-        /// The daemon's admin address.
+        /// The daemon's admin address (`host:port`, or `https://host:port`
+        /// when the admin server has `tls`).
         #[arg(long, default_value = crate::config::DEFAULT_ADMIN_LISTEN)]
         admin: String,
+        /// The file holding the admin server's bearer token (`admin.token_file`).
+        #[arg(long, env = "WALCAST_ADMIN_TOKEN_FILE")]
+        token_file: Option<std::path::PathBuf>,
+        /// A PEM CA to trust for an https admin address.
+        #[arg(long)]
+        ca_file: Option<std::path::PathBuf>,
     },
     /// Print the events of a topic as JSON lines (Avro decoded through the
     /// registry), what users otherwise do with kcat and a registry client.

@@ -72,7 +72,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => run(&config).await,
         Command::Check { config, offline } => check(&config, offline).await,
-        Command::Status { admin } => status(&admin).await,
+        Command::Status { admin, token_file, ca_file } => status(&admin, token_file.as_deref(), ca_file.as_deref()).await,
         Command::Tail {
             topic,
             bootstrap_servers,
@@ -139,13 +139,14 @@ async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
 
     if let Some(addr) = cfg.admin.address() {
         let addr = addr.context("admin.listen")?;
+        let security = admin::Security::load(&cfg.admin)?;
         let (p, s, sd) = (prometheus.clone(), statuses.clone(), shutdown.clone());
         let listener_check = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on admin.listen = {addr}"))?;
         drop(listener_check);
         tokio::spawn(async move {
-            if let Err(e) = admin::serve(addr, p, s, sd).await {
+            if let Err(e) = admin::serve(addr, p, s, security, sd).await {
                 tracing::error!(error = %e, "admin HTTP server stopped");
             }
         });
@@ -521,13 +522,37 @@ async fn check_registry(
     ok
 }
 
-async fn status(admin: &str) -> anyhow::Result<ExitCode> {
-    let url = format!("http://{admin}/status");
-    let body = reqwest::get(&url)
+async fn status(
+    admin: &str,
+    token_file: Option<&std::path::Path>,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let url = if admin.contains("://") {
+        format!("{}/status", admin.trim_end_matches('/'))
+    } else {
+        format!("http://{admin}/status")
+    };
+    let mut client = reqwest::Client::builder();
+    if let Some(ca) = ca_file {
+        let pem = std::fs::read(ca).with_context(|| format!("--ca-file {}", ca.display()))?;
+        client = client.add_root_certificate(
+            reqwest::Certificate::from_pem(&pem).with_context(|| format!("--ca-file {}", ca.display()))?,
+        );
+    }
+    let mut request = client.build()?.get(&url);
+    if let Some(path) = token_file {
+        let token = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
+        request = request.bearer_auth(token.trim());
+    }
+    let response = request
+        .send()
         .await
-        .with_context(|| format!("cannot reach the daemon at {url}"))?
-        .text()
-        .await?;
+        .with_context(|| format!("cannot reach the daemon at {url}"))?;
+    anyhow::ensure!(
+        response.status() != reqwest::StatusCode::UNAUTHORIZED,
+        "the daemon at {url} wants its admin token: pass --token-file (or WALCAST_ADMIN_TOKEN_FILE)"
+    );
+    let body = response.text().await?;
     let v: serde_json::Value =
         serde_json::from_str(&body).context("the daemon's /status is not JSON")?;
     for p in v["pipelines"].as_array().into_iter().flatten() {

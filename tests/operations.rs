@@ -120,7 +120,9 @@ async fn scram_and_md5_roles_capture_and_secrets_stay_out_of_logs() {
                 &pipeline,
                 &db.name,
                 &["public.t"],
-                &format!("password_file = \"{}\"", pwfile.display()),
+                // The stack's Postgres has no TLS: md5 over plain text is
+                // refused unless allowed (see the test below).
+                &format!("password_file = \"{}\"\nallow_plaintext_password = true", pwfile.display()),
                 out,
                 admin,
             )
@@ -153,10 +155,9 @@ fn openssl(args: &[&str], dir: &std::path::Path) {
     );
 }
 
-/// A CA, a server certificate for `localhost` signed by it, a second CA
-/// that signed nothing (all in `d`), and a cluster serving TLS with that
-/// certificate, with a table `t`.
-async fn tls_cluster(d: &std::path::Path) -> (TempCluster, tokio_postgres::Client) {
+/// A CA, a server certificate for `localhost` signed by it (server.crt,
+/// server.key), and a second CA that signed nothing, all in `d`.
+fn pki(d: &std::path::Path) {
     openssl(
         &[
             "req",
@@ -231,6 +232,11 @@ async fn tls_cluster(d: &std::path::Path) -> (TempCluster, tokio_postgres::Clien
         d,
     );
 
+}
+
+/// [`pki`], and a cluster serving TLS with that certificate, with a table `t`.
+async fn tls_cluster(d: &std::path::Path) -> (TempCluster, tokio_postgres::Client) {
+    pki(d);
     let pg = TempCluster::start(&[
         "wal_level = logical",
         "max_replication_slots = 4",
@@ -527,4 +533,71 @@ retry_max_ms = 500
             panic!("a secret in {what}: ...{}...", &text[from..(at + 100).min(text.len())]);
         }
     }
+}
+
+/// The admin server beyond loopback: HTTPS with the configured certificate,
+/// a bearer token for everything but the probes, and `walcast status`
+/// passing both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_server_takes_a_token_and_serves_https() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let d = pki_dir.path();
+    pki(d);
+    let token = "s3cr3t-admin-token-0123456789";
+    std::fs::write(d.join("token"), format!("{token}\n")).unwrap();
+    let db = TestDb::new("wc_admintls").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("admintls", &db.name, &["public.t"], "", out, admin).replace(
+            "[log]",
+            &format!(
+                "token_file = \"{}\"\ntls = {{ cert_file = \"{}\", key_file = \"{}\" }}\n[log]",
+                d.join("token").display(),
+                d.join("server.crt").display(),
+                d.join("server.key").display()
+            ),
+        )
+    });
+    let port = w.admin.rsplit(':').next().unwrap().to_string();
+    let base = format!("https://localhost:{port}");
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(d.join("ca.crt")).unwrap()).unwrap();
+    let client = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = client.get(format!("{base}/status")).bearer_auth(token).send().await;
+        if let Ok(r) = r {
+            if r.status().is_success() && r.text().await.unwrap_or_default().contains("streaming") {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no streaming status over HTTPS:\n{}", tail(&w.log(), 3000));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let get = |path: &str, token: Option<&str>| {
+        let mut r = client.get(format!("{base}/{path}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(get("healthz", None).await.unwrap().status(), 200, "probes need no token");
+    assert_eq!(get("readyz", None).await.unwrap().status(), 200, "probes need no token");
+    assert_eq!(get("status", None).await.unwrap().status(), 401);
+    assert_eq!(get("metrics", None).await.unwrap().status(), 401);
+    assert_eq!(get("status", Some("s3cr3t-admin-token-012345678X")).await.unwrap().status(), 401);
+    assert_eq!(get("metrics", Some(token)).await.unwrap().status(), 200);
+    // Plain HTTP on the HTTPS port gets nothing.
+    assert!(reqwest::get(format!("http://127.0.0.1:{port}/status")).await.map(|r| r.status().is_success()).unwrap_or(false) == false);
+    // `walcast status` with the token and the CA.
+    let status = |args: &[&str]| {
+        let out = std::process::Command::new(bin()).arg("status").args(args).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let token_file = d.join("token").display().to_string();
+    let ca_file = d.join("ca.crt").display().to_string();
+    let (ok, out) = status(&["--admin", &base, "--token-file", &token_file, "--ca-file", &ca_file]);
+    assert!(ok && out.contains("admintls") && out.contains("streaming"), "{out}");
+    let (ok, out) = status(&["--admin", &base, "--ca-file", &ca_file]);
+    assert!(!ok && out.contains("--token-file"), "{out}");
+    w.kill9();
 }

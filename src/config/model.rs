@@ -41,12 +41,28 @@ pub struct AdminConfig {
     /// you mean otherwise. Empty string disables it.
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// A file holding a bearer token: `/status` and `/metrics` (and every
+    /// endpoint but the probes `/healthz` and `/readyz`) then answer only
+    /// requests with `Authorization: Bearer <token>`. Set it whenever
+    /// `listen` is beyond loopback: status shows the topology.
+    pub token_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain and key.
+    pub tls: Option<AdminTls>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            token_file: None,
+            tls: None,
         }
     }
 }
