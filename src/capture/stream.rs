@@ -115,6 +115,10 @@ impl CaptureError {
             CaptureError::Setup { source, .. } => source.is_transient(),
             CaptureError::Snapshot { source, .. } => source.is_transient(),
             CaptureError::Incremental { source, .. } => source.is_transient(),
+            // Every sink that failed the batch said a replay may succeed
+            // (an outage longer than a Kafka transaction): start over from
+            // the confirmed position, the sinks rewound.
+            CaptureError::Delivery { source, .. } => source.transient,
             _ => false,
         }
     }
@@ -147,12 +151,30 @@ pub struct CaptureSettings {
 
 /// Hands batches to every sink, in order, on its own task so that a slow
 /// sink never stops the capture loop from answering Postgres.
+///
+/// A session that ended (a reconnect) leaves batches queued here whose
+/// tracker is gone: they are dropped, since the next session replays them
+/// from the confirmed position. The first batch of a new session rewinds
+/// the sinks first ([`Sink::rewind`]), so a sink that refused batches after
+/// a failure takes the replay.
 async fn dispatch(
     pipeline: String,
     mut sinks: Vec<Box<dyn Sink>>,
     mut rx: mpsc::Receiver<(Vec<ChangeEvent>, Acker)>,
 ) -> Vec<Box<dyn Sink>> {
+    let mut session = None;
     while let Some((events, acker)) = rx.recv().await {
+        if acker.is_orphaned() {
+            acker.ack();
+            continue;
+        }
+        if session.replace(acker.tracker()).is_some_and(|s| s != acker.tracker()) {
+            for sink in sinks.iter_mut() {
+                if let Err(e) = sink.rewind().await {
+                    tracing::warn!(pipeline = %pipeline, sink = %sink.name(), error = %e, "rewinding a sink for the replay failed");
+                }
+            }
+        }
         let events = Arc::new(events);
         for sink in sinks.iter_mut() {
             let name = sink.name().to_string();
