@@ -44,7 +44,12 @@ pub enum CatalogError {
 impl CatalogError {
     pub fn is_transient(&self) -> bool {
         match self {
-            CatalogError::Connect { .. } => true,
+            // Refused credentials or a database that does not exist do not
+            // get better by retrying; anything else (refused connections,
+            // a server starting or shutting down) may.
+            CatalogError::Connect { source, .. } => !source
+                .code()
+                .is_some_and(|c| c.code().starts_with("28") || c.code() == "3D000"),
             CatalogError::Query { source, .. } => transient_sql(source),
             CatalogError::Auth(e) => e.is_transient(),
             CatalogError::Tls(_) | CatalogError::Missing { .. } => false,
