@@ -15,11 +15,21 @@ pub enum SetupError {
     /// waiting for the active daemon to die takes it over this way).
     #[error("{0}")]
     Busy(String),
-    #[error("catalog query failed ({what}): {source}")]
+    #[error("catalog query failed ({what}): {}", server_text(source))]
     Query {
         what: String,
         source: tokio_postgres::Error,
     },
+}
+
+/// tokio-postgres shows a server's error as just "db error": the server's
+/// message and SQLSTATE are what say what went wrong (on Postgres 14 a
+/// publication syntax of 15 was only "db error").
+fn server_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 impl SetupError {
