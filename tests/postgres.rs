@@ -54,15 +54,24 @@ async fn partition_workload(db: &TestDb) {
 async fn partitioned_table_streams_through_its_root() {
     let db = TestDb::new("wc_part").await;
     partitioned(&db).await;
-    let mut w = Walcast::start_with(|out, admin| {
-        file_pipeline_config("part", &db.name, &["public.m"], "", out, admin)
-    });
-    let (ok, out) = check(&w.config);
+    // `check` before the daemon starts: once it streams, check rightly
+    // reports the slot as in use (a race that failed this test on a fast start).
+    let pre = tempfile::tempdir().expect("tempdir");
+    let pre_config = pre.path().join("walcast.toml");
+    std::fs::write(
+        &pre_config,
+        file_pipeline_config("part", &db.name, &["public.m"], "", &pre.path().join("events.jsonl"), "127.0.0.1:1"),
+    )
+    .expect("write config");
+    let (ok, out) = check(&pre_config);
     assert!(ok, "check failed:\n{out}");
     assert!(
         out.contains("public.m is partitioned (2 partitions): published via the partition root"),
         "check does not explain the partitioned table:\n{out}"
     );
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("part", &db.name, &["public.m"], "", out, admin)
+    });
     w.wait_state("streaming", WAIT).await;
     partition_workload(&db).await;
     let ev = converge(&w, &db, "m", WAIT).await;

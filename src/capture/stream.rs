@@ -731,7 +731,7 @@ async fn session(
 /// pgoutput: `publication "x" does not exist`).
 fn stream_error(s: &CaptureSettings, e: ReplicationError, confirmed: Lsn) -> CaptureError {
     let publication_missing = matches!(&e, ReplicationError::Server(se)
-        if se.code == "42704" && se.message.starts_with("publication "));
+        if (se.code == "42704" && se.message.starts_with("publication ")) || se.message.starts_with("skipped loading publication"));
     if publication_missing {
         CaptureError::PublicationDropped {
             pipeline: s.pipeline.clone(),
