@@ -482,20 +482,24 @@ async fn check_registry(
                 continue;
             }
         };
-        let schemas = match walcast_schemas::mapping::derive(&table.schema, &s.assemble.name, &options) {
-            Ok(schemas) => schemas,
-            Err(e) => {
-                println!("pipeline {name}: ERROR: registry: table {sc}.{t}: {e}");
-                ok = false;
-                continue;
-            }
-        };
+        let schemas =
+            match walcast_schemas::mapping::derive(&table.schema, &s.assemble.name, &options) {
+                Ok(schemas) => schemas,
+                Err(e) => {
+                    println!("pipeline {name}: ERROR: registry: table {sc}.{t}: {e}");
+                    ok = false;
+                    continue;
+                }
+            };
         let topic = router.name(sc, t);
         let parts = [(schemas.key.as_ref(), true), (Some(&schemas.value), false)];
         for (schema, is_key) in parts {
             let Some(schema) = schema else { continue };
             let subject = r.subject_strategy.subject(&topic, schema, is_key);
-            match registry.check_compatibility_with(&subject, VersionRef::Latest, schema).await {
+            match registry
+                .check_compatibility_with(&subject, VersionRef::Latest, schema)
+                .await
+            {
                 Ok(c) if c.is_compatible => {
                     println!("  registry: subject {subject}: the schema of {sc}.{t} is accepted (new or compatible)")
                 }
