@@ -820,7 +820,10 @@ async fn unlisted_relation(
         .await
         .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
         .unwrap_or_default();
-    if let Some((ps, pt)) = ancestors.iter().find(|(a, b)| asm.wants(&format!("{a}.{b}"))) {
+    if let Some((ps, pt)) = ancestors
+        .iter()
+        .find(|(a, b)| asm.wants(&format!("{a}.{b}")))
+    {
         if s.wanted.via_root {
             tracing::warn!(pipeline = %s.pipeline, table = %name, parent = %format!("{ps}.{pt}"),
                 "changes of a partition arrive under its own name (decoded from before the publication published \
@@ -888,7 +891,9 @@ async fn handle(
             let mut table = table;
             let mut wanted = asm.wants(&table.qualified_name());
             if !wanted {
-                match unlisted_relation(s, asm, catalog, skipped, rel.id, &table.qualified_name()).await {
+                match unlisted_relation(s, asm, catalog, skipped, rel.id, &table.qualified_name())
+                    .await
+                {
                     Unlisted::Skip => {}
                     Unlisted::Capture => wanted = true,
                     Unlisted::AsParent(schema, name) => {
