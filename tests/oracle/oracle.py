@@ -282,7 +282,7 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500" }}
             lines = open(os.path.join(self.dir, "walcast.log"), errors="replace").read().splitlines()
         except OSError:
             return ""
-        interesting = [line for line in lines if '"ERROR"' in line or '"WARN"' in line]
+        interesting = [line for line in lines if '"ERROR"' in line or ('"WARN"' in line and "no conversion for this type" not in line)]
         return "\n".join((interesting or lines)[-n:])
 
     # ----------------------------------------------------------- faults

@@ -59,7 +59,9 @@ import random
 import string
 import struct
 import uuid
-from decimal import Decimal
+from decimal import Context, Decimal
+
+EXACT = Context(prec=100_000)  # Decimal's default context rounds to 28 digits
 
 PLACEHOLDER = "__debezium_unavailable_value"
 I32_MAX, I32_MIN = 2**31 - 1, -(2**31)
@@ -155,7 +157,9 @@ def pg_expr(kind, col):
         f"extract(minute FROM {col}) * 60000000 + extract(microseconds FROM {col}))",
     }
     e["tstz"] = e["ts"]
-    e = e.get(kind, f"{col}::text")
+    # concat() applies the type's output function, as pgoutput does; a
+    # ::text cast differs for some types (inet::text always shows the mask).
+    e = e.get(kind, f"concat({col})")
     return f"CASE WHEN {col} IS NULL THEN NULL ELSE {e} END"
 
 
@@ -204,7 +208,7 @@ def from_avro(kind, v):
     if kind in ("numeric", "money"):
         if isinstance(v, dict):  # io.debezium.data.VariableScaleDecimal
             unscaled = int.from_bytes(v["value"], "big", signed=True)
-            return format(Decimal(unscaled).scaleb(-v["scale"]), "f")
+            return format(Decimal(unscaled).scaleb(-v["scale"], context=EXACT), "f")
         return format(v, "f")
     if kind == "bytea":
         return base64.b64encode(v).decode()
