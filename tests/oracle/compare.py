@@ -247,7 +247,9 @@ def redis_rows(rds, prefix, t, hash_mode):
     for raw in rds.scan_iter(match=glob_escape(pat) + "*", count=1000):
         name = raw.decode()
         kid = name[len(pat):]
-        if hash_mode:
+        if hash_mode == "keys":
+            out[kid] = None
+        elif hash_mode:
             h = rds.hgetall(raw)
             out[kid] = {k.decode(): v.decode() for k, v in h.items()}
         else:

@@ -106,9 +106,11 @@ def make_scenario(seed, switches, fmt):
             cols.append(("id", keyable[r.choice(["int8", "int4"])], True))
             key = ["Region Ü", "id"]
         elif shape == "index":
-            cols.append(("id", keyable["int8"], True))
-            cols.append(("code", keyable["text"], True))
-            key = ["id", "code"]
+            pair = [("id", keyable["int8"], True), ("code", keyable["text"], True)]
+            if not switches["relay_key_order"]:
+                pair.reverse()  # key columns in byte order of their names: see the switch
+            cols += pair
+            key = [c for c, _, _ in pair]
         else:
             cols.append(("id", keyable["int8"], False))
             key = []
@@ -139,7 +141,7 @@ def make_scenario(seed, switches, fmt):
             ddl.append(f"CREATE TABLE {t.qname} ({coldefs}, PRIMARY KEY ({', '.join(qi(k) for k in key)}))")
         elif shape == "index":
             ddl.append(f"CREATE TABLE {t.qname} ({coldefs})")
-            ddl.append(f"CREATE UNIQUE INDEX {qi(f'ux{i} Ü')} ON {t.qname} (id, code)")
+            ddl.append(f"CREATE UNIQUE INDEX {qi(f'ux{i} Ü')} ON {t.qname} ({', '.join(qi(k) for k in key)})")
             ddl.append(f"ALTER TABLE {t.qname} REPLICA IDENTITY USING INDEX {qi(f'ux{i} Ü')}")
         else:
             ddl.append(f"CREATE TABLE {t.qname} ({coldefs})")
