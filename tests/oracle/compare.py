@@ -196,15 +196,16 @@ def lsns(history, key, n=4):
 
 
 class Diff:
-    def __init__(self, seed, limit=12):
+    def __init__(self, seed, limit=6):
         self.seed, self.limit = seed, limit
         self.lines, self.total = [], 0
         self.per = Counter()
 
     def add(self, where, t, key, col, pg, out, history):
         self.total += 1
-        self.per[(where, t.label)] += 1
-        if self.per[(where, t.label)] <= self.limit:
+        kind = "missing" if out == "row missing" else "extra" if pg == "no such row" else "value"
+        self.per[(where, t.label, kind)] += 1
+        if self.per[(where, t.label, kind)] <= self.limit:
             self.lines.append(
                 f"DIFF seed={self.seed} output={where} table={t.label!r} key={key!r} column={col!r}\n"
                 f"     postgres: {short(pg)}\n     {where}: {short(out)}\n     events: {lsns(history, key)}")
@@ -278,3 +279,28 @@ def search_rows(url, index):
         r.raise_for_status()
         body = r.json()
     return out
+
+
+class Topic:
+    """Stands for a table in a difference about a whole topic."""
+
+    def __init__(self, name):
+        self.label = name
+
+
+def relay_lag(bootstrap, group, prefix):
+    """{topic: records not yet committed by the relay's consumer group}."""
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        md = c.list_topics(timeout=10)
+        parts = [TopicPartition(t, p) for t, tm in md.topics.items() if t.startswith(prefix + ".") for p in tm.partitions]
+        lag = Counter()
+        for tp in c.committed(parts, timeout=10):
+            low, high = c.get_watermark_offsets(tp, timeout=10)
+            done = tp.offset if tp.offset >= 0 else low
+            if high > done:
+                lag[tp.topic] += high - done
+        return lag
+    finally:
+        c.close()
