@@ -20,7 +20,6 @@ difference names the seed, the table, the key, the column, both values and
 the LSNs (commit_lsn/lsn, op) of the last Kafka events of that key.
 """
 
-import base64
 import json
 import time
 from collections import Counter, defaultdict

@@ -23,7 +23,7 @@ import psycopg
 
 import uuid
 
-from pgtypes import PLACEHOLDER, Ty, avro_name, catalog, ql, qi  # noqa: F401
+from pgtypes import avro_name, catalog, ql, qi
 
 SCHEMA_NAMES = ["public", "Sales Ünï", 'qu"o.te', "MiXed"]
 COLUMN_WORDS = ["Col A", "ñandú", 'say "hi"', "UPPER", "lower", "Ümlaut", "x y z", "dot.ted", "9lives", "Ω"]

@@ -242,6 +242,8 @@ topic_creation = {{ partitions = 3 }}
         capture("sinkcap", self.prefix_sink, self.sink_tables, self.mode == "direct")
         capture("kafkacap", self.prefix_kafka, self.kafka_tables, False)
         if self.mode == "relay" and self.sink_tables:
+            # A short session: after a kill -9 the group otherwise waits out
+            # the dead member's 45 s session before the restarted relay reads.
             pattern = toml_str("^" + self.prefix_sink + "\\..*")
             text = f"""
 [pipelines.relay]
@@ -250,7 +252,7 @@ kind = "relay"
 bootstrap_servers = "{self.bootstrap}"
 group_id = "{self.run_id}-relay"
 subscribe = {{ pattern = {pattern} }}
-consumer = {{ "topic.metadata.refresh.interval.ms" = "500" }}
+consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "1000" }}
 """ + redis_sinks + search_sink
             out.append(text.replace("{p}", "relay"))
         cfg = "".join(out).replace("{{", "{").replace("}}", "}")
@@ -436,7 +438,7 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500" }}
             log(f"{diff.total} differences so far; waiting for walcast to catch up")
             time.sleep(3)
 
-    def cleanup(self):
+    def stop_walcast(self):
         try:
             if self.proc and self.proc.poll() is None:
                 self.proc.terminate()
@@ -446,6 +448,8 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500" }}
                     self.kill9()
         except Exception:
             pass
+
+    def cleanup(self):
         try:
             with psycopg.connect(self.conninfo("postgres"), autocommit=True) as c:
                 for (slot,) in c.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s", (self.run_id + "%",)).fetchall():
@@ -518,6 +522,7 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500" }}
             log("walcast log:\n" + self.log_tail())
             return 2
         finally:
+            self.stop_walcast()
             if not self.args.keep:
                 self.cleanup()
 
@@ -534,7 +539,7 @@ def main():
     ap.add_argument("--writers", type=int, default=3)
     ap.add_argument("--enable", default="")
     ap.add_argument("--disable", default="")
-    ap.add_argument("--converge-seconds", type=float, default=90)
+    ap.add_argument("--converge-seconds", type=float, default=150)
     ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(repo, "target")), "debug/walcast"))
     ap.add_argument("--workdir", default=os.path.join(repo, "target/oracle"))
     ap.add_argument("--repo", default=repo)

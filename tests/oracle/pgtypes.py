@@ -55,7 +55,6 @@ representations are mapped onto the canonical form:
 import base64
 import json
 import math
-import random
 import string
 import struct
 import uuid
