@@ -83,9 +83,12 @@ class KafkaRebuild:
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
-            "topic.metadata.refresh.interval.ms": 1000,
         })
-        self.consumer.subscribe(["^" + p.replace(".", "\\.") + "\\..*" for p in prefixes])
+        # Partitions are assigned by hand from the beginning (no group
+        # membership: a broker killed -9 would otherwise leave the oracle's
+        # own consumer waiting out a rebalance).
+        self.prefixes = [p + "." for p in prefixes]
+        self.assigned = set()
         self.deser = None
         if fmt == "avro":
             from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -98,9 +101,22 @@ class KafkaRebuild:
     def poll(self, idle=2.0, limit=120.0):
         """Reads until nothing arrived for `idle` seconds."""
         from confluent_kafka.serialization import MessageField, SerializationContext
+        from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
         last = time.time()
         start = time.time()
         while time.time() - last < idle and time.time() - start < limit:
+            try:
+                md = self.consumer.list_topics(timeout=10)
+            except KafkaException:
+                time.sleep(1)
+                continue
+            new = [TopicPartition(t, p, OFFSET_BEGINNING) for t, tm in md.topics.items()
+                   if any(t.startswith(x) for x in self.prefixes) for p in tm.partitions
+                   if (t, p) not in self.assigned]
+            if new:
+                self.consumer.incremental_assign(new)
+                self.assigned |= {(tp.topic, tp.partition) for tp in new}
+                last = time.time()
             msgs = self.consumer.consume(500, 0.5)
             for m in msgs:
                 if m.error():

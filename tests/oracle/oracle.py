@@ -157,6 +157,7 @@ class Run:
         self.prefix_sink, self.prefix_kafka = f"{self.run_id}s", f"{self.run_id}k"
         self.rkey = {m: f"{self.run_id}:{m}:" for m in ("i", "j", "h")}
         self.fault_log = []
+        self.exits = []  # exit codes of walcast processes that stopped by themselves
 
     def conninfo(self, db=None):
         return psycopg.conninfo.make_conninfo(dbname=db or self.db, **self.pg)
@@ -372,6 +373,7 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
                 time.sleep(0.5)
             if self.walcast_exited():
                 log(f"walcast exited with {self.proc.returncode} during the load")
+                self.exits.append(self.proc.returncode)
                 break
         stop.set()
         for w in writers:
@@ -498,22 +500,26 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
                 self.fault_log.append("restart-after-exit")
             diff, counts = self.converge(kafka)
             exited = self.walcast_exited()
+            if exited:
+                self.exits.append(self.proc.returncode)
             with open(os.path.join(self.dir, "report.txt"), "w") as f:
                 f.write("\n".join(diff.lines))
             summary = (f"seed {self.seed} format={self.fmt} mode={self.mode} faults={','.join(self.fault_log) or 'none'} "
                        f"tables={len(self.tables)} commits={stats['commits']} rows={counts['rows']} "
                        f"kafka_events={counts['kafka_events']} redis_keys={counts['redis_keys']} "
                        f"search_docs={counts['search_docs']} in {time.time() - t0:.0f}s")
-            if diff.total or exited or "restart-after-exit" in self.fault_log:
+            if diff.total or self.exits:
                 for line in diff.lines:
                     print(line)
                 if kafka.unknown:
                     log(f"events of unknown tables: {dict(kafka.unknown)}")
                 log(f"walcast log (warnings and errors, last lines):\n{self.log_tail()}")
                 log(f"FAIL {summary}: {diff.total} differences"
-                    + ("; walcast exited with " + str(self.proc.returncode) if exited or "restart-after-exit" in self.fault_log else "")
-                    + f"; repro: tests/oracle/run --seed {self.seed} --format {self.fmt} --mode {self.mode} --seconds {self.args.seconds}"
-                    + (f" --faults {','.join(self.faults)}" if self.faults else "") + f"; files in {self.dir}")
+                    + (f"; walcast exited by itself with {self.exits}" if self.exits else "")
+                    + f"; repro: tests/oracle/run --seed {self.seed} --format {self.fmt} --mode {self.mode} --seconds {self.args.seconds:g}"
+                    + (f" --faults {','.join(self.faults)}" if self.faults else "")
+                    + (f" --enable {','.join(k for k, v in self.switches.items() if v and not SWITCHES[k])}" if any(v and not SWITCHES[k] for k, v in self.switches.items()) else "")
+                    + f"; files in {self.dir}")
                 return 1
             log(f"PASS {summary}")
             return 0
