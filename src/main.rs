@@ -322,8 +322,27 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                 }
                 ok &= check_contracts(name, c, &s, client).await;
                 ok &= check_kafka_sinks(name, c, &s).await;
+                ok &= check_search_sinks(name, c, &s).await;
             }
             PipelineConfig::Relay(r) => {
+                if r.sinks
+                    .iter()
+                    .any(|s| matches!(s, config::SinkConfig::Elasticsearch(e) if e.manage_mappings))
+                {
+                    let untyped = walcast_sdk::TableSchema {
+                        relation_id: 0,
+                        schema: String::new(),
+                        name: String::new(),
+                        columns: Vec::new(),
+                        replica_identity: walcast_sdk::ReplicaIdentity::Default,
+                        version: 0,
+                    };
+                    println!(
+                        "  elasticsearch: each index is mapped from its topic's Avro writer schema before the first write; \
+                         JSON topics carry no types and get only the untyped mapping {}",
+                        walcast_elasticsearch::mapping::index_mapping(&untyped, &Default::default())
+                    );
+                }
                 println!(
                     "pipeline {name}: relay from Kafka {} (group {}) to {}",
                     r.source.bootstrap_servers,
@@ -446,6 +465,78 @@ async fn check_kafka_sinks(
     ok
 }
 
+/// Shows the index each captured table goes to and the mapping walcast
+/// would create it with, or what an existing index lacks or contradicts.
+async fn check_search_sinks(
+    name: &str,
+    c: &config::CaptureConfig,
+    s: &capture::stream::CaptureSettings,
+) -> bool {
+    let sinks: Vec<_> = c
+        .sinks
+        .iter()
+        .filter_map(|k| match k {
+            config::SinkConfig::Elasticsearch(e) if e.manage_mappings => Some(e),
+            _ => None,
+        })
+        .collect();
+    if sinks.is_empty() {
+        return true;
+    }
+    let client = match capture::catalog::connect(&s.connect).await {
+        Ok(c) => c,
+        Err(e) => {
+            println!("pipeline {name}: ERROR: {e}");
+            return false;
+        }
+    };
+    let mut catalog = capture::catalog::Catalog::new(client);
+    let mut tables = Vec::new();
+    for (sc, t) in &s.wanted.tables {
+        match catalog.table_schema_by_name(sc, t).await {
+            Ok(table) => tables.push(table.schema.as_ref().clone()),
+            Err(e) => {
+                println!("pipeline {name}: ERROR: elasticsearch: table {sc}.{t}: {e}");
+                return false;
+            }
+        }
+    }
+    let mut ok = true;
+    for e in sinks {
+        match walcast_elasticsearch::sink::plan_indices(e, &tables).await {
+            Ok(plans) => {
+                for (table, plan) in plans {
+                    match plan {
+                        walcast_elasticsearch::sink::IndexPlan::WouldCreate { index, mapping } => println!(
+                            "  elasticsearch: table {table} -> index {index}: would be created with mapping {mapping}"
+                        ),
+                        walcast_elasticsearch::sink::IndexPlan::Exists { index, diff } => {
+                            let missing: Vec<&String> = diff.missing.keys().collect();
+                            println!(
+                                "  elasticsearch: table {table} -> index {index}: exists{}",
+                                if missing.is_empty() { String::new() } else {
+                                    format!("; would add fields {}", serde_json::Value::Object(diff.missing.clone()))
+                                }
+                            );
+                            for conflict in &diff.conflicts {
+                                println!(
+                                    "  elasticsearch: WARNING: index {index}: {conflict}; OpenSearch cannot change a field's type: \
+                                     documents that do not fit go to the dead letter until the table is reindexed into a new index"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                println!("pipeline {name}: ERROR: {err}");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
 /// Asks the registry whether each captured table's key and value schemas,
 /// as this config derives them, would be accepted under their subjects'
 /// compatibility levels: a change of mapping options (say
@@ -486,20 +577,24 @@ async fn check_registry(
                 continue;
             }
         };
-        let schemas = match walcast_schemas::mapping::derive(&table.schema, &s.assemble.name, &options) {
-            Ok(schemas) => schemas,
-            Err(e) => {
-                println!("pipeline {name}: ERROR: registry: table {sc}.{t}: {e}");
-                ok = false;
-                continue;
-            }
-        };
+        let schemas =
+            match walcast_schemas::mapping::derive(&table.schema, &s.assemble.name, &options) {
+                Ok(schemas) => schemas,
+                Err(e) => {
+                    println!("pipeline {name}: ERROR: registry: table {sc}.{t}: {e}");
+                    ok = false;
+                    continue;
+                }
+            };
         let topic = router.name(sc, t);
         let parts = [(schemas.key.as_ref(), true), (Some(&schemas.value), false)];
         for (schema, is_key) in parts {
             let Some(schema) = schema else { continue };
             let subject = r.subject_strategy.subject(&topic, schema, is_key);
-            match registry.check_compatibility_with(&subject, VersionRef::Latest, schema).await {
+            match registry
+                .check_compatibility_with(&subject, VersionRef::Latest, schema)
+                .await
+            {
                 Ok(c) if c.is_compatible => {
                     println!("  registry: subject {subject}: the schema of {sc}.{t} is accepted (new or compatible)")
                 }

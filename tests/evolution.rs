@@ -250,7 +250,11 @@ async fn exactly_once_commits_nothing_after_a_refused_batch_and_loses_nothing() 
         .send()
         .await
         .unwrap();
-    assert!(r.status().is_success(), "setting compatibility: {}", r.status());
+    assert!(
+        r.status().is_success(),
+        "setting compatibility: {}",
+        r.status()
+    );
     w.spawn();
     w.wait_state("streaming", WAIT).await;
     // A read_committed consumer sees every row once.
@@ -303,9 +307,8 @@ async fn special_numeric_values_travel_in_the_default_avro_pipeline() {
         .await;
     let prefix = unique("nan");
     let registry = var("WALCAST_TEST_REGISTRY_URL");
-    let mut w = Walcast::start_with(|_, admin| {
-        config("nan", admin, &db.name, &prefix, &registry, "", "")
-    });
+    let mut w =
+        Walcast::start_with(|_, admin| config("nan", admin, &db.name, &prefix, &registry, "", ""));
     w.wait_state("streaming", WAIT).await;
     db.exec(
         "INSERT INTO orders VALUES (1, 'a', 'NaN'), (2, 'b', 'Infinity'), (3, 'c', '-Infinity'), (4, 'd', 12.340)",
@@ -317,7 +320,11 @@ async fn special_numeric_values_travel_in_the_default_avro_pipeline() {
         .map(|(_, e)| e["after"]["amount"].as_str().unwrap_or("?"))
         .collect();
     assert_eq!(amounts, ["NaN", "Infinity", "-Infinity", "12.340"]);
-    assert!(w.exited().is_none(), "the pipeline stopped:\n{}", tail(&w.log(), 3000));
+    assert!(
+        w.exited().is_none(),
+        "the pipeline stopped:\n{}",
+        tail(&w.log(), 3000)
+    );
     w.kill9();
 }
 
@@ -343,15 +350,23 @@ async fn check_reports_a_schema_change_the_registry_would_refuse() {
     let (ok, out) = check(&w.config);
     assert!(ok, "{out}");
     assert!(
-        out.contains(&format!("subject {prefix}.public.orders-value: the schema of public.orders is accepted")),
+        out.contains(&format!(
+            "subject {prefix}.public.orders-value: the schema of public.orders is accepted"
+        )),
         "{out}"
     );
     let text = std::fs::read_to_string(&w.config).unwrap();
-    std::fs::write(&w.config, text.replace(variable, "unconstrained_numeric = \"string\"")).unwrap();
+    std::fs::write(
+        &w.config,
+        text.replace(variable, "unconstrained_numeric = \"string\""),
+    )
+    .unwrap();
     let (ok, out) = check(&w.config);
     assert!(!ok, "check accepted a change the registry refuses:\n{out}");
     assert!(
-        out.contains(&format!("subject {prefix}.public.orders-value would refuse the schema of public.orders")),
+        out.contains(&format!(
+            "subject {prefix}.public.orders-value would refuse the schema of public.orders"
+        )),
         "{out}"
     );
 }

@@ -601,3 +601,26 @@ async fn admin_server_takes_a_token_and_serves_https() {
     assert!(!ok && out.contains("--token-file"), "{out}");
     w.kill9();
 }
+
+/// A refused password is definite: the daemon stops with exit code 1 and
+/// says so, instead of retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_password_stops_the_daemon() {
+    let db = TestDb::new("wc_badpw").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
+    let user = var("WALCAST_TEST_PG_SCRAM_USER");
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("badpw", &db.name, &["public.t"], "password = \"not-the-password\"", out, admin)
+            .replace("user = \"postgres\"", &format!("user = \"{user}\""))
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = w.exited() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "walcast kept retrying a refused password:\n{}", tail(&w.log(), 2000));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status.code(), Some(1));
+    assert!(w.log().contains("password authentication failed"), "{}", tail(&w.log(), 2000));
+}

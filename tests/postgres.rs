@@ -54,15 +54,24 @@ async fn partition_workload(db: &TestDb) {
 async fn partitioned_table_streams_through_its_root() {
     let db = TestDb::new("wc_part").await;
     partitioned(&db).await;
-    let mut w = Walcast::start_with(|out, admin| {
-        file_pipeline_config("part", &db.name, &["public.m"], "", out, admin)
-    });
-    let (ok, out) = check(&w.config);
+    // `check` before the daemon starts: once it streams, check rightly
+    // reports the slot as in use (a race that failed this test on a fast start).
+    let pre = tempfile::tempdir().expect("tempdir");
+    let pre_config = pre.path().join("walcast.toml");
+    std::fs::write(
+        &pre_config,
+        file_pipeline_config("part", &db.name, &["public.m"], "", &pre.path().join("events.jsonl"), "127.0.0.1:1"),
+    )
+    .expect("write config");
+    let (ok, out) = check(&pre_config);
     assert!(ok, "check failed:\n{out}");
     assert!(
         out.contains("public.m is partitioned (2 partitions): published via the partition root"),
         "check does not explain the partitioned table:\n{out}"
     );
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("part", &db.name, &["public.m"], "", out, admin)
+    });
     w.wait_state("streaming", WAIT).await;
     partition_workload(&db).await;
     let ev = converge(&w, &db, "m", WAIT).await;
@@ -96,7 +105,8 @@ async fn publication_without_partition_root_is_fixed_and_old_wal_is_mapped_to_th
     // from before it is changed arrive under the partitions' names.
     let db = TestDb::new("wc_partold").await;
     partitioned(&db).await;
-    db.exec("CREATE PUBLICATION walcast_partold FOR TABLE m").await;
+    db.exec("CREATE PUBLICATION walcast_partold FOR TABLE m")
+        .await;
     db.client
         .batch_execute("SELECT pg_create_logical_replication_slot('walcast_partold', 'pgoutput')")
         .await
@@ -114,7 +124,8 @@ async fn publication_without_partition_root_is_fixed_and_old_wal_is_mapped_to_th
         )
     });
     w.wait_state("streaming", WAIT).await;
-    db.exec("INSERT INTO m VALUES (51, 'after'), (1051, 'after')").await;
+    db.exec("INSERT INTO m VALUES (51, 'after'), (1051, 'after')")
+        .await;
     let ev = w
         .wait_events("the changes before and after the fix", WAIT, |e| {
             let ids: HashSet<i64> = e
@@ -126,7 +137,8 @@ async fn publication_without_partition_root_is_fixed_and_old_wal_is_mapped_to_th
         .await;
     assert_eq!(tables_in(&ev), HashSet::from(["m".to_string()]));
     assert!(
-        w.log().contains("delivering them as changes of the partitioned table"),
+        w.log()
+            .contains("delivering them as changes of the partitioned table"),
         "no warning about the partitions' names"
     );
 }
@@ -181,7 +193,14 @@ async fn a_table_the_publication_sends_but_the_pipeline_does_not_list_is_named()
     )
     .await;
     let w = Walcast::start_with(|out, admin| {
-        file_pipeline_config("extra", &db.name, &["public.a"], "publication = \"wide\"", out, admin)
+        file_pipeline_config(
+            "extra",
+            &db.name,
+            &["public.a"],
+            "publication = \"wide\"",
+            out,
+            admin,
+        )
     });
     w.wait_state("streaming", WAIT).await;
     db.exec("INSERT INTO b VALUES (1, 'x'); INSERT INTO a VALUES (1, 'y');")
@@ -189,7 +208,10 @@ async fn a_table_the_publication_sends_but_the_pipeline_does_not_list_is_named()
     w.wait_events("a's insert", WAIT, |e| !e.is_empty()).await;
     let deadline = Instant::now() + WAIT;
     while !w.log().contains("does not capture: they are skipped") {
-        assert!(Instant::now() < deadline, "b's changes were skipped silently");
+        assert!(
+            Instant::now() < deadline,
+            "b's changes were skipped silently"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(w.log().contains("public.b"));
@@ -253,7 +275,11 @@ fn writer(port: u16, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::J
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
-    let cluster = TempCluster::start(&["wal_level = logical", "max_wal_senders = 5", "max_replication_slots = 5"]);
+    let cluster = TempCluster::start(&[
+        "wal_level = logical",
+        "max_wal_senders = 5",
+        "max_replication_slots = 5",
+    ]);
     let client = cluster.client().await;
     client
         .batch_execute("CREATE TABLE c (id int PRIMARY KEY, v text)")
@@ -261,8 +287,18 @@ async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
         .unwrap();
     drop(client);
     let mut w = Walcast::start_with(|out, admin| {
-        file_pipeline_config("restart", "postgres", &["public.c"], "retry_max_backoff = \"1s\"", out, admin)
-            .replace(&format!("port = {}", pg_port()), &format!("port = {}", cluster.port))
+        file_pipeline_config(
+            "restart",
+            "postgres",
+            &["public.c"],
+            "retry_max_backoff = \"1s\"",
+            out,
+            admin,
+        )
+        .replace(
+            &format!("port = {}", pg_port()),
+            &format!("port = {}", cluster.port),
+        )
     });
     w.wait_state("streaming", WAIT).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -287,10 +323,17 @@ async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
         }
     };
     progress(&mut w, "start");
-    for (what, mode) in [("fast shutdown", "fast"), ("immediate shutdown", "immediate")] {
+    for (what, mode) in [
+        ("fast shutdown", "fast"),
+        ("immediate shutdown", "immediate"),
+    ] {
         cluster.stop_mode(mode);
         std::thread::sleep(Duration::from_secs(2));
-        assert!(w.exited().is_none(), "walcast exited after a {what}:\n{}", tail(&w.log(), 4000));
+        assert!(
+            w.exited().is_none(),
+            "walcast exited after a {what}:\n{}",
+            tail(&w.log(), 4000)
+        );
         cluster.start_again();
         w.wait_state("streaming", WAIT).await;
         progress(&mut w, what);
@@ -300,7 +343,10 @@ async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(w.exited().is_none(), "walcast exited after its walsender was terminated");
+    assert!(
+        w.exited().is_none(),
+        "walcast exited after its walsender was terminated"
+    );
     w.wait_state("streaming", WAIT).await;
     progress(&mut w, "a terminated walsender");
 
@@ -318,13 +364,20 @@ async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
             "events never rebuilt c: {} rows vs {} in Postgres; missing {:?}\n{}",
             got.len(),
             want.len(),
-            want.keys().filter(|k| !got.contains_key(k)).take(10).collect::<Vec<_>>(),
+            want.keys()
+                .filter(|k| !got.contains_key(k))
+                .take(10)
+                .collect::<Vec<_>>(),
             tail(&w.log(), 3000)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let log = w.log();
-    assert!(!log.contains("unexpected message"), "an unexpected message:\n{}", tail(&log, 3000));
+    assert!(
+        !log.contains("unexpected message"),
+        "an unexpected message:\n{}",
+        tail(&log, 3000)
+    );
     eprintln!("{committed} transactions through a fast and an immediate shutdown and a killed walsender; {} rows equal", want.len());
     assert!(w.terminate().success());
 }

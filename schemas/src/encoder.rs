@@ -18,7 +18,7 @@ use walcast_sdk::{ChangeEvent, EncodeError, EncodedRecord, EventEncoder, TableSc
 
 use crate::codec::{self, DecodeError};
 use crate::contracts::{ContractError, Contracts};
-use crate::mapping::{self, MappingOptions, TableSchemas};
+use crate::mapping::{self, AvroSchema, MappingOptions, TableSchemas};
 use crate::registry::{HttpRegistry, Registry, RegistryConfig, RegistryError, SubjectStrategy};
 use crate::wire::{self, WireError};
 
@@ -332,6 +332,17 @@ impl AvroDecoder {
 
     /// The record (key or value) as JSON and the id of its writer schema.
     pub async fn decode(&self, record: &[u8]) -> Result<(u32, Json), ReadError> {
+        self.decode_with_schema(record)
+            .await
+            .map(|(id, json, _)| (id, json))
+    }
+
+    /// As [`Self::decode`], with the writer schema itself (a relay reads
+    /// the columns' types from it: [`crate::mapping::column_types`]).
+    pub async fn decode_with_schema(
+        &self,
+        record: &[u8],
+    ) -> Result<(u32, Json, Arc<AvroSchema>), ReadError> {
         let (id, datum) = wire::parse(record)?;
         let schema = self
             .registry
@@ -342,7 +353,7 @@ impl AvroDecoder {
             .map_err(|source| ReadError::Decode { id, source })?;
         let json = codec::to_json(&value, schema.schema())
             .map_err(|source| ReadError::Decode { id, source })?;
-        Ok((id, json))
+        Ok((id, json, schema))
     }
 }
 

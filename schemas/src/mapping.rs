@@ -399,6 +399,126 @@ pub fn avro_type(pg: &PgType, opts: &MappingOptions, named: &mut HashSet<&'stati
     }
 }
 
+/// The Postgres type of each column of an envelope schema written by
+/// [`derive`], keyed by column name: what a relay knows of the columns'
+/// types (the envelope's JSON carries none). The inverse of [`avro_type`]
+/// where the Avro type tells: logical types and Debezium's `connect.name`
+/// give dates, times, decimals, uuids, JSON, enums and intervals back;
+/// `int` comes back as `integer`, and types that travel as plain strings
+/// (`inet`, `cidr`, `macaddr`, an unconstrained `numeric` under the default
+/// `unconstrained_numeric = "string"`) come back as `text`. Empty for a
+/// schema that is not such an envelope.
+pub fn column_types(envelope: &Json) -> std::collections::HashMap<String, PgType> {
+    let mut out = std::collections::HashMap::new();
+    let Some(fields) = envelope["fields"].as_array() else {
+        return out;
+    };
+    // `before` defines the row record; `after` refers to it by name.
+    let row = fields
+        .iter()
+        .filter(|f| f["name"] == "before" || f["name"] == "after")
+        .filter_map(|f| non_null(&f["type"]))
+        .find(|t| t["type"] == "record");
+    let Some(row_fields) = row.and_then(|r| r["fields"].as_array()) else {
+        return out;
+    };
+    for f in row_fields {
+        let name = f[COLUMN_ATTRIBUTE]
+            .as_str()
+            .or_else(|| f["name"].as_str())
+            .unwrap_or_default();
+        if let Some(t) = non_null(&f["type"]) {
+            out.insert(name.to_string(), pg_type_of(t));
+        }
+    }
+    out
+}
+
+/// The non-null branch of a `["null", T]` union, or the type itself.
+fn non_null(t: &Json) -> Option<&Json> {
+    match t {
+        Json::Array(branches) => branches.iter().find(|b| *b != "null"),
+        Json::Null => None,
+        other => Some(other),
+    }
+}
+
+fn pg_type_of(t: &Json) -> PgType {
+    let unknown = || PgType::Unknown {
+        type_name: "relayed".into(),
+    };
+    if let Some(name) = t.as_str() {
+        return match name {
+            "boolean" => PgType::Bool,
+            "int" => PgType::Int4,
+            "long" => PgType::Int8,
+            "float" => PgType::Float4,
+            "double" => PgType::Float8,
+            "string" => PgType::Text,
+            "bytes" => PgType::Bytea,
+            VARIABLE_SCALE_DECIMAL => PgType::Numeric {
+                precision: None,
+                scale: None,
+            },
+            _ => unknown(),
+        };
+    }
+    let u32_of = |v: &Json| {
+        v.as_u64()
+            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            .map(|n| n as u32)
+    };
+    match t["logicalType"].as_str() {
+        Some("decimal") => {
+            return PgType::Numeric {
+                precision: u32_of(&t["precision"]),
+                scale: u32_of(&t["scale"]).or(Some(0)),
+            }
+        }
+        Some("uuid") => return PgType::Uuid,
+        Some("date") => return PgType::Date,
+        Some("time-micros") => return PgType::Time,
+        Some("local-timestamp-micros") => return PgType::Timestamp,
+        Some("timestamp-micros") => return PgType::TimestampTz,
+        _ => {}
+    }
+    match t["connect.name"].as_str() {
+        Some("io.debezium.data.Json") => return PgType::Jsonb,
+        Some("io.debezium.time.ZonedTime") => return PgType::TimeTz,
+        Some("io.debezium.time.MicroDuration") => return PgType::Interval,
+        Some("io.debezium.time.MicroTimestamp") => return PgType::Timestamp,
+        Some("io.debezium.time.Date") => return PgType::Date,
+        Some("io.debezium.data.Uuid") => return PgType::Uuid,
+        Some(VARIABLE_SCALE_DECIMAL) => {
+            return PgType::Numeric {
+                precision: None,
+                scale: None,
+            }
+        }
+        Some("io.debezium.data.Enum") => {
+            return PgType::Enum {
+                type_name: "enum".into(),
+                labels: t["connect.parameters"]["allowed"]
+                    .as_str()
+                    .map(|a| a.split(',').map(str::to_string).collect())
+                    .unwrap_or_default(),
+            }
+        }
+        _ => {}
+    }
+    match t["type"].as_str() {
+        Some("array") => match non_null(&t["items"]) {
+            Some(items) => PgType::Array {
+                element: Box::new(pg_type_of(items)),
+            },
+            None => unknown(),
+        },
+        Some("record") => unknown(),
+        Some(_) => pg_type_of(&t["type"]),
+        None => unknown(),
+    }
+}
+
 /// Avro requires `scale <= precision`; Postgres allows `numeric(2,5)`
 /// (values below 0.001), which needs `precision = scale` digits in Avro.
 fn decimal(precision: u32, scale: u32) -> Json {
@@ -793,5 +913,79 @@ mod tests {
         .unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    #[test]
+    fn column_types_read_back_what_derive_wrote() {
+        let cols = [
+            ("id", PgType::Int8),
+            ("f", PgType::Float8),
+            ("r", PgType::Float4),
+            (
+                "price",
+                PgType::Numeric {
+                    precision: Some(10),
+                    scale: Some(2),
+                },
+            ),
+            (
+                "n",
+                PgType::Numeric {
+                    precision: None,
+                    scale: None,
+                },
+            ),
+            ("d", PgType::Date),
+            ("ts", PgType::Timestamp),
+            ("tstz", PgType::TimestampTz),
+            ("j", PgType::Jsonb),
+            ("u", PgType::Uuid),
+            ("b", PgType::Bytea),
+            ("order-no", PgType::Text),
+            (
+                "tags",
+                PgType::Array {
+                    element: Box::new(PgType::TimestampTz),
+                },
+            ),
+            ("ip", PgType::Inet),
+        ];
+        let table = TableSchema {
+            relation_id: 1,
+            schema: "public".into(),
+            name: "t".into(),
+            columns: cols
+                .iter()
+                .map(|(n, t)| Column {
+                    name: n.to_string(),
+                    pg_type: t.clone(),
+                    type_oid: 0,
+                    type_modifier: -1,
+                    nullable: true,
+                    key: *n == "id",
+                })
+                .collect(),
+            replica_identity: ReplicaIdentity::Default,
+            version: 1,
+        };
+        for numeric in [
+            UnconstrainedNumeric::String,
+            UnconstrainedNumeric::VariableScale,
+        ] {
+            let opts = MappingOptions {
+                unconstrained_numeric: numeric,
+            };
+            let schemas = derive(&table, "shop", &opts).unwrap();
+            // Through the text a registry hands back.
+            let back: Json = serde_json::from_str(&schemas.value.text()).unwrap();
+            let types = column_types(&back);
+            for (name, pg) in &cols {
+                let expected = match (name, numeric) {
+                    (&"n", UnconstrainedNumeric::String) | (&"ip", _) => PgType::Text,
+                    _ => pg.clone(),
+                };
+                assert_eq!(types[*name], expected, "{name} with {numeric:?}");
+            }
+        }
     }
 }

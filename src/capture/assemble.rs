@@ -146,7 +146,10 @@ impl Assembler {
 
     /// Whether events of this table are emitted.
     pub fn wants(&self, name: &str) -> bool {
-        self.opts.tables.as_ref().is_none_or(|set| set.contains(name))
+        self.opts
+            .tables
+            .as_ref()
+            .is_none_or(|set| set.contains(name))
     }
 
     fn wanted(&self, t: &TableSchema) -> bool {

@@ -44,7 +44,12 @@ pub enum CatalogError {
 impl CatalogError {
     pub fn is_transient(&self) -> bool {
         match self {
-            CatalogError::Connect { .. } => true,
+            // Refused credentials or a database that does not exist do not
+            // get better by retrying; anything else (refused connections,
+            // a server starting or shutting down) may.
+            CatalogError::Connect { source, .. } => !source
+                .code()
+                .is_some_and(|c| c.code().starts_with("28") || c.code() == "3D000"),
             CatalogError::Query { source, .. } => transient_sql(source),
             CatalogError::Auth(e) => e.is_transient(),
             CatalogError::Tls(_) | CatalogError::Missing { .. } => false,
@@ -444,18 +449,32 @@ impl Catalog {
         } else {
             rel.namespace.clone()
         };
-        let rows = self
-            .client
-            .query(
-                "SELECT a.attname::text, a.attnotnull,
-                        coalesce(a.attnum = ANY(i.indkey), false) AS pk
-                 FROM pg_attribute a
-                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
-                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&rel.id],
-            )
-            .await
-            .map_err(q(format!("columns of {schema}.{}", rel.name)))?;
+        // A table created by the transaction being decoded may not be
+        // visible yet: the walsender decodes a commit once its WAL is
+        // flushed, a moment before the committing backend makes it visible
+        // to other sessions (seen on a busy machine: a partition attached
+        // mid-stream taken for a dropped table). So "no rows" is asked again
+        // for up to about a second before the table is taken as dropped.
+        let mut tries = 0;
+        let rows = loop {
+            let rows = self
+                .client
+                .query(
+                    "SELECT a.attname::text, a.attnotnull,
+                            coalesce(a.attnum = ANY(i.indkey), false) AS pk
+                     FROM pg_attribute a
+                     LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+                     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+                    &[&rel.id],
+                )
+                .await
+                .map_err(q(format!("columns of {schema}.{}", rel.name)))?;
+            tries += 1;
+            if !rows.is_empty() || tries >= 10 || self.dropped.contains(&rel.id) {
+                break rows;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
         let info: HashMap<String, (bool, bool)> = rows
             .iter()
             .map(|r| (r.get::<_, String>(0), (r.get(1), r.get(2))))

@@ -15,11 +15,21 @@ pub enum SetupError {
     /// waiting for the active daemon to die takes it over this way).
     #[error("{0}")]
     Busy(String),
-    #[error("catalog query failed ({what}): {source}")]
+    #[error("catalog query failed ({what}): {}", server_text(source))]
     Query {
         what: String,
         source: tokio_postgres::Error,
     },
+}
+
+/// tokio-postgres shows a server's error as just "db error": the server's
+/// message and SQLSTATE are what say what went wrong (on Postgres 14 a
+/// publication syntax of 15 was only "db error").
+fn server_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 impl SetupError {
@@ -141,6 +151,22 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             quote_ident(&user)
         ));
     }
+
+    // Postgres 14 has no publications FOR TABLES IN SCHEMA (15 on).
+    let schemas_unsupported = if w.schemas.is_empty() {
+        None
+    } else {
+        let v: String = client
+            .query_one("SELECT current_setting('server_version')", &[])
+            .await
+            .map_err(q("server version"))?
+            .get(0);
+        let major: u32 = v.split(|c: char| !c.is_ascii_digit()).next().and_then(|m| m.parse().ok()).unwrap_or(0);
+        (major < 15).then(|| format!(
+            "`schemas` needs Postgres 15 or later to put a schema in the publication (FOR TABLES IN SCHEMA), and this server is {v}; \
+             list the tables in `tables` instead, or create the publication yourself (e.g. FOR ALL TABLES) and set create_publication = false"
+        ))
+    };
 
     // The tables: listed ones, plus every table of listed schemas.
     let mut tables = w.tables.clone();
@@ -308,8 +334,13 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             ))
         }
         None => {
-            let mut targets: Vec<String> = w.tables.iter().filter(|t| !dropped.contains(t)).map(|(s, t)| format!("TABLE {}", qualified(s, t))).collect();
-            targets.extend(w.schemas.iter().map(|s| format!("TABLES IN SCHEMA {}", quote_ident(s))));
+            let names: Vec<String> = w.tables.iter().filter(|t| !dropped.contains(t)).map(|(s, t)| qualified(s, t)).collect();
+            let targets = publication_targets(&names, &w.schemas);
+            if !w.schemas.is_empty() {
+                if let Some(m) = schemas_unsupported {
+                    return definite(m);
+                }
+            }
             if targets.is_empty() {
                 return definite(format!(
                     "none of the tables listed in `tables` exists any more, and publication {} is missing; nothing to capture",
@@ -319,7 +350,7 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             plan.create_publication = Some(format!(
                 "CREATE PUBLICATION {} FOR {}{with_via_root}",
                 quote_ident(&w.publication),
-                targets.join(", ")
+                targets
             ));
         }
         Some(row) => {
@@ -373,21 +404,23 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             if !missing.is_empty() && w.create_publication {
                 // Tables listed by name are added by name; tables of a
                 // listed schema by their schema, so later ones follow.
-                let mut targets: Vec<String> = Vec::new();
+                let (mut names, mut schemas): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
                 for (sc, t) in &missing_tables {
-                    let target = if w.tables.contains(&(sc.clone(), t.clone())) {
-                        format!("TABLE {}", qualified(sc, t))
-                    } else {
-                        format!("TABLES IN SCHEMA {}", quote_ident(sc))
-                    };
-                    if !targets.contains(&target) {
-                        targets.push(target);
+                    if w.tables.contains(&(sc.clone(), t.clone())) {
+                        names.push(qualified(sc, t));
+                    } else if !schemas.contains(sc) {
+                        schemas.push(sc.clone());
+                    }
+                }
+                if !schemas.is_empty() {
+                    if let Some(m) = schemas_unsupported {
+                        return definite(m);
                     }
                 }
                 plan.alter_publication = Some(format!(
                     "ALTER PUBLICATION {} ADD {}",
                     quote_ident(&w.publication),
-                    targets.join(", ")
+                    publication_targets(&names, &schemas)
                 ));
                 plan.added_tables = missing_tables;
             } else if !missing.is_empty() {
@@ -473,6 +506,18 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         }
     }
     Ok(plan)
+}
+
+/// The object list of CREATE/ALTER PUBLICATION: `TABLE a, b, TABLES IN
+/// SCHEMA s`. One TABLE keyword for all the tables: Postgres 14 rejects
+/// `TABLE a, TABLE b` (15 accepts both).
+fn publication_targets(tables: &[String], schemas: &[String]) -> String {
+    let mut targets = Vec::new();
+    if !tables.is_empty() {
+        targets.push(format!("TABLE {}", tables.join(", ")));
+    }
+    targets.extend(schemas.iter().map(|s| format!("TABLES IN SCHEMA {}", quote_ident(s))));
+    targets.join(", ")
 }
 
 /// Creates the publication the plan calls for (the slot is created on the

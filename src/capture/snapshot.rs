@@ -115,6 +115,7 @@ impl SnapshotError {
             SnapshotError::Session { source, .. } | SnapshotError::Query { source, .. } => {
                 super::catalog::transient_sql(source)
             }
+            SnapshotError::Delivery { source, .. } => source.transient,
             _ => false,
         }
     }

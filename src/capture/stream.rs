@@ -115,6 +115,10 @@ impl CaptureError {
             CaptureError::Setup { source, .. } => source.is_transient(),
             CaptureError::Snapshot { source, .. } => source.is_transient(),
             CaptureError::Incremental { source, .. } => source.is_transient(),
+            // Every sink that failed the batch said a replay may succeed
+            // (an outage longer than a Kafka transaction): start over from
+            // the confirmed position, the sinks rewound.
+            CaptureError::Delivery { source, .. } => source.transient,
             _ => false,
         }
     }
@@ -147,12 +151,30 @@ pub struct CaptureSettings {
 
 /// Hands batches to every sink, in order, on its own task so that a slow
 /// sink never stops the capture loop from answering Postgres.
+///
+/// A session that ended (a reconnect) leaves batches queued here whose
+/// tracker is gone: they are dropped, since the next session replays them
+/// from the confirmed position. The first batch of a new session rewinds
+/// the sinks first ([`Sink::rewind`]), so a sink that refused batches after
+/// a failure takes the replay.
 async fn dispatch(
     pipeline: String,
     mut sinks: Vec<Box<dyn Sink>>,
     mut rx: mpsc::Receiver<(Vec<ChangeEvent>, Acker)>,
 ) -> Vec<Box<dyn Sink>> {
+    let mut session = None;
     while let Some((events, acker)) = rx.recv().await {
+        if acker.is_orphaned() {
+            acker.ack();
+            continue;
+        }
+        if session.replace(acker.tracker()).is_some_and(|s| s != acker.tracker()) {
+            for sink in sinks.iter_mut() {
+                if let Err(e) = sink.rewind().await {
+                    tracing::warn!(pipeline = %pipeline, sink = %sink.name(), error = %e, "rewinding a sink for the replay failed");
+                }
+            }
+        }
         let events = Arc::new(events);
         for sink in sinks.iter_mut() {
             let name = sink.name().to_string();
@@ -709,7 +731,7 @@ async fn session(
 /// pgoutput: `publication "x" does not exist`).
 fn stream_error(s: &CaptureSettings, e: ReplicationError, confirmed: Lsn) -> CaptureError {
     let publication_missing = matches!(&e, ReplicationError::Server(se)
-        if se.code == "42704" && se.message.starts_with("publication "));
+        if (se.code == "42704" && se.message.starts_with("publication ")) || se.message.starts_with("skipped loading publication"));
     if publication_missing {
         CaptureError::PublicationDropped {
             pipeline: s.pipeline.clone(),
@@ -798,7 +820,10 @@ async fn unlisted_relation(
         .await
         .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
         .unwrap_or_default();
-    if let Some((ps, pt)) = ancestors.iter().find(|(a, b)| asm.wants(&format!("{a}.{b}"))) {
+    if let Some((ps, pt)) = ancestors
+        .iter()
+        .find(|(a, b)| asm.wants(&format!("{a}.{b}")))
+    {
         if s.wanted.via_root {
             tracing::warn!(pipeline = %s.pipeline, table = %name, parent = %format!("{ps}.{pt}"),
                 "changes of a partition arrive under its own name (decoded from before the publication published \
@@ -866,7 +891,9 @@ async fn handle(
             let mut table = table;
             let mut wanted = asm.wants(&table.qualified_name());
             if !wanted {
-                match unlisted_relation(s, asm, catalog, skipped, rel.id, &table.qualified_name()).await {
+                match unlisted_relation(s, asm, catalog, skipped, rel.id, &table.qualified_name())
+                    .await
+                {
                     Unlisted::Skip => {}
                     Unlisted::Capture => wanted = true,
                     Unlisted::AsParent(schema, name) => {

@@ -264,11 +264,20 @@ mod fuzz {
         prop_oneof![
             (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Mutation::Flip(i, b)),
             any::<usize>().prop_map(Mutation::Cut),
-            (any::<usize>(), proptest::collection::vec(any::<u8>(), 0..16))
+            (
+                any::<usize>(),
+                proptest::collection::vec(any::<u8>(), 0..16)
+            )
                 .prop_map(|(i, b)| Mutation::Splice(i, b)),
             (
                 any::<usize>(),
-                prop_oneof![Just(u32::MAX), Just(0x7fff_ffff), Just(0x8000_0000), Just(0xffff), any::<u32>()]
+                prop_oneof![
+                    Just(u32::MAX),
+                    Just(0x7fff_ffff),
+                    Just(0x8000_0000),
+                    Just(0xffff),
+                    any::<u32>()
+                ]
             )
                 .prop_map(|(i, c)| Mutation::Count(i, c)),
         ]

@@ -34,8 +34,9 @@ use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 use walcast_kafka::{KafkaSource, RecordDeadLetter, SourceRecord};
 use walcast_schemas::{AvroDecoder, HttpRegistry};
-use walcast_sdk::relay::event_from_envelope;
+use walcast_sdk::relay::event_from_envelope_typed;
 use walcast_sdk::retry::Backoff;
+use walcast_sdk::PgType;
 use walcast_sdk::{Batch, ChangeEvent, Sink};
 
 use crate::admin::metrics;
@@ -110,21 +111,38 @@ struct Refusal {
     reasons: Vec<String>,
 }
 
+/// The columns' Postgres types, by column name, as an Avro writer schema
+/// tells them.
+type ColumnTypes = std::collections::HashMap<String, PgType>;
+
 struct Decoder {
     avro: Option<AvroDecoder>,
+    /// Column types per writer schema id, read once per schema.
+    types: std::sync::Mutex<std::collections::HashMap<u32, Arc<ColumnTypes>>>,
 }
 
 impl Decoder {
-    async fn json(&self, bytes: &[u8]) -> Result<Json, String> {
+    /// The record as JSON, and for Avro the column types its writer schema
+    /// gives (JSON records carry no types).
+    async fn json(&self, bytes: &[u8]) -> Result<(Json, Option<Arc<ColumnTypes>>), String> {
         if bytes.first() == Some(&0) {
             let avro = self
                 .avro
                 .as_ref()
                 .ok_or("an Avro record, but the relay has no [registry] to decode it")?;
-            let (_, v) = avro.decode(bytes).await.map_err(|e| e.to_string())?;
-            Ok(v)
+            let (id, v, schema) = avro
+                .decode_with_schema(bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut cache = self.types.lock().expect("column types lock poisoned");
+            let types = cache
+                .entry(id)
+                .or_insert_with(|| Arc::new(walcast_schemas::mapping::column_types(schema.json())))
+                .clone();
+            Ok((v, Some(types)))
         } else {
             serde_json::from_slice(bytes)
+                .map(|v| (v, None))
                 .map_err(|e| format!("neither Avro (magic byte 0) nor JSON: {e}"))
         }
     }
@@ -135,12 +153,12 @@ impl Decoder {
         let Some(value) = r.value.as_deref() else {
             return Ok(None);
         };
-        let env = self.json(value).await?;
+        let (env, types) = self.json(value).await?;
         let key = match r.key.as_deref() {
-            Some(k) => Some(self.json(k).await?),
+            Some(k) => Some(self.json(k).await?.0),
             None => None,
         };
-        event_from_envelope(key.as_ref(), &env).map_err(|e| e.to_string())
+        event_from_envelope_typed(key.as_ref(), &env, types.as_deref()).map_err(|e| e.to_string())
     }
 }
 
@@ -217,7 +235,10 @@ pub async fn run(
         )?))),
         None => None,
     };
-    let decoder = Decoder { avro };
+    let decoder = Decoder {
+        avro,
+        types: Default::default(),
+    };
     let dead_letter = match &cfg.on_refused {
         OnRefused::Halt => None,
         OnRefused::DeadLetter { topic } => {

@@ -8,7 +8,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use postgres_protocol::message::backend::{ErrorResponseBody, Message};
+use postgres_protocol::message::backend::{ErrorFields, ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -186,6 +186,11 @@ pub struct ReplicationConnection {
 }
 
 fn server_error(body: &ErrorResponseBody) -> ServerError {
+    fields_error(body.fields())
+}
+
+/// An ErrorResponse's or a NoticeResponse's fields.
+fn fields_error(mut fields: ErrorFields<'_>) -> ServerError {
     let mut e = ServerError {
         severity: String::new(),
         code: String::new(),
@@ -193,7 +198,6 @@ fn server_error(body: &ErrorResponseBody) -> ServerError {
         detail: None,
         hint: None,
     };
-    let mut fields = body.fields();
     while let Ok(Some(f)) = fields.next() {
         let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
         match f.type_() {
@@ -660,9 +664,18 @@ impl ReplicationStream {
                 Message::ErrorResponse(body) => {
                     return Err(ReplicationError::Server(server_error(&body)))
                 }
-                Message::NoticeResponse(_)
-                | Message::ParameterStatus(_)
-                | Message::NotificationResponse(_) => {}
+                // Postgres 18's pgoutput no longer fails when the
+                // publication is missing at the decoded WAL position: it
+                // warns (55000, `skipped loading publication "x"`) and
+                // publishes nothing, so every later change would be skipped
+                // without a word. Taken as the error earlier versions raise.
+                Message::NoticeResponse(body) => {
+                    let n = fields_error(body.fields());
+                    if n.message.starts_with("skipped loading publication") {
+                        return Err(ReplicationError::Server(n));
+                    }
+                }
+                Message::ParameterStatus(_) | Message::NotificationResponse(_) => {}
                 other => {
                     return Err(ReplicationError::Unexpected {
                         during: "streaming",

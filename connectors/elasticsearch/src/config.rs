@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::mapping::{JsonMapping, NumericMapping};
+
 /// `public.orders`: one index per table, named after it.
 pub const DEFAULT_INDEX_TEMPLATE: &str = "{schema}.{table}";
 /// Elasticsearch's own guidance is bulk requests of a few MB; 1000 actions
@@ -53,6 +55,17 @@ pub struct ElasticsearchSinkConfig {
     pub retry_initial_ms: u64,
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
+    /// Create each index from the table's schema before its first write,
+    /// and add fields for new columns (see [`crate::mapping`]). `false`
+    /// leaves mappings to the cluster (index templates, dynamic mapping).
+    #[serde(default = "default_manage_mappings")]
+    pub manage_mappings: bool,
+    /// How `numeric` and `money` columns are mapped.
+    #[serde(default)]
+    pub numeric: NumericMapping,
+    /// How `json` and `jsonb` columns are mapped and written.
+    #[serde(default)]
+    pub json: JsonMapping,
 }
 
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -154,6 +167,9 @@ impl ElasticsearchSinkConfig {
             timeout_ms: DEFAULT_TIMEOUT_MS,
             retry_initial_ms: DEFAULT_RETRY_INITIAL_MS,
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
+            manage_mappings: true,
+            numeric: NumericMapping::default(),
+            json: JsonMapping::default(),
         }
     }
 
@@ -227,6 +243,9 @@ impl fmt::Debug for ElasticsearchSinkConfig {
             .field("dead_letter", &self.dead_letter)
             .field("truncate", &self.truncate)
             .field("version_type", &self.version_type)
+            .field("manage_mappings", &self.manage_mappings)
+            .field("numeric", &self.numeric)
+            .field("json", &self.json)
             .finish_non_exhaustive()
     }
 }
@@ -252,6 +271,9 @@ fn default_retry_initial_ms() -> u64 {
 fn default_retry_max_ms() -> u64 {
     DEFAULT_RETRY_MAX_MS
 }
+fn default_manage_mappings() -> bool {
+    true
+}
 
 #[cfg(test)]
 mod tests {
@@ -272,6 +294,17 @@ mod tests {
         assert_eq!(c.bulk_max_actions, DEFAULT_BULK_MAX_ACTIONS);
         assert_eq!(c.truncate, TruncateAction::DeleteAll);
         assert_eq!(c.version_type, VersionType::ExternalGte);
+        assert!(c.manage_mappings);
+        assert_eq!(c.numeric, NumericMapping::Auto);
+        assert_eq!(c.json, JsonMapping::Flat);
+        let m: ElasticsearchSinkConfig = toml::from_str(
+            "url = \"http://h:9200\"\nnumeric = \"keyword\"\njson = \"object\"\nmanage_mappings = false",
+        )
+        .unwrap();
+        assert_eq!(
+            (m.numeric, m.json, m.manage_mappings),
+            (NumericMapping::Keyword, JsonMapping::Object, false)
+        );
         assert_eq!(
             c.dead_letter,
             DeadLetter::File {

@@ -4,6 +4,7 @@
 //! versions it targets and [`sink`] for buffering and acknowledgement.
 
 pub mod config;
+pub mod mapping;
 pub mod request_builder;
 pub mod retry;
 pub mod sink;

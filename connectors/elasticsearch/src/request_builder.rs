@@ -3,7 +3,9 @@
 //! Each row is one document: the index comes from the table (see
 //! [`IndexTemplate`] and [`sanitize_index_name`]), the `_id` from the
 //! primary key (one column: its value; several: the values joined by `:` in
-//! key order), the body is the after image as Debezium JSON. Inserts,
+//! key order), the body is the after image as Debezium JSON, with dates and
+//! timestamps as ISO 8601 and values the index mapping cannot hold moved
+//! aside ([`crate::mapping::document`]). Inserts,
 //! updates and snapshot reads are `index` actions, deletes are `delete`
 //! actions, and every action carries the commit LSN as an external version,
 //! so the cluster itself refuses older versions (409).
@@ -23,10 +25,11 @@
 //! accept alike.
 
 use serde_json::{json, Value as Json};
-use walcast_sdk::json::{row, value, JsonOptions};
+use walcast_sdk::json::{value, JsonOptions};
 use walcast_sdk::{toast, ChangeEvent, Lsn, Op, TableSchema, Value};
 
 use crate::config::VersionType;
+use crate::mapping::{self, MappingOptions};
 
 /// Elasticsearch refuses longer index names.
 const MAX_INDEX_NAME_BYTES: usize = 255;
@@ -236,6 +239,8 @@ pub struct RequestBuilder {
     pub index: IndexTemplate,
     pub version_type: VersionType,
     pub truncate: bool,
+    /// How documents are rendered to fit the index mapping.
+    pub mapping: MappingOptions,
 }
 
 impl RequestBuilder {
@@ -310,7 +315,7 @@ impl RequestBuilder {
                     lsn: event.source.commit_lsn,
                 })?;
             let unavailable = toast::unavailable_columns(event);
-            let mut doc = row(table, after, &JsonOptions::default());
+            let mut doc = mapping::document(table, after, &self.mapping);
             if let Json::Object(m) = &mut doc {
                 for col in &unavailable {
                     m.remove(col);
@@ -472,6 +477,7 @@ mod tests {
             index: IndexTemplate::parse("{schema}.{table}").unwrap(),
             version_type: VersionType::ExternalGte,
             truncate: true,
+            mapping: MappingOptions::default(),
         }
     }
 

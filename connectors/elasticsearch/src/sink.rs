@@ -19,6 +19,22 @@
 //! [`crate::request_builder::Action::complete`] and [`walcast_sdk::toast`]).
 //! Flushes run one at a time, so nothing of the row is in flight between
 //! the read and the write.
+//!
+//! # Index mappings
+//!
+//! Before the first write of a table's shape to an index, a flush makes
+//! sure the index has the mapping [`crate::mapping`] derives from the
+//! table: `PUT <index>` with it when the index does not exist (an answer
+//! `resource_already_exists_exception`, from another writer or a user who
+//! created it, is fine); otherwise `GET <index>/_mapping`, fields for new
+//! columns added with `PUT <index>/_mapping`, and fields whose existing
+//! type differs (a column whose type changed, an index mapped dynamically or
+//! by hand) reported as a warning and in `mapping_conflicts`: OpenSearch
+//! cannot change a field's type, and a user's mapping is theirs. Documents
+//! that then do not fit are refused per item (400) and go to the dead
+//! letter. Each (index, table shape) is ensured once per process; `send`
+//! derives the mapping once per shape (pure) and hands it along with the
+//! batch.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +51,7 @@ use walcast_sdk::retry::Backoff;
 use walcast_sdk::{Acker, Batch, Lsn, Sink, SinkError};
 
 use crate::config::{Auth, ConfigError, DeadLetter, ElasticsearchSinkConfig, TruncateAction};
+use crate::mapping::{self, Flavor, MappingDiff, MappingOptions};
 use crate::request_builder::{
     bulk_body, dead_letter_id, dead_letter_record, mget_body, Action, ActionKind, Entry,
     IndexTemplate, RequestBuilder, RequestError, TemplateError,
@@ -129,6 +146,17 @@ pub enum DeliveryError {
         body: String,
     },
     #[error(
+        "creating or updating the mapping of index `{index}` for {table} refused with HTTP {status}: {body}; \
+         the user needs `create_index` and `manage` (put mapping) on the index, or set `manage_mappings = false` \
+         (an unknown field type such as `flat_object` or `scaled_float` needs another `json` or `numeric` setting)"
+    )]
+    MappingRefused {
+        index: String,
+        table: String,
+        status: u16,
+        body: String,
+    },
+    #[error(
         "truncate of {table} (LSN {lsn}): _delete_by_query on `{index}` refused with HTTP {status}: {body}; \
          set `truncate = \"ignore\"` to skip truncates"
     )]
@@ -160,6 +188,45 @@ pub struct ElasticsearchSinkStats {
     /// Documents written without some unchanged TOASTed value because no
     /// stored value existed (listed under `__walcast_incomplete`).
     pub incomplete_documents: AtomicU64,
+    /// Indices created with a mapping derived from their table.
+    pub indices_created: AtomicU64,
+    /// `PUT _mapping` requests that added fields for new columns.
+    pub mapping_updates: AtomicU64,
+    /// Fields whose existing mapping differs from what the column needs.
+    pub mapping_conflicts: AtomicU64,
+}
+
+/// The mapping one table shape needs in its index.
+#[derive(Debug)]
+pub struct IndexMapping {
+    pub index: String,
+    pub table: String,
+    /// Identifies the table shape (column names and types).
+    pub shape: u64,
+    pub mapping: serde_json::Value,
+}
+
+/// Identifies a table's shape: its columns' names and types.
+fn shape_of(table: &walcast_sdk::TableSchema) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for c in &table.columns {
+        c.name.hash(&mut h);
+        c.pg_type.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// What `walcast check` reports for one table.
+#[derive(Debug, Clone)]
+pub enum IndexPlan {
+    /// No such index: it would be created with this mapping.
+    WouldCreate {
+        index: String,
+        mapping: serde_json::Value,
+    },
+    /// The index exists: fields that would be added, fields that conflict.
+    Exists { index: String, diff: MappingDiff },
 }
 
 #[derive(Clone)]
@@ -201,7 +268,11 @@ fn excerpt(body: &[u8]) -> String {
 }
 
 enum Command {
-    Batch { acker: Acker, entries: Vec<Entry> },
+    Batch {
+        acker: Acker,
+        entries: Vec<Entry>,
+        mappings: Vec<Arc<IndexMapping>>,
+    },
     Flush(oneshot::Sender<Result<(), DeliveryError>>),
 }
 
@@ -211,6 +282,117 @@ pub struct ElasticsearchSink {
     builder: RequestBuilder,
     http: Http,
     stats: Arc<ElasticsearchSinkStats>,
+    manage_mappings: bool,
+    /// The mapping of each (index, table shape) seen, derived once.
+    mappings: HashMap<(String, u64), Arc<IndexMapping>>,
+}
+
+/// The HTTP client of `config`, and the cluster's `GET /` answer (which
+/// also proves it answers and accepts the credentials).
+async fn client_and_root(
+    config: &ElasticsearchSinkConfig,
+) -> Result<(Http, serde_json::Value), ElasticsearchSinkError> {
+    let mut cb = reqwest::Client::builder().timeout(Duration::from_millis(config.timeout_ms));
+    if let Some(path) = &config.ca_file {
+        let pem = std::fs::read(path).map_err(|source| ElasticsearchSinkError::CaFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        for cert in
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(ElasticsearchSinkError::Client)?
+        {
+            cb = cb.add_root_certificate(cert);
+        }
+    }
+    let http = Http {
+        client: cb.build().map_err(ElasticsearchSinkError::Client)?,
+        base: config.url.trim_end_matches('/').to_string(),
+        auth: config.auth.clone(),
+    };
+    let (status, body) = http
+        .send(http.request(Method::GET, ""))
+        .await
+        .map_err(|source| ElasticsearchSinkError::Unreachable {
+            url: walcast_sdk::secret::redact_url(&config.url),
+            source,
+        })?;
+    if !StatusCode::from_u16(status).is_ok_and(|s| s.is_success()) {
+        return Err(ElasticsearchSinkError::Refused {
+            url: walcast_sdk::secret::redact_url(&config.url),
+            status,
+            body: excerpt(&body),
+        });
+    }
+    let root = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    Ok((http, root))
+}
+
+fn mapping_options(config: &ElasticsearchSinkConfig, root: &serde_json::Value) -> MappingOptions {
+    MappingOptions {
+        numeric: config.numeric,
+        json: config.json,
+        flavor: Flavor::from_root(root),
+    }
+}
+
+/// The `properties` of the first index of a `GET <index>/_mapping` answer
+/// (the concrete index behind an alias has its own name).
+fn existing_properties(body: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let first = v.as_object()?.values().next()?;
+    Some(
+        first["mappings"]["properties"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+    )
+}
+
+/// For `walcast check`: the index each table would be written to, and
+/// whether it would be created (with which mapping) or what its existing
+/// mapping lacks or contradicts. Reads only.
+pub async fn plan_indices(
+    config: &ElasticsearchSinkConfig,
+    tables: &[walcast_sdk::TableSchema],
+) -> Result<Vec<(String, IndexPlan)>, ElasticsearchSinkError> {
+    config.validate()?;
+    let template = IndexTemplate::parse(&config.index_template)?;
+    let (http, root) = client_and_root(config).await?;
+    let opts = mapping_options(config, &root);
+    let mut out = Vec::new();
+    for table in tables {
+        let index = template.render(table)?;
+        let wanted = mapping::index_mapping(table, &opts);
+        let (status, body) = http
+            .send(http.request(Method::GET, &format!("{index}/_mapping")))
+            .await
+            .map_err(|source| ElasticsearchSinkError::Unreachable {
+                url: walcast_sdk::secret::redact_url(&config.url),
+                source,
+            })?;
+        let plan = match (status, existing_properties(&body)) {
+            (200, Some(existing)) => IndexPlan::Exists {
+                diff: mapping::diff(
+                    &existing,
+                    wanted["properties"].as_object().expect("properties"),
+                ),
+                index,
+            },
+            (404, _) => IndexPlan::WouldCreate {
+                index,
+                mapping: wanted,
+            },
+            _ => {
+                return Err(ElasticsearchSinkError::Refused {
+                    url: format!("{}/{index}/_mapping", config.url),
+                    status,
+                    body: excerpt(&body),
+                })
+            }
+        };
+        out.push((table.qualified_name(), plan));
+    }
+    Ok(out)
 }
 
 impl ElasticsearchSink {
@@ -219,42 +401,13 @@ impl ElasticsearchSink {
     /// tokio runtime.
     pub async fn connect(config: ElasticsearchSinkConfig) -> Result<Self, ElasticsearchSinkError> {
         config.validate()?;
+        let (http, root) = client_and_root(&config).await?;
         let builder = RequestBuilder {
             index: IndexTemplate::parse(&config.index_template)?,
             version_type: config.version_type,
             truncate: config.truncate == TruncateAction::DeleteAll,
+            mapping: mapping_options(&config, &root),
         };
-        let mut cb = reqwest::Client::builder().timeout(Duration::from_millis(config.timeout_ms));
-        if let Some(path) = &config.ca_file {
-            let pem = std::fs::read(path).map_err(|source| ElasticsearchSinkError::CaFile {
-                path: path.display().to_string(),
-                source,
-            })?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(ElasticsearchSinkError::Client)?
-            {
-                cb = cb.add_root_certificate(cert);
-            }
-        }
-        let http = Http {
-            client: cb.build().map_err(ElasticsearchSinkError::Client)?,
-            base: config.url.trim_end_matches('/').to_string(),
-            auth: config.auth.clone(),
-        };
-        let (status, body) = http
-            .send(http.request(Method::GET, ""))
-            .await
-            .map_err(|source| ElasticsearchSinkError::Unreachable {
-                url: walcast_sdk::secret::redact_url(&config.url),
-                source,
-            })?;
-        if !StatusCode::from_u16(status).is_ok_and(|s| s.is_success()) {
-            return Err(ElasticsearchSinkError::Refused {
-                url: walcast_sdk::secret::redact_url(&config.url),
-                status,
-                body: excerpt(&body),
-            });
-        }
         let stats = Arc::new(ElasticsearchSinkStats::default());
         let (tx, rx) = mpsc::channel(1);
         let worker = Worker {
@@ -272,6 +425,7 @@ impl ElasticsearchSink {
             buffered_actions: 0,
             buffered_bytes: 0,
             oldest: None,
+            ensured: HashSet::new(),
         };
         tokio::spawn(worker.run(rx));
         Ok(ElasticsearchSink {
@@ -279,6 +433,8 @@ impl ElasticsearchSink {
             builder,
             http,
             stats,
+            manage_mappings: config.manage_mappings,
+            mappings: HashMap::new(),
         })
     }
 
@@ -298,7 +454,32 @@ impl Sink for ElasticsearchSink {
     /// an action (a table without key) fails the batch here.
     async fn send(&mut self, batch: Batch) -> Result<(), SinkError> {
         let mut entries = Vec::with_capacity(batch.events.len());
+        let mut mappings: Vec<Arc<IndexMapping>> = Vec::new();
         for event in batch.events.iter() {
+            if self.manage_mappings && event.op != walcast_sdk::Op::Truncate {
+                if let Ok(index) = self.builder.index.render(&event.table) {
+                    let key = (index, shape_of(&event.table));
+                    let m = match self.mappings.get(&key) {
+                        Some(m) => Arc::clone(m),
+                        None => {
+                            let m = Arc::new(IndexMapping {
+                                index: key.0.clone(),
+                                table: event.table.qualified_name(),
+                                shape: key.1,
+                                mapping: mapping::index_mapping(
+                                    &event.table,
+                                    &self.builder.mapping,
+                                ),
+                            });
+                            self.mappings.insert(key, Arc::clone(&m));
+                            m
+                        }
+                    };
+                    if !mappings.iter().any(|x| Arc::ptr_eq(x, &m)) {
+                        mappings.push(m);
+                    }
+                }
+            }
             match self.builder.entries(event) {
                 Ok(e) => entries.extend(e),
                 Err(e) => {
@@ -313,6 +494,7 @@ impl Sink for ElasticsearchSink {
             .send(Command::Batch {
                 acker: batch.acker,
                 entries,
+                mappings,
             })
             .await
             .map_err(|_| {
@@ -371,11 +553,16 @@ struct Worker {
     dead_letter: DeadLetter,
     backoff: Backoff,
     stats: Arc<ElasticsearchSinkStats>,
-    buffer: Vec<(Acker, Vec<Entry>)>,
+    buffer: Vec<Buffered>,
     buffered_actions: usize,
     buffered_bytes: usize,
     oldest: Option<Instant>,
+    /// (index, table shape) whose mapping is in place.
+    ensured: HashSet<(String, u64)>,
 }
+
+/// A batch the worker holds: its acker, actions and the mappings they need.
+type Buffered = (Acker, Vec<Entry>, Vec<Arc<IndexMapping>>);
 
 impl Worker {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
@@ -383,11 +570,11 @@ impl Worker {
             let deadline = self.oldest.map(|t| t + self.interval);
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(Command::Batch { acker, entries }) => {
+                    Some(Command::Batch { acker, entries, mappings }) => {
                         self.buffered_actions += entries.len();
                         self.buffered_bytes += entries.iter().map(entry_bytes).sum::<usize>();
                         self.oldest.get_or_insert_with(Instant::now);
-                        self.buffer.push((acker, entries));
+                        self.buffer.push((acker, entries, mappings));
                         if self.buffered_actions >= self.max_actions || self.buffered_bytes >= self.max_bytes {
                             let _ = self.flush().await;
                         }
@@ -409,11 +596,14 @@ impl Worker {
 
     /// Writes every buffered batch and answers its acker.
     async fn flush(&mut self) -> Result<(), DeliveryError> {
-        let mut batches = std::mem::take(&mut self.buffer);
+        let batches = std::mem::take(&mut self.buffer);
         self.buffered_actions = 0;
         self.buffered_bytes = 0;
         self.oldest = None;
         let mut failures: Vec<Option<DeliveryError>> = vec![None; batches.len()];
+        self.ensure_mappings(&batches, &mut failures).await;
+        let mut batches: Vec<(Acker, Vec<Entry>)> =
+            batches.into_iter().map(|(a, e, _)| (a, e)).collect();
         self.fill_unavailable(&mut batches, &mut failures).await;
         let mut chunk: Vec<Slot<'_>> = Vec::new();
         let mut chunk_bytes = 0;
@@ -469,6 +659,158 @@ impl Worker {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// Puts in place the mapping of every (index, table shape) the batches
+    /// need and this process has not ensured yet (see the module doc). A
+    /// batch whose mapping is refused fails, and none of its actions is
+    /// written.
+    async fn ensure_mappings(
+        &mut self,
+        batches: &[Buffered],
+        failures: &mut [Option<DeliveryError>],
+    ) {
+        for (bi, (_, _, mappings)) in batches.iter().enumerate() {
+            for m in mappings {
+                if failures[bi].is_some() || self.ensured.contains(&(m.index.clone(), m.shape)) {
+                    continue;
+                }
+                match self.ensure_mapping(m).await {
+                    Ok(()) => {
+                        self.ensured.insert((m.index.clone(), m.shape));
+                    }
+                    Err(e) => {
+                        for (bj, (_, _, others)) in batches.iter().enumerate().skip(bi) {
+                            if others.iter().any(|o| Arc::ptr_eq(o, m)) {
+                                failures[bj].get_or_insert_with(|| e.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Creates the index with `m`'s mapping, or adds to an existing index
+    /// the fields it lacks and reports those that conflict. Idempotent and
+    /// safe against concurrent writers.
+    async fn ensure_mapping(&mut self, m: &IndexMapping) -> Result<(), DeliveryError> {
+        let refused = |status: u16, body: &[u8]| DeliveryError::MappingRefused {
+            index: m.index.clone(),
+            table: m.table.clone(),
+            status,
+            body: excerpt(body),
+        };
+        self.backoff.reset();
+        loop {
+            let rb = self
+                .http
+                .request(Method::PUT, &m.index)
+                .json(&serde_json::json!({ "mappings": m.mapping }));
+            let reason = match self.http.send(rb).await {
+                Err(e) => format!("creating index {}: {e}", m.index),
+                Ok((status, _)) if (200..300).contains(&status) => {
+                    self.stats.indices_created.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(index = %m.index, table = %m.table, "elasticsearch sink: created the index with a mapping derived from the table");
+                    return Ok(());
+                }
+                Ok((400, body)) if excerpt(&body).contains("resource_already_exists_exception") => {
+                    match self.update_mapping(m).await? {
+                        None => return Ok(()),
+                        Some(reason) => reason,
+                    }
+                }
+                Ok((status, body)) => match classify_response(status) {
+                    ResponseOutcome::Retry => format!(
+                        "creating index {} answered HTTP {status}: {}",
+                        m.index,
+                        excerpt(&body)
+                    ),
+                    _ => return Err(refused(status, &body)),
+                },
+            };
+            let delay = self.retry_pause(&reason);
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// The existing index's side of [`Self::ensure_mapping`]: `Ok(None)`
+    /// when done, `Ok(Some(reason))` to retry from the start.
+    async fn update_mapping(&mut self, m: &IndexMapping) -> Result<Option<String>, DeliveryError> {
+        let refused = |status: u16, body: &[u8]| DeliveryError::MappingRefused {
+            index: m.index.clone(),
+            table: m.table.clone(),
+            status,
+            body: excerpt(body),
+        };
+        let (status, body) = match self
+            .http
+            .send(
+                self.http
+                    .request(Method::GET, &format!("{}/_mapping", m.index)),
+            )
+            .await
+        {
+            Err(e) => return Ok(Some(format!("reading the mapping of {}: {e}", m.index))),
+            Ok(answer) => answer,
+        };
+        let existing = match (classify_response(status), existing_properties(&body)) {
+            (ResponseOutcome::Items, Some(existing)) => existing,
+            (ResponseOutcome::Definite, _) if status != 404 => return Err(refused(status, &body)),
+            // 404: deleted meanwhile; 5xx: try again.
+            _ => {
+                return Ok(Some(format!(
+                    "reading the mapping of {} answered HTTP {status}",
+                    m.index
+                )))
+            }
+        };
+        let wanted = m.mapping["properties"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let diff = mapping::diff(&existing, &wanted);
+        for c in &diff.conflicts {
+            self.stats.mapping_conflicts.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                index = %m.index, table = %m.table, field = %c.field, existing = %c.existing, wanted = %c.wanted,
+                "elasticsearch sink: {c} in index `{}`; OpenSearch cannot change a field's type, so it is left as it is \
+                 and documents whose value does not fit go to the dead letter. To apply the new mapping, reindex into \
+                 a new index (delete this one, or change `index_template`, and re-snapshot the table)",
+                m.index
+            );
+        }
+        if diff.missing.is_empty() {
+            return Ok(None);
+        }
+        let fields: Vec<&String> = diff.missing.keys().collect();
+        let rb = self
+            .http
+            .request(Method::PUT, &format!("{}/_mapping", m.index))
+            .json(&serde_json::json!({ "properties": diff.missing }));
+        match self.http.send(rb).await {
+            Err(e) => Ok(Some(format!("updating the mapping of {}: {e}", m.index))),
+            Ok((status, _)) if (200..300).contains(&status) => {
+                self.stats.mapping_updates.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(index = %m.index, table = %m.table, fields = ?fields, "elasticsearch sink: added fields for new columns to the index mapping");
+                Ok(None)
+            }
+            Ok((400, body)) => {
+                // A field added meanwhile with another type: the same as a
+                // conflict found above, reported and left to the user.
+                self.stats.mapping_conflicts.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(index = %m.index, table = %m.table, fields = ?fields, body = %excerpt(&body),
+                    "elasticsearch sink: the index refused new fields; documents that do not fit go to the dead letter");
+                Ok(None)
+            }
+            Ok((status, body)) => match classify_response(status) {
+                ResponseOutcome::Retry => Ok(Some(format!(
+                    "updating the mapping of {} answered HTTP {status}",
+                    m.index
+                ))),
+                _ => Err(refused(status, &body)),
+            },
+        }
     }
 
     /// Completes the actions whose events left TOASTed columns unchanged

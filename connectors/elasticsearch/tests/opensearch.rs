@@ -565,3 +565,183 @@ async fn unchanged_toast_values_keep_the_stored_value() {
         1
     );
 }
+
+fn typed_table(name: &str, cols: &[(&str, PgType)], version: u32) -> Arc<TableSchema> {
+    Arc::new(TableSchema {
+        relation_id: 1,
+        schema: "public".into(),
+        name: name.into(),
+        columns: cols
+            .iter()
+            .enumerate()
+            .map(|(i, (c, t))| Column {
+                name: c.to_string(),
+                pg_type: t.clone(),
+                type_oid: 0,
+                type_modifier: -1,
+                nullable: i != 0,
+                key: i == 0,
+            })
+            .collect(),
+        replica_identity: ReplicaIdentity::Default,
+        version,
+    })
+}
+
+/// Issue 21: the index is created from the table's types before the first
+/// write. Dynamic mapping made `double precision` a 32-bit float (1e300
+/// refused, digits lost) and refused `infinity` as a date.
+#[tokio::test]
+async fn the_index_is_mapped_from_the_table_and_special_values_are_set_aside() {
+    let name = unique("typed");
+    let index = format!("it-{name}");
+    let s = Search::new();
+    let t = typed_table(
+        &name,
+        &[
+            ("id", PgType::Int8),
+            ("f", PgType::Float8),
+            ("at", PgType::TimestampTz),
+            ("until", PgType::Date),
+        ],
+        1,
+    );
+    let mut sink = ElasticsearchSink::connect(config()).await.unwrap();
+    send(
+        &mut sink,
+        vec![
+            upsert(
+                &t,
+                vec![
+                    Value::Int64(1),
+                    Value::Float64(1e300),
+                    Value::TimestampTz(1_700_000_000_123_456),
+                    Value::Date(19_000),
+                ],
+                10,
+            ),
+            upsert(
+                &t,
+                vec![
+                    Value::Int64(2),
+                    Value::Float64(0.1 + 0.2),
+                    Value::TimestampTz(walcast_sdk::value::TIMESTAMP_INFINITY),
+                    Value::Date(walcast_sdk::value::DATE_NEG_INFINITY),
+                ],
+                10,
+            ),
+            upsert(
+                &t,
+                vec![
+                    Value::Int64(3),
+                    Value::Float64(f64::NAN),
+                    Value::Null,
+                    Value::Date(-719_528 - 1),
+                ],
+                10,
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    let (_, m) = s.get(&format!("{index}/_mapping")).await;
+    let p = &m[&index]["mappings"]["properties"];
+    assert_eq!(p["f"]["type"], "double", "{m}");
+    assert_eq!(p["at"]["type"], "date", "{m}");
+    assert_eq!(p["until"]["type"], "date", "{m}");
+    assert_eq!(
+        s.count(&index).await,
+        3,
+        "every row indexed, none dead-lettered"
+    );
+    let (_, d1) = s.get(&format!("{index}/_doc/1")).await;
+    assert_eq!(d1["_source"]["f"].as_f64(), Some(1e300));
+    assert_eq!(d1["_source"]["at"], "2023-11-14T22:13:20.123456Z");
+    assert_eq!(d1["_source"]["until"], "2022-01-08");
+    let (_, d2) = s.get(&format!("{index}/_doc/2")).await;
+    assert_eq!(d2["_source"]["f"].as_f64(), Some(0.1 + 0.2));
+    assert_eq!(d2["_source"]["f"].to_string(), "0.30000000000000004");
+    assert!(d2["_source"].get("at").is_none(), "{d2}");
+    assert_eq!(
+        d2["_source"]["__walcast_special"],
+        serde_json::json!({"at": "infinity", "until": "-infinity"})
+    );
+    let (_, d3) = s.get(&format!("{index}/_doc/3")).await;
+    assert_eq!(
+        d3["_source"]["__walcast_special"],
+        serde_json::json!({"f": "NaN"})
+    );
+    assert_eq!(
+        d3["_source"]["until"], "-0001-12-31",
+        "2 BC in ISO 8601's expanded years"
+    );
+    // The special text is searchable.
+    let (_, hits) = s
+        .get(&format!("{index}/_search?q=__walcast_special.at:infinity"))
+        .await;
+    assert_eq!(hits["hits"]["total"]["value"], 1, "{hits}");
+
+    // ALTER TABLE ... ADD COLUMN: the new field is mapped before its first document.
+    let t2 = typed_table(
+        &name,
+        &[
+            ("id", PgType::Int8),
+            ("f", PgType::Float8),
+            ("at", PgType::TimestampTz),
+            ("until", PgType::Date),
+            ("ratio", PgType::Float8),
+        ],
+        2,
+    );
+    send(
+        &mut sink,
+        vec![upsert(
+            &t2,
+            vec![
+                Value::Int64(4),
+                Value::Float64(2.5),
+                Value::Null,
+                Value::Null,
+                Value::Float64(1.0),
+            ],
+            11,
+        )],
+    )
+    .await
+    .unwrap();
+    let (_, m) = s.get(&format!("{index}/_mapping")).await;
+    assert_eq!(
+        m[&index]["mappings"]["properties"]["ratio"]["type"], "double",
+        "{m}"
+    );
+    assert_eq!(sink.stats().indices_created.load(Ordering::Relaxed), 1);
+    assert_eq!(sink.stats().mapping_updates.load(Ordering::Relaxed), 1);
+}
+
+/// A user-created index is respected: missing fields are added, a field of
+/// another type is reported and left alone.
+#[tokio::test]
+async fn an_existing_index_keeps_its_mapping_and_conflicts_are_counted() {
+    let name = unique("userindex");
+    let index = format!("it-{name}");
+    let s = Search::new();
+    s.create_index(
+        &index,
+        serde_json::json!({"mappings": {"properties": {"f": {"type": "keyword"}}}}),
+    )
+    .await;
+    let t = typed_table(&name, &[("id", PgType::Int8), ("f", PgType::Float8)], 1);
+    let mut sink = ElasticsearchSink::connect(config()).await.unwrap();
+    send(
+        &mut sink,
+        vec![upsert(&t, vec![Value::Int64(1), Value::Float64(1.5)], 5)],
+    )
+    .await
+    .unwrap();
+    let (_, m) = s.get(&format!("{index}/_mapping")).await;
+    let p = &m[&index]["mappings"]["properties"];
+    assert_eq!(p["f"]["type"], "keyword", "the user's mapping stays: {m}");
+    assert_eq!(p["id"]["type"], "long", "missing fields are added: {m}");
+    assert_eq!(sink.stats().mapping_conflicts.load(Ordering::Relaxed), 1);
+    assert_eq!(s.count(&index).await, 1);
+}

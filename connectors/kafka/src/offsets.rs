@@ -92,7 +92,9 @@ pub enum OffsetsError {
     },
     /// The broker answered for the topic with an error other than "it does
     /// not exist": reading it as "no position" would republish everything.
-    #[error("exactly-once: the broker refuses to describe offsets topic `{topic}`: {code}{advice}")]
+    #[error(
+        "exactly-once: the broker refuses to describe offsets topic `{topic}`: {code}{advice}"
+    )]
     Metadata {
         topic: String,
         code: rdkafka::types::RDKafkaErrorCode,

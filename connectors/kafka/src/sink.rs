@@ -141,8 +141,8 @@ struct Transactional {
     /// are refused from then on: committing one would write a later
     /// position to the offsets topic, and a restarted daemon would take the
     /// failed batch's changes as already in Kafka and drop them. Only a
-    /// new process (which replays from the slot's confirmed position, below
-    /// the failed batch) delivers again.
+    /// replay from the slot's confirmed position (below the failed batch),
+    /// announced by [`Sink::rewind`], delivers again.
     failed: Option<String>,
 }
 
@@ -501,7 +501,13 @@ impl KafkaSink {
                 if let Some(t) = &mut self.transactional {
                     t.failed = Some(e.to_string());
                 }
-                acker.fail(e.to_string());
+                // An outage that outlasted the transaction: the capture
+                // replays from its confirmed position after a rewind.
+                if e.is_transient() {
+                    acker.fail_transient(e.to_string());
+                } else {
+                    acker.fail(e.to_string());
+                }
                 Err(e)
             }
         }
@@ -699,6 +705,35 @@ impl Sink for KafkaSink {
                 Err(e)
             }
         }
+    }
+
+    /// Exactly-once after a failed transaction: a new producer session (a
+    /// producer whose transaction timed out may be unusable), initialised
+    /// again, which fences and aborts what the old one left open and reads
+    /// the position back from the offsets topic, so the replay drops what
+    /// Kafka already holds and commits the rest.
+    async fn rewind(&mut self) -> Result<(), SinkError> {
+        let Some(t) = &mut self.transactional else {
+            return Ok(());
+        };
+        let Some(reason) = t.failed.take() else {
+            return Ok(());
+        };
+        tracing::warn!(%reason, "exactly-once: starting a new producer session for the replay after a failed transaction");
+        let context = DeliveryContext::default();
+        let producer: ThreadedProducer<DeliveryContext> = t
+            .client
+            .create_with_context(context.clone())
+            .map_err(|e| SinkError::transient(SINK_NAME, format!("exactly-once: creating a new producer: {e}")))?;
+        t.initialized = false;
+        t.resume_after = None;
+        let old = std::mem::replace(&mut self.producer, producer);
+        self._auth_watch = AuthWatch::start(&context, &self.producer);
+        self.context = context;
+        self.in_flight = Arc::new(Semaphore::new(self.max_in_flight as usize));
+        // Dropping a producer purges and joins its thread: not on the runtime.
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+        Ok(())
     }
 
     /// Waits until the broker has answered for every record sent so far.

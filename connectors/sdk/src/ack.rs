@@ -24,11 +24,20 @@ use tokio::sync::mpsc;
 pub enum Delivery {
     Delivered,
     Failed(String),
+    /// Not delivered, but every holder that failed said a restart from the
+    /// checkpoint may succeed (an outage outlasting a transaction).
+    Retry(String),
 }
+
+/// Tells trackers apart, so a holder of batches can see a source restart.
+static NEXT_TRACKER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 struct AckState {
     seq: u64,
+    tracker: u64,
     failed: AtomicBool,
+    /// Some holder failed the batch for good (or dropped it unanswered).
+    definite: AtomicBool,
     reason: Mutex<Option<String>>,
     tx: mpsc::UnboundedSender<(u64, Delivery)>,
 }
@@ -42,7 +51,11 @@ impl Drop for AckState {
                 .map(|r| r.clone())
                 .unwrap_or(None)
                 .unwrap_or_else(|| "a sink dropped the batch without acknowledging it".into());
-            Delivery::Failed(reason)
+            if self.definite.load(Ordering::Acquire) {
+                Delivery::Failed(reason)
+            } else {
+                Delivery::Retry(reason)
+            }
         } else {
             Delivery::Delivered
         };
@@ -71,16 +84,40 @@ impl Acker {
         self.mark_failed(reason.into());
     }
 
+    /// This holder's part of the batch is not durable, but may be when the
+    /// source replays it from its checkpoint (after [`crate::Sink::rewind`]).
+    pub fn fail_transient(mut self, reason: impl Into<String>) {
+        self.answered = true;
+        if let Ok(mut r) = self.state.reason.lock() {
+            r.get_or_insert(reason.into());
+        }
+        self.state.failed.store(true, Ordering::Release);
+    }
+
     fn mark_failed(&self, reason: String) {
         if let Ok(mut r) = self.state.reason.lock() {
             r.get_or_insert(reason);
         }
+        self.state.definite.store(true, Ordering::Release);
         self.state.failed.store(true, Ordering::Release);
     }
 
     /// The tracker's sequence number of this batch.
     pub fn sequence(&self) -> u64 {
         self.state.seq
+    }
+
+    /// Which tracker registered the batch: a new value means the source
+    /// started over from its checkpoint.
+    pub fn tracker(&self) -> u64 {
+        self.state.tracker
+    }
+
+    /// Whether the tracker that registered the batch is gone: nobody waits
+    /// for the answer, and the source will replay the batch from its
+    /// checkpoint, so delivering it now would only duplicate it.
+    pub fn is_orphaned(&self) -> bool {
+        self.state.tx.is_closed()
     }
 }
 
@@ -115,6 +152,9 @@ impl std::fmt::Debug for Acker {
 pub struct AckFailure {
     pub sequence: u64,
     pub reason: String,
+    /// Every sink that failed it said a replay from the checkpoint may
+    /// succeed: the source restarts instead of stopping.
+    pub transient: bool,
 }
 
 struct Pending<P> {
@@ -125,6 +165,7 @@ struct Pending<P> {
 
 /// Resolves acknowledgements in registration order into a checkpoint.
 pub struct AckTracker<P> {
+    id: u64,
     next_seq: u64,
     pending: BTreeMap<u64, Pending<P>>,
     tx: mpsc::UnboundedSender<(u64, Delivery)>,
@@ -143,6 +184,7 @@ impl<P: Clone> AckTracker<P> {
     pub fn new() -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         AckTracker {
+            id: NEXT_TRACKER.fetch_add(1, Ordering::Relaxed),
             next_seq: 0,
             pending: BTreeMap::new(),
             tx,
@@ -171,7 +213,9 @@ impl<P: Clone> AckTracker<P> {
         Acker {
             state: Arc::new(AckState {
                 seq,
+                tracker: self.id,
                 failed: AtomicBool::new(false),
+                definite: AtomicBool::new(false),
                 reason: Mutex::new(None),
                 tx: self.tx.clone(),
             }),
@@ -239,6 +283,14 @@ impl<P: Clone> AckTracker<P> {
                     return Err(AckFailure {
                         sequence: *entry.key(),
                         reason: reason.clone(),
+                        transient: false,
+                    });
+                }
+                Some(Delivery::Retry(reason)) => {
+                    return Err(AckFailure {
+                        sequence: *entry.key(),
+                        reason: reason.clone(),
+                        transient: true,
                     });
                 }
                 Some(Delivery::Delivered) => {
@@ -300,5 +352,43 @@ mod tests {
         a.fail("broker said: message too large");
         let err = t.poll().unwrap_err();
         assert_eq!(err.reason, "broker said: message too large");
+    }
+}
+
+#[cfg(test)]
+mod transient_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_failed_only_transiently_is_retryable_and_definite_wins() {
+        let mut t: AckTracker<u64> = AckTracker::new();
+        let a = t.register(Some(1), 1);
+        let (a1, a2) = (a.clone(), a);
+        a1.fail_transient("broker away");
+        a2.ack();
+        let e = t.next().await.unwrap_err();
+        assert!(e.transient, "{e:?}");
+
+        let mut t: AckTracker<u64> = AckTracker::new();
+        let b = t.register(Some(1), 1);
+        let (b1, b2) = (b.clone(), b);
+        b1.fail_transient("broker away");
+        b2.fail("refused for good");
+        let e = t.next().await.unwrap_err();
+        assert!(!e.transient, "one definite failure makes the batch definite");
+    }
+
+    #[test]
+    fn a_batch_of_a_dropped_tracker_is_orphaned() {
+        let mut t: AckTracker<u64> = AckTracker::new();
+        let a = t.register(Some(1), 1);
+        let id = a.tracker();
+        assert!(!a.is_orphaned());
+        drop(t);
+        assert!(a.is_orphaned());
+        let t2: AckTracker<u64> = AckTracker::new();
+        let mut t2 = t2;
+        assert_ne!(t2.register(None, 0).tracker(), id);
+        a.ack();
     }
 }

@@ -8,7 +8,13 @@
 //! writing `json::row` of a relayed event writes what the capture's JSON
 //! encoder wrote. The commit LSN travels in `source.commit_lsn`, so versions
 //! (and therefore stale-write protection) survive the trip.
+//!
+//! When the relay knows the columns' types (from the Avro writer schema, see
+//! [`event_from_envelope_typed`]) the rebuilt table carries them, so a sink
+//! can derive what depends on them (an index mapping); the values stay in
+//! their JSON form either way.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::Value as Json;
@@ -45,6 +51,17 @@ pub fn event_from_envelope(
     key: Option<&Json>,
     env: &Json,
 ) -> Result<Option<ChangeEvent>, EnvelopeError> {
+    event_from_envelope_typed(key, env, None)
+}
+
+/// As [`event_from_envelope`], with the columns' Postgres types where
+/// `types` knows them (by column name); the others are
+/// [`PgType::Unknown`].
+pub fn event_from_envelope_typed(
+    key: Option<&Json>,
+    env: &Json,
+    types: Option<&HashMap<String, PgType>>,
+) -> Result<Option<ChangeEvent>, EnvelopeError> {
     let Some(op) = env.get("op").and_then(Json::as_str) else {
         return Ok(None);
     };
@@ -78,9 +95,11 @@ pub fn event_from_envelope(
             .keys()
             .map(|name| Column {
                 name: name.clone(),
-                pg_type: PgType::Unknown {
-                    type_name: "relayed".into(),
-                },
+                pg_type: types.and_then(|t| t.get(name)).cloned().unwrap_or_else(|| {
+                    PgType::Unknown {
+                        type_name: "relayed".into(),
+                    }
+                }),
                 type_oid: 0,
                 type_modifier: -1,
                 nullable: true,

@@ -117,6 +117,14 @@ pub trait Sink: Send {
     async fn healthy(&self) -> bool {
         true
     }
+
+    /// The source starts over from its checkpoint: the batches after it
+    /// come again. A sink that refuses batches after a failure (so that none
+    /// passes a failed one) takes them again from here. Called before the
+    /// first batch of each restart; nothing else is in flight then.
+    async fn rewind(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 /// The Postgres type of a column, resolved to what walcast knows how to
 /// convert. Domains arrive here already resolved to their base type.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PgType {
     Bool,
