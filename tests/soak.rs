@@ -212,8 +212,22 @@ async fn soak_memory_fds_and_lag_stay_flat() {
     // per commit shows here whatever the run's length.
     let growth_per_tx = (last.rss_kib as f64 - base.rss_kib as f64) * 1024.0
         / (last.committed_tx.saturating_sub(base.committed_tx).max(1)) as f64;
+    // The commit the run built, so the row can be traced back to the code.
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let commit = format!(
+        "{}{}",
+        git(&["rev-parse", "--short", "HEAD"]),
+        if git(&["status", "--porcelain", "--untracked-files=no"]).is_empty() { "" } else { "+changes" }
+    );
     let summary = format!(
-        "| {stamp} | {minutes} min | {total_tx} tx ({} row changes) | {} MiB | {} MiB | {} MiB | {} MiB | {:+.1} MiB/h | {growth_per_tx:+.1} B | {} → {} (max {fds_max}) | {} KiB | {} KiB | [{csv_name}]({csv_name}) |\n",
+        "| {stamp} (commit {commit}) | {minutes} min | {total_tx} tx ({} row changes) | {} MiB | {} MiB | {} MiB | {} MiB | {:+.1} MiB/h | {growth_per_tx:+.1} B | {} → {} (max {fds_max}) | {} KiB | {} KiB | [{csv_name}]({csv_name}) |\n",
         total_tx * 8,
         base.rss_kib / 1024,
         last.rss_kib / 1024,

@@ -570,6 +570,14 @@ def fmt(x, spec=",.0f"):
     return "—" if x is None or x != x else format(x, spec)
 
 
+def command_line(script):
+    """The run's command as it could be typed again: the WALCAST_BENCH_* and
+    WALCAST_STACK_PG_FSYNC settings it saw, then the script."""
+    env = " ".join(f"{k}={v}" for k, v in sorted(E.items())
+                   if k.startswith("WALCAST_BENCH_") and k not in ("WALCAST_BENCH_COMMIT", "WALCAST_BENCH_BIN"))
+    return f"{env} {script}".strip()
+
+
 def report(results, lats, micro, started):
     commit = E.get("WALCAST_BENCH_COMMIT")
     dirty = ""
@@ -579,6 +587,7 @@ def report(results, lats, micro, started):
     load = os.getloadavg()
     L = [f"\n## {started:%Y-%m-%d %H:%M} — commit {commit}{' (+ uncommitted changes)' if dirty else ''}\n",
          f"- machine: {machine()}; load average at start {load[0]:.1f} (the machine is shared)",
+         f"- command: `{command_line('tests/bench/run')}`",
          f"- scale {SCALE} (WALCAST_BENCH_SCALE; 1.0 = the issue's full sizes), {PARTITIONS} partitions per topic, "
          f"Postgres 15 with fsync on, Kafka 4.3.1 single node, Debezium 3.6.1.Final on Connect 4.3.1 (heap 512 MB)",
          "- catch-up method: all slots created, workload written, then each reader alone from its start "

@@ -215,6 +215,9 @@ def main():
         f"{N:,} rows of the 8-column benchmark table ({size / 1e6:.0f} MB), file sink to /dev/null (JSON), "
         f"release build, {os.cpu_count()} cores, load average {load[0]:.1f} at the end, Postgres fsync={fsync}.",
         "",
+        "Command: `" + " ".join([f"{k}={v}" for k, v in sorted(E.items())
+                                 if k.startswith("WALCAST_BENCH_SNAPSHOT_")] + ["tests/bench/snapshot"]) + "`.",
+        "",
         "| reader | seconds | rows/s | ÷ COPY | peak RSS |",
         "|---|---:|---:|---:|---:|",
         f"| `COPY snap_rows TO STDOUT` > /dev/null (psql) | {c:.2f} | {N / c:,.0f} | 1.00 | |",

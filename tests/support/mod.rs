@@ -1003,6 +1003,65 @@ pub fn consume_json_until(
     }
 }
 
+/// One record of a JSON topic as a plain consumer reads it: where it is
+/// (partition, offset), its key and its value (`None` for a tombstone).
+#[derive(Clone, Debug)]
+pub struct JsonRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: serde_json::Value,
+    pub value: Option<serde_json::Value>,
+}
+
+/// As [`consume_json_until`], keeping each record's partition and offset,
+/// for checks that depend on Kafka's order (last write wins per key).
+pub fn consume_records_until(
+    topic: &str,
+    timeout: Duration,
+    done: impl Fn(&[JsonRecord]) -> bool,
+) -> (Vec<JsonRecord>, bool) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", var("WALCAST_TEST_KAFKA_BOOTSTRAP"))
+        .set("group.id", unique("verify"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    loop {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                out.push(JsonRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m
+                        .key()
+                        .map(|k| serde_json::from_slice(k).expect("JSON key"))
+                        .unwrap_or(serde_json::Value::Null),
+                    value: m
+                        .payload()
+                        .map(|v| serde_json::from_slice(v).expect("JSON value")),
+                });
+                continue;
+            }
+            // Check the (possibly costly) condition when the topic goes quiet.
+            _ => {
+                if done(&out) {
+                    return (out, true);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return (out, false);
+        }
+    }
+}
+
 /// Reads the first `n` records of an Avro topic from the beginning and
 /// decodes them through the registry at `registry_url`: (schema id, event)
 /// pairs, in the order read. Fails after `timeout` with how many arrived.
