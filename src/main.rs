@@ -264,10 +264,29 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                 match capture::setup::plan(&client, &s.wanted).await {
                     Ok(plan) => {
                         println!(
-                            "pipeline {name}: Postgres {}:{}/{} OK",
-                            s.connect.host, s.connect.port, s.connect.database
+                            "pipeline {name}: Postgres {}/{} OK",
+                            replication::connection::describe_endpoints(&s.connect.endpoints),
+                            s.connect.database
                         );
-                        if let Some(w) = replication::tls::exposure_warning(&s.connect.host, s.connect.sslmode) {
+                        if s.connect.endpoints.len() > 1 {
+                            println!(
+                                "  hosts tried in order; target_session_attrs = {}",
+                                s.connect.target_session_attrs.as_str()
+                            );
+                        }
+                        if s.wanted.failover {
+                            println!(
+                                "  slot {}: failover slot{}",
+                                s.wanted.slot,
+                                if plan.enable_failover { " (walcast will ALTER the existing slot to one)" } else { "" }
+                            );
+                        }
+                        for e in &s.connect.endpoints {
+                            if let Some(w) = replication::tls::exposure_warning(&e.host, s.connect.sslmode) {
+                                println!("  warning: {w}");
+                            }
+                        }
+                        for w in &plan.warnings {
                             println!("  warning: {w}");
                         }
                         for (sc, t) in &plan.tables {

@@ -39,6 +39,16 @@ pub enum CatalogError {
     },
     #[error("table {table} does not exist")]
     Missing { table: String },
+    /// No server of the list qualifies under `target_session_attrs`.
+    #[error(
+        "Postgres at {endpoint} is {found}, and target_session_attrs = \"{wanted}\" asks for another kind of server; \
+         waiting for one in the `host` list to qualify (a standby is passed over until it is promoted)"
+    )]
+    WrongSession {
+        endpoint: String,
+        wanted: &'static str,
+        found: &'static str,
+    },
 }
 
 impl CatalogError {
@@ -52,6 +62,7 @@ impl CatalogError {
                 .is_some_and(|c| c.code().starts_with("28") || c.code() == "3D000"),
             CatalogError::Query { source, .. } => transient_sql(source),
             CatalogError::Auth(e) => e.is_transient(),
+            CatalogError::WrongSession { .. } => true,
             CatalogError::Tls(_) | CatalogError::Missing { .. } => false,
         }
     }
@@ -93,14 +104,50 @@ pub async fn connect(p: &ConnectParams) -> Result<Client, CatalogError> {
             .await
             .map_err(CatalogError::Auth)?;
     }
+    // The servers in order, as the replication connection tries them (see
+    // `TargetSessionAttrs`): one unreachable or not qualifying is skipped.
+    let mut last = None;
+    for e in &p.endpoints {
+        let client = match connect_one(p, e).await {
+            Ok(c) => c,
+            Err(err) if err.is_transient() => {
+                last = Some(err);
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only') = 'on'",
+                &[],
+            )
+            .await
+            .map_err(q("pg_is_in_recovery"))?;
+        let (in_recovery, read_only): (bool, bool) = (row.get(0), row.get(1));
+        if p.target_session_attrs.accepts(in_recovery, read_only) {
+            return Ok(client);
+        }
+        last = Some(CatalogError::WrongSession {
+            endpoint: e.to_string(),
+            wanted: p.target_session_attrs.as_str(),
+            found: if in_recovery { "a standby (in recovery)" } else { "read-only (default_transaction_read_only = on)" },
+        });
+    }
+    Err(last.expect("at least one host (checked by the config)"))
+}
+
+async fn connect_one(
+    p: &ConnectParams,
+    e: &crate::replication::connection::Endpoint,
+) -> Result<Client, CatalogError> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.channel_binding(match p.channel_binding {
         tls::ChannelBindingMode::Disable => tokio_postgres::config::ChannelBinding::Disable,
         tls::ChannelBindingMode::Prefer => tokio_postgres::config::ChannelBinding::Prefer,
         tls::ChannelBindingMode::Require => tokio_postgres::config::ChannelBinding::Require,
     });
-    cfg.host(&p.host)
-        .port(p.port)
+    cfg.host(&e.host)
+        .port(e.port)
         .user(&p.user)
         .dbname(&p.database)
         .application_name(&p.application_name)
@@ -113,7 +160,7 @@ pub async fn connect(p: &ConnectParams) -> Result<Client, CatalogError> {
         .map(|(k, v)| format!("-c {k}={v}"))
         .collect();
     cfg.options(opts.join(" "));
-    let target = format!("{}:{}/{}", p.host, p.port, p.database);
+    let target = format!("{e}/{}", p.database);
     let client = match tls::client_config(p.sslmode, p.ssl_root_cert.as_deref())? {
         None => {
             cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);

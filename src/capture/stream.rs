@@ -204,8 +204,10 @@ pub async fn run(
     status: StatusHandle,
     shutdown: CancellationToken,
 ) -> Result<(), CaptureError> {
-    if let Some(w) = crate::replication::tls::exposure_warning(&settings.connect.host, settings.connect.sslmode) {
-        tracing::warn!(pipeline = %settings.pipeline, "{w}");
+    for e in &settings.connect.endpoints {
+        if let Some(w) = crate::replication::tls::exposure_warning(&e.host, settings.connect.sslmode) {
+            tracing::warn!(pipeline = %settings.pipeline, "{w}");
+        }
     }
     let (tx, rx) = mpsc::channel(8);
     let dispatcher = tokio::spawn(dispatch(settings.pipeline.clone(), sinks, rx));
@@ -360,6 +362,9 @@ async fn session(
     }
     let client = catalog::connect(&s.connect).await.map_err(cat_err)?;
     let plan = setup::plan(&client, &s.wanted).await.map_err(setup_err)?;
+    for w in &plan.warnings {
+        tracing::warn!(pipeline = %s.pipeline, "{w}");
+    }
     if plan.create_slot && *slot_seen {
         let confirmed = status
             .snapshot()
@@ -370,7 +375,8 @@ async fn session(
             message: format!(
                 "replication slot {} disappeared while walcast was streaming from it (dropped externally?). \
                  Recreating it would silently skip every change made after LSN {confirmed}, so walcast stops. \
-                 Find out what dropped it; restarting walcast creates a new slot that starts from now \
+                 Find out what dropped it (after a failover: a slot not synchronised to the promoted standby, see \
+                 slot_failover); restarting walcast creates a new slot that starts from now \
                  (changes between LSN {confirmed} and then are lost to the sinks unless re-snapshotted)",
                 s.wanted.slot
             ),
@@ -420,7 +426,7 @@ async fn session(
         // vanishes with the connection and pins no WAL afterwards.
         let temporary = mode == SnapshotMode::InitialOnly;
         let created = conn
-            .create_slot(&s.wanted.slot, temporary, export)
+            .create_slot(&s.wanted.slot, temporary, export, s.wanted.failover)
             .await
             .map_err(rep_err)?;
         tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, consistent_point = %created.consistent_point, temporary, "created replication slot");
@@ -438,6 +444,10 @@ async fn session(
         }
         created.consistent_point
     } else {
+        if plan.enable_failover {
+            conn.enable_failover(&s.wanted.slot).await.map_err(rep_err)?;
+            tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, "made the replication slot a failover slot (slot_failover)");
+        }
         let confirmed = plan
             .slot_confirmed_lsn
             .as_deref()

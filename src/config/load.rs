@@ -172,6 +172,10 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                         ));
                     }
                 }
+                if let Err(m) = s.endpoints() {
+                    let k = if m.starts_with("`host`") { "source.host" } else { "source.port" };
+                    return Err(rule(key(k), &m));
+                }
                 if s.password.is_some() && s.password_file.is_some() {
                     return Err(rule(
                         key("source.password_file"),
@@ -470,7 +474,12 @@ path = "-"
         let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
             panic!("a capture")
         };
-        assert_eq!(p.source.port, DEFAULT_PG_PORT);
+        assert_eq!(p.source.port, crate::config::model::Ports::One(DEFAULT_PG_PORT));
+        assert_eq!(
+            p.source.target_session_attrs,
+            crate::replication::connection::TargetSessionAttrs::Primary
+        );
+        assert!(!p.source.slot_failover);
         assert_eq!(p.source.status_interval, DEFAULT_STATUS_INTERVAL);
         assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
         // The admin HTTP server (status, metrics) is reachable from this
@@ -478,6 +487,26 @@ path = "-"
         let admin = c.admin.address().expect("on by default").unwrap();
         assert!(admin.ip().is_loopback(), "{admin}");
         assert!(p.source.create_slot);
+    }
+
+    #[test]
+    fn host_and_port_lists_pair_up_as_in_libpq() {
+        let with = |extra: &str| GOOD.replace("database = \"app\"", &format!("database = \"app\"\n{extra}"));
+        let c = load_str("t.toml", &with("host = \"pg-a, pg-b\"\nport = 5433\ntarget_session_attrs = \"read-write\"\nslot_failover = true")).unwrap();
+        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else { panic!() };
+        let e: Vec<String> = p.source.endpoints().unwrap().iter().map(|e| e.to_string()).collect();
+        assert_eq!(e, ["pg-a:5433", "pg-b:5433"]);
+        assert!(p.source.slot_failover);
+        let c = load_str("t.toml", &with("host = \"pg-a,pg-b\"\nport = \"5433,5434\"")).unwrap();
+        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else { panic!() };
+        let e: Vec<String> = p.source.endpoints().unwrap().iter().map(|e| e.to_string()).collect();
+        assert_eq!(e, ["pg-a:5433", "pg-b:5434"]);
+        let e = load_str("t.toml", &with("host = \"a,b,c\"\nport = \"1,2\"")).unwrap_err().to_string();
+        assert!(e.contains("pipelines.orders.source.port") && e.contains("2 ports for 3 hosts"), "{e}");
+        let e = load_str("t.toml", &with("host = \"a,,b\"")).unwrap_err().to_string();
+        assert!(e.contains("pipelines.orders.source.host") && e.contains("empty entry"), "{e}");
+        let e = load_str("t.toml", &with("target_session_attrs = \"standby\"")).unwrap_err().to_string();
+        assert!(e.contains("pipelines.orders.source.target_session_attrs") || e.contains("standby"), "{e}");
     }
 
     #[test]

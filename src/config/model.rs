@@ -257,10 +257,24 @@ impl std::fmt::Debug for Secret {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSourceConfig {
+    /// The server, or several separated by commas (libpq's host list: tried
+    /// in order, see `target_session_attrs`), e.g. the primary and the
+    /// standby a failover promotes.
     #[serde(default = "default_host")]
     pub host: String,
-    #[serde(default = "default_pg_port")]
-    pub port: u16,
+    /// The port, or one per host separated by commas (`"5432,5433"`).
+    #[serde(default)]
+    pub port: Ports,
+    /// Which server of the `host` list to use: `primary` (default),
+    /// `read-write` or `any` (libpq's names).
+    #[serde(default)]
+    pub target_session_attrs: crate::replication::connection::TargetSessionAttrs,
+    /// Create the slot as a failover slot (Postgres 17+; Debezium's
+    /// `slot.failover`), and make an existing one so: standbys with
+    /// `sync_replication_slots = on` keep it in step, and after a promotion
+    /// walcast resumes from it on the new primary.
+    #[serde(default)]
+    pub slot_failover: bool,
     pub database: String,
     pub user: String,
     pub password: Option<Secret>,
@@ -331,6 +345,57 @@ pub struct PostgresSourceConfig {
     pub snapshot_chunk_rows: usize,
 }
 
+/// `port`: a number, or a comma-separated list with one port per host.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Ports {
+    One(u16),
+    List(String),
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports::One(DEFAULT_PG_PORT)
+    }
+}
+
+impl PostgresSourceConfig {
+    /// The `host` and `port` lists paired up as libpq pairs them: one port
+    /// for every host, or one port per host.
+    pub fn endpoints(&self) -> Result<Vec<crate::replication::connection::Endpoint>, String> {
+        let hosts: Vec<&str> = self.host.split(',').map(str::trim).collect();
+        if hosts.iter().any(|h| h.is_empty()) {
+            return Err(format!("`host` = {:?} has an empty entry; list servers as \"host1,host2\"", self.host));
+        }
+        let ports: Vec<u16> = match &self.port {
+            Ports::One(p) => vec![*p],
+            Ports::List(l) => l
+                .split(',')
+                .map(|p| {
+                    p.trim()
+                        .parse()
+                        .map_err(|_| format!("`port` = {l:?}: {p:?} is not a port number"))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let ports = match ports.len() {
+            1 => vec![ports[0]; hosts.len()],
+            n if n == hosts.len() => ports,
+            n => {
+                return Err(format!(
+                    "`port` lists {n} ports for {} hosts; give one port for all hosts or one per host",
+                    hosts.len()
+                ))
+            }
+        };
+        Ok(hosts
+            .into_iter()
+            .zip(ports)
+            .map(|(h, port)| crate::replication::connection::Endpoint { host: h.to_string(), port })
+            .collect())
+    }
+}
+
 /// What happens to the rows that exist before capture starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -359,9 +424,6 @@ fn yes() -> bool {
 }
 fn default_host() -> String {
     "127.0.0.1".into()
-}
-fn default_pg_port() -> u16 {
-    DEFAULT_PG_PORT
 }
 fn default_status_interval() -> Duration {
     DEFAULT_STATUS_INTERVAL

@@ -22,6 +22,8 @@ use status::StatusHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error("{0}")]
+    Config(String),
     #[error("pipeline {pipeline}: cannot read {key}: {source}")]
     Secret {
         pipeline: String,
@@ -70,6 +72,7 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
         create_slot: src.create_slot,
         create_publication: src.create_publication,
         via_root: src.publish_via_partition_root,
+        failover: src.slot_failover,
     };
     // With whole schemas captured, every table of the publication is wanted.
     let filter: Option<HashSet<String>> = if src.schemas.is_empty() {
@@ -80,8 +83,8 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
     Ok(CaptureSettings {
         pipeline: name.to_string(),
         connect: ConnectParams {
-            host: src.host.clone(),
-            port: src.port,
+            endpoints: src.endpoints().map_err(|m| BuildError::Config(format!("pipeline {name}: {m}")))?,
+            target_session_attrs: src.target_session_attrs,
             user: src.user.clone(),
             password,
             database: src.database.clone(),
