@@ -404,7 +404,7 @@ async fn check_contracts(
     let options = walcast_schemas::MappingOptions {
         unconstrained_numeric: r.unconstrained_numeric,
     };
-    let mut catalog = capture::catalog::Catalog::new(client);
+    let mut catalog = capture::catalog::Catalog::new(client).for_publication(&s.wanted.publication);
     let mut ok = true;
     for (sc, t) in &s.wanted.tables {
         let Some(contract) = contracts.get(sc, t) else {
@@ -509,7 +509,7 @@ async fn check_search_sinks(
             return false;
         }
     };
-    let mut catalog = capture::catalog::Catalog::new(client);
+    let mut catalog = capture::catalog::Catalog::new(client).for_publication(&s.wanted.publication);
     let mut tables = Vec::new();
     for (sc, t) in &s.wanted.tables {
         match catalog.table_schema_by_name(sc, t).await {
@@ -585,7 +585,7 @@ async fn check_registry(
     let options = walcast_schemas::MappingOptions {
         unconstrained_numeric: r.unconstrained_numeric,
     };
-    let mut catalog = capture::catalog::Catalog::new(client);
+    let mut catalog = capture::catalog::Catalog::new(client).for_publication(&s.wanted.publication);
     let mut ok = true;
     for (sc, t) in &s.wanted.tables {
         let table = match catalog.table_schema_by_name(sc, t).await {

@@ -306,6 +306,9 @@ pub struct Catalog {
     known: HashMap<u32, Arc<TableSchema>>,
     /// Relations found dropped (see [`Self::was_dropped`]).
     dropped: std::collections::HashSet<u32>,
+    /// The pipeline's publication: a table described by name gets the
+    /// columns it publishes (see [`Self::table_schema_by_name`]).
+    publication: Option<String>,
 }
 
 impl Catalog {
@@ -316,7 +319,44 @@ impl Catalog {
             versions: HashMap::new(),
             known: HashMap::new(),
             dropped: Default::default(),
+            publication: None,
         }
+    }
+
+    /// Describes tables by name with the columns this publication
+    /// publishes, as the stream will carry them.
+    pub fn for_publication(mut self, publication: &str) -> Self {
+        self.publication = Some(publication.to_string());
+        self
+    }
+
+    /// The columns the publication publishes for a table (Postgres 15+:
+    /// `pg_publication_tables.attnames`, which reflects a column list and,
+    /// on 18, `publish_generated_columns`); `None` when there is no
+    /// publication to ask, the server is older, or the table is not (yet)
+    /// in it: then every column but generated ones, as pgoutput sends.
+    async fn published_columns(&self, schema: &str, table: &str) -> Result<Option<Vec<String>>, CatalogError> {
+        let Some(publication) = &self.publication else {
+            return Ok(None);
+        };
+        let version: i32 = self
+            .client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(q("server_version_num"))?
+            .get(0);
+        if version < 150000 {
+            return Ok(None);
+        }
+        let row = self
+            .client
+            .query_opt(
+                "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[publication, &schema, &table],
+            )
+            .await
+            .map_err(q(format!("published columns of {schema}.{table}")))?;
+        Ok(row.map(|r| r.get::<_, Vec<String>>(0)))
     }
 
     pub fn client(&self) -> &Client {
@@ -396,7 +436,10 @@ impl Catalog {
     /// would from the table's Relation message: a snapshot reads rows
     /// before any Relation arrives, and its events must have the same
     /// shape as the streamed ones (same columns, types, key and relation
-    /// id). Generated columns are left out, as pgoutput leaves them out.
+    /// id): with a publication ([`Self::for_publication`]), exactly the
+    /// columns it publishes for the table (a column list leaves some out;
+    /// Postgres 18's `publish_generated_columns = stored` adds stored
+    /// generated ones); without, every column but generated ones.
     pub async fn table_schema_by_name(
         &mut self,
         schema: &str,
@@ -414,6 +457,7 @@ impl Catalog {
             .map_err(q(format!("table {name}")))?
             .ok_or_else(|| CatalogError::Missing { table: name.clone() })?;
         let (oid, ident): (u32, String) = (rel.get(0), rel.get(1));
+        let published = self.published_columns(schema, table).await?;
         let replica_identity = match ident.as_str() {
             "n" => ReplicaIdentity::Nothing,
             "f" => ReplicaIdentity::Full,
@@ -428,9 +472,10 @@ impl Catalog {
                  FROM pg_attribute a
                  LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary
                  LEFT JOIN pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident
-                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+                   AND CASE WHEN $2::text[] IS NULL THEN a.attgenerated = '' ELSE a.attname = ANY($2) END
                  ORDER BY a.attnum",
-                &[&oid],
+                &[&oid, &published],
             )
             .await
             .map_err(q(format!("columns of {name}")))?;

@@ -93,6 +93,9 @@ pub struct Wanted {
     pub via_root: bool,
     /// `slot_failover`: the slot is (made) a failover slot, Postgres 17+.
     pub failover: bool,
+    /// `publish_generated_columns`: stored generated columns are published
+    /// (Postgres 18+).
+    pub generated_columns: bool,
 }
 
 /// A captured partitioned table and its partitions (leaves) when planned.
@@ -124,6 +127,10 @@ pub struct Plan {
     /// `ALTER PUBLICATION ... SET (publish_via_partition_root = ...)` when
     /// the existing publication publishes partitions the other way.
     pub set_via_root: Option<String>,
+    /// `ALTER PUBLICATION ... SET (publish_generated_columns = stored)`
+    /// when `publish_generated_columns` asks for them and the existing
+    /// publication does not publish them.
+    pub set_generated: Option<String>,
     /// The slot exists and is not a failover slot yet, and `slot_failover`
     /// asks for one: `ALTER_REPLICATION_SLOT ... (FAILOVER true)`.
     pub enable_failover: bool,
@@ -186,6 +193,12 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         return definite(format!(
             "slot_failover = true needs Postgres 17 or later (failover slots), and this server is {v}; \
              remove slot_failover, or upgrade"
+        ));
+    }
+    if w.generated_columns && major < 18 {
+        return definite(format!(
+            "publish_generated_columns = true needs Postgres 18 or later (earlier versions never publish generated \
+             columns), and this server is {v}; remove the setting, or upgrade"
         ));
     }
     let mut warnings = Vec::new();
@@ -363,12 +376,19 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         warnings,
         ..Plan::default()
     };
-    let with_via_root = format!(" WITH (publish_via_partition_root = {})", w.via_root);
+    let with_via_root = if w.generated_columns {
+        format!(" WITH (publish_via_partition_root = {}, publish_generated_columns = stored)", w.via_root)
+    } else {
+        format!(" WITH (publish_via_partition_root = {})", w.via_root)
+    };
 
     // The publication.
     let publication = client
         .query_opt(
-            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot FROM pg_publication WHERE pubname = $1",
+            &format!(
+                "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot, {} FROM pg_publication WHERE pubname = $1",
+                if major >= 18 { "pubgencols::text = 's'" } else { "false" }
+            ),
             &[&w.publication],
         )
         .await
@@ -426,6 +446,24 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                     ));
                 }
                 plan.set_via_root = Some(sql);
+            }
+            // Only ever turned on: a publication someone set to publish
+            // them keeps doing so, and the snapshot follows the
+            // publication (Catalog::for_publication), so events agree.
+            let generated: bool = row.get(6);
+            if w.generated_columns && !generated {
+                let sql = format!(
+                    "ALTER PUBLICATION {} SET (publish_generated_columns = stored)",
+                    quote_ident(&w.publication)
+                );
+                if !w.create_publication {
+                    return definite(format!(
+                        "publication {} does not publish generated columns but the pipeline sets publish_generated_columns = true; \
+                         run {sql}; (or remove the setting)",
+                        w.publication
+                    ));
+                }
+                plan.set_generated = Some(sql);
             }
             let mut missing_tables: Vec<(String, String)> = Vec::new();
             for (sc, t) in &tables {
@@ -576,6 +614,16 @@ fn publication_targets(tables: &[String], schemas: &[String]) -> String {
 /// Creates the publication the plan calls for (the slot is created on the
 /// replication connection, which can export a snapshot).
 pub async fn apply_publication(client: &Client, plan: &Plan) -> Result<(), SetupError> {
+    if let Some(sql) = &plan.set_generated {
+        tracing::info!(%sql, "publish_generated_columns asks for generated columns; changing the publication");
+        client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {
+            Some(db) if db.code().code() == "42501" => SetupError::Definite(format!(
+                "cannot change the publication: {}; the role must own the publication (or be superuser), or run it yourself: {sql}",
+                db.message()
+            )),
+            _ => SetupError::Query { what: "alter publication".into(), source: e },
+        })?;
+    }
     if let Some(sql) = &plan.set_via_root {
         tracing::warn!(%sql, "the publication published partitioned tables the other way than publish_via_partition_root asks; changing it");
         client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {

@@ -397,7 +397,7 @@ async fn session(
     setup::apply_publication(&client, &plan)
         .await
         .map_err(setup_err)?;
-    let mut catalog = Catalog::new(client);
+    let mut catalog = Catalog::new(client).for_publication(&s.wanted.publication);
 
     let mut conn = ReplicationConnection::connect(&s.connect)
         .await

@@ -275,6 +275,11 @@ pub struct PostgresSourceConfig {
     /// walcast resumes from it on the new primary.
     #[serde(default)]
     pub slot_failover: bool,
+    /// Publish stored generated columns (Postgres 18+: the publication's
+    /// `publish_generated_columns = stored`): events and snapshots carry
+    /// them. Off by default, as in Postgres.
+    #[serde(default)]
+    pub publish_generated_columns: bool,
     pub database: String,
     pub user: String,
     pub password: Option<Secret>,

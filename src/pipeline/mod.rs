@@ -73,6 +73,7 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
         create_publication: src.create_publication,
         via_root: src.publish_via_partition_root,
         failover: src.slot_failover,
+        generated_columns: src.publish_generated_columns,
     };
     // With whole schemas captured, every table of the publication is wanted.
     let filter: Option<HashSet<String>> = if src.schemas.is_empty() {
