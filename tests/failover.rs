@@ -353,3 +353,55 @@ async fn failover_slot_survives_a_promoted_standby() {
     );
     assert!(w.terminate().success());
 }
+
+/// Failover of walcast itself: a second daemon with the same config stands
+/// by while the slot is held; the active one is killed (-9) under load and
+/// the stand-by takes over. The events both wrote, in that order, must
+/// rebuild the table exactly, both ways (on every Postgres version).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_daemon_takes_over_under_load_and_nothing_is_lost() {
+    let cluster = TempCluster::start(&["wal_level = logical", "max_wal_senders = 10", "max_replication_slots = 10"]);
+    let c = cluster.client().await;
+    c.batch_execute("CREATE TABLE c (id int8 PRIMARY KEY, v text)").await.unwrap();
+    let cfg = |out: &Path, admin: &str| {
+        file_pipeline_config("ha", "postgres", &["public.c"], "retry_max_backoff = \"1s\"", out, admin)
+            .replace(&format!("port = {}", pg_port()), &format!("port = {}", cluster.port))
+    };
+    let mut active = Walcast::start_with(cfg);
+    active.wait_state("streaming", WAIT).await;
+    let standby = Walcast::start_with(cfg);
+    standby.wait_state("standby", WAIT).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = writer([cluster.port, cluster.port], stop_rx);
+    let deadline = Instant::now() + WAIT;
+    while active.events().len() < 500 {
+        assert!(Instant::now() < deadline, "no load through the active daemon");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    active.kill9();
+    standby.wait_state("streaming", WAIT).await;
+    let deadline = Instant::now() + WAIT;
+    while standby.events().len() < 500 {
+        assert!(Instant::now() < deadline, "no load through the stand-by after it took over:\n{}", tail(&standby.log(), 3000));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop_tx.send(true).unwrap();
+    let committed = load.await.unwrap();
+    let want = rows(&c).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut all = active.events();
+        all.extend(standby.events());
+        let got = rebuild_rows(&all, "c");
+        if got == want {
+            break;
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<_> = want.iter().filter(|(k, v)| got.get(k) != Some(v)).take(10).collect();
+            let extra: Vec<_> = got.iter().filter(|(k, v)| want.get(k) != Some(v)).take(10).collect();
+            panic!("{} rows rebuilt vs {}: missing or different {missing:?}; extra or different {extra:?}", got.len(), want.len());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eprintln!("{committed} transactions; {} rows equal through a daemon takeover", want.len());
+}
