@@ -154,14 +154,12 @@ pub enum DeliveryMode {
         /// Compacted topic where each Kafka transaction records the last
         /// Postgres change it carries, read back on start to skip changes
         /// Kafka already holds (see [`crate::offsets`]).
-        #[serde(default = "default_offsets_topic")]
-        offsets_topic: String,
+        /// Default: `walcast.offsets.<transactional_id>`, one per pipeline.
+        #[serde(default)]
+        offsets_topic: Option<String>,
     },
 }
 
-fn default_offsets_topic() -> String {
-    crate::offsets::DEFAULT_OFFSETS_TOPIC.to_string()
-}
 
 /// The broker's default `transaction.max.timeout.ms` is 15 minutes; one
 /// minute bounds how long an outage holds a transaction open.
@@ -327,7 +325,7 @@ impl KafkaSinkConfig {
             offsets_topic,
         } = &self.delivery
         {
-            if offsets_topic.trim().is_empty() {
+            if offsets_topic.as_deref().is_some_and(|t| t.trim().is_empty()) {
                 return Err(invalid("delivery.offsets_topic", "must not be empty"));
             }
             if transactional_id.trim().is_empty() {

@@ -131,6 +131,9 @@ struct Transactional {
     initialized: bool,
     id: String,
     offsets_topic: Arc<str>,
+    /// With the default `offsets_topic`: the topic every pipeline shared
+    /// before, read when the pipeline's own topic holds no position yet.
+    shared_offsets_topic: Option<Arc<str>>,
     /// Where the offsets topic is read back from and created with.
     client: rdkafka::ClientConfig,
     replication_factor: i32,
@@ -189,8 +192,17 @@ impl KafkaSink {
                 } => Some(Transactional {
                     timeout: Duration::from_millis(transaction_timeout_ms),
                     initialized: false,
+                    // Unset: a topic of its own, and the one all pipelines
+                    // shared before, to read an older position from once.
+                    shared_offsets_topic: offsets_topic
+                        .is_none()
+                        .then(|| Arc::from(offsets::SHARED_OFFSETS_TOPIC)),
+                    offsets_topic: Arc::from(
+                        offsets_topic
+                            .unwrap_or_else(|| offsets::default_topic(&transactional_id))
+                            .as_str(),
+                    ),
                     id: transactional_id,
-                    offsets_topic: Arc::from(offsets_topic.as_str()),
                     client: client.clone(),
                     replication_factor: config.topic_creation.replication_factor,
                     resume_after: None,
@@ -578,16 +590,32 @@ impl KafkaSink {
         let mut admin = TopicAdmin::new(&client, offsets::topic_creation(t.replication_factor))
             .map_err(topic_sink_error)?;
         admin.ensure(&topic).await.map_err(topic_sink_error)?;
-        let position = blocking(move || offsets::read_last(&client, &topic, &id))
+        let transient_or_definite = |e: offsets::OffsetsError| {
+            let message = e.to_string();
+            if e.is_transient() {
+                SinkError::transient(SINK_NAME, message).with_source(e)
+            } else {
+                SinkError::definite(SINK_NAME, message).with_source(e)
+            }
+        };
+        let (c, i) = (client.clone(), id.clone());
+        let mut position = blocking(move || offsets::read_last(&c, &topic, &i))
             .await
-            .map_err(|e| {
-                let message = e.to_string();
-                if e.is_transient() {
-                    SinkError::transient(SINK_NAME, message).with_source(e)
-                } else {
-                    SinkError::definite(SINK_NAME, message).with_source(e)
-                }
-            })?;
+            .map_err(transient_or_definite)?;
+        if let (None, Some(shared)) = (position, t.shared_offsets_topic.clone()) {
+            let shared_name = Arc::clone(&shared);
+            position = blocking(move || offsets::read_last(&client, &shared, &id))
+                .await
+                .map_err(transient_or_definite)?;
+            if let Some(p) = position {
+                tracing::info!(
+                    offsets_topic = %t.offsets_topic,
+                    shared_offsets_topic = %shared_name,
+                    "exactly-once: position {p} read from the offsets topic pipelines shared before; \
+                     from now on it is written to this pipeline's own topic"
+                );
+            }
+        }
         match position {
             Some(p) => tracing::info!(
                 offsets_topic = %t.offsets_topic,
