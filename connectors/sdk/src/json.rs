@@ -45,7 +45,11 @@ impl Default for JsonOptions {
     }
 }
 
-/// The full envelope: `before`, `after`, `source`, `op`, `ts_ms`, `transaction`.
+/// The full envelope: `before`, `after`, `source`, `op`, `ts_ms` (with
+/// Debezium 3's `ts_us` and `ts_ns`: the same processing time, which walcast
+/// keeps in milliseconds), `transaction`. The source block's `ts_us` and
+/// `ts_ns` are the commit time Postgres gives in microseconds; `xmin` is
+/// always null, as in Debezium unless its xmin tracking is on.
 pub fn envelope(event: &ChangeEvent, opts: &JsonOptions) -> Json {
     let s = &event.source;
     let table = &event.table;
@@ -58,16 +62,20 @@ pub fn envelope(event: &ChangeEvent, opts: &JsonOptions) -> Json {
             "name": s.name,
             "ts_ms": s.ts_ms,
             "ts_us": s.ts_us,
+            "ts_ns": s.ts_us.saturating_mul(1000),
             "snapshot": s.snapshot.as_str(),
             "db": s.db,
             "schema": table.schema,
             "table": table.name,
             "txId": s.tx_id,
             "lsn": s.lsn.0,
+            "xmin": Json::Null,
             "commit_lsn": s.commit_lsn.0,
         },
         "op": event.op.code(),
         "ts_ms": event.ts_ms,
+        "ts_us": event.ts_ms.saturating_mul(1000),
+        "ts_ns": event.ts_ms.saturating_mul(1_000_000),
         "transaction": event.transaction.as_ref().map(|t| json!({
             "id": t.id,
             "total_order": t.total_order,
@@ -169,12 +177,14 @@ impl<'a> Serialize for EnvelopeSer<'a> {
                 opts,
             })
         };
-        let mut m = ser.serialize_map(Some(6))?;
+        let mut m = ser.serialize_map(Some(8))?;
         m.serialize_entry("before", &row(&e.before))?;
         m.serialize_entry("after", &row(&e.after))?;
         m.serialize_entry("source", &SourceSer(e))?;
         m.serialize_entry("op", e.op.code())?;
         m.serialize_entry("ts_ms", &e.ts_ms)?;
+        m.serialize_entry("ts_us", &e.ts_ms.saturating_mul(1000))?;
+        m.serialize_entry("ts_ns", &e.ts_ms.saturating_mul(1_000_000))?;
         m.serialize_entry("transaction", &e.transaction.as_ref().map(TransactionSer))?;
         m.end()
     }
@@ -185,18 +195,20 @@ struct SourceSer<'a>(&'a ChangeEvent);
 impl Serialize for SourceSer<'_> {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         let (s, table) = (&self.0.source, &self.0.table);
-        let mut m = ser.serialize_map(Some(12))?;
+        let mut m = ser.serialize_map(Some(14))?;
         m.serialize_entry("version", env!("CARGO_PKG_VERSION"))?;
         m.serialize_entry("connector", "postgresql")?;
         m.serialize_entry("name", &s.name)?;
         m.serialize_entry("ts_ms", &s.ts_ms)?;
         m.serialize_entry("ts_us", &s.ts_us)?;
+        m.serialize_entry("ts_ns", &s.ts_us.saturating_mul(1000))?;
         m.serialize_entry("snapshot", s.snapshot.as_str())?;
         m.serialize_entry("db", &s.db)?;
         m.serialize_entry("schema", &table.schema)?;
         m.serialize_entry("table", &table.name)?;
         m.serialize_entry("txId", &s.tx_id)?;
         m.serialize_entry("lsn", &s.lsn.0)?;
+        m.serialize_entry("xmin", &Option::<i64>::None)?;
         m.serialize_entry("commit_lsn", &s.commit_lsn.0)?;
         m.end()
     }
