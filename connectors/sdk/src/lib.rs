@@ -19,6 +19,7 @@ pub mod position;
 pub mod relay;
 pub mod retry;
 pub mod secret;
+pub mod shape;
 pub mod sink;
 pub mod table;
 pub mod toast;
