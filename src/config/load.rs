@@ -172,6 +172,26 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                         ));
                     }
                 }
+                for (t, shape) in &c.table {
+                    let k = key(&format!("table.\"{t}\""));
+                    if crate::capture::setup::split_table(t).is_none() {
+                        return Err(rule(k, &format!("`{t}` is not of the form schema.table")));
+                    }
+                    let captured = s.tables.contains(t)
+                        || s.schemas.iter().any(|sc| t.starts_with(&format!("{sc}.")));
+                    if !captured {
+                        return Err(rule(k, &format!("`{t}` is not captured by this pipeline (add it to source.tables)")));
+                    }
+                    if let Err(m) = shape.validate(&k) {
+                        return Err(rule(k, &m));
+                    }
+                    if shape.row_filter.is_some() {
+                        return Err(rule(
+                            format!("{k}.row_filter"),
+                            "row filters are not supported yet; filter in the publication yourself (CREATE PUBLICATION ... WHERE, Postgres 15+) with create_publication = false",
+                        ));
+                    }
+                }
                 if let Err(m) = s.endpoints() {
                     let k = if m.starts_with("`host`") { "source.host" } else { "source.port" };
                     return Err(rule(key(k), &m));

@@ -243,6 +243,15 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
                 registry: c.registry.as_ref(),
             };
             let sinks = build_sinks(name, &settings.assemble.name, &c.sinks, &encoding).await?;
+            // Shaped before any sink sees an event (see walcast_sdk::shape).
+            let shaper = std::sync::Arc::new(
+                walcast_sdk::shape::Shaper::new(&c.table, &format!("pipelines.{name}.table"))
+                    .map_err(|e| BuildError::Config(format!("pipeline {name}: {e}")))?,
+            );
+            let sinks: Vec<Box<dyn Sink>> = sinks
+                .into_iter()
+                .map(|s| walcast_sdk::shape::ShapingSink::wrap(s, std::sync::Arc::clone(&shaper)))
+                .collect();
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
             crate::admin::metrics::register_pipeline(name, &sink_names);
             Ok(Runnable {

@@ -586,3 +586,62 @@ mod tests {
             .contains("WALCAST_TEST_NO_SUCH_VAR is not set"));
     }
 }
+
+/// A sink behind a [`Shaper`]: every batch is shaped before the inner sink
+/// sees it, so no sink can receive an unshaped event. A table whose rules
+/// do not fit it fails the batch definitely (the config must change).
+pub struct ShapingSink {
+    inner: Box<dyn crate::sink::Sink>,
+    shaper: Arc<Shaper>,
+}
+
+impl ShapingSink {
+    pub fn wrap(inner: Box<dyn crate::sink::Sink>, shaper: Arc<Shaper>) -> Box<dyn crate::sink::Sink> {
+        if shaper.is_empty() {
+            return inner;
+        }
+        Box::new(ShapingSink { inner, shaper })
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::sink::Sink for ShapingSink {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn send(&mut self, batch: crate::sink::Batch) -> Result<(), crate::sink::SinkError> {
+        let mut events = Vec::with_capacity(batch.events.len());
+        for e in batch.events.iter() {
+            let shaped = self
+                .shaper
+                .apply(e.clone())
+                .map_err(|err| crate::sink::SinkError::definite(self.inner.name(), err.to_string()).with_source(err))?;
+            events.extend(shaped);
+        }
+        self.inner
+            .send(crate::sink::Batch {
+                events: Arc::new(events),
+                acker: batch.acker,
+            })
+            .await
+    }
+
+    async fn flush(&mut self) -> Result<(), crate::sink::SinkError> {
+        self.inner.flush().await
+    }
+
+    fn refuses(&self, event: &ChangeEvent) -> Option<String> {
+        match self.shaper.apply(event.clone()) {
+            Err(e) => Some(e.to_string()),
+            Ok(events) => events.iter().find_map(|e| self.inner.refuses(e)),
+        }
+    }
+
+    // `healthy` keeps the default: a boxed sink is not `Sync`, and the
+    // daemon asks sinks' health where it holds them unboxed.
+
+    async fn rewind(&mut self) -> Result<(), crate::sink::SinkError> {
+        self.inner.rewind().await
+    }
+}
