@@ -401,9 +401,7 @@ async fn check_contracts(
             return false;
         }
     };
-    let options = walcast_schemas::MappingOptions {
-        unconstrained_numeric: r.unconstrained_numeric,
-    };
+    let options = r.mapping_options();
     let mut catalog = capture::catalog::Catalog::new(client).for_publication(&s.wanted.publication);
     let mut ok = true;
     for (sc, t) in &s.wanted.tables {
@@ -582,9 +580,7 @@ async fn check_registry(
             return false;
         }
     };
-    let options = walcast_schemas::MappingOptions {
-        unconstrained_numeric: r.unconstrained_numeric,
-    };
+    let options = r.mapping_options();
     let mut catalog = capture::catalog::Catalog::new(client).for_publication(&s.wanted.publication);
     let mut ok = true;
     for (sc, t) in &s.wanted.tables {

@@ -165,3 +165,42 @@ async fn the_registered_avro_schema_describes_the_shaped_table() {
     assert!(age.contains("string") && !age.contains("int"), "age is not a string in the schema: {age}");
     assert!(w.terminate().success());
 }
+
+/// Column names that are not Avro names: by default `名前` and `値段` would
+/// both become the field `__`, which `walcast check` reports naming both
+/// columns (before `run` would stop on it); Debezium's `avro_unicode`
+/// adjustment keeps them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_ascii_column_names_collide_in_check_and_not_with_avro_unicode() {
+    let db = TestDb::new("wc_unicode").await;
+    db.exec("CREATE TABLE jp (id int PRIMARY KEY, \"名前\" text, \"値段\" int); INSERT INTO jp VALUES (1, 'りんご', 120);")
+        .await;
+    let prefix = unique("uni");
+    let registry = var("WALCAST_TEST_REGISTRY_URL");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("walcast.toml");
+    let plain = KafkaCapture::new("uni", &db.name, &prefix, &["public.jp"]).avro(&registry, "");
+    std::fs::write(&path, plain.toml("127.0.0.1:1")).unwrap();
+    let (ok, out) = check(&path);
+    assert!(!ok && out.contains("`名前`") && out.contains("`値段`") && out.contains("`__`"), "{out}");
+    assert!(out.contains("avro_unicode"), "the error does not name the way out: {out}");
+
+    let unicode = KafkaCapture::new("uni", &db.name, &prefix, &["public.jp"])
+        .avro(&registry, "field_name_adjustment = \"avro_unicode\"");
+    std::fs::write(&path, unicode.toml("127.0.0.1:1")).unwrap();
+    let (ok, out) = check(&path);
+    assert!(ok, "{out}");
+    let mut w = Walcast::start_with(|_, admin| unicode.toml(admin));
+    let events = consume_avro(&registry, &format!("{prefix}.public.jp"), 1, WAIT).await;
+    // walcast's decoder gives the columns their names back (the schema
+    // records them); the fields themselves are escaped.
+    assert_eq!(events[0].1["after"], json!({"id": 1, "名前": "りんご", "値段": 120}));
+    let text = reqwest::get(format!("{registry}/subjects/{prefix}.public.jp-value/versions/latest"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("_u540d_u524d") && text.contains("_u5024_u6bb5"), "{text}");
+    assert!(w.terminate().success());
+}

@@ -88,6 +88,10 @@ pub struct RegistryConfig {
     /// How `numeric` without precision travels (default `variable_scale`).
     #[serde(default)]
     pub unconstrained_numeric: UnconstrainedNumeric,
+    /// How column names that are not Avro names become field names
+    /// (Debezium's `field.name.adjustment.mode`): `avro` or `avro_unicode`.
+    #[serde(default)]
+    pub field_name_adjustment: crate::mapping::FieldNameAdjustment,
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
     #[serde(default = "default_max_attempts")]
@@ -134,6 +138,7 @@ impl std::fmt::Debug for RegistryConfig {
             .field("ca_file", &self.ca_file)
             .field("subject_strategy", &self.subject_strategy)
             .field("unconstrained_numeric", &self.unconstrained_numeric)
+            .field("field_name_adjustment", &self.field_name_adjustment)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("max_attempts", &self.max_attempts)
             .field("contracts", &self.contracts)
@@ -143,6 +148,14 @@ impl std::fmt::Debug for RegistryConfig {
 }
 
 impl RegistryConfig {
+    /// The schema derivation choices this config makes.
+    pub fn mapping_options(&self) -> crate::MappingOptions {
+        crate::MappingOptions {
+            unconstrained_numeric: self.unconstrained_numeric,
+            field_name_adjustment: self.field_name_adjustment,
+        }
+    }
+
     /// A config with every default, for `url`.
     pub fn new(url: impl Into<String>) -> Self {
         RegistryConfig {
@@ -152,6 +165,7 @@ impl RegistryConfig {
             ca_file: None,
             subject_strategy: SubjectStrategy::default(),
             unconstrained_numeric: UnconstrainedNumeric::default(),
+            field_name_adjustment: Default::default(),
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             contracts: None,

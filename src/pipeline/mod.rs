@@ -176,9 +176,7 @@ pub async fn build_sinks(
                         );
                         let mut encoder = walcast_schemas::AvroEncoder::new(
                             registry,
-                            walcast_schemas::MappingOptions {
-                                unconstrained_numeric: r.unconstrained_numeric,
-                            },
+                            r.mapping_options(),
                             r.subject_strategy,
                             Arc::new(move |e: &walcast_sdk::ChangeEvent| {
                                 router.name(&e.table.schema, &e.table.name)
