@@ -204,3 +204,78 @@ async fn non_ascii_column_names_collide_in_check_and_not_with_avro_unicode() {
     assert!(text.contains("_u540d_u524d") && text.contains("_u5024_u6bb5"), "{text}");
     assert!(w.terminate().success());
 }
+
+/// The outbox event router: inserts into an outbox table, deleted in the
+/// same transaction as Debezium users do, become messages on
+/// `outbox.event.<aggregatetype>` keyed by the aggregate id, with the
+/// payload as the value and the event id and type as headers; the outbox
+/// table's own row changes are not published; a rolled-back insert is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_become_messages_routed_by_aggregate_type() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers;
+    use rdkafka::Message;
+    let db = TestDb::new("wc_outbox").await;
+    let routed = unique("ordr");
+    db.exec(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, aggregateid text NOT NULL,
+                              type text NOT NULL, payload jsonb, tenant text);",
+    )
+    .await;
+    let prefix = unique("obx");
+    let cfg = KafkaCapture::new("obx", &db.name, &prefix, &["public.outbox"])
+        .sink("create_topics = true\noutbox = { table = \"public.outbox\", fields_as_headers = [\"tenant\"], expand_json_payload = true }");
+    let mut w = Walcast::start_with(|_, admin| cfg.toml(admin));
+    w.wait_state("streaming", WAIT).await;
+    db.exec(&format!(
+        "BEGIN;
+         INSERT INTO outbox VALUES ('00000000-0000-0000-0000-000000000001', '{routed}', 'o-1', 'OrderCreated', '{{\"total\": 5}}', 'acme');
+         DELETE FROM outbox;
+         COMMIT;
+         BEGIN;
+         INSERT INTO outbox VALUES ('00000000-0000-0000-0000-000000000009', '{routed}', 'o-9', 'Never', '{{}}', 'acme');
+         ROLLBACK;
+         INSERT INTO outbox VALUES ('00000000-0000-0000-0000-000000000002', '{routed}', 'o-1', 'OrderPaid', '{{\"paid\": true}}', NULL);"
+    ))
+    .await;
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", var("WALCAST_TEST_KAFKA_BOOTSTRAP"))
+        .set("group.id", unique("obx"))
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("outbox.event.{routed}")]).unwrap();
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while got.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{} outbox messages:\n{}", got.len(), tail(&w.log(), 3000));
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers: Vec<(String, String)> = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let key: Value = serde_json::from_slice(m.key().unwrap()).unwrap();
+            let value: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            got.push((key, value, headers));
+        }
+    }
+    assert_eq!(got[0].0, json!("o-1"));
+    assert_eq!(got[0].1, json!({"total": 5}));
+    let h = |i: usize, k: &str| got[i].2.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(h(0, "id").as_deref(), Some("00000000-0000-0000-0000-000000000001"));
+    assert_eq!(h(0, "type").as_deref(), Some("OrderCreated"));
+    assert_eq!(h(0, "tenant").as_deref(), Some("acme"));
+    assert_eq!(got[1].1, json!({"paid": true}));
+    assert_eq!(h(1, "type").as_deref(), Some("OrderPaid"));
+    // Nothing else: no rolled-back message, no row-change topic for the table.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(consumer.poll(Duration::from_secs(1)).is_none(), "a third message");
+    let (rows, _) = consume_json_until(&format!("{prefix}.public.outbox"), Duration::from_secs(3), |r| !r.is_empty());
+    assert!(rows.is_empty(), "the outbox table's row changes were published: {rows:?}");
+    assert!(w.terminate().success());
+}

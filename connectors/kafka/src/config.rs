@@ -127,6 +127,9 @@ pub struct KafkaSinkConfig {
     /// Any librdkafka producer property, applied over [`PRODUCER_DEFAULTS`].
     #[serde(default)]
     pub producer: BTreeMap<String, String>,
+    /// Route an outbox table's inserts as messages (see [`crate::outbox`]).
+    #[serde(default)]
+    pub outbox: Option<crate::outbox::OutboxConfig>,
 }
 
 /// How batches become durable in Kafka.
@@ -264,10 +267,19 @@ impl KafkaSinkConfig {
             transaction_topic: None,
             delivery: DeliveryMode::AtLeastOnce,
             producer: BTreeMap::new(),
+            outbox: None,
         }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(o) = &self.outbox {
+            if o.table.split('.').count() != 2 {
+                return Err(invalid("outbox.table", "must be schema.table"));
+            }
+            if !o.topic.contains("${routedByValue}") {
+                tracing::info!(topic = %o.topic, "outbox: every message goes to one topic (no ${{routedByValue}} in outbox.topic)");
+            }
+        }
         if self.bootstrap_servers.trim().is_empty() {
             return Err(invalid(
                 "bootstrap_servers",

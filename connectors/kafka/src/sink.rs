@@ -71,6 +71,8 @@ pub struct KafkaSink {
     transactional: Option<Transactional>,
     /// Where events the encoder refuses as invalid go instead of halting.
     dead_letter: Option<DeadLetter>,
+    /// The outbox table whose inserts are routed as messages.
+    outbox: Option<crate::outbox::OutboxConfig>,
     /// Ends the task that purges the queues after refused credentials.
     _auth_watch: AuthWatch,
 }
@@ -210,6 +212,7 @@ impl KafkaSink {
                 }),
             },
             dead_letter: None,
+            outbox: config.outbox.clone(),
         })
     }
 
@@ -288,6 +291,14 @@ impl KafkaSink {
             if event.op == Op::Truncate && self.skip_truncate {
                 continue;
             }
+            if let Some(outbox) = self.outbox.as_ref().filter(|o| o.matches(event)) {
+                let planned = crate::outbox::plan(outbox, event)
+                    .map_err(|e| SinkError::definite(SINK_NAME, e.to_string()).with_source(e))?;
+                if let Some(rec) = planned {
+                    self.send_outbox(event, rec, acker).await?;
+                }
+                continue;
+            }
             let Route { topic, table: what } = self.router.route(&event.table);
             self.ensure_topic(&topic).await?;
             if self.transactions.is_some() {
@@ -341,6 +352,33 @@ impl KafkaSink {
             );
         }
         Ok(())
+    }
+
+    /// Produces an outbox message: acknowledged with the batch like any
+    /// record (and inside its Kafka transaction in exactly-once mode).
+    async fn send_outbox(
+        &mut self,
+        event: &ChangeEvent,
+        rec: crate::outbox::OutboxRecord,
+        acker: Option<&Acker>,
+    ) -> Result<(), SinkError> {
+        let topic: Arc<str> = Arc::from(rec.topic.as_str());
+        self.ensure_topic(&topic).await?;
+        let mut headers = record::headers(event);
+        for (k, v) in &rec.headers {
+            headers = headers.insert(rdkafka::message::Header { key: k, value: v.as_deref() });
+        }
+        let what: Arc<str> = Arc::from(format!("outbox {}", event.table.qualified_name()).as_str());
+        self.produce(
+            &topic,
+            rec.key.as_deref(),
+            rec.value.as_deref(),
+            headers,
+            &what,
+            event.source.commit_lsn,
+            acker,
+        )
+        .await
     }
 
     /// Writes a refused event to the dead-letter topic. Its delivery
