@@ -335,9 +335,11 @@ impl Catalog {
     /// on 18, `publish_generated_columns`); `None` when there is no
     /// publication to ask, the server is older, or the table is not (yet)
     /// in it: then every column but generated ones, as pgoutput sends.
-    async fn published_columns(&self, schema: &str, table: &str) -> Result<Option<Vec<String>>, CatalogError> {
+    /// Before 18, `attnames` also lists generated columns, which pgoutput
+    /// never sends there: the flag says whether to trust it for them.
+    async fn published_columns(&self, schema: &str, table: &str) -> Result<(Option<Vec<String>>, bool), CatalogError> {
         let Some(publication) = &self.publication else {
-            return Ok(None);
+            return Ok((None, false));
         };
         let version: i32 = self
             .client
@@ -346,7 +348,7 @@ impl Catalog {
             .map_err(q("server_version_num"))?
             .get(0);
         if version < 150000 {
-            return Ok(None);
+            return Ok((None, false));
         }
         let row = self
             .client
@@ -356,7 +358,7 @@ impl Catalog {
             )
             .await
             .map_err(q(format!("published columns of {schema}.{table}")))?;
-        Ok(row.map(|r| r.get::<_, Vec<String>>(0)))
+        Ok((row.map(|r| r.get::<_, Vec<String>>(0)), version >= 180000))
     }
 
     pub fn client(&self) -> &Client {
@@ -457,7 +459,7 @@ impl Catalog {
             .map_err(q(format!("table {name}")))?
             .ok_or_else(|| CatalogError::Missing { table: name.clone() })?;
         let (oid, ident): (u32, String) = (rel.get(0), rel.get(1));
-        let published = self.published_columns(schema, table).await?;
+        let (published, generated_published) = self.published_columns(schema, table).await?;
         let replica_identity = match ident.as_str() {
             "n" => ReplicaIdentity::Nothing,
             "f" => ReplicaIdentity::Full,
@@ -473,9 +475,10 @@ impl Catalog {
                  LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary
                  LEFT JOIN pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident
                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-                   AND CASE WHEN $2::text[] IS NULL THEN a.attgenerated = '' ELSE a.attname = ANY($2) END
+                   AND CASE WHEN $2::text[] IS NULL THEN a.attgenerated = ''
+                            ELSE a.attname = ANY($2) AND (a.attgenerated = '' OR $3) END
                  ORDER BY a.attnum",
-                &[&oid, &published],
+                &[&oid, &published, &generated_published],
             )
             .await
             .map_err(q(format!("columns of {name}")))?;

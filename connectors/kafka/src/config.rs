@@ -127,6 +127,10 @@ pub struct KafkaSinkConfig {
     /// Any librdkafka producer property, applied over [`PRODUCER_DEFAULTS`].
     #[serde(default)]
     pub producer: BTreeMap<String, String>,
+    /// With `format = "json"`: how a numeric NaN/±Infinity is written,
+    /// `postgres` (`"NaN"`, default) or `debezium` (`"NAN"`, ...).
+    #[serde(default)]
+    pub json_special_numeric: walcast_sdk::json::SpecialNumeric,
     /// Route an outbox table's inserts as messages (see [`crate::outbox`]).
     #[serde(default)]
     pub outbox: Option<crate::outbox::OutboxConfig>,
@@ -267,6 +271,7 @@ impl KafkaSinkConfig {
             transaction_topic: None,
             delivery: DeliveryMode::AtLeastOnce,
             producer: BTreeMap::new(),
+            json_special_numeric: Default::default(),
             outbox: None,
         }
     }

@@ -30,18 +30,44 @@ use crate::value::{
 /// Debezium's default `unavailable.value.placeholder`.
 pub const DEFAULT_UNAVAILABLE_PLACEHOLDER: &str = "__debezium_unavailable_value";
 
+/// How a `numeric` NaN or ±Infinity is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpecialNumeric {
+    /// Postgres's own text: `"NaN"`, `"Infinity"`, `"-Infinity"` (what
+    /// `numeric_in` reads back, and what most JSON consumers expect).
+    #[default]
+    Postgres,
+    /// Debezium's (`decimal.handling.mode=string`): `"NAN"`,
+    /// `"POSITIVE_INFINITY"`, `"NEGATIVE_INFINITY"`, for consumers written
+    /// against Debezium's output.
+    Debezium,
+}
+
 /// Options that change how values render.
 #[derive(Debug, Clone)]
 pub struct JsonOptions {
     /// Written in place of an unchanged TOASTed value.
     pub unavailable_placeholder: String,
+    pub special_numeric: SpecialNumeric,
 }
 
 impl Default for JsonOptions {
     fn default() -> Self {
         JsonOptions {
             unavailable_placeholder: DEFAULT_UNAVAILABLE_PLACEHOLDER.to_string(),
+            special_numeric: SpecialNumeric::default(),
         }
+    }
+}
+
+fn special_numeric(n: &Numeric, mode: SpecialNumeric) -> String {
+    match (mode, n) {
+        (_, Numeric::Finite(s)) => s.clone(),
+        (SpecialNumeric::Postgres, other) => other.to_string(),
+        (SpecialNumeric::Debezium, Numeric::NaN) => "NAN".into(),
+        (SpecialNumeric::Debezium, Numeric::PositiveInfinity) => "POSITIVE_INFINITY".into(),
+        (SpecialNumeric::Debezium, Numeric::NegativeInfinity) => "NEGATIVE_INFINITY".into(),
     }
 }
 
@@ -114,10 +140,7 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
         Value::Int64(i) => json!(i),
         Value::Float32(f) => float(f64::from(*f)),
         Value::Float64(f) => float(*f),
-        Value::Numeric(n) => Json::String(match n {
-            Numeric::Finite(s) => s.clone(),
-            other => other.to_string(),
-        }),
+        Value::Numeric(n) => Json::String(special_numeric(n, opts.special_numeric)),
         Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => {
             Json::String(s.clone())
         }
@@ -381,6 +404,17 @@ pub fn date_string(days: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn special_numerics_render_as_postgres_or_as_debezium() {
+        let v = |n: Numeric, mode| value(&Value::Numeric(n), &JsonOptions { special_numeric: mode, ..JsonOptions::default() });
+        assert_eq!(v(Numeric::NaN, SpecialNumeric::Postgres), json!("NaN"));
+        assert_eq!(v(Numeric::PositiveInfinity, SpecialNumeric::Postgres), json!("Infinity"));
+        assert_eq!(v(Numeric::NaN, SpecialNumeric::Debezium), json!("NAN"));
+        assert_eq!(v(Numeric::PositiveInfinity, SpecialNumeric::Debezium), json!("POSITIVE_INFINITY"));
+        assert_eq!(v(Numeric::NegativeInfinity, SpecialNumeric::Debezium), json!("NEGATIVE_INFINITY"));
+        assert_eq!(v(Numeric::Finite("1.50".into()), SpecialNumeric::Debezium), json!("1.50"));
+    }
 
     #[test]
     fn renders_times_like_debezium() {
