@@ -259,6 +259,10 @@ pub struct Catalog {
     known: HashMap<u32, Arc<TableSchema>>,
     /// Relations found dropped (see [`Self::was_dropped`]).
     dropped: std::collections::HashSet<u32>,
+    /// Columns already warned about as having no conversion (relation,
+    /// column, type): Postgres sends a Relation message again after every
+    /// invalidation, and the warning is once per column, not per message.
+    unconverted: std::collections::HashSet<(u32, String, String)>,
 }
 
 impl Catalog {
@@ -269,7 +273,15 @@ impl Catalog {
             versions: HashMap::new(),
             known: HashMap::new(),
             dropped: Default::default(),
+            unconverted: Default::default(),
         }
+    }
+
+    /// Whether a column of a type walcast has no conversion for is seen
+    /// for the first time (and so is to be warned about).
+    fn first_unconverted(&mut self, relation_id: u32, column: &str, type_name: &str) -> bool {
+        self.unconverted
+            .insert((relation_id, column.to_string(), type_name.to_string()))
     }
 
     pub fn client(&self) -> &Client {
@@ -511,7 +523,11 @@ impl Catalog {
         let mut columns = Vec::with_capacity(rel.columns.len());
         for c in &rel.columns {
             let pg_type = self.resolve_type(c.type_oid, c.type_modifier).await?;
-            if let PgType::Unknown { type_name } = &pg_type {
+            let unconverted = match &pg_type {
+                PgType::Unknown { type_name } => self.first_unconverted(rel.id, &c.name, type_name),
+                _ => false,
+            };
+            if let (true, PgType::Unknown { type_name }) = (unconverted, &pg_type) {
                 tracing::warn!(
                     table = %format!("{schema}.{}", rel.name),
                     column = %c.name,

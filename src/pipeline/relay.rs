@@ -155,10 +155,37 @@ impl Decoder {
         };
         let (env, types) = self.json(value).await?;
         let key = match r.key.as_deref() {
-            Some(k) => Some(self.json(k).await?.0),
+            Some(k) => Some(self.key_columns(k).await?),
             None => None,
         };
-        event_from_envelope_typed(key.as_ref(), &env, types.as_deref()).map_err(|e| e.to_string())
+        event_from_envelope_typed(key.as_deref(), &env, types.as_deref())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The key record's columns in the order it was written (the table's
+    /// key order, which `{id}` and document ids follow): from the writer
+    /// schema for Avro, from the text for JSON (a parsed JSON map sorts its
+    /// members by name).
+    async fn key_columns(&self, bytes: &[u8]) -> Result<Vec<String>, String> {
+        if bytes.first() == Some(&0) {
+            let avro = self
+                .avro
+                .as_ref()
+                .ok_or("an Avro key, but the relay has no [registry] to decode it")?;
+            let (_, _, schema) = avro
+                .decode_with_schema(bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(walcast_schemas::mapping::record_columns(schema.json()))
+        } else {
+            match walcast_sdk::relay::json_member_names(bytes) {
+                Some(names) => Ok(names),
+                // Any other JSON names no column, as before.
+                None => serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+                    .map(|_| Vec::new())
+                    .map_err(|e| format!("a key neither Avro (magic byte 0) nor JSON: {e}")),
+            }
+        }
     }
 }
 

@@ -13,6 +13,15 @@
 //! [`event_from_envelope_typed`]) the rebuilt table carries them, so a sink
 //! can derive what depends on them (an index mapping); the values stay in
 //! their JSON form either way.
+//!
+//! The key columns' order is not in the envelope either, and a parsed
+//! `serde_json::Map` has lost it (it sorts its members by name): a
+//! composite key rebuilt from the map would name a row `k:1` where the
+//! capture, and any sink fed directly, names it `1:k` (`{id}` in a Redis
+//! key, an OpenSearch `_id`). So the caller passes the key's columns in
+//! the order the key record was written ([`json_member_names`] for a JSON
+//! key, the key's writer schema for Avro), and the rebuilt table has them
+//! in that order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,21 +53,45 @@ fn value(j: &Json) -> Value {
     }
 }
 
-/// Rebuilds an event from its key (`None` for a key-less table or a
-/// truncate) and its envelope. Returns `Ok(None)` for a transaction
-/// metadata record or anything else without `op`.
+/// The member names of a JSON object in the order they were written (a
+/// parsed `serde_json::Map` sorts them). `None` when `bytes` is not a JSON
+/// object.
+pub fn json_member_names(bytes: &[u8]) -> Option<Vec<String>> {
+    struct Names;
+    impl<'de> serde::de::Visitor<'de> for Names {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut names = Vec::new();
+            while let Some(name) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                names.push(name);
+            }
+            Ok(names)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde::Deserializer::deserialize_map(&mut de, Names).ok()
+}
+
+/// Rebuilds an event from its key columns, in the key record's order
+/// (`None` for a key-less table or a truncate), and its envelope. Returns
+/// `Ok(None)` for a transaction metadata record or anything else without
+/// `op`.
 pub fn event_from_envelope(
-    key: Option<&Json>,
+    key_columns: Option<&[String]>,
     env: &Json,
 ) -> Result<Option<ChangeEvent>, EnvelopeError> {
-    event_from_envelope_typed(key, env, None)
+    event_from_envelope_typed(key_columns, env, None)
 }
 
 /// As [`event_from_envelope`], with the columns' Postgres types where
 /// `types` knows them (by column name); the others are
 /// [`PgType::Unknown`].
 pub fn event_from_envelope_typed(
-    key: Option<&Json>,
+    key_columns: Option<&[String]>,
     env: &Json,
     types: Option<&HashMap<String, PgType>>,
 ) -> Result<Option<ChangeEvent>, EnvelopeError> {
@@ -86,13 +119,14 @@ pub fn event_from_envelope_typed(
     let before = env.get("before").filter(|v| !v.is_null());
     let after = env.get("after").filter(|v| !v.is_null());
     let image = after.or(before);
-    let key_names: Vec<String> = key
-        .and_then(Json::as_object)
-        .map(|k| k.keys().cloned().collect())
-        .unwrap_or_default();
+    let key_names = key_columns.unwrap_or_default();
     let columns: Vec<Column> = match image.and_then(Json::as_object) {
-        Some(row) => row
-            .keys()
+        // The key columns first, in the key's order (it is the order of
+        // `{id}` and document ids), then the others.
+        Some(row) => key_names
+            .iter()
+            .filter(|k| row.contains_key(k.as_str()))
+            .chain(row.keys().filter(|n| !key_names.contains(n)))
             .map(|name| Column {
                 name: name.clone(),
                 pg_type: types.and_then(|t| t.get(name)).cloned().unwrap_or_else(|| {
@@ -184,7 +218,9 @@ mod tests {
             "op": "u", "ts_ms": 9, "transaction": null
         });
         let key = serde_json::json!({"id": 7});
-        let e = event_from_envelope(Some(&key), &env).unwrap().unwrap();
+        let e = event_from_envelope(Some(&["id".to_string()]), &env)
+            .unwrap()
+            .unwrap();
         assert_eq!(e.op, Op::Update);
         assert_eq!(e.version(), 20);
         // Column order follows the JSON map's, which depends on serde_json's
@@ -201,6 +237,38 @@ mod tests {
             event_from_envelope(None, &serde_json::json!({"status": "BEGIN"}))
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    /// A composite key keeps the order its record was written in (the
+    /// table's), not the byte order of the column names a parsed map has.
+    #[test]
+    fn composite_keys_keep_the_key_records_order() {
+        let key_bytes = br#"{"region": "k", "id": 1}"#;
+        let names = json_member_names(key_bytes).unwrap();
+        assert_eq!(names, ["region", "id"]);
+        assert_eq!(json_member_names(b"[1]"), None);
+        let env = serde_json::json!({
+            "before": null,
+            "after": {"id": 1, "region": "k", "amount": 5, "Zed": "z"},
+            "source": {"schema": "public", "table": "t", "lsn": 10, "commit_lsn": 20},
+            "op": "c", "ts_ms": 9
+        });
+        let e = event_from_envelope(Some(&names), &env).unwrap().unwrap();
+        let key: Vec<(&str, &Value)> = e.key_values().unwrap();
+        assert_eq!(
+            key,
+            [("region", &Value::Text("k".into())), ("id", &Value::Int64(1))]
+        );
+        let opts = JsonOptions::default();
+        assert_eq!(
+            crate::json::key_bytes(&e, &opts).unwrap(),
+            br#"{"region":"k","id":1}"#
+        );
+        // The row is the same whatever the columns' order.
+        assert_eq!(
+            json::row(&e.table, e.after.as_ref().unwrap(), &opts),
+            env["after"]
         );
     }
 }
