@@ -40,6 +40,7 @@ is known to get wrong, so the test can find them once fixed.
 """
 
 import argparse
+from collections import Counter
 import json
 import os
 import random
@@ -57,49 +58,57 @@ import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare import (Diff, KafkaRebuild, Topic, compare_rows, key_id, pg_rows, redis_rows,  # noqa: E402
+from compare import (Diff, KafkaRebuild, Topic, compare_rows, dead_letters, key_id, pg_rows, redis_rows,  # noqa: E402
                      relay_lag, sanitize_index, search_rows)
 from generator import Writer, make_scenario  # noqa: E402
-from pgtypes import from_pg, key_part  # noqa: E402
+from pgtypes import from_pg, key_part, search_doc, search_value  # noqa: E402
 
 # Feature switches. True = generated in CI. Each False one fails on the code
 # as it stands; the comment says how (see the final report of the oracle's
 # author for the full output) and which defect it waits for.
 SWITCHES = {
-    # Defect 1: partitioned tables lose streamed changes.
-    "partitioned": False,
-    # Defect 2: the unchanged-TOAST placeholder overwrites values in the
-    # Redis/OpenSearch upsert sinks. When off, sink tables holding TOASTed
-    # values get REPLICA IDENTITY FULL; Kafka-only tables still get
-    # untouched-TOAST updates (the Kafka rebuild merges the placeholder).
-    "toast_unchanged_in_sinks": False,
-    # Defect 3: key-less tables make the OpenSearch relay loop. When off,
+    # Partitioned tables (published via the partition root, README
+    # "Partitioned tables").
+    "partitioned": True,
+    # Updates that leave TOASTed columns alone on tables that reach Redis
+    # and OpenSearch (README Guarantees: the sinks keep the stored value;
+    # with none stored, the column is left out and listed in
+    # `__walcast_incomplete`, which compare.never_carried accepts only when
+    # no event of the key carried the value). When off, sink tables holding
+    # TOASTed values get REPLICA IDENTITY FULL.
+    "toast_unchanged_in_sinks": True,
+    # Key-less tables in the sink pipelines. Relay mode: the relay sets
+    # their records aside in its dead-letter topic (`on_refused`), each
+    # exactly once without faults, and commits past them. Direct mode:
+    # `walcast check` must refuse them (keyless_tables with a search or
+    # Redis-key sink), then they are captured to Kafka only. When off,
     # key-less tables reach Kafka only.
-    "keyless_in_sinks": False,
-    # Defect 4: numeric NaN/Infinity halts the Avro pipeline. When off, no
-    # numeric NaN/Infinity in Avro runs (JSON runs always have them).
-    "numeric_nan_avro": False,
-    # Defect 5: OpenSearch dynamic mapping loses float8 precision / refuses
-    # infinity dates. When off, float NaN/±Infinity and ±infinity, BC and
-    # far-future dates/timestamps are written to Kafka-only tables only.
-    "search_special_values": False,
+    "keyless_in_sinks": True,
+    # NaN/±Infinity in an unconstrained numeric in Avro runs (a string under
+    # the default unconstrained_numeric = "string"). NaN in a numeric(p, s)
+    # stays JSON-only: an Avro decimal cannot carry it (MAPPING.md).
+    "numeric_nan_avro": True,
+    # Float NaN/±Infinity, ±infinity, BC and far-future dates/timestamps in
+    # sink tables: the search sink sets values its fields cannot hold aside
+    # in `__walcast_special` (pgtypes.search_value). Not in relays of JSON
+    # topics, whose untyped indices refuse "NaN" in a double field (README
+    # "Relays").
+    "search_special_values": True,
     # Not a walcast defect: the local stack's OpenSearch (an embedded node
     # with transport-netty4 only, deploy/local/stack) has no reindex module,
     # so `_delete_by_query`, which the sink's `truncate = "delete_all"` uses,
     # answers HTTP 400 "no handler found" and the daemon stops (exit 1).
     # When off, truncates are generated on Kafka-only tables only.
     "truncate_in_sinks": False,
-    # New defect found by the oracle (not in the known list): in relay mode
-    # the key columns of a relayed event are taken in byte order of their
-    # names (connectors/sdk/src/relay.rs reads them from a serde_json Map,
-    # a BTreeMap), not in key-column order, so the Redis `{id}` and the
-    # OpenSearch `_id` of a composite-key row differ from direct mode and
-    # from the documented order ("1:k" expected, "k:1" written). When off,
-    # composite keys are generated with their columns already in byte order.
-    "relay_key_order": False,
-    # Defect 6: a Postgres restart stops the daemon. When off, the pg_fast
-    # and pg_immediate faults are skipped.
-    "pg_restart": False,
+    # Composite keys whose columns are not in byte order of their names
+    # (the relay once took them in that order; fixed in
+    # connectors/sdk/src/relay.rs). When off, composite keys are generated
+    # with their columns already in byte order.
+    "relay_key_order": True,
+    # Postgres fast/immediate shutdowns (the pg_fast and pg_immediate
+    # faults, which only run with WALCAST_ORACLE_STACK_FAULTS=1). When off,
+    # they are skipped.
+    "pg_restart": True,
 }
 
 
@@ -157,6 +166,8 @@ class Run:
         self.prefix_sink, self.prefix_kafka = f"{self.run_id}s", f"{self.run_id}k"
         self.rkey = {m: f"{self.run_id}:{m}:" for m in ("i", "j", "h")}
         self.fault_log = []
+        self.dlq = f"{self.run_id}-relay-dlq"
+        self.redis_wipe_lsn = 0  # LSN read just after the last Redis stop (fault redis_stop)
         self.exits = []  # exit codes of walcast processes that stopped by themselves
 
     def conninfo(self, db=None):
@@ -178,11 +189,34 @@ class Run:
                 f"columns={len(t.cols)}: " + ", ".join(f"{c}:{ty.name}" for c, ty, _ in t.cols))
         self.sink_tables = [t for t in self.tables if t.sinks]
         self.kafka_tables = [t for t in self.tables if not t.sinks]
+        self.setup_problems = []
+
+    def check_keyless_refused(self):
+        """Direct mode: `walcast check` must refuse key-less tables in a
+        pipeline with search and Redis-key sinks (README
+        `source.keyless_tables`); they are then captured to Kafka only."""
+        keyless = [t for t in self.sink_tables if t.keyless]
+        if self.mode != "direct" or not keyless:
+            return
+        self.config()
+        res = subprocess.run([self.args.bin, "check", "-c", self.config_path], cwd=self.dir,
+                             capture_output=True, text=True, timeout=300)
+        out = res.stdout + res.stderr
+        if res.returncode == 0 or "keyless_tables" not in out:
+            self.setup_problems.append(
+                f"walcast check accepted key-less tables {[t.label for t in keyless]} for the search and Redis sinks "
+                f"(exit {res.returncode}): {out[-600:]}")
+        else:
+            log(f"walcast check refused the key-less tables for the sinks, as documented (exit {res.returncode})")
+        for t in keyless:
+            t.sinks = False
+        self.sink_tables = [t for t in self.tables if t.sinks]
+        self.kafka_tables = [t for t in self.tables if not t.sinks]
 
     def initial_rows(self):
         """Rows present before walcast starts: read by the initial snapshot."""
         stop = threading.Event()
-        w = Writer(0, 1, self.seed, self.conninfo(), self.tables, self.switches, self.fmt, stop, large=False)
+        w = Writer(0, 1, self.seed, self.conninfo(), self.tables, self.switches, self.fmt, stop, large=False, mode=self.mode)
         w.counter = 10_000
         with psycopg.connect(self.conninfo()) as c, c.cursor() as cur:
             for t in self.tables:
@@ -249,6 +283,7 @@ topic_creation = {{ partitions = 3 }}
             text = f"""
 [pipelines.relay]
 kind = "relay"
+on_refused = {{ dead_letter = {{ topic = "{self.dlq}" }} }}
 {registry}[pipelines.relay.source]
 bootstrap_servers = "{self.bootstrap}"
 group_id = "{self.run_id}-relay"
@@ -328,6 +363,13 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
             self.stack("start", "postgres")
         elif kind == "redis_stop":
             self.stack("stop", "redis")
+            # The stack's Redis has no persistence: the stop wipes it. Any
+            # change committed after this LSN reaches Redis after the wipe.
+            try:
+                with psycopg.connect(self.conninfo(), autocommit=True, connect_timeout=5) as c:
+                    self.redis_wipe_lsn = int(c.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0])
+            except psycopg.Error as e:
+                log(f"reading the LSN at the Redis stop failed ({e}): Redis rows are compared as if never wiped")
             time.sleep(pause * 2)
             self.stack("start", "redis")
         elif kind == "search_stop":
@@ -355,7 +397,7 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
     def load(self):
         stop = threading.Event()
         writers = [Writer(w, self.args.writers, self.seed, self.conninfo(), self.tables, self.switches, self.fmt, stop,
-                          redis_sentinel=self.sentinel) for w in range(self.args.writers)]
+                          redis_sentinel=self.sentinel, mode=self.mode, large_rows=self.large_rows()) for w in range(self.args.writers)]
         for w in writers:
             w.start()
         r = random.Random(self.seed + 7)
@@ -402,7 +444,8 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
             for short, hash_mode in (("j", False), ("h", True)):
                 got = redis_rows(self.rds, self.rkey[short], t, hash_mode)
                 counts["redis_keys"] += len(got)
-                compare_rows(diff, f"redis-{'hash' if hash_mode else 'json'}", t, exp, got, hist, hash_mode=hash_mode)
+                compare_rows(diff, f"redis-{'hash' if hash_mode else 'json'}", t, exp, got, hist, hash_mode=hash_mode,
+                             wiped_lsn=self.redis_wipe_lsn)
             left = redis_rows(self.rds, self.rkey["i"], t, "keys")
             for kid in left:
                 diff.add("redis-invalidate", t, kid, "*", "key invalidated by a committed change", "stale key still present", hist)
@@ -414,14 +457,65 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
                     diff.add("opensearch", t, "*", "*", f"{len(exp)} rows", f"no index {index}", hist)
                     continue
             counts["search_docs"] += len(got)
-            compare_rows(diff, "opensearch", t, exp, got, hist)
+            regime = self.search_regime()
+            exp_docs = {kid: {c: search_value(t.ty[c].name, t.kind[c], v, regime) for c, v in row.items()}
+                        for kid, row in exp.items()}
+            got_docs = {kid: search_doc(t, doc, regime) for kid, doc in got.items()}
+            compare_rows(diff, "opensearch", t, exp_docs, got_docs, hist)
         if self.mode == "relay" and self.sink_tables:
+            self.check_dead_letters(diff, kafka, histories)
             # At rest, the relay has applied and committed everything
             # (README: offsets committed only after the sinks applied).
             for topic, n in relay_lag(self.bootstrap, f"{self.run_id}-relay", self.prefix_sink).items():
                 diff.add("relay-offsets", Topic(topic), "*", "*", "every record applied and committed",
                          f"{n} records not committed by group {self.run_id}-relay", {})
         return diff, counts
+
+    def check_dead_letters(self, diff, kafka, histories):
+        """The relay's dead-letter topic holds every record of the key-less
+        sink tables (which no Redis key or document id can name), and
+        nothing else; each once unless walcast was killed (at least once:
+        a kill between the copy and the offset commit copies again)."""
+        got = dead_letters(self.bootstrap, self.dlq, self.run_id)
+        seen = Counter((tp, p, o) for tp, p, o, _ in got)
+        keyless = {t.label for t in self.sink_tables if t.keyless}
+        by_label = {t.label: t for t in self.sink_tables}
+        expected = {(tp, p, o) for tp, offs in kafka.offsets.items() if kafka.topic_table.get(tp) in keyless
+                    for p, o in offs}
+        self.dlq_count = len(seen)
+        for (tp, p, o), n in seen.items():
+            label = kafka.topic_table.get(tp)
+            t = by_label.get(label) or Topic(tp or "?")
+            if (tp, p, o) not in expected:
+                err = next((e for x, y, z, e in got if (x, y, z) == (tp, p, o)), None)
+                diff.add("relay-dead-letter", t, f"{tp}[{p}]@{o}", "*", "applied by the sinks",
+                         f"set aside: {err}", {})
+            elif n > 1 and "walcast_kill" not in self.fault_log:
+                diff.add("relay-dead-letter", t, f"{tp}[{p}]@{o}", "*", "one copy", f"{n} copies", {})
+        for tp, p, o in sorted(expected - set(seen)):
+            t = by_label.get(kafka.topic_table.get(tp)) or Topic(tp)
+            diff.add("relay-dead-letter", t, f"{tp}[{p}]@{o}", "*", "record of a key-less table set aside",
+                     "not in the dead-letter topic", {})
+
+    def create_dlq(self):
+        from confluent_kafka.admin import AdminClient, NewTopic
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        for f in admin.create_topics([NewTopic(self.dlq, 1, 1)]).values():
+            try:
+                f.result(30)
+            except Exception as e:
+                log(f"creating {self.dlq}: {e}")
+
+    def large_rows(self):
+        """Rows of a large transaction: fewer in the short form, whose
+        minute each is mostly spent reading the topics back."""
+        return (1500, 3000) if self.args.seconds >= 60 else (300, 800)
+
+    def search_regime(self):
+        """How search documents are typed (pgtypes.search_value)."""
+        if self.mode == "direct":
+            return "typed"
+        return "avro" if self.fmt == "avro" else "untyped"
 
     def converge(self, kafka):
         deadline = time.time() + self.args.converge_seconds
@@ -486,7 +580,10 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
         try:
             self.setup()
             self.initial_rows()
+            self.check_keyless_refused()
             self.config()
+            if self.mode == "relay":
+                self.create_dlq()
             self.start_walcast()
             if not self.wait_ready():
                 log("walcast did not become ready:\n" + self.log_tail())
@@ -508,6 +605,14 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
                        f"tables={len(self.tables)} commits={stats['commits']} rows={counts['rows']} "
                        f"kafka_events={counts['kafka_events']} redis_keys={counts['redis_keys']} "
                        f"search_docs={counts['search_docs']} in {time.time() - t0:.0f}s")
+            for p in self.setup_problems:
+                diff.add("walcast-check", Topic("config"), "*", "*", "refused", p, {})
+            if diff.incomplete:
+                summary += f" incomplete_documented={diff.incomplete}"
+            if diff.wiped:
+                summary += f" redis_rows_lost_in_wipe={diff.wiped}"
+            if getattr(self, "dlq_count", 0):
+                summary += f" dead_letters={self.dlq_count}"
             if diff.total or self.exits:
                 for line in diff.lines:
                     print(line)

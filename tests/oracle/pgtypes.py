@@ -205,6 +205,8 @@ def from_avro(kind, v):
     if kind in ("float4", "float8"):
         return special_float(float(v))
     if kind in ("numeric", "money"):
+        if isinstance(v, str):  # unconstrained_numeric = "string" (the default): Postgres's text
+            return v
         if isinstance(v, dict):  # io.debezium.data.VariableScaleDecimal
             unscaled = int.from_bytes(v["value"], "big", signed=True)
             return format(Decimal(unscaled).scaleb(-v["scale"], context=EXACT), "f")
@@ -218,6 +220,108 @@ def from_avro(kind, v):
     return v
 
 
+# ------------------------------------------------------- search documents
+
+
+class Special:
+    """A value the search sink set aside in `__walcast_special.<column>`
+    (README "Values a field cannot hold"): the column is absent from the
+    document and its Postgres text is there instead. Arrays compare by
+    their parsed JSON text (the sink writes the whole array's JSON)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __eq__(self, other):
+        return isinstance(other, Special) and same(self.text, other.text)
+
+    def __repr__(self):
+        return f"__walcast_special:{self.text!r}"
+
+
+def iso_year(y):
+    """connectors/elasticsearch/src/mapping.rs iso_year: ISO 8601's
+    expanded years outside 0000-9999 (astronomical: -0043 is 44 BC)."""
+    if 0 <= y <= 9999:
+        return "%04d" % y
+    return "-%04d" % -y if y < 0 else "+%d" % y
+
+
+def _split_date(text):
+    y, m, d = text.rsplit("-", 2)
+    return int(y), m, d
+
+
+# Which Postgres types a search document is typed by, per regime
+# (README "Index mappings", "Relays"): `typed` = direct mode (the capture
+# knows every column's type), `avro` = a relay of Avro topics (types from
+# the writer schema; inet/cidr/macaddr and an unconstrained numeric travel
+# as strings and come back as text), `untyped` = a relay of JSON topics (no
+# types: every value as the JSON encoder wrote it, dynamic templates only).
+_AS_TEXT_IN_AVRO = {"numfree", "inet", "cidr", "macaddr", "macaddr8"}
+_UNKNOWN_TO_WALCAST = {"bit", "varbit", "tsvector", "xml", "bitsarr"}
+
+
+def search_value(ty_name, kind, v, regime):
+    """The canonical value `v` as the search sink documents it: the field's
+    value, or Special(text) for a value its field cannot hold."""
+    if v is None or regime == "untyped" or ty_name in _UNKNOWN_TO_WALCAST:
+        return v
+    if regime == "avro" and ty_name in _AS_TEXT_IN_AVRO:
+        return v
+    if kind.startswith("array:"):
+        out = [search_value(ty_name, kind[6:], x, regime) for x in v]
+        if any(isinstance(x, Special) for x in out):
+            return Special(v)
+        return out
+    if kind in ("float4", "float8") and v in ("NaN", "Infinity", "-Infinity"):
+        return Special(v)
+    if kind in ("numeric", "money") and v in ("NaN", "Infinity", "-Infinity"):
+        return Special(v)
+    if kind == "date":
+        if v == I32_MAX:
+            return Special("infinity")
+        if v == I32_MIN:
+            return Special("-infinity")
+        y, m, d = civil_from_days(v)
+        return "%s-%02d-%02d" % (iso_year(y), m, d)
+    if kind == "ts":
+        if v == I64_MAX:
+            return Special("infinity")
+        if v == I64_MIN:
+            return Special("-infinity")
+        days, rest = divmod(v, 86_400_000_000)
+        y, m, d = civil_from_days(days)
+        return "%s-%02d-%02dT%s" % (iso_year(y), m, d, time_of_day(rest))
+    if kind == "tstz":
+        if v in ("infinity", "-infinity"):
+            return Special(v)
+        day, rest = v.split("T", 1)
+        y, m, d = _split_date(day)
+        return f"{iso_year(y)}-{m}-{d}T{rest}"
+    if ty_name == "inet" and "/" in v:
+        return Special(v)
+    if kind == "json":
+        parsed = json.loads(v)
+        return parsed if isinstance(parsed, dict) else Special(v)
+    return v
+
+
+def search_doc(t, doc, regime):
+    """A search document's columns, with those set aside read from
+    `__walcast_special` (arrays parsed from their JSON text)."""
+    special = doc.get("__walcast_special") or {}
+    out = {}
+    for c, ty, _ in t.cols:
+        if c in special:
+            text = special[c]
+            out[c] = Special(json.loads(text) if t.kind[c].startswith("array:") else text)
+        else:
+            out[c] = doc.get(c, "(field absent)")
+    out["__walcast_incomplete"] = doc.get("__walcast_incomplete")
+    return out
+
+
 def from_hash(expected, s):
     """A Redis hash field, read against the canonical value expected."""
     if s is None or isinstance(expected, str) or expected is None:
@@ -229,6 +333,8 @@ def from_hash(expected, s):
 
 
 def same(a, b):
+    if isinstance(a, Special) or isinstance(b, Special):
+        return isinstance(a, Special) and isinstance(b, Special) and same(a.text, b.text)
     if isinstance(a, float) and isinstance(b, float):
         return repr(a) == repr(b)
     if isinstance(a, bool) or isinstance(b, bool):
@@ -387,7 +493,7 @@ def catalog(enum_name, domain_int, domain_text):
         T("int8", "bigint", "int", lambda r: str(r.choice([-2**63, 2**63 - 1, r.randint(-10**12, 10**12)])), keyable=True),
         T("float4", "real", "float4", _float4, special=_fspecial("float4")),
         T("float8", "double precision", "float8", _float8, special=_f8special),
-        T("num", "numeric(12,4)", "numeric", _numeric(12, 4), special=lambda r: ("numeric_nan", lit("NaN", "numeric"))),
+        T("num", "numeric(12,4)", "numeric", _numeric(12, 4), special=lambda r: ("numeric_nan_constrained", lit("NaN", "numeric"))),
         T("num0", "numeric(20,0)", "numeric", _numeric(20, 0)),
         T("numfree", "numeric", "numeric", _numeric_free, special=lambda r: ("numeric_nan", lit(r.choice(["NaN", "Infinity", "-Infinity"]), "numeric"))),
         T("money", "money", "money", _money),
