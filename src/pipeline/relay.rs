@@ -192,46 +192,61 @@ impl Decoder {
 /// Applies `on_refused` to the batch's refused records: the first one
 /// stops the relay without a dead-letter topic; with one, each record is
 /// copied there once (naming every sink that refused it) before the batch
-/// goes on.
+/// goes on. The copies are produced concurrently (one delivery wait per
+/// batch, not per record: a key-less table's large transaction is
+/// thousands of refused records) and all must be delivered before the
+/// batch's offsets are committed.
 async fn set_aside(
     pipeline: &str,
     refusals: &[Refusal],
     records: &[SourceRecord],
     dead_letter: Option<&RecordDeadLetter>,
 ) -> Result<(), RelayError> {
-    for refusal in refusals {
+    let Some(dlq) = dead_letter else {
+        let Some(refusal) = refusals.first() else {
+            return Ok(());
+        };
         let r = &records[refusal.record];
         let reason = refusal.reasons.join("; ");
         let sinks = refusal.sinks.join(",");
-        let Some(dlq) = dead_letter else {
-            return Err(if sinks.is_empty() {
-                RelayError::Decode {
-                    pipeline: pipeline.to_string(),
-                    topic: r.topic.clone(),
-                    partition: r.partition,
-                    offset: r.offset,
-                    message: reason,
-                }
-            } else {
-                RelayError::Refused {
-                    pipeline: pipeline.to_string(),
-                    sink: sinks,
-                    topic: r.topic.clone(),
-                    partition: r.partition,
-                    offset: r.offset,
-                    message: reason,
-                }
-            });
-        };
-        dlq.send(r, (!sinks.is_empty()).then_some(sinks.as_str()), &reason)
-            .await
-            .map_err(|source| RelayError::DeadLetter {
+        return Err(if sinks.is_empty() {
+            RelayError::Decode {
                 pipeline: pipeline.to_string(),
                 topic: r.topic.clone(),
                 partition: r.partition,
                 offset: r.offset,
-                source,
-            })?;
+                message: reason,
+            }
+        } else {
+            RelayError::Refused {
+                pipeline: pipeline.to_string(),
+                sink: sinks,
+                topic: r.topic.clone(),
+                partition: r.partition,
+                offset: r.offset,
+                message: reason,
+            }
+        });
+    };
+    let copies = refusals.iter().map(|refusal| {
+        let r = &records[refusal.record];
+        let reason = refusal.reasons.join("; ");
+        let sinks = refusal.sinks.join(",");
+        async move {
+            let sent = dlq
+                .send(r, (!sinks.is_empty()).then_some(sinks.as_str()), &reason)
+                .await;
+            (refusal, r, reason, sinks, sent)
+        }
+    });
+    for (refusal, r, reason, sinks, sent) in futures::future::join_all(copies).await {
+        sent.map_err(|source| RelayError::DeadLetter {
+            pipeline: pipeline.to_string(),
+            topic: r.topic.clone(),
+            partition: r.partition,
+            offset: r.offset,
+            source,
+        })?;
         tracing::warn!(
             pipeline, sinks = %sinks, topic = %r.topic, partition = r.partition, offset = r.offset,
             dead_letter_topic = dlq.topic(), reason = %reason,
