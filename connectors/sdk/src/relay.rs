@@ -53,6 +53,33 @@ fn value(j: &Json) -> Value {
     }
 }
 
+/// A column's value from its JSON form. Where the columns' types are
+/// known (an Avro topic), the unchanged-TOAST placeholder also has the
+/// forms Avro gives it where a string cannot go (schemas/MAPPING.md
+/// "Values Avro cannot carry"): a `bytea` carries the placeholder's UTF-8
+/// bytes (base64 in the JSON form), an array of strings a one-element array
+/// holding it. Read as values, they overwrote a sink's stored copy with the
+/// placeholder's bytes.
+fn column_value(j: &Json, pg: &PgType, typed: bool) -> Value {
+    if typed {
+        match (pg, j) {
+            (PgType::Bytea, Json::String(s))
+                if base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s)
+                    .is_ok_and(|b| b == DEFAULT_UNAVAILABLE_PLACEHOLDER.as_bytes()) =>
+            {
+                return Value::Unavailable
+            }
+            (PgType::Array { .. }, Json::Array(items))
+                if items.len() == 1 && items[0] == DEFAULT_UNAVAILABLE_PLACEHOLDER =>
+            {
+                return Value::Unavailable
+            }
+            _ => {}
+        }
+    }
+    value(j)
+}
+
 /// The member names of a JSON object in the order they were written (a
 /// parsed `serde_json::Map` sorts them). `None` when `bytes` is not a JSON
 /// object.
@@ -147,7 +174,11 @@ pub fn event_from_envelope_typed(
         Some(
             columns
                 .iter()
-                .map(|c| obj.get(&c.name).map(value).unwrap_or(Value::Null))
+                .map(|c| {
+                    obj.get(&c.name)
+                        .map(|j| column_value(j, &c.pg_type, types.is_some()))
+                        .unwrap_or(Value::Null)
+                })
                 .collect(),
         )
     };
@@ -270,5 +301,47 @@ mod tests {
             json::row(&e.table, e.after.as_ref().unwrap(), &opts),
             env["after"]
         );
+    }
+
+    /// From an Avro topic, a `bytea` placeholder (its bytes, base64 here)
+    /// and a string array's one-element placeholder are unchanged values,
+    /// not data; from a JSON topic (no types) the placeholder is a string.
+    #[test]
+    fn avro_forms_of_the_toast_placeholder_are_unavailable() {
+        let b64 = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            DEFAULT_UNAVAILABLE_PLACEHOLDER,
+        );
+        let env = serde_json::json!({
+            "before": null,
+            "after": {"id": 1, "b": b64, "tags": [DEFAULT_UNAVAILABLE_PLACEHOLDER], "other": "AP8="},
+            "source": {"schema": "public", "table": "t", "lsn": 10, "commit_lsn": 20},
+            "op": "u", "ts_ms": 9
+        });
+        let types: HashMap<String, PgType> = [
+            ("id".to_string(), PgType::Int8),
+            ("b".to_string(), PgType::Bytea),
+            ("other".to_string(), PgType::Bytea),
+            (
+                "tags".to_string(),
+                PgType::Array {
+                    element: Box::new(PgType::Text),
+                },
+            ),
+        ]
+        .into();
+        let key = ["id".to_string()];
+        let e = event_from_envelope_typed(Some(&key), &env, Some(&types))
+            .unwrap()
+            .unwrap();
+        let after = e.after.as_ref().unwrap();
+        let at = |c: &str| &after[e.table.column_index(c).unwrap()];
+        assert_eq!(at("b"), &Value::Unavailable);
+        assert_eq!(at("tags"), &Value::Unavailable);
+        assert_eq!(at("other"), &Value::Text("AP8=".into()));
+        // Untyped (a JSON topic): only the string form is the placeholder.
+        let e = event_from_envelope(Some(&key), &env).unwrap().unwrap();
+        let after = e.after.as_ref().unwrap();
+        assert_ne!(after[e.table.column_index("b").unwrap()], Value::Unavailable);
     }
 }
