@@ -7,18 +7,20 @@
 //! normalisation); this test runs its short form against the stack and
 //! fails on any difference, printing the oracle's repro lines.
 //!
-//! Short form (CI): the seeds of `SHORT`, about a minute each, one of them
+//! Short form (CI): the seeds of `SHORT`, about a minute each, two of them
 //! with walcast killed with -9 again and again. Service faults (broker
-//! kill -9, Redis and OpenSearch stopped, and, once a Postgres restart no
-//! longer stops the daemon, Postgres fast/immediate shutdowns) stop servers
-//! of the stack: they run only with `WALCAST_ORACLE_STACK_FAULTS=1`, never
-//! set it against a stack others use.
+//! kill -9, Redis and OpenSearch stopped, Postgres fast/immediate
+//! shutdowns) stop servers of the stack: they run only with
+//! `WALCAST_ORACLE_STACK_FAULTS=1`, never set it against a stack others use.
 //!
 //! Long form: `WALCAST_ORACLE_LONG=1` runs `WALCAST_ORACLE_RUNS` seeds
 //! (default 10) starting at `WALCAST_ORACLE_SEED` (default: random), each
-//! for `WALCAST_ORACLE_SECONDS` (default 300) with faults. Features known to
-//! fail are off by default (tests/oracle/oracle.py `SWITCHES`);
-//! `WALCAST_ORACLE_ENABLE=partitioned,...` turns them on.
+//! for `WALCAST_ORACLE_SECONDS` (default 300) with faults; record its
+//! figures in tests/oracle/RESULTS.md (the README quotes the last). Every
+//! feature is generated except those `SWITCHES` in tests/oracle/oracle.py
+//! keeps off (truncates of sink tables: the test stack's OpenSearch has no
+//! `_delete_by_query`); `WALCAST_ORACLE_ENABLE=...` / `_DISABLE=...`
+//! switch them.
 //!
 //! Needs python3 with venv: the first run creates `target/py-venv` and
 //! installs the clients from PyPI (tests/oracle/run). Without python3, or

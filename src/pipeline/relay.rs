@@ -158,8 +158,7 @@ impl Decoder {
             Some(k) => Some(self.key_columns(k).await?),
             None => None,
         };
-        event_from_envelope_typed(key.as_deref(), &env, types.as_deref())
-            .map_err(|e| e.to_string())
+        event_from_envelope_typed(key.as_deref(), &env, types.as_deref()).map_err(|e| e.to_string())
     }
 
     /// The key record's columns in the order it was written (the table's

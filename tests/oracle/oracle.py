@@ -24,8 +24,10 @@ Outputs and what is compared:
   difference), `upsert` JSON and `upsert` hash (each compared with
   Postgres, both ways);
 - OpenSearch: one index per table, compared both ways.
-Only "sink" tables reach Redis/OpenSearch; "kafka" tables (key-less ones
-always: a document id or Redis key needs a key) reach Kafka only.
+Only "sink" tables reach Redis/OpenSearch; "kafka" tables reach Kafka only.
+Key-less sink tables (switch keyless_in_sinks) go through the relay, which
+must set each of their records aside once in its dead-letter topic; in
+direct mode `walcast check` must refuse them, and they reach Kafka only.
 
 Faults (--faults, comma separated): walcast_kill (kill -9 of walcast, then
 restart), broker_kill (kill -9 of the broker, restart after a pause),
@@ -35,8 +37,8 @@ Service faults act on the stack named by WALCAST_TEST_STACK_DIR through
 deploy/local/stack: never point them at a shared stack.
 
 Switches (SWITCHES below; --enable/--disable or WALCAST_ORACLE_ENABLE /
-WALCAST_ORACLE_DISABLE, comma separated) turn on features the landed code
-is known to get wrong, so the test can find them once fixed.
+WALCAST_ORACLE_DISABLE, comma separated) name features that were kept out
+while walcast got them wrong; each says what it covers and, when off, why.
 """
 
 import argparse

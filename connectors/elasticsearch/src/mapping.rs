@@ -750,8 +750,16 @@ mod tests {
             let year = s.split("-").find(|p| !p.is_empty()).unwrap();
             assert!(year.len() >= 4, "{s}");
         }
-        let typed = document(&t, &[Value::Int64(1), Value::TimestampTz(-63_517_910_400_000_000)], &opts);
-        assert!(typed["tstz"].as_str().unwrap().starts_with("-0043-"), "{}", typed["tstz"]);
+        let typed = document(
+            &t,
+            &[Value::Int64(1), Value::TimestampTz(-63_517_910_400_000_000)],
+            &opts,
+        );
+        assert!(
+            typed["tstz"].as_str().unwrap().starts_with("-0043-"),
+            "{}",
+            typed["tstz"]
+        );
     }
 
     #[test]

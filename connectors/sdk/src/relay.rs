@@ -90,7 +90,10 @@ pub fn json_member_names(bytes: &[u8]) -> Option<Vec<String>> {
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
             let mut names = Vec::new();
             while let Some(name) = map.next_key::<String>()? {
                 map.next_value::<serde::de::IgnoredAny>()?;
@@ -289,7 +292,10 @@ mod tests {
         let key: Vec<(&str, &Value)> = e.key_values().unwrap();
         assert_eq!(
             key,
-            [("region", &Value::Text("k".into())), ("id", &Value::Int64(1))]
+            [
+                ("region", &Value::Text("k".into())),
+                ("id", &Value::Int64(1))
+            ]
         );
         let opts = JsonOptions::default();
         assert_eq!(
@@ -342,6 +348,9 @@ mod tests {
         // Untyped (a JSON topic): only the string form is the placeholder.
         let e = event_from_envelope(Some(&key), &env).unwrap().unwrap();
         let after = e.after.as_ref().unwrap();
-        assert_ne!(after[e.table.column_index("b").unwrap()], Value::Unavailable);
+        assert_ne!(
+            after[e.table.column_index("b").unwrap()],
+            Value::Unavailable
+        );
     }
 }
