@@ -453,6 +453,23 @@ pub fn column_types(envelope: &Json) -> std::collections::HashMap<String, PgType
     out
 }
 
+/// The column names of a record schema's fields, in the schema's order
+/// (the original name where the Avro name was sanitised): a key schema
+/// gives the key columns in the table's order, which a decoded JSON map
+/// has lost.
+pub fn record_columns(record: &Json) -> Vec<String> {
+    record["fields"]
+        .as_array()
+        .map(|fields| {
+            fields
+                .iter()
+                .filter_map(|f| f[COLUMN_ATTRIBUTE].as_str().or_else(|| f["name"].as_str()))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The non-null branch of a `["null", T]` union, or the type itself.
 fn non_null(t: &Json) -> Option<&Json> {
     match t {

@@ -309,6 +309,10 @@ pub struct Catalog {
     /// The pipeline's publication: a table described by name gets the
     /// columns it publishes (see [`Self::table_schema_by_name`]).
     publication: Option<String>,
+    /// Columns already warned about as having no conversion (relation,
+    /// column, type): Postgres sends a Relation message again after every
+    /// invalidation, and the warning is once per column, not per message.
+    unconverted: std::collections::HashSet<(u32, String, String)>,
 }
 
 impl Catalog {
@@ -320,6 +324,7 @@ impl Catalog {
             known: HashMap::new(),
             dropped: Default::default(),
             publication: None,
+            unconverted: Default::default(),
         }
     }
 
@@ -359,6 +364,13 @@ impl Catalog {
             .await
             .map_err(q(format!("published columns of {schema}.{table}")))?;
         Ok((row.map(|r| r.get::<_, Vec<String>>(0)), version >= 180000))
+    }
+
+    /// Whether a column of a type walcast has no conversion for is seen
+    /// for the first time (and so is to be warned about).
+    fn first_unconverted(&mut self, relation_id: u32, column: &str, type_name: &str) -> bool {
+        self.unconverted
+            .insert((relation_id, column.to_string(), type_name.to_string()))
     }
 
     pub fn client(&self) -> &Client {
@@ -606,7 +618,11 @@ impl Catalog {
         let mut columns = Vec::with_capacity(rel.columns.len());
         for c in &rel.columns {
             let pg_type = self.resolve_type(c.type_oid, c.type_modifier).await?;
-            if let PgType::Unknown { type_name } = &pg_type {
+            let unconverted = match &pg_type {
+                PgType::Unknown { type_name } => self.first_unconverted(rel.id, &c.name, type_name),
+                _ => false,
+            };
+            if let (true, PgType::Unknown { type_name }) = (unconverted, &pg_type) {
                 tracing::warn!(
                     table = %format!("{schema}.{}", rel.name),
                     column = %c.name,

@@ -155,56 +155,97 @@ impl Decoder {
         };
         let (env, types) = self.json(value).await?;
         let key = match r.key.as_deref() {
-            Some(k) => Some(self.json(k).await?.0),
+            Some(k) => Some(self.key_columns(k).await?),
             None => None,
         };
-        event_from_envelope_typed(key.as_ref(), &env, types.as_deref()).map_err(|e| e.to_string())
+        event_from_envelope_typed(key.as_deref(), &env, types.as_deref()).map_err(|e| e.to_string())
+    }
+
+    /// The key record's columns in the order it was written (the table's
+    /// key order, which `{id}` and document ids follow): from the writer
+    /// schema for Avro, from the text for JSON (a parsed JSON map sorts its
+    /// members by name).
+    async fn key_columns(&self, bytes: &[u8]) -> Result<Vec<String>, String> {
+        if bytes.first() == Some(&0) {
+            let avro = self
+                .avro
+                .as_ref()
+                .ok_or("an Avro key, but the relay has no [registry] to decode it")?;
+            let (_, _, schema) = avro
+                .decode_with_schema(bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(walcast_schemas::mapping::record_columns(schema.json()))
+        } else {
+            match walcast_sdk::relay::json_member_names(bytes) {
+                Some(names) => Ok(names),
+                // Any other JSON names no column, as before.
+                None => serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+                    .map(|_| Vec::new())
+                    .map_err(|e| format!("a key neither Avro (magic byte 0) nor JSON: {e}")),
+            }
+        }
     }
 }
 
 /// Applies `on_refused` to the batch's refused records: the first one
 /// stops the relay without a dead-letter topic; with one, each record is
 /// copied there once (naming every sink that refused it) before the batch
-/// goes on.
+/// goes on. The copies are produced concurrently (one delivery wait per
+/// batch, not per record: a key-less table's large transaction is
+/// thousands of refused records) and all must be delivered before the
+/// batch's offsets are committed.
 async fn set_aside(
     pipeline: &str,
     refusals: &[Refusal],
     records: &[SourceRecord],
     dead_letter: Option<&RecordDeadLetter>,
 ) -> Result<(), RelayError> {
-    for refusal in refusals {
+    let Some(dlq) = dead_letter else {
+        let Some(refusal) = refusals.first() else {
+            return Ok(());
+        };
         let r = &records[refusal.record];
         let reason = refusal.reasons.join("; ");
         let sinks = refusal.sinks.join(",");
-        let Some(dlq) = dead_letter else {
-            return Err(if sinks.is_empty() {
-                RelayError::Decode {
-                    pipeline: pipeline.to_string(),
-                    topic: r.topic.clone(),
-                    partition: r.partition,
-                    offset: r.offset,
-                    message: reason,
-                }
-            } else {
-                RelayError::Refused {
-                    pipeline: pipeline.to_string(),
-                    sink: sinks,
-                    topic: r.topic.clone(),
-                    partition: r.partition,
-                    offset: r.offset,
-                    message: reason,
-                }
-            });
-        };
-        dlq.send(r, (!sinks.is_empty()).then_some(sinks.as_str()), &reason)
-            .await
-            .map_err(|source| RelayError::DeadLetter {
+        return Err(if sinks.is_empty() {
+            RelayError::Decode {
                 pipeline: pipeline.to_string(),
                 topic: r.topic.clone(),
                 partition: r.partition,
                 offset: r.offset,
-                source,
-            })?;
+                message: reason,
+            }
+        } else {
+            RelayError::Refused {
+                pipeline: pipeline.to_string(),
+                sink: sinks,
+                topic: r.topic.clone(),
+                partition: r.partition,
+                offset: r.offset,
+                message: reason,
+            }
+        });
+    };
+    let copies = refusals.iter().map(|refusal| {
+        let r = &records[refusal.record];
+        let reason = refusal.reasons.join("; ");
+        let sinks = refusal.sinks.join(",");
+        async move {
+            let sent = dlq
+                .send(r, (!sinks.is_empty()).then_some(sinks.as_str()), &reason)
+                .await;
+            (refusal, r, reason, sinks, sent)
+        }
+    });
+    for (refusal, r, reason, sinks, sent) in futures::future::join_all(copies).await {
+        sent.map_err(|source| RelayError::DeadLetter {
+            pipeline: pipeline.to_string(),
+            topic: r.topic.clone(),
+            partition: r.partition,
+            offset: r.offset,
+            source,
+        })?;
         tracing::warn!(
             pipeline, sinks = %sinks, topic = %r.topic, partition = r.partition, offset = r.offset,
             dead_letter_topic = dlq.topic(), reason = %reason,

@@ -405,6 +405,13 @@ fn render(pg: &PgType, v: &Value, opts: &MappingOptions, jo: &JsonOptions) -> Re
         (PgType::TimestampTz, Value::Text(s)) if s == "infinity" || s == "-infinity" => {
             Rendered::Special(s.clone())
         }
+        // A relayed timestamptz is the JSON encoder's text, whose year is
+        // `{y:04}` (`-043` for 44 BC, `200000`): the date field reads
+        // only ISO 8601's expanded years there, so the year is rewritten.
+        (PgType::TimestampTz, Value::Text(s)) => match expand_year(s) {
+            Some(t) => Rendered::Field(Json::String(t)),
+            None => plain(),
+        },
         (PgType::Inet, Value::Network(s) | Value::Text(s)) if s.contains('/') => {
             Rendered::Special(s.clone())
         }
@@ -446,6 +453,19 @@ fn iso_year(y: i64) -> String {
     } else {
         format!("+{y}")
     }
+}
+
+/// `YYYY-MM-DDT...` with the year as the JSON encoder writes it, with the
+/// year as [`iso_year`] writes it; `None` when `s` is not of that form.
+fn expand_year(s: &str) -> Option<String> {
+    let (date, rest) = s.split_once('T')?;
+    let mut parts = date.rsplitn(3, '-');
+    let (d, m, y) = (parts.next()?, parts.next()?, parts.next()?);
+    if d.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let y: i64 = y.parse().ok()?;
+    Some(format!("{}-{m}-{d}T{rest}", iso_year(y)))
 }
 
 fn date(days: i32) -> Rendered {
@@ -705,6 +725,41 @@ mod tests {
         );
         assert!(a.get("odd").is_none());
         assert_eq!(iso_year(10_000), "+10000");
+    }
+
+    /// A relayed timestamptz (the JSON encoder's text, `-043-03-15...` for
+    /// 44 BC) gets the same ISO 8601 expanded year as a captured one: the
+    /// date field refuses the encoder's form, and the document went to the
+    /// dead letter.
+    #[test]
+    fn relayed_timestamptz_outside_four_digit_years_render_like_typed_ones() {
+        let t = table(&[("id", PgType::Int8), ("tstz", PgType::TimestampTz)]);
+        let opts = MappingOptions::default();
+        // 44 BC (year -43), 1 BC (year 0), 200000 AD, and an ordinary one.
+        for micros in [
+            -63_517_910_400_000_000i64,
+            -62_167_219_200_000_000,
+            6_249_254_716_800_000_000,
+            1_700_000_000_123_456,
+        ] {
+            let typed = document(&t, &[Value::Int64(1), Value::TimestampTz(micros)], &opts);
+            let text = walcast_sdk::json::timestamp_utc(micros);
+            let relayed = document(&t, &[Value::Int64(1), Value::Text(text.clone())], &opts);
+            assert_eq!(typed, relayed, "{text}");
+            let s = relayed["tstz"].as_str().unwrap();
+            let year = s.split("-").find(|p| !p.is_empty()).unwrap();
+            assert!(year.len() >= 4, "{s}");
+        }
+        let typed = document(
+            &t,
+            &[Value::Int64(1), Value::TimestampTz(-63_517_910_400_000_000)],
+            &opts,
+        );
+        assert!(
+            typed["tstz"].as_str().unwrap().starts_with("-0043-"),
+            "{}",
+            typed["tstz"]
+        );
     }
 
     #[test]

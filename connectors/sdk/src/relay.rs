@@ -13,6 +13,15 @@
 //! [`event_from_envelope_typed`]) the rebuilt table carries them, so a sink
 //! can derive what depends on them (an index mapping); the values stay in
 //! their JSON form either way.
+//!
+//! The key columns' order is not in the envelope either, and a parsed
+//! `serde_json::Map` has lost it (it sorts its members by name): a
+//! composite key rebuilt from the map would name a row `k:1` where the
+//! capture, and any sink fed directly, names it `1:k` (`{id}` in a Redis
+//! key, an OpenSearch `_id`). So the caller passes the key's columns in
+//! the order the key record was written ([`json_member_names`] for a JSON
+//! key, the key's writer schema for Avro), and the rebuilt table has them
+//! in that order.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,21 +53,75 @@ fn value(j: &Json) -> Value {
     }
 }
 
-/// Rebuilds an event from its key (`None` for a key-less table or a
-/// truncate) and its envelope. Returns `Ok(None)` for a transaction
-/// metadata record or anything else without `op`.
+/// A column's value from its JSON form. Where the columns' types are
+/// known (an Avro topic), the unchanged-TOAST placeholder also has the
+/// forms Avro gives it where a string cannot go (schemas/MAPPING.md
+/// "Values Avro cannot carry"): a `bytea` carries the placeholder's UTF-8
+/// bytes (base64 in the JSON form), an array of strings a one-element array
+/// holding it. Read as values, they overwrote a sink's stored copy with the
+/// placeholder's bytes.
+fn column_value(j: &Json, pg: &PgType, typed: bool) -> Value {
+    if typed {
+        match (pg, j) {
+            (PgType::Bytea, Json::String(s))
+                if base64::Engine::decode(&base64::engine::general_purpose::STANDARD, s)
+                    .is_ok_and(|b| b == DEFAULT_UNAVAILABLE_PLACEHOLDER.as_bytes()) =>
+            {
+                return Value::Unavailable
+            }
+            (PgType::Array { .. }, Json::Array(items))
+                if items.len() == 1 && items[0] == DEFAULT_UNAVAILABLE_PLACEHOLDER =>
+            {
+                return Value::Unavailable
+            }
+            _ => {}
+        }
+    }
+    value(j)
+}
+
+/// The member names of a JSON object in the order they were written (a
+/// parsed `serde_json::Map` sorts them). `None` when `bytes` is not a JSON
+/// object.
+pub fn json_member_names(bytes: &[u8]) -> Option<Vec<String>> {
+    struct Names;
+    impl<'de> serde::de::Visitor<'de> for Names {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut names = Vec::new();
+            while let Some(name) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                names.push(name);
+            }
+            Ok(names)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde::Deserializer::deserialize_map(&mut de, Names).ok()
+}
+
+/// Rebuilds an event from its key columns, in the key record's order
+/// (`None` for a key-less table or a truncate), and its envelope. Returns
+/// `Ok(None)` for a transaction metadata record or anything else without
+/// `op`.
 pub fn event_from_envelope(
-    key: Option<&Json>,
+    key_columns: Option<&[String]>,
     env: &Json,
 ) -> Result<Option<ChangeEvent>, EnvelopeError> {
-    event_from_envelope_typed(key, env, None)
+    event_from_envelope_typed(key_columns, env, None)
 }
 
 /// As [`event_from_envelope`], with the columns' Postgres types where
 /// `types` knows them (by column name); the others are
 /// [`PgType::Unknown`].
 pub fn event_from_envelope_typed(
-    key: Option<&Json>,
+    key_columns: Option<&[String]>,
     env: &Json,
     types: Option<&HashMap<String, PgType>>,
 ) -> Result<Option<ChangeEvent>, EnvelopeError> {
@@ -86,13 +149,14 @@ pub fn event_from_envelope_typed(
     let before = env.get("before").filter(|v| !v.is_null());
     let after = env.get("after").filter(|v| !v.is_null());
     let image = after.or(before);
-    let key_names: Vec<String> = key
-        .and_then(Json::as_object)
-        .map(|k| k.keys().cloned().collect())
-        .unwrap_or_default();
+    let key_names = key_columns.unwrap_or_default();
     let columns: Vec<Column> = match image.and_then(Json::as_object) {
-        Some(row) => row
-            .keys()
+        // The key columns first, in the key's order (it is the order of
+        // `{id}` and document ids), then the others.
+        Some(row) => key_names
+            .iter()
+            .filter(|k| row.contains_key(k.as_str()))
+            .chain(row.keys().filter(|n| !key_names.contains(n)))
             .map(|name| Column {
                 name: name.clone(),
                 pg_type: types.and_then(|t| t.get(name)).cloned().unwrap_or_else(|| {
@@ -113,7 +177,11 @@ pub fn event_from_envelope_typed(
         Some(
             columns
                 .iter()
-                .map(|c| obj.get(&c.name).map(value).unwrap_or(Value::Null))
+                .map(|c| {
+                    obj.get(&c.name)
+                        .map(|j| column_value(j, &c.pg_type, types.is_some()))
+                        .unwrap_or(Value::Null)
+                })
                 .collect(),
         )
     };
@@ -184,7 +252,9 @@ mod tests {
             "op": "u", "ts_ms": 9, "transaction": null
         });
         let key = serde_json::json!({"id": 7});
-        let e = event_from_envelope(Some(&key), &env).unwrap().unwrap();
+        let e = event_from_envelope(Some(&["id".to_string()]), &env)
+            .unwrap()
+            .unwrap();
         assert_eq!(e.op, Op::Update);
         assert_eq!(e.version(), 20);
         // Column order follows the JSON map's, which depends on serde_json's
@@ -201,6 +271,86 @@ mod tests {
             event_from_envelope(None, &serde_json::json!({"status": "BEGIN"}))
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    /// A composite key keeps the order its record was written in (the
+    /// table's), not the byte order of the column names a parsed map has.
+    #[test]
+    fn composite_keys_keep_the_key_records_order() {
+        let key_bytes = br#"{"region": "k", "id": 1}"#;
+        let names = json_member_names(key_bytes).unwrap();
+        assert_eq!(names, ["region", "id"]);
+        assert_eq!(json_member_names(b"[1]"), None);
+        let env = serde_json::json!({
+            "before": null,
+            "after": {"id": 1, "region": "k", "amount": 5, "Zed": "z"},
+            "source": {"schema": "public", "table": "t", "lsn": 10, "commit_lsn": 20},
+            "op": "c", "ts_ms": 9
+        });
+        let e = event_from_envelope(Some(&names), &env).unwrap().unwrap();
+        let key: Vec<(&str, &Value)> = e.key_values().unwrap();
+        assert_eq!(
+            key,
+            [
+                ("region", &Value::Text("k".into())),
+                ("id", &Value::Int64(1))
+            ]
+        );
+        let opts = JsonOptions::default();
+        assert_eq!(
+            crate::json::key_bytes(&e, &opts).unwrap(),
+            br#"{"region":"k","id":1}"#
+        );
+        // The row is the same whatever the columns' order.
+        assert_eq!(
+            json::row(&e.table, e.after.as_ref().unwrap(), &opts),
+            env["after"]
+        );
+    }
+
+    /// From an Avro topic, a `bytea` placeholder (its bytes, base64 here)
+    /// and a string array's one-element placeholder are unchanged values,
+    /// not data; from a JSON topic (no types) the placeholder is a string.
+    #[test]
+    fn avro_forms_of_the_toast_placeholder_are_unavailable() {
+        let b64 = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            DEFAULT_UNAVAILABLE_PLACEHOLDER,
+        );
+        let env = serde_json::json!({
+            "before": null,
+            "after": {"id": 1, "b": b64, "tags": [DEFAULT_UNAVAILABLE_PLACEHOLDER], "other": "AP8="},
+            "source": {"schema": "public", "table": "t", "lsn": 10, "commit_lsn": 20},
+            "op": "u", "ts_ms": 9
+        });
+        let types: HashMap<String, PgType> = [
+            ("id".to_string(), PgType::Int8),
+            ("b".to_string(), PgType::Bytea),
+            ("other".to_string(), PgType::Bytea),
+            (
+                "tags".to_string(),
+                PgType::Array {
+                    element: Box::new(PgType::Text),
+                },
+            ),
+        ]
+        .into();
+        let key = ["id".to_string()];
+        let e = event_from_envelope_typed(Some(&key), &env, Some(&types))
+            .unwrap()
+            .unwrap();
+        let after = e.after.as_ref().unwrap();
+        let at = |c: &str| &after[e.table.column_index(c).unwrap()];
+        assert_eq!(at("b"), &Value::Unavailable);
+        assert_eq!(at("tags"), &Value::Unavailable);
+        assert_eq!(at("other"), &Value::Text("AP8=".into()));
+        // Untyped (a JSON topic): only the string form is the placeholder.
+        let e = event_from_envelope(Some(&key), &env).unwrap().unwrap();
+        let after = e.after.as_ref().unwrap();
+        assert_ne!(
+            after[e.table.column_index("b").unwrap()],
+            Value::Unavailable
         );
     }
 }
