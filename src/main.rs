@@ -5,13 +5,9 @@
 //! files), the admin HTTP server, logging, and systemd notification.
 
 mod admin;
-mod capture;
-mod checkpoint;
 mod cli;
 mod config;
-mod pgoutput;
 mod pipeline;
-mod replication;
 
 /// mimalloc instead of glibc malloc: allocation was about a fifth of the
 /// capture path's CPU time under glibc, and its per-thread arenas let RSS
@@ -29,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use cli::{Cli, Command, SlotsCommand};
 use config::{LogFormat, PipelineConfig};
-use pipeline::status::PipelineState;
+use walcast_postgres as capture;
+use walcast_postgres::replication;
+use walcast_sdk::status::PipelineState;
 
 fn init_logging(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
@@ -72,7 +70,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => run(&config).await,
         Command::Check { config, offline } => check(&config, offline).await,
-        Command::Status { admin, token_file, ca_file } => status(&admin, token_file.as_deref(), ca_file.as_deref()).await,
+        Command::Status {
+            admin,
+            token_file,
+            ca_file,
+        } => status(&admin, token_file.as_deref(), ca_file.as_deref()).await,
         Command::Tail {
             topic,
             bootstrap_servers,
@@ -205,10 +207,7 @@ async fn wait_for_signal() {
 }
 
 /// READY=1 once every pipeline streams; WATCHDOG=1 while the process runs.
-async fn systemd_notify(
-    statuses: Vec<pipeline::status::StatusHandle>,
-    shutdown: CancellationToken,
-) {
+async fn systemd_notify(statuses: Vec<walcast_sdk::StatusHandle>, shutdown: CancellationToken) {
     let watchdog = sd_notify::watchdog_enabled();
     let period = watchdog.map(|d| d / 2).unwrap_or(Duration::from_secs(1));
     let mut ready = false;
@@ -267,7 +266,9 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                             "pipeline {name}: Postgres {}:{}/{} OK",
                             s.connect.host, s.connect.port, s.connect.database
                         );
-                        if let Some(w) = replication::tls::exposure_warning(&s.connect.host, s.connect.sslmode) {
+                        if let Some(w) =
+                            replication::tls::exposure_warning(&s.connect.host, s.connect.sslmode)
+                        {
                             println!("  warning: {w}");
                         }
                         for (sc, t) in &plan.tables {
@@ -368,7 +369,7 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
 async fn check_contracts(
     name: &str,
     c: &config::CaptureConfig,
-    s: &capture::stream::CaptureSettings,
+    s: &capture::CaptureSettings,
     client: tokio_postgres::Client,
 ) -> bool {
     let (config::EventFormat::Avro, Some(r)) = (c.format, &c.registry) else {
@@ -415,7 +416,7 @@ async fn check_contracts(
 async fn check_kafka_sinks(
     name: &str,
     c: &config::CaptureConfig,
-    s: &capture::stream::CaptureSettings,
+    s: &capture::CaptureSettings,
 ) -> bool {
     let mut ok = true;
     let tables: Vec<(String, String)> = s.wanted.tables.clone();
@@ -470,7 +471,7 @@ async fn check_kafka_sinks(
 async fn check_search_sinks(
     name: &str,
     c: &config::CaptureConfig,
-    s: &capture::stream::CaptureSettings,
+    s: &capture::CaptureSettings,
 ) -> bool {
     let sinks: Vec<_> = c
         .sinks
@@ -545,7 +546,7 @@ async fn check_search_sinks(
 async fn check_registry(
     name: &str,
     r: &walcast_schemas::RegistryConfig,
-    s: &capture::stream::CaptureSettings,
+    s: &capture::CaptureSettings,
     router: &walcast_kafka::topic::TopicRouter,
 ) -> bool {
     use walcast_schemas::registry::VersionRef;
@@ -631,12 +632,14 @@ async fn status(
     if let Some(ca) = ca_file {
         let pem = std::fs::read(ca).with_context(|| format!("--ca-file {}", ca.display()))?;
         client = client.add_root_certificate(
-            reqwest::Certificate::from_pem(&pem).with_context(|| format!("--ca-file {}", ca.display()))?,
+            reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("--ca-file {}", ca.display()))?,
         );
     }
     let mut request = client.build()?.get(&url);
     if let Some(path) = token_file {
-        let token = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("--token-file {}", path.display()))?;
         request = request.bearer_auth(token.trim());
     }
     let response = request

@@ -158,26 +158,8 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
             PipelineConfig::Capture(c) => {
                 let key = |k: &str| format!("pipelines.{name}.{k}");
                 let s = &c.source;
-                if s.tables.is_empty() && s.schemas.is_empty() {
-                    return Err(rule(
-                        key("source.tables"),
-                        "list the tables to capture (`tables`) or whole schemas (`schemas`)",
-                    ));
-                }
-                for t in s.tables.iter().chain(&s.keyless_tables) {
-                    if crate::capture::setup::split_table(t).is_none() {
-                        return Err(rule(
-                            key("source.tables"),
-                            &format!("`{t}` is not of the form schema.table"),
-                        ));
-                    }
-                }
-                if s.password.is_some() && s.password_file.is_some() {
-                    return Err(rule(
-                        key("source.password_file"),
-                        "set `password` or `password_file`, not both",
-                    ));
-                }
+                s.validate()
+                    .map_err(|e| rule(key(&format!("source.{}", e.field)), &e.problem))?;
                 if c.sinks.is_empty() {
                     return Err(rule(
                         key("sinks"),
@@ -189,18 +171,6 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                         key("max_in_flight_events"),
                         "must be at least batch_max_events, which must be positive",
                     ));
-                }
-                if s.snapshot_workers == 0 {
-                    return Err(rule(key("source.snapshot_workers"), "must be at least 1"));
-                }
-                if s.snapshot_chunk_rows == 0 {
-                    return Err(rule(
-                        key("source.snapshot_chunk_rows"),
-                        "must be at least 1",
-                    ));
-                }
-                if s.status_interval.is_zero() {
-                    return Err(rule(key("source.status_interval"), "must be positive"));
                 }
                 let has_kafka = c.sinks.iter().any(|s| matches!(s, SinkConfig::Kafka(_)));
                 if has_kafka && c.format == EventFormat::Avro && c.registry.is_none() {
@@ -313,24 +283,6 @@ fn validate_sinks(
         }
     }
     Ok(())
-}
-
-/// Reads a secret from its inline value or its file.
-pub fn read_secret(
-    inline: Option<&Secret>,
-    file: Option<&Path>,
-) -> Result<Option<String>, std::io::Error> {
-    if let Some(s) = inline {
-        return Ok(Some(s.0.clone()));
-    }
-    match file {
-        Some(p) => Ok(Some(
-            std::fs::read_to_string(p)?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
-        )),
-        None => Ok(None),
-    }
 }
 
 #[cfg(test)]
@@ -470,8 +422,11 @@ path = "-"
         let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
             panic!("a capture")
         };
-        assert_eq!(p.source.port, DEFAULT_PG_PORT);
-        assert_eq!(p.source.status_interval, DEFAULT_STATUS_INTERVAL);
+        assert_eq!(p.source.port, walcast_postgres::config::DEFAULT_PG_PORT);
+        assert_eq!(
+            p.source.status_interval,
+            walcast_postgres::config::DEFAULT_STATUS_INTERVAL
+        );
         assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
         // The admin HTTP server (status, metrics) is reachable from this
         // host only unless the operator says otherwise.

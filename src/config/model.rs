@@ -8,18 +8,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::replication::tls::SslMode;
+pub use walcast_postgres::config::PostgresSourceConfig;
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9187";
-pub const DEFAULT_PG_PORT: u16 = 5432;
-pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_IN_FLIGHT_EVENTS: usize = 200_000;
 pub const DEFAULT_BATCH_MAX_EVENTS: usize = 4_096;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(30);
-pub const DEFAULT_SNAPSHOT_WORKERS: usize = 2;
-pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 10_000;
 pub const DEFAULT_STATE_DIR: &str = "./walcast-state";
 
 /// The whole file.
@@ -240,137 +234,6 @@ fn default_batch_max() -> usize {
 }
 fn default_shutdown_timeout() -> Duration {
     DEFAULT_SHUTDOWN_TIMEOUT
-}
-
-/// Where a secret comes from: inline, or a file read at start (trailing
-/// newline removed). Never printed.
-#[derive(Clone, Default, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("\"<redacted>\"")
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresSourceConfig {
-    #[serde(default = "default_host")]
-    pub host: String,
-    #[serde(default = "default_pg_port")]
-    pub port: u16,
-    pub database: String,
-    pub user: String,
-    pub password: Option<Secret>,
-    /// A file holding the password (Kubernetes secret, systemd credential).
-    pub password_file: Option<PathBuf>,
-    #[serde(default)]
-    pub sslmode: SslMode,
-    /// PEM CA certificate for sslmode verify-ca / verify-full (and for
-    /// `require`, which then verifies the CA, as libpq does).
-    pub ssl_root_cert: Option<PathBuf>,
-    /// SCRAM channel binding: `prefer` (SCRAM-SHA-256-PLUS whenever TLS is
-    /// on and the server offers it), `require`, `disable` (libpq's).
-    #[serde(default)]
-    pub channel_binding: crate::replication::tls::ChannelBindingMode,
-    /// Allow a clear-text or md5 password exchange over an unencrypted
-    /// connection (refused by default).
-    #[serde(default)]
-    pub allow_plaintext_password: bool,
-    /// Replication slot name. Default: `walcast_<pipeline>`.
-    pub slot: Option<String>,
-    /// Publication name. Default: `walcast_<pipeline>`.
-    pub publication: Option<String>,
-    /// Tables to capture, `schema.table`. Identifiers are used as written
-    /// (case-sensitive, quoted in SQL).
-    #[serde(default)]
-    pub tables: Vec<String>,
-    /// Capture every table of these schemas (`FOR TABLES IN SCHEMA`).
-    #[serde(default)]
-    pub schemas: Vec<String>,
-    /// Create the publication when it is missing.
-    #[serde(default = "yes")]
-    pub create_publication: bool,
-    /// Create the slot when it is missing.
-    #[serde(default = "yes")]
-    pub create_slot: bool,
-    /// Tables allowed to have no primary key (events carry a null key).
-    #[serde(default)]
-    pub keyless_tables: Vec<String>,
-    /// How a partitioned table's changes are published (Postgres's
-    /// publication option of the same name). `true` (the default, as in
-    /// supabase/etl and what Debezium users set by hand): every change of a
-    /// partition is published as a change of the partitioned table it
-    /// belongs to, to the parent's topic, and partitions attached later are
-    /// captured with no config change. `false`: each partition is a table
-    /// of its own (its own topic and schema); a listed parent stands for its
-    /// partitions.
-    #[serde(default = "yes")]
-    pub publish_via_partition_root: bool,
-    /// Interval of standby status updates; Postgres also gets one whenever
-    /// it asks. Keep it under the server's wal_sender_timeout.
-    #[serde(default = "default_status_interval", with = "humantime_serde")]
-    pub status_interval: Duration,
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Longest wait between reconnection attempts (exponential backoff).
-    #[serde(default = "default_retry_max", with = "humantime_serde")]
-    pub retry_max_backoff: Duration,
-    /// Whether the rows already in the tables are read when the slot is
-    /// created (Debezium's `snapshot.mode`).
-    #[serde(default)]
-    pub snapshot: SnapshotMode,
-    /// SQL sessions reading tables in parallel during a snapshot (one
-    /// table per session at a time).
-    #[serde(default = "default_snapshot_workers")]
-    pub snapshot_workers: usize,
-    /// Rows per snapshot chunk: the unit of progress a restart resumes from.
-    #[serde(default = "default_snapshot_chunk_rows")]
-    pub snapshot_chunk_rows: usize,
-}
-
-/// What happens to the rows that exist before capture starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotMode {
-    /// Read every table (events with op `r`) when the slot is created, then
-    /// stream from the slot's consistent point.
-    #[default]
-    Initial,
-    /// Stream changes only.
-    Never,
-    /// Read every table once, then stop the pipeline (exit 0 when it is the
-    /// only one) without streaming; a temporary slot provides the snapshot
-    /// and pins no WAL afterwards.
-    InitialOnly,
-}
-
-fn default_snapshot_workers() -> usize {
-    DEFAULT_SNAPSHOT_WORKERS
-}
-fn default_snapshot_chunk_rows() -> usize {
-    DEFAULT_SNAPSHOT_CHUNK_ROWS
-}
-
-fn yes() -> bool {
-    true
-}
-fn default_host() -> String {
-    "127.0.0.1".into()
-}
-fn default_pg_port() -> u16 {
-    DEFAULT_PG_PORT
-}
-fn default_status_interval() -> Duration {
-    DEFAULT_STATUS_INTERVAL
-}
-fn default_connect_timeout() -> Duration {
-    DEFAULT_CONNECT_TIMEOUT
-}
-fn default_retry_max() -> Duration {
-    DEFAULT_RETRY_MAX_BACKOFF
 }
 
 /// A destination, by `type`.

@@ -2,7 +2,6 @@
 //! that runs each one.
 
 pub mod relay;
-pub mod status;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -10,15 +9,15 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use walcast_sdk::{EventEncoder, JsonEncoder, Sink};
 
-use crate::capture::assemble::AssembleOptions;
-use crate::capture::setup::{split_table, Wanted};
-use crate::capture::snapshot::SnapshotSettings;
-use crate::capture::stream::{self, CaptureSettings};
-use crate::config::{
-    read_secret, CaptureConfig, EventFormat, PipelineConfig, RelayConfig, SinkConfig,
-};
-use crate::replication::connection::ConnectParams;
-use status::StatusHandle;
+use walcast_postgres::assemble::AssembleOptions;
+use walcast_postgres::replication::connection::ConnectParams;
+use walcast_postgres::setup::Wanted;
+use walcast_postgres::snapshot::SnapshotSettings;
+use walcast_postgres::stream::{self, CaptureSettings};
+use walcast_sdk::telemetry as metrics;
+use walcast_sdk::StatusHandle;
+
+use crate::config::{CaptureConfig, EventFormat, PipelineConfig, RelayConfig, SinkConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -39,24 +38,25 @@ pub enum BuildError {
 /// Resolves a capture pipeline's settings (no I/O but reading secret files).
 pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings, BuildError> {
     let src = &c.source;
-    let password =
-        read_secret(src.password.as_ref(), src.password_file.as_deref()).map_err(|source| {
-            BuildError::Secret {
-                pipeline: name.into(),
-                key: "source.password_file",
-                source,
-            }
-        })?;
+    let password = src.password().map_err(|source| BuildError::Secret {
+        pipeline: name.into(),
+        key: "source.password_file",
+        source,
+    })?;
     let default_name = format!(
         "walcast_{}",
         name.to_lowercase()
             .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
     );
-    let tables: Vec<(String, String)> = src.tables.iter().filter_map(|t| split_table(t)).collect();
+    let tables: Vec<(String, String)> = src
+        .table_names()
+        .into_iter()
+        .map(|t| (t.schema, t.name))
+        .collect();
     let keyless: Vec<(String, String)> = src
-        .keyless_tables
-        .iter()
-        .filter_map(|t| split_table(t))
+        .keyless_table_names()
+        .into_iter()
+        .map(|t| (t.schema, t.name))
         .collect();
     let wanted = Wanted {
         slot: src.slot.clone().unwrap_or_else(|| default_name.clone()),
@@ -240,7 +240,7 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
             };
             let sinks = build_sinks(name, &settings.assemble.name, &c.sinks, &encoding).await?;
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
-            crate::admin::metrics::register_pipeline(name, &sink_names);
+            metrics::register_pipeline(name, &sink_names);
             Ok(Runnable {
                 name: name.into(),
                 status: StatusHandle::new(name, "capture", sink_names),
@@ -254,7 +254,7 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
             };
             let sinks = build_sinks(name, name, &r.sinks, &encoding).await?;
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
-            crate::admin::metrics::register_pipeline(name, &sink_names);
+            metrics::register_pipeline(name, &sink_names);
             Ok(Runnable {
                 name: name.into(),
                 status: StatusHandle::new(name, "relay", sink_names),

@@ -39,9 +39,9 @@ use walcast_sdk::retry::Backoff;
 use walcast_sdk::PgType;
 use walcast_sdk::{Batch, ChangeEvent, Sink};
 
-use crate::admin::metrics;
 use crate::config::{OnRefused, RelayConfig};
-use crate::pipeline::status::{PipelineState, StatusHandle};
+use walcast_sdk::status::{PipelineState, StatusHandle};
+use walcast_sdk::telemetry as metrics;
 
 /// How often acknowledged offsets are committed.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);

@@ -4,7 +4,8 @@
 //! event ([`event`]), its typed column values ([`value`]), the table
 //! description those values follow ([`table`]), source positions
 //! ([`position`]) and the acknowledgement contract between sources and sinks
-//! ([`ack`], [`sink`]).
+//! ([`ack`], [`sink`]), and what a running pipeline reports about itself:
+//! its status ([`status`]) and its metrics ([`telemetry`]).
 //!
 //! Delivery is at-least-once. A sink may see an event again after a crash or
 //! a retry and must apply it idempotently; every event carries the commit LSN
@@ -20,7 +21,9 @@ pub mod relay;
 pub mod retry;
 pub mod secret;
 pub mod sink;
+pub mod status;
 pub mod table;
+pub mod telemetry;
 pub mod toast;
 pub mod value;
 
@@ -29,5 +32,6 @@ pub use encode::{EncodeError, EncodedRecord, EventEncoder, JsonEncoder};
 pub use event::{ChangeEvent, Op, SnapshotMarker, SourceInfo, TransactionInfo};
 pub use position::Lsn;
 pub use sink::{Batch, Sink, SinkError};
-pub use table::{Column, PgType, ReplicaIdentity, TableSchema};
+pub use status::{PipelineState, PipelineStatus, StatusHandle};
+pub use table::{Column, PgType, ReplicaIdentity, TableName, TableSchema};
 pub use value::{Numeric, Value};

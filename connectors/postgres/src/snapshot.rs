@@ -48,10 +48,10 @@ use walcast_sdk::{
     AckTracker, Acker, ChangeEvent, Lsn, Op, SnapshotMarker, SourceInfo, TableSchema, Value,
 };
 
-use crate::admin::metrics;
 use crate::config::SnapshotMode;
-use crate::pipeline::status::StatusHandle;
 use crate::replication::connection::{quote_ident, quote_literal, ConnectParams};
+use walcast_sdk::status::StatusHandle;
+use walcast_sdk::telemetry as metrics;
 
 use super::catalog::{self, Catalog, CatalogError};
 use super::convert;

@@ -91,10 +91,10 @@ use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use walcast_sdk::{ChangeEvent, Lsn, Op, SnapshotMarker, SourceInfo, TableSchema, Value};
 
-use crate::admin::metrics;
 use crate::pgoutput::LogicalMessage;
-use crate::pipeline::status::StatusHandle;
 use crate::replication::connection::ConnectParams;
+use walcast_sdk::status::StatusHandle;
+use walcast_sdk::telemetry as metrics;
 
 use super::assemble::Assembler;
 use super::catalog::{self, Catalog, CatalogError};

@@ -6,6 +6,7 @@
 use tokio_postgres::Client;
 
 use crate::replication::connection::{quote_ident, quote_literal};
+use walcast_sdk::TableName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -27,7 +28,12 @@ pub enum SetupError {
 /// publication syntax of 15 was only "db error").
 fn server_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
-        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
+        Some(db) => format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
         None => e.to_string(),
     }
 }
@@ -47,31 +53,9 @@ fn q(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SetupErro
     move |source| SetupError::Query { what, source }
 }
 
-/// Splits `schema.table`; identifiers may contain dots if double-quoted
-/// (`"my.schema"."my table"`).
+/// Splits `schema.table` (see [`TableName::parse`]).
 pub fn split_table(s: &str) -> Option<(String, String)> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                cur.push('"');
-                chars.next();
-            }
-            '"' => quoted = !quoted,
-            '.' if !quoted => parts.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
-    }
-    parts.push(cur);
-    match parts.as_slice() {
-        [schema, table] if !schema.is_empty() && !table.is_empty() && !quoted => {
-            Some((schema.clone(), table.clone()))
-        }
-        _ => None,
-    }
+    TableName::parse(s).map(|t| (t.schema, t.name))
 }
 
 /// What the pipeline wants.
@@ -161,7 +145,11 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             .await
             .map_err(q("server version"))?
             .get(0);
-        let major: u32 = v.split(|c: char| !c.is_ascii_digit()).next().and_then(|m| m.parse().ok()).unwrap_or(0);
+        let major: u32 = v
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
         (major < 15).then(|| format!(
             "`schemas` needs Postgres 15 or later to put a schema in the publication (FOR TABLES IN SCHEMA), and this server is {v}; \
              list the tables in `tables` instead, or create the publication yourself (e.g. FOR ALL TABLES) and set create_publication = false"
@@ -516,7 +504,11 @@ fn publication_targets(tables: &[String], schemas: &[String]) -> String {
     if !tables.is_empty() {
         targets.push(format!("TABLE {}", tables.join(", ")));
     }
-    targets.extend(schemas.iter().map(|s| format!("TABLES IN SCHEMA {}", quote_ident(s))));
+    targets.extend(
+        schemas
+            .iter()
+            .map(|s| format!("TABLES IN SCHEMA {}", quote_ident(s))),
+    );
     targets.join(", ")
 }
 
@@ -630,25 +622,5 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, SetupError> 
                 .map_err(q("drop slot"))?;
             Ok(true)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splits_table_names() {
-        assert_eq!(
-            split_table("public.orders"),
-            Some(("public".into(), "orders".into()))
-        );
-        assert_eq!(
-            split_table(r#""My Schema"."odd.""name""#),
-            Some(("My Schema".into(), "odd.\"name".into()))
-        );
-        assert_eq!(split_table("orders"), None);
-        assert_eq!(split_table("a.b.c"), None);
-        assert_eq!(split_table(".x"), None);
     }
 }

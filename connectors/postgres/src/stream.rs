@@ -19,14 +19,14 @@ use walcast_sdk::ack::AckFailure;
 use walcast_sdk::retry::Backoff;
 use walcast_sdk::{Acker, Batch, ChangeEvent, Lsn, Sink};
 
-use crate::admin::metrics;
 use crate::checkpoint::LsnCheckpoint;
 use crate::pgoutput::{self, Message};
-use crate::pipeline::status::{PipelineState, StatusHandle};
 use crate::replication::connection::{
     quote_ident, ConnectParams, ReplicationConnection, ReplicationError,
 };
 use crate::replication::ServerMessage;
+use walcast_sdk::status::{PipelineState, StatusHandle};
+use walcast_sdk::telemetry as metrics;
 
 use super::assemble::{AssembleError, AssembleOptions, Assembler};
 use super::catalog::{self, Catalog, CatalogError};
@@ -168,7 +168,10 @@ async fn dispatch(
             acker.ack();
             continue;
         }
-        if session.replace(acker.tracker()).is_some_and(|s| s != acker.tracker()) {
+        if session
+            .replace(acker.tracker())
+            .is_some_and(|s| s != acker.tracker())
+        {
             for sink in sinks.iter_mut() {
                 if let Err(e) = sink.rewind().await {
                     tracing::warn!(pipeline = %pipeline, sink = %sink.name(), error = %e, "rewinding a sink for the replay failed");
@@ -204,7 +207,9 @@ pub async fn run(
     status: StatusHandle,
     shutdown: CancellationToken,
 ) -> Result<(), CaptureError> {
-    if let Some(w) = crate::replication::tls::exposure_warning(&settings.connect.host, settings.connect.sslmode) {
+    if let Some(w) =
+        crate::replication::tls::exposure_warning(&settings.connect.host, settings.connect.sslmode)
+    {
         tracing::warn!(pipeline = %settings.pipeline, "{w}");
     }
     let (tx, rx) = mpsc::channel(8);
