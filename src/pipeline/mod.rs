@@ -48,16 +48,8 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
         name.to_lowercase()
             .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
     );
-    let tables: Vec<(String, String)> = src
-        .table_names()
-        .into_iter()
-        .map(|t| (t.schema, t.name))
-        .collect();
-    let keyless: Vec<(String, String)> = src
-        .keyless_table_names()
-        .into_iter()
-        .map(|t| (t.schema, t.name))
-        .collect();
+    let tables = src.table_names();
+    let keyless = src.keyless_table_names();
     let wanted = Wanted {
         slot: src.slot.clone().unwrap_or_else(|| default_name.clone()),
         publication: src
@@ -73,7 +65,7 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
     };
     // With whole schemas captured, every table of the publication is wanted.
     let filter: Option<HashSet<String>> = if src.schemas.is_empty() {
-        Some(tables.iter().map(|(s, t)| format!("{s}.{t}")).collect())
+        Some(tables.iter().map(|t| t.to_string()).collect())
     } else {
         None
     };

@@ -211,18 +211,17 @@ impl KafkaSink {
         self
     }
 
-    /// For `walcast check`: which topics the given tables (`(schema,
-    /// table)`) map to and whether they exist or would be created. Creates
-    /// nothing.
+    /// For `walcast check`: which topics the given tables map to and
+    /// whether they exist or would be created. Creates nothing.
     pub async fn check(
         config: &KafkaSinkConfig,
-        tables: &[(String, String)],
+        tables: &[walcast_sdk::TableName],
     ) -> Result<Vec<TopicStatus>, KafkaSinkError> {
         config.validate()?;
         let router = TopicRouter::new(config.topic_prefix.clone(), config.routes.clone());
         let mut topics: Vec<(String, String)> = tables
             .iter()
-            .map(|(s, t)| (format!("{s}.{t}"), router.name(s, t)))
+            .map(|t| (t.to_string(), router.name(&t.schema, &t.name)))
             .collect();
         if let Some(t) = &config.transaction_topic {
             topics.push(("transaction metadata".to_string(), t.clone()));

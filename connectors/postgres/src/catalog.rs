@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio_postgres::Client;
-use walcast_sdk::{Column, PgType, ReplicaIdentity, TableSchema};
+use walcast_sdk::{Column, PgType, ReplicaIdentity, TableName, TableSchema};
 
 use crate::pgoutput::{Relation, ReplicaIdentitySetting};
 use crate::replication::connection::ConnectParams;
@@ -352,10 +352,10 @@ impl Catalog {
     /// id). Generated columns are left out, as pgoutput leaves them out.
     pub async fn table_schema_by_name(
         &mut self,
-        schema: &str,
-        table: &str,
+        table_name: &TableName,
     ) -> Result<CatalogTable, CatalogError> {
-        let name = format!("{schema}.{table}");
+        let name = table_name.to_string();
+        let (schema, table) = (&table_name.schema, &table_name.name);
         let rel = self
             .client
             .query_opt(
@@ -429,8 +429,8 @@ impl Catalog {
             .collect();
         let schema = Arc::new(TableSchema {
             relation_id: oid,
-            schema: schema.to_string(),
-            name: table.to_string(),
+            schema: schema.clone(),
+            name: table.clone(),
             columns,
             replica_identity,
             version: 0,

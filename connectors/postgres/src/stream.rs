@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use walcast_sdk::ack::AckFailure;
 use walcast_sdk::retry::Backoff;
-use walcast_sdk::{Acker, Batch, ChangeEvent, Lsn, Sink};
+use walcast_sdk::{Acker, Batch, ChangeEvent, Lsn, Sink, TableName};
 
 use crate::checkpoint::LsnCheckpoint;
 use crate::pgoutput::{self, Message};
@@ -506,18 +506,13 @@ async fn session(
     status.update(|st| st.last_error = None);
     ::metrics::gauge!(metrics::STREAMING, "pipeline" => p()).set(1.0);
 
-    let keyless: HashSet<String> = s
-        .wanted
-        .keyless
-        .iter()
-        .map(|(a, b)| format!("{a}.{b}"))
-        .collect();
+    let keyless: HashSet<String> = s.wanted.keyless.iter().map(TableName::to_string).collect();
     // The names the stream carries for the captured tables: with
     // publish_via_partition_root = false a listed partitioned table
     // stands for its partitions.
     let mut assemble = s.assemble.clone();
     if let Some(set) = assemble.tables.as_mut() {
-        set.extend(plan.tables.iter().map(|(a, b)| format!("{a}.{b}")));
+        set.extend(plan.tables.iter().map(TableName::to_string));
     }
     let mut asm = Assembler::new(assemble.clone());
     let mut skipped = HashSet::<u32>::new();
@@ -536,9 +531,9 @@ async fn session(
         s.connect.clone(),
     )
     .map_err(inc_err)?;
-    for (schema, table) in &plan.added_tables {
-        tracing::warn!(pipeline = %s.pipeline, table = %format!("{schema}.{table}"), publication = %s.wanted.publication,
-            "table added to the publication: its changes stream from now on, its existing rows are not read; run `walcast snapshot {schema}.{table}` to read them");
+    for table in &plan.added_tables {
+        tracing::warn!(pipeline = %s.pipeline, table = %table, publication = %s.wanted.publication,
+            "table added to the publication: its changes stream from now on, its existing rows are not read; run `walcast snapshot {table}` to read them");
     }
     let mut cp = LsnCheckpoint::new(start);
     let mut outbox = Outbox {
@@ -554,7 +549,7 @@ async fn session(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retained_tick = tokio::time::interval(Duration::from_secs(10));
-    let mut dropped_seen = HashSet::<(String, String)>::new();
+    let mut dropped_seen = HashSet::<TableName>::new();
     // Events per (relation, op) in the current transaction, turned into
     // metric increments once per commit: no allocation per event.
     let mut tx_counts: EventCounts = Default::default();
@@ -760,10 +755,13 @@ fn stream_error(s: &CaptureSettings, e: ReplicationError, confirmed: Lsn) -> Cap
 async fn warn_dropped_tables(
     s: &CaptureSettings,
     catalog: &Catalog,
-    tables: &[(String, String)],
-    seen: &mut HashSet<(String, String)>,
+    tables: &[TableName],
+    seen: &mut HashSet<TableName>,
 ) {
-    let (schemas, names): (Vec<String>, Vec<String>) = tables.iter().cloned().unzip();
+    let (schemas, names): (Vec<&str>, Vec<&str>) = tables
+        .iter()
+        .map(|t| (t.schema.as_str(), t.name.as_str()))
+        .unzip();
     let Ok(rows) = catalog
         .client()
         .query(
@@ -777,11 +775,11 @@ async fn warn_dropped_tables(
         return;
     };
     for r in rows {
-        let t: (String, String) = (r.get(0), r.get(1));
+        let t = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
         if seen.insert(t.clone()) {
             tracing::warn!(
                 pipeline = %s.pipeline,
-                table = %format!("{}.{}", t.0, t.1),
+                table = %t,
                 "captured table was dropped: the changes committed before the drop are delivered, the other \
                  tables keep streaming; remove it from `tables` (or `schemas`) of this pipeline"
             );
@@ -794,7 +792,7 @@ enum Unlisted {
     Skip,
     Capture,
     /// Deliver its changes as changes of this partitioned table.
-    AsParent(String, String),
+    AsParent(TableName),
 }
 
 /// A relation the pipeline does not list arrived in the stream. A partition
@@ -813,7 +811,7 @@ async fn unlisted_relation(
     relation_id: u32,
     name: &str,
 ) -> Unlisted {
-    let ancestors: Vec<(String, String)> = catalog
+    let ancestors: Vec<TableName> = catalog
         .client()
         .query(
             "SELECT n.nspname::text, c.relname::text
@@ -823,19 +821,20 @@ async fn unlisted_relation(
             &[&relation_id],
         )
         .await
-        .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        .map(|rows| {
+            rows.iter()
+                .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect()
+        })
         .unwrap_or_default();
-    if let Some((ps, pt)) = ancestors
-        .iter()
-        .find(|(a, b)| asm.wants(&format!("{a}.{b}")))
-    {
+    if let Some(parent) = ancestors.iter().find(|p| asm.wants(&p.to_string())) {
         if s.wanted.via_root {
-            tracing::warn!(pipeline = %s.pipeline, table = %name, parent = %format!("{ps}.{pt}"),
+            tracing::warn!(pipeline = %s.pipeline, table = %name, parent = %parent,
                 "changes of a partition arrive under its own name (decoded from before the publication published \
                  via the partition root): delivering them as changes of the partitioned table");
-            return Unlisted::AsParent(ps.clone(), pt.clone());
+            return Unlisted::AsParent(parent.clone());
         }
-        tracing::info!(pipeline = %s.pipeline, table = %name, parent = %format!("{ps}.{pt}"),
+        tracing::info!(pipeline = %s.pipeline, table = %name, parent = %parent,
             "capturing a partition of a captured partitioned table (attached since the start; rows it held when \
              attached are not read: run `walcast snapshot` for it)");
         asm.want(name.to_string());
@@ -901,10 +900,10 @@ async fn handle(
                 {
                     Unlisted::Skip => {}
                     Unlisted::Capture => wanted = true,
-                    Unlisted::AsParent(schema, name) => {
+                    Unlisted::AsParent(parent) => {
                         let mut t = (*table).clone();
-                        t.schema = schema;
-                        t.name = name;
+                        t.schema = parent.schema;
+                        t.name = parent.name;
                         table = Arc::new(t);
                         wanted = true;
                     }

@@ -51,6 +51,18 @@ impl TableName {
         }
     }
 
+    /// `schema.table` as a config or a signal writes it: plain, unless a
+    /// part holds a dot or a double quote, then both parts quoted, so that
+    /// [`TableName::parse`] reads it back as it was.
+    pub fn to_config_string(&self) -> String {
+        let plain = |s: &str| !s.contains('.') && !s.contains('"');
+        if plain(&self.schema) && plain(&self.name) {
+            self.to_string()
+        } else {
+            self.quoted()
+        }
+    }
+
     /// `"schema"."table"`, each identifier quoted for SQL (embedded double
     /// quotes doubled), so any name is used exactly as written.
     pub fn quoted(&self) -> String {
@@ -260,7 +272,12 @@ mod tests {
         let t = TableName::new("My Schema", "odd.\"name");
         assert_eq!(t.to_string(), "My Schema.odd.\"name");
         assert_eq!(t.quoted(), r#""My Schema"."odd.""name""#);
-        // What quoted() writes, parse() reads back.
-        assert_eq!(TableName::parse(&t.quoted()), Some(t));
+        // What quoted() and to_config_string() write, parse() reads back.
+        assert_eq!(TableName::parse(&t.quoted()), Some(t.clone()));
+        assert_eq!(t.to_config_string(), t.quoted());
+        assert_eq!(TableName::parse(&t.to_config_string()), Some(t));
+        let plain = TableName::new("public", "Orders");
+        assert_eq!(plain.to_config_string(), "public.Orders");
+        assert_eq!(TableName::parse(&plain.to_config_string()), Some(plain));
     }
 }

@@ -640,9 +640,7 @@ fn tag(m: &Message) -> char {
 }
 
 /// Quotes an identifier for replication commands and SQL.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
+pub use walcast_sdk::table::quote_ident;
 
 /// Quotes a string literal.
 pub fn quote_literal(s: &str) -> String {
