@@ -156,7 +156,7 @@ fn q(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CatalogEr
 }
 
 /// Built-in types by OID (pg_type.h), with their array types.
-fn builtin(oid: u32, typmod: i32) -> Option<PgType> {
+pub(crate) fn builtin(oid: u32, typmod: i32) -> Option<PgType> {
     let numeric = || {
         if typmod >= 4 {
             let t = typmod - 4;

@@ -1011,7 +1011,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("p.snapshot.json");
         assert_eq!(SnapshotState::load(&path).unwrap(), None);
-        let mut s = SnapshotState::new("p", "walcast_p", &[("public".into(), "t".into())]);
+        let mut s = SnapshotState::new("p", "walcast_p", &[TableName::new("public", "t")]);
         s.consistent_point = Some("0/16B3748".into());
         s.tables.get_mut("public.t").unwrap().last_key = Some(vec!["42".into()]);
         s.save(&path).unwrap();
