@@ -109,6 +109,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let cfg = config::load(path)?;
     init_logging(cfg.log.format, &cfg.log.level);
+    // Read before logging was set up; said now.
+    for w in walcast_sdk::duration::take_deprecations() {
+        tracing::warn!(config = %path.display(), "{w}");
+    }
     let prometheus = admin::install_recorder();
     let shutdown = CancellationToken::new();
 
@@ -245,6 +249,9 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
         path.display(),
         cfg.pipelines.len()
     );
+    for w in walcast_sdk::duration::take_deprecations() {
+        println!("  warning: {w}");
+    }
     if offline {
         return Ok(ExitCode::SUCCESS);
     }

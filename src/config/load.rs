@@ -288,6 +288,7 @@ fn validate_sinks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const GOOD: &str = r#"
 [pipelines.orders]
@@ -414,6 +415,132 @@ path = "-"
             panic!()
         };
         assert_eq!(r.on_refused, OnRefused::Halt);
+    }
+
+    /// Every duration in every section reads as "30s" / "250ms" under its
+    /// un-suffixed key; the old `*_ms` numbers still read, as milliseconds,
+    /// and are reported as deprecated.
+    #[test]
+    fn durations_are_human_and_the_old_ms_keys_still_read() {
+        let capture = |sinks: &str, registry: &str| {
+            format!(
+                r#"
+[pipelines.orders]
+kind = "capture"
+shutdown_timeout = "45s"
+[pipelines.orders.source]
+database = "app"
+user = "walcast"
+tables = ["public.orders"]
+status_interval = "2s"
+[pipelines.orders.registry]
+url = "http://registry:8081"
+{registry}
+{sinks}
+"#
+            )
+        };
+        let new = capture(
+            r#"
+[[pipelines.orders.sinks]]
+type = "kafka"
+bootstrap_servers = "k:9092"
+delivery = { mode = "exactly_once", transactional_id = "t", transaction_timeout = "90s" }
+[[pipelines.orders.sinks]]
+type = "redis"
+urls = ["redis://cache:6379"]
+mode = { type = "invalidate", key_template = "{table}:{id}" }
+timeout = "250ms"
+retry_initial = "50ms"
+retry_max = "5s"
+[[pipelines.orders.sinks]]
+type = "elasticsearch"
+url = "http://search:9200"
+flush_interval = "200ms"
+timeout = "10s"
+retry_initial = "100ms"
+retry_max = "1m"
+"#,
+            r#"request_timeout = "3s""#,
+        );
+        let old = capture(
+            r#"
+[[pipelines.orders.sinks]]
+type = "kafka"
+bootstrap_servers = "k:9092"
+delivery = { mode = "exactly_once", transactional_id = "t", transaction_timeout_ms = 90000 }
+[[pipelines.orders.sinks]]
+type = "redis"
+urls = ["redis://cache:6379"]
+mode = { type = "invalidate", key_template = "{table}:{id}" }
+timeout_ms = 250
+retry_initial_ms = 50
+retry_max_ms = 5000
+[[pipelines.orders.sinks]]
+type = "elasticsearch"
+url = "http://search:9200"
+flush_interval_ms = 200
+timeout_ms = 10000
+retry_initial_ms = 100
+retry_max_ms = 60000
+"#,
+            "request_timeout_ms = 3000",
+        );
+        walcast_sdk::duration::take_deprecations();
+        let ms = Duration::from_millis;
+        for (text, deprecated) in [(new, false), (old, true)] {
+            let c = load_str("t.toml", &text).unwrap();
+            let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
+                panic!()
+            };
+            assert_eq!(p.shutdown_timeout, ms(45_000));
+            assert_eq!(p.source.status_interval, ms(2_000));
+            assert_eq!(p.registry.as_ref().unwrap().request_timeout, ms(3_000));
+            let [SinkConfig::Kafka(k), SinkConfig::Redis(r), SinkConfig::Elasticsearch(e)] =
+                p.sinks.as_slice()
+            else {
+                panic!("{:?}", p.sinks)
+            };
+            let walcast_kafka::config::DeliveryMode::ExactlyOnce {
+                transaction_timeout, ..
+            } = &k.delivery
+            else {
+                panic!()
+            };
+            assert_eq!(*transaction_timeout, ms(90_000));
+            assert_eq!((r.timeout, r.retry_initial, r.retry_max), (ms(250), ms(50), ms(5_000)));
+            assert_eq!(
+                (e.flush_interval, e.timeout, e.retry_initial, e.retry_max),
+                (ms(200), ms(10_000), ms(100), ms(60_000))
+            );
+            let warnings = walcast_sdk::duration::take_deprecations();
+            if deprecated {
+                for expected in [
+                    "`transaction_timeout_ms = 90000`",
+                    "`timeout_ms = 250`",
+                    "`retry_max_ms = 5000` (milliseconds as a number) is deprecated; write `retry_max = \"5s\"`",
+                    "`flush_interval_ms = 200`",
+                    "`request_timeout_ms = 3000`",
+                ] {
+                    assert!(warnings.iter().any(|w| w.contains(expected)), "{expected}: {warnings:?}");
+                }
+            } else {
+                assert!(warnings.is_empty(), "{warnings:?}");
+            }
+        }
+        // Old and new key together: refused, naming the key.
+        let both = GOOD.replace(
+            "path = \"-\"",
+            "path = \"-\"\n[[pipelines.orders.sinks]]\ntype = \"redis\"\nurls = [\"redis://c:6379\"]\nmode = { type = \"invalidate\", key_template = \"{table}:{id}\" }\ntimeout = \"1s\"\ntimeout_ms = 1000",
+        );
+        let e = load_str("t.toml", &both).unwrap_err().to_string();
+        assert!(e.contains("timeout"), "{e}");
+        let bad = GOOD.replace(
+            "path = \"-\"",
+            "path = \"-\"\n[[pipelines.orders.sinks]]\ntype = \"redis\"\nurls = [\"redis://c:6379\"]\nmode = { type = \"invalidate\", key_template = \"{table}:{id}\" }\ntimeout = \"soon\"",
+        );
+        let e = load_str("t.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("pipelines.orders.sinks") && e.contains("`soon` is not a duration"), "{e}");
     }
 
     #[test]

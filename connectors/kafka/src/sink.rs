@@ -183,11 +183,11 @@ impl KafkaSink {
             transactional: match config.delivery {
                 DeliveryMode::AtLeastOnce => None,
                 DeliveryMode::ExactlyOnce {
-                    transaction_timeout_ms,
+                    transaction_timeout,
                     transactional_id,
                     offsets_topic,
                 } => Some(Transactional {
-                    timeout: Duration::from_millis(transaction_timeout_ms),
+                    timeout: transaction_timeout,
                     initialized: false,
                     id: transactional_id,
                     offsets_topic: Arc::from(offsets_topic.as_str()),

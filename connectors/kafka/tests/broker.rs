@@ -527,7 +527,7 @@ async fn source_commits_only_the_acknowledged_prefix() {
         Subscription::Topics(vec![topic.clone()]),
     );
     cfg.max_batch_records = 100;
-    cfg.max_batch_wait_ms = 500;
+    cfg.max_batch_wait = std::time::Duration::from_millis(500);
     cfg.max_in_flight_records = 100;
     let mut source = KafkaSource::new(cfg).unwrap();
     let mut records = Vec::new();
@@ -654,7 +654,7 @@ async fn exactly_once_commits_whole_batches_and_aborts_failed_ones() {
     let mut cfg = sink_config(&[("public.eos", &topic)]);
     cfg.delivery = DeliveryMode::ExactlyOnce {
         transactional_id: unique("walcast-it-eos"),
-        transaction_timeout_ms: 30_000,
+        transaction_timeout: std::time::Duration::from_millis(30_000),
         offsets_topic: walcast_kafka::offsets::DEFAULT_OFFSETS_TOPIC.into(),
     };
     cfg.producer
@@ -730,7 +730,7 @@ async fn exactly_once_drops_replayed_changes_that_kafka_already_holds() {
     let transactional_id = unique("walcast-it-eosreplay");
     cfg.delivery = DeliveryMode::ExactlyOnce {
         transactional_id: transactional_id.clone(),
-        transaction_timeout_ms: 30_000,
+        transaction_timeout: std::time::Duration::from_millis(30_000),
         offsets_topic: offsets_topic.clone(),
     };
     // Transaction `tx` committed at `lsn`, changes `orders` of it.
@@ -828,7 +828,7 @@ async fn revoked_partitions_commit_what_is_acknowledged_before_moving() {
             group.clone(),
             Subscription::Topics(vec![topic.clone()]),
         );
-        c.max_batch_wait_ms = 200;
+        c.max_batch_wait = std::time::Duration::from_millis(200);
         c
     };
     let mut a = KafkaSource::new(config()).unwrap();
@@ -906,7 +906,7 @@ async fn a_pattern_subscription_finds_a_topic_created_later_within_seconds() {
         group,
         Subscription::Pattern(format!("^{}\\..*", prefix.replace('.', "\\."))),
     );
-    cfg.max_batch_wait_ms = 200;
+    cfg.max_batch_wait = std::time::Duration::from_millis(200);
     let mut source = KafkaSource::new(cfg).unwrap();
     // The relay is up and has matched the pattern against the topics that
     // exist now (none): a few polls let it join and read metadata once.

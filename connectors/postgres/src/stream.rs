@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use walcast_sdk::ack::AckFailure;
 use walcast_sdk::retry::Backoff;
-use walcast_sdk::{Acker, Batch, ChangeEvent, Lsn, Sink, TableName};
+use walcast_sdk::{send_to_every_sink, Acker, ChangeEvent, Lsn, Sink, TableName};
 
 use walcast_sdk::status::{PipelineState, StatusHandle};
 use walcast_sdk::telemetry as metrics;
@@ -178,18 +178,10 @@ async fn dispatch(
                 }
             }
         }
+        // A sink that refuses the batch drops its acker clone, which fails
+        // the batch: the session restarts from the confirmed position.
         let events = Arc::new(events);
-        for sink in sinks.iter_mut() {
-            let name = sink.name().to_string();
-            let n = events.len() as u64;
-            match sink.send(Batch { events: Arc::clone(&events), acker: acker.clone() }).await {
-                Ok(()) => ::metrics::counter!(metrics::SINK_EVENTS, "pipeline" => pipeline.clone(), "sink" => name).increment(n),
-                Err(e) => {
-                    tracing::error!(pipeline = %pipeline, sink = %name, error = %e, "sink refused a batch");
-                    ::metrics::counter!(metrics::SINK_ERRORS, "pipeline" => pipeline.clone(), "sink" => name).increment(1);
-                }
-            }
-        }
+        send_to_every_sink(&pipeline, &mut sinks, std::iter::repeat(events), &acker).await;
         acker.ack();
     }
     for sink in sinks.iter_mut() {
@@ -768,8 +760,10 @@ impl<'a> CaptureLoop<'a> {
         }
     }
 
-    /// Sends a registered batch to the dispatcher.
-    async fn dispatch(&self, events: Vec<ChangeEvent>, acker: Acker) -> Flow {
+    /// Sends a registered batch to the dispatcher. (`&mut self`: a
+    /// `&self` held across the await would need the loop to be `Sync`,
+    /// which the replication stream is not.)
+    async fn dispatch(&mut self, events: Vec<ChangeEvent>, acker: Acker) -> Flow {
         match self.tx.send((events, acker)).await {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Stop,

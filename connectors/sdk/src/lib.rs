@@ -13,6 +13,7 @@
 //! newer one.
 
 pub mod ack;
+pub mod duration;
 pub mod encode;
 pub mod event;
 pub mod json;
@@ -31,7 +32,7 @@ pub use ack::{AckTracker, Acker, Delivery};
 pub use encode::{EncodeError, EncodedRecord, EventEncoder, JsonEncoder};
 pub use event::{ChangeEvent, Op, SnapshotMarker, SourceInfo, TransactionInfo};
 pub use position::Lsn;
-pub use sink::{Batch, Sink, SinkError};
+pub use sink::{send_to_every_sink, Batch, Sink, SinkError};
 pub use status::{PipelineState, PipelineStatus, StatusHandle};
 pub use table::{Column, PgType, ReplicaIdentity, TableName, TableSchema};
 pub use value::{Numeric, Value};
