@@ -271,12 +271,29 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                 match capture::setup::plan(&client, &s.wanted).await {
                     Ok(plan) => {
                         println!(
-                            "pipeline {name}: Postgres {}:{}/{} OK",
-                            s.connect.host, s.connect.port, s.connect.database
+                            "pipeline {name}: Postgres {}/{} OK",
+                            replication::connection::describe_endpoints(&s.connect.endpoints),
+                            s.connect.database
                         );
-                        if let Some(w) =
-                            replication::tls::exposure_warning(&s.connect.host, s.connect.sslmode)
-                        {
+                        if s.connect.endpoints.len() > 1 {
+                            println!(
+                                "  hosts tried in order; target_session_attrs = {}",
+                                s.connect.target_session_attrs.as_str()
+                            );
+                        }
+                        if s.wanted.failover {
+                            println!(
+                                "  slot {}: failover slot{}",
+                                s.wanted.slot,
+                                if plan.enable_failover { " (walcast will ALTER the existing slot to one)" } else { "" }
+                            );
+                        }
+                        for e in &s.connect.endpoints {
+                            if let Some(w) = replication::tls::exposure_warning(&e.host, s.connect.sslmode) {
+                                println!("  warning: {w}");
+                            }
+                        }
+                        for w in &plan.warnings {
                             println!("  warning: {w}");
                         }
                         for t in &plan.tables {
@@ -391,10 +408,8 @@ async fn check_contracts(
             return false;
         }
     };
-    let options = walcast_schemas::MappingOptions {
-        unconstrained_numeric: r.unconstrained_numeric,
-    };
-    let mut catalog = capture::catalog::Catalog::new(client);
+    let options = r.mapping_options();
+    let mut catalog = capture::catalog::Catalog::new(client).for_publication(&s.wanted.publication);
     let mut ok = true;
     for wanted in &s.wanted.tables {
         let Some(contract) = contracts.get(&wanted.schema, &wanted.name) else {
@@ -498,7 +513,7 @@ async fn check_search_sinks(
             return false;
         }
     };
-    let mut catalog = capture::catalog::Catalog::new(client);
+    let mut catalog = capture::catalog::Catalog::new(client).for_publication(&s.wanted.publication);
     let mut tables = Vec::new();
     for wanted in &s.wanted.tables {
         match catalog.table_schema_by_name(wanted).await {
@@ -571,10 +586,8 @@ async fn check_registry(
             return false;
         }
     };
-    let options = walcast_schemas::MappingOptions {
-        unconstrained_numeric: r.unconstrained_numeric,
-    };
-    let mut catalog = capture::catalog::Catalog::new(client);
+    let options = r.mapping_options();
+    let mut catalog = capture::catalog::Catalog::new(client).for_publication(&s.wanted.publication);
     let mut ok = true;
     for wanted in &s.wanted.tables {
         let table = match catalog.table_schema_by_name(wanted).await {

@@ -119,15 +119,20 @@ pub fn encode_value_into(
     bin::string(out, &s.name);
     bin::long(out, s.ts_ms);
     optional_long(out, Some(s.ts_us));
+    optional_long(out, Some(s.ts_us.saturating_mul(1000)));
     bin::string(out, s.snapshot.as_str());
     bin::string(out, &s.db);
     bin::string(out, &table.schema);
     bin::string(out, &table.name);
     optional_long(out, s.tx_id.map(i64::from));
     optional_long(out, Some(s.lsn.0 as i64));
+    optional_long(out, None); // xmin: not tracked, as in Debezium by default
     optional_long(out, Some(s.commit_lsn.0 as i64));
     bin::string(out, event.op.code());
     optional_long(out, Some(event.ts_ms));
+    // Debezium 3's ts_us and ts_ns: the same processing time, kept in ms.
+    optional_long(out, Some(event.ts_ms.saturating_mul(1000)));
+    optional_long(out, Some(event.ts_ms.saturating_mul(1_000_000)));
     match &event.transaction {
         None => bin::long(out, NULL_BRANCH),
         Some(t) => {
@@ -864,12 +869,17 @@ mod tests {
             "txId",
             "lsn",
             "commit_lsn",
+            "ts_us",
+            "ts_ns",
+            "xmin",
         ] {
             assert_eq!(decoded["source"][f], expected["source"][f], "source.{f}");
         }
         assert_eq!(decoded["op"], json!("c"));
         assert_eq!(decoded["transaction"], expected["transaction"]);
-        assert_eq!(decoded["ts_ms"], expected["ts_ms"]);
+        for f in ["ts_ms", "ts_us", "ts_ns"] {
+            assert_eq!(decoded[f], expected[f], "{f}");
+        }
     }
 
     #[test]
@@ -895,6 +905,7 @@ mod tests {
             );
             let opts = MappingOptions {
                 unconstrained_numeric: mode,
+                ..Default::default()
             };
             let s = derive(&ev.table, "p", &opts).unwrap();
             let decoded = to_json(
@@ -911,6 +922,7 @@ mod tests {
         // variable_scale (Debezium's precise mode) cannot carry the special values.
         let opts = MappingOptions {
             unconstrained_numeric: UnconstrainedNumeric::VariableScale,
+            ..Default::default()
         };
         let cases = [
             (
@@ -1058,6 +1070,7 @@ mod tests {
         ] {
             let opts = MappingOptions {
                 unconstrained_numeric: mode,
+                ..Default::default()
             };
             let mut ev = event(cols.clone(), row("123456789012345678901234567890.5"));
             ev.op = Op::Update;

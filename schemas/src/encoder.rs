@@ -132,9 +132,7 @@ impl AvroEncoder {
         })?;
         let encoder = AvroEncoder::new(
             registry,
-            MappingOptions {
-                unconstrained_numeric: config.unconstrained_numeric,
-            },
+            config.mapping_options(),
             config.subject_strategy,
             Arc::new(default_topic),
         );

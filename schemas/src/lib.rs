@@ -22,7 +22,7 @@ pub mod wire;
 pub use contracts::{ContractError, Contracts};
 pub use embedded::{EmbeddedError, EmbeddedRegistry, EmbeddedRegistryConfig};
 pub use encoder::{default_topic, AvroDecoder, AvroEncoder, ReadError, TopicNamer};
-pub use mapping::{AvroSchema, MappingOptions, TableSchemas, UnconstrainedNumeric};
+pub use mapping::{AvroSchema, FieldNameAdjustment, MappingOptions, TableSchemas, UnconstrainedNumeric};
 pub use registry::{
     Compatibility, CompatibilityLevel, HttpRegistry, InvalidValuePolicy, Registry, RegistryConfig,
     RegistryError, SubjectStrategy, SubjectVersion, VersionRef,

@@ -64,17 +64,34 @@ pub enum UnconstrainedNumeric {
     Double,
 }
 
+/// How column names that are not Avro names become field names
+/// (Debezium's `field.name.adjustment.mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldNameAdjustment {
+    /// Every character outside `[A-Za-z0-9_]` becomes `_` (and a leading
+    /// digit gets a `_` before it): readable, but `名前` and `値段` both
+    /// become `__`, which walcast refuses (naming both columns).
+    #[default]
+    Avro,
+    /// Every character outside `[A-Za-z0-9]`, the underscore included,
+    /// becomes `_uXXXX` (its UTF-16 code unit in hex), as Debezium's
+    /// `avro_unicode` does: never two columns on one field.
+    AvroUnicode,
+}
+
 /// Choices that change the derived schemas.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MappingOptions {
     pub unconstrained_numeric: UnconstrainedNumeric,
+    pub field_name_adjustment: FieldNameAdjustment,
 }
 
 /// Why a table could not be given an Avro schema. Always definite: the
 /// table's shape will not change by retrying.
 #[derive(Debug, thiserror::Error)]
 pub enum MappingError {
-    #[error("{table}: columns `{first}` and `{second}` both become the Avro field `{field}`; rename one of them")]
+    #[error("{table}: columns `{first}` and `{second}` both become the Avro field `{field}`; rename one of them, or set field_name_adjustment = \"avro_unicode\" in the registry section (names such columns `_uXXXX`, as Debezium's field.name.adjustment.mode does)")]
     FieldCollision {
         table: String,
         first: String,
@@ -195,7 +212,7 @@ pub fn derive(
         sanitize_name(&table.schema),
         sanitize_name(&table.name)
     );
-    let fields = field_names(table)?;
+    let fields = field_names(table, opts.field_name_adjustment)?;
 
     let key_indexes = table.key_indexes();
     let key = if key_indexes.is_empty() {
@@ -249,6 +266,8 @@ pub fn derive(
             {"name": "source", "type": source_record()},
             {"name": "op", "type": "string"},
             {"name": "ts_ms", "type": ["null", "long"], "default": null},
+            {"name": "ts_us", "type": ["null", "long"], "default": null},
+            {"name": "ts_ns", "type": ["null", "long"], "default": null},
             {"name": "transaction", "type": ["null", transaction_record()], "default": null},
         ],
         "connect.version": 2,
@@ -277,11 +296,11 @@ fn parse(json: Json, table: &str) -> Result<AvroSchema, MappingError> {
     Ok(AvroSchema::from_parts(json, schema))
 }
 
-fn field_names(table: &TableSchema) -> Result<Vec<String>, MappingError> {
+fn field_names(table: &TableSchema, mode: FieldNameAdjustment) -> Result<Vec<String>, MappingError> {
     let mut seen: BTreeMap<String, &str> = BTreeMap::new();
     let mut out = Vec::with_capacity(table.columns.len());
     for c in &table.columns {
-        let f = sanitize_name(&c.name);
+        let f = field_name(&c.name, mode);
         if let Some(first) = seen.insert(f.clone(), &c.name) {
             return Err(MappingError::FieldCollision {
                 table: table.qualified_name(),
@@ -545,12 +564,14 @@ fn source_record() -> Json {
             {"name": "name", "type": "string"},
             {"name": "ts_ms", "type": "long"},
             {"name": "ts_us", "type": ["null", "long"], "default": null},
+            {"name": "ts_ns", "type": ["null", "long"], "default": null},
             {"name": "snapshot", "type": "string", "default": "false"},
             {"name": "db", "type": "string"},
             {"name": "schema", "type": "string"},
             {"name": "table", "type": "string"},
             {"name": "txId", "type": ["null", "long"], "default": null},
             {"name": "lsn", "type": ["null", "long"], "default": null},
+            {"name": "xmin", "type": ["null", "long"], "default": null},
             {"name": "commit_lsn", "type": ["null", "long"], "default": null},
         ],
         "connect.name": SOURCE_RECORD,
@@ -588,6 +609,27 @@ pub fn sanitize_name(ident: &str) -> String {
         out.insert(0, '_');
     }
     out
+}
+
+/// A column name as an Avro field name, under `mode`.
+pub fn field_name(ident: &str, mode: FieldNameAdjustment) -> String {
+    match mode {
+        FieldNameAdjustment::Avro => sanitize_name(ident),
+        FieldNameAdjustment::AvroUnicode => {
+            let mut out = String::with_capacity(ident.len());
+            for (i, c) in ident.chars().enumerate() {
+                if c.is_ascii_alphabetic() || (c.is_ascii_digit() && i > 0) {
+                    out.push(c);
+                } else {
+                    let mut units = [0u16; 2];
+                    for u in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("_u{u:04x}"));
+                    }
+                }
+            }
+            out
+        }
+    }
 }
 
 /// A dotted namespace with each component sanitised.
@@ -764,6 +806,7 @@ mod tests {
                 &pg,
                 &MappingOptions {
                     unconstrained_numeric: mode,
+                    ..Default::default()
                 },
                 &mut HashSet::new(),
             );
@@ -800,6 +843,7 @@ mod tests {
         ]);
         let variable_scale = MappingOptions {
             unconstrained_numeric: UnconstrainedNumeric::VariableScale,
+            ..Default::default()
         };
         let s = derive(&t, "shop", &variable_scale).unwrap();
         assert_eq!(s.namespace, "shop.public.orders");
@@ -815,7 +859,7 @@ mod tests {
         let names: Vec<_> = env.fields.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(
             names,
-            ["before", "after", "source", "op", "ts_ms", "transaction"]
+            ["before", "after", "source", "op", "ts_ms", "ts_us", "ts_ns", "transaction"]
         );
         let Schema::Union(before) = &env.fields[0].schema else {
             panic!("before is not a union")
@@ -840,10 +884,12 @@ mod tests {
             "txId",
             "lsn",
             "ts_us",
+            "ts_ns",
+            "xmin",
         ] {
             assert!(source_fields.contains(&f), "source lacks {f}");
         }
-        let Schema::Union(tx) = &env.fields[5].schema else {
+        let Schema::Union(tx) = &env.fields[7].schema else {
             panic!("transaction is not a union")
         };
         assert_eq!(
@@ -876,6 +922,13 @@ mod tests {
         assert_eq!(sanitize_name("1st"), "_1st");
         assert_eq!(sanitize_name("café"), "caf_");
         assert_eq!(sanitize_namespace("my-app.v2"), "my_app.v2");
+        let u = |s: &str| field_name(s, FieldNameAdjustment::AvroUnicode);
+        assert_eq!(u("名前"), "_u540d_u524d");
+        assert_eq!(u("値段"), "_u5024_u6bb5");
+        assert_eq!(u("a_b"), "a_u005fb");
+        assert_eq!(u("1st"), "_u0031st");
+        assert_eq!(u("plain"), "plain");
+        assert_ne!(u("a_b"), u("a-b"));
         let mut t = table(vec![
             col("line id", PgType::Int4, false, true),
             col("2nd", PgType::Text, true, false),
@@ -974,6 +1027,7 @@ mod tests {
         ] {
             let opts = MappingOptions {
                 unconstrained_numeric: numeric,
+                ..Default::default()
             };
             let schemas = derive(&table, "shop", &opts).unwrap();
             // Through the text a registry hands back.

@@ -90,6 +90,10 @@ pub struct RegistryConfig {
     /// How `numeric` without precision travels (default `variable_scale`).
     #[serde(default)]
     pub unconstrained_numeric: UnconstrainedNumeric,
+    /// How column names that are not Avro names become field names
+    /// (Debezium's `field.name.adjustment.mode`): `avro` or `avro_unicode`.
+    #[serde(default)]
+    pub field_name_adjustment: crate::mapping::FieldNameAdjustment,
     /// Per request, connecting included (`"10s"`; the old
     /// `request_timeout_ms` still reads, deprecated).
     #[serde(
@@ -142,6 +146,7 @@ impl std::fmt::Debug for RegistryConfig {
             .field("ca_file", &self.ca_file)
             .field("subject_strategy", &self.subject_strategy)
             .field("unconstrained_numeric", &self.unconstrained_numeric)
+            .field("field_name_adjustment", &self.field_name_adjustment)
             .field("request_timeout", &self.request_timeout)
             .field("max_attempts", &self.max_attempts)
             .field("contracts", &self.contracts)
@@ -151,6 +156,14 @@ impl std::fmt::Debug for RegistryConfig {
 }
 
 impl RegistryConfig {
+    /// The schema derivation choices this config makes.
+    pub fn mapping_options(&self) -> crate::MappingOptions {
+        crate::MappingOptions {
+            unconstrained_numeric: self.unconstrained_numeric,
+            field_name_adjustment: self.field_name_adjustment,
+        }
+    }
+
     /// A config with every default, for `url`.
     pub fn new(url: impl Into<String>) -> Self {
         RegistryConfig {
@@ -160,6 +173,7 @@ impl RegistryConfig {
             ca_file: None,
             subject_strategy: SubjectStrategy::default(),
             unconstrained_numeric: UnconstrainedNumeric::default(),
+            field_name_adjustment: Default::default(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             contracts: None,

@@ -160,6 +160,26 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                 let s = &c.source;
                 s.validate()
                     .map_err(|e| rule(key(&format!("source.{}", e.field)), &e.problem))?;
+                for (t, shape) in &c.table {
+                    let k = key(&format!("table.\"{t}\""));
+                    if walcast_sdk::TableName::parse(t).is_none() {
+                        return Err(rule(k, &format!("`{t}` is not of the form schema.table")));
+                    }
+                    let captured = s.tables.contains(t)
+                        || s.schemas.iter().any(|sc| t.starts_with(&format!("{sc}.")));
+                    if !captured {
+                        return Err(rule(k, &format!("`{t}` is not captured by this pipeline (add it to source.tables)")));
+                    }
+                    if let Err(m) = shape.validate(&k) {
+                        return Err(rule(k, &m));
+                    }
+                    if shape.row_filter.is_some() {
+                        return Err(rule(
+                            format!("{k}.row_filter"),
+                            "row filters are not supported yet; filter in the publication yourself (CREATE PUBLICATION ... WHERE, Postgres 15+) with create_publication = false",
+                        ));
+                    }
+                }
                 if c.sinks.is_empty() {
                     return Err(rule(
                         key("sinks"),
@@ -549,7 +569,15 @@ retry_max_ms = 60000
         let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
             panic!("a capture")
         };
-        assert_eq!(p.source.port, walcast_postgres::config::DEFAULT_PG_PORT);
+        assert_eq!(
+            p.source.port,
+            walcast_postgres::config::Ports::One(walcast_postgres::config::DEFAULT_PG_PORT)
+        );
+        assert_eq!(
+            p.source.target_session_attrs,
+            walcast_postgres::replication::connection::TargetSessionAttrs::Primary
+        );
+        assert!(!p.source.slot_failover);
         assert_eq!(
             p.source.status_interval,
             walcast_postgres::config::DEFAULT_STATUS_INTERVAL
@@ -560,6 +588,26 @@ retry_max_ms = 60000
         let admin = c.admin.address().expect("on by default").unwrap();
         assert!(admin.ip().is_loopback(), "{admin}");
         assert!(p.source.create_slot);
+    }
+
+    #[test]
+    fn host_and_port_lists_pair_up_as_in_libpq() {
+        let with = |extra: &str| GOOD.replace("database = \"app\"", &format!("database = \"app\"\n{extra}"));
+        let c = load_str("t.toml", &with("host = \"pg-a, pg-b\"\nport = 5433\ntarget_session_attrs = \"read-write\"\nslot_failover = true")).unwrap();
+        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else { panic!() };
+        let e: Vec<String> = p.source.endpoints().unwrap().iter().map(|e| e.to_string()).collect();
+        assert_eq!(e, ["pg-a:5433", "pg-b:5433"]);
+        assert!(p.source.slot_failover);
+        let c = load_str("t.toml", &with("host = \"pg-a,pg-b\"\nport = \"5433,5434\"")).unwrap();
+        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else { panic!() };
+        let e: Vec<String> = p.source.endpoints().unwrap().iter().map(|e| e.to_string()).collect();
+        assert_eq!(e, ["pg-a:5433", "pg-b:5434"]);
+        let e = load_str("t.toml", &with("host = \"a,b,c\"\nport = \"1,2\"")).unwrap_err().to_string();
+        assert!(e.contains("pipelines.orders.source.port") && e.contains("2 ports for 3 hosts"), "{e}");
+        let e = load_str("t.toml", &with("host = \"a,,b\"")).unwrap_err().to_string();
+        assert!(e.contains("pipelines.orders.source.host") && e.contains("empty entry"), "{e}");
+        let e = load_str("t.toml", &with("target_session_attrs = \"standby\"")).unwrap_err().to_string();
+        assert!(e.contains("pipelines.orders.source.target_session_attrs") || e.contains("standby"), "{e}");
     }
 
     #[test]

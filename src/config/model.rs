@@ -220,6 +220,10 @@ pub struct CaptureConfig {
     /// `/var/lib/walcast`.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Per-table shaping (`[pipelines.NAME.table."schema.table"]`): column
+    /// include/exclude lists, masks, hashes, the message key, a row filter.
+    #[serde(default)]
+    pub table: std::collections::BTreeMap<String, walcast_sdk::shape::TableShapeConfig>,
 }
 
 fn default_state_dir() -> PathBuf {

@@ -21,6 +21,8 @@ use crate::config::{CaptureConfig, EventFormat, PipelineConfig, RelayConfig, Sin
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error("{0}")]
+    Config(String),
     #[error("pipeline {pipeline}: cannot read {key}: {source}")]
     Secret {
         pipeline: String,
@@ -62,6 +64,8 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
         create_slot: src.create_slot,
         create_publication: src.create_publication,
         via_root: src.publish_via_partition_root,
+        failover: src.slot_failover,
+        generated_columns: src.publish_generated_columns,
     };
     // With whole schemas captured, every table of the publication is wanted.
     let filter: Option<HashSet<String>> = if src.schemas.is_empty() {
@@ -72,8 +76,8 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
     Ok(CaptureSettings {
         pipeline: name.to_string(),
         connect: ConnectParams {
-            host: src.host.clone(),
-            port: src.port,
+            endpoints: src.endpoints().map_err(|m| BuildError::Config(format!("pipeline {name}: {m}")))?,
+            target_session_attrs: src.target_session_attrs,
             user: src.user.clone(),
             password,
             database: src.database.clone(),
@@ -147,7 +151,12 @@ pub async fn build_sinks(
             SinkConfig::Kafka(k) => {
                 let k = kafka_config(k, prefix);
                 let encoder: Arc<dyn EventEncoder> = match (encoding.format, encoding.registry) {
-                    (EventFormat::Json, _) => Arc::new(JsonEncoder::default()),
+                    (EventFormat::Json, _) => Arc::new(JsonEncoder {
+                        options: walcast_sdk::json::JsonOptions {
+                            special_numeric: k.json_special_numeric,
+                            ..Default::default()
+                        },
+                    }),
                     (EventFormat::Avro, None) => {
                         return Err(err("format = \"avro\" needs a [registry] section".into()))
                     }
@@ -164,9 +173,7 @@ pub async fn build_sinks(
                         );
                         let mut encoder = walcast_schemas::AvroEncoder::new(
                             registry,
-                            walcast_schemas::MappingOptions {
-                                unconstrained_numeric: r.unconstrained_numeric,
-                            },
+                            r.mapping_options(),
                             r.subject_strategy,
                             Arc::new(move |e: &walcast_sdk::ChangeEvent| {
                                 router.name(&e.table.schema, &e.table.name)
@@ -231,6 +238,15 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
                 registry: c.registry.as_ref(),
             };
             let sinks = build_sinks(name, &settings.assemble.name, &c.sinks, &encoding).await?;
+            // Shaped before any sink sees an event (see walcast_sdk::shape).
+            let shaper = std::sync::Arc::new(
+                walcast_sdk::shape::Shaper::new(&c.table, &format!("pipelines.{name}.table"))
+                    .map_err(|e| BuildError::Config(format!("pipeline {name}: {e}")))?,
+            );
+            let sinks: Vec<Box<dyn Sink>> = sinks
+                .into_iter()
+                .map(|s| walcast_sdk::shape::ShapingSink::wrap(s, std::sync::Arc::clone(&shaper)))
+                .collect();
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
             metrics::register_pipeline(name, &sink_names);
             Ok(Runnable {

@@ -128,6 +128,13 @@ pub struct KafkaSinkConfig {
     /// Any librdkafka producer property, applied over [`PRODUCER_DEFAULTS`].
     #[serde(default)]
     pub producer: BTreeMap<String, String>,
+    /// With `format = "json"`: how a numeric NaN/±Infinity is written,
+    /// `postgres` (`"NaN"`, default) or `debezium` (`"NAN"`, ...).
+    #[serde(default)]
+    pub json_special_numeric: walcast_sdk::json::SpecialNumeric,
+    /// Route an outbox table's inserts as messages (see [`crate::outbox`]).
+    #[serde(default)]
+    pub outbox: Option<crate::outbox::OutboxConfig>,
 }
 
 /// How batches become durable in Kafka.
@@ -160,14 +167,12 @@ pub enum DeliveryMode {
         /// Compacted topic where each Kafka transaction records the last
         /// Postgres change it carries, read back on start to skip changes
         /// Kafka already holds (see [`crate::offsets`]).
-        #[serde(default = "default_offsets_topic")]
-        offsets_topic: String,
+        /// Default: `walcast.offsets.<transactional_id>`, one per pipeline.
+        #[serde(default)]
+        offsets_topic: Option<String>,
     },
 }
 
-fn default_offsets_topic() -> String {
-    crate::offsets::DEFAULT_OFFSETS_TOPIC.to_string()
-}
 
 /// The broker's default `transaction.max.timeout.ms` is 15 minutes; one
 /// minute bounds how long an outage holds a transaction open.
@@ -281,10 +286,20 @@ impl KafkaSinkConfig {
             transaction_topic: None,
             delivery: DeliveryMode::AtLeastOnce,
             producer: BTreeMap::new(),
+            json_special_numeric: Default::default(),
+            outbox: None,
         }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(o) = &self.outbox {
+            if o.table.split('.').count() != 2 {
+                return Err(invalid("outbox.table", "must be schema.table"));
+            }
+            if !o.topic.contains("${routedByValue}") {
+                tracing::info!(topic = %o.topic, "outbox: every message goes to one topic (no ${{routedByValue}} in outbox.topic)");
+            }
+        }
         if self.bootstrap_servers.trim().is_empty() {
             return Err(invalid(
                 "bootstrap_servers",
@@ -342,7 +357,7 @@ impl KafkaSinkConfig {
             offsets_topic,
         } = &self.delivery
         {
-            if offsets_topic.trim().is_empty() {
+            if offsets_topic.as_deref().is_some_and(|t| t.trim().is_empty()) {
                 return Err(invalid("delivery.offsets_topic", "must not be empty"));
             }
             if transactional_id.trim().is_empty() {

@@ -18,6 +18,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod delivery;
 pub mod offsets;
+pub mod outbox;
 pub mod record;
 pub mod sink;
 pub mod source;

@@ -24,10 +24,15 @@
 //! the daemon's snapshot module) and may repeat that chunk's rows.
 //!
 //! The topic is compacted with one partition, so reading it back costs one
-//! record per pipeline. If another pipeline's transaction is open on the
-//! topic when this one starts, the reader may stop before this pipeline's
-//! last record (a `read_committed` reader cannot pass an open transaction):
-//! the result is duplicates, never a skipped change.
+//! record per pipeline. Each pipeline has a topic of its own by default
+//! (`walcast.offsets.<transactional_id>`): a `read_committed` reader cannot
+//! pass a transaction still open on a partition, so on a topic shared by
+//! several pipelines another pipeline's open transaction would stall this
+//! one's start (up to that transaction's timeout) and could make it read an
+//! older record of its own (duplicates, never a skipped change). Sharing one
+//! topic, `offsets_topic = "..."` on every pipeline, stays possible; versions
+//! before this default used the shared `walcast.offsets`, and a pipeline
+//! whose own topic holds no position yet reads its position from there once.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -40,8 +45,22 @@ use walcast_sdk::{ChangeEvent, Lsn, SnapshotMarker};
 
 use crate::config::TopicCreationConfig;
 
-/// The offsets topic a pipeline uses unless configured otherwise.
-pub const DEFAULT_OFFSETS_TOPIC: &str = "walcast.offsets";
+/// The topic every pipeline shared before each had its own: read for a
+/// pipeline's position when its own topic has none yet.
+pub const SHARED_OFFSETS_TOPIC: &str = "walcast.offsets";
+
+/// The offsets topic of a pipeline unless configured otherwise:
+/// `walcast.offsets.<transactional_id>`, characters Kafka does not allow in
+/// a topic name replaced by `_`, cut to Kafka's 249-character limit.
+pub fn default_topic(transactional_id: &str) -> String {
+    let id: String = transactional_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .collect();
+    let mut t = format!("{SHARED_OFFSETS_TOPIC}.{id}");
+    t.truncate(249);
+    t
+}
 
 /// How long reading the offsets back may take before start-up fails (and
 /// is retried by the pipeline).
@@ -277,5 +296,18 @@ mod tests {
         let (key, value) = record("pipe-1", b);
         assert_eq!(key, b"pipe-1");
         assert_eq!(serde_json::from_slice::<Position>(&value).unwrap(), b);
+    }
+}
+
+#[cfg(test)]
+mod topic_tests {
+    use super::*;
+
+    #[test]
+    fn each_pipeline_has_its_own_topic_by_default() {
+        assert_eq!(default_topic("orders-eos"), "walcast.offsets.orders-eos");
+        assert_ne!(default_topic("a"), default_topic("b"));
+        assert_eq!(default_topic("a b/c"), "walcast.offsets.a_b_c");
+        assert_eq!(default_topic(&"x".repeat(400)).len(), 249);
     }
 }

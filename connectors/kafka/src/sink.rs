@@ -71,6 +71,8 @@ pub struct KafkaSink {
     transactional: Option<Transactional>,
     /// Where events the encoder refuses as invalid go instead of halting.
     dead_letter: Option<DeadLetter>,
+    /// The outbox table whose inserts are routed as messages.
+    outbox: Option<crate::outbox::OutboxConfig>,
     /// Ends the task that purges the queues after refused credentials.
     _auth_watch: AuthWatch,
 }
@@ -131,6 +133,9 @@ struct Transactional {
     initialized: bool,
     id: String,
     offsets_topic: Arc<str>,
+    /// With the default `offsets_topic`: the topic every pipeline shared
+    /// before, read when the pipeline's own topic holds no position yet.
+    shared_offsets_topic: Option<Arc<str>>,
     /// Where the offsets topic is read back from and created with.
     client: rdkafka::ClientConfig,
     replication_factor: i32,
@@ -189,8 +194,17 @@ impl KafkaSink {
                 } => Some(Transactional {
                     timeout: transaction_timeout,
                     initialized: false,
+                    // Unset: a topic of its own, and the one all pipelines
+                    // shared before, to read an older position from once.
+                    shared_offsets_topic: offsets_topic
+                        .is_none()
+                        .then(|| Arc::from(offsets::SHARED_OFFSETS_TOPIC)),
+                    offsets_topic: Arc::from(
+                        offsets_topic
+                            .unwrap_or_else(|| offsets::default_topic(&transactional_id))
+                            .as_str(),
+                    ),
                     id: transactional_id,
-                    offsets_topic: Arc::from(offsets_topic.as_str()),
                     client: client.clone(),
                     replication_factor: config.topic_creation.replication_factor,
                     resume_after: None,
@@ -198,6 +212,7 @@ impl KafkaSink {
                 }),
             },
             dead_letter: None,
+            outbox: config.outbox.clone(),
         })
     }
 
@@ -275,6 +290,14 @@ impl KafkaSink {
             if event.op == Op::Truncate && self.skip_truncate {
                 continue;
             }
+            if let Some(outbox) = self.outbox.as_ref().filter(|o| o.matches(event)) {
+                let planned = crate::outbox::plan(outbox, event)
+                    .map_err(|e| SinkError::definite(SINK_NAME, e.to_string()).with_source(e))?;
+                if let Some(rec) = planned {
+                    self.send_outbox(event, rec, acker).await?;
+                }
+                continue;
+            }
             let Route { topic, table: what } = self.router.route(&event.table);
             self.ensure_topic(&topic).await?;
             if self.transactions.is_some() {
@@ -328,6 +351,33 @@ impl KafkaSink {
             );
         }
         Ok(())
+    }
+
+    /// Produces an outbox message: acknowledged with the batch like any
+    /// record (and inside its Kafka transaction in exactly-once mode).
+    async fn send_outbox(
+        &mut self,
+        event: &ChangeEvent,
+        rec: crate::outbox::OutboxRecord,
+        acker: Option<&Acker>,
+    ) -> Result<(), SinkError> {
+        let topic: Arc<str> = Arc::from(rec.topic.as_str());
+        self.ensure_topic(&topic).await?;
+        let mut headers = record::headers(event);
+        for (k, v) in &rec.headers {
+            headers = headers.insert(rdkafka::message::Header { key: k, value: v.as_deref() });
+        }
+        let what: Arc<str> = Arc::from(format!("outbox {}", event.table.qualified_name()).as_str());
+        self.produce(
+            &topic,
+            rec.key.as_deref(),
+            rec.value.as_deref(),
+            headers,
+            &what,
+            event.source.commit_lsn,
+            acker,
+        )
+        .await
     }
 
     /// Writes a refused event to the dead-letter topic. Its delivery
@@ -577,16 +627,32 @@ impl KafkaSink {
         let mut admin = TopicAdmin::new(&client, offsets::topic_creation(t.replication_factor))
             .map_err(topic_sink_error)?;
         admin.ensure(&topic).await.map_err(topic_sink_error)?;
-        let position = blocking(move || offsets::read_last(&client, &topic, &id))
+        let transient_or_definite = |e: offsets::OffsetsError| {
+            let message = e.to_string();
+            if e.is_transient() {
+                SinkError::transient(SINK_NAME, message).with_source(e)
+            } else {
+                SinkError::definite(SINK_NAME, message).with_source(e)
+            }
+        };
+        let (c, i) = (client.clone(), id.clone());
+        let mut position = blocking(move || offsets::read_last(&c, &topic, &i))
             .await
-            .map_err(|e| {
-                let message = e.to_string();
-                if e.is_transient() {
-                    SinkError::transient(SINK_NAME, message).with_source(e)
-                } else {
-                    SinkError::definite(SINK_NAME, message).with_source(e)
-                }
-            })?;
+            .map_err(transient_or_definite)?;
+        if let (None, Some(shared)) = (position, t.shared_offsets_topic.clone()) {
+            let shared_name = Arc::clone(&shared);
+            position = blocking(move || offsets::read_last(&client, &shared, &id))
+                .await
+                .map_err(transient_or_definite)?;
+            if let Some(p) = position {
+                tracing::info!(
+                    offsets_topic = %t.offsets_topic,
+                    shared_offsets_topic = %shared_name,
+                    "exactly-once: position {p} read from the offsets topic pipelines shared before; \
+                     from now on it is written to this pipeline's own topic"
+                );
+            }
+        }
         match position {
             Some(p) => tracing::info!(
                 offsets_topic = %t.offsets_topic,

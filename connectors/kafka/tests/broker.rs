@@ -655,7 +655,7 @@ async fn exactly_once_commits_whole_batches_and_aborts_failed_ones() {
     cfg.delivery = DeliveryMode::ExactlyOnce {
         transactional_id: unique("walcast-it-eos"),
         transaction_timeout: std::time::Duration::from_millis(30_000),
-        offsets_topic: walcast_kafka::offsets::DEFAULT_OFFSETS_TOPIC.into(),
+        offsets_topic: None,
     };
     cfg.producer
         .insert("message.max.bytes".into(), "2000".into());
@@ -722,16 +722,35 @@ async fn exactly_once_commits_whole_batches_and_aborts_failed_ones() {
 /// two batches: the successor drops exactly what was committed.
 #[tokio::test]
 async fn exactly_once_drops_replayed_changes_that_kafka_already_holds() {
+    let offsets_topic = unique("walcast.it.offsets");
+    replay_across_a_crash(Some(offsets_topic.clone()), Some(offsets_topic)).await;
+}
+
+/// Pipelines have an offsets topic each by default; one started by an
+/// earlier version, whose position is in the topic all pipelines shared,
+/// finds it there and drops the replay just the same, then writes to its
+/// own topic.
+#[tokio::test]
+async fn a_position_in_the_formerly_shared_offsets_topic_is_honoured() {
+    replay_across_a_crash(Some(walcast_kafka::offsets::SHARED_OFFSETS_TOPIC.into()), None).await;
+}
+
+/// Two batches committed by a first sink (offsets in `first_offsets`), a
+/// crash, then a second sink (offsets in `second_offsets`, `None` for the
+/// default) replaying them with more: each change must be in Kafka once.
+async fn replay_across_a_crash(first_offsets: Option<String>, second_offsets: Option<String>) {
     let topic = unique("walcast.it.eosreplay");
     create_topic(&topic, 1, &[]).await;
-    let offsets_topic = unique("walcast.it.offsets");
     let rows = table("public", "eosreplay", true);
     let mut cfg = sink_config(&[("public.eosreplay", &topic)]);
     let transactional_id = unique("walcast-it-eosreplay");
+    let offsets_topic = second_offsets
+        .clone()
+        .unwrap_or_else(|| walcast_kafka::offsets::default_topic(&transactional_id));
     cfg.delivery = DeliveryMode::ExactlyOnce {
         transactional_id: transactional_id.clone(),
         transaction_timeout: std::time::Duration::from_millis(30_000),
-        offsets_topic: offsets_topic.clone(),
+        offsets_topic: first_offsets,
     };
     // Transaction `tx` committed at `lsn`, changes `orders` of it.
     let changes = |tx: u32, lsn: u64, orders: std::ops::RangeInclusive<u64>| -> Vec<ChangeEvent> {
@@ -771,6 +790,11 @@ async fn exactly_once_drops_replayed_changes_that_kafka_already_holds() {
     // Crash: the slot never heard of either commit.
     drop(first);
 
+    cfg.delivery = DeliveryMode::ExactlyOnce {
+        transactional_id: transactional_id.clone(),
+        transaction_timeout: std::time::Duration::from_millis(30_000),
+        offsets_topic: second_offsets,
+    };
     let mut second = sink(cfg);
     let mut tracker: AckTracker<u64> = AckTracker::new();
     let mut replay = changes(1, 0x100, 1..=3);

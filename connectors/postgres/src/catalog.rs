@@ -39,6 +39,16 @@ pub enum CatalogError {
     },
     #[error("table {table} does not exist")]
     Missing { table: String },
+    /// No server of the list qualifies under `target_session_attrs`.
+    #[error(
+        "Postgres at {endpoint} is {found}, and target_session_attrs = \"{wanted}\" asks for another kind of server; \
+         waiting for one in the `host` list to qualify (a standby is passed over until it is promoted)"
+    )]
+    WrongSession {
+        endpoint: String,
+        wanted: &'static str,
+        found: &'static str,
+    },
 }
 
 impl CatalogError {
@@ -52,6 +62,7 @@ impl CatalogError {
                 .is_some_and(|c| c.code().starts_with("28") || c.code() == "3D000"),
             CatalogError::Query { source, .. } => transient_sql(source),
             CatalogError::Auth(e) => e.is_transient(),
+            CatalogError::WrongSession { .. } => true,
             CatalogError::Tls(_) | CatalogError::Missing { .. } => false,
         }
     }
@@ -93,14 +104,50 @@ pub async fn connect(p: &ConnectParams) -> Result<Client, CatalogError> {
             .await
             .map_err(CatalogError::Auth)?;
     }
+    // The servers in order, as the replication connection tries them (see
+    // `TargetSessionAttrs`): one unreachable or not qualifying is skipped.
+    let mut last = None;
+    for e in &p.endpoints {
+        let client = match connect_one(p, e).await {
+            Ok(c) => c,
+            Err(err) if err.is_transient() => {
+                last = Some(err);
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only') = 'on'",
+                &[],
+            )
+            .await
+            .map_err(q("pg_is_in_recovery"))?;
+        let (in_recovery, read_only): (bool, bool) = (row.get(0), row.get(1));
+        if p.target_session_attrs.accepts(in_recovery, read_only) {
+            return Ok(client);
+        }
+        last = Some(CatalogError::WrongSession {
+            endpoint: e.to_string(),
+            wanted: p.target_session_attrs.as_str(),
+            found: if in_recovery { "a standby (in recovery)" } else { "read-only (default_transaction_read_only = on)" },
+        });
+    }
+    Err(last.expect("at least one host (checked by the config)"))
+}
+
+async fn connect_one(
+    p: &ConnectParams,
+    e: &crate::replication::connection::Endpoint,
+) -> Result<Client, CatalogError> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.channel_binding(match p.channel_binding {
         tls::ChannelBindingMode::Disable => tokio_postgres::config::ChannelBinding::Disable,
         tls::ChannelBindingMode::Prefer => tokio_postgres::config::ChannelBinding::Prefer,
         tls::ChannelBindingMode::Require => tokio_postgres::config::ChannelBinding::Require,
     });
-    cfg.host(&p.host)
-        .port(p.port)
+    cfg.host(&e.host)
+        .port(e.port)
         .user(&p.user)
         .dbname(&p.database)
         .application_name(&p.application_name)
@@ -113,7 +160,7 @@ pub async fn connect(p: &ConnectParams) -> Result<Client, CatalogError> {
         .map(|(k, v)| format!("-c {k}={v}"))
         .collect();
     cfg.options(opts.join(" "));
-    let target = format!("{}:{}/{}", p.host, p.port, p.database);
+    let target = format!("{e}/{}", p.database);
     let client = match tls::client_config(p.sslmode, p.ssl_root_cert.as_deref())? {
         None => {
             cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
@@ -259,6 +306,9 @@ pub struct Catalog {
     known: HashMap<u32, Arc<TableSchema>>,
     /// Relations found dropped (see [`Self::was_dropped`]).
     dropped: std::collections::HashSet<u32>,
+    /// The pipeline's publication: a table described by name gets the
+    /// columns it publishes (see [`Self::table_schema_by_name`]).
+    publication: Option<String>,
 }
 
 impl Catalog {
@@ -269,7 +319,46 @@ impl Catalog {
             versions: HashMap::new(),
             known: HashMap::new(),
             dropped: Default::default(),
+            publication: None,
         }
+    }
+
+    /// Describes tables by name with the columns this publication
+    /// publishes, as the stream will carry them.
+    pub fn for_publication(mut self, publication: &str) -> Self {
+        self.publication = Some(publication.to_string());
+        self
+    }
+
+    /// The columns the publication publishes for a table (Postgres 15+:
+    /// `pg_publication_tables.attnames`, which reflects a column list and,
+    /// on 18, `publish_generated_columns`); `None` when there is no
+    /// publication to ask, the server is older, or the table is not (yet)
+    /// in it: then every column but generated ones, as pgoutput sends.
+    /// Before 18, `attnames` also lists generated columns, which pgoutput
+    /// never sends there: the flag says whether to trust it for them.
+    async fn published_columns(&self, schema: &str, table: &str) -> Result<(Option<Vec<String>>, bool), CatalogError> {
+        let Some(publication) = &self.publication else {
+            return Ok((None, false));
+        };
+        let version: i32 = self
+            .client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(q("server_version_num"))?
+            .get(0);
+        if version < 150000 {
+            return Ok((None, false));
+        }
+        let row = self
+            .client
+            .query_opt(
+                "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[publication, &schema, &table],
+            )
+            .await
+            .map_err(q(format!("published columns of {schema}.{table}")))?;
+        Ok((row.map(|r| r.get::<_, Vec<String>>(0)), version >= 180000))
     }
 
     pub fn client(&self) -> &Client {
@@ -349,7 +438,10 @@ impl Catalog {
     /// would from the table's Relation message: a snapshot reads rows
     /// before any Relation arrives, and its events must have the same
     /// shape as the streamed ones (same columns, types, key and relation
-    /// id). Generated columns are left out, as pgoutput leaves them out.
+    /// id): with a publication ([`Self::for_publication`]), exactly the
+    /// columns it publishes for the table (a column list leaves some out;
+    /// Postgres 18's `publish_generated_columns = stored` adds stored
+    /// generated ones); without, every column but generated ones.
     pub async fn table_schema_by_name(
         &mut self,
         table_name: &TableName,
@@ -367,6 +459,7 @@ impl Catalog {
             .map_err(q(format!("table {name}")))?
             .ok_or_else(|| CatalogError::Missing { table: name.clone() })?;
         let (oid, ident): (u32, String) = (rel.get(0), rel.get(1));
+        let (published, generated_published) = self.published_columns(schema, table).await?;
         let replica_identity = match ident.as_str() {
             "n" => ReplicaIdentity::Nothing,
             "f" => ReplicaIdentity::Full,
@@ -381,9 +474,11 @@ impl Catalog {
                  FROM pg_attribute a
                  LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary
                  LEFT JOIN pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident
-                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+                   AND CASE WHEN $2::text[] IS NULL THEN a.attgenerated = ''
+                            ELSE a.attname = ANY($2) AND (a.attgenerated = '' OR $3) END
                  ORDER BY a.attnum",
-                &[&oid],
+                &[&oid, &published, &generated_published],
             )
             .await
             .map_err(q(format!("columns of {name}")))?;

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use walcast_sdk::secret::Secret;
 use walcast_sdk::TableName;
 
+use crate::replication::connection::{Endpoint, TargetSessionAttrs};
 use crate::replication::tls::{ChannelBindingMode, SslMode};
 
 pub const DEFAULT_HOST: &str = "127.0.0.1";
@@ -26,10 +27,29 @@ pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 10_000;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresSourceConfig {
+    /// The server, or several separated by commas (libpq's host list: tried
+    /// in order, see `target_session_attrs`), e.g. the primary and the
+    /// standby a failover promotes.
     #[serde(default = "default_host")]
     pub host: String,
-    #[serde(default = "default_pg_port")]
-    pub port: u16,
+    /// The port, or one per host separated by commas (`"5432,5433"`).
+    #[serde(default)]
+    pub port: Ports,
+    /// Which server of the `host` list to use: `primary` (default),
+    /// `read-write` or `any` (libpq's names).
+    #[serde(default)]
+    pub target_session_attrs: TargetSessionAttrs,
+    /// Create the slot as a failover slot (Postgres 17+; Debezium's
+    /// `slot.failover`), and make an existing one so: standbys with
+    /// `sync_replication_slots = on` keep it in step, and after a promotion
+    /// walcast resumes from it on the new primary.
+    #[serde(default)]
+    pub slot_failover: bool,
+    /// Publish stored generated columns (Postgres 18+: the publication's
+    /// `publish_generated_columns = stored`): events and snapshots carry
+    /// them. Off by default, as in Postgres.
+    #[serde(default)]
+    pub publish_generated_columns: bool,
     pub database: String,
     pub user: String,
     pub password: Option<Secret>,
@@ -100,6 +120,57 @@ pub struct PostgresSourceConfig {
     pub snapshot_chunk_rows: usize,
 }
 
+/// `port`: a number, or a comma-separated list with one port per host.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Ports {
+    One(u16),
+    List(String),
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports::One(DEFAULT_PG_PORT)
+    }
+}
+
+impl PostgresSourceConfig {
+    /// The `host` and `port` lists paired up as libpq pairs them: one port
+    /// for every host, or one port per host.
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, String> {
+        let hosts: Vec<&str> = self.host.split(',').map(str::trim).collect();
+        if hosts.iter().any(|h| h.is_empty()) {
+            return Err(format!("`host` = {:?} has an empty entry; list servers as \"host1,host2\"", self.host));
+        }
+        let ports: Vec<u16> = match &self.port {
+            Ports::One(p) => vec![*p],
+            Ports::List(l) => l
+                .split(',')
+                .map(|p| {
+                    p.trim()
+                        .parse()
+                        .map_err(|_| format!("`port` = {l:?}: {p:?} is not a port number"))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let ports = match ports.len() {
+            1 => vec![ports[0]; hosts.len()],
+            n if n == hosts.len() => ports,
+            n => {
+                return Err(format!(
+                    "`port` lists {n} ports for {} hosts; give one port for all hosts or one per host",
+                    hosts.len()
+                ))
+            }
+        };
+        Ok(hosts
+            .into_iter()
+            .zip(ports)
+            .map(|(h, port)| Endpoint { host: h.to_string(), port })
+            .collect())
+    }
+}
+
 /// What happens to the rows that exist before capture starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -128,9 +199,6 @@ fn yes() -> bool {
 }
 fn default_host() -> String {
     DEFAULT_HOST.into()
-}
-fn default_pg_port() -> u16 {
-    DEFAULT_PG_PORT
 }
 fn default_status_interval() -> Duration {
     DEFAULT_STATUS_INTERVAL
@@ -177,6 +245,10 @@ impl PostgresSourceConfig {
                     return Err(bad(field, format!("`{t}` is not of the form schema.table")));
                 }
             }
+        }
+        if let Err(m) = self.endpoints() {
+            let field = if m.starts_with("`host`") { "host" } else { "port" };
+            return Err(bad(field, m));
         }
         if self.password.is_some() && self.password_file.is_some() {
             return Err(bad(
@@ -241,7 +313,7 @@ mod tests {
     #[test]
     fn defaults_and_rules() {
         let c = parse("database = \"app\"\nuser = \"walcast\"\ntables = [\"public.orders\"]");
-        assert_eq!(c.port, DEFAULT_PG_PORT);
+        assert_eq!(c.port, Ports::One(DEFAULT_PG_PORT));
         assert_eq!(c.host, DEFAULT_HOST);
         assert_eq!(c.status_interval, DEFAULT_STATUS_INTERVAL);
         assert_eq!(c.snapshot, SnapshotMode::Initial);

@@ -872,7 +872,7 @@ impl Incremental {
             match catalog::connect(&connect).await {
                 Ok(client) => {
                     Reader {
-                        catalog: Catalog::new(client),
+                        catalog: Catalog::new(client).for_publication(&publication),
                         pipeline,
                         run,
                         publication,

@@ -16,6 +16,9 @@ pub enum SetupError {
     /// waiting for the active daemon to die takes it over this way).
     #[error("{0}")]
     Busy(String),
+    /// The server is a standby; worth retrying, it may be promoted.
+    #[error("{0}")]
+    Standby(String),
     #[error("catalog query failed ({what}): {}", server_text(source))]
     Query {
         what: String,
@@ -41,7 +44,7 @@ fn server_text(e: &tokio_postgres::Error) -> String {
 impl SetupError {
     pub fn is_transient(&self) -> bool {
         match self {
-            SetupError::Busy(_) => true,
+            SetupError::Busy(_) | SetupError::Standby(_) => true,
             SetupError::Query { source, .. } => super::catalog::transient_sql(source),
             SetupError::Definite(_) => false,
         }
@@ -67,6 +70,11 @@ pub struct Wanted {
     /// arrive as changes of their partitioned table (`true`), or under
     /// each partition's own name (`false`).
     pub via_root: bool,
+    /// `slot_failover`: the slot is (made) a failover slot, Postgres 17+.
+    pub failover: bool,
+    /// `publish_generated_columns`: stored generated columns are published
+    /// (Postgres 18+).
+    pub generated_columns: bool,
 }
 
 /// A captured partitioned table and its partitions (leaves) when planned.
@@ -98,6 +106,15 @@ pub struct Plan {
     /// `ALTER PUBLICATION ... SET (publish_via_partition_root = ...)` when
     /// the existing publication publishes partitions the other way.
     pub set_via_root: Option<String>,
+    /// `ALTER PUBLICATION ... SET (publish_generated_columns = stored)`
+    /// when `publish_generated_columns` asks for them and the existing
+    /// publication does not publish them.
+    pub set_generated: Option<String>,
+    /// The slot exists and is not a failover slot yet, and `slot_failover`
+    /// asks for one: `ALTER_REPLICATION_SLOT ... (FAILOVER true)`.
+    pub enable_failover: bool,
+    /// Things the operator should know (shown by `check`, logged at start).
+    pub warnings: Vec<String>,
 }
 
 /// Checks everything; creates nothing.
@@ -127,20 +144,59 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         ));
     }
 
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version'), current_setting('server_version_num')::int, pg_is_in_recovery()",
+            &[],
+        )
+        .await
+        .map_err(q("server version"))?;
+    let (v, version_num, in_recovery): (String, i32, bool) = (row.get(0), row.get(1), row.get(2));
+    let major = (version_num / 10000) as u32;
+    // A standby (reached with target_session_attrs = any, or the only host
+    // listed) cannot serve the capture: Postgres 16+ can decode there, but
+    // walcast creates its publication, and incremental snapshots write
+    // watermarks, on the server it reads. Wait for a promotion.
+    if in_recovery {
+        return Err(SetupError::Standby(format!(
+            "Postgres {v} here is a standby (in recovery); walcast captures from the primary (it creates the publication \
+             and slot and writes snapshot watermarks there). Waiting for a promotion; list the primary in `host` \
+             (several hosts with target_session_attrs = \"primary\", the default, skip standbys)"
+        )));
+    }
+    if w.failover && major < 17 {
+        return definite(format!(
+            "slot_failover = true needs Postgres 17 or later (failover slots), and this server is {v}; \
+             remove slot_failover, or upgrade"
+        ));
+    }
+    if w.generated_columns && major < 18 {
+        return definite(format!(
+            "publish_generated_columns = true needs Postgres 18 or later (earlier versions never publish generated \
+             columns), and this server is {v}; remove the setting, or upgrade"
+        ));
+    }
+    let mut warnings = Vec::new();
+    if w.failover {
+        let standby_slots: String = client
+            .query_one("SELECT current_setting('synchronized_standby_slots')", &[])
+            .await
+            .map_err(q("synchronized_standby_slots"))?
+            .get(0);
+        if standby_slots.is_empty() {
+            warnings.push(
+                "slot_failover is on but synchronized_standby_slots is empty on this primary: walcast may receive \
+                 (and publish) changes a standby has not received yet, which a promoted standby then never had. \
+                 Set synchronized_standby_slots to the standbys' physical slots"
+                    .into(),
+            );
+        }
+    }
+
     // Postgres 14 has no publications FOR TABLES IN SCHEMA (15 on).
     let schemas_unsupported = if w.schemas.is_empty() {
         None
     } else {
-        let v: String = client
-            .query_one("SELECT current_setting('server_version')", &[])
-            .await
-            .map_err(q("server version"))?
-            .get(0);
-        let major: u32 = v
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(0);
         (major < 15).then(|| format!(
             "`schemas` needs Postgres 15 or later to put a schema in the publication (FOR TABLES IN SCHEMA), and this server is {v}; \
              list the tables in `tables` instead, or create the publication yourself (e.g. FOR ALL TABLES) and set create_publication = false"
@@ -293,14 +349,22 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
     let mut plan = Plan {
         tables: tables.clone(),
         partitioned: partitioned.clone(),
+        warnings,
         ..Plan::default()
     };
-    let with_via_root = format!(" WITH (publish_via_partition_root = {})", w.via_root);
+    let with_via_root = if w.generated_columns {
+        format!(" WITH (publish_via_partition_root = {}, publish_generated_columns = stored)", w.via_root)
+    } else {
+        format!(" WITH (publish_via_partition_root = {})", w.via_root)
+    };
 
     // The publication.
     let publication = client
         .query_opt(
-            "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot FROM pg_publication WHERE pubname = $1",
+            &format!(
+                "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate, pubviaroot, {} FROM pg_publication WHERE pubname = $1",
+                if major >= 18 { "pubgencols::text = 's'" } else { "false" }
+            ),
             &[&w.publication],
         )
         .await
@@ -358,6 +422,24 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                     ));
                 }
                 plan.set_via_root = Some(sql);
+            }
+            // Only ever turned on: a publication someone set to publish
+            // them keeps doing so, and the snapshot follows the
+            // publication (Catalog::for_publication), so events agree.
+            let generated: bool = row.get(6);
+            if w.generated_columns && !generated {
+                let sql = format!(
+                    "ALTER PUBLICATION {} SET (publish_generated_columns = stored)",
+                    quote_ident(&w.publication)
+                );
+                if !w.create_publication {
+                    return definite(format!(
+                        "publication {} does not publish generated columns but the pipeline sets publish_generated_columns = true; \
+                         run {sql}; (or remove the setting)",
+                        w.publication
+                    ));
+                }
+                plan.set_generated = Some(sql);
             }
             let mut missing_tables: Vec<TableName> = Vec::new();
             for table in &tables {
@@ -418,8 +500,11 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
     // The slot.
     let slot = client
         .query_opt(
-            "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, slot_type::text
-             FROM pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, slot_type::text, {}
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                if major >= 17 { "failover" } else { "false" }
+            ),
             &[&w.slot],
         )
         .await
@@ -483,6 +568,8 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                 )));
             }
             plan.slot_confirmed_lsn = confirmed;
+            let failover: bool = row.get(5);
+            plan.enable_failover = w.failover && !failover;
         }
     }
     Ok(plan)
@@ -507,6 +594,16 @@ fn publication_targets(tables: &[String], schemas: &[String]) -> String {
 /// Creates the publication the plan calls for (the slot is created on the
 /// replication connection, which can export a snapshot).
 pub async fn apply_publication(client: &Client, plan: &Plan) -> Result<(), SetupError> {
+    if let Some(sql) = &plan.set_generated {
+        tracing::info!(%sql, "publish_generated_columns asks for generated columns; changing the publication");
+        client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {
+            Some(db) if db.code().code() == "42501" => SetupError::Definite(format!(
+                "cannot change the publication: {}; the role must own the publication (or be superuser), or run it yourself: {sql}",
+                db.message()
+            )),
+            _ => SetupError::Query { what: "alter publication".into(), source: e },
+        })?;
+    }
     if let Some(sql) = &plan.set_via_root {
         tracing::warn!(%sql, "the publication published partitioned tables the other way than publish_via_partition_root asks; changing it");
         client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {

@@ -199,10 +199,10 @@ pub async fn run(
     status: StatusHandle,
     shutdown: CancellationToken,
 ) -> Result<(), CaptureError> {
-    if let Some(w) =
-        crate::replication::tls::exposure_warning(&settings.connect.host, settings.connect.sslmode)
-    {
-        tracing::warn!(pipeline = %settings.pipeline, "{w}");
+    for e in &settings.connect.endpoints {
+        if let Some(w) = crate::replication::tls::exposure_warning(&e.host, settings.connect.sslmode) {
+            tracing::warn!(pipeline = %settings.pipeline, "{w}");
+        }
     }
     let (tx, rx) = mpsc::channel(8);
     let dispatcher = tokio::spawn(dispatch(settings.pipeline.clone(), sinks, rx));
@@ -415,13 +415,16 @@ async fn prepare(
     }
     let client = catalog::connect(&s.connect).await.in_pipeline(s)?;
     let plan = setup::plan(&client, &s.wanted).await.in_pipeline(s)?;
+    for w in &plan.warnings {
+        tracing::warn!(pipeline = %s.pipeline, "{w}");
+    }
     if slot_seen {
         refuse_recreating(s, &plan, status)?;
     }
     setup::apply_publication(&client, &plan)
         .await
         .in_pipeline(s)?;
-    let mut catalog = Catalog::new(client);
+    let mut catalog = Catalog::new(client).for_publication(&s.wanted.publication);
 
     let mut conn = ReplicationConnection::connect(&s.connect)
         .await
@@ -484,7 +487,8 @@ fn refuse_recreating(
             message: format!(
                 "replication slot {} disappeared while walcast was streaming from it (dropped externally?). \
                  Recreating it would silently skip every change made after LSN {confirmed}, so walcast stops. \
-                 Find out what dropped it; restarting walcast creates a new slot that starts from now \
+                 Find out what dropped it (after a failover: a slot not synchronised to the promoted standby, see \
+                 slot_failover); restarting walcast creates a new slot that starts from now \
                  (changes between LSN {confirmed} and then are lost to the sinks unless re-snapshotted)",
                 s.wanted.slot
             ),
@@ -519,6 +523,10 @@ async fn choose_start(
     let state_path = &s.snapshot.state_path;
     let unfinished = prior.filter(|st| !st.done && st.slot == s.wanted.slot);
     if !plan.create_slot {
+        if plan.enable_failover {
+            conn.enable_failover(&s.wanted.slot).await.in_pipeline(s)?;
+            tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, "made the replication slot a failover slot (slot_failover)");
+        }
         let confirmed = plan
             .slot_confirmed_lsn
             .as_deref()
@@ -558,7 +566,7 @@ async fn choose_start(
     // vanishes with the connection and pins no WAL afterwards.
     let temporary = mode == SnapshotMode::InitialOnly;
     let created = conn
-        .create_slot(&s.wanted.slot, temporary, export)
+        .create_slot(&s.wanted.slot, temporary, export, s.wanted.failover)
         .await
         .in_pipeline(s)?;
     tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, consistent_point = %created.consistent_point, temporary, "created replication slot");

@@ -30,22 +30,52 @@ use crate::value::{
 /// Debezium's default `unavailable.value.placeholder`.
 pub const DEFAULT_UNAVAILABLE_PLACEHOLDER: &str = "__debezium_unavailable_value";
 
+/// How a `numeric` NaN or ±Infinity is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpecialNumeric {
+    /// Postgres's own text: `"NaN"`, `"Infinity"`, `"-Infinity"` (what
+    /// `numeric_in` reads back, and what most JSON consumers expect).
+    #[default]
+    Postgres,
+    /// Debezium's (`decimal.handling.mode=string`): `"NAN"`,
+    /// `"POSITIVE_INFINITY"`, `"NEGATIVE_INFINITY"`, for consumers written
+    /// against Debezium's output.
+    Debezium,
+}
+
 /// Options that change how values render.
 #[derive(Debug, Clone)]
 pub struct JsonOptions {
     /// Written in place of an unchanged TOASTed value.
     pub unavailable_placeholder: String,
+    pub special_numeric: SpecialNumeric,
 }
 
 impl Default for JsonOptions {
     fn default() -> Self {
         JsonOptions {
             unavailable_placeholder: DEFAULT_UNAVAILABLE_PLACEHOLDER.to_string(),
+            special_numeric: SpecialNumeric::default(),
         }
     }
 }
 
-/// The full envelope: `before`, `after`, `source`, `op`, `ts_ms`, `transaction`.
+fn special_numeric(n: &Numeric, mode: SpecialNumeric) -> String {
+    match (mode, n) {
+        (_, Numeric::Finite(s)) => s.clone(),
+        (SpecialNumeric::Postgres, other) => other.to_string(),
+        (SpecialNumeric::Debezium, Numeric::NaN) => "NAN".into(),
+        (SpecialNumeric::Debezium, Numeric::PositiveInfinity) => "POSITIVE_INFINITY".into(),
+        (SpecialNumeric::Debezium, Numeric::NegativeInfinity) => "NEGATIVE_INFINITY".into(),
+    }
+}
+
+/// The full envelope: `before`, `after`, `source`, `op`, `ts_ms` (with
+/// Debezium 3's `ts_us` and `ts_ns`: the same processing time, which walcast
+/// keeps in milliseconds), `transaction`. The source block's `ts_us` and
+/// `ts_ns` are the commit time Postgres gives in microseconds; `xmin` is
+/// always null, as in Debezium unless its xmin tracking is on.
 pub fn envelope(event: &ChangeEvent, opts: &JsonOptions) -> Json {
     let s = &event.source;
     let table = &event.table;
@@ -58,16 +88,20 @@ pub fn envelope(event: &ChangeEvent, opts: &JsonOptions) -> Json {
             "name": s.name,
             "ts_ms": s.ts_ms,
             "ts_us": s.ts_us,
+            "ts_ns": s.ts_us.saturating_mul(1000),
             "snapshot": s.snapshot.as_str(),
             "db": s.db,
             "schema": table.schema,
             "table": table.name,
             "txId": s.tx_id,
             "lsn": s.lsn.0,
+            "xmin": Json::Null,
             "commit_lsn": s.commit_lsn.0,
         },
         "op": event.op.code(),
         "ts_ms": event.ts_ms,
+        "ts_us": event.ts_ms.saturating_mul(1000),
+        "ts_ns": event.ts_ms.saturating_mul(1_000_000),
         "transaction": event.transaction.as_ref().map(|t| json!({
             "id": t.id,
             "total_order": t.total_order,
@@ -106,10 +140,7 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
         Value::Int64(i) => json!(i),
         Value::Float32(f) => float(f64::from(*f)),
         Value::Float64(f) => float(*f),
-        Value::Numeric(n) => Json::String(match n {
-            Numeric::Finite(s) => s.clone(),
-            other => other.to_string(),
-        }),
+        Value::Numeric(n) => Json::String(special_numeric(n, opts.special_numeric)),
         Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => {
             Json::String(s.clone())
         }
@@ -169,12 +200,14 @@ impl<'a> Serialize for EnvelopeSer<'a> {
                 opts,
             })
         };
-        let mut m = ser.serialize_map(Some(6))?;
+        let mut m = ser.serialize_map(Some(8))?;
         m.serialize_entry("before", &row(&e.before))?;
         m.serialize_entry("after", &row(&e.after))?;
         m.serialize_entry("source", &SourceSer(e))?;
         m.serialize_entry("op", e.op.code())?;
         m.serialize_entry("ts_ms", &e.ts_ms)?;
+        m.serialize_entry("ts_us", &e.ts_ms.saturating_mul(1000))?;
+        m.serialize_entry("ts_ns", &e.ts_ms.saturating_mul(1_000_000))?;
         m.serialize_entry("transaction", &e.transaction.as_ref().map(TransactionSer))?;
         m.end()
     }
@@ -185,18 +218,20 @@ struct SourceSer<'a>(&'a ChangeEvent);
 impl Serialize for SourceSer<'_> {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         let (s, table) = (&self.0.source, &self.0.table);
-        let mut m = ser.serialize_map(Some(12))?;
+        let mut m = ser.serialize_map(Some(14))?;
         m.serialize_entry("version", env!("CARGO_PKG_VERSION"))?;
         m.serialize_entry("connector", "postgresql")?;
         m.serialize_entry("name", &s.name)?;
         m.serialize_entry("ts_ms", &s.ts_ms)?;
         m.serialize_entry("ts_us", &s.ts_us)?;
+        m.serialize_entry("ts_ns", &s.ts_us.saturating_mul(1000))?;
         m.serialize_entry("snapshot", s.snapshot.as_str())?;
         m.serialize_entry("db", &s.db)?;
         m.serialize_entry("schema", &table.schema)?;
         m.serialize_entry("table", &table.name)?;
         m.serialize_entry("txId", &s.tx_id)?;
         m.serialize_entry("lsn", &s.lsn.0)?;
+        m.serialize_entry("xmin", &Option::<i64>::None)?;
         m.serialize_entry("commit_lsn", &s.commit_lsn.0)?;
         m.end()
     }
@@ -369,6 +404,17 @@ pub fn date_string(days: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn special_numerics_render_as_postgres_or_as_debezium() {
+        let v = |n: Numeric, mode| value(&Value::Numeric(n), &JsonOptions { special_numeric: mode, ..JsonOptions::default() });
+        assert_eq!(v(Numeric::NaN, SpecialNumeric::Postgres), json!("NaN"));
+        assert_eq!(v(Numeric::PositiveInfinity, SpecialNumeric::Postgres), json!("Infinity"));
+        assert_eq!(v(Numeric::NaN, SpecialNumeric::Debezium), json!("NAN"));
+        assert_eq!(v(Numeric::PositiveInfinity, SpecialNumeric::Debezium), json!("POSITIVE_INFINITY"));
+        assert_eq!(v(Numeric::NegativeInfinity, SpecialNumeric::Debezium), json!("NEGATIVE_INFINITY"));
+        assert_eq!(v(Numeric::Finite("1.50".into()), SpecialNumeric::Debezium), json!("1.50"));
+    }
 
     #[test]
     fn renders_times_like_debezium() {

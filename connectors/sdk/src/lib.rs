@@ -21,6 +21,7 @@ pub mod position;
 pub mod relay;
 pub mod retry;
 pub mod secret;
+pub mod shape;
 pub mod sink;
 pub mod status;
 pub mod table;

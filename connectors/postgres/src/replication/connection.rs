@@ -17,11 +17,75 @@ use walcast_sdk::Lsn;
 use super::protocol::{self, ServerMessage};
 use super::tls::{self, SslMode};
 
+/// One server of the `host` / `port` lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') && !self.host.starts_with('[') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Which server of the list a session may use: libpq's
+/// `target_session_attrs`, restricted to the values that make sense for a
+/// capture. Hosts are tried in the order given; a server that does not
+/// qualify is skipped as if it were down.
+///
+/// The default is `primary`, not libpq's `any`: a slot can only be created
+/// and read with its watermarks and signals on the primary, so a standby in
+/// the list (the one a failover promotes) must be passed over until it is
+/// promoted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetSessionAttrs {
+    /// The first server that accepts the connection.
+    Any,
+    /// A server that is not in recovery (not a standby).
+    #[default]
+    Primary,
+    /// A server that is not in recovery and accepts writes by default
+    /// (`default_transaction_read_only = off`).
+    ReadWrite,
+}
+
+impl TargetSessionAttrs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::Primary => "primary",
+            TargetSessionAttrs::ReadWrite => "read-write",
+        }
+    }
+
+    /// Whether a server in this state qualifies.
+    pub fn accepts(self, in_recovery: bool, read_only: bool) -> bool {
+        match self {
+            TargetSessionAttrs::Any => true,
+            TargetSessionAttrs::Primary => !in_recovery,
+            TargetSessionAttrs::ReadWrite => !in_recovery && !read_only,
+        }
+    }
+}
+
+/// `host1:port1,host2:port2`, for messages.
+pub fn describe_endpoints(endpoints: &[Endpoint]) -> String {
+    endpoints.iter().map(Endpoint::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// Where and how to connect. Built from the pipeline's `source` config.
 #[derive(Clone)]
 pub struct ConnectParams {
-    pub host: String,
-    pub port: u16,
+    /// The servers to try, in order (libpq's host and port lists).
+    pub endpoints: Vec<Endpoint>,
+    pub target_session_attrs: TargetSessionAttrs,
     pub user: String,
     pub password: Option<String>,
     pub database: String,
@@ -40,8 +104,8 @@ impl std::fmt::Debug for ConnectParams {
     // The password never reaches a log line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectParams")
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("endpoints", &describe_endpoints(&self.endpoints))
+            .field("target_session_attrs", &self.target_session_attrs)
             .field("user", &self.user)
             .field("database", &self.database)
             .field("sslmode", &self.sslmode)
@@ -108,6 +172,15 @@ pub enum ReplicationError {
     ChannelBindingUnavailable(&'static str),
     #[error("Postgres asks for authentication method {0}, which walcast does not support (use scram-sha-256, md5 or trust)")]
     UnsupportedAuth(String),
+    #[error(
+        "Postgres at {endpoint} is {found}, and target_session_attrs = \"{wanted}\" asks for another kind of server; \
+         waiting for one in the `host` list to qualify (a standby is passed over until it is promoted)"
+    )]
+    WrongSession {
+        endpoint: String,
+        wanted: &'static str,
+        found: &'static str,
+    },
     #[error("Postgres: {0}")]
     Server(ServerError),
     #[error("unexpected message from Postgres during {during}: tag {tag:?}")]
@@ -135,6 +208,7 @@ impl ReplicationError {
             ReplicationError::Connect { .. }
             | ReplicationError::ConnectTimeout(_)
             | ReplicationError::Io(_)
+            | ReplicationError::WrongSession { .. }
             | ReplicationError::Closed => true,
             ReplicationError::Server(e) => {
                 e.code == "55006" // object_in_use: the slot is active elsewhere
@@ -213,14 +287,63 @@ fn fields_error(mut fields: ErrorFields<'_>) -> ServerError {
 }
 
 impl ReplicationConnection {
+    /// Connects to the first server of the list that answers and
+    /// qualifies under `target_session_attrs`. A server that cannot be
+    /// reached, or does not qualify, is skipped; a definite refusal (a wrong
+    /// password) stops the search at once, because the next server would
+    /// most likely say the same and the operator must act.
     pub async fn connect(p: &ConnectParams) -> Result<Self, ReplicationError> {
-        tokio::time::timeout(p.connect_timeout, Self::connect_inner(p))
-            .await
-            .map_err(|_| ReplicationError::ConnectTimeout(p.connect_timeout))?
+        let mut last = None;
+        for e in &p.endpoints {
+            let attempt = tokio::time::timeout(p.connect_timeout, Self::connect_inner(p, e))
+                .await
+                .map_err(|_| ReplicationError::ConnectTimeout(p.connect_timeout))
+                .and_then(|r| r);
+            let mut conn = match attempt {
+                Ok(conn) => conn,
+                Err(err) if err.is_transient() => {
+                    if p.endpoints.len() > 1 {
+                        tracing::debug!(endpoint = %e, error = %err, "Postgres server not usable, trying the next");
+                    }
+                    last = Some(err);
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            let (in_recovery, read_only) = conn.session_state().await?;
+            if p.target_session_attrs.accepts(in_recovery, read_only) {
+                return Ok(conn);
+            }
+            last = Some(ReplicationError::WrongSession {
+                endpoint: e.to_string(),
+                wanted: p.target_session_attrs.as_str(),
+                found: if in_recovery { "a standby (in recovery)" } else { "read-only (default_transaction_read_only = on)" },
+            });
+        }
+        Err(last.unwrap_or(ReplicationError::Closed))
     }
 
-    async fn connect_inner(p: &ConnectParams) -> Result<Self, ReplicationError> {
-        let addr = format!("{}:{}", p.host, p.port);
+    /// Whether the server is in recovery (a standby) and read-only by
+    /// default: from the parameters Postgres 14+ reports at startup
+    /// (`in_hot_standby`, `default_transaction_read_only`), else asked.
+    async fn session_state(&mut self) -> Result<(bool, bool), ReplicationError> {
+        let on = |v: &String| v == "on";
+        if let (Some(h), Some(r)) = (
+            self.parameters.get("in_hot_standby"),
+            self.parameters.get("default_transaction_read_only"),
+        ) {
+            return Ok((on(h), on(r)));
+        }
+        let rows = self
+            .simple_query("SELECT pg_is_in_recovery()::text, current_setting('default_transaction_read_only')")
+            .await?;
+        let row = rows.first().cloned().unwrap_or_default();
+        let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        Ok((col(0) == "true", col(1) == "on"))
+    }
+
+    async fn connect_inner(p: &ConnectParams, e: &Endpoint) -> Result<Self, ReplicationError> {
+        let addr = e.to_string();
         let mut tcp =
             TcpStream::connect(&addr)
                 .await
@@ -240,7 +363,7 @@ impl ReplicationConnection {
                 tcp.read_exact(&mut answer).await?;
                 match answer[0] {
                     b'S' => {
-                        let name = rustls::pki_types::ServerName::try_from(p.host.clone())
+                        let name = rustls::pki_types::ServerName::try_from(e.host.clone())
                             .map_err(|e| {
                                 ReplicationError::TlsHandshake(std::io::Error::other(e))
                             })?;
@@ -521,23 +644,36 @@ impl ReplicationConnection {
 
     /// Creates a logical slot for pgoutput. With `export_snapshot`, the
     /// snapshot stays usable (SET TRANSACTION SNAPSHOT) until this
-    /// connection runs its next command.
+    /// connection runs its next command. With `failover` (Postgres 17+),
+    /// the slot is a failover slot: standbys with `sync_replication_slots`
+    /// keep a copy that a promoted standby serves from.
     pub async fn create_slot(
         &mut self,
         slot: &str,
         temporary: bool,
         export_snapshot: bool,
+        failover: bool,
     ) -> Result<SlotCreated, ReplicationError> {
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {}",
-            quote_ident(slot),
-            if temporary { " TEMPORARY" } else { "" },
-            if export_snapshot {
-                "EXPORT_SNAPSHOT"
-            } else {
-                "NOEXPORT_SNAPSHOT"
-            }
-        );
+        let snapshot = if export_snapshot { "export" } else { "nothing" };
+        // The option-list syntax (Postgres 15+) is the only one that takes
+        // FAILOVER; the older keywords serve every supported version.
+        let sql = if failover && !temporary {
+            format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{snapshot}', FAILOVER true)",
+                quote_ident(slot)
+            )
+        } else {
+            format!(
+                "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput {}",
+                quote_ident(slot),
+                if temporary { " TEMPORARY" } else { "" },
+                if export_snapshot {
+                    "EXPORT_SNAPSHOT"
+                } else {
+                    "NOEXPORT_SNAPSHOT"
+                }
+            )
+        };
         let rows = self.simple_query(&sql).await?;
         let row = rows.first().ok_or(ReplicationError::Unexpected {
             during: "CREATE_REPLICATION_SLOT",
@@ -553,6 +689,15 @@ impl ReplicationConnection {
                 .unwrap_or_default(),
             snapshot_name: row.get(2).cloned().flatten(),
         })
+    }
+
+    /// Makes an existing slot a failover slot (Postgres 17+:
+    /// `ALTER_REPLICATION_SLOT ... (FAILOVER true)`), for a pipeline whose
+    /// slot was created before `slot_failover` was set.
+    pub async fn enable_failover(&mut self, slot: &str) -> Result<(), ReplicationError> {
+        self.simple_query(&format!("ALTER_REPLICATION_SLOT {} (FAILOVER true)", quote_ident(slot)))
+            .await
+            .map(|_| ())
     }
 
     /// Starts streaming. `start` 0/0 lets the server resume from the slot's
