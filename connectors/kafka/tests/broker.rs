@@ -446,7 +446,7 @@ async fn check_reports_without_creating_then_creates_on_first_send() {
     cfg.topic_creation
         .config
         .insert("cleanup.policy".into(), "compact".into());
-    let tables = vec![("public".to_string(), "items".to_string())];
+    let tables = vec![walcast_sdk::TableName::new("public", "items")];
     let topic = format!("{prefix}.public.items");
 
     let before = KafkaSink::check(&cfg, &tables).await.unwrap();
