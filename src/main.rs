@@ -5,13 +5,9 @@
 //! files), the admin HTTP server, logging, and systemd notification.
 
 mod admin;
-mod capture;
-mod checkpoint;
 mod cli;
 mod config;
-mod pgoutput;
 mod pipeline;
-mod replication;
 
 /// mimalloc instead of glibc malloc: allocation was about a fifth of the
 /// capture path's CPU time under glibc, and its per-thread arenas let RSS
@@ -29,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 
 use cli::{Cli, Command, SlotsCommand};
 use config::{LogFormat, PipelineConfig};
-use pipeline::status::PipelineState;
+use walcast_postgres as capture;
+use walcast_postgres::replication;
+use walcast_sdk::status::PipelineState;
+use walcast_sdk::TableName;
 
 fn init_logging(format: LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
@@ -72,7 +71,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run { config } => run(&config).await,
         Command::Check { config, offline } => check(&config, offline).await,
-        Command::Status { admin, token_file, ca_file } => status(&admin, token_file.as_deref(), ca_file.as_deref()).await,
+        Command::Status {
+            admin,
+            token_file,
+            ca_file,
+        } => status(&admin, token_file.as_deref(), ca_file.as_deref()).await,
         Command::Tail {
             topic,
             bootstrap_servers,
@@ -106,6 +109,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let cfg = config::load(path)?;
     init_logging(cfg.log.format, &cfg.log.level);
+    // Read before logging was set up; said now.
+    for w in walcast_sdk::duration::take_deprecations() {
+        tracing::warn!(config = %path.display(), "{w}");
+    }
     let prometheus = admin::install_recorder();
     let shutdown = CancellationToken::new();
 
@@ -205,10 +212,7 @@ async fn wait_for_signal() {
 }
 
 /// READY=1 once every pipeline streams; WATCHDOG=1 while the process runs.
-async fn systemd_notify(
-    statuses: Vec<pipeline::status::StatusHandle>,
-    shutdown: CancellationToken,
-) {
+async fn systemd_notify(statuses: Vec<walcast_sdk::StatusHandle>, shutdown: CancellationToken) {
     let watchdog = sd_notify::watchdog_enabled();
     let period = watchdog.map(|d| d / 2).unwrap_or(Duration::from_secs(1));
     let mut ready = false;
@@ -245,6 +249,9 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
         path.display(),
         cfg.pipelines.len()
     );
+    for w in walcast_sdk::duration::take_deprecations() {
+        println!("  warning: {w}");
+    }
     if offline {
         return Ok(ExitCode::SUCCESS);
     }
@@ -289,20 +296,20 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
                         for w in &plan.warnings {
                             println!("  warning: {w}");
                         }
-                        for (sc, t) in &plan.tables {
-                            println!("  table {sc}.{t}: OK");
+                        for t in &plan.tables {
+                            println!("  table {t}: OK");
                         }
                         for p in &plan.partitioned {
-                            let (sc, t) = &p.table;
+                            let t = &p.table;
                             if s.wanted.via_root {
                                 println!(
-                                    "  table {sc}.{t} is partitioned ({} partitions): published via the partition root, \
-                                     so every partition's changes (and those of partitions attached later) go out as {sc}.{t}",
+                                    "  table {t} is partitioned ({} partitions): published via the partition root, \
+                                     so every partition's changes (and those of partitions attached later) go out as {t}",
                                     p.leaves.len()
                                 );
                             } else {
                                 println!(
-                                    "  table {sc}.{t} is partitioned: publish_via_partition_root = false, so each of its {} \
+                                    "  table {t} is partitioned: publish_via_partition_root = false, so each of its {} \
                                      partitions is captured as a table of its own (partitions attached later too)",
                                     p.leaves.len()
                                 );
@@ -387,7 +394,7 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<ExitCode
 async fn check_contracts(
     name: &str,
     c: &config::CaptureConfig,
-    s: &capture::stream::CaptureSettings,
+    s: &capture::CaptureSettings,
     client: tokio_postgres::Client,
 ) -> bool {
     let (config::EventFormat::Avro, Some(r)) = (c.format, &c.registry) else {
@@ -404,12 +411,12 @@ async fn check_contracts(
     let options = r.mapping_options();
     let mut catalog = capture::catalog::Catalog::new(client).for_publication(&s.wanted.publication);
     let mut ok = true;
-    for (sc, t) in &s.wanted.tables {
-        let Some(contract) = contracts.get(sc, t) else {
+    for wanted in &s.wanted.tables {
+        let Some(contract) = contracts.get(&wanted.schema, &wanted.name) else {
             continue;
         };
         let path = contract.path.display();
-        let table = match catalog.table_schema_by_name(sc, t).await {
+        let table = match catalog.table_schema_by_name(wanted).await {
             Ok(table) => table,
             Err(e) => {
                 println!("pipeline {name}: ERROR: contract {path}: {e}");
@@ -418,7 +425,7 @@ async fn check_contracts(
             }
         };
         match contracts.check_table(&table.schema, &s.assemble.name, &options) {
-            Ok(()) => println!("  contract {path}: table {sc}.{t} matches"),
+            Ok(()) => println!("  contract {path}: table {wanted} matches"),
             Err(e) => {
                 println!("pipeline {name}: ERROR: {e}");
                 ok = false;
@@ -432,10 +439,9 @@ async fn check_contracts(
 async fn check_kafka_sinks(
     name: &str,
     c: &config::CaptureConfig,
-    s: &capture::stream::CaptureSettings,
+    s: &capture::CaptureSettings,
 ) -> bool {
     let mut ok = true;
-    let tables: Vec<(String, String)> = s.wanted.tables.clone();
     for sink in &c.sinks {
         let config::SinkConfig::Kafka(k) = sink else {
             continue;
@@ -443,7 +449,7 @@ async fn check_kafka_sinks(
         let k = pipeline::kafka_config(k, &s.assemble.name);
         match tokio::time::timeout(
             Duration::from_secs(15),
-            walcast_kafka::KafkaSink::check(&k, &tables),
+            walcast_kafka::KafkaSink::check(&k, &s.wanted.tables),
         )
         .await
         {
@@ -487,7 +493,7 @@ async fn check_kafka_sinks(
 async fn check_search_sinks(
     name: &str,
     c: &config::CaptureConfig,
-    s: &capture::stream::CaptureSettings,
+    s: &capture::CaptureSettings,
 ) -> bool {
     let sinks: Vec<_> = c
         .sinks
@@ -509,11 +515,11 @@ async fn check_search_sinks(
     };
     let mut catalog = capture::catalog::Catalog::new(client).for_publication(&s.wanted.publication);
     let mut tables = Vec::new();
-    for (sc, t) in &s.wanted.tables {
-        match catalog.table_schema_by_name(sc, t).await {
+    for wanted in &s.wanted.tables {
+        match catalog.table_schema_by_name(wanted).await {
             Ok(table) => tables.push(table.schema.as_ref().clone()),
             Err(e) => {
-                println!("pipeline {name}: ERROR: elasticsearch: table {sc}.{t}: {e}");
+                println!("pipeline {name}: ERROR: elasticsearch: table {wanted}: {e}");
                 return false;
             }
         }
@@ -562,7 +568,7 @@ async fn check_search_sinks(
 async fn check_registry(
     name: &str,
     r: &walcast_schemas::RegistryConfig,
-    s: &capture::stream::CaptureSettings,
+    s: &capture::CaptureSettings,
     router: &walcast_kafka::topic::TopicRouter,
 ) -> bool {
     use walcast_schemas::registry::VersionRef;
@@ -583,11 +589,11 @@ async fn check_registry(
     let options = r.mapping_options();
     let mut catalog = capture::catalog::Catalog::new(client).for_publication(&s.wanted.publication);
     let mut ok = true;
-    for (sc, t) in &s.wanted.tables {
-        let table = match catalog.table_schema_by_name(sc, t).await {
+    for wanted in &s.wanted.tables {
+        let table = match catalog.table_schema_by_name(wanted).await {
             Ok(table) => table,
             Err(e) => {
-                println!("pipeline {name}: ERROR: registry: table {sc}.{t}: {e}");
+                println!("pipeline {name}: ERROR: registry: table {wanted}: {e}");
                 ok = false;
                 continue;
             }
@@ -596,12 +602,12 @@ async fn check_registry(
             match walcast_schemas::mapping::derive(&table.schema, &s.assemble.name, &options) {
                 Ok(schemas) => schemas,
                 Err(e) => {
-                    println!("pipeline {name}: ERROR: registry: table {sc}.{t}: {e}");
+                    println!("pipeline {name}: ERROR: registry: table {wanted}: {e}");
                     ok = false;
                     continue;
                 }
             };
-        let topic = router.name(sc, t);
+        let topic = router.name(&wanted.schema, &wanted.name);
         let parts = [(schemas.key.as_ref(), true), (Some(&schemas.value), false)];
         for (schema, is_key) in parts {
             let Some(schema) = schema else { continue };
@@ -611,11 +617,11 @@ async fn check_registry(
                 .await
             {
                 Ok(c) if c.is_compatible => {
-                    println!("  registry: subject {subject}: the schema of {sc}.{t} is accepted (new or compatible)")
+                    println!("  registry: subject {subject}: the schema of {wanted} is accepted (new or compatible)")
                 }
                 Ok(c) => {
                     println!(
-                        "pipeline {name}: ERROR: registry: subject {subject} would refuse the schema of {sc}.{t} as incompatible \
+                        "pipeline {name}: ERROR: registry: subject {subject} would refuse the schema of {wanted} as incompatible \
                          with its latest version{}; run would stop at the table's first event. Revert the change, register under \
                          a new subject (another topic), or relax the subject's compatibility (PUT /config/{subject})",
                         if c.messages.is_empty() { String::new() } else { format!(": {}", c.messages.join("; ")) }
@@ -646,12 +652,14 @@ async fn status(
     if let Some(ca) = ca_file {
         let pem = std::fs::read(ca).with_context(|| format!("--ca-file {}", ca.display()))?;
         client = client.add_root_certificate(
-            reqwest::Certificate::from_pem(&pem).with_context(|| format!("--ca-file {}", ca.display()))?,
+            reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("--ca-file {}", ca.display()))?,
         );
     }
     let mut request = client.build()?.get(&url);
     if let Some(path) = token_file {
-        let token = std::fs::read_to_string(path).with_context(|| format!("--token-file {}", path.display()))?;
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("--token-file {}", path.display()))?;
         request = request.bearer_auth(token.trim());
     }
     let response = request
@@ -839,12 +847,12 @@ async fn snapshot_signal(
     let client = capture::catalog::connect(&s.connect).await?;
     let mut names = Vec::new();
     for t in tables {
-        let (schema, table) = capture::setup::split_table(t)
-            .or_else(|| (!t.contains('.')).then(|| ("public".to_string(), t.clone())))
+        let wanted = TableName::parse(t)
+            .or_else(|| (!t.contains('.')).then(|| TableName::new("public", t)))
             .with_context(|| format!("{t} is not a table name (schema.table)"))?;
-        let qualified = format!("{schema}.{table}");
-        let captured = s.wanted.tables.contains(&(schema.clone(), table.clone()))
-            || s.wanted.schemas.contains(&schema);
+        let qualified = wanted.to_string();
+        let captured =
+            s.wanted.tables.contains(&wanted) || s.wanted.schemas.contains(&wanted.schema);
         if !captured {
             anyhow::bail!(
                 "pipeline {name} does not capture {qualified}: add it to `source.tables` in {} and restart walcast \
@@ -855,36 +863,21 @@ async fn snapshot_signal(
         let published = client
             .query_opt(
                 "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                &[&s.wanted.publication, &schema, &table],
+                &[&s.wanted.publication, &wanted.schema, &wanted.name],
             )
             .await?
             .is_some();
         if !published {
             anyhow::bail!(
                 "{qualified} is not in publication {} yet, so its changes are not streamed: restart walcast with the \
-                 updated config (it adds the table) or run ALTER PUBLICATION {} ADD TABLE {}.{}, then run this command again",
+                 updated config (it adds the table) or run ALTER PUBLICATION {} ADD TABLE {}, then run this command again",
                 s.wanted.publication,
-                replication::connection::quote_ident(&s.wanted.publication),
-                replication::connection::quote_ident(&schema),
-                replication::connection::quote_ident(&table),
+                walcast_sdk::table::quote_ident(&s.wanted.publication),
+                wanted.quoted(),
             );
         }
         // Quoted where needed, so the daemon splits it back the same way.
-        names.push(
-            if schema.contains('.')
-                || table.contains('.')
-                || schema.contains('"')
-                || table.contains('"')
-            {
-                format!(
-                    "\"{}\".\"{}\"",
-                    schema.replace('"', "\"\""),
-                    table.replace('"', "\"\"")
-                )
-            } else {
-                qualified
-            },
-        );
+        names.push(wanted.to_config_string());
     }
     let signal = Signal {
         kind: if stop {

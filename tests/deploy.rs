@@ -682,9 +682,9 @@ fn metric_names(text: &str) -> Vec<String> {
     out
 }
 
-/// The string constants `"walcast_..."` of src/admin/metrics.rs.
+/// The string constants `"walcast_..."` of connectors/sdk/src/telemetry.rs.
 fn defined_metrics() -> BTreeSet<String> {
-    let src = read("src/admin/metrics.rs");
+    let src = read("connectors/sdk/src/telemetry.rs");
     let mut out = BTreeSet::new();
     for part in src.split('"').skip(1).step_by(2) {
         if part.starts_with("walcast_") && part.bytes().all(|c| c.is_ascii_lowercase() || c == b'_')
@@ -694,7 +694,7 @@ fn defined_metrics() -> BTreeSet<String> {
     }
     assert!(
         out.len() >= 10,
-        "found only {out:?} in src/admin/metrics.rs"
+        "found only {out:?} in connectors/sdk/src/telemetry.rs"
     );
     out
 }
@@ -768,7 +768,7 @@ fn grafana_dashboard_uses_only_exported_metrics() {
                 .to_string();
             assert!(
                 defined.contains(&base),
-                "the dashboard queries {name}, which src/admin/metrics.rs does not define: {q}"
+                "the dashboard queries {name}, which connectors/sdk/src/telemetry.rs does not define: {q}"
             );
             used.insert(base);
         }

@@ -259,9 +259,11 @@ flush_interval_ms = 100
 
     // Every metric the dashboard queries exists on the live /metrics.
     let (_, metrics) = w.http("/metrics").await.unwrap();
-    let dashboard =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/admin/metrics.rs"))
-            .unwrap();
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/connectors/sdk/src/telemetry.rs"
+    ))
+    .unwrap();
     for name in dashboard
         .split('"')
         .filter(|s| s.starts_with("walcast_") && !s.contains(' '))

@@ -31,16 +31,18 @@ use crate::mapping::{AvroSchema, MappingError, UnconstrainedNumeric};
 /// The Confluent API's media type, which strict registries require.
 pub const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 /// Per-request timeout.
-pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts per call before a transient failure is reported.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// First retry delay; doubles up to [`MAX_RETRY_DELAY`].
 pub const INITIAL_RETRY_DELAY: Duration = Duration::from_millis(200);
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
-fn default_request_timeout_ms() -> u64 {
-    DEFAULT_REQUEST_TIMEOUT_MS
+fn default_request_timeout() -> Duration {
+    DEFAULT_REQUEST_TIMEOUT
 }
+
+walcast_sdk::deprecated_ms_field!(de_request_timeout, "request_timeout");
 
 fn default_max_attempts() -> u32 {
     DEFAULT_MAX_ATTEMPTS
@@ -92,8 +94,14 @@ pub struct RegistryConfig {
     /// (Debezium's `field.name.adjustment.mode`): `avro` or `avro_unicode`.
     #[serde(default)]
     pub field_name_adjustment: crate::mapping::FieldNameAdjustment,
-    #[serde(default = "default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
+    /// Per request, connecting included (`"10s"`; the old
+    /// `request_timeout_ms` still reads, deprecated).
+    #[serde(
+        default = "default_request_timeout",
+        alias = "request_timeout_ms",
+        deserialize_with = "de_request_timeout"
+    )]
+    pub request_timeout: Duration,
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// Directory of data contracts (`<schema>.<table>.avsc`, see
@@ -139,7 +147,7 @@ impl std::fmt::Debug for RegistryConfig {
             .field("subject_strategy", &self.subject_strategy)
             .field("unconstrained_numeric", &self.unconstrained_numeric)
             .field("field_name_adjustment", &self.field_name_adjustment)
-            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("request_timeout", &self.request_timeout)
             .field("max_attempts", &self.max_attempts)
             .field("contracts", &self.contracts)
             .field("on_invalid", &self.on_invalid)
@@ -166,7 +174,7 @@ impl RegistryConfig {
             subject_strategy: SubjectStrategy::default(),
             unconstrained_numeric: UnconstrainedNumeric::default(),
             field_name_adjustment: Default::default(),
-            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             contracts: None,
             on_invalid: InvalidValuePolicy::default(),
@@ -200,8 +208,8 @@ impl RegistryConfig {
         if self.max_attempts == 0 {
             return Err(bad("max_attempts", "must be at least 1".into()));
         }
-        if self.request_timeout_ms == 0 {
-            return Err(bad("request_timeout_ms", "must be at least 1".into()));
+        if self.request_timeout.is_zero() {
+            return Err(bad("request_timeout", "must be positive".into()));
         }
         if let InvalidValuePolicy::DeadLetter { topic } = &self.on_invalid {
             if topic.trim().is_empty() {
@@ -442,8 +450,8 @@ impl HttpRegistry {
     pub fn new(config: &RegistryConfig) -> Result<Self, RegistryError> {
         let base = config.validate()?;
         let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_millis(config.request_timeout_ms))
-            .connect_timeout(Duration::from_millis(config.request_timeout_ms));
+            .timeout(config.request_timeout)
+            .connect_timeout(config.request_timeout);
         if let Some(path) = &config.ca_file {
             let pem = std::fs::read(path).map_err(|source| RegistryError::CaFile {
                 path: path.clone(),

@@ -5,8 +5,6 @@
 //! (`admin.tls`): the probes stay open because kubelet and systemd call them
 //! without credentials, and they reveal no more than "ready or not".
 
-pub mod metrics;
-
 use std::net::SocketAddr;
 
 use axum::extract::State;
@@ -17,7 +15,8 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::status::{PipelineState, StatusHandle};
+use walcast_sdk::status::{PipelineState, StatusHandle};
+use walcast_sdk::telemetry as metrics;
 
 #[derive(Clone)]
 struct AppState {
@@ -72,26 +71,41 @@ impl Security {
                 let t = std::fs::read_to_string(path)
                     .with_context(|| format!("admin.token_file {}", path.display()))?;
                 let t = t.trim();
-                anyhow::ensure!(t.len() >= 16, "admin.token_file {}: the token is shorter than 16 characters", path.display());
+                anyhow::ensure!(
+                    t.len() >= 16,
+                    "admin.token_file {}: the token is shorter than 16 characters",
+                    path.display()
+                );
                 Some(std::sync::Arc::from(t))
             }
         };
         let tls = match &config.tls {
             None => None,
             Some(t) => {
-                let certs = rustls_pemfile::certs(&mut std::fs::read(&t.cert_file)
-                    .with_context(|| format!("admin.tls.cert_file {}", t.cert_file.display()))?
-                    .as_slice())
+                let certs = rustls_pemfile::certs(
+                    &mut std::fs::read(&t.cert_file)
+                        .with_context(|| format!("admin.tls.cert_file {}", t.cert_file.display()))?
+                        .as_slice(),
+                )
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("admin.tls.cert_file {}", t.cert_file.display()))?;
-                let key = rustls_pemfile::private_key(&mut std::fs::read(&t.key_file)
-                    .with_context(|| format!("admin.tls.key_file {}", t.key_file.display()))?
-                    .as_slice())
+                let key = rustls_pemfile::private_key(
+                    &mut std::fs::read(&t.key_file)
+                        .with_context(|| format!("admin.tls.key_file {}", t.key_file.display()))?
+                        .as_slice(),
+                )
                 .with_context(|| format!("admin.tls.key_file {}", t.key_file.display()))?
-                .with_context(|| format!("admin.tls.key_file {}: no private key in it", t.key_file.display()))?;
+                .with_context(|| {
+                    format!(
+                        "admin.tls.key_file {}: no private key in it",
+                        t.key_file.display()
+                    )
+                })?;
                 let provider = rustls::crypto::CryptoProvider::get_default()
                     .cloned()
-                    .unwrap_or_else(|| std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+                    .unwrap_or_else(|| {
+                        std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+                    });
                 let config = rustls::ServerConfig::builder_with_provider(provider)
                     .with_safe_default_protocol_versions()
                     .context("admin TLS")?
@@ -166,9 +180,10 @@ async fn serve_tls(
                 }
             };
             let service = hyper_util::service::TowerToHyperService::new(app);
-            if let Err(e) = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await
+            if let Err(e) =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await
             {
                 tracing::debug!(%peer, error = %e, "admin connection ended");
             }
@@ -193,7 +208,11 @@ async fn require_token(
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     let same = given.len() == token.len()
-        && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
     if same {
         next.run(request).await
     } else {

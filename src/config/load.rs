@@ -158,23 +158,11 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
             PipelineConfig::Capture(c) => {
                 let key = |k: &str| format!("pipelines.{name}.{k}");
                 let s = &c.source;
-                if s.tables.is_empty() && s.schemas.is_empty() {
-                    return Err(rule(
-                        key("source.tables"),
-                        "list the tables to capture (`tables`) or whole schemas (`schemas`)",
-                    ));
-                }
-                for t in s.tables.iter().chain(&s.keyless_tables) {
-                    if crate::capture::setup::split_table(t).is_none() {
-                        return Err(rule(
-                            key("source.tables"),
-                            &format!("`{t}` is not of the form schema.table"),
-                        ));
-                    }
-                }
+                s.validate()
+                    .map_err(|e| rule(key(&format!("source.{}", e.field)), &e.problem))?;
                 for (t, shape) in &c.table {
                     let k = key(&format!("table.\"{t}\""));
-                    if crate::capture::setup::split_table(t).is_none() {
+                    if walcast_sdk::TableName::parse(t).is_none() {
                         return Err(rule(k, &format!("`{t}` is not of the form schema.table")));
                     }
                     let captured = s.tables.contains(t)
@@ -192,16 +180,6 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                         ));
                     }
                 }
-                if let Err(m) = s.endpoints() {
-                    let k = if m.starts_with("`host`") { "source.host" } else { "source.port" };
-                    return Err(rule(key(k), &m));
-                }
-                if s.password.is_some() && s.password_file.is_some() {
-                    return Err(rule(
-                        key("source.password_file"),
-                        "set `password` or `password_file`, not both",
-                    ));
-                }
                 if c.sinks.is_empty() {
                     return Err(rule(
                         key("sinks"),
@@ -213,18 +191,6 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                         key("max_in_flight_events"),
                         "must be at least batch_max_events, which must be positive",
                     ));
-                }
-                if s.snapshot_workers == 0 {
-                    return Err(rule(key("source.snapshot_workers"), "must be at least 1"));
-                }
-                if s.snapshot_chunk_rows == 0 {
-                    return Err(rule(
-                        key("source.snapshot_chunk_rows"),
-                        "must be at least 1",
-                    ));
-                }
-                if s.status_interval.is_zero() {
-                    return Err(rule(key("source.status_interval"), "must be positive"));
                 }
                 let has_kafka = c.sinks.iter().any(|s| matches!(s, SinkConfig::Kafka(_)));
                 if has_kafka && c.format == EventFormat::Avro && c.registry.is_none() {
@@ -339,27 +305,10 @@ fn validate_sinks(
     Ok(())
 }
 
-/// Reads a secret from its inline value or its file.
-pub fn read_secret(
-    inline: Option<&Secret>,
-    file: Option<&Path>,
-) -> Result<Option<String>, std::io::Error> {
-    if let Some(s) = inline {
-        return Ok(Some(s.0.clone()));
-    }
-    match file {
-        Some(p) => Ok(Some(
-            std::fs::read_to_string(p)?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
-        )),
-        None => Ok(None),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const GOOD: &str = r#"
 [pipelines.orders]
@@ -488,19 +437,151 @@ path = "-"
         assert_eq!(r.on_refused, OnRefused::Halt);
     }
 
+    /// Every duration in every section reads as "30s" / "250ms" under its
+    /// un-suffixed key; the old `*_ms` numbers still read, as milliseconds,
+    /// and are reported as deprecated.
+    #[test]
+    fn durations_are_human_and_the_old_ms_keys_still_read() {
+        let capture = |sinks: &str, registry: &str| {
+            format!(
+                r#"
+[pipelines.orders]
+kind = "capture"
+shutdown_timeout = "45s"
+[pipelines.orders.source]
+database = "app"
+user = "walcast"
+tables = ["public.orders"]
+status_interval = "2s"
+[pipelines.orders.registry]
+url = "http://registry:8081"
+{registry}
+{sinks}
+"#
+            )
+        };
+        let new = capture(
+            r#"
+[[pipelines.orders.sinks]]
+type = "kafka"
+bootstrap_servers = "k:9092"
+delivery = { mode = "exactly_once", transactional_id = "t", transaction_timeout = "90s" }
+[[pipelines.orders.sinks]]
+type = "redis"
+urls = ["redis://cache:6379"]
+mode = { type = "invalidate", key_template = "{table}:{id}" }
+timeout = "250ms"
+retry_initial = "50ms"
+retry_max = "5s"
+[[pipelines.orders.sinks]]
+type = "elasticsearch"
+url = "http://search:9200"
+flush_interval = "200ms"
+timeout = "10s"
+retry_initial = "100ms"
+retry_max = "1m"
+"#,
+            r#"request_timeout = "3s""#,
+        );
+        let old = capture(
+            r#"
+[[pipelines.orders.sinks]]
+type = "kafka"
+bootstrap_servers = "k:9092"
+delivery = { mode = "exactly_once", transactional_id = "t", transaction_timeout_ms = 90000 }
+[[pipelines.orders.sinks]]
+type = "redis"
+urls = ["redis://cache:6379"]
+mode = { type = "invalidate", key_template = "{table}:{id}" }
+timeout_ms = 250
+retry_initial_ms = 50
+retry_max_ms = 5000
+[[pipelines.orders.sinks]]
+type = "elasticsearch"
+url = "http://search:9200"
+flush_interval_ms = 200
+timeout_ms = 10000
+retry_initial_ms = 100
+retry_max_ms = 60000
+"#,
+            "request_timeout_ms = 3000",
+        );
+        walcast_sdk::duration::take_deprecations();
+        let ms = Duration::from_millis;
+        for (text, deprecated) in [(new, false), (old, true)] {
+            let c = load_str("t.toml", &text).unwrap();
+            let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
+                panic!()
+            };
+            assert_eq!(p.shutdown_timeout, ms(45_000));
+            assert_eq!(p.source.status_interval, ms(2_000));
+            assert_eq!(p.registry.as_ref().unwrap().request_timeout, ms(3_000));
+            let [SinkConfig::Kafka(k), SinkConfig::Redis(r), SinkConfig::Elasticsearch(e)] =
+                p.sinks.as_slice()
+            else {
+                panic!("{:?}", p.sinks)
+            };
+            let walcast_kafka::config::DeliveryMode::ExactlyOnce {
+                transaction_timeout, ..
+            } = &k.delivery
+            else {
+                panic!()
+            };
+            assert_eq!(*transaction_timeout, ms(90_000));
+            assert_eq!((r.timeout, r.retry_initial, r.retry_max), (ms(250), ms(50), ms(5_000)));
+            assert_eq!(
+                (e.flush_interval, e.timeout, e.retry_initial, e.retry_max),
+                (ms(200), ms(10_000), ms(100), ms(60_000))
+            );
+            let warnings = walcast_sdk::duration::take_deprecations();
+            if deprecated {
+                for expected in [
+                    "`transaction_timeout_ms = 90000`",
+                    "`timeout_ms = 250`",
+                    "`retry_max_ms = 5000` (milliseconds as a number) is deprecated; write `retry_max = \"5s\"`",
+                    "`flush_interval_ms = 200`",
+                    "`request_timeout_ms = 3000`",
+                ] {
+                    assert!(warnings.iter().any(|w| w.contains(expected)), "{expected}: {warnings:?}");
+                }
+            } else {
+                assert!(warnings.is_empty(), "{warnings:?}");
+            }
+        }
+        // Old and new key together: refused, naming the key.
+        let both = GOOD.replace(
+            "path = \"-\"",
+            "path = \"-\"\n[[pipelines.orders.sinks]]\ntype = \"redis\"\nurls = [\"redis://c:6379\"]\nmode = { type = \"invalidate\", key_template = \"{table}:{id}\" }\ntimeout = \"1s\"\ntimeout_ms = 1000",
+        );
+        let e = load_str("t.toml", &both).unwrap_err().to_string();
+        assert!(e.contains("timeout"), "{e}");
+        let bad = GOOD.replace(
+            "path = \"-\"",
+            "path = \"-\"\n[[pipelines.orders.sinks]]\ntype = \"redis\"\nurls = [\"redis://c:6379\"]\nmode = { type = \"invalidate\", key_template = \"{table}:{id}\" }\ntimeout = \"soon\"",
+        );
+        let e = load_str("t.toml", &bad).unwrap_err().to_string();
+        assert!(e.contains("pipelines.orders.sinks") && e.contains("`soon` is not a duration"), "{e}");
+    }
+
     #[test]
     fn defaults_apply() {
         let c = load_str("t.toml", GOOD).unwrap();
         let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
             panic!("a capture")
         };
-        assert_eq!(p.source.port, crate::config::model::Ports::One(DEFAULT_PG_PORT));
+        assert_eq!(
+            p.source.port,
+            walcast_postgres::config::Ports::One(walcast_postgres::config::DEFAULT_PG_PORT)
+        );
         assert_eq!(
             p.source.target_session_attrs,
-            crate::replication::connection::TargetSessionAttrs::Primary
+            walcast_postgres::replication::connection::TargetSessionAttrs::Primary
         );
         assert!(!p.source.slot_failover);
-        assert_eq!(p.source.status_interval, DEFAULT_STATUS_INTERVAL);
+        assert_eq!(
+            p.source.status_interval,
+            walcast_postgres::config::DEFAULT_STATUS_INTERVAL
+        );
         assert_eq!(c.admin.listen, DEFAULT_ADMIN_LISTEN);
         // The admin HTTP server (status, metrics) is reachable from this
         // host only unless the operator says otherwise.

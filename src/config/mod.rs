@@ -10,5 +10,5 @@
 mod load;
 mod model;
 
-pub use load::{load, read_secret};
+pub use load::load;
 pub use model::*;

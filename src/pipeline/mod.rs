@@ -2,7 +2,6 @@
 //! that runs each one.
 
 pub mod relay;
-pub mod status;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -10,15 +9,15 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use walcast_sdk::{EventEncoder, JsonEncoder, Sink};
 
-use crate::capture::assemble::AssembleOptions;
-use crate::capture::setup::{split_table, Wanted};
-use crate::capture::snapshot::SnapshotSettings;
-use crate::capture::stream::{self, CaptureSettings};
-use crate::config::{
-    read_secret, CaptureConfig, EventFormat, PipelineConfig, RelayConfig, SinkConfig,
-};
-use crate::replication::connection::ConnectParams;
-use status::StatusHandle;
+use walcast_postgres::assemble::AssembleOptions;
+use walcast_postgres::replication::connection::ConnectParams;
+use walcast_postgres::setup::Wanted;
+use walcast_postgres::snapshot::SnapshotSettings;
+use walcast_postgres::stream::{self, CaptureSettings};
+use walcast_sdk::telemetry as metrics;
+use walcast_sdk::StatusHandle;
+
+use crate::config::{CaptureConfig, EventFormat, PipelineConfig, RelayConfig, SinkConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -41,25 +40,18 @@ pub enum BuildError {
 /// Resolves a capture pipeline's settings (no I/O but reading secret files).
 pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings, BuildError> {
     let src = &c.source;
-    let password =
-        read_secret(src.password.as_ref(), src.password_file.as_deref()).map_err(|source| {
-            BuildError::Secret {
-                pipeline: name.into(),
-                key: "source.password_file",
-                source,
-            }
-        })?;
+    let password = src.password().map_err(|source| BuildError::Secret {
+        pipeline: name.into(),
+        key: "source.password_file",
+        source,
+    })?;
     let default_name = format!(
         "walcast_{}",
         name.to_lowercase()
             .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
     );
-    let tables: Vec<(String, String)> = src.tables.iter().filter_map(|t| split_table(t)).collect();
-    let keyless: Vec<(String, String)> = src
-        .keyless_tables
-        .iter()
-        .filter_map(|t| split_table(t))
-        .collect();
+    let tables = src.table_names();
+    let keyless = src.keyless_table_names();
     let wanted = Wanted {
         slot: src.slot.clone().unwrap_or_else(|| default_name.clone()),
         publication: src
@@ -77,7 +69,7 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
     };
     // With whole schemas captured, every table of the publication is wanted.
     let filter: Option<HashSet<String>> = if src.schemas.is_empty() {
-        Some(tables.iter().map(|(s, t)| format!("{s}.{t}")).collect())
+        Some(tables.iter().map(|t| t.to_string()).collect())
     } else {
         None
     };
@@ -256,7 +248,7 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
                 .map(|s| walcast_sdk::shape::ShapingSink::wrap(s, std::sync::Arc::clone(&shaper)))
                 .collect();
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
-            crate::admin::metrics::register_pipeline(name, &sink_names);
+            metrics::register_pipeline(name, &sink_names);
             Ok(Runnable {
                 name: name.into(),
                 status: StatusHandle::new(name, "capture", sink_names),
@@ -270,7 +262,7 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
             };
             let sinks = build_sinks(name, name, &r.sinks, &encoding).await?;
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
-            crate::admin::metrics::register_pipeline(name, &sink_names);
+            metrics::register_pipeline(name, &sink_names);
             Ok(Runnable {
                 name: name.into(),
                 status: StatusHandle::new(name, "relay", sink_names),

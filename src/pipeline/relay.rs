@@ -37,11 +37,11 @@ use walcast_schemas::{AvroDecoder, HttpRegistry};
 use walcast_sdk::relay::event_from_envelope_typed;
 use walcast_sdk::retry::Backoff;
 use walcast_sdk::PgType;
-use walcast_sdk::{Batch, ChangeEvent, Sink};
+use walcast_sdk::{send_to_every_sink, ChangeEvent, Sink};
 
-use crate::admin::metrics;
 use crate::config::{OnRefused, RelayConfig};
-use crate::pipeline::status::{PipelineState, StatusHandle};
+use walcast_sdk::status::{PipelineState, StatusHandle};
+use walcast_sdk::telemetry as metrics;
 
 /// How often acknowledged offsets are committed.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
@@ -306,7 +306,7 @@ pub async fn run(
         // `next_batch` is not cancel-safe (records it registered would be
         // dropped unanswered and fail their partitions), so it is never
         // raced against a timer or the shutdown signal: it returns within
-        // `max_batch_wait_ms`, and both are checked between calls.
+        // `max_batch_wait`, and both are checked between calls.
         if shutdown.is_cancelled() {
             break Ok(());
         }
@@ -424,10 +424,9 @@ pub async fn run(
         }
         let acker = source.join(batch.ackers);
         let events = Arc::new(events);
-        let mut halt = None;
-        for (sink, refused) in sinks.iter_mut().zip(&refused_by) {
-            let sname = sink.name().to_string();
-            let events = if refused.is_empty() {
+        // Each sink gets the batch without the events it refused.
+        let per_sink: Vec<_> = refused_by.iter().map(|refused| {
+            if refused.is_empty() {
                 Arc::clone(&events)
             } else {
                 Arc::new(
@@ -438,33 +437,18 @@ pub async fn run(
                         .map(|(_, e)| e.clone())
                         .collect(),
                 )
-            };
-            let sent = events.len() as u64;
-            match sink
-                .send(Batch {
-                    events,
-                    acker: acker.clone(),
-                })
-                .await
-            {
-                Ok(()) => {
-                    ::metrics::counter!(metrics::SINK_EVENTS, "pipeline" => p(), "sink" => sname)
-                        .increment(sent)
-                }
-                Err(e) => {
-                    tracing::error!(pipeline = %name, sink = %sname, error = %e, "sink refused a batch");
-                    ::metrics::counter!(metrics::SINK_ERRORS, "pipeline" => p(), "sink" => sname.clone())
-                        .increment(1);
-                    if e.is_transient() {
-                        transient_failure = true;
-                    } else {
-                        halt.get_or_insert(RelayError::Sink {
-                            pipeline: p(),
-                            sink: sname,
-                            message: e.to_string(),
-                        });
-                    }
-                }
+            }
+        }).collect();
+        let mut halt = None;
+        for (sname, e) in send_to_every_sink(name, &mut sinks, per_sink, &acker).await {
+            if e.is_transient() {
+                transient_failure = true;
+            } else {
+                halt.get_or_insert(RelayError::Sink {
+                    pipeline: p(),
+                    sink: sname,
+                    message: e.to_string(),
+                });
             }
         }
         if let Some(e) = halt {

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -17,11 +18,16 @@ pub const DEFAULT_INDEX_TEMPLATE: &str = "{schema}.{table}";
 pub const DEFAULT_BULK_MAX_ACTIONS: usize = 1_000;
 pub const DEFAULT_BULK_MAX_BYTES: usize = 5 * 1024 * 1024;
 /// How long a partly filled bulk may wait for more batches.
-pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1_000;
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_DEAD_LETTER_INDEX: &str = "walcast-deadletter";
-pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
-pub const DEFAULT_RETRY_INITIAL_MS: u64 = 100;
-pub const DEFAULT_RETRY_MAX_MS: u64 = 30_000;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_millis(100);
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(30);
+
+walcast_sdk::deprecated_ms_field!(de_flush_interval, "flush_interval");
+walcast_sdk::deprecated_ms_field!(de_timeout, "timeout");
+walcast_sdk::deprecated_ms_field!(de_retry_initial, "retry_initial");
+walcast_sdk::deprecated_ms_field!(de_retry_max, "retry_max");
 
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,20 +47,25 @@ pub struct ElasticsearchSinkConfig {
     pub bulk_max_actions: usize,
     #[serde(default = "default_bulk_max_bytes")]
     pub bulk_max_bytes: usize,
-    #[serde(default = "default_flush_interval_ms")]
-    pub flush_interval_ms: u64,
+    /// How long a partly filled bulk waits for more (`"1s"`; the old
+    /// `flush_interval_ms` still reads, deprecated).
+    #[serde(default = "default_flush_interval", alias = "flush_interval_ms", deserialize_with = "de_flush_interval")]
+    pub flush_interval: Duration,
     #[serde(default)]
     pub dead_letter: DeadLetter,
     #[serde(default)]
     pub truncate: TruncateAction,
     #[serde(default)]
     pub version_type: VersionType,
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    #[serde(default = "default_retry_initial_ms")]
-    pub retry_initial_ms: u64,
-    #[serde(default = "default_retry_max_ms")]
-    pub retry_max_ms: u64,
+    /// Per request (`timeout_ms` deprecated).
+    #[serde(default = "default_timeout", alias = "timeout_ms", deserialize_with = "de_timeout")]
+    pub timeout: Duration,
+    /// Backoff for transient errors, first and longest wait
+    /// (`retry_initial_ms` / `retry_max_ms` deprecated).
+    #[serde(default = "default_retry_initial", alias = "retry_initial_ms", deserialize_with = "de_retry_initial")]
+    pub retry_initial: Duration,
+    #[serde(default = "default_retry_max", alias = "retry_max_ms", deserialize_with = "de_retry_max")]
+    pub retry_max: Duration,
     /// Create each index from the table's schema before its first write,
     /// and add fields for new columns (see [`crate::mapping`]). `false`
     /// leaves mappings to the cluster (index templates, dynamic mapping).
@@ -160,13 +171,13 @@ impl ElasticsearchSinkConfig {
             ca_file: None,
             bulk_max_actions: DEFAULT_BULK_MAX_ACTIONS,
             bulk_max_bytes: DEFAULT_BULK_MAX_BYTES,
-            flush_interval_ms: DEFAULT_FLUSH_INTERVAL_MS,
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
             dead_letter: DeadLetter::default(),
             truncate: TruncateAction::default(),
             version_type: VersionType::default(),
-            timeout_ms: DEFAULT_TIMEOUT_MS,
-            retry_initial_ms: DEFAULT_RETRY_INITIAL_MS,
-            retry_max_ms: DEFAULT_RETRY_MAX_MS,
+            timeout: DEFAULT_TIMEOUT,
+            retry_initial: DEFAULT_RETRY_INITIAL,
+            retry_max: DEFAULT_RETRY_MAX,
             manage_mappings: true,
             numeric: NumericMapping::default(),
             json: JsonMapping::default(),
@@ -185,16 +196,16 @@ impl ElasticsearchSinkConfig {
         if self.bulk_max_bytes < 1024 {
             return Err(bad("bulk_max_bytes", "must be at least 1024"));
         }
-        if self.flush_interval_ms == 0 {
-            return Err(bad("flush_interval_ms", "must be above 0"));
+        if self.flush_interval.is_zero() {
+            return Err(bad("flush_interval", "must be above 0"));
         }
-        if self.timeout_ms == 0 {
-            return Err(bad("timeout_ms", "must be above 0"));
+        if self.timeout.is_zero() {
+            return Err(bad("timeout", "must be above 0"));
         }
-        if self.retry_initial_ms == 0 || self.retry_max_ms < self.retry_initial_ms {
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
             return Err(bad(
-                "retry_max_ms",
-                "must be at least retry_initial_ms, which must be above 0",
+                "retry_max",
+                "must be at least retry_initial, which must be above 0",
             ));
         }
         match &self.dead_letter {
@@ -239,7 +250,7 @@ impl fmt::Debug for ElasticsearchSinkConfig {
             .field("ca_file", &self.ca_file)
             .field("bulk_max_actions", &self.bulk_max_actions)
             .field("bulk_max_bytes", &self.bulk_max_bytes)
-            .field("flush_interval_ms", &self.flush_interval_ms)
+            .field("flush_interval", &self.flush_interval)
             .field("dead_letter", &self.dead_letter)
             .field("truncate", &self.truncate)
             .field("version_type", &self.version_type)
@@ -259,17 +270,17 @@ fn default_bulk_max_actions() -> usize {
 fn default_bulk_max_bytes() -> usize {
     DEFAULT_BULK_MAX_BYTES
 }
-fn default_flush_interval_ms() -> u64 {
-    DEFAULT_FLUSH_INTERVAL_MS
+fn default_flush_interval() -> Duration {
+    DEFAULT_FLUSH_INTERVAL
 }
-fn default_timeout_ms() -> u64 {
-    DEFAULT_TIMEOUT_MS
+fn default_timeout() -> Duration {
+    DEFAULT_TIMEOUT
 }
-fn default_retry_initial_ms() -> u64 {
-    DEFAULT_RETRY_INITIAL_MS
+fn default_retry_initial() -> Duration {
+    DEFAULT_RETRY_INITIAL
 }
-fn default_retry_max_ms() -> u64 {
-    DEFAULT_RETRY_MAX_MS
+fn default_retry_max() -> Duration {
+    DEFAULT_RETRY_MAX
 }
 fn default_manage_mappings() -> bool {
     true

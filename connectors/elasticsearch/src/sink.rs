@@ -2,7 +2,7 @@
 //!
 //! [`Sink::send`] turns a batch into bulk actions and hands it
 //! to a worker task, which buffers batches until `bulk_max_actions` actions,
-//! `bulk_max_bytes` bytes or `flush_interval_ms` is reached, then writes
+//! `bulk_max_bytes` bytes or `flush_interval` is reached, then writes
 //! them in `_bulk` requests of at most those sizes. A batch's acker is
 //! answered only when every one of its actions was in a completed bulk:
 //! applied, a version conflict (a newer version is there), or written to
@@ -292,7 +292,7 @@ pub struct ElasticsearchSink {
 async fn client_and_root(
     config: &ElasticsearchSinkConfig,
 ) -> Result<(Http, serde_json::Value), ElasticsearchSinkError> {
-    let mut cb = reqwest::Client::builder().timeout(Duration::from_millis(config.timeout_ms));
+    let mut cb = reqwest::Client::builder().timeout(config.timeout);
     if let Some(path) = &config.ca_file {
         let pem = std::fs::read(path).map_err(|source| ElasticsearchSinkError::CaFile {
             path: path.display().to_string(),
@@ -414,11 +414,11 @@ impl ElasticsearchSink {
             http: http.clone(),
             max_actions: config.bulk_max_actions,
             max_bytes: config.bulk_max_bytes,
-            interval: Duration::from_millis(config.flush_interval_ms),
+            interval: config.flush_interval,
             dead_letter: config.dead_letter.clone(),
             backoff: Backoff::new(
-                Duration::from_millis(config.retry_initial_ms),
-                Duration::from_millis(config.retry_max_ms),
+                config.retry_initial,
+                config.retry_max,
             ),
             stats: Arc::clone(&stats),
             buffer: Vec::new(),

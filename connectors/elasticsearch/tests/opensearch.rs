@@ -96,8 +96,8 @@ fn config() -> ElasticsearchSinkConfig {
     c.dead_letter = DeadLetter::Index {
         name: "it-deadletter".into(),
     };
-    c.retry_initial_ms = 50;
-    c.retry_max_ms = 500;
+    c.retry_initial = std::time::Duration::from_millis(50);
+    c.retry_max = std::time::Duration::from_millis(500);
     c
 }
 
@@ -399,7 +399,7 @@ async fn bulks_are_split_by_max_actions_and_flushed_by_the_timer() {
     let t = table(&name, &[("id", true)]);
     let mut c = config();
     c.bulk_max_actions = 2;
-    c.flush_interval_ms = 200;
+    c.flush_interval = std::time::Duration::from_millis(200);
     let mut sink = ElasticsearchSink::connect(c).await.unwrap();
     let stats = sink.stats();
     send(

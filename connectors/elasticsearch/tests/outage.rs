@@ -69,9 +69,9 @@ async fn a_batch_sent_during_an_outage_is_retried_until_the_node_is_back() {
     };
     let mut c = ElasticsearchSinkConfig::new(url.clone());
     c.index_template = "it-{table}".into();
-    c.retry_initial_ms = 200;
-    c.retry_max_ms = 2_000;
-    c.timeout_ms = 5_000;
+    c.retry_initial = std::time::Duration::from_millis(200);
+    c.retry_max = std::time::Duration::from_millis(2_000);
+    c.timeout = std::time::Duration::from_millis(5_000);
     let mut sink = ElasticsearchSink::connect(c).await.unwrap();
     let stats = sink.stats();
 

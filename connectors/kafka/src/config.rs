@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use serde::Deserialize;
@@ -22,7 +23,7 @@ pub const DEFAULT_MAX_IN_FLIGHT_RECORDS: usize = 100_000;
 /// `-1` asks the broker for its own `num.partitions` / `default.replication.factor`.
 pub const BROKER_DEFAULT: i32 = -1;
 pub const DEFAULT_SOURCE_MAX_BATCH_RECORDS: usize = 500;
-pub const DEFAULT_SOURCE_MAX_BATCH_WAIT_MS: u64 = 100;
+pub const DEFAULT_SOURCE_MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
 /// Records handed out by a source and not yet committed. Above this the
 /// source hands out nothing until the relay's sink catches up, so a stuck
 /// sink holds memory bounded (librdkafka's prefetch queue is bounded too).
@@ -148,7 +149,7 @@ pub enum DeliveryMode {
     /// One Kafka transaction per batch, acknowledged after the commit:
     /// `read_committed` consumers never see a batch twice or in part, even
     /// across a crash. Costs a commit round trip per batch. During an outage
-    /// a transaction times out after `transaction_timeout_ms` (librdkafka
+    /// a transaction times out after `transaction_timeout` (librdkafka
     /// requires `message.timeout.ms` not to exceed it), the batch fails and
     /// the pipeline restarts from its checkpoint.
     ExactlyOnce {
@@ -156,8 +157,13 @@ pub enum DeliveryMode {
         /// pipelines: a restarted producer with the same id fences off its
         /// predecessor's unfinished transaction.
         transactional_id: String,
-        #[serde(default = "default_transaction_timeout_ms")]
-        transaction_timeout_ms: u64,
+        /// `"60s"`; the old `transaction_timeout_ms` still reads, deprecated.
+        #[serde(
+            default = "default_transaction_timeout",
+            alias = "transaction_timeout_ms",
+            deserialize_with = "de_transaction_timeout"
+        )]
+        transaction_timeout: Duration,
         /// Compacted topic where each Kafka transaction records the last
         /// Postgres change it carries, read back on start to skip changes
         /// Kafka already holds (see [`crate::offsets`]).
@@ -170,11 +176,14 @@ pub enum DeliveryMode {
 
 /// The broker's default `transaction.max.timeout.ms` is 15 minutes; one
 /// minute bounds how long an outage holds a transaction open.
-pub const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn default_transaction_timeout_ms() -> u64 {
-    DEFAULT_TRANSACTION_TIMEOUT_MS
+fn default_transaction_timeout() -> Duration {
+    DEFAULT_TRANSACTION_TIMEOUT
 }
+
+walcast_sdk::deprecated_ms_field!(de_transaction_timeout, "transaction_timeout");
+walcast_sdk::deprecated_ms_field!(de_max_batch_wait, "max_batch_wait");
 
 /// How topics are created when `create_topics = true`.
 ///
@@ -225,8 +234,14 @@ pub struct KafkaSourceConfig {
     pub subscribe: Subscription,
     #[serde(default = "default_max_batch_records")]
     pub max_batch_records: usize,
-    #[serde(default = "default_max_batch_wait_ms")]
-    pub max_batch_wait_ms: u64,
+    /// How long a batch waits to fill (`"100ms"`; the old
+    /// `max_batch_wait_ms` still reads, deprecated).
+    #[serde(
+        default = "default_max_batch_wait",
+        alias = "max_batch_wait_ms",
+        deserialize_with = "de_max_batch_wait"
+    )]
+    pub max_batch_wait: Duration,
     #[serde(default = "default_source_max_in_flight")]
     pub max_in_flight_records: usize,
     /// Any librdkafka consumer property, applied over [`CONSUMER_DEFAULTS`].
@@ -249,8 +264,8 @@ fn default_broker() -> i32 {
 fn default_max_batch_records() -> usize {
     DEFAULT_SOURCE_MAX_BATCH_RECORDS
 }
-fn default_max_batch_wait_ms() -> u64 {
-    DEFAULT_SOURCE_MAX_BATCH_WAIT_MS
+fn default_max_batch_wait() -> Duration {
+    DEFAULT_SOURCE_MAX_BATCH_WAIT
 }
 fn default_source_max_in_flight() -> usize {
     DEFAULT_SOURCE_MAX_IN_FLIGHT_RECORDS
@@ -338,7 +353,7 @@ impl KafkaSinkConfig {
         }
         if let DeliveryMode::ExactlyOnce {
             transactional_id,
-            transaction_timeout_ms,
+            transaction_timeout,
             offsets_topic,
         } = &self.delivery
         {
@@ -348,10 +363,10 @@ impl KafkaSinkConfig {
             if transactional_id.trim().is_empty() {
                 return Err(invalid("delivery.transactional_id", "must not be empty"));
             }
-            if *transaction_timeout_ms == 0 {
+            if transaction_timeout.as_millis() == 0 {
                 return Err(invalid(
-                    "delivery.transaction_timeout_ms",
-                    "must be positive",
+                    "delivery.transaction_timeout",
+                    "must be at least 1ms",
                 ));
             }
         }
@@ -378,13 +393,14 @@ impl KafkaSinkConfig {
         cfg.set("queue.buffering.max.messages", queue.to_string());
         if let DeliveryMode::ExactlyOnce {
             transactional_id,
-            transaction_timeout_ms,
+            transaction_timeout,
             ..
         } = &self.delivery
         {
+            let ms = transaction_timeout.as_millis().to_string();
             cfg.set("transactional.id", transactional_id);
-            cfg.set("transaction.timeout.ms", transaction_timeout_ms.to_string());
-            cfg.set("message.timeout.ms", transaction_timeout_ms.to_string());
+            cfg.set("transaction.timeout.ms", &ms);
+            cfg.set("message.timeout.ms", &ms);
         }
         for (k, v) in &self.producer {
             cfg.set(k, v);
@@ -405,7 +421,7 @@ impl KafkaSourceConfig {
             group_id: group_id.into(),
             subscribe,
             max_batch_records: DEFAULT_SOURCE_MAX_BATCH_RECORDS,
-            max_batch_wait_ms: DEFAULT_SOURCE_MAX_BATCH_WAIT_MS,
+            max_batch_wait: DEFAULT_SOURCE_MAX_BATCH_WAIT,
             max_in_flight_records: DEFAULT_SOURCE_MAX_IN_FLIGHT_RECORDS,
             consumer: BTreeMap::new(),
         }
@@ -555,7 +571,7 @@ impl fmt::Debug for KafkaSourceConfig {
             .field("group_id", &self.group_id)
             .field("subscribe", &self.subscribe)
             .field("max_batch_records", &self.max_batch_records)
-            .field("max_batch_wait_ms", &self.max_batch_wait_ms)
+            .field("max_batch_wait", &self.max_batch_wait)
             .field("max_in_flight_records", &self.max_in_flight_records)
             .field("consumer", &Redacted(&self.consumer))
             .finish()

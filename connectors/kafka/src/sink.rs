@@ -188,11 +188,11 @@ impl KafkaSink {
             transactional: match config.delivery {
                 DeliveryMode::AtLeastOnce => None,
                 DeliveryMode::ExactlyOnce {
-                    transaction_timeout_ms,
+                    transaction_timeout,
                     transactional_id,
                     offsets_topic,
                 } => Some(Transactional {
-                    timeout: Duration::from_millis(transaction_timeout_ms),
+                    timeout: transaction_timeout,
                     initialized: false,
                     // Unset: a topic of its own, and the one all pipelines
                     // shared before, to read an older position from once.
@@ -226,18 +226,17 @@ impl KafkaSink {
         self
     }
 
-    /// For `walcast check`: which topics the given tables (`(schema,
-    /// table)`) map to and whether they exist or would be created. Creates
-    /// nothing.
+    /// For `walcast check`: which topics the given tables map to and
+    /// whether they exist or would be created. Creates nothing.
     pub async fn check(
         config: &KafkaSinkConfig,
-        tables: &[(String, String)],
+        tables: &[walcast_sdk::TableName],
     ) -> Result<Vec<TopicStatus>, KafkaSinkError> {
         config.validate()?;
         let router = TopicRouter::new(config.topic_prefix.clone(), config.routes.clone());
         let mut topics: Vec<(String, String)> = tables
             .iter()
-            .map(|(s, t)| (format!("{s}.{t}"), router.name(s, t)))
+            .map(|t| (t.to_string(), router.name(&t.schema, &t.name)))
             .collect();
         if let Some(t) = &config.transaction_topic {
             topics.push(("transaction metadata".to_string(), t.clone()));

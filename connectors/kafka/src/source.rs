@@ -357,7 +357,7 @@ impl KafkaSource {
             shared,
             group,
             max_batch_records: config.max_batch_records,
-            max_batch_wait: Duration::from_millis(config.max_batch_wait_ms),
+            max_batch_wait: config.max_batch_wait,
             max_in_flight: config.max_in_flight_records,
             joined: AckTracker::new(),
             next_join: 0,
@@ -366,7 +366,7 @@ impl KafkaSource {
     }
 
     /// Reads up to `max_batch_records` records, waiting at most
-    /// `max_batch_wait_ms`; the batch may be empty. While
+    /// `max_batch_wait`; the batch may be empty. While
     /// `max_in_flight_records` are handed out and not committed it reads
     /// nothing and returns an empty batch after the wait: acknowledge and
     /// call [`Self::commit_acknowledged`] to make room. Not cancel-safe: records

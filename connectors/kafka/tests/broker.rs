@@ -446,7 +446,7 @@ async fn check_reports_without_creating_then_creates_on_first_send() {
     cfg.topic_creation
         .config
         .insert("cleanup.policy".into(), "compact".into());
-    let tables = vec![("public".to_string(), "items".to_string())];
+    let tables = vec![walcast_sdk::TableName::new("public", "items")];
     let topic = format!("{prefix}.public.items");
 
     let before = KafkaSink::check(&cfg, &tables).await.unwrap();
@@ -527,7 +527,7 @@ async fn source_commits_only_the_acknowledged_prefix() {
         Subscription::Topics(vec![topic.clone()]),
     );
     cfg.max_batch_records = 100;
-    cfg.max_batch_wait_ms = 500;
+    cfg.max_batch_wait = std::time::Duration::from_millis(500);
     cfg.max_in_flight_records = 100;
     let mut source = KafkaSource::new(cfg).unwrap();
     let mut records = Vec::new();
@@ -654,7 +654,7 @@ async fn exactly_once_commits_whole_batches_and_aborts_failed_ones() {
     let mut cfg = sink_config(&[("public.eos", &topic)]);
     cfg.delivery = DeliveryMode::ExactlyOnce {
         transactional_id: unique("walcast-it-eos"),
-        transaction_timeout_ms: 30_000,
+        transaction_timeout: std::time::Duration::from_millis(30_000),
         offsets_topic: None,
     };
     cfg.producer
@@ -749,7 +749,7 @@ async fn replay_across_a_crash(first_offsets: Option<String>, second_offsets: Op
         .unwrap_or_else(|| walcast_kafka::offsets::default_topic(&transactional_id));
     cfg.delivery = DeliveryMode::ExactlyOnce {
         transactional_id: transactional_id.clone(),
-        transaction_timeout_ms: 30_000,
+        transaction_timeout: std::time::Duration::from_millis(30_000),
         offsets_topic: first_offsets,
     };
     // Transaction `tx` committed at `lsn`, changes `orders` of it.
@@ -792,7 +792,7 @@ async fn replay_across_a_crash(first_offsets: Option<String>, second_offsets: Op
 
     cfg.delivery = DeliveryMode::ExactlyOnce {
         transactional_id: transactional_id.clone(),
-        transaction_timeout_ms: 30_000,
+        transaction_timeout: std::time::Duration::from_millis(30_000),
         offsets_topic: second_offsets,
     };
     let mut second = sink(cfg);
@@ -852,7 +852,7 @@ async fn revoked_partitions_commit_what_is_acknowledged_before_moving() {
             group.clone(),
             Subscription::Topics(vec![topic.clone()]),
         );
-        c.max_batch_wait_ms = 200;
+        c.max_batch_wait = std::time::Duration::from_millis(200);
         c
     };
     let mut a = KafkaSource::new(config()).unwrap();
@@ -930,7 +930,7 @@ async fn a_pattern_subscription_finds_a_topic_created_later_within_seconds() {
         group,
         Subscription::Pattern(format!("^{}\\..*", prefix.replace('.', "\\."))),
     );
-    cfg.max_batch_wait_ms = 200;
+    cfg.max_batch_wait = std::time::Duration::from_millis(200);
     let mut source = KafkaSource::new(cfg).unwrap();
     // The relay is up and has matched the pattern against the topics that
     // exist now (none): a few polls let it join and read metadata once.

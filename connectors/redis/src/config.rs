@@ -4,6 +4,7 @@
 //! ever deserialised; its `Debug` form hides passwords.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -18,9 +19,13 @@ pub const DEFAULT_TOMBSTONE_TTL_SECS: u64 = 24 * 60 * 60;
 pub const DEFAULT_CHANNEL_TEMPLATE: &str = "walcast:{schema}.{table}";
 /// Streams are trimmed approximately (`MAXLEN ~`) so trimming stays cheap.
 pub const DEFAULT_STREAM_MAXLEN: u64 = 100_000;
-pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
-pub const DEFAULT_RETRY_INITIAL_MS: u64 = 100;
-pub const DEFAULT_RETRY_MAX_MS: u64 = 30_000;
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_millis(100);
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(30);
+
+walcast_sdk::deprecated_ms_field!(de_timeout, "timeout");
+walcast_sdk::deprecated_ms_field!(de_retry_initial, "retry_initial");
+walcast_sdk::deprecated_ms_field!(de_retry_max, "retry_max");
 
 /// A Redis sink.
 #[derive(Clone, Deserialize)]
@@ -33,12 +38,15 @@ pub struct RedisSinkConfig {
     pub cluster: bool,
     pub mode: Mode,
     /// Connect and per-command response timeout.
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    #[serde(default = "default_retry_initial_ms")]
-    pub retry_initial_ms: u64,
-    #[serde(default = "default_retry_max_ms")]
-    pub retry_max_ms: u64,
+    /// Per command (`"5s"`; the old `timeout_ms` still reads, deprecated).
+    #[serde(default = "default_timeout", alias = "timeout_ms", deserialize_with = "de_timeout")]
+    pub timeout: Duration,
+    /// Backoff for transient errors, first and longest wait
+    /// (`retry_initial_ms` / `retry_max_ms` deprecated).
+    #[serde(default = "default_retry_initial", alias = "retry_initial_ms", deserialize_with = "de_retry_initial")]
+    pub retry_initial: Duration,
+    #[serde(default = "default_retry_max", alias = "retry_max_ms", deserialize_with = "de_retry_max")]
+    pub retry_max: Duration,
 }
 
 /// What the sink does with each change.
@@ -156,13 +164,13 @@ impl RedisSinkConfig {
                 ));
             }
         }
-        if self.timeout_ms == 0 {
-            return Err(bad("timeout_ms", "must be above 0"));
+        if self.timeout.is_zero() {
+            return Err(bad("timeout", "must be above 0"));
         }
-        if self.retry_initial_ms == 0 || self.retry_max_ms < self.retry_initial_ms {
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
             return Err(bad(
-                "retry_max_ms",
-                "must be at least retry_initial_ms, which must be above 0",
+                "retry_max",
+                "must be at least retry_initial, which must be above 0",
             ));
         }
         match &self.mode {
@@ -220,9 +228,9 @@ impl fmt::Debug for RedisSinkConfig {
             .field("urls", &urls)
             .field("cluster", &self.cluster)
             .field("mode", &self.mode)
-            .field("timeout_ms", &self.timeout_ms)
-            .field("retry_initial_ms", &self.retry_initial_ms)
-            .field("retry_max_ms", &self.retry_max_ms)
+            .field("timeout", &self.timeout)
+            .field("retry_initial", &self.retry_initial)
+            .field("retry_max", &self.retry_max)
             .finish()
     }
 }
@@ -243,14 +251,14 @@ fn default_tombstone_ttl_secs() -> u64 {
 fn default_stream_maxlen() -> u64 {
     DEFAULT_STREAM_MAXLEN
 }
-fn default_timeout_ms() -> u64 {
-    DEFAULT_TIMEOUT_MS
+fn default_timeout() -> Duration {
+    DEFAULT_TIMEOUT
 }
-fn default_retry_initial_ms() -> u64 {
-    DEFAULT_RETRY_INITIAL_MS
+fn default_retry_initial() -> Duration {
+    DEFAULT_RETRY_INITIAL
 }
-fn default_retry_max_ms() -> u64 {
-    DEFAULT_RETRY_MAX_MS
+fn default_retry_max() -> Duration {
+    DEFAULT_RETRY_MAX
 }
 fn default_true() -> bool {
     true
@@ -287,7 +295,7 @@ mod tests {
                 truncate_scan: true,
             }
         );
-        assert_eq!(c.timeout_ms, DEFAULT_TIMEOUT_MS);
+        assert_eq!(c.timeout, DEFAULT_TIMEOUT);
         let debug = format!("{c:?}");
         assert!(!debug.contains("s3cret"), "{debug}");
         assert!(debug.contains("app:<redacted>@127.0.0.1:6379/0"), "{debug}");

@@ -11,7 +11,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -186,7 +185,7 @@ impl RedisSink {
     pub async fn connect(config: RedisSinkConfig) -> Result<Self, RedisSinkError> {
         config.validate()?;
         let plan = Plan::new(&config.mode, config.cluster)?;
-        let timeout = Duration::from_millis(config.timeout_ms);
+        let timeout = config.timeout;
         let first_url = redact_url(&config.urls[0]);
         let connect_err = |source| RedisSinkError::Connect {
             url: first_url.clone(),
@@ -235,8 +234,8 @@ impl RedisSink {
 
     fn backoff(&self) -> Backoff {
         Backoff::new(
-            Duration::from_millis(self.config.retry_initial_ms),
-            Duration::from_millis(self.config.retry_max_ms),
+            self.config.retry_initial,
+            self.config.retry_max,
         )
     }
 

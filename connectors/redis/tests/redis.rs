@@ -383,7 +383,7 @@ async fn unreachable_server_is_reported_at_connect() {
         truncate_scan: true,
     });
     c.urls = vec!["redis://user:pw@127.0.0.1:1".into()];
-    c.timeout_ms = 500;
+    c.timeout = std::time::Duration::from_millis(500);
     let err = RedisSink::connect(c).await.err().expect("port 1 refuses");
     assert!(err.is_transient(), "{err}");
     let text = err.to_string();

@@ -127,6 +127,45 @@ pub trait Sink: Send {
     }
 }
 
+/// The one "send a batch to every sink" step, shared by the capture loop
+/// and the relay: each sink in turn gets its events (`events` yields one
+/// `Arc` per sink, in order: the same one for all, or a copy without the
+/// events that sink refused) with a clone of the batch's acker, and what it
+/// did is counted (`walcast_sink_events_total`, `walcast_sink_errors_total`)
+/// and a refusal logged. Returns the refusals, by sink name, for the caller
+/// to classify: a refused batch's acker clone is dropped unanswered, so the
+/// batch fails and its position is never confirmed.
+pub async fn send_to_every_sink(
+    pipeline: &str,
+    sinks: &mut [Box<dyn Sink>],
+    events: impl IntoIterator<Item = Arc<Vec<ChangeEvent>>>,
+    acker: &Acker,
+) -> Vec<(String, SinkError)> {
+    use crate::telemetry::{SINK_ERRORS, SINK_EVENTS};
+    let mut refused = Vec::new();
+    for (sink, events) in sinks.iter_mut().zip(events) {
+        let name = sink.name().to_string();
+        let n = events.len() as u64;
+        let batch = Batch {
+            events,
+            acker: acker.clone(),
+        };
+        match sink.send(batch).await {
+            Ok(()) => {
+                metrics::counter!(SINK_EVENTS, "pipeline" => pipeline.to_string(), "sink" => name)
+                    .increment(n)
+            }
+            Err(e) => {
+                tracing::error!(pipeline = %pipeline, sink = %name, error = %e, "sink refused a batch");
+                metrics::counter!(SINK_ERRORS, "pipeline" => pipeline.to_string(), "sink" => name.clone())
+                    .increment(1);
+                refused.push((name, e));
+            }
+        }
+    }
+    refused
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

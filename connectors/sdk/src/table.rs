@@ -1,10 +1,85 @@
-//! What a captured table looks like: its columns, their Postgres types and
-//! which of them form the key.
+//! What a captured table looks like: its name, its columns, their Postgres
+//! types and which of them form the key.
 //!
 //! Built by the capture from pgoutput Relation messages and the catalog; the
 //! schema mapping (Avro) and every sink read it to interpret a row.
 
 use serde::Serialize;
+
+/// A table's schema-qualified name, as Postgres spells it (case-sensitive,
+/// unquoted). Displayed as `schema.table`, the form configs, topics, logs
+/// and metrics use; [`TableName::quoted`] is the form SQL needs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        TableName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parses `schema.table` as a config writes it; identifiers may contain
+    /// dots or quotes if double-quoted (`"my.schema"."my ""table"""`).
+    /// `None` unless there are exactly two non-empty parts.
+    pub fn parse(s: &str) -> Option<TableName> {
+        let mut parts = Vec::new();
+        let mut cur = String::new();
+        let mut quoted = false;
+        let mut chars = s.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' if quoted && chars.peek() == Some(&'"') => {
+                    cur.push('"');
+                    chars.next();
+                }
+                '"' => quoted = !quoted,
+                '.' if !quoted => parts.push(std::mem::take(&mut cur)),
+                c => cur.push(c),
+            }
+        }
+        parts.push(cur);
+        match <[String; 2]>::try_from(parts) {
+            Ok([schema, name]) if !schema.is_empty() && !name.is_empty() && !quoted => {
+                Some(TableName { schema, name })
+            }
+            _ => None,
+        }
+    }
+
+    /// `schema.table` as a config or a signal writes it: plain, unless a
+    /// part holds a dot or a double quote, then both parts quoted, so that
+    /// [`TableName::parse`] reads it back as it was.
+    pub fn to_config_string(&self) -> String {
+        let plain = |s: &str| !s.contains('.') && !s.contains('"');
+        if plain(&self.schema) && plain(&self.name) {
+            self.to_string()
+        } else {
+            self.quoted()
+        }
+    }
+
+    /// `"schema"."table"`, each identifier quoted for SQL (embedded double
+    /// quotes doubled), so any name is used exactly as written.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// A double-quoted SQL identifier: `my "x"` becomes `"my ""x"""`.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
 
 /// The Postgres type of a column, resolved to what walcast knows how to
 /// convert. Domains arrive here already resolved to their base type.
@@ -147,6 +222,11 @@ impl TableSchema {
         format!("{}.{}", self.schema, self.name)
     }
 
+    /// The table's name as a [`TableName`].
+    pub fn table_name(&self) -> TableName {
+        TableName::new(&self.schema, &self.name)
+    }
+
     /// Indexes of the key columns, in column order.
     pub fn key_indexes(&self) -> Vec<usize> {
         self.columns
@@ -163,5 +243,41 @@ impl TableSchema {
 
     pub fn column_index(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_table_names() {
+        assert_eq!(
+            TableName::parse("public.orders"),
+            Some(TableName::new("public", "orders"))
+        );
+        assert_eq!(
+            TableName::parse(r#""My Schema"."odd.""name""#),
+            Some(TableName::new("My Schema", "odd.\"name"))
+        );
+        assert_eq!(TableName::parse("orders"), None);
+        assert_eq!(TableName::parse("a.b.c"), None);
+        assert_eq!(TableName::parse(".x"), None);
+        assert_eq!(TableName::parse("x."), None);
+        assert_eq!(TableName::parse(r#""open.x"#), None);
+    }
+
+    #[test]
+    fn displays_plain_and_quotes_for_sql() {
+        let t = TableName::new("My Schema", "odd.\"name");
+        assert_eq!(t.to_string(), "My Schema.odd.\"name");
+        assert_eq!(t.quoted(), r#""My Schema"."odd.""name""#);
+        // What quoted() and to_config_string() write, parse() reads back.
+        assert_eq!(TableName::parse(&t.quoted()), Some(t.clone()));
+        assert_eq!(t.to_config_string(), t.quoted());
+        assert_eq!(TableName::parse(&t.to_config_string()), Some(t));
+        let plain = TableName::new("public", "Orders");
+        assert_eq!(plain.to_config_string(), "public.Orders");
+        assert_eq!(TableName::parse(&plain.to_config_string()), Some(plain));
     }
 }

@@ -103,9 +103,9 @@ pub fn config(mode: Mode) -> RedisSinkConfig {
         urls: vec![redis_url()],
         cluster: false,
         mode,
-        timeout_ms: 5_000,
-        retry_initial_ms: 50,
-        retry_max_ms: 500,
+        timeout: std::time::Duration::from_millis(5_000),
+        retry_initial: std::time::Duration::from_millis(50),
+        retry_max: std::time::Duration::from_millis(500),
     }
 }
 

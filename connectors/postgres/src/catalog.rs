@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio_postgres::Client;
-use walcast_sdk::{Column, PgType, ReplicaIdentity, TableSchema};
+use walcast_sdk::{Column, PgType, ReplicaIdentity, TableName, TableSchema};
 
 use crate::pgoutput::{Relation, ReplicaIdentitySetting};
 use crate::replication::connection::ConnectParams;
@@ -203,7 +203,7 @@ fn q(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CatalogEr
 }
 
 /// Built-in types by OID (pg_type.h), with their array types.
-fn builtin(oid: u32, typmod: i32) -> Option<PgType> {
+pub(crate) fn builtin(oid: u32, typmod: i32) -> Option<PgType> {
     let numeric = || {
         if typmod >= 4 {
             let t = typmod - 4;
@@ -456,10 +456,10 @@ impl Catalog {
     /// generated ones); without, every column but generated ones.
     pub async fn table_schema_by_name(
         &mut self,
-        schema: &str,
-        table: &str,
+        table_name: &TableName,
     ) -> Result<CatalogTable, CatalogError> {
-        let name = format!("{schema}.{table}");
+        let name = table_name.to_string();
+        let (schema, table) = (&table_name.schema, &table_name.name);
         let rel = self
             .client
             .query_opt(
@@ -536,8 +536,8 @@ impl Catalog {
             .collect();
         let schema = Arc::new(TableSchema {
             relation_id: oid,
-            schema: schema.to_string(),
-            name: table.to_string(),
+            schema: schema.clone(),
+            name: table.clone(),
             columns,
             replica_identity,
             version: 0,

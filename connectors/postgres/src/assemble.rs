@@ -374,3 +374,263 @@ pub fn key_problem(table: &TableSchema) -> Option<String> {
     }
     None
 }
+
+/// The assembler fed with the frames Postgres 15 sent for
+/// `tests/fixtures/pgoutput/capture.sh` (see `pgoutput::tests`): no server.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::{Message, Relation, ReplicaIdentitySetting};
+    use walcast_sdk::{Column, Numeric};
+
+    /// The table as the catalog would describe it: both fixture tables
+    /// have the primary key `id`, and only built-in types.
+    fn schema(rel: &Relation) -> Arc<TableSchema> {
+        Arc::new(TableSchema {
+            relation_id: rel.id,
+            schema: rel.namespace.clone(),
+            name: rel.name.clone(),
+            columns: rel
+                .columns
+                .iter()
+                .map(|c| Column {
+                    name: c.name.clone(),
+                    pg_type: crate::catalog::builtin(c.type_oid, c.type_modifier).unwrap(),
+                    type_oid: c.type_oid,
+                    type_modifier: c.type_modifier,
+                    nullable: c.name != "id",
+                    key: c.name == "id",
+                })
+                .collect(),
+            replica_identity: match rel.replica_identity {
+                ReplicaIdentitySetting::Default => ReplicaIdentity::Default,
+                ReplicaIdentitySetting::Nothing => ReplicaIdentity::Nothing,
+                ReplicaIdentitySetting::Full => ReplicaIdentity::Full,
+                ReplicaIdentitySetting::Index => ReplicaIdentity::Index,
+            },
+            version: 1,
+        })
+    }
+
+    fn options(tables: Option<&[&str]>) -> AssembleOptions {
+        AssembleOptions {
+            name: "shop".into(),
+            database: "app".into(),
+            tables: tables.map(|t| t.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    /// What the capture loop does with each message, minus the I/O: the
+    /// events in order, and each commit's end LSN as the assembler reports
+    /// it. Message `i` is at LSN `1000 + i`.
+    fn replay(asm: &mut Assembler, frames: Vec<Message>) -> (Vec<ChangeEvent>, Vec<Lsn>) {
+        let (mut events, mut commits) = (Vec::new(), Vec::new());
+        for (i, m) in frames.into_iter().enumerate() {
+            let lsn = Lsn(1000 + i as u64);
+            match m {
+                Message::Begin(b) => asm.begin(&b),
+                Message::Commit(c) => {
+                    let end = asm.commit(&c);
+                    let (finished, _) = asm.take_finished().expect("a commit finishes");
+                    assert_eq!(finished, end);
+                    assert!(asm.take_finished().is_none(), "reported once");
+                    commits.push(end);
+                }
+                Message::Relation(r) => asm.set_relation(schema(&r)),
+                Message::Insert(x) => events.extend(asm.insert(x.relation_id, &x.new, lsn).unwrap()),
+                Message::Update(u) => {
+                    events.extend(asm.update(u.relation_id, u.old.as_ref(), &u.new, lsn).unwrap())
+                }
+                Message::Delete(d) => events.extend(asm.delete(d.relation_id, &d.old, lsn).unwrap()),
+                Message::Truncate(t) => events.extend(asm.truncate(&t.relation_ids, lsn).unwrap()),
+                Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
+            }
+        }
+        (events, commits)
+    }
+
+    fn int(v: i64) -> Value {
+        Value::Int64(v)
+    }
+    fn text(s: &str) -> Value {
+        Value::Text(s.into())
+    }
+    fn summary(e: &ChangeEvent) -> (String, &'static str) {
+        (e.table.qualified_name(), e.op.code())
+    }
+
+    #[test]
+    fn a_captured_session_becomes_debezium_shaped_events() {
+        let mut asm = Assembler::new(options(None));
+        let (events, commits) = replay(&mut asm, crate::pgoutput::tests::frames());
+        assert!(!asm.in_transaction());
+        let items = "public.fx_items".to_string();
+        let full = "public.fx_full".to_string();
+        assert_eq!(
+            events.iter().map(summary).collect::<Vec<_>>(),
+            vec![
+                (items.clone(), "c"),
+                (items.clone(), "c"),
+                (items.clone(), "u"),
+                // UPDATE ... SET id = 3: the old key goes away, as Debezium has it.
+                (items.clone(), "d"),
+                (items.clone(), "c"),
+                (items.clone(), "u"),
+                (items.clone(), "d"),
+                (full.clone(), "c"),
+                (full.clone(), "u"),
+                (full.clone(), "d"),
+                (items.clone(), "t"),
+                (full.clone(), "t"),
+            ]
+        );
+        // One commit per statement, plus the insert transaction and the
+        // logical message's; confirmed positions only grow.
+        assert_eq!(commits.len(), 10);
+        assert!(commits.windows(2).all(|w| w[0] < w[1]), "{commits:?}");
+
+        let apple = &events[0];
+        assert_eq!(apple.before, None);
+        assert_eq!(
+            apple.after,
+            Some(vec![
+                int(1),
+                text("apple"),
+                Value::Numeric(Numeric::Finite("1.50".into())),
+                Value::Null
+            ])
+        );
+        assert_eq!(apple.source.name, "shop");
+        assert_eq!(apple.source.db, "app");
+        assert_eq!(apple.source.lsn, Lsn(1002));
+        assert_eq!(apple.source.snapshot, SnapshotMarker::False);
+        // Both rows of the first transaction carry its commit and order.
+        let pear = &events[1];
+        assert_eq!(pear.source.commit_lsn, apple.source.commit_lsn);
+        assert_eq!(pear.source.tx_id, apple.source.tx_id);
+        let (t0, t1) = (
+            apple.transaction.as_ref().unwrap(),
+            pear.transaction.as_ref().unwrap(),
+        );
+        assert_eq!(t0.id, t1.id);
+        assert_eq!((t0.total_order, t1.total_order), (1, 2));
+        assert_eq!((t0.data_collection_order, t1.data_collection_order), (1, 2));
+        assert!(matches!(&pear.after.as_ref().unwrap()[3], Value::Text(s) if s.len() == 9600));
+
+        // REPLICA IDENTITY DEFAULT: no before image for an update that
+        // keeps the key.
+        assert_eq!(events[2].before, None);
+        assert_eq!(events[2].after.as_ref().unwrap()[1], text("green apple"));
+
+        // The key change: the delete has the old key (other columns null,
+        // as Postgres sends a key-only old tuple), the create the new row.
+        let (del, cre) = (&events[3], &events[4]);
+        assert_eq!(del.before.as_ref().unwrap()[0], int(1));
+        assert_eq!(del.after, None);
+        assert_eq!(cre.after.as_ref().unwrap()[0], int(3));
+        assert_eq!(cre.after.as_ref().unwrap()[1], text("green apple"));
+        assert_eq!(del.source.commit_lsn, cre.source.commit_lsn);
+        assert_eq!(
+            (
+                del.transaction.as_ref().unwrap().total_order,
+                cre.transaction.as_ref().unwrap().total_order
+            ),
+            (1, 2)
+        );
+
+        // An unchanged TOASTed column is Unavailable, never NULL.
+        let price = events[5].after.as_ref().unwrap();
+        assert_eq!(price[2], Value::Numeric(Numeric::Finite("2.00".into())));
+        assert_eq!(price[3], Value::Unavailable);
+
+        assert_eq!(events[6].before.as_ref().unwrap()[0], int(3));
+
+        // REPLICA IDENTITY FULL: whole old rows.
+        assert_eq!(events[8].before, Some(vec![Value::Int32(1), text("a")]));
+        assert_eq!(events[8].after, Some(vec![Value::Int32(1), text("b")]));
+        assert_eq!(events[9].before, Some(vec![Value::Int32(1), text("b")]));
+
+        // TRUNCATE of two tables: one event each, no images, one transaction.
+        for t in &events[10..] {
+            assert_eq!((&t.before, &t.after), (&None, &None));
+        }
+        assert_eq!(
+            events[10].source.commit_lsn,
+            events[11].source.commit_lsn
+        );
+    }
+
+    #[test]
+    fn tables_the_pipeline_does_not_list_are_dropped() {
+        let mut asm = Assembler::new(options(Some(&["public.fx_full"])));
+        let (events, commits) = replay(&mut asm, crate::pgoutput::tests::frames());
+        assert!(
+            events.iter().all(|e| e.table.name == "fx_full"),
+            "{:?}",
+            events.iter().map(summary).collect::<Vec<_>>()
+        );
+        assert_eq!(events.len(), 4, "c, u, d and the truncate");
+        // Transactions of unlisted tables still commit: their end is
+        // confirmed like any other.
+        assert_eq!(commits.len(), 10);
+        // A table added while streaming (an attached partition) is emitted.
+        assert!(!asm.wants("public.fx_items"));
+        asm.want("public.fx_items".into());
+        assert!(asm.wants("public.fx_items"));
+    }
+
+    #[test]
+    fn changes_without_their_relation_or_transaction_are_errors() {
+        let frames = crate::pgoutput::tests::frames();
+        let Message::Insert(insert) = frames[2].clone() else {
+            panic!("{:?}", frames[2])
+        };
+        let Message::Relation(rel) = &frames[1] else {
+            panic!("{:?}", frames[1])
+        };
+        let mut asm = Assembler::new(options(None));
+        let e = asm.insert(insert.relation_id, &insert.new, Lsn(7)).unwrap_err();
+        assert!(
+            matches!(e, AssembleError::UnknownRelation { relation_id, lsn: Lsn(7) } if relation_id == rel.id),
+            "{e}"
+        );
+        asm.set_relation(schema(rel));
+        let e = asm.insert(insert.relation_id, &insert.new, Lsn(8)).unwrap_err();
+        assert!(matches!(e, AssembleError::OutsideTransaction { lsn: Lsn(8) }), "{e}");
+        let Message::Begin(begin) = &frames[0] else {
+            panic!()
+        };
+        asm.begin(begin);
+        let e = asm
+            .insert(insert.relation_id, &insert.new[..2], Lsn(9))
+            .unwrap_err();
+        assert!(
+            matches!(&e, AssembleError::ColumnCount { got: 2, expected: 4, .. }),
+            "{e}"
+        );
+        let mut bad = insert.new.clone();
+        bad[2] = TupleValue::Text(bytes::Bytes::from_static(b"not a number"));
+        let e = asm.insert(insert.relation_id, &bad, Lsn(10)).unwrap_err();
+        assert!(
+            e.to_string().contains("public.fx_items.price") && e.to_string().contains("LSN"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tables_without_usable_keys_are_named() {
+        let frames = crate::pgoutput::tests::frames();
+        let Message::Relation(rel) = &frames[1] else {
+            panic!()
+        };
+        let table = schema(rel);
+        assert_eq!(key_problem(&table), None);
+        let mut keyless = (*table).clone();
+        keyless.columns.iter_mut().for_each(|c| c.key = false);
+        let p = key_problem(&keyless).unwrap();
+        assert!(p.contains("public.fx_items") && p.contains("keyless_tables"), "{p}");
+        let mut nothing = (*table).clone();
+        nothing.replica_identity = ReplicaIdentity::Nothing;
+        assert!(key_problem(&nothing).unwrap().contains("REPLICA IDENTITY NOTHING"));
+    }
+}

@@ -247,8 +247,11 @@ pub fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
     let oid = cert.signature_algorithm.oid.to_string();
     let algorithm = match oid.as_str() {
         // md5/sha1/sha256 with RSA, ecdsa-with-SHA1/SHA256
-        "1.2.840.113549.1.1.4" | "1.2.840.113549.1.1.5" | "1.2.840.113549.1.1.11"
-        | "1.2.840.10045.4.1" | "1.2.840.10045.4.3.2" => &ring::digest::SHA256,
+        "1.2.840.113549.1.1.4"
+        | "1.2.840.113549.1.1.5"
+        | "1.2.840.113549.1.1.11"
+        | "1.2.840.10045.4.1"
+        | "1.2.840.10045.4.3.2" => &ring::digest::SHA256,
         "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => &ring::digest::SHA384,
         "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => &ring::digest::SHA512,
         _ => return None,
@@ -307,7 +310,14 @@ mod channel_binding_tests {
 
     #[test]
     fn loopback_hosts() {
-        for h in ["localhost", "127.0.0.1", "127.3.4.5", "::1", "[::1]", "/run/postgresql"] {
+        for h in [
+            "localhost",
+            "127.0.0.1",
+            "127.3.4.5",
+            "::1",
+            "[::1]",
+            "/run/postgresql",
+        ] {
             assert!(is_loopback(h), "{h}");
         }
         for h in ["db.internal", "10.0.0.5", "192.168.1.1", "::2"] {

@@ -21,4 +21,4 @@ pub use decode::{decode, DecodeError};
 pub use message::*;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -3,19 +3,11 @@
 //!
 //! The frame is an `Insert` of the benchmark table's row (bigint key,
 //! bigint, text, numeric(12,2), char(3), text, two timestamptz), built as
-//! pgoutput sends it. The daemon is a binary crate, so its modules are
-//! compiled in here by path; `tests/bench/run` adds criterion and this
-//! target to a snapshot of the workspace (criterion stays out of the test
-//! build). Throughput is in elements (events) per second; criterion runs on
-//! one thread, so that is events/s per core.
+//! pgoutput sends it. `tests/bench/run` runs it (`cargo bench -p
+//! walcast-postgres --bench decode`). Throughput is in elements (events)
+//! per second; criterion runs on one thread, so that is events/s per core.
 
-#[allow(dead_code, unused_imports)]
-#[path = "../../../src/pgoutput/mod.rs"]
-mod pgoutput;
-
-#[allow(dead_code, unused_imports)]
-#[path = "../../../src/capture/convert.rs"]
-mod convert;
+use walcast_postgres::{convert, pgoutput};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};

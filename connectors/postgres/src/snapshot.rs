@@ -45,13 +45,14 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use walcast_sdk::ack::AckFailure;
 use walcast_sdk::{
-    AckTracker, Acker, ChangeEvent, Lsn, Op, SnapshotMarker, SourceInfo, TableSchema, Value,
+    AckTracker, Acker, ChangeEvent, Lsn, Op, SnapshotMarker, SourceInfo, TableName, TableSchema,
+    Value,
 };
 
-use crate::admin::metrics;
 use crate::config::SnapshotMode;
-use crate::pipeline::status::StatusHandle;
 use crate::replication::connection::{quote_ident, quote_literal, ConnectParams};
+use walcast_sdk::status::StatusHandle;
+use walcast_sdk::telemetry as metrics;
 
 use super::catalog::{self, Catalog, CatalogError};
 use super::convert;
@@ -151,7 +152,7 @@ pub struct SnapshotState {
 }
 
 impl SnapshotState {
-    pub fn new(pipeline: &str, slot: &str, tables: &[(String, String)]) -> Self {
+    pub fn new(pipeline: &str, slot: &str, tables: &[TableName]) -> Self {
         SnapshotState {
             format: 1,
             pipeline: pipeline.into(),
@@ -160,7 +161,7 @@ impl SnapshotState {
             done: false,
             tables: tables
                 .iter()
-                .map(|(s, t)| (format!("{s}.{t}"), TableProgress::default()))
+                .map(|t| (t.to_string(), TableProgress::default()))
                 .collect(),
         }
     }
@@ -312,11 +313,7 @@ impl TableJob {
             .iter()
             .map(|c| quote_ident(&c.name))
             .collect();
-        let from = format!(
-            "{}.{}",
-            quote_ident(&self.table.schema),
-            quote_ident(&self.table.name)
-        );
+        let from = self.table.table_name().quoted();
         if self.key_order.is_empty() {
             return format!(
                 "COPY (SELECT {} FROM {from} ORDER BY ctid) TO STDOUT",
@@ -580,7 +577,7 @@ pub struct SnapshotJob<'a> {
     /// `source.name` and `source.db` of events.
     pub name: &'a str,
     pub database: &'a str,
-    pub tables: &'a [(String, String)],
+    pub tables: &'a [TableName],
     /// The snapshot exported by the slot's creation; `None` to take a new
     /// one (a resumed snapshot).
     pub exported: Option<String>,
@@ -725,11 +722,11 @@ pub async fn run(
     let mut names = Vec::new();
     let mut estimate = 0u64;
     let mut rows_before = 0u64;
-    for (s, t) in job.tables {
-        let name = format!("{s}.{t}");
+    for table in job.tables {
+        let name = table.to_string();
         let progress = state.tables.entry(name.clone()).or_default().clone();
         rows_before += progress.rows;
-        let described = catalog.table_schema_by_name(s, t).await?;
+        let described = catalog.table_schema_by_name(table).await?;
         let reltuples: f64 = catalog
             .client()
             .query_one(
@@ -1014,7 +1011,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("p.snapshot.json");
         assert_eq!(SnapshotState::load(&path).unwrap(), None);
-        let mut s = SnapshotState::new("p", "walcast_p", &[("public".into(), "t".into())]);
+        let mut s = SnapshotState::new("p", "walcast_p", &[TableName::new("public", "t")]);
         s.consistent_point = Some("0/16B3748".into());
         s.tables.get_mut("public.t").unwrap().last_key = Some(vec!["42".into()]);
         s.save(&path).unwrap();

@@ -1,11 +1,14 @@
 //! What a running pipeline reports about itself: the state behind /status,
 //! /readyz and `walcast status`.
+//!
+//! Sources update it as they go (state, positions, snapshot progress); the
+//! daemon's admin HTTP server reads it. Both sides hold a [`StatusHandle`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::Lsn;
 use serde::Serialize;
-use walcast_sdk::Lsn;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

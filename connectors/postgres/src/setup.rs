@@ -6,6 +6,7 @@
 use tokio_postgres::Client;
 
 use crate::replication::connection::{quote_ident, quote_literal};
+use walcast_sdk::TableName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -30,7 +31,12 @@ pub enum SetupError {
 /// publication syntax of 15 was only "db error").
 fn server_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
-        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
+        Some(db) => format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
         None => e.to_string(),
     }
 }
@@ -50,41 +56,14 @@ fn q(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SetupErro
     move |source| SetupError::Query { what, source }
 }
 
-/// Splits `schema.table`; identifiers may contain dots if double-quoted
-/// (`"my.schema"."my table"`).
-pub fn split_table(s: &str) -> Option<(String, String)> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' if quoted && chars.peek() == Some(&'"') => {
-                cur.push('"');
-                chars.next();
-            }
-            '"' => quoted = !quoted,
-            '.' if !quoted => parts.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
-    }
-    parts.push(cur);
-    match parts.as_slice() {
-        [schema, table] if !schema.is_empty() && !table.is_empty() && !quoted => {
-            Some((schema.clone(), table.clone()))
-        }
-        _ => None,
-    }
-}
-
 /// What the pipeline wants.
 #[derive(Debug, Clone)]
 pub struct Wanted {
     pub slot: String,
     pub publication: String,
-    pub tables: Vec<(String, String)>,
+    pub tables: Vec<TableName>,
     pub schemas: Vec<String>,
-    pub keyless: Vec<(String, String)>,
+    pub keyless: Vec<TableName>,
     pub create_slot: bool,
     pub create_publication: bool,
     /// The publication's `publish_via_partition_root`: partitions' changes
@@ -101,8 +80,8 @@ pub struct Wanted {
 /// A captured partitioned table and its partitions (leaves) when planned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partitioned {
-    pub table: (String, String),
-    pub leaves: Vec<(String, String)>,
+    pub table: TableName,
+    pub leaves: Vec<TableName>,
 }
 
 /// What `apply` would do, and the state found.
@@ -114,14 +93,14 @@ pub struct Plan {
     pub alter_publication: Option<String>,
     /// The tables that statement adds: their changes stream from then on,
     /// their existing rows need an incremental snapshot.
-    pub added_tables: Vec<(String, String)>,
+    pub added_tables: Vec<TableName>,
     pub create_slot: bool,
     /// The slot's confirmed_flush_lsn when it exists.
     pub slot_confirmed_lsn: Option<String>,
-    /// Captured tables as found (schema, table). With
+    /// Captured tables as found. With
     /// `publish_via_partition_root = false` a listed partitioned table is
     /// replaced by its partitions here: those are the names in the stream.
-    pub tables: Vec<(String, String)>,
+    pub tables: Vec<TableName>,
     /// The partitioned tables among the captured ones.
     pub partitioned: Vec<Partitioned>,
     /// `ALTER PUBLICATION ... SET (publish_via_partition_root = ...)` when
@@ -136,10 +115,6 @@ pub struct Plan {
     pub enable_failover: bool,
     /// Things the operator should know (shown by `check`, logged at start).
     pub warnings: Vec<String>,
-}
-
-fn qualified(s: &str, t: &str) -> String {
-    format!("{}.{}", quote_ident(s), quote_ident(t))
 }
 
 /// Checks everything; creates nothing.
@@ -254,7 +229,7 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             }
         }
         for r in rows {
-            let t = (r.get::<_, String>(0), r.get::<_, String>(1));
+            let t = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
             if !tables.contains(&t) {
                 tables.push(t);
             }
@@ -273,7 +248,8 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         .is_some();
     let mut dropped = Vec::new();
     let mut partitioned = Vec::new();
-    for (s, t) in &tables {
+    for table in &tables {
+        let (s, t) = (&table.schema, &table.name);
         let row = client
             .query_opt(
                 "SELECT c.relreplident::text, has_table_privilege(c.oid, 'SELECT'),
@@ -284,62 +260,62 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                 &[s, t],
             )
             .await
-            .map_err(q(format!("table {s}.{t}")))?;
+            .map_err(q(format!("table {table}")))?;
         let Some(row) = row else {
             if slot_exists {
                 tracing::warn!(
-                    table = %format!("{s}.{t}"),
+                    table = %table,
                     slot = %w.slot,
                     "captured table does not exist any more (dropped?); the other tables are captured and its \
                      changes committed before the drop are still delivered; remove it from `tables`"
                 );
-                dropped.push((s.clone(), t.clone()));
+                dropped.push(table.clone());
                 continue;
             }
             return definite(format!(
-                "table {s}.{t} does not exist (names are case-sensitive and used as written; check `tables`)"
+                "table {table} does not exist (names are case-sensitive and used as written; check `tables`)"
             ));
         };
         let (ident, select, has_pk): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
         let (oid, is_partitioned): (u32, bool) = (row.get(3), row.get(4));
         if is_partitioned {
-            let p = partitions(client, (s, t), oid, has_pk, &ident).await?;
+            let p = partitions(client, table, oid, has_pk, &ident).await?;
             partitioned.push(p);
         }
         if !select {
             return definite(format!(
-                "role {user} lacks SELECT on {s}.{t}; run GRANT SELECT ON {} TO {};",
-                qualified(s, t),
+                "role {user} lacks SELECT on {table}; run GRANT SELECT ON {} TO {};",
+                table.quoted(),
                 quote_ident(&user)
             ));
         }
         if ident == "n" {
             return definite(format!(
-                "table {s}.{t} has REPLICA IDENTITY NOTHING, so updates and deletes cannot be captured; \
+                "table {table} has REPLICA IDENTITY NOTHING, so updates and deletes cannot be captured; \
                  run ALTER TABLE {} REPLICA IDENTITY DEFAULT (with a primary key) or FULL",
-                qualified(s, t)
+                table.quoted()
             ));
         }
-        let keyless_ok = w.keyless.contains(&(s.clone(), t.clone()));
+        let keyless_ok = w.keyless.contains(table);
         if !has_pk && ident != "i" && !keyless_ok {
             return definite(format!(
-                "table {s}.{t} has no primary key, so its events would have no key (no per-row order in Kafka, \
-                 no cache or index updates). Add a primary key, or list \"{s}.{t}\" under `keyless_tables` to \
+                "table {table} has no primary key, so its events would have no key (no per-row order in Kafka, \
+                 no cache or index updates). Add a primary key, or list \"{table}\" under `keyless_tables` to \
                  capture it with null keys{}",
                 if ident == "f" { "" } else { " (it then also needs REPLICA IDENTITY FULL for updates and deletes)" }
             ));
         }
         if !has_pk && ident == "d" && keyless_ok {
             tracing::warn!(
-                table = %format!("{s}.{t}"),
+                table = %table,
                 "captured without a key and with REPLICA IDENTITY DEFAULT: only inserts can be captured, and Postgres \
                  refuses UPDATE and DELETE on it while it is in the publication; set REPLICA IDENTITY FULL if rows change"
             );
         } else if !has_pk && ident == "d" {
             return definite(format!(
-                "table {s}.{t} has no primary key and REPLICA IDENTITY DEFAULT, so Postgres logs nothing of old rows \
+                "table {table} has no primary key and REPLICA IDENTITY DEFAULT, so Postgres logs nothing of old rows \
                  and cannot publish its updates and deletes; run ALTER TABLE {} REPLICA IDENTITY FULL",
-                qualified(s, t)
+                table.quoted()
             ));
         }
     }
@@ -351,10 +327,10 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         for p in &partitioned {
             if let Some(leaf) = p.leaves.iter().find(|l| tables.contains(l)) {
                 return definite(format!(
-                    "table {}.{} is a partition of {}.{}, which is captured too: with publish_via_partition_root = true \
-                     (the default) its changes are published as changes of {}.{}; remove {}.{} from `tables` \
+                    "table {leaf} is a partition of {parent}, which is captured too: with publish_via_partition_root = true \
+                     (the default) its changes are published as changes of {parent}; remove {leaf} from `tables` \
                      (or set publish_via_partition_root = false to capture each partition as a table of its own)",
-                    leaf.0, leaf.1, p.table.0, p.table.1, p.table.0, p.table.1, leaf.0, leaf.1
+                    parent = p.table
                 ));
             }
         }
@@ -402,7 +378,7 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             ))
         }
         None => {
-            let names: Vec<String> = w.tables.iter().filter(|t| !dropped.contains(t)).map(|(s, t)| qualified(s, t)).collect();
+            let names: Vec<String> = w.tables.iter().filter(|t| !dropped.contains(t)).map(TableName::quoted).collect();
             let targets = publication_targets(&names, &w.schemas);
             if !w.schemas.is_empty() {
                 if let Some(m) = schemas_unsupported {
@@ -465,8 +441,8 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                 }
                 plan.set_generated = Some(sql);
             }
-            let mut missing_tables: Vec<(String, String)> = Vec::new();
-            for (sc, t) in &tables {
+            let mut missing_tables: Vec<TableName> = Vec::new();
+            for table in &tables {
                 // Listed in the publication, or a partition (or partitioned
                 // table) whose partition tree is a member: pg_publication_tables
                 // lists roots or leaves depending on publish_via_partition_root.
@@ -477,25 +453,25 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                                         JOIN pg_class c ON c.relname = $3 JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = $2
                                         WHERE p.pubname = $1
                                           AND (pr.prrelid = c.oid OR pr.prrelid IN (SELECT relid FROM pg_partition_ancestors(c.oid))))",
-                        &[&w.publication, sc, t],
+                        &[&w.publication, &table.schema, &table.name],
                     )
                     .await
                     .map_err(q("publication tables"))?
                     .get(0);
                 if !covered {
-                    missing_tables.push((sc.clone(), t.clone()));
+                    missing_tables.push(table.clone());
                 }
             }
-            let missing: Vec<String> = missing_tables.iter().map(|(s, t)| qualified(s, t)).collect();
+            let missing: Vec<String> = missing_tables.iter().map(TableName::quoted).collect();
             if !missing.is_empty() && w.create_publication {
                 // Tables listed by name are added by name; tables of a
                 // listed schema by their schema, so later ones follow.
                 let (mut names, mut schemas): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
-                for (sc, t) in &missing_tables {
-                    if w.tables.contains(&(sc.clone(), t.clone())) {
-                        names.push(qualified(sc, t));
-                    } else if !schemas.contains(sc) {
-                        schemas.push(sc.clone());
+                for table in &missing_tables {
+                    if w.tables.contains(table) {
+                        names.push(table.quoted());
+                    } else if !schemas.contains(&table.schema) {
+                        schemas.push(table.schema.clone());
                     }
                 }
                 if !schemas.is_empty() {
@@ -607,7 +583,11 @@ fn publication_targets(tables: &[String], schemas: &[String]) -> String {
     if !tables.is_empty() {
         targets.push(format!("TABLE {}", tables.join(", ")));
     }
-    targets.extend(schemas.iter().map(|s| format!("TABLES IN SCHEMA {}", quote_ident(s))));
+    targets.extend(
+        schemas
+            .iter()
+            .map(|s| format!("TABLES IN SCHEMA {}", quote_ident(s))),
+    );
     targets.join(", ")
 }
 
@@ -662,7 +642,7 @@ pub async fn apply_publication(client: &Client, plan: &Plan) -> Result<(), Setup
 /// partition's own replica identity, not its parent's.
 async fn partitions(
     client: &Client,
-    (s, t): (&String, &String),
+    table: &TableName,
     oid: u32,
     has_pk: bool,
     parent_ident: &str,
@@ -677,30 +657,30 @@ async fn partitions(
             &[&oid],
         )
         .await
-        .map_err(q(format!("partitions of {s}.{t}")))?;
+        .map_err(q(format!("partitions of {table}")))?;
     let mut leaves = Vec::with_capacity(rows.len());
     let mut unidentified = Vec::new();
     for r in &rows {
-        let (ls, lt, ident, leaf_pk): (String, String, String, bool) =
-            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let leaf = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        let (ident, leaf_pk): (String, bool) = (r.get(2), r.get(3));
         if ident == "n" || (ident == "d" && !leaf_pk) {
-            unidentified.push(qualified(&ls, &lt));
+            unidentified.push(leaf.quoted());
         }
-        leaves.push((ls, lt));
+        leaves.push(leaf);
     }
     // A key-less parent with REPLICA IDENTITY DEFAULT is captured insert-only
     // (`keyless_tables`, warned about above): its partitions are too.
     let insert_only = !has_pk && parent_ident == "d";
     if !unidentified.is_empty() && !insert_only {
         return Err(SetupError::Definite(format!(
-            "partitioned table {s}.{t}: Postgres logs updates and deletes of a partition with the partition's own \
+            "partitioned table {table}: Postgres logs updates and deletes of a partition with the partition's own \
              replica identity, and {} cannot publish them (no primary key, REPLICA IDENTITY DEFAULT or NOTHING); run \
              ALTER TABLE ... REPLICA IDENTITY FULL on each (the parent's setting does not apply to its partitions)",
             unidentified.join(", ")
         )));
     }
     Ok(Partitioned {
-        table: (s.clone(), t.clone()),
+        table: table.clone(),
         leaves,
     })
 }
@@ -731,25 +711,5 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, SetupError> 
                 .map_err(q("drop slot"))?;
             Ok(true)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splits_table_names() {
-        assert_eq!(
-            split_table("public.orders"),
-            Some(("public".into(), "orders".into()))
-        );
-        assert_eq!(
-            split_table(r#""My Schema"."odd.""name""#),
-            Some(("My Schema".into(), "odd.\"name".into()))
-        );
-        assert_eq!(split_table("orders"), None);
-        assert_eq!(split_table("a.b.c"), None);
-        assert_eq!(split_table(".x"), None);
     }
 }

@@ -7,7 +7,9 @@ use walcast_sdk::Lsn;
 
 use super::*;
 
-fn frames() -> Vec<Message> {
+/// The frames of `session1.hex`, decoded (the assembler's tests read
+/// them too).
+pub(crate) fn frames() -> Vec<Message> {
     include_str!("../../tests/fixtures/pgoutput/session1.hex")
         .lines()
         .map(|l| {

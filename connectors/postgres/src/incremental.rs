@@ -89,16 +89,17 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
-use walcast_sdk::{ChangeEvent, Lsn, Op, SnapshotMarker, SourceInfo, TableSchema, Value};
+use walcast_sdk::{
+    ChangeEvent, Lsn, Op, SnapshotMarker, SourceInfo, TableName, TableSchema, Value,
+};
 
-use crate::admin::metrics;
 use crate::pgoutput::LogicalMessage;
-use crate::pipeline::status::StatusHandle;
 use crate::replication::connection::ConnectParams;
+use walcast_sdk::status::StatusHandle;
+use walcast_sdk::telemetry as metrics;
 
 use super::assemble::Assembler;
 use super::catalog::{self, Catalog, CatalogError};
-use super::setup::split_table;
 use super::snapshot::{parse_copy_line, row_values, SnapshotError, TableJob};
 
 /// Prefix of the logical messages that ask for a snapshot.
@@ -396,7 +397,11 @@ impl Reader {
                 self.publication
             ));
         }
-        let described = match self.catalog.table_schema_by_name(&schema, &name).await {
+        let described = match self
+            .catalog
+            .table_schema_by_name(&TableName::new(schema.clone(), name.clone()))
+            .await
+        {
             Ok(d) => d,
             Err(CatalogError::Missing { .. }) => return skip("the table does not exist".into()),
             Err(e) => return Err(e.into()),
@@ -708,11 +713,11 @@ impl Incremental {
             "execute-snapshot" => {
                 let mut added = Vec::new();
                 for t in &signal.tables {
-                    let Some((schema, table)) = split_table(t) else {
+                    let Some(TableName { schema, name: table }) = TableName::parse(t) else {
                         tracing::error!(pipeline = %self.s.pipeline, table = %t, "snapshot signal: not a schema.table name; ignored");
                         continue;
                     };
-                    let name = format!("{schema}.{table}");
+                    let name = TableName::new(&schema, &table).to_string();
                     if !self.captured(&name) {
                         if signal.pipeline.is_some() {
                             tracing::error!(pipeline = %self.s.pipeline, table = %name, "snapshot signal: this pipeline does not capture the table (add it to `tables` and restart); ignored");
@@ -1097,8 +1102,8 @@ mod tests {
         assert_eq!(s.kind, "execute-snapshot");
         assert_eq!(s.pipeline.as_deref(), Some("orders"));
         assert_eq!(
-            split_table(&s.tables[1]),
-            Some(("odd.s".into(), "b".into()))
+            TableName::parse(&s.tables[1]),
+            Some(TableName::new("odd.s", "b"))
         );
         let debezium: Signal = serde_json::from_str(
             r#"{"type": "execute-snapshot", "data-collections": ["public.t"]}"#,

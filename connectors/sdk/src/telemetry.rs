@@ -1,6 +1,10 @@
 //! Every metric walcast exports, defined once with its labels, so that the
 //! log line and the counter for an event never drift apart and the Grafana
 //! dashboard has one list to check against.
+//!
+//! It lives in the SDK because sources and the pipeline runtime both count
+//! into these series; the daemon only installs the exporter (admin HTTP) and
+//! calls [`describe`].
 
 use std::time::Duration;
 
@@ -24,7 +28,6 @@ pub const RESTARTS: &str = "walcast_pipeline_restarts_total";
 pub const SNAPSHOT_ROWS: &str = "walcast_snapshot_rows_total";
 
 /// All names, for the dashboard check.
-#[allow(dead_code)]
 pub const ALL: &[&str] = &[
     EVENTS,
     TRANSACTIONS,

@@ -400,7 +400,11 @@ impl ReplicationConnection {
 
     /// Whether a password may go out in clear text or as md5 here: over
     /// TLS, or when the user accepted the risk.
-    fn plaintext_allowed(&self, p: &ConnectParams, method: &'static str) -> Result<(), ReplicationError> {
+    fn plaintext_allowed(
+        &self,
+        p: &ConnectParams,
+        method: &'static str,
+    ) -> Result<(), ReplicationError> {
         if self.tls.is_some() || p.allow_plaintext_password || p.password.is_none() {
             return Ok(());
         }
@@ -422,15 +426,21 @@ impl ReplicationConnection {
         let required = mode == M::Require;
         match (&self.tls, mode) {
             (_, M::Disable) => Ok(("SCRAM-SHA-256", ChannelBinding::unsupported())),
-            (None, _) if required => Err(ReplicationError::ChannelBindingUnavailable("the connection is not encrypted")),
+            (None, _) if required => Err(ReplicationError::ChannelBindingUnavailable(
+                "the connection is not encrypted",
+            )),
             (None, _) => Ok(("SCRAM-SHA-256", ChannelBinding::unsupported())),
             (Some(Some(end_point)), _) if offered => Ok((
                 "SCRAM-SHA-256-PLUS",
                 ChannelBinding::tls_server_end_point(end_point.clone()),
             )),
-            (Some(_), _) if required => Err(ReplicationError::ChannelBindingUnavailable(
-                if offered { "the server's certificate names no usable hash" } else { "the server does not offer SCRAM-SHA-256-PLUS" },
-            )),
+            (Some(_), _) if required => {
+                Err(ReplicationError::ChannelBindingUnavailable(if offered {
+                    "the server's certificate names no usable hash"
+                } else {
+                    "the server does not offer SCRAM-SHA-256-PLUS"
+                }))
+            }
             // We could bind, the server did not offer to: say so ("y"),
             // so a server that did offer it and was stripped is detected.
             (Some(_), _) => Ok(("SCRAM-SHA-256", ChannelBinding::unrequested())),
@@ -482,7 +492,7 @@ impl ReplicationConnection {
         ];
         // The walsender formats values with these settings: fix them so
         // that text values parse the same on every server.
-        params.extend(crate::capture::convert::SESSION_SETTINGS.iter().copied());
+        params.extend(crate::convert::SESSION_SETTINGS.iter().copied());
         frontend::startup_message(params.iter().copied(), &mut self.out)?;
         self.flush_out().await?;
         let mut scram: Option<ScramSha256> = None;
@@ -775,9 +785,7 @@ fn tag(m: &Message) -> char {
 }
 
 /// Quotes an identifier for replication commands and SQL.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
+pub use walcast_sdk::table::quote_ident;
 
 /// Quotes a string literal.
 pub fn quote_literal(s: &str) -> String {
