@@ -200,6 +200,12 @@ pub async fn build_sinks(
                 ) = (encoding.format, encoding.registry)
                 {
                     sink = sink.with_dead_letter(topic.clone());
+                    let count = sink.dead_lettered();
+                    crate::admin::metrics::watch_dead_letters(
+                        pipeline,
+                        walcast_sdk::Sink::name(&sink),
+                        Box::new(move || count.load(std::sync::atomic::Ordering::Relaxed)),
+                    );
                 }
                 out.push(Box::new(sink));
             }
@@ -208,11 +214,18 @@ pub async fn build_sinks(
                     .await
                     .map_err(|e| err(e.to_string()))?,
             )),
-            SinkConfig::Elasticsearch(e) => out.push(Box::new(
-                walcast_elasticsearch::ElasticsearchSink::connect(e.clone())
+            SinkConfig::Elasticsearch(e) => {
+                let sink = walcast_elasticsearch::ElasticsearchSink::connect(e.clone())
                     .await
-                    .map_err(|e| err(e.to_string()))?,
-            )),
+                    .map_err(|e| err(e.to_string()))?;
+                let stats = sink.stats();
+                crate::admin::metrics::watch_dead_letters(
+                    pipeline,
+                    walcast_sdk::Sink::name(&sink),
+                    Box::new(move || stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed)),
+                );
+                out.push(Box::new(sink));
+            }
         }
     }
     Ok(out)
@@ -240,7 +253,7 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
             };
             let sinks = build_sinks(name, &settings.assemble.name, &c.sinks, &encoding).await?;
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
-            crate::admin::metrics::register_pipeline(name, &sink_names);
+            crate::admin::metrics::register_pipeline(name, &sink_names, Some(c.max_in_flight_events));
             Ok(Runnable {
                 name: name.into(),
                 status: StatusHandle::new(name, "capture", sink_names),
@@ -254,7 +267,7 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
             };
             let sinks = build_sinks(name, name, &r.sinks, &encoding).await?;
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
-            crate::admin::metrics::register_pipeline(name, &sink_names);
+            crate::admin::metrics::register_pipeline(name, &sink_names, None);
             Ok(Runnable {
                 name: name.into(),
                 status: StatusHandle::new(name, "relay", sink_names),
