@@ -314,9 +314,11 @@ fn kubernetes_manifests_are_consistent() {
         .iter()
         .map(|r| s(r, "resource").to_string())
         .collect();
+    // prometheusrule.yaml needs the Prometheus Operator's CRD, so it is
+    // applied on its own (see its header), not by `kubectl apply -k`.
     let present: BTreeSet<String> = docs
         .keys()
-        .filter(|f| *f != "kustomization.yaml")
+        .filter(|f| *f != "kustomization.yaml" && *f != "prometheusrule.yaml")
         .cloned()
         .collect();
     assert_eq!(
@@ -793,6 +795,119 @@ fn grafana_dashboard_uses_only_exported_metrics() {
             && q.contains("walcast_commit_to_ack_seconds_bucket")),
         "a p99 of commit-to-ack latency"
     );
+}
+
+// ------------------------------------------------------------------- helm
+
+/// The configs the chart ships (its default `config.toml` and the one of
+/// each `ci/*.yaml` that has one) pass `walcast check --offline`, and the
+/// chart's security context is the manifests'. (helm lint, helm template
+/// and the schema validation of the rendered objects: deploy/ci/check-deploy.)
+#[test]
+fn helm_chart_configs_pass_walcast_check() {
+    let chart = root().join("deploy/helm/walcast");
+    let mut files = vec![chart.join("values.yaml")];
+    let mut ci: Vec<_> = std::fs::read_dir(chart.join("ci"))
+        .expect("deploy/helm/walcast/ci")
+        .map(|e| e.unwrap().path())
+        .collect();
+    ci.sort();
+    files.extend(ci);
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for f in &files {
+        let values: Yaml = serde_yaml::from_str(&std::fs::read_to_string(f).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let Some(toml_text) = values["config"]["toml"].as_str() else {
+            continue;
+        };
+        let path = dir.path().join(format!("{checked}.toml"));
+        std::fs::write(&path, toml_text).unwrap();
+        walcast_accepts(&path);
+        checked += 1;
+    }
+    assert!(checked >= 2, "the default config and a ci/ one");
+
+    // The same locked-down pod as deploy/kubernetes/deployment.yaml.
+    let values: Yaml = serde_yaml::from_str(&read("deploy/helm/walcast/values.yaml")).unwrap();
+    let docs = yaml_docs("deploy/kubernetes");
+    let d = k8s_object(&docs, "deployment.yaml", "apps/v1", "Deployment");
+    assert_eq!(values["podSecurityContext"], d["spec"]["template"]["spec"]["securityContext"]);
+    assert_eq!(
+        values["securityContext"],
+        d["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    );
+    assert_eq!(values["resources"], d["spec"]["template"]["spec"]["containers"][0]["resources"]);
+}
+
+// ----------------------------------------------------------------- alerts
+
+/// The rule file, the PrometheusRule and the chart's copy hold the same
+/// rules, and every rule queries only metrics the daemon exports. (promtool
+/// checks and unit-tests the rules themselves: deploy/ci/check-deploy.)
+#[test]
+fn alert_rules_agree_and_use_only_exported_metrics() {
+    let rules: Yaml = serde_yaml::from_str(&read("deploy/prometheus/walcast-rules.yaml"))
+        .expect("deploy/prometheus/walcast-rules.yaml: YAML");
+    let docs = yaml_docs("deploy/kubernetes");
+    let pr = k8s_object(
+        &docs,
+        "prometheusrule.yaml",
+        "monitoring.coreos.com/v1",
+        "PrometheusRule",
+    );
+    assert_eq!(
+        pr["spec"], rules,
+        "deploy/kubernetes/prometheusrule.yaml differs from deploy/prometheus/walcast-rules.yaml: run deploy/ci/generate"
+    );
+    let chart: Yaml = serde_yaml::from_str(&read("deploy/helm/walcast/files/walcast-rules.yaml"))
+        .expect("chart rules: YAML");
+    assert_eq!(
+        chart, rules,
+        "deploy/helm/walcast/files/walcast-rules.yaml differs from deploy/prometheus/walcast-rules.yaml: run deploy/ci/generate"
+    );
+
+    let defined = defined_metrics();
+    let mut alerts = BTreeSet::new();
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let name = s(&rule["alert"], "alert").to_string();
+            let expr = s(&rule["expr"], "expr");
+            for m in metric_names(expr) {
+                assert!(
+                    defined.contains(&m),
+                    "alert {name} queries {m}, which connectors/sdk/src/telemetry.rs does not define"
+                );
+            }
+            assert!(
+                matches!(rule["labels"]["severity"].as_str(), Some("warning" | "critical")),
+                "alert {name}: severity warning or critical"
+            );
+            assert!(rule["annotations"]["summary"].is_string(), "alert {name}: a summary");
+            // Every alert has a unit test in deploy/prometheus/tests.
+            let tested = std::fs::read_dir(root().join("deploy/prometheus/tests"))
+                .expect("deploy/prometheus/tests")
+                .any(|e| {
+                    std::fs::read_to_string(e.unwrap().path())
+                        .unwrap_or_default()
+                        .contains(&format!("alertname: {name}\n"))
+                });
+            assert!(tested, "alert {name} has no test in deploy/prometheus/tests");
+            alerts.insert(name);
+        }
+    }
+    for wanted in [
+        "WalcastPipelineNotStreaming",
+        "WalcastReplicationLagBytes",
+        "WalcastReplicationLagSeconds",
+        "WalcastSlotWalRetained",
+        "WalcastSinkErrors",
+        "WalcastDeadLettersGrowing",
+        "WalcastInFlightSaturated",
+        "WalcastSnapshotStalled",
+    ] {
+        assert!(alerts.contains(wanted), "no alert {wanted}");
+    }
 }
 
 #[test]

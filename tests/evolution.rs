@@ -188,6 +188,12 @@ async fn an_invalid_value_goes_to_the_dead_letter_topic() {
         "the routing is logged with the column:\n{}",
         tail(&w.log(), 3000)
     );
+    // And counted, for the WalcastDeadLettersGrowing alert.
+    assert_eq!(
+        w.metric("walcast_dead_letters_total", &[("pipeline", "deadletter"), ("sink", "kafka")]).await,
+        Some(1.0),
+        "walcast_dead_letters_total"
+    );
     // Nothing halted: the slot confirms past the three inserts.
     let end = db.current_wal().await;
     w.wait_confirmed(

@@ -318,6 +318,14 @@ async fn keyless_records_go_to_the_dead_letter_once_and_the_relay_moves_on() {
     );
     let status = w.status().await.unwrap();
     assert_eq!(status["pipelines"][0]["state"], "streaming", "{status}");
+    // Counted for each sink that refused them (the WalcastDeadLettersGrowing alert).
+    for sink in ["elasticsearch", "redis"] {
+        assert_eq!(
+            w.metric("walcast_dead_letters_total", &[("pipeline", "relay"), ("sink", sink)]).await,
+            Some(2.0),
+            "walcast_dead_letters_total for {sink}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

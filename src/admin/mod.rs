@@ -3,7 +3,11 @@
 //! and positions. Bound beyond loopback, it takes a bearer token
 //! (`admin.token_file`) for everything but the probes, and TLS
 //! (`admin.tls`): the probes stay open because kubelet and systemd call them
-//! without credentials, and they reveal no more than "ready or not".
+//! without credentials, and they reveal no more than "ready or not". The
+//! status page at `/` is open too: it is a static file, and its script
+//! sends the token for the data (see [`page`]).
+
+pub mod page;
 
 use std::net::SocketAddr;
 
@@ -22,6 +26,13 @@ use walcast_sdk::telemetry as metrics;
 struct AppState {
     prometheus: PrometheusHandle,
     pipelines: Vec<StatusHandle>,
+    history: page::History,
+}
+
+impl axum::extract::FromRef<AppState> for page::History {
+    fn from_ref(s: &AppState) -> Self {
+        s.history.clone()
+    }
 }
 
 /// How often the recorder folds histogram samples into their buckets.
@@ -129,16 +140,19 @@ pub async fn serve(
     let protected = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/status", get(status))
+        .route("/status/history", get(page::history))
         .layer(axum::middleware::from_fn_with_state(
             security.token.clone(),
             require_token,
         ));
     let app = Router::new()
+        .route("/", get(page::index))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .merge(protected)
         .with_state(AppState {
             prometheus,
+            history: page::spawn_sampler(pipelines.clone(), shutdown.clone()),
             pipelines,
         });
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -244,6 +258,8 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
+    let statuses: Vec<_> = s.pipelines.iter().map(|p| p.snapshot()).collect();
+    metrics::refresh(&statuses);
     (
         [("content-type", "text/plain; version=0.0.4")],
         s.prometheus.render(),

@@ -199,6 +199,12 @@ pub async fn build_sinks(
                 ) = (encoding.format, encoding.registry)
                 {
                     sink = sink.with_dead_letter(topic.clone());
+                    let count = sink.dead_lettered();
+                    metrics::watch_dead_letters(
+                        pipeline,
+                        walcast_sdk::Sink::name(&sink),
+                        Box::new(move || count.load(std::sync::atomic::Ordering::Relaxed)),
+                    );
                 }
                 out.push(Box::new(sink));
             }
@@ -207,11 +213,18 @@ pub async fn build_sinks(
                     .await
                     .map_err(|e| err(e.to_string()))?,
             )),
-            SinkConfig::Elasticsearch(e) => out.push(Box::new(
-                walcast_elasticsearch::ElasticsearchSink::connect(e.clone())
+            SinkConfig::Elasticsearch(e) => {
+                let sink = walcast_elasticsearch::ElasticsearchSink::connect(e.clone())
                     .await
-                    .map_err(|e| err(e.to_string()))?,
-            )),
+                    .map_err(|e| err(e.to_string()))?;
+                let stats = sink.stats();
+                metrics::watch_dead_letters(
+                    pipeline,
+                    walcast_sdk::Sink::name(&sink),
+                    Box::new(move || stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed)),
+                );
+                out.push(Box::new(sink));
+            }
         }
     }
     Ok(out)
@@ -248,7 +261,7 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
                 .map(|s| walcast_sdk::shape::ShapingSink::wrap(s, std::sync::Arc::clone(&shaper)))
                 .collect();
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
-            metrics::register_pipeline(name, &sink_names);
+            metrics::register_pipeline(name, &sink_names, Some(c.max_in_flight_events));
             Ok(Runnable {
                 name: name.into(),
                 status: StatusHandle::new(name, "capture", sink_names),
@@ -262,7 +275,7 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
             };
             let sinks = build_sinks(name, name, &r.sinks, &encoding).await?;
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();
-            metrics::register_pipeline(name, &sink_names);
+            metrics::register_pipeline(name, &sink_names, None);
             Ok(Runnable {
                 name: name.into(),
                 status: StatusHandle::new(name, "relay", sink_names),

@@ -254,6 +254,10 @@ async fn set_aside(
         for sink in &refusal.sinks {
             ::metrics::counter!(metrics::SINK_ERRORS, "pipeline" => pipeline.to_string(), "sink" => sink.clone())
                 .increment(1);
+            metrics::relay_dead_letter(pipeline, sink);
+        }
+        if refusal.sinks.is_empty() {
+            metrics::relay_dead_letter(pipeline, "decode");
         }
     }
     Ok(())

@@ -525,6 +525,20 @@ impl Walcast {
         Some((code, resp.text().await.unwrap_or_default()))
     }
 
+    /// The value of the series `name` whose labels include `labels`, from
+    /// /metrics (no token).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let (_, body) = self.http("/metrics").await?;
+        body.lines().find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let all = rest.is_empty() || rest.starts_with('{');
+            (all && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+    }
+
     pub async fn status(&self) -> Option<serde_json::Value> {
         let (_, body) = self.http("/status").await?;
         serde_json::from_str(&body).ok()

@@ -73,6 +73,9 @@ pub struct KafkaSink {
     dead_letter: Option<DeadLetter>,
     /// The outbox table whose inserts are routed as messages.
     outbox: Option<crate::outbox::OutboxConfig>,
+    /// Events written to the dead-letter topic (the daemon exports it as
+    /// `walcast_dead_letters_total`).
+    dead_lettered: Arc<std::sync::atomic::AtomicU64>,
     /// Ends the task that purges the queues after refused credentials.
     _auth_watch: AuthWatch,
 }
@@ -213,7 +216,13 @@ impl KafkaSink {
             },
             dead_letter: None,
             outbox: config.outbox.clone(),
+            dead_lettered: Arc::default(),
         })
+    }
+
+    /// How many events went to the dead-letter topic so far.
+    pub fn dead_lettered(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        Arc::clone(&self.dead_lettered)
     }
 
     /// Routes events the encoder refuses as invalid
@@ -417,7 +426,10 @@ impl KafkaSink {
             lsn,
             acker,
         )
-        .await
+        .await?;
+        self.dead_lettered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Makes sure the topic exists (with `create_topics`), waiting out a
