@@ -1197,6 +1197,11 @@ mod tests {
                 Value::Timestamp(i64::MAX),
             ),
             (
+                col("ts3inf", PgType::Timestamp, true, false),
+                3,
+                Value::Timestamp(i64::MIN),
+            ),
+            (
                 col("dinf", PgType::Date, true, false),
                 -1,
                 Value::Date(i32::MAX),
@@ -1391,6 +1396,7 @@ mod tests {
             assert_eq!(a["ti0"], json!(3_723_000));
             assert_eq!(a["tz0"], json!("2019-12-31T20:02:03Z"));
             assert_eq!(a["tsinf"], json!(crate::debezium::TIMESTAMP_INFINITY_VALUE));
+            assert_eq!(a["ts3inf"], json!(-9_223_372_036_832_400i64));
             assert_eq!(a["dinf"], json!(crate::debezium::DATE_INFINITY_VALUE));
             assert_eq!(a["bits"], json!("AQI="));
             assert_eq!(a["bit1"], json!(true));

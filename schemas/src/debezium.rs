@@ -63,8 +63,9 @@ const DECIMAL: &str = "org.apache.kafka.connect.data.Decimal";
 /// decimal has no `connect.decimal.precision`).
 pub const MONEY_PRECISION: u32 = 64;
 /// What Debezium 3.6.1 writes for `timestamp 'infinity'` and
-/// `'-infinity'` (the JDBC driver's `DATE_POSITIVE_INFINITY` and
-/// `DATE_NEGATIVE_INFINITY`, in every timestamp unit).
+/// `'-infinity'` as microseconds (the JDBC driver's `DATE_POSITIVE_INFINITY`
+/// and `DATE_NEGATIVE_INFINITY`, read as microseconds); a `timestamp(p ≤ 3)`
+/// in milliseconds gets these divided by 1000.
 pub const TIMESTAMP_INFINITY_VALUE: i64 = 9_223_372_036_825_200_000;
 pub const TIMESTAMP_NEG_INFINITY_VALUE: i64 = -9_223_372_036_832_400_000;
 /// What Debezium 3.6.1 writes for `date 'infinity'` and `'-infinity'` (the
@@ -324,15 +325,21 @@ pub fn write_value(out: &mut Vec<u8>, pg: &PgType, typmod: i32, v: &Value) -> Re
                 offset_seconds,
             },
         ) => bin::string(out, &zoned_time(*micros, *offset_seconds)),
-        (PgType::Timestamp, Value::Timestamp(t)) => bin::long(
-            out,
-            match *t {
+        (PgType::Timestamp, Value::Timestamp(t)) => {
+            let micros = match *t {
                 TIMESTAMP_INFINITY => TIMESTAMP_INFINITY_VALUE,
                 TIMESTAMP_NEG_INFINITY => TIMESTAMP_NEG_INFINITY_VALUE,
-                t if time_precision(typmod) <= 3 => t.div_euclid(1000),
                 t => t,
-            },
-        ),
+            };
+            bin::long(
+                out,
+                if time_precision(typmod) <= 3 {
+                    micros.div_euclid(1000)
+                } else {
+                    micros
+                },
+            )
+        }
         (PgType::TimestampTz, Value::TimestampTz(t)) => {
             bin::string(out, &zoned_timestamp(*t, time_precision(typmod)))
         }
