@@ -15,6 +15,10 @@
 //! * `timestamptz` is a `long` with logical type `timestamp-micros` (UTC)
 //!   rather than Debezium's ISO string, so Avro consumers get a typed instant.
 //!
+//! Both choices are walcast's own shape (`avro_compat = "walcast"`, the
+//! default). `avro_compat = "debezium"` drops them and follows Debezium
+//! exactly ([`crate::debezium`]), for consumers built for Debezium's Avro.
+//!
 //! Identifiers that are not valid Avro names are sanitised as Debezium does
 //! (every character outside `[A-Za-z0-9_]` becomes `_`, and a leading digit
 //! gains a `_` prefix); the original is kept in the `walcast.table` and
