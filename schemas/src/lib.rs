@@ -12,6 +12,7 @@
 pub mod binary;
 pub mod codec;
 pub mod contracts;
+pub mod debezium;
 pub mod embedded;
 pub mod encoder;
 pub mod mapping;
@@ -22,7 +23,9 @@ pub mod wire;
 pub use contracts::{ContractError, Contracts};
 pub use embedded::{EmbeddedError, EmbeddedRegistry, EmbeddedRegistryConfig};
 pub use encoder::{default_topic, AvroDecoder, AvroEncoder, ReadError, TopicNamer};
-pub use mapping::{AvroSchema, FieldNameAdjustment, MappingOptions, TableSchemas, UnconstrainedNumeric};
+pub use mapping::{
+    AvroCompat, AvroSchema, FieldNameAdjustment, MappingOptions, TableSchemas, UnconstrainedNumeric,
+};
 pub use registry::{
     Compatibility, CompatibilityLevel, HttpRegistry, InvalidValuePolicy, Registry, RegistryConfig,
     RegistryError, SubjectStrategy, SubjectVersion, VersionRef,

@@ -15,6 +15,10 @@
 //! * `timestamptz` is a `long` with logical type `timestamp-micros` (UTC)
 //!   rather than Debezium's ISO string, so Avro consumers get a typed instant.
 //!
+//! Both choices are walcast's own shape (`avro_compat = "walcast"`, the
+//! default). `avro_compat = "debezium"` drops them and follows Debezium
+//! exactly ([`crate::debezium`]), for consumers built for Debezium's Avro.
+//!
 //! Identifiers that are not valid Avro names are sanitised as Debezium does
 //! (every character outside `[A-Za-z0-9_]` becomes `_`, and a leading digit
 //! gains a `_` prefix); the original is kept in the `walcast.table` and
@@ -80,11 +84,28 @@ pub enum FieldNameAdjustment {
     AvroUnicode,
 }
 
+/// Whose Avro shape the schemas and values follow (`registry.avro_compat`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AvroCompat {
+    /// walcast's own: Debezium's names and envelope, with typed Avro
+    /// values where Debezium has Connect types (`timestamptz` as
+    /// `timestamp-micros`, logical types on dates, times and UUIDs) and
+    /// every non-key column nullable. The module doc says why.
+    #[default]
+    Walcast,
+    /// Debezium 3.6's Postgres connector through a Kafka Connect Avro
+    /// converter, with its default modes: what a consumer written for
+    /// Debezium's Avro reads unchanged ([`crate::debezium`]).
+    Debezium,
+}
+
 /// Choices that change the derived schemas.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MappingOptions {
     pub unconstrained_numeric: UnconstrainedNumeric,
     pub field_name_adjustment: FieldNameAdjustment,
+    pub avro_compat: AvroCompat,
 }
 
 /// Why a table could not be given an Avro schema. Always definite: the
@@ -247,7 +268,7 @@ pub fn derive(
         .columns
         .iter()
         .zip(&fields)
-        .map(|(c, f)| field(c, f, row_field_nullable(c), opts, &mut named))
+        .map(|(c, f)| field(c, f, row_field_nullable(c, opts), opts, &mut named))
         .collect();
     let row = json!({
         "type": "record",
@@ -256,11 +277,8 @@ pub fn derive(
         "connect.name": format!("{namespace}.Value"),
         TABLE_ATTRIBUTE: qualified,
     });
-    let value = json!({
-        "type": "record",
-        "name": "Envelope",
-        "namespace": namespace,
-        "fields": [
+    let envelope_fields = match opts.avro_compat {
+        AvroCompat::Walcast => json!([
             {"name": "before", "type": ["null", row], "default": null},
             {"name": "after", "type": ["null", "Value"], "default": null},
             {"name": "source", "type": source_record()},
@@ -269,7 +287,24 @@ pub fn derive(
             {"name": "ts_us", "type": ["null", "long"], "default": null},
             {"name": "ts_ns", "type": ["null", "long"], "default": null},
             {"name": "transaction", "type": ["null", transaction_record()], "default": null},
-        ],
+        ]),
+        // Debezium's order: `transaction` comes before `op`.
+        AvroCompat::Debezium => json!([
+            {"name": "before", "type": ["null", row], "default": null},
+            {"name": "after", "type": ["null", "Value"], "default": null},
+            {"name": "source", "type": crate::debezium::source_record()},
+            {"name": "transaction", "type": ["null", transaction_record()], "default": null},
+            {"name": "op", "type": "string"},
+            {"name": "ts_ms", "type": ["null", "long"], "default": null},
+            {"name": "ts_us", "type": ["null", "long"], "default": null},
+            {"name": "ts_ns", "type": ["null", "long"], "default": null},
+        ]),
+    };
+    let value = json!({
+        "type": "record",
+        "name": "Envelope",
+        "namespace": namespace,
+        "fields": envelope_fields,
         "connect.version": 2,
         "connect.name": format!("{namespace}.Envelope"),
         TABLE_ATTRIBUTE: qualified,
@@ -284,8 +319,13 @@ pub fn derive(
 }
 
 /// Whether a column of the row record admits null: see the module doc.
-pub fn row_field_nullable(column: &Column) -> bool {
-    column.nullable || !column.key
+/// With `avro_compat = "debezium"`, exactly the nullable columns, as
+/// Debezium declares them.
+pub fn row_field_nullable(column: &Column, opts: &MappingOptions) -> bool {
+    match opts.avro_compat {
+        AvroCompat::Walcast => column.nullable || !column.key,
+        AvroCompat::Debezium => column.nullable,
+    }
 }
 
 fn parse(json: Json, table: &str) -> Result<AvroSchema, MappingError> {
@@ -296,7 +336,10 @@ fn parse(json: Json, table: &str) -> Result<AvroSchema, MappingError> {
     Ok(AvroSchema::from_parts(json, schema))
 }
 
-fn field_names(table: &TableSchema, mode: FieldNameAdjustment) -> Result<Vec<String>, MappingError> {
+fn field_names(
+    table: &TableSchema,
+    mode: FieldNameAdjustment,
+) -> Result<Vec<String>, MappingError> {
     let mut seen: BTreeMap<String, &str> = BTreeMap::new();
     let mut out = Vec::with_capacity(table.columns.len());
     for c in &table.columns {
@@ -321,7 +364,12 @@ fn field(
     opts: &MappingOptions,
     named: &mut HashSet<&'static str>,
 ) -> Json {
-    let ty = avro_type(&column.pg_type, opts, named);
+    let ty = match opts.avro_compat {
+        AvroCompat::Walcast => avro_type(&column.pg_type, opts, named),
+        AvroCompat::Debezium => {
+            crate::debezium::column_type(&column.pg_type, column.type_modifier, opts, named)
+        }
+    };
     let mut f = Map::new();
     f.insert("name".into(), json!(name));
     if nullable {
@@ -523,6 +571,7 @@ fn pg_type_of(t: &Json) -> PgType {
         Some("io.debezium.time.ZonedTime") => return PgType::TimeTz,
         Some("io.debezium.time.MicroDuration") => return PgType::Interval,
         Some("io.debezium.time.MicroTimestamp") => return PgType::Timestamp,
+        Some("io.debezium.time.ZonedTimestamp") => return PgType::TimestampTz,
         Some("io.debezium.time.Date") => return PgType::Date,
         Some("io.debezium.data.Uuid") => return PgType::Uuid,
         Some(VARIABLE_SCALE_DECIMAL) => {
@@ -876,7 +925,16 @@ mod tests {
         let names: Vec<_> = env.fields.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(
             names,
-            ["before", "after", "source", "op", "ts_ms", "ts_us", "ts_ns", "transaction"]
+            [
+                "before",
+                "after",
+                "source",
+                "op",
+                "ts_ms",
+                "ts_us",
+                "ts_ns",
+                "transaction"
+            ]
         );
         let Schema::Union(before) = &env.fields[0].schema else {
             panic!("before is not a union")

@@ -87,9 +87,16 @@ pub struct RegistryConfig {
     pub ca_file: Option<PathBuf>,
     #[serde(default)]
     pub subject_strategy: SubjectStrategy,
-    /// How `numeric` without precision travels (default `variable_scale`).
+    /// How `numeric` without precision travels. Unset: `string` under
+    /// `avro_compat = "walcast"`, `variable_scale` (Debezium's `precise`)
+    /// under `avro_compat = "debezium"`.
     #[serde(default)]
-    pub unconstrained_numeric: UnconstrainedNumeric,
+    pub unconstrained_numeric: Option<UnconstrainedNumeric>,
+    /// Whose Avro shape to write: `walcast` (default) or `debezium`
+    /// (what Debezium's Postgres connector writes through a Kafka Connect
+    /// Avro converter; `schemas/MAPPING.md`).
+    #[serde(default)]
+    pub avro_compat: crate::mapping::AvroCompat,
     /// How column names that are not Avro names become field names
     /// (Debezium's `field.name.adjustment.mode`): `avro` or `avro_unicode`.
     #[serde(default)]
@@ -147,6 +154,7 @@ impl std::fmt::Debug for RegistryConfig {
             .field("subject_strategy", &self.subject_strategy)
             .field("unconstrained_numeric", &self.unconstrained_numeric)
             .field("field_name_adjustment", &self.field_name_adjustment)
+            .field("avro_compat", &self.avro_compat)
             .field("request_timeout", &self.request_timeout)
             .field("max_attempts", &self.max_attempts)
             .field("contracts", &self.contracts)
@@ -158,9 +166,16 @@ impl std::fmt::Debug for RegistryConfig {
 impl RegistryConfig {
     /// The schema derivation choices this config makes.
     pub fn mapping_options(&self) -> crate::MappingOptions {
+        use crate::mapping::AvroCompat;
         crate::MappingOptions {
-            unconstrained_numeric: self.unconstrained_numeric,
+            unconstrained_numeric: self
+                .unconstrained_numeric
+                .unwrap_or(match self.avro_compat {
+                    AvroCompat::Walcast => UnconstrainedNumeric::String,
+                    AvroCompat::Debezium => UnconstrainedNumeric::VariableScale,
+                }),
             field_name_adjustment: self.field_name_adjustment,
+            avro_compat: self.avro_compat,
         }
     }
 
@@ -172,8 +187,9 @@ impl RegistryConfig {
             password: None,
             ca_file: None,
             subject_strategy: SubjectStrategy::default(),
-            unconstrained_numeric: UnconstrainedNumeric::default(),
+            unconstrained_numeric: None,
             field_name_adjustment: Default::default(),
+            avro_compat: Default::default(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             contracts: None,
@@ -906,8 +922,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.subject_strategy, SubjectStrategy::TopicName);
-        assert_eq!(c.unconstrained_numeric, UnconstrainedNumeric::String);
+        assert_eq!(
+            c.mapping_options().unconstrained_numeric,
+            UnconstrainedNumeric::String
+        );
+        assert_eq!(c.mapping_options().avro_compat, crate::AvroCompat::Walcast);
         assert_eq!(c.max_attempts, DEFAULT_MAX_ATTEMPTS);
+        // Debezium's shape brings Debezium's precise mode, unless set.
+        let c: RegistryConfig =
+            serde_json::from_value(json!({"url": "http://r", "avro_compat": "debezium"})).unwrap();
+        let o = c.mapping_options();
+        assert_eq!(o.avro_compat, crate::AvroCompat::Debezium);
+        assert_eq!(o.unconstrained_numeric, UnconstrainedNumeric::VariableScale);
+        let c: RegistryConfig = serde_json::from_value(
+            json!({"url": "http://r", "avro_compat": "debezium", "unconstrained_numeric": "string"}),
+        )
+        .unwrap();
+        assert_eq!(
+            c.mapping_options().unconstrained_numeric,
+            UnconstrainedNumeric::String
+        );
+        assert!(serde_json::from_value::<RegistryConfig>(
+            json!({"url": "http://r", "avro_compat": "confluent"})
+        )
+        .is_err());
         assert!(
             !format!("{c:?}").contains("\"p\""),
             "password leaked into Debug"
