@@ -114,6 +114,11 @@ SWITCHES = {
 }
 
 
+# Copies of one refused record in the relay's dead-letter topic beyond
+# which the oracle calls it a loop (see Run.check_dead_letters).
+MAX_DLQ_COPIES = 3
+
+
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')} oracle] {msg}", flush=True)
 
@@ -476,8 +481,12 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
     def check_dead_letters(self, diff, kafka, histories):
         """The relay's dead-letter topic holds every record of the key-less
         sink tables (which no Redis key or document id can name), and
-        nothing else; each once unless walcast was killed (at least once:
-        a kill between the copy and the offset commit copies again)."""
+        nothing else; at least once each, as every relay delivery: a kill, or
+        a consumer-group rebalance (a pattern subscription rebalances when
+        the capture creates a topic) between the copy and the offset commit,
+        copies again (seen in CI: seed 101 on Postgres 16, two copies of
+        records read just before a rebalance). More than MAX_DLQ_COPIES
+        copies without a kill would be a loop, and is a difference."""
         got = dead_letters(self.bootstrap, self.dlq, self.run_id)
         seen = Counter((tp, p, o) for tp, p, o, _ in got)
         keyless = {t.label for t in self.sink_tables if t.keyless}
@@ -492,8 +501,9 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
                 err = next((e for x, y, z, e in got if (x, y, z) == (tp, p, o)), None)
                 diff.add("relay-dead-letter", t, f"{tp}[{p}]@{o}", "*", "applied by the sinks",
                          f"set aside: {err}", {})
-            elif n > 1 and "walcast_kill" not in self.fault_log:
-                diff.add("relay-dead-letter", t, f"{tp}[{p}]@{o}", "*", "one copy", f"{n} copies", {})
+            elif n > MAX_DLQ_COPIES and "walcast_kill" not in self.fault_log:
+                diff.add("relay-dead-letter", t, f"{tp}[{p}]@{o}", "*", f"at most {MAX_DLQ_COPIES} copies",
+                         f"{n} copies", {})
         for tp, p, o in sorted(expected - set(seen)):
             t = by_label.get(kafka.topic_table.get(tp)) or Topic(tp)
             diff.add("relay-dead-letter", t, f"{tp}[{p}]@{o}", "*", "record of a key-less table set aside",
