@@ -310,7 +310,9 @@ async fn chaos(exactly_once: bool) {
                     .iter()
                     .filter(|(id, _)| {
                         let lost_in_restart = !rows.contains_key(*id)
-                            && accounts_last_commit.get(*id).is_some_and(|t| *t < redis_stopped_ms);
+                            && accounts_last_commit
+                                .get(*id)
+                                .is_some_and(|t| *t < redis_stopped_ms);
                         wiped += lost_in_restart as usize;
                         !lost_in_restart
                     })
@@ -353,9 +355,19 @@ async fn chaos(exactly_once: bool) {
              redis, {} differences:\n  {}\nindex, {} differences:\n  {}",
             pg_accounts.len(),
             redis_diffs.len(),
-            redis_diffs.iter().take(20).cloned().collect::<Vec<_>>().join("\n  "),
+            redis_diffs
+                .iter()
+                .take(20)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n  "),
             index_diffs.len(),
-            index_diffs.iter().take(20).cloned().collect::<Vec<_>>().join("\n  "),
+            index_diffs
+                .iter()
+                .take(20)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n  "),
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -374,7 +386,15 @@ async fn chaos(exactly_once: bool) {
             "exactly-once: duplicates seen by a read_committed consumer"
         );
     }
-    record_run(long, exactly_once, rounds, committed, total_dups, started.elapsed(), &summary);
+    record_run(
+        long,
+        exactly_once,
+        rounds,
+        committed,
+        total_dups,
+        started.elapsed(),
+        &summary,
+    );
 }
 
 /// A table as rebuilt from its topic.
@@ -467,7 +487,9 @@ fn diff_rows(
     let mut out = Vec::new();
     for (key, row) in pg {
         let Some(other) = copy.get(key) else {
-            out.push(format!("{table} key={key}: missing from {side}; postgres={row}"));
+            out.push(format!(
+                "{table} key={key}: missing from {side}; postgres={row}"
+            ));
             continue;
         };
         match (row.as_object(), other.as_object()) {
@@ -491,7 +513,9 @@ fn diff_rows(
     }
     for (key, row) in copy {
         if !pg.contains_key(key) {
-            out.push(format!("{table} key={key}: extra in {side}, not in postgres; {side}={row}"));
+            out.push(format!(
+                "{table} key={key}: extra in {side}, not in postgres; {side}={row}"
+            ));
         }
     }
     out
@@ -622,7 +646,11 @@ fn record_run(
     };
     let command = format!(
         "{}cargo test --test chaos -- --exact {test} --nocapture",
-        if long { "WALCAST_CHAOS_LONG=1 " } else { "WALCAST_CHAOS_RECORD=1 " }
+        if long {
+            "WALCAST_CHAOS_LONG=1 "
+        } else {
+            "WALCAST_CHAOS_RECORD=1 "
+        }
     );
     let entry = format!(
         "\n## {date} — {} form, {}, commit {commit}{}\n\n\
@@ -665,7 +693,12 @@ fn rebuild_and_diff_report_what_differs() {
         rec(1, 1, 20, "u", json!({"id": 1, "v": "b"})),
         rec(2, 2, 30, "c", json!({"id": 2, "v": "x"})),
         rec(3, 2, 40, "d", Value::Null),
-        JsonRecord { partition: 0, offset: 4, key: json!({"id": 2}), value: None },
+        JsonRecord {
+            partition: 0,
+            offset: 4,
+            key: json!({"id": 2}),
+            value: None,
+        },
         // A replay of id 1's first change after its second: last write wins.
         rec(5, 1, 10, "c", json!({"id": 1, "v": "a"})),
     ];

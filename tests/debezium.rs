@@ -63,8 +63,12 @@ const ONLY_WALCAST_ENVELOPE: &[&str] = &[];
 fn compare(path: &str, d: Option<&Value>, w: Option<&Value>, out: &mut Vec<String>) {
     match (d, w) {
         (None, None) => {}
-        (Some(d), None) => out.push(format!("{path}: only in debezium (= {d}), missing from walcast")),
-        (None, Some(w)) => out.push(format!("{path}: only in walcast (= {w}), missing from debezium")),
+        (Some(d), None) => out.push(format!(
+            "{path}: only in debezium (= {d}), missing from walcast"
+        )),
+        (None, Some(w)) => out.push(format!(
+            "{path}: only in walcast (= {w}), missing from debezium"
+        )),
         (Some(Value::Object(d)), Some(Value::Object(w))) => {
             let mut fields: Vec<&String> = d.keys().chain(w.keys()).collect();
             fields.sort();
@@ -265,18 +269,36 @@ json_special_numeric = "debezium"
             // present on both sides, except those listed as one-sided.
             for (what, d, w, only_dbz, only_wc) in [
                 ("", dv, wv, ONLY_DEBEZIUM_ENVELOPE, ONLY_WALCAST_ENVELOPE),
-                ("source.", &dv["source"], &wv["source"], ONLY_DEBEZIUM_SOURCE, ONLY_WALCAST_SOURCE),
+                (
+                    "source.",
+                    &dv["source"],
+                    &wv["source"],
+                    ONLY_DEBEZIUM_SOURCE,
+                    ONLY_WALCAST_SOURCE,
+                ),
             ] {
                 let (d, w) = (d.as_object(), w.as_object());
                 let (Some(d), Some(w)) = (d, w) else {
                     diffs.push(format!("{what}: not an object on both sides"));
                     continue;
                 };
-                for f in d.keys().filter(|f| !w.contains_key(*f) && !only_dbz.contains(&f.as_str())) {
-                    diffs.push(format!("{what}{f}: only in debezium (= {}), missing from walcast", d[f]));
+                for f in d
+                    .keys()
+                    .filter(|f| !w.contains_key(*f) && !only_dbz.contains(&f.as_str()))
+                {
+                    diffs.push(format!(
+                        "{what}{f}: only in debezium (= {}), missing from walcast",
+                        d[f]
+                    ));
                 }
-                for f in w.keys().filter(|f| !d.contains_key(*f) && !only_wc.contains(&f.as_str())) {
-                    diffs.push(format!("{what}{f}: only in walcast (= {}), missing from debezium", w[f]));
+                for f in w
+                    .keys()
+                    .filter(|f| !d.contains_key(*f) && !only_wc.contains(&f.as_str()))
+                {
+                    diffs.push(format!(
+                        "{what}{f}: only in walcast (= {}), missing from debezium",
+                        w[f]
+                    ));
                 }
             }
             for d in diffs {

@@ -832,12 +832,18 @@ fn helm_chart_configs_pass_walcast_check() {
     let values: Yaml = serde_yaml::from_str(&read("deploy/helm/walcast/values.yaml")).unwrap();
     let docs = yaml_docs("deploy/kubernetes");
     let d = k8s_object(&docs, "deployment.yaml", "apps/v1", "Deployment");
-    assert_eq!(values["podSecurityContext"], d["spec"]["template"]["spec"]["securityContext"]);
+    assert_eq!(
+        values["podSecurityContext"],
+        d["spec"]["template"]["spec"]["securityContext"]
+    );
     assert_eq!(
         values["securityContext"],
         d["spec"]["template"]["spec"]["containers"][0]["securityContext"]
     );
-    assert_eq!(values["resources"], d["spec"]["template"]["spec"]["containers"][0]["resources"]);
+    assert_eq!(
+        values["resources"],
+        d["spec"]["template"]["spec"]["containers"][0]["resources"]
+    );
 }
 
 // ----------------------------------------------------------------- alerts
@@ -880,10 +886,16 @@ fn alert_rules_agree_and_use_only_exported_metrics() {
                 );
             }
             assert!(
-                matches!(rule["labels"]["severity"].as_str(), Some("warning" | "critical")),
+                matches!(
+                    rule["labels"]["severity"].as_str(),
+                    Some("warning" | "critical")
+                ),
                 "alert {name}: severity warning or critical"
             );
-            assert!(rule["annotations"]["summary"].is_string(), "alert {name}: a summary");
+            assert!(
+                rule["annotations"]["summary"].is_string(),
+                "alert {name}: a summary"
+            );
             // Every alert has a unit test in deploy/prometheus/tests.
             let tested = std::fs::read_dir(root().join("deploy/prometheus/tests"))
                 .expect("deploy/prometheus/tests")
@@ -892,7 +904,10 @@ fn alert_rules_agree_and_use_only_exported_metrics() {
                         .unwrap_or_default()
                         .contains(&format!("alertname: {name}\n"))
                 });
-            assert!(tested, "alert {name} has no test in deploy/prometheus/tests");
+            assert!(
+                tested,
+                "alert {name} has no test in deploy/prometheus/tests"
+            );
             alerts.insert(name);
         }
     }

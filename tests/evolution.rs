@@ -190,7 +190,11 @@ async fn an_invalid_value_goes_to_the_dead_letter_topic() {
     );
     // And counted, for the WalcastDeadLettersGrowing alert.
     assert_eq!(
-        w.metric("walcast_dead_letters_total", &[("pipeline", "deadletter"), ("sink", "kafka")]).await,
+        w.metric(
+            "walcast_dead_letters_total",
+            &[("pipeline", "deadletter"), ("sink", "kafka")]
+        )
+        .await,
         Some(1.0),
         "walcast_dead_letters_total"
     );

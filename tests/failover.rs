@@ -136,7 +136,11 @@ impl Standby {
 
 impl Drop for Standby {
     fn drop(&mut self) {
-        let _ = pg_ctl(&self.data(), &self.log(), &["-m", "immediate", "-w", "stop"]);
+        let _ = pg_ctl(
+            &self.data(),
+            &self.log(),
+            &["-m", "immediate", "-w", "stop"],
+        );
     }
 }
 
@@ -153,7 +157,10 @@ async fn rows(client: &tokio_postgres::Client) -> BTreeMap<i64, String> {
 /// Single-row transactions (an insert and an update) against whichever of
 /// `ports` accepts writes, riding over the failover; returns how many the
 /// servers acknowledged.
-fn writer(ports: [u16; 2], stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<u64> {
+fn writer(
+    ports: [u16; 2],
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let (mut n, mut id) = (0u64, 0i64);
         while !*stop.borrow() {
@@ -177,7 +184,10 @@ fn writer(ports: [u16; 2], stop: tokio::sync::watch::Receiver<bool>) -> tokio::t
             });
             // Ids continue from what the server has: after a failover the
             // last few acknowledged commits may be gone with the old primary.
-            let Ok(row) = c.query_one("SELECT coalesce(max(id), 0)::int8 FROM c", &[]).await else {
+            let Ok(row) = c
+                .query_one("SELECT coalesce(max(id), 0)::int8 FROM c", &[])
+                .await
+            else {
                 continue;
             };
             id = id.max(row.get::<_, i64>(0));
@@ -203,7 +213,10 @@ fn writer(ports: [u16; 2], stop: tokio::sync::watch::Receiver<bool>) -> tokio::t
 
 fn config(primary: u16, standby: Option<u16>, out: &Path, admin: &str) -> String {
     let (host, port) = match standby {
-        Some(s) => ("127.0.0.1,127.0.0.1".to_string(), format!("\"{primary},{s}\"")),
+        Some(s) => (
+            "127.0.0.1,127.0.0.1".to_string(),
+            format!("\"{primary},{s}\""),
+        ),
         None => ("127.0.0.1".to_string(), primary.to_string()),
     };
     file_pipeline_config(
@@ -223,15 +236,27 @@ async fn failover_slot_survives_a_promoted_standby() {
     let major = pg_major();
     if major < 17 {
         // What this version can check: the option is refused with the reason.
-        let cluster = TempCluster::start(&["wal_level = logical", "max_wal_senders = 5", "max_replication_slots = 5"]);
-        cluster.client().await.batch_execute("CREATE TABLE c (id int PRIMARY KEY, v text)").await.unwrap();
+        let cluster = TempCluster::start(&[
+            "wal_level = logical",
+            "max_wal_senders = 5",
+            "max_replication_slots = 5",
+        ]);
+        cluster
+            .client()
+            .await
+            .batch_execute("CREATE TABLE c (id int PRIMARY KEY, v text)")
+            .await
+            .unwrap();
         let mut w = Walcast::start_with(|out, admin| config(cluster.port, None, out, admin));
         let deadline = Instant::now() + WAIT;
         let status = loop {
             if let Some(st) = w.exited() {
                 break st;
             }
-            assert!(Instant::now() < deadline, "walcast kept running with slot_failover on Postgres {major}");
+            assert!(
+                Instant::now() < deadline,
+                "walcast kept running with slot_failover on Postgres {major}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         };
         assert_eq!(status.code(), Some(1), "{}", tail(&w.log(), 2000));
@@ -264,7 +289,8 @@ async fn failover_slot_survives_a_promoted_standby() {
         .unwrap();
     }
     let standby = Standby::of(&primary);
-    let mut w = Walcast::start_with(|out, admin| config(primary.port, Some(standby.port), out, admin));
+    let mut w =
+        Walcast::start_with(|out, admin| config(primary.port, Some(standby.port), out, admin));
     w.wait_state("streaming", WAIT).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let load = writer([primary.port, standby.port], stop_rx);
@@ -274,7 +300,10 @@ async fn failover_slot_survives_a_promoted_standby() {
     // of the load before the primary dies.
     let pc = primary.client().await;
     let failover: bool = pc
-        .query_one("SELECT failover FROM pg_replication_slots WHERE slot_name = 'walcast_failover'", &[])
+        .query_one(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = 'walcast_failover'",
+            &[],
+        )
         .await
         .expect("walcast's slot on the primary")
         .get(0);
@@ -297,7 +326,10 @@ async fn failover_slot_survives_a_promoted_standby() {
             Instant::now() < deadline && w.exited().is_none(),
             "the slot was never synchronised to the standby ({} events so far):\n{}",
             w.events().len(),
-            tail(&std::fs::read_to_string(standby.log()).unwrap_or_default(), 3000)
+            tail(
+                &std::fs::read_to_string(standby.log()).unwrap_or_default(),
+                3000
+            )
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -329,8 +361,16 @@ async fn failover_slot_survives_a_promoted_standby() {
             break;
         }
         if Instant::now() > deadline {
-            let missing: Vec<_> = want.iter().filter(|(k, v)| got.get(k) != Some(v)).take(10).collect();
-            let extra: Vec<_> = got.iter().filter(|(k, v)| want.get(k) != Some(v)).take(10).collect();
+            let missing: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(k) != Some(v))
+                .take(10)
+                .collect();
+            let extra: Vec<_> = got
+                .iter()
+                .filter(|(k, v)| want.get(k) != Some(v))
+                .take(10)
+                .collect();
             panic!(
                 "the events do not rebuild the promoted server's table: {} rows vs {}; \
                  missing or different {missing:?}; extra or different {extra:?}\n{}",
@@ -343,7 +383,9 @@ async fn failover_slot_survives_a_promoted_standby() {
     }
     let log = w.log();
     assert!(
-        log.contains("Postgres server not usable") || log.contains("cannot reach Postgres") || log.contains("reconnect"),
+        log.contains("Postgres server not usable")
+            || log.contains("cannot reach Postgres")
+            || log.contains("reconnect"),
         "nothing in the log says walcast lost the primary:\n{}",
         tail(&log, 3000)
     );
@@ -360,12 +402,28 @@ async fn failover_slot_survives_a_promoted_standby() {
 /// rebuild the table exactly, both ways (on every Postgres version).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_daemon_takes_over_under_load_and_nothing_is_lost() {
-    let cluster = TempCluster::start(&["wal_level = logical", "max_wal_senders = 10", "max_replication_slots = 10"]);
+    let cluster = TempCluster::start(&[
+        "wal_level = logical",
+        "max_wal_senders = 10",
+        "max_replication_slots = 10",
+    ]);
     let c = cluster.client().await;
-    c.batch_execute("CREATE TABLE c (id int8 PRIMARY KEY, v text)").await.unwrap();
+    c.batch_execute("CREATE TABLE c (id int8 PRIMARY KEY, v text)")
+        .await
+        .unwrap();
     let cfg = |out: &Path, admin: &str| {
-        file_pipeline_config("ha", "postgres", &["public.c"], "retry_max_backoff = \"1s\"", out, admin)
-            .replace(&format!("port = {}", pg_port()), &format!("port = {}", cluster.port))
+        file_pipeline_config(
+            "ha",
+            "postgres",
+            &["public.c"],
+            "retry_max_backoff = \"1s\"",
+            out,
+            admin,
+        )
+        .replace(
+            &format!("port = {}", pg_port()),
+            &format!("port = {}", cluster.port),
+        )
     };
     let mut active = Walcast::start_with(cfg);
     active.wait_state("streaming", WAIT).await;
@@ -375,14 +433,21 @@ async fn a_standby_daemon_takes_over_under_load_and_nothing_is_lost() {
     let load = writer([cluster.port, cluster.port], stop_rx);
     let deadline = Instant::now() + WAIT;
     while active.events().len() < 500 {
-        assert!(Instant::now() < deadline, "no load through the active daemon");
+        assert!(
+            Instant::now() < deadline,
+            "no load through the active daemon"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     active.kill9();
     standby.wait_state("streaming", WAIT).await;
     let deadline = Instant::now() + WAIT;
     while standby.events().len() < 500 {
-        assert!(Instant::now() < deadline, "no load through the stand-by after it took over:\n{}", tail(&standby.log(), 3000));
+        assert!(
+            Instant::now() < deadline,
+            "no load through the stand-by after it took over:\n{}",
+            tail(&standby.log(), 3000)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     stop_tx.send(true).unwrap();
@@ -397,11 +462,22 @@ async fn a_standby_daemon_takes_over_under_load_and_nothing_is_lost() {
             break;
         }
         if Instant::now() > deadline {
-            let missing: Vec<_> = want.iter().filter(|(k, v)| got.get(k) != Some(v)).take(10).collect();
-            let extra: Vec<_> = got.iter().filter(|(k, v)| want.get(k) != Some(v)).take(10).collect();
+            let missing: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(k) != Some(v))
+                .take(10)
+                .collect();
+            let extra: Vec<_> = got
+                .iter()
+                .filter(|(k, v)| want.get(k) != Some(v))
+                .take(10)
+                .collect();
             panic!("{} rows rebuilt vs {}: missing or different {missing:?}; extra or different {extra:?}", got.len(), want.len());
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    eprintln!("{committed} transactions; {} rows equal through a daemon takeover", want.len());
+    eprintln!(
+        "{committed} transactions; {} rows equal through a daemon takeover",
+        want.len()
+    );
 }

@@ -122,7 +122,10 @@ async fn scram_and_md5_roles_capture_and_secrets_stay_out_of_logs() {
                 &["public.t"],
                 // The stack's Postgres has no TLS: md5 over plain text is
                 // refused unless allowed (see the test below).
-                &format!("password_file = \"{}\"\nallow_plaintext_password = true", pwfile.display()),
+                &format!(
+                    "password_file = \"{}\"\nallow_plaintext_password = true",
+                    pwfile.display()
+                ),
                 out,
                 admin,
             )
@@ -231,7 +234,6 @@ fn pki(d: &std::path::Path) {
         ],
         d,
     );
-
 }
 
 /// [`pki`], and a cluster serving TLS with that certificate, with a table `t`.
@@ -375,11 +377,25 @@ async fn passwords_are_protected_and_scram_binds_to_the_certificate() {
     let ca = d.join("ca.crt").display().to_string();
     let other = d.join("other.crt").display().to_string();
 
-    for (user, pw, method) in [("clear", "clear-secret", "in clear text"), ("md5u", "md5-secret", "as md5")] {
+    for (user, pw, method) in [
+        ("clear", "clear-secret", "in clear text"),
+        ("md5u", "md5-secret", "as md5"),
+    ] {
         let (ok, out) = run("127.0.0.1", user, pw, "sslmode = \"disable\"");
-        assert!(!ok, "{user}: a password {method} over plain text was sent:\n{out}");
-        assert!(out.contains(method) && out.contains("allow_plaintext_password"), "{out}");
-        let (ok, out) = run("127.0.0.1", user, pw, "sslmode = \"disable\"\nallow_plaintext_password = true");
+        assert!(
+            !ok,
+            "{user}: a password {method} over plain text was sent:\n{out}"
+        );
+        assert!(
+            out.contains(method) && out.contains("allow_plaintext_password"),
+            "{out}"
+        );
+        let (ok, out) = run(
+            "127.0.0.1",
+            user,
+            pw,
+            "sslmode = \"disable\"\nallow_plaintext_password = true",
+        );
         assert!(ok, "{user} with allow_plaintext_password: {out}");
         // Over TLS the same exchange is fine.
         let (ok, out) = run("127.0.0.1", user, pw, "sslmode = \"require\"");
@@ -391,19 +407,56 @@ async fn passwords_are_protected_and_scram_binds_to_the_certificate() {
         "localhost",
         "scram",
         "scram-secret",
-        &format!("sslmode = \"verify-full\"\nssl_root_cert = \"{ca}\"\nchannel_binding = \"require\""),
+        &format!(
+            "sslmode = \"verify-full\"\nssl_root_cert = \"{ca}\"\nchannel_binding = \"require\""
+        ),
     );
     assert!(ok, "SCRAM-SHA-256-PLUS: {out}");
-    assert!(!out.contains("warning: sslmode"), "no warning for verify-full on localhost: {out}");
-    let (ok, out) = run("127.0.0.1", "scram", "scram-secret", "sslmode = \"disable\"\nchannel_binding = \"require\"");
-    assert!(!ok && out.contains("channel_binding"), "binding required without TLS: {out}");
-    let (ok, out) = run("127.0.0.1", "clear", "clear-secret", "sslmode = \"require\"\nchannel_binding = \"require\"");
-    assert!(!ok && out.contains("channel_binding"), "binding required with a password exchange: {out}");
+    assert!(
+        !out.contains("warning: sslmode"),
+        "no warning for verify-full on localhost: {out}"
+    );
+    let (ok, out) = run(
+        "127.0.0.1",
+        "scram",
+        "scram-secret",
+        "sslmode = \"disable\"\nchannel_binding = \"require\"",
+    );
+    assert!(
+        !ok && out.contains("channel_binding"),
+        "binding required without TLS: {out}"
+    );
+    let (ok, out) = run(
+        "127.0.0.1",
+        "clear",
+        "clear-secret",
+        "sslmode = \"require\"\nchannel_binding = \"require\"",
+    );
+    assert!(
+        !ok && out.contains("channel_binding"),
+        "binding required with a password exchange: {out}"
+    );
     // `require` with a root certificate verifies the CA.
-    let (ok, out) = run("127.0.0.1", "scram", "scram-secret", &format!("sslmode = \"require\"\nssl_root_cert = \"{other}\""));
-    assert!(!ok, "require with another CA's root certificate connected: {out}");
-    let (ok, out) = run("127.0.0.1", "scram", "scram-secret", &format!("sslmode = \"require\"\nssl_root_cert = \"{ca}\""));
-    assert!(ok, "require with the right CA (host name not checked): {out}");
+    let (ok, out) = run(
+        "127.0.0.1",
+        "scram",
+        "scram-secret",
+        &format!("sslmode = \"require\"\nssl_root_cert = \"{other}\""),
+    );
+    assert!(
+        !ok,
+        "require with another CA's root certificate connected: {out}"
+    );
+    let (ok, out) = run(
+        "127.0.0.1",
+        "scram",
+        "scram-secret",
+        &format!("sslmode = \"require\"\nssl_root_cert = \"{ca}\""),
+    );
+    assert!(
+        ok,
+        "require with the right CA (host name not checked): {out}"
+    );
 }
 
 /// One redaction rule for every secret: a canary in every credential slot
@@ -418,9 +471,11 @@ async fn no_secret_reaches_a_log_an_error_or_the_admin_api() {
     let db = TestDb::new("wc_canary").await;
     db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
     let bootstrap = var("WALCAST_TEST_KAFKA_BOOTSTRAP");
-    let registry = var("WALCAST_TEST_REGISTRY_URL").replacen("://", &format!("://walcast:{CANARY}@"), 1);
+    let registry =
+        var("WALCAST_TEST_REGISTRY_URL").replacen("://", &format!("://walcast:{CANARY}@"), 1);
     let redis = var("WALCAST_TEST_REDIS_URL").replacen("://", &format!("://:{CANARY}@"), 1);
-    let search = var("WALCAST_TEST_OPENSEARCH_URL").replacen("://", &format!("://walcast:{CANARY}@"), 1);
+    let search =
+        var("WALCAST_TEST_OPENSEARCH_URL").replacen("://", &format!("://walcast:{CANARY}@"), 1);
     let prefix = unique("canary");
     let text = |admin: &str, redis: &str, search: &str| {
         format!(
@@ -484,11 +539,18 @@ retry_max_ms = 500
     let mut refused = Walcast::start_with(|_, admin| text(admin, &redis, &search));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while refused.exited().is_none() {
-        assert!(std::time::Instant::now() < deadline, "walcast kept running with a refused Redis password");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "walcast kept running with a refused Redis password"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let refusal = refused.log();
-    assert!(refusal.contains("redis://:<redacted>@"), "{}", tail(&refusal, 2000));
+    assert!(
+        refusal.contains("redis://:<redacted>@"),
+        "{}",
+        tail(&refusal, 2000)
+    );
     // Everything else carries the canary and runs.
     let plain_redis = var("WALCAST_TEST_REDIS_URL");
     // An unreachable search cluster: the sink's errors name its URL.
@@ -498,15 +560,25 @@ retry_max_ms = 500
         text(admin, &plain_redis, &closed).replace(&registry, &closed_registry)
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !unreachable.log().contains("elasticsearch sink: cannot reach") {
-        assert!(std::time::Instant::now() < deadline, "no word of the unreachable search cluster:\n{}", tail(&unreachable.log(), 3000));
+    while !unreachable
+        .log()
+        .contains("elasticsearch sink: cannot reach")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no word of the unreachable search cluster:\n{}",
+            tail(&unreachable.log(), 3000)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     unreachable.kill9();
     // `check` asks the unreachable registry too, and says so.
     let (_, checked_unreachable) = check(&unreachable.config);
-    assert!(checked_unreachable.contains("registry"), "{checked_unreachable}");
+    assert!(
+        checked_unreachable.contains("registry"),
+        "{checked_unreachable}"
+    );
     let refusal = refusal + &unreachable.log() + &checked_unreachable;
     let mut w = Walcast::start_with(|_, admin| text(admin, &plain_redis, &search));
     let (_, checked) = check(&w.config);
@@ -517,7 +589,11 @@ retry_max_ms = 500
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
         for path in ["status", "metrics", "readyz", "healthz"] {
-            if let Ok(r) = client.get(format!("http://{}/{path}", w.admin)).send().await {
+            if let Ok(r) = client
+                .get(format!("http://{}/{path}", w.admin))
+                .send()
+                .await
+            {
                 admin_answers.push_str(&r.text().await.unwrap_or_default());
             }
         }
@@ -526,11 +602,22 @@ retry_max_ms = 500
     w.kill9();
     let log = w.log() + &refusal;
     assert!(log.len() > 1000, "the daemon logged almost nothing:\n{log}");
-    assert!(admin_answers.contains("cap"), "the admin API did not answer: {admin_answers}\n{}", tail(&log, 3000));
-    for (what, text) in [("check", &checked), ("the log", &log), ("the admin API", &admin_answers)] {
+    assert!(
+        admin_answers.contains("cap"),
+        "the admin API did not answer: {admin_answers}\n{}",
+        tail(&log, 3000)
+    );
+    for (what, text) in [
+        ("check", &checked),
+        ("the log", &log),
+        ("the admin API", &admin_answers),
+    ] {
         if let Some(at) = text.find(CANARY) {
             let from = at.saturating_sub(300);
-            panic!("a secret in {what}: ...{}...", &text[from..(at + 100).min(text.len())]);
+            panic!(
+                "a secret in {what}: ...{}...",
+                &text[from..(at + 100).min(text.len())]
+            );
         }
     }
 }
@@ -561,16 +648,27 @@ async fn admin_server_takes_a_token_and_serves_https() {
     let port = w.admin.rsplit(':').next().unwrap().to_string();
     let base = format!("https://localhost:{port}");
     let ca = reqwest::Certificate::from_pem(&std::fs::read(d.join("ca.crt")).unwrap()).unwrap();
-    let client = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let r = client.get(format!("{base}/status")).bearer_auth(token).send().await;
+        let r = client
+            .get(format!("{base}/status"))
+            .bearer_auth(token)
+            .send()
+            .await;
         if let Ok(r) = r {
             if r.status().is_success() && r.text().await.unwrap_or_default().contains("streaming") {
                 break;
             }
         }
-        assert!(std::time::Instant::now() < deadline, "no streaming status over HTTPS:\n{}", tail(&w.log(), 3000));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no streaming status over HTTPS:\n{}",
+            tail(&w.log(), 3000)
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let get = |path: &str, token: Option<&str>| {
@@ -580,23 +678,64 @@ async fn admin_server_takes_a_token_and_serves_https() {
         }
         r.send()
     };
-    assert_eq!(get("healthz", None).await.unwrap().status(), 200, "probes need no token");
-    assert_eq!(get("readyz", None).await.unwrap().status(), 200, "probes need no token");
+    assert_eq!(
+        get("healthz", None).await.unwrap().status(),
+        200,
+        "probes need no token"
+    );
+    assert_eq!(
+        get("readyz", None).await.unwrap().status(),
+        200,
+        "probes need no token"
+    );
     assert_eq!(get("status", None).await.unwrap().status(), 401);
     assert_eq!(get("metrics", None).await.unwrap().status(), 401);
-    assert_eq!(get("status", Some("s3cr3t-admin-token-012345678X")).await.unwrap().status(), 401);
+    assert_eq!(
+        get("status", Some("s3cr3t-admin-token-012345678X"))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
     assert_eq!(get("metrics", Some(token)).await.unwrap().status(), 200);
     // Plain HTTP on the HTTPS port gets nothing.
-    assert!(reqwest::get(format!("http://127.0.0.1:{port}/status")).await.map(|r| r.status().is_success()).unwrap_or(false) == false);
+    assert!(
+        reqwest::get(format!("http://127.0.0.1:{port}/status"))
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false)
+            == false
+    );
     // `walcast status` with the token and the CA.
     let status = |args: &[&str]| {
-        let out = std::process::Command::new(bin()).arg("status").args(args).output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        let out = std::process::Command::new(bin())
+            .arg("status")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     };
     let token_file = d.join("token").display().to_string();
     let ca_file = d.join("ca.crt").display().to_string();
-    let (ok, out) = status(&["--admin", &base, "--token-file", &token_file, "--ca-file", &ca_file]);
-    assert!(ok && out.contains("admintls") && out.contains("streaming"), "{out}");
+    let (ok, out) = status(&[
+        "--admin",
+        &base,
+        "--token-file",
+        &token_file,
+        "--ca-file",
+        &ca_file,
+    ]);
+    assert!(
+        ok && out.contains("admintls") && out.contains("streaming"),
+        "{out}"
+    );
     let (ok, out) = status(&["--admin", &base, "--ca-file", &ca_file]);
     assert!(!ok && out.contains("--token-file"), "{out}");
     w.kill9();
@@ -610,17 +749,32 @@ async fn a_refused_password_stops_the_daemon() {
     db.exec("CREATE TABLE t (id int PRIMARY KEY)").await;
     let user = var("WALCAST_TEST_PG_SCRAM_USER");
     let mut w = Walcast::start_with(|out, admin| {
-        file_pipeline_config("badpw", &db.name, &["public.t"], "password = \"not-the-password\"", out, admin)
-            .replace("user = \"postgres\"", &format!("user = \"{user}\""))
+        file_pipeline_config(
+            "badpw",
+            &db.name,
+            &["public.t"],
+            "password = \"not-the-password\"",
+            out,
+            admin,
+        )
+        .replace("user = \"postgres\"", &format!("user = \"{user}\""))
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(st) = w.exited() {
             break st;
         }
-        assert!(std::time::Instant::now() < deadline, "walcast kept retrying a refused password:\n{}", tail(&w.log(), 2000));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "walcast kept retrying a refused password:\n{}",
+            tail(&w.log(), 2000)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(status.code(), Some(1));
-    assert!(w.log().contains("password authentication failed"), "{}", tail(&w.log(), 2000));
+    assert!(
+        w.log().contains("password authentication failed"),
+        "{}",
+        tail(&w.log(), 2000)
+    );
 }

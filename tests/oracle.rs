@@ -50,7 +50,9 @@ fn skip(reason: &str) {
 fn oracle() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     if Command::new("python3").arg("--version").output().is_err() {
-        return skip("python3 is not installed (the oracle is Python; apt-get install python3 python3-venv)");
+        return skip(
+            "python3 is not installed (the oracle is Python; apt-get install python3 python3-venv)",
+        );
     }
     // The runner script creates the venv on first use; do it once here so
     // a failed install is a clear skip rather than a failure of every seed.
@@ -81,14 +83,24 @@ fn oracle() {
     let service_faults = "walcast_kill,broker_kill,redis_stop,search_stop,pg_fast,pg_immediate";
     let mut runs: Vec<(u64, Option<String>, Option<String>, u32, String)> = Vec::new();
     if std::env::var("WALCAST_ORACLE_LONG").as_deref() == Ok("1") {
-        let n: u64 = std::env::var("WALCAST_ORACLE_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
-        let secs: u32 = std::env::var("WALCAST_ORACLE_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+        let n: u64 = std::env::var("WALCAST_ORACLE_RUNS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10);
+        let secs: u32 = std::env::var("WALCAST_ORACLE_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(300);
         let first: u64 = std::env::var("WALCAST_ORACLE_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| rand::random::<u64>() % 1_000_000);
         for s in first..first + n {
-            let faults = if stack_faults { service_faults } else { "walcast_kill" };
+            let faults = if stack_faults {
+                service_faults
+            } else {
+                "walcast_kill"
+            };
             runs.push((s, None, None, secs, faults.to_string()));
         }
     } else {
@@ -99,7 +111,11 @@ fn oracle() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(SHORT.len());
         for &(s, f, m, secs, faults) in SHORT.iter().take(take) {
-            let faults = if !faults.is_empty() && stack_faults { service_faults } else { faults };
+            let faults = if !faults.is_empty() && stack_faults {
+                service_faults
+            } else {
+                faults
+            };
             runs.push((s, Some(f.into()), Some(m.into()), secs, faults.to_string()));
         }
     }
@@ -131,7 +147,11 @@ fn oracle() {
         if !err.is_empty() {
             println!("{}", err.join("\n"));
         }
-        eprintln!("oracle seed {seed}: exit {:?} in {:.0?}", out.status.code(), t.elapsed());
+        eprintln!(
+            "oracle seed {seed}: exit {:?} in {:.0?}",
+            out.status.code(),
+            t.elapsed()
+        );
         if !out.status.success() {
             failed.push(seed);
         }

@@ -159,7 +159,8 @@ async fn exactly_once_survives_an_outage_longer_than_the_transaction_timeout() {
     assert_eq!(dups, 0, "duplicates seen by a read_committed consumer");
     // The outage did outlast a transaction (else this test proves nothing).
     assert!(
-        w.log().contains("starting a new producer session for the replay"),
+        w.log()
+            .contains("starting a new producer session for the replay"),
         "no transaction failed during the outage:\n{}",
         tail(&w.log(), 3000)
     );
@@ -169,8 +170,14 @@ async fn exactly_once_survives_an_outage_longer_than_the_transaction_timeout() {
         tail(&w.log(), 3000)
     );
     let end = db.current_wal().await;
-    w.wait_confirmed(&db, "walcast_eolong", end, WAIT, "the slot never confirmed the end of the workload")
-        .await;
+    w.wait_confirmed(
+        &db,
+        "walcast_eolong",
+        end,
+        WAIT,
+        "the slot never confirmed the end of the workload",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,7 +60,14 @@ async fn partitioned_table_streams_through_its_root() {
     let pre_config = pre.path().join("walcast.toml");
     std::fs::write(
         &pre_config,
-        file_pipeline_config("part", &db.name, &["public.m"], "", &pre.path().join("events.jsonl"), "127.0.0.1:1"),
+        file_pipeline_config(
+            "part",
+            &db.name,
+            &["public.m"],
+            "",
+            &pre.path().join("events.jsonl"),
+            "127.0.0.1:1",
+        ),
     )
     .expect("write config");
     let (ok, out) = check(&pre_config);
@@ -394,7 +401,12 @@ fn columns_by_op(ev: &[Value], op: &str) -> Vec<Vec<String>> {
     ev.iter()
         .filter(|e| e["value"]["op"].as_str() == Some(op))
         .map(|e| {
-            let mut c: Vec<String> = e["value"]["after"].as_object().unwrap().keys().cloned().collect();
+            let mut c: Vec<String> = e["value"]["after"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
             c.sort();
             c
         })
@@ -408,7 +420,10 @@ fn columns_by_op(ev: &[Value], op: &str) -> Vec<Vec<String>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_column_list_shapes_the_snapshot_like_the_stream() {
     if pg_major() < 15 {
-        eprintln!("SKIPPED: column lists need Postgres 15 (this is {})", pg_major());
+        eprintln!(
+            "SKIPPED: column lists need Postgres 15 (this is {})",
+            pg_major()
+        );
         return;
     }
     let db = TestDb::new("wc_collist").await;
@@ -419,22 +434,44 @@ async fn a_publication_column_list_shapes_the_snapshot_like_the_stream() {
     )
     .await;
     let mut w = Walcast::start_with(|out, admin| {
-        file_pipeline_config("collist", &db.name, &["public.p"], "create_publication = false", out, admin)
+        file_pipeline_config(
+            "collist",
+            &db.name,
+            &["public.p"],
+            "create_publication = false",
+            out,
+            admin,
+        )
     });
     w.wait_state("streaming", WAIT).await;
     db.exec("INSERT INTO p VALUES (6, 'n6', 's6')").await;
     let deadline = Instant::now() + WAIT;
     while columns_by_op(&w.events(), "c").is_empty() {
-        assert!(Instant::now() < deadline, "no streamed event:\n{}", tail(&w.log(), 3000));
+        assert!(
+            Instant::now() < deadline,
+            "no streamed event:\n{}",
+            tail(&w.log(), 3000)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let ev = w.events();
     let want = vec!["id".to_string(), "name".to_string()];
     let snap = columns_by_op(&ev, "r");
     assert_eq!(snap.len(), 5, "snapshot rows");
-    assert!(snap.iter().all(|c| *c == want), "snapshot columns {snap:?}, want {want:?}");
-    assert!(columns_by_op(&ev, "c").iter().all(|c| *c == want), "streamed columns");
-    assert!(!w.events().iter().any(|e| e.to_string().contains("\"s6\"") || e.to_string().contains("\"s1\"")), "an unpublished value left walcast");
+    assert!(
+        snap.iter().all(|c| *c == want),
+        "snapshot columns {snap:?}, want {want:?}"
+    );
+    assert!(
+        columns_by_op(&ev, "c").iter().all(|c| *c == want),
+        "streamed columns"
+    );
+    assert!(
+        !w.events()
+            .iter()
+            .any(|e| e.to_string().contains("\"s6\"") || e.to_string().contains("\"s1\"")),
+        "an unpublished value left walcast"
+    );
     assert!(w.terminate().success());
 }
 
@@ -450,7 +487,14 @@ async fn generated_columns_are_published_on_request() {
     )
     .await;
     let mut w = Walcast::start_with(|out, admin| {
-        file_pipeline_config("gen", &db.name, &["public.g"], "publish_generated_columns = true", out, admin)
+        file_pipeline_config(
+            "gen",
+            &db.name,
+            &["public.g"],
+            "publish_generated_columns = true",
+            out,
+            admin,
+        )
     });
     if pg_major() < 18 {
         let deadline = Instant::now() + WAIT;
@@ -458,16 +502,29 @@ async fn generated_columns_are_published_on_request() {
             if let Some(st) = w.exited() {
                 break st;
             }
-            assert!(Instant::now() < deadline, "walcast kept running with publish_generated_columns on {}", pg_major());
+            assert!(
+                Instant::now() < deadline,
+                "walcast kept running with publish_generated_columns on {}",
+                pg_major()
+            );
             std::thread::sleep(Duration::from_millis(200));
         };
         assert_eq!(status.code(), Some(1));
-        assert!(w.log().contains("publish_generated_columns = true needs Postgres 18"), "{}", tail(&w.log(), 2000));
-        eprintln!("SKIPPED the generated-column run on Postgres {}: checked the refusal instead", pg_major());
+        assert!(
+            w.log()
+                .contains("publish_generated_columns = true needs Postgres 18"),
+            "{}",
+            tail(&w.log(), 2000)
+        );
+        eprintln!(
+            "SKIPPED the generated-column run on Postgres {}: checked the refusal instead",
+            pg_major()
+        );
         return;
     }
     w.wait_state("streaming", WAIT).await;
-    db.exec("INSERT INTO g (id, price) VALUES (4, 21); UPDATE g SET price = 5 WHERE id = 1;").await;
+    db.exec("INSERT INTO g (id, price) VALUES (4, 21); UPDATE g SET price = 5 WHERE id = 1;")
+        .await;
     let deadline = Instant::now() + WAIT;
     loop {
         let ev = w.events();
@@ -482,7 +539,11 @@ async fn generated_columns_are_published_on_request() {
             assert_eq!(columns_by_op(&ev, "r").len(), 3);
             break;
         }
-        assert!(Instant::now() < deadline, "generated column values {doubled:?}:\n{}", tail(&w.log(), 3000));
+        assert!(
+            Instant::now() < deadline,
+            "generated column values {doubled:?}:\n{}",
+            tail(&w.log(), 3000)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(w.terminate().success());

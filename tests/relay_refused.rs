@@ -321,7 +321,11 @@ async fn keyless_records_go_to_the_dead_letter_once_and_the_relay_moves_on() {
     // Counted for each sink that refused them (the WalcastDeadLettersGrowing alert).
     for sink in ["elasticsearch", "redis"] {
         assert_eq!(
-            w.metric("walcast_dead_letters_total", &[("pipeline", "relay"), ("sink", sink)]).await,
+            w.metric(
+                "walcast_dead_letters_total",
+                &[("pipeline", "relay"), ("sink", sink)]
+            )
+            .await,
             Some(2.0),
             "walcast_dead_letters_total for {sink}"
         );

@@ -62,7 +62,17 @@ fn config(pipeline: &str, db: &TestDb, prefix: &str) -> KafkaCapture {
 
 fn no_secret_leaves(records: &[String]) {
     for r in records {
-        for secret in ["111-11", "222-22", "333-33", "444-44", "a@x.org", "b@x.org", "c@x.org", "ssn", "first bio"] {
+        for secret in [
+            "111-11",
+            "222-22",
+            "333-33",
+            "444-44",
+            "a@x.org",
+            "b@x.org",
+            "c@x.org",
+            "ssn",
+            "first bio",
+        ] {
             assert!(!r.contains(secret), "`{secret}` left walcast: {r}");
         }
     }
@@ -80,7 +90,15 @@ async fn shaped_columns_and_an_overridden_key_through_kafka_in_json() {
     workload(&db).await;
 
     let users = consume_json(&format!("{prefix}.public.users"), WAIT, |r| r.len() >= 4);
-    let texts: Vec<String> = users.iter().map(|(k, v)| format!("{k} {}", v.as_ref().map(Value::to_string).unwrap_or_default())).collect();
+    let texts: Vec<String> = users
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k} {}",
+                v.as_ref().map(Value::to_string).unwrap_or_default()
+            )
+        })
+        .collect();
     no_secret_leaves(&texts);
     let after = |id: i64, op: &str| -> Value {
         users
@@ -95,7 +113,10 @@ async fn shaped_columns_and_an_overridden_key_through_kafka_in_json() {
         json!({"id": 1, "email": hashed("a@x.org"), "bio": "firs", "age": "***"}),
         "a snapshot row"
     );
-    assert_eq!(after(3, "c"), json!({"id": 3, "email": hashed("c@x.org"), "bio": "thir", "age": "***"}));
+    assert_eq!(
+        after(3, "c"),
+        json!({"id": 3, "email": hashed("c@x.org"), "bio": "thir", "age": "***"})
+    );
     assert_eq!(after(1, "u")["bio"], "chan");
 
     // The key-less table is keyed by `code`; the key change is a delete of
@@ -103,7 +124,12 @@ async fn shaped_columns_and_an_overridden_key_through_kafka_in_json() {
     let log = consume_json(&format!("{prefix}.public.log"), WAIT, |r| r.len() >= 5);
     let seen: Vec<(Value, Option<String>)> = log
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_ref().map(|v| v["op"].as_str().unwrap().to_string())))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_ref().map(|v| v["op"].as_str().unwrap().to_string()),
+            )
+        })
         .collect();
     assert_eq!(
         seen,
@@ -148,21 +174,34 @@ async fn the_registered_avro_schema_describes_the_shaped_table() {
         .text()
         .await
         .unwrap();
-    assert!(!text.contains("ssn"), "the registered schema names the excluded column: {text}");
+    assert!(
+        !text.contains("ssn"),
+        "the registered schema names the excluded column: {text}"
+    );
     let schema: Value = serde_json::from_str(
-        serde_json::from_str::<Value>(&text).unwrap()["schema"].as_str().unwrap(),
+        serde_json::from_str::<Value>(&text).unwrap()["schema"]
+            .as_str()
+            .unwrap(),
     )
     .unwrap();
     fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
         match v {
-            Value::Object(o) if o.get("name").and_then(Value::as_str) == Some(name) && o.contains_key("type") => Some(v),
+            Value::Object(o)
+                if o.get("name").and_then(Value::as_str) == Some(name)
+                    && o.contains_key("type") =>
+            {
+                Some(v)
+            }
             Value::Object(o) => o.values().find_map(|x| field(x, name)),
             Value::Array(a) => a.iter().find_map(|x| field(x, name)),
             _ => None,
         }
     }
     let age = field(&schema, "age").expect("an age field").to_string();
-    assert!(age.contains("string") && !age.contains("int"), "age is not a string in the schema: {age}");
+    assert!(
+        age.contains("string") && !age.contains("int"),
+        "age is not a string in the schema: {age}"
+    );
     assert!(w.terminate().success());
 }
 
@@ -182,8 +221,14 @@ async fn non_ascii_column_names_collide_in_check_and_not_with_avro_unicode() {
     let plain = KafkaCapture::new("uni", &db.name, &prefix, &["public.jp"]).avro(&registry, "");
     std::fs::write(&path, plain.toml("127.0.0.1:1")).unwrap();
     let (ok, out) = check(&path);
-    assert!(!ok && out.contains("`名前`") && out.contains("`値段`") && out.contains("`__`"), "{out}");
-    assert!(out.contains("avro_unicode"), "the error does not name the way out: {out}");
+    assert!(
+        !ok && out.contains("`名前`") && out.contains("`値段`") && out.contains("`__`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("avro_unicode"),
+        "the error does not name the way out: {out}"
+    );
 
     let unicode = KafkaCapture::new("uni", &db.name, &prefix, &["public.jp"])
         .avro(&registry, "field_name_adjustment = \"avro_unicode\"");
@@ -194,14 +239,22 @@ async fn non_ascii_column_names_collide_in_check_and_not_with_avro_unicode() {
     let events = consume_avro(&registry, &format!("{prefix}.public.jp"), 1, WAIT).await;
     // walcast's decoder gives the columns their names back (the schema
     // records them); the fields themselves are escaped.
-    assert_eq!(events[0].1["after"], json!({"id": 1, "名前": "りんご", "値段": 120}));
-    let text = reqwest::get(format!("{registry}/subjects/{prefix}.public.jp-value/versions/latest"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(text.contains("_u540d_u524d") && text.contains("_u5024_u6bb5"), "{text}");
+    assert_eq!(
+        events[0].1["after"],
+        json!({"id": 1, "名前": "りんご", "値段": 120})
+    );
+    let text = reqwest::get(format!(
+        "{registry}/subjects/{prefix}.public.jp-value/versions/latest"
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        text.contains("_u540d_u524d") && text.contains("_u5024_u6bb5"),
+        "{text}"
+    );
     assert!(w.terminate().success());
 }
 
@@ -245,17 +298,29 @@ async fn outbox_rows_become_messages_routed_by_aggregate_type() {
         .set("topic.metadata.refresh.interval.ms", "500")
         .create()
         .unwrap();
-    consumer.subscribe(&[&format!("outbox.event.{routed}")]).unwrap();
+    consumer
+        .subscribe(&[&format!("outbox.event.{routed}")])
+        .unwrap();
     let mut got = Vec::new();
     let deadline = std::time::Instant::now() + WAIT;
     while got.len() < 2 {
-        assert!(std::time::Instant::now() < deadline, "{} outbox messages:\n{}", got.len(), tail(&w.log(), 3000));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} outbox messages:\n{}",
+            got.len(),
+            tail(&w.log(), 3000)
+        );
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
             let headers: Vec<(String, String)> = m
                 .headers()
                 .map(|h| {
                     h.iter()
-                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -266,16 +331,35 @@ async fn outbox_rows_become_messages_routed_by_aggregate_type() {
     }
     assert_eq!(got[0].0, json!("o-1"));
     assert_eq!(got[0].1, json!({"total": 5}));
-    let h = |i: usize, k: &str| got[i].2.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    assert_eq!(h(0, "id").as_deref(), Some("00000000-0000-0000-0000-000000000001"));
+    let h = |i: usize, k: &str| {
+        got[i]
+            .2
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        h(0, "id").as_deref(),
+        Some("00000000-0000-0000-0000-000000000001")
+    );
     assert_eq!(h(0, "type").as_deref(), Some("OrderCreated"));
     assert_eq!(h(0, "tenant").as_deref(), Some("acme"));
     assert_eq!(got[1].1, json!({"paid": true}));
     assert_eq!(h(1, "type").as_deref(), Some("OrderPaid"));
     // Nothing else: no rolled-back message, no row-change topic for the table.
     std::thread::sleep(Duration::from_secs(2));
-    assert!(consumer.poll(Duration::from_secs(1)).is_none(), "a third message");
-    let (rows, _) = consume_json_until(&format!("{prefix}.public.outbox"), Duration::from_secs(3), |r| !r.is_empty());
-    assert!(rows.is_empty(), "the outbox table's row changes were published: {rows:?}");
+    assert!(
+        consumer.poll(Duration::from_secs(1)).is_none(),
+        "a third message"
+    );
+    let (rows, _) = consume_json_until(
+        &format!("{prefix}.public.outbox"),
+        Duration::from_secs(3),
+        |r| !r.is_empty(),
+    );
+    assert!(
+        rows.is_empty(),
+        "the outbox table's row changes were published: {rows:?}"
+    );
     assert!(w.terminate().success());
 }

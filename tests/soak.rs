@@ -224,7 +224,11 @@ async fn soak_memory_fds_and_lag_stay_flat() {
     let commit = format!(
         "{}{}",
         git(&["rev-parse", "--short", "HEAD"]),
-        if git(&["status", "--porcelain", "--untracked-files=no"]).is_empty() { "" } else { "+changes" }
+        if git(&["status", "--porcelain", "--untracked-files=no"]).is_empty() {
+            ""
+        } else {
+            "+changes"
+        }
     );
     let summary = format!(
         "| {stamp} (commit {commit}) | {minutes} min | {total_tx} tx ({} row changes) | {} MiB | {} MiB | {} MiB | {} MiB | {:+.1} MiB/h | {growth_per_tx:+.1} B | {} → {} (max {fds_max}) | {} KiB | {} KiB | [{csv_name}]({csv_name}) |\n",

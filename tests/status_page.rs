@@ -26,14 +26,23 @@ fn chromium() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("WALCAST_CHROMIUM") {
         return Some(PathBuf::from(p));
     }
-    ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"]
-        .iter()
-        .flat_map(|name| {
-            std::env::var_os("PATH")
-                .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect::<Vec<_>>())
-                .unwrap_or_default()
-        })
-        .find(|p| p.is_file())
+    [
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ]
+    .iter()
+    .flat_map(|name| {
+        std::env::var_os("PATH")
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join(name))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    })
+    .find(|p| p.is_file())
 }
 
 /// Runs headless Chromium on `url` with `args` (`--dump-dom`,
@@ -129,15 +138,25 @@ fn unescape(s: &str) -> String {
 /// Parses serialized HTML into a tree. Small on purpose: it handles what
 /// Chromium serializes (void elements, raw-text script and style).
 fn parse_html(html: &str) -> El {
-    const VOID: &[&str] = &["area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"];
-    let mut stack = vec![El { tag: "#root".into(), ..Default::default() }];
+    const VOID: &[&str] = &[
+        "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+        "track", "wbr",
+    ];
+    let mut stack = vec![El {
+        tag: "#root".into(),
+        ..Default::default()
+    }];
     let mut rest = html;
     while !rest.is_empty() {
         let Some(lt) = rest.find('<') else {
             stack.last_mut().unwrap().text.push_str(&unescape(rest));
             break;
         };
-        stack.last_mut().unwrap().text.push_str(&unescape(&rest[..lt]));
+        stack
+            .last_mut()
+            .unwrap()
+            .text
+            .push_str(&unescape(&rest[..lt]));
         rest = &rest[lt..];
         if let Some(r) = rest.strip_prefix("<!--") {
             rest = r.split_once("-->").map_or("", |(_, r)| r);
@@ -161,15 +180,22 @@ fn parse_html(html: &str) -> El {
             }
             continue;
         }
-        let (name, mut attr_text) = inside.split_once(|c: char| c.is_whitespace()).unwrap_or((inside, ""));
-        let mut el = El { tag: name.trim_end_matches('/').to_ascii_lowercase(), ..Default::default() };
+        let (name, mut attr_text) = inside
+            .split_once(|c: char| c.is_whitespace())
+            .unwrap_or((inside, ""));
+        let mut el = El {
+            tag: name.trim_end_matches('/').to_ascii_lowercase(),
+            ..Default::default()
+        };
         // name="value", name='value', name=value, name
         loop {
             attr_text = attr_text.trim_start();
             if attr_text.is_empty() || attr_text == "/" {
                 break;
             }
-            let end = attr_text.find(|c: char| c == '=' || c.is_whitespace()).unwrap_or(attr_text.len());
+            let end = attr_text
+                .find(|c: char| c == '=' || c.is_whitespace())
+                .unwrap_or(attr_text.len());
             let key = attr_text[..end].to_ascii_lowercase();
             attr_text = &attr_text[end..];
             let mut value = String::new();
@@ -228,7 +254,10 @@ fn the_html_parser_builds_the_tree() {
     assert_eq!(p.inner_text(), "x & y");
     assert_eq!(dom.one("body", |e| e.tag == "body").attrs["data-x"], "1");
     assert_eq!(dom.one("li", |e| e.tag == "li").attrs["data-sink"], "file");
-    assert!(dom.one("script", |e| e.tag == "script").text.contains("a < b"));
+    assert!(dom
+        .one("script", |e| e.tag == "script")
+        .text
+        .contains("a < b"));
 }
 
 // -------------------------------------------------------------- the test
@@ -236,7 +265,9 @@ fn the_html_parser_builds_the_tree() {
 /// The section of the page for pipeline `name`.
 fn section<'a>(dom: &'a El, name: &str) -> &'a El {
     dom.one(&format!("section for pipeline {name}"), |e| {
-        e.tag == "section" && e.has_class("pipeline") && e.attrs.get("data-pipeline").map(String::as_str) == Some(name)
+        e.tag == "section"
+            && e.has_class("pipeline")
+            && e.attrs.get("data-pipeline").map(String::as_str) == Some(name)
     })
 }
 
@@ -247,17 +278,38 @@ async fn the_status_page_shows_every_pipeline_in_a_real_browser() {
         return;
     };
     let db = TestDb::new("wc_page").await;
-    db.exec("CREATE TABLE orders (id int PRIMARY KEY, note text)").await;
-    db.exec("CREATE TABLE audit (id int PRIMARY KEY, what text)").await;
-    db.exec("INSERT INTO audit SELECT g, 'row ' || g FROM generate_series(1, 25000) g").await;
+    db.exec("CREATE TABLE orders (id int PRIMARY KEY, note text)")
+        .await;
+    db.exec("CREATE TABLE audit (id int PRIMARY KEY, what text)")
+        .await;
+    db.exec("INSERT INTO audit SELECT g, 'row ' || g FROM generate_series(1, 25000) g")
+        .await;
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("token"), format!("{TOKEN}\n")).unwrap();
     let closed_port = free_port();
     let token_file = tmp.path().join("token");
     let mut w = Walcast::start_with(|out, admin| {
         let dir = out.parent().unwrap();
-        let orders = file_pipeline_config_with("orders", &db.name, &["public.orders"], "snapshot = \"never\"", "", "", out, admin);
-        let audit = file_pipeline_config_with("audit", &db.name, &["public.audit"], "", "", "", &dir.join("audit.jsonl"), admin);
+        let orders = file_pipeline_config_with(
+            "orders",
+            &db.name,
+            &["public.orders"],
+            "snapshot = \"never\"",
+            "",
+            "",
+            out,
+            admin,
+        );
+        let audit = file_pipeline_config_with(
+            "audit",
+            &db.name,
+            &["public.audit"],
+            "",
+            "",
+            "",
+            &dir.join("audit.jsonl"),
+            admin,
+        );
         let replica = file_pipeline_config_with(
             "replica",
             &db.name,
@@ -268,14 +320,26 @@ async fn the_status_page_shows_every_pipeline_in_a_real_browser() {
             &dir.join("replica.jsonl"),
             admin,
         )
-        .replace(&format!("port = {}", pg_port()), &format!("port = {closed_port}"));
+        .replace(
+            &format!("port = {}", pg_port()),
+            &format!("port = {closed_port}"),
+        );
         // One [admin] and [log] (from the first), the token added.
-        let body = |t: &str| t.split_once("[pipelines.").map(|(_, b)| format!("[pipelines.{b}")).unwrap();
+        let body = |t: &str| {
+            t.split_once("[pipelines.")
+                .map(|(_, b)| format!("[pipelines.{b}"))
+                .unwrap()
+        };
         let head = orders.split_once("[pipelines.").unwrap().0.replace(
             "[log]",
             &format!("token_file = \"{}\"\n[log]", token_file.display()),
         );
-        format!("{head}{}\n{}\n{}", body(&orders), body(&audit), body(&replica))
+        format!(
+            "{head}{}\n{}\n{}",
+            body(&orders),
+            body(&audit),
+            body(&replica)
+        )
     });
 
     // The daemon's view first, over HTTP with the token: what the page
@@ -286,20 +350,34 @@ async fn the_status_page_shows_every_pipeline_in_a_real_browser() {
     let mut inserted = false;
     let status = loop {
         let s: Option<serde_json::Value> = async {
-            let r = client.get(format!("{base}/status")).bearer_auth(TOKEN).send().await.ok()?;
+            let r = client
+                .get(format!("{base}/status"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .ok()?;
             r.json().await.ok()
         }
         .await;
         let state = |s: &serde_json::Value, name: &str| {
-            s["pipelines"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == name)).map(|p| p["state"].clone())
+            s["pipelines"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+                .map(|p| p["state"].clone())
         };
         let last = s.clone();
         if let Some(s) = s {
             if !inserted && state(&s, "orders") == Some("streaming".into()) {
-                db.exec("INSERT INTO orders SELECT g, 'n' FROM generate_series(1, 50) g").await;
+                db.exec("INSERT INTO orders SELECT g, 'n' FROM generate_series(1, 50) g")
+                    .await;
                 inserted = true;
             }
-            let orders_events = s["pipelines"].as_array().into_iter().flatten().find(|p| p["name"] == "orders").map(|p| p["events_total"].as_u64().unwrap_or(0));
+            let orders_events = s["pipelines"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["name"] == "orders")
+                .map(|p| p["events_total"].as_u64().unwrap_or(0));
             if state(&s, "orders") == Some("streaming".into())
                 && state(&s, "audit") == Some("streaming".into())
                 && state(&s, "replica") == Some("retrying".into())
@@ -308,16 +386,32 @@ async fn the_status_page_shows_every_pipeline_in_a_real_browser() {
                 break s;
             }
         }
-        assert!(Instant::now() < deadline, "the pipelines did not settle: {last:?}\n{}", tail(&w.log(), 4000));
+        assert!(
+            Instant::now() < deadline,
+            "the pipelines did not settle: {last:?}\n{}",
+            tail(&w.log(), 4000)
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
     assert_eq!(status["pipelines"].as_array().unwrap().len(), 3);
     // Two lag samples at least (every 5 s), so that the chart is a line.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let h: serde_json::Value = client.get(format!("{base}/status/history")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
-        if h["pipelines"]["orders"]["lag_bytes"].as_array().is_some_and(|a| a.len() >= 2)
-            && h["pipelines"]["replica"]["errors"].as_array().is_some_and(|a| !a.is_empty())
+        let h: serde_json::Value = client
+            .get(format!("{base}/status/history"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["pipelines"]["orders"]["lag_bytes"]
+            .as_array()
+            .is_some_and(|a| a.len() >= 2)
+            && h["pipelines"]["replica"]["errors"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
         {
             break;
         }
@@ -325,42 +419,108 @@ async fn the_status_page_shows_every_pipeline_in_a_real_browser() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // The series the alert rules need exist from the start.
-    let metrics = client.get(format!("{base}/metrics")).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap();
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for series in [
         "walcast_max_in_flight_events{pipeline=\"orders\"} 200000",
         "walcast_snapshot_running{pipeline=\"audit\",snapshot=\"initial\"} 0",
         "walcast_snapshot_running{pipeline=\"orders\",snapshot=\"incremental\"} 0",
         "walcast_dead_letters_total{pipeline=\"orders\",sink=\"file\"} 0",
     ] {
-        assert!(metrics.lines().any(|l| l == series), "no `{series}` in /metrics:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "no `{series}` in /metrics:\n{metrics}"
+        );
     }
     // The page is open, the data is not.
-    assert_eq!(client.get(format!("{base}/")).send().await.unwrap().status(), 200);
-    assert_eq!(client.get(format!("{base}/status/history")).send().await.unwrap().status(), 401);
+    assert_eq!(
+        client
+            .get(format!("{base}/"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(format!("{base}/status/history"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
 
     let profile = tempfile::tempdir().unwrap();
 
     // Without the token: the page asks for it and shows no pipeline.
-    let dom = parse_html(&browse(&chromium, profile.path(), &format!("{base}/"), &["--dump-dom"]));
+    let dom = parse_html(&browse(
+        &chromium,
+        profile.path(),
+        &format!("{base}/"),
+        &["--dump-dom"],
+    ));
     let body = dom.one("body", |e| e.tag == "body");
-    assert_eq!(body.attrs.get("data-loaded").map(String::as_str), Some("unauthorized"), "the page did not ask for the token");
-    assert!(!dom.one("login form", |e| e.attrs.get("id").map(String::as_str) == Some("login")).hidden());
-    assert!(dom.all(|e| e.has_class("pipeline") && e.tag == "section").is_empty());
+    assert_eq!(
+        body.attrs.get("data-loaded").map(String::as_str),
+        Some("unauthorized"),
+        "the page did not ask for the token"
+    );
+    assert!(!dom
+        .one("login form", |e| e.attrs.get("id").map(String::as_str)
+            == Some("login"))
+        .hidden());
+    assert!(dom
+        .all(|e| e.has_class("pipeline") && e.tag == "section")
+        .is_empty());
 
     // With the token (given in the address): every pipeline.
     let url = format!("{base}/#token={TOKEN}");
     let dom = parse_html(&browse(&chromium, profile.path(), &url, &["--dump-dom"]));
     let body = dom.one("body", |e| e.tag == "body");
-    assert_eq!(body.attrs.get("data-loaded").map(String::as_str), Some("true"), "the page did not load the status");
-    assert!(dom.one("login form", |e| e.attrs.get("id").map(String::as_str) == Some("login")).hidden());
-    assert!(dom.one("problem", |e| e.attrs.get("id").map(String::as_str) == Some("problem")).hidden());
-    let version = dom.one("version", |e| e.attrs.get("id").map(String::as_str) == Some("version")).inner_text();
+    assert_eq!(
+        body.attrs.get("data-loaded").map(String::as_str),
+        Some("true"),
+        "the page did not load the status"
+    );
+    assert!(dom
+        .one("login form", |e| e.attrs.get("id").map(String::as_str)
+            == Some("login"))
+        .hidden());
+    assert!(dom
+        .one("problem", |e| e.attrs.get("id").map(String::as_str)
+            == Some("problem"))
+        .hidden());
+    let version = dom
+        .one("version", |e| {
+            e.attrs.get("id").map(String::as_str) == Some("version")
+        })
+        .inner_text();
     assert_eq!(version, format!("version {}", env!("CARGO_PKG_VERSION")));
     let sections = dom.all(|e| e.tag == "section" && e.has_class("pipeline"));
-    let names: Vec<&str> = sections.iter().map(|s| s.attrs["data-pipeline"].as_str()).collect();
-    assert_eq!(names, ["audit", "orders", "replica"], "one section per pipeline, in /status order");
+    let names: Vec<&str> = sections
+        .iter()
+        .map(|s| s.attrs["data-pipeline"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["audit", "orders", "replica"],
+        "one section per pipeline, in /status order"
+    );
 
-    for (name, state) in [("orders", "streaming"), ("audit", "streaming"), ("replica", "retrying")] {
+    for (name, state) in [
+        ("orders", "streaming"),
+        ("audit", "streaming"),
+        ("replica", "retrying"),
+    ] {
         let s = section(&dom, name);
         // Every section has the same parts.
         assert_eq!(s.class("name").inner_text(), name);
@@ -369,49 +529,127 @@ async fn the_status_page_shows_every_pipeline_in_a_real_browser() {
         assert_eq!(st.inner_text(), state, "{name}'s state");
         assert_eq!(st.attrs["data-state"], state);
         let facts = s.class("facts");
-        let dts: Vec<String> = facts.all(|e| e.tag == "dt").iter().map(|e| e.inner_text()).collect();
-        assert_eq!(dts, ["slot", "publication", "confirmed LSN", "WAL end", "lag", "in flight", "events", "transactions"]);
+        let dts: Vec<String> = facts
+            .all(|e| e.tag == "dt")
+            .iter()
+            .map(|e| e.inner_text())
+            .collect();
+        assert_eq!(
+            dts,
+            [
+                "slot",
+                "publication",
+                "confirmed LSN",
+                "WAL end",
+                "lag",
+                "in flight",
+                "events",
+                "transactions"
+            ]
+        );
         let chart = s.one("lag chart", |e| e.tag == "svg" && e.has_class("lag-chart"));
-        let sinks: Vec<&str> = s.class("sinks").all(|e| e.tag == "li").iter().map(|e| e.attrs["data-sink"].as_str()).collect();
+        let sinks: Vec<&str> = s
+            .class("sinks")
+            .all(|e| e.tag == "li")
+            .iter()
+            .map(|e| e.attrs["data-sink"].as_str())
+            .collect();
         assert_eq!(sinks, ["file"], "{name}'s sinks");
         if name != "replica" {
             // Streaming: positions, a lag line of several points.
             let dd = |c: &str| s.class(c).inner_text();
-            assert!(dd("confirmed").contains('/'), "{name}: a confirmed LSN, found {:?}", dd("confirmed"));
-            assert!(dd("slot").starts_with("walcast_"), "{name}: the slot, found {:?}", dd("slot"));
+            assert!(
+                dd("confirmed").contains('/'),
+                "{name}: a confirmed LSN, found {:?}",
+                dd("confirmed")
+            );
+            assert!(
+                dd("slot").starts_with("walcast_"),
+                "{name}: the slot, found {:?}",
+                dd("slot")
+            );
             let line = chart.one("polyline", |e| e.tag == "polyline");
-            assert!(line.attrs["points"].split(' ').count() >= 2, "{name}: a lag line, found {:?}", line.attrs["points"]);
+            assert!(
+                line.attrs["points"].split(' ').count() >= 2,
+                "{name}: a lag line, found {:?}",
+                line.attrs["points"]
+            );
         }
     }
     let orders = section(&dom, "orders");
-    let events: u64 = orders.class("events").inner_text().replace(',', "").parse().unwrap();
+    let events: u64 = orders
+        .class("events")
+        .inner_text()
+        .replace(',', "")
+        .parse()
+        .unwrap();
     assert!(events >= 50, "orders: {events} events shown");
-    let file_sink = orders.one("orders' file sink", |e| e.tag == "li" && e.attrs.get("data-sink").is_some());
-    assert!(file_sink.inner_text().starts_with("file: ") && file_sink.inner_text().contains("events"), "{}", file_sink.inner_text());
+    let file_sink = orders.one("orders' file sink", |e| {
+        e.tag == "li" && e.attrs.get("data-sink").is_some()
+    });
+    assert!(
+        file_sink.inner_text().starts_with("file: ") && file_sink.inner_text().contains("events"),
+        "{}",
+        file_sink.inner_text()
+    );
     // audit took an initial snapshot of 25,000 rows: its progress shows.
     let audit = section(&dom, "audit");
     assert!(!audit.class("progress-block").hidden());
     let snap = audit.one("snapshot progress", |e| e.has_class("progress-item"));
     assert_eq!(snap.attrs["data-snapshot"], "snapshot");
-    assert!(snap.inner_text().contains("initial snapshot: done") && snap.inner_text().contains("25,000"), "{}", snap.inner_text());
-    assert!(orders.class("progress-block").hidden(), "orders took no snapshot");
+    assert!(
+        snap.inner_text().contains("initial snapshot: done")
+            && snap.inner_text().contains("25,000"),
+        "{}",
+        snap.inner_text()
+    );
+    assert!(
+        orders.class("progress-block").hidden(),
+        "orders took no snapshot"
+    );
     // replica cannot connect: its errors show, the others have none.
     let replica = section(&dom, "replica");
     assert!(!replica.class("errors-block").hidden());
-    let errors: Vec<String> = replica.class("errors").all(|e| e.tag == "li").iter().map(|e| e.inner_text()).collect();
-    assert!(!errors.is_empty() && errors.iter().all(|e| !e.trim().is_empty()), "{errors:?}");
+    let errors: Vec<String> = replica
+        .class("errors")
+        .all(|e| e.tag == "li")
+        .iter()
+        .map(|e| e.inner_text())
+        .collect();
+    assert!(
+        !errors.is_empty() && errors.iter().all(|e| !e.trim().is_empty()),
+        "{errors:?}"
+    );
     assert!(orders.class("errors-block").hidden() && audit.class("errors-block").hidden());
-    assert!(replica.one("no chart line", |e| e.tag == "svg").all(|e| e.tag == "polyline").len() <= 1);
+    assert!(
+        replica
+            .one("no chart line", |e| e.tag == "svg")
+            .all(|e| e.tag == "polyline")
+            .len()
+            <= 1
+    );
 
     // The screenshot: a PNG of the window's size.
-    let png = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target")).join("status-page.png");
+    let png = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("status-page.png");
     let _ = std::fs::remove_file(&png);
-    browse(&chromium, profile.path(), &url, &[&format!("--screenshot={}", png.display())]);
+    browse(
+        &chromium,
+        profile.path(),
+        &url,
+        &[&format!("--screenshot={}", png.display())],
+    );
     let bytes = std::fs::read(&png).expect("the screenshot");
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "a PNG");
     let width = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
     assert_eq!(width, 1280, "the window's width");
-    assert!(bytes.len() > 20_000, "an image with something on it ({} bytes)", bytes.len());
+    assert!(
+        bytes.len() > 20_000,
+        "an image with something on it ({} bytes)",
+        bytes.len()
+    );
     if std::env::var("WALCAST_UPDATE_SCREENSHOT").as_deref() == Ok("1") {
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/status-page.png");
         std::fs::create_dir_all(docs.parent().unwrap()).unwrap();

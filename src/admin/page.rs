@@ -65,7 +65,10 @@ impl History {
             }
             if let Some(e) = st.last_error {
                 if h.errors.back().map(|x| &x.message) != Some(&e) {
-                    h.errors.push_back(SeenError { at_ms: now_ms, message: e });
+                    h.errors.push_back(SeenError {
+                        at_ms: now_ms,
+                        message: e,
+                    });
                     while h.errors.len() > ERRORS_KEPT {
                         h.errors.pop_front();
                     }
@@ -154,7 +157,10 @@ mod tests {
     #[test]
     fn the_page_reads_the_endpoints_the_server_has() {
         for path in ["/status", "/status/history", "/metrics"] {
-            assert!(PAGE.contains(&format!("'{path}'")), "the page fetches {path}");
+            assert!(
+                PAGE.contains(&format!("'{path}'")),
+                "the page fetches {path}"
+            );
         }
         assert!(
             !PAGE.contains(" src=") && !PAGE.contains("<link") && !PAGE.contains("@import"),

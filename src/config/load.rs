@@ -168,7 +168,12 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                     let captured = s.tables.contains(t)
                         || s.schemas.iter().any(|sc| t.starts_with(&format!("{sc}.")));
                     if !captured {
-                        return Err(rule(k, &format!("`{t}` is not captured by this pipeline (add it to source.tables)")));
+                        return Err(rule(
+                            k,
+                            &format!(
+                                "`{t}` is not captured by this pipeline (add it to source.tables)"
+                            ),
+                        ));
                     }
                     if let Err(m) = shape.validate(&k) {
                         return Err(rule(k, &m));
@@ -522,13 +527,17 @@ retry_max_ms = 60000
                 panic!("{:?}", p.sinks)
             };
             let walcast_kafka::config::DeliveryMode::ExactlyOnce {
-                transaction_timeout, ..
+                transaction_timeout,
+                ..
             } = &k.delivery
             else {
                 panic!()
             };
             assert_eq!(*transaction_timeout, ms(90_000));
-            assert_eq!((r.timeout, r.retry_initial, r.retry_max), (ms(250), ms(50), ms(5_000)));
+            assert_eq!(
+                (r.timeout, r.retry_initial, r.retry_max),
+                (ms(250), ms(50), ms(5_000))
+            );
             assert_eq!(
                 (e.flush_interval, e.timeout, e.retry_initial, e.retry_max),
                 (ms(200), ms(10_000), ms(100), ms(60_000))
@@ -560,7 +569,10 @@ retry_max_ms = 60000
             "path = \"-\"\n[[pipelines.orders.sinks]]\ntype = \"redis\"\nurls = [\"redis://c:6379\"]\nmode = { type = \"invalidate\", key_template = \"{table}:{id}\" }\ntimeout = \"soon\"",
         );
         let e = load_str("t.toml", &bad).unwrap_err().to_string();
-        assert!(e.contains("pipelines.orders.sinks") && e.contains("`soon` is not a duration"), "{e}");
+        assert!(
+            e.contains("pipelines.orders.sinks") && e.contains("`soon` is not a duration"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -592,22 +604,62 @@ retry_max_ms = 60000
 
     #[test]
     fn host_and_port_lists_pair_up_as_in_libpq() {
-        let with = |extra: &str| GOOD.replace("database = \"app\"", &format!("database = \"app\"\n{extra}"));
+        let with = |extra: &str| {
+            GOOD.replace(
+                "database = \"app\"",
+                &format!("database = \"app\"\n{extra}"),
+            )
+        };
         let c = load_str("t.toml", &with("host = \"pg-a, pg-b\"\nport = 5433\ntarget_session_attrs = \"read-write\"\nslot_failover = true")).unwrap();
-        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else { panic!() };
-        let e: Vec<String> = p.source.endpoints().unwrap().iter().map(|e| e.to_string()).collect();
+        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
+            panic!()
+        };
+        let e: Vec<String> = p
+            .source
+            .endpoints()
+            .unwrap()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
         assert_eq!(e, ["pg-a:5433", "pg-b:5433"]);
         assert!(p.source.slot_failover);
-        let c = load_str("t.toml", &with("host = \"pg-a,pg-b\"\nport = \"5433,5434\"")).unwrap();
-        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else { panic!() };
-        let e: Vec<String> = p.source.endpoints().unwrap().iter().map(|e| e.to_string()).collect();
+        let c = load_str(
+            "t.toml",
+            &with("host = \"pg-a,pg-b\"\nport = \"5433,5434\""),
+        )
+        .unwrap();
+        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
+            panic!()
+        };
+        let e: Vec<String> = p
+            .source
+            .endpoints()
+            .unwrap()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
         assert_eq!(e, ["pg-a:5433", "pg-b:5434"]);
-        let e = load_str("t.toml", &with("host = \"a,b,c\"\nport = \"1,2\"")).unwrap_err().to_string();
-        assert!(e.contains("pipelines.orders.source.port") && e.contains("2 ports for 3 hosts"), "{e}");
-        let e = load_str("t.toml", &with("host = \"a,,b\"")).unwrap_err().to_string();
-        assert!(e.contains("pipelines.orders.source.host") && e.contains("empty entry"), "{e}");
-        let e = load_str("t.toml", &with("target_session_attrs = \"standby\"")).unwrap_err().to_string();
-        assert!(e.contains("pipelines.orders.source.target_session_attrs") || e.contains("standby"), "{e}");
+        let e = load_str("t.toml", &with("host = \"a,b,c\"\nport = \"1,2\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pipelines.orders.source.port") && e.contains("2 ports for 3 hosts"),
+            "{e}"
+        );
+        let e = load_str("t.toml", &with("host = \"a,,b\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pipelines.orders.source.host") && e.contains("empty entry"),
+            "{e}"
+        );
+        let e = load_str("t.toml", &with("target_session_attrs = \"standby\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pipelines.orders.source.target_session_attrs") || e.contains("standby"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -76,7 +76,9 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
     Ok(CaptureSettings {
         pipeline: name.to_string(),
         connect: ConnectParams {
-            endpoints: src.endpoints().map_err(|m| BuildError::Config(format!("pipeline {name}: {m}")))?,
+            endpoints: src
+                .endpoints()
+                .map_err(|m| BuildError::Config(format!("pipeline {name}: {m}")))?,
             target_session_attrs: src.target_session_attrs,
             user: src.user.clone(),
             password,
@@ -221,7 +223,11 @@ pub async fn build_sinks(
                 metrics::watch_dead_letters(
                     pipeline,
                     walcast_sdk::Sink::name(&sink),
-                    Box::new(move || stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed)),
+                    Box::new(move || {
+                        stats
+                            .dead_lettered
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                    }),
                 );
                 out.push(Box::new(sink));
             }

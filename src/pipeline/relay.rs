@@ -429,20 +429,23 @@ pub async fn run(
         let acker = source.join(batch.ackers);
         let events = Arc::new(events);
         // Each sink gets the batch without the events it refused.
-        let per_sink: Vec<_> = refused_by.iter().map(|refused| {
-            if refused.is_empty() {
-                Arc::clone(&events)
-            } else {
-                Arc::new(
-                    events
-                        .iter()
-                        .enumerate()
-                        .filter(|(j, _)| !refused.contains(j))
-                        .map(|(_, e)| e.clone())
-                        .collect(),
-                )
-            }
-        }).collect();
+        let per_sink: Vec<_> = refused_by
+            .iter()
+            .map(|refused| {
+                if refused.is_empty() {
+                    Arc::clone(&events)
+                } else {
+                    Arc::new(
+                        events
+                            .iter()
+                            .enumerate()
+                            .filter(|(j, _)| !refused.contains(j))
+                            .map(|(_, e)| e.clone())
+                            .collect(),
+                    )
+                }
+            })
+            .collect();
         let mut halt = None;
         for (sname, e) in send_to_every_sink(name, &mut sinks, per_sink, &acker).await {
             if e.is_transient() {

@@ -533,9 +533,11 @@ impl Walcast {
             let (series, value) = line.rsplit_once(' ')?;
             let rest = series.strip_prefix(name)?;
             let all = rest.is_empty() || rest.starts_with('{');
-            (all && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-                .then(|| value.parse().ok())
-                .flatten()
+            (all && labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse().ok())
+            .flatten()
         })
     }
 

@@ -49,7 +49,11 @@ pub struct ElasticsearchSinkConfig {
     pub bulk_max_bytes: usize,
     /// How long a partly filled bulk waits for more (`"1s"`; the old
     /// `flush_interval_ms` still reads, deprecated).
-    #[serde(default = "default_flush_interval", alias = "flush_interval_ms", deserialize_with = "de_flush_interval")]
+    #[serde(
+        default = "default_flush_interval",
+        alias = "flush_interval_ms",
+        deserialize_with = "de_flush_interval"
+    )]
     pub flush_interval: Duration,
     #[serde(default)]
     pub dead_letter: DeadLetter,
@@ -58,13 +62,25 @@ pub struct ElasticsearchSinkConfig {
     #[serde(default)]
     pub version_type: VersionType,
     /// Per request (`timeout_ms` deprecated).
-    #[serde(default = "default_timeout", alias = "timeout_ms", deserialize_with = "de_timeout")]
+    #[serde(
+        default = "default_timeout",
+        alias = "timeout_ms",
+        deserialize_with = "de_timeout"
+    )]
     pub timeout: Duration,
     /// Backoff for transient errors, first and longest wait
     /// (`retry_initial_ms` / `retry_max_ms` deprecated).
-    #[serde(default = "default_retry_initial", alias = "retry_initial_ms", deserialize_with = "de_retry_initial")]
+    #[serde(
+        default = "default_retry_initial",
+        alias = "retry_initial_ms",
+        deserialize_with = "de_retry_initial"
+    )]
     pub retry_initial: Duration,
-    #[serde(default = "default_retry_max", alias = "retry_max_ms", deserialize_with = "de_retry_max")]
+    #[serde(
+        default = "default_retry_max",
+        alias = "retry_max_ms",
+        deserialize_with = "de_retry_max"
+    )]
     pub retry_max: Duration,
     /// Create each index from the table's schema before its first write,
     /// and add fields for new columns (see [`crate::mapping`]). `false`

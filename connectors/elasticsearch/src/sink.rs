@@ -416,10 +416,7 @@ impl ElasticsearchSink {
             max_bytes: config.bulk_max_bytes,
             interval: config.flush_interval,
             dead_letter: config.dead_letter.clone(),
-            backoff: Backoff::new(
-                config.retry_initial,
-                config.retry_max,
-            ),
+            backoff: Backoff::new(config.retry_initial, config.retry_max),
             stats: Arc::clone(&stats),
             buffer: Vec::new(),
             buffered_actions: 0,

@@ -173,7 +173,6 @@ pub enum DeliveryMode {
     },
 }
 
-
 /// The broker's default `transaction.max.timeout.ms` is 15 minutes; one
 /// minute bounds how long an outage holds a transaction open.
 pub const DEFAULT_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -357,7 +356,10 @@ impl KafkaSinkConfig {
             offsets_topic,
         } = &self.delivery
         {
-            if offsets_topic.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            if offsets_topic
+                .as_deref()
+                .is_some_and(|t| t.trim().is_empty())
+            {
                 return Err(invalid("delivery.offsets_topic", "must not be empty"));
             }
             if transactional_id.trim().is_empty() {

@@ -55,7 +55,13 @@ pub const SHARED_OFFSETS_TOPIC: &str = "walcast.offsets";
 pub fn default_topic(transactional_id: &str) -> String {
     let id: String = transactional_id
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let mut t = format!("{SHARED_OFFSETS_TOPIC}.{id}");
     t.truncate(249);

@@ -115,13 +115,20 @@ pub fn plan(cfg: &OutboxConfig, event: &ChangeEvent) -> Result<Option<OutboxReco
         }
         _ => return Ok(None),
     }
-    let err = |message: String| OutboxError { table: cfg.table.clone(), message };
-    let row = event.after.as_deref().ok_or_else(|| err("an insert without its row".into()))?;
+    let err = |message: String| OutboxError {
+        table: cfg.table.clone(),
+        message,
+    };
+    let row = event
+        .after
+        .as_deref()
+        .ok_or_else(|| err("an insert without its row".into()))?;
     let get = |col: &str| -> Result<&Value, OutboxError> {
-        let i = event
-            .table
-            .column_index(col)
-            .ok_or_else(|| err(format!("has no column `{col}` (set the outbox's *_column names)")))?;
+        let i = event.table.column_index(col).ok_or_else(|| {
+            err(format!(
+                "has no column `{col}` (set the outbox's *_column names)"
+            ))
+        })?;
         Ok(&row[i])
     };
     let opts = JsonOptions::default();
@@ -132,8 +139,12 @@ pub fn plan(cfg: &OutboxConfig, event: &ChangeEvent) -> Result<Option<OutboxReco
             other => Some(other.to_string()),
         }
     };
-    let routed = text(get(&cfg.aggregate_type_column)?)
-        .ok_or_else(|| err(format!("`{}` is null: the row has no topic", cfg.aggregate_type_column)))?;
+    let routed = text(get(&cfg.aggregate_type_column)?).ok_or_else(|| {
+        err(format!(
+            "`{}` is null: the row has no topic",
+            cfg.aggregate_type_column
+        ))
+    })?;
     let topic = cfg.topic.replace("${routedByValue}", &routed);
     let key = match get(&cfg.aggregate_id_column)? {
         Value::Null => None,
@@ -141,25 +152,42 @@ pub fn plan(cfg: &OutboxConfig, event: &ChangeEvent) -> Result<Option<OutboxReco
     };
     let value = match get(&cfg.payload_column)? {
         Value::Null => None,
-        Value::Unavailable => return Err(err("the payload is an unchanged TOASTed value, which an insert never has".into())),
+        Value::Unavailable => {
+            return Err(err(
+                "the payload is an unchanged TOASTed value, which an insert never has".into(),
+            ))
+        }
         Value::Json(s) if cfg.expand_json_payload => Some(s.as_bytes().to_vec()),
         v => Some(serde_json::to_vec(&json::value(v, &opts)).expect("JSON")),
     };
     let mut headers = vec![
-        ("id".to_string(), text(get(&cfg.id_column)?).map(String::into_bytes)),
-        ("type".to_string(), text(get(&cfg.type_column)?).map(String::into_bytes)),
+        (
+            "id".to_string(),
+            text(get(&cfg.id_column)?).map(String::into_bytes),
+        ),
+        (
+            "type".to_string(),
+            text(get(&cfg.type_column)?).map(String::into_bytes),
+        ),
     ];
     for h in &cfg.fields_as_headers {
         headers.push((h.clone(), text(get(h)?).map(String::into_bytes)));
     }
-    Ok(Some(OutboxRecord { topic, key, value, headers }))
+    Ok(Some(OutboxRecord {
+        topic,
+        key,
+        value,
+        headers,
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
-    use walcast_sdk::{Column, Lsn, PgType, ReplicaIdentity, SnapshotMarker, SourceInfo, TableSchema};
+    use walcast_sdk::{
+        Column, Lsn, PgType, ReplicaIdentity, SnapshotMarker, SourceInfo, TableSchema,
+    };
 
     fn cfg(extra: &str) -> OutboxConfig {
         serde_json::from_str(&format!(r#"{{"table": "public.outbox"{extra}}}"#)).unwrap()
@@ -219,25 +247,48 @@ mod tests {
 
     #[test]
     fn an_insert_becomes_a_message_like_debeziums_event_router() {
-        let r = plan(&cfg(r#", "fields_as_headers": ["tenant"]"#), &event(Op::Create, Value::Json(r#"{"total": 5}"#.into())))
-            .unwrap()
-            .unwrap();
+        let r = plan(
+            &cfg(r#", "fields_as_headers": ["tenant"]"#),
+            &event(Op::Create, Value::Json(r#"{"total": 5}"#.into())),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.topic, "outbox.event.order");
         assert_eq!(r.key.as_deref(), Some(&b"\"42\""[..]));
         // JsonConverter without expansion: a JSON string holding the document.
         assert_eq!(r.value.as_deref(), Some(&br#""{\"total\": 5}""#[..]));
-        assert_eq!(r.headers[0], ("id".into(), Some(b"01010101-0101-0101-0101-010101010101".to_vec())));
-        assert_eq!(r.headers[1], ("type".into(), Some(b"OrderCreated".to_vec())));
+        assert_eq!(
+            r.headers[0],
+            (
+                "id".into(),
+                Some(b"01010101-0101-0101-0101-010101010101".to_vec())
+            )
+        );
+        assert_eq!(
+            r.headers[1],
+            ("type".into(), Some(b"OrderCreated".to_vec()))
+        );
         assert_eq!(r.headers[2], ("tenant".into(), Some(b"acme".to_vec())));
     }
 
     #[test]
     fn expansion_topic_template_tombstones_and_ignored_operations() {
         let c = cfg(r#", "expand_json_payload": true, "topic": "events.${routedByValue}.v1""#);
-        let r = plan(&c, &event(Op::Create, Value::Json(r#"{"total": 5}"#.into()))).unwrap().unwrap();
+        let r = plan(
+            &c,
+            &event(Op::Create, Value::Json(r#"{"total": 5}"#.into())),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(r.topic, "events.order.v1");
         assert_eq!(r.value.as_deref(), Some(&br#"{"total": 5}"#[..]));
-        assert_eq!(plan(&c, &event(Op::Create, Value::Null)).unwrap().unwrap().value, None);
+        assert_eq!(
+            plan(&c, &event(Op::Create, Value::Null))
+                .unwrap()
+                .unwrap()
+                .value,
+            None
+        );
         for op in [Op::Update, Op::Delete, Op::Read, Op::Truncate] {
             assert_eq!(plan(&c, &event(op, Value::Null)).unwrap(), None, "{op:?}");
         }
@@ -245,7 +296,11 @@ mod tests {
 
     #[test]
     fn a_missing_column_is_named() {
-        let e = plan(&cfg(r#", "payload_column": "body""#), &event(Op::Create, Value::Null)).unwrap_err();
+        let e = plan(
+            &cfg(r#", "payload_column": "body""#),
+            &event(Op::Create, Value::Null),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("`body`"), "{e}");
     }
 }

@@ -374,7 +374,10 @@ impl KafkaSink {
         self.ensure_topic(&topic).await?;
         let mut headers = record::headers(event);
         for (k, v) in &rec.headers {
-            headers = headers.insert(rdkafka::message::Header { key: k, value: v.as_deref() });
+            headers = headers.insert(rdkafka::message::Header {
+                key: k,
+                value: v.as_deref(),
+            });
         }
         let what: Arc<str> = Arc::from(format!("outbox {}", event.table.qualified_name()).as_str());
         self.produce(
@@ -798,10 +801,13 @@ impl Sink for KafkaSink {
         };
         tracing::warn!(%reason, "exactly-once: starting a new producer session for the replay after a failed transaction");
         let context = DeliveryContext::default();
-        let producer: ThreadedProducer<DeliveryContext> = t
-            .client
-            .create_with_context(context.clone())
-            .map_err(|e| SinkError::transient(SINK_NAME, format!("exactly-once: creating a new producer: {e}")))?;
+        let producer: ThreadedProducer<DeliveryContext> =
+            t.client.create_with_context(context.clone()).map_err(|e| {
+                SinkError::transient(
+                    SINK_NAME,
+                    format!("exactly-once: creating a new producer: {e}"),
+                )
+            })?;
         t.initialized = false;
         t.resume_after = None;
         let old = std::mem::replace(&mut self.producer, producer);

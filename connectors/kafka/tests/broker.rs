@@ -732,7 +732,11 @@ async fn exactly_once_drops_replayed_changes_that_kafka_already_holds() {
 /// own topic.
 #[tokio::test]
 async fn a_position_in_the_formerly_shared_offsets_topic_is_honoured() {
-    replay_across_a_crash(Some(walcast_kafka::offsets::SHARED_OFFSETS_TOPIC.into()), None).await;
+    replay_across_a_crash(
+        Some(walcast_kafka::offsets::SHARED_OFFSETS_TOPIC.into()),
+        None,
+    )
+    .await;
 }
 
 /// Two batches committed by a first sink (offsets in `first_offsets`), a

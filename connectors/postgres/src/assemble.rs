@@ -437,11 +437,16 @@ mod tests {
                     commits.push(end);
                 }
                 Message::Relation(r) => asm.set_relation(schema(&r)),
-                Message::Insert(x) => events.extend(asm.insert(x.relation_id, &x.new, lsn).unwrap()),
-                Message::Update(u) => {
-                    events.extend(asm.update(u.relation_id, u.old.as_ref(), &u.new, lsn).unwrap())
+                Message::Insert(x) => {
+                    events.extend(asm.insert(x.relation_id, &x.new, lsn).unwrap())
                 }
-                Message::Delete(d) => events.extend(asm.delete(d.relation_id, &d.old, lsn).unwrap()),
+                Message::Update(u) => events.extend(
+                    asm.update(u.relation_id, u.old.as_ref(), &u.new, lsn)
+                        .unwrap(),
+                ),
+                Message::Delete(d) => {
+                    events.extend(asm.delete(d.relation_id, &d.old, lsn).unwrap())
+                }
                 Message::Truncate(t) => events.extend(asm.truncate(&t.relation_ids, lsn).unwrap()),
                 Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
             }
@@ -554,10 +559,7 @@ mod tests {
         for t in &events[10..] {
             assert_eq!((&t.before, &t.after), (&None, &None));
         }
-        assert_eq!(
-            events[10].source.commit_lsn,
-            events[11].source.commit_lsn
-        );
+        assert_eq!(events[10].source.commit_lsn, events[11].source.commit_lsn);
     }
 
     #[test]
@@ -589,14 +591,21 @@ mod tests {
             panic!("{:?}", frames[1])
         };
         let mut asm = Assembler::new(options(None));
-        let e = asm.insert(insert.relation_id, &insert.new, Lsn(7)).unwrap_err();
+        let e = asm
+            .insert(insert.relation_id, &insert.new, Lsn(7))
+            .unwrap_err();
         assert!(
             matches!(e, AssembleError::UnknownRelation { relation_id, lsn: Lsn(7) } if relation_id == rel.id),
             "{e}"
         );
         asm.set_relation(schema(rel));
-        let e = asm.insert(insert.relation_id, &insert.new, Lsn(8)).unwrap_err();
-        assert!(matches!(e, AssembleError::OutsideTransaction { lsn: Lsn(8) }), "{e}");
+        let e = asm
+            .insert(insert.relation_id, &insert.new, Lsn(8))
+            .unwrap_err();
+        assert!(
+            matches!(e, AssembleError::OutsideTransaction { lsn: Lsn(8) }),
+            "{e}"
+        );
         let Message::Begin(begin) = &frames[0] else {
             panic!()
         };
@@ -605,7 +614,14 @@ mod tests {
             .insert(insert.relation_id, &insert.new[..2], Lsn(9))
             .unwrap_err();
         assert!(
-            matches!(&e, AssembleError::ColumnCount { got: 2, expected: 4, .. }),
+            matches!(
+                &e,
+                AssembleError::ColumnCount {
+                    got: 2,
+                    expected: 4,
+                    ..
+                }
+            ),
             "{e}"
         );
         let mut bad = insert.new.clone();
@@ -628,9 +644,14 @@ mod tests {
         let mut keyless = (*table).clone();
         keyless.columns.iter_mut().for_each(|c| c.key = false);
         let p = key_problem(&keyless).unwrap();
-        assert!(p.contains("public.fx_items") && p.contains("keyless_tables"), "{p}");
+        assert!(
+            p.contains("public.fx_items") && p.contains("keyless_tables"),
+            "{p}"
+        );
         let mut nothing = (*table).clone();
         nothing.replica_identity = ReplicaIdentity::Nothing;
-        assert!(key_problem(&nothing).unwrap().contains("REPLICA IDENTITY NOTHING"));
+        assert!(key_problem(&nothing)
+            .unwrap()
+            .contains("REPLICA IDENTITY NOTHING"));
     }
 }

@@ -130,7 +130,11 @@ pub async fn connect(p: &ConnectParams) -> Result<Client, CatalogError> {
         last = Some(CatalogError::WrongSession {
             endpoint: e.to_string(),
             wanted: p.target_session_attrs.as_str(),
-            found: if in_recovery { "a standby (in recovery)" } else { "read-only (default_transaction_read_only = on)" },
+            found: if in_recovery {
+                "a standby (in recovery)"
+            } else {
+                "read-only (default_transaction_read_only = on)"
+            },
         });
     }
     Err(last.expect("at least one host (checked by the config)"))
@@ -342,7 +346,11 @@ impl Catalog {
     /// in it: then every column but generated ones, as pgoutput sends.
     /// Before 18, `attnames` also lists generated columns, which pgoutput
     /// never sends there: the flag says whether to trust it for them.
-    async fn published_columns(&self, schema: &str, table: &str) -> Result<(Option<Vec<String>>, bool), CatalogError> {
+    async fn published_columns(
+        &self,
+        schema: &str,
+        table: &str,
+    ) -> Result<(Option<Vec<String>>, bool), CatalogError> {
         let Some(publication) = &self.publication else {
             return Ok((None, false));
         };

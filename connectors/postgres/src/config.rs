@@ -140,7 +140,10 @@ impl PostgresSourceConfig {
     pub fn endpoints(&self) -> Result<Vec<Endpoint>, String> {
         let hosts: Vec<&str> = self.host.split(',').map(str::trim).collect();
         if hosts.iter().any(|h| h.is_empty()) {
-            return Err(format!("`host` = {:?} has an empty entry; list servers as \"host1,host2\"", self.host));
+            return Err(format!(
+                "`host` = {:?} has an empty entry; list servers as \"host1,host2\"",
+                self.host
+            ));
         }
         let ports: Vec<u16> = match &self.port {
             Ports::One(p) => vec![*p],
@@ -156,17 +159,18 @@ impl PostgresSourceConfig {
         let ports = match ports.len() {
             1 => vec![ports[0]; hosts.len()],
             n if n == hosts.len() => ports,
-            n => {
-                return Err(format!(
-                    "`port` lists {n} ports for {} hosts; give one port for all hosts or one per host",
-                    hosts.len()
-                ))
-            }
+            n => return Err(format!(
+                "`port` lists {n} ports for {} hosts; give one port for all hosts or one per host",
+                hosts.len()
+            )),
         };
         Ok(hosts
             .into_iter()
             .zip(ports)
-            .map(|(h, port)| Endpoint { host: h.to_string(), port })
+            .map(|(h, port)| Endpoint {
+                host: h.to_string(),
+                port,
+            })
             .collect())
     }
 }
@@ -247,7 +251,11 @@ impl PostgresSourceConfig {
             }
         }
         if let Err(m) = self.endpoints() {
-            let field = if m.starts_with("`host`") { "host" } else { "port" };
+            let field = if m.starts_with("`host`") {
+                "host"
+            } else {
+                "port"
+            };
             return Err(bad(field, m));
         }
         if self.password.is_some() && self.password_file.is_some() {

@@ -713,7 +713,11 @@ impl Incremental {
             "execute-snapshot" => {
                 let mut added = Vec::new();
                 for t in &signal.tables {
-                    let Some(TableName { schema, name: table }) = TableName::parse(t) else {
+                    let Some(TableName {
+                        schema,
+                        name: table,
+                    }) = TableName::parse(t)
+                    else {
                         tracing::error!(pipeline = %self.s.pipeline, table = %t, "snapshot signal: not a schema.table name; ignored");
                         continue;
                     };

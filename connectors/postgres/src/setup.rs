@@ -353,7 +353,10 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         ..Plan::default()
     };
     let with_via_root = if w.generated_columns {
-        format!(" WITH (publish_via_partition_root = {}, publish_generated_columns = stored)", w.via_root)
+        format!(
+            " WITH (publish_via_partition_root = {}, publish_generated_columns = stored)",
+            w.via_root
+        )
     } else {
         format!(" WITH (publish_via_partition_root = {})", w.via_root)
     };

@@ -200,7 +200,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), CaptureError> {
     for e in &settings.connect.endpoints {
-        if let Some(w) = crate::replication::tls::exposure_warning(&e.host, settings.connect.sslmode) {
+        if let Some(w) =
+            crate::replication::tls::exposure_warning(&e.host, settings.connect.sslmode)
+        {
             tracing::warn!(pipeline = %settings.pipeline, "{w}");
         }
     }
@@ -846,7 +848,8 @@ impl<'a> CaptureLoop<'a> {
             self.send_status().await?;
         }
         let (confirmed, in_flight) = (self.cp.confirmed(), self.cp.in_flight_events());
-        self.status.set_positions(confirmed, self.wal_end, in_flight);
+        self.status
+            .set_positions(confirmed, self.wal_end, in_flight);
         self.inc.report(self.status, false);
         let p = || self.s.pipeline.clone();
         ::metrics::gauge!(metrics::LAG_BYTES, "pipeline" => p())
@@ -871,7 +874,11 @@ impl<'a> CaptureLoop<'a> {
 
     /// A keepalive: the server's WAL end (an idle slot's position may move
     /// with it), and a status update at once when the server asks.
-    async fn on_keepalive(&mut self, end: Lsn, reply_requested: bool) -> Result<Flow, CaptureError> {
+    async fn on_keepalive(
+        &mut self,
+        end: Lsn,
+        reply_requested: bool,
+    ) -> Result<Flow, CaptureError> {
         self.wal_end = self.wal_end.max(end);
         let busy = self.asm.in_transaction() || !self.outbox.events.is_empty();
         if self.cp.on_wal_end(end, busy) {
@@ -885,7 +892,12 @@ impl<'a> CaptureLoop<'a> {
 
     /// A pgoutput message at `lsn`: decoded, assembled into events, and a
     /// commit or a large transaction's slice handed over.
-    async fn on_wal(&mut self, lsn: Lsn, end: Lsn, data: bytes::Bytes) -> Result<Flow, CaptureError> {
+    async fn on_wal(
+        &mut self,
+        lsn: Lsn,
+        end: Lsn,
+        data: bytes::Bytes,
+    ) -> Result<Flow, CaptureError> {
         self.wal_end = self.wal_end.max(end);
         ::metrics::counter!(metrics::WAL_BYTES, "pipeline" => self.s.pipeline.clone())
             .increment(data.len() as u64);
@@ -1074,8 +1086,15 @@ impl<'a> CaptureLoop<'a> {
         let mut wanted = self.asm.wants(&table.qualified_name());
         if !wanted {
             let name = table.qualified_name();
-            match unlisted_relation(s, &mut self.asm, &self.catalog, &mut self.skipped, rel.id, &name)
-                .await
+            match unlisted_relation(
+                s,
+                &mut self.asm,
+                &self.catalog,
+                &mut self.skipped,
+                rel.id,
+                &name,
+            )
+            .await
             {
                 Unlisted::Skip => {}
                 Unlisted::Capture => wanted = true,

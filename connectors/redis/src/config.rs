@@ -39,13 +39,25 @@ pub struct RedisSinkConfig {
     pub mode: Mode,
     /// Connect and per-command response timeout.
     /// Per command (`"5s"`; the old `timeout_ms` still reads, deprecated).
-    #[serde(default = "default_timeout", alias = "timeout_ms", deserialize_with = "de_timeout")]
+    #[serde(
+        default = "default_timeout",
+        alias = "timeout_ms",
+        deserialize_with = "de_timeout"
+    )]
     pub timeout: Duration,
     /// Backoff for transient errors, first and longest wait
     /// (`retry_initial_ms` / `retry_max_ms` deprecated).
-    #[serde(default = "default_retry_initial", alias = "retry_initial_ms", deserialize_with = "de_retry_initial")]
+    #[serde(
+        default = "default_retry_initial",
+        alias = "retry_initial_ms",
+        deserialize_with = "de_retry_initial"
+    )]
     pub retry_initial: Duration,
-    #[serde(default = "default_retry_max", alias = "retry_max_ms", deserialize_with = "de_retry_max")]
+    #[serde(
+        default = "default_retry_max",
+        alias = "retry_max_ms",
+        deserialize_with = "de_retry_max"
+    )]
     pub retry_max: Duration,
 }
 
@@ -356,7 +368,10 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact_url("rediss://u:p@h:1/2"), "rediss://u:<redacted>@h:1/2");
+        assert_eq!(
+            redact_url("rediss://u:p@h:1/2"),
+            "rediss://u:<redacted>@h:1/2"
+        );
         assert_eq!(redact_url("redis://:p@h"), "redis://:<redacted>@h");
         assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
     }

@@ -233,10 +233,7 @@ impl RedisSink {
     }
 
     fn backoff(&self) -> Backoff {
-        Backoff::new(
-            self.config.retry_initial,
-            self.config.retry_max,
-        )
+        Backoff::new(self.config.retry_initial, self.config.retry_max)
     }
 
     /// Applies every write of the batch, retrying transient errors.

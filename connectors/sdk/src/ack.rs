@@ -375,7 +375,10 @@ mod transient_tests {
         b1.fail_transient("broker away");
         b2.fail("refused for good");
         let e = t.next().await.unwrap_err();
-        assert!(!e.transient, "one definite failure makes the batch definite");
+        assert!(
+            !e.transient,
+            "one definite failure makes the batch definite"
+        );
     }
 
     #[test]

@@ -36,8 +36,9 @@ fn record(message: String) {
 
 /// Parses `"30s"`, `"250ms"`, `"1m 30s"`.
 pub fn parse(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("`{text}` is not a duration ({e}); write it as \"30s\", \"250ms\" or \"2m\""))
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("`{text}` is not a duration ({e}); write it as \"30s\", \"250ms\" or \"2m\"")
+    })
 }
 
 /// How a duration is written back, for messages: `"250ms"`, `"30s"`.
@@ -96,9 +97,7 @@ pub fn deserialize<'de, D: Deserializer<'de>>(
 #[macro_export]
 macro_rules! deprecated_ms_field {
     ($name:ident, $key:literal) => {
-        fn $name<'de, D: serde::Deserializer<'de>>(
-            d: D,
-        ) -> Result<std::time::Duration, D::Error> {
+        fn $name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
             $crate::duration::deserialize($key, d)
         }
     };
@@ -131,17 +130,30 @@ mod tests {
 
     #[test]
     fn human_durations_and_the_old_milliseconds() {
-        assert_eq!(parse_toml(r#"timeout = "30s""#).unwrap().timeout, Duration::from_secs(30));
-        assert_eq!(parse_toml(r#"timeout = "250ms""#).unwrap().timeout, Duration::from_millis(250));
+        assert_eq!(
+            parse_toml(r#"timeout = "30s""#).unwrap().timeout,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            parse_toml(r#"timeout = "250ms""#).unwrap().timeout,
+            Duration::from_millis(250)
+        );
         take_deprecations();
-        assert_eq!(parse_toml("timeout_ms = 1500").unwrap().timeout, Duration::from_millis(1500));
+        assert_eq!(
+            parse_toml("timeout_ms = 1500").unwrap().timeout,
+            Duration::from_millis(1500)
+        );
         let d = take_deprecations();
         assert!(
-            d.iter().any(|m| m.contains("`timeout_ms = 1500`") && m.contains("timeout = \"1s 500ms\"")),
+            d.iter()
+                .any(|m| m.contains("`timeout_ms = 1500`") && m.contains("timeout = \"1s 500ms\"")),
             "{d:?}"
         );
         let e = parse_toml(r#"timeout = "soon""#).unwrap_err();
-        assert!(e.contains("`soon` is not a duration") && e.contains("\"250ms\""), "{e}");
+        assert!(
+            e.contains("`soon` is not a duration") && e.contains("\"250ms\""),
+            "{e}"
+        );
         assert!(parse_toml("timeout_ms = -1").is_err());
     }
 }

@@ -407,13 +407,33 @@ mod tests {
 
     #[test]
     fn special_numerics_render_as_postgres_or_as_debezium() {
-        let v = |n: Numeric, mode| value(&Value::Numeric(n), &JsonOptions { special_numeric: mode, ..JsonOptions::default() });
+        let v = |n: Numeric, mode| {
+            value(
+                &Value::Numeric(n),
+                &JsonOptions {
+                    special_numeric: mode,
+                    ..JsonOptions::default()
+                },
+            )
+        };
         assert_eq!(v(Numeric::NaN, SpecialNumeric::Postgres), json!("NaN"));
-        assert_eq!(v(Numeric::PositiveInfinity, SpecialNumeric::Postgres), json!("Infinity"));
+        assert_eq!(
+            v(Numeric::PositiveInfinity, SpecialNumeric::Postgres),
+            json!("Infinity")
+        );
         assert_eq!(v(Numeric::NaN, SpecialNumeric::Debezium), json!("NAN"));
-        assert_eq!(v(Numeric::PositiveInfinity, SpecialNumeric::Debezium), json!("POSITIVE_INFINITY"));
-        assert_eq!(v(Numeric::NegativeInfinity, SpecialNumeric::Debezium), json!("NEGATIVE_INFINITY"));
-        assert_eq!(v(Numeric::Finite("1.50".into()), SpecialNumeric::Debezium), json!("1.50"));
+        assert_eq!(
+            v(Numeric::PositiveInfinity, SpecialNumeric::Debezium),
+            json!("POSITIVE_INFINITY")
+        );
+        assert_eq!(
+            v(Numeric::NegativeInfinity, SpecialNumeric::Debezium),
+            json!("NEGATIVE_INFINITY")
+        );
+        assert_eq!(
+            v(Numeric::Finite("1.50".into()), SpecialNumeric::Debezium),
+            json!("1.50")
+        );
     }
 
     #[test]

@@ -79,8 +79,14 @@ mod tests {
 
     #[test]
     fn urls_lose_their_passwords_only() {
-        assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:<redacted>@h:6379/0");
-        assert_eq!(redact_url("https://u:p%40ss@es:9200"), "https://u:<redacted>@es:9200");
+        assert_eq!(
+            redact_url("redis://:pw@h:6379/0"),
+            "redis://:<redacted>@h:6379/0"
+        );
+        assert_eq!(
+            redact_url("https://u:p%40ss@es:9200"),
+            "https://u:<redacted>@es:9200"
+        );
         assert_eq!(redact_url("https://token@es/x"), "https://<redacted>@es/x");
         assert_eq!(redact_url("http://es:9200"), "http://es:9200");
         assert_eq!(redact_url("not a url"), "not a url");
@@ -88,7 +94,14 @@ mod tests {
 
     #[test]
     fn secret_keys() {
-        for k in ["sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret", "sasl.jaas.config", "ssl.key.pem", "sasl.oauthbearer.token"] {
+        for k in [
+            "sasl.password",
+            "ssl.key.password",
+            "sasl.oauthbearer.client.secret",
+            "sasl.jaas.config",
+            "ssl.key.pem",
+            "sasl.oauthbearer.token",
+        ] {
             assert!(is_secret_key(k), "{k}");
         }
         for k in ["bootstrap.servers", "sasl.username", "security.protocol"] {

@@ -88,30 +88,51 @@ impl TableShapeConfig {
     /// Checks what can be checked without the table; `key` is the config
     /// key of this section, for messages.
     pub fn validate(&self, key: &str) -> Result<(), String> {
-        if !self.column_mask_hash.is_empty() && self.hash_salt_env.is_none() && self.hash_salt_file.is_none() {
+        if !self.column_mask_hash.is_empty()
+            && self.hash_salt_env.is_none()
+            && self.hash_salt_file.is_none()
+        {
             return Err(format!(
                 "{key}.column_mask_hash needs a salt: set hash_salt_env or hash_salt_file (a hash without a salt is a \
                  dictionary lookup away from the value)"
             ));
         }
         if self.hash_salt_env.is_some() && self.hash_salt_file.is_some() {
-            return Err(format!("{key}: set hash_salt_env or hash_salt_file, not both"));
+            return Err(format!(
+                "{key}: set hash_salt_env or hash_salt_file, not both"
+            ));
         }
         let mut seen: HashMap<&str, &str> = HashMap::new();
         let rules = self
             .column_mask_with
             .keys()
             .map(|c| (c.as_str(), "column_mask_with"))
-            .chain(self.column_truncate_to.keys().map(|c| (c.as_str(), "column_truncate_to")))
-            .chain(self.column_mask_hash.iter().map(|c| (c.as_str(), "column_mask_hash")))
-            .chain(self.column_exclude_list.iter().map(|c| (c.as_str(), "column_exclude_list")));
+            .chain(
+                self.column_truncate_to
+                    .keys()
+                    .map(|c| (c.as_str(), "column_truncate_to")),
+            )
+            .chain(
+                self.column_mask_hash
+                    .iter()
+                    .map(|c| (c.as_str(), "column_mask_hash")),
+            )
+            .chain(
+                self.column_exclude_list
+                    .iter()
+                    .map(|c| (c.as_str(), "column_exclude_list")),
+            );
         for (c, rule) in rules {
             if let Some(other) = seen.insert(c, rule) {
-                return Err(format!("{key}: column `{c}` is in both {other} and {rule}; give it one rule"));
+                return Err(format!(
+                    "{key}: column `{c}` is in both {other} and {rule}; give it one rule"
+                ));
             }
         }
         if matches!(&self.message_key_columns, Some(k) if k.is_empty()) {
-            return Err(format!("{key}.message_key_columns is empty; list the key's columns or remove it"));
+            return Err(format!(
+                "{key}.message_key_columns is empty; list the key's columns or remove it"
+            ));
         }
         Ok(())
     }
@@ -185,14 +206,25 @@ pub struct Shaper {
 impl Shaper {
     /// `tables`: `schema.table` → rules; `key_prefix` names the config
     /// section in messages (`pipelines.orders.table`).
-    pub fn new(tables: &BTreeMap<String, TableShapeConfig>, key_prefix: &str) -> Result<Self, ShapeError> {
+    pub fn new(
+        tables: &BTreeMap<String, TableShapeConfig>,
+        key_prefix: &str,
+    ) -> Result<Self, ShapeError> {
         let mut rules = HashMap::new();
         for (name, config) in tables {
             let key = format!("{key_prefix}.\"{name}\"");
-            config.validate(&key).map_err(|message| ShapeError::Config { message })?;
+            config
+                .validate(&key)
+                .map_err(|message| ShapeError::Config { message })?;
             if config.shapes_events() {
                 let salt = config.salt(&key)?;
-                rules.insert(name.clone(), Rules { config: config.clone(), salt });
+                rules.insert(
+                    name.clone(),
+                    Rules {
+                        config: config.clone(),
+                        salt,
+                    },
+                );
             }
         }
         Ok(Shaper {
@@ -228,26 +260,43 @@ impl Shaper {
             }
         }
         let shaped = Arc::new(self.plan(table, &rules.config)?);
-        self.cache.lock().expect("shape cache").insert(id, Arc::clone(&shaped));
+        self.cache
+            .lock()
+            .expect("shape cache")
+            .insert(id, Arc::clone(&shaped));
         Ok(Some(shaped))
     }
 
     fn warn_missing(&self, table: &str, column: &str, rule: &str) {
-        if self.warned.lock().expect("warned").insert((table.to_string(), column.to_string())) {
+        if self
+            .warned
+            .lock()
+            .expect("warned")
+            .insert((table.to_string(), column.to_string()))
+        {
             tracing::warn!(table, column, rule, "a shaping rule names a column the table does not have (dropped?); it has no effect");
         }
     }
 
     fn plan(&self, table: &TableSchema, c: &TableShapeConfig) -> Result<Shaped, ShapeError> {
         let tname = table.qualified_name();
-        let err = |message: String| ShapeError::Table { table: tname.clone(), message };
+        let err = |message: String| ShapeError::Table {
+            table: tname.clone(),
+            message,
+        };
         let has = |col: &str| table.column_index(col).is_some();
         for (list, rule) in [
-            (c.column_exclude_list.iter().collect::<Vec<_>>(), "column_exclude_list"),
+            (
+                c.column_exclude_list.iter().collect::<Vec<_>>(),
+                "column_exclude_list",
+            ),
             (c.column_mask_hash.iter().collect(), "column_mask_hash"),
             (c.column_mask_with.keys().collect(), "column_mask_with"),
             (c.column_truncate_to.keys().collect(), "column_truncate_to"),
-            (c.column_include_list.iter().flatten().collect(), "column_include_list"),
+            (
+                c.column_include_list.iter().flatten().collect(),
+                "column_include_list",
+            ),
         ] {
             for col in list {
                 if !has(col) {
@@ -256,23 +305,34 @@ impl Shaper {
             }
         }
         let included = |col: &Column| {
-            c.column_include_list.as_ref().is_none_or(|l| l.contains(&col.name)) && !c.column_exclude_list.contains(&col.name)
+            c.column_include_list
+                .as_ref()
+                .is_none_or(|l| l.contains(&col.name))
+                && !c.column_exclude_list.contains(&col.name)
         };
-        let key_names: Vec<String> = match &c.message_key_columns {
-            Some(k) => {
-                for col in k {
-                    match table.columns.iter().find(|x| &x.name == col) {
-                        None => return Err(err(format!("message_key_columns names `{col}`, which the table does not have"))),
-                        Some(x) if !included(x) => {
-                            return Err(err(format!("message_key_columns names `{col}`, which the column lists exclude")))
+        let key_names: Vec<String> =
+            match &c.message_key_columns {
+                Some(k) => {
+                    for col in k {
+                        match table.columns.iter().find(|x| &x.name == col) {
+                            None => return Err(err(format!(
+                                "message_key_columns names `{col}`, which the table does not have"
+                            ))),
+                            Some(x) if !included(x) => return Err(err(format!(
+                                "message_key_columns names `{col}`, which the column lists exclude"
+                            ))),
+                            Some(_) => {}
                         }
-                        Some(_) => {}
                     }
+                    k.clone()
                 }
-                k.clone()
-            }
-            None => table.columns.iter().filter(|x| x.key).map(|x| x.name.clone()).collect(),
-        };
+                None => table
+                    .columns
+                    .iter()
+                    .filter(|x| x.key)
+                    .map(|x| x.name.clone())
+                    .collect(),
+            };
         let mut columns = Vec::new();
         let mut out = Vec::new();
         for (i, col) in table.columns.iter().enumerate() {
@@ -286,7 +346,10 @@ impl Shaper {
                 }
                 continue;
             }
-            let mut shaped = Column { key: is_key, ..col.clone() };
+            let mut shaped = Column {
+                key: is_key,
+                ..col.clone()
+            };
             let text = |mut s: Column| {
                 s.pg_type = PgType::Text;
                 s.type_oid = 25;
@@ -302,7 +365,11 @@ impl Shaper {
             } else if let Some(n) = c.column_truncate_to.get(&col.name) {
                 if !matches!(
                     col.pg_type,
-                    PgType::Text | PgType::Varchar { .. } | PgType::Char { .. } | PgType::Name | PgType::Bytea
+                    PgType::Text
+                        | PgType::Varchar { .. }
+                        | PgType::Char { .. }
+                        | PgType::Name
+                        | PgType::Bytea
                 ) {
                     return Err(err(format!(
                         "column_truncate_to applies to text and bytea columns; `{}` is {}",
@@ -348,7 +415,9 @@ impl Shaper {
             shaped
                 .columns
                 .iter()
-                .map(|(i, action)| shape_value(row.get(*i).cloned().unwrap_or(Value::Null), action, salt))
+                .map(|(i, action)| {
+                    shape_value(row.get(*i).cloned().unwrap_or(Value::Null), action, salt)
+                })
                 .collect()
         };
         let before = event.before.as_deref().map(image);
@@ -357,11 +426,20 @@ impl Shaper {
         if shaped.key_overridden && event.op == Op::Update {
             if let (Some(b), Some(a)) = (&before, &after) {
                 let key = |row: &[Value]| -> Vec<Value> {
-                    table.columns.iter().zip(row).filter(|(c, _)| c.key).map(|(_, v)| v.clone()).collect()
+                    table
+                        .columns
+                        .iter()
+                        .zip(row)
+                        .filter(|(c, _)| c.key)
+                        .map(|(_, v)| v.clone())
+                        .collect()
                 };
                 let (old, new) = (key(b), key(a));
                 // An unavailable (unchanged TOASTed) value did not change.
-                let known = old.iter().chain(&new).all(|v| !matches!(v, Value::Unavailable));
+                let known = old
+                    .iter()
+                    .chain(&new)
+                    .all(|v| !matches!(v, Value::Unavailable));
                 if known && old != new {
                     let delete = ChangeEvent {
                         op: Op::Delete,
@@ -434,7 +512,14 @@ mod tests {
     use crate::table::ReplicaIdentity;
 
     fn col(name: &str, pg_type: PgType, key: bool) -> Column {
-        Column { name: name.into(), pg_type, type_oid: 0, type_modifier: -1, nullable: !key, key }
+        Column {
+            name: name.into(),
+            pg_type,
+            type_oid: 0,
+            type_modifier: -1,
+            nullable: !key,
+            key,
+        }
     }
 
     fn users() -> Arc<TableSchema> {
@@ -476,7 +561,13 @@ mod tests {
     }
 
     fn row(id: i32, email: &str, ssn: &str, bio: Value, age: i32) -> Vec<Value> {
-        vec![Value::Int32(id), Value::Text(email.into()), Value::Text(ssn.into()), bio, Value::Int32(age)]
+        vec![
+            Value::Int32(id),
+            Value::Text(email.into()),
+            Value::Text(ssn.into()),
+            bio,
+            Value::Int32(age),
+        ]
     }
 
     fn shaper(toml_text: &str) -> Shaper {
@@ -498,7 +589,17 @@ mod tests {
                 "column_truncate_to": {"bio": 4}, "column_mask_hash": ["email"], "hash_salt_env": "WALCAST_TEST_SALT_1"}}"#,
         );
         let out = s
-            .apply(event(Op::Create, None, Some(row(1, "a@b.c", "123-45", Value::Text("a long bio".into()), 42))))
+            .apply(event(
+                Op::Create,
+                None,
+                Some(row(
+                    1,
+                    "a@b.c",
+                    "123-45",
+                    Value::Text("a long bio".into()),
+                    42,
+                )),
+            ))
             .unwrap();
         assert_eq!(out.len(), 1);
         let e = &out[0];
@@ -517,24 +618,52 @@ mod tests {
         assert_eq!(e.table.columns[3].pg_type, PgType::Text);
         assert_eq!(e.table.columns[1].pg_type, PgType::Text);
         let text = format!("{e:?}");
-        assert!(!text.contains("123-45") && !text.contains("a@b.c") && !text.contains("long bio"), "{text}");
+        assert!(
+            !text.contains("123-45") && !text.contains("a@b.c") && !text.contains("long bio"),
+            "{text}"
+        );
     }
 
     #[test]
     fn null_and_unchanged_toast_stay_what_they_are() {
         let s = shaper(r#"{"public.users": {"column_mask_with": {"bio": 5}}}"#);
-        let out = s.apply(event(Op::Update, None, Some(row(1, "e", "s", Value::Unavailable, 1)))).unwrap();
+        let out = s
+            .apply(event(
+                Op::Update,
+                None,
+                Some(row(1, "e", "s", Value::Unavailable, 1)),
+            ))
+            .unwrap();
         assert_eq!(out[0].after.as_ref().unwrap()[3], Value::Unavailable);
-        let out = s.apply(event(Op::Update, None, Some(row(1, "e", "s", Value::Null, 1)))).unwrap();
+        let out = s
+            .apply(event(
+                Op::Update,
+                None,
+                Some(row(1, "e", "s", Value::Null, 1)),
+            ))
+            .unwrap();
         assert_eq!(out[0].after.as_ref().unwrap()[3], Value::Null);
     }
 
     #[test]
     fn include_list_keeps_the_listed_columns_and_tables_without_rules_pass() {
         let s = shaper(r#"{"public.users": {"column_include_list": ["id", "age"]}}"#);
-        let out = s.apply(event(Op::Create, None, Some(row(1, "e", "s", Value::Null, 9)))).unwrap();
-        assert_eq!(out[0].after.as_ref().unwrap(), &vec![Value::Int32(1), Value::Int32(9)]);
-        let other = Shaper::new(&toml_like(r#"{"public.other": {"column_exclude_list": ["x"]}}"#), "k").unwrap();
+        let out = s
+            .apply(event(
+                Op::Create,
+                None,
+                Some(row(1, "e", "s", Value::Null, 9)),
+            ))
+            .unwrap();
+        assert_eq!(
+            out[0].after.as_ref().unwrap(),
+            &vec![Value::Int32(1), Value::Int32(9)]
+        );
+        let other = Shaper::new(
+            &toml_like(r#"{"public.other": {"column_exclude_list": ["x"]}}"#),
+            "k",
+        )
+        .unwrap();
         let e = event(Op::Create, None, Some(row(1, "e", "s", Value::Null, 9)));
         let out = other.apply(e.clone()).unwrap();
         assert!(Arc::ptr_eq(&out[0].table, &e.table));
@@ -543,8 +672,19 @@ mod tests {
     #[test]
     fn a_key_override_keys_events_and_splits_a_key_change() {
         let s = shaper(r#"{"public.users": {"message_key_columns": ["email"]}}"#);
-        let out = s.apply(event(Op::Create, None, Some(row(1, "e1", "s", Value::Null, 9)))).unwrap();
-        let keys: Vec<_> = out[0].key_values().unwrap().into_iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
+        let out = s
+            .apply(event(
+                Op::Create,
+                None,
+                Some(row(1, "e1", "s", Value::Null, 9)),
+            ))
+            .unwrap();
+        let keys: Vec<_> = out[0]
+            .key_values()
+            .unwrap()
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect();
         assert_eq!(keys, [("email".to_string(), Value::Text("e1".into()))]);
         let out = s
             .apply(event(
@@ -553,7 +693,10 @@ mod tests {
                 Some(row(1, "e2", "s", Value::Null, 9)),
             ))
             .unwrap();
-        assert_eq!(out.iter().map(|e| e.op).collect::<Vec<_>>(), [Op::Delete, Op::Create]);
+        assert_eq!(
+            out.iter().map(|e| e.op).collect::<Vec<_>>(),
+            [Op::Delete, Op::Create]
+        );
         assert_eq!(out[0].key_values().unwrap()[0].1, &Value::Text("e1".into()));
         assert_eq!(out[1].key_values().unwrap()[0].1, &Value::Text("e2".into()));
         // The same key: one update.
@@ -573,15 +716,31 @@ mod tests {
             let s = Shaper::new(&toml_like(json), "pipelines.p.table");
             match s {
                 Err(e) => e.to_string(),
-                Ok(s) => s.apply(event(Op::Create, None, Some(row(1, "e", "s", Value::Null, 1)))).unwrap_err().to_string(),
+                Ok(s) => s
+                    .apply(event(
+                        Op::Create,
+                        None,
+                        Some(row(1, "e", "s", Value::Null, 1)),
+                    ))
+                    .unwrap_err()
+                    .to_string(),
             }
         };
-        assert!(e(r#"{"public.users": {"column_exclude_list": ["id"]}}"#).contains("part of the key"));
-        assert!(e(r#"{"public.users": {"column_mask_with": {"id": 3}}}"#).contains("part of the key"));
-        assert!(e(r#"{"public.users": {"column_truncate_to": {"age": 3}}}"#).contains("text and bytea"));
+        assert!(
+            e(r#"{"public.users": {"column_exclude_list": ["id"]}}"#).contains("part of the key")
+        );
+        assert!(
+            e(r#"{"public.users": {"column_mask_with": {"id": 3}}}"#).contains("part of the key")
+        );
+        assert!(
+            e(r#"{"public.users": {"column_truncate_to": {"age": 3}}}"#).contains("text and bytea")
+        );
         assert!(e(r#"{"public.users": {"column_mask_hash": ["email"]}}"#).contains("needs a salt"));
         assert!(e(r#"{"public.users": {"message_key_columns": ["nope"]}}"#).contains("`nope`"));
-        assert!(e(r#"{"public.users": {"column_mask_with": {"bio": 1}, "column_exclude_list": ["bio"]}}"#).contains("both"));
+        assert!(e(
+            r#"{"public.users": {"column_mask_with": {"bio": 1}, "column_exclude_list": ["bio"]}}"#
+        )
+        .contains("both"));
         assert!(e(r#"{"public.users": {"hash_salt_env": "WALCAST_TEST_NO_SUCH_VAR", "column_mask_hash": ["bio"]}}"#)
             .contains("WALCAST_TEST_NO_SUCH_VAR is not set"));
     }
@@ -596,7 +755,10 @@ pub struct ShapingSink {
 }
 
 impl ShapingSink {
-    pub fn wrap(inner: Box<dyn crate::sink::Sink>, shaper: Arc<Shaper>) -> Box<dyn crate::sink::Sink> {
+    pub fn wrap(
+        inner: Box<dyn crate::sink::Sink>,
+        shaper: Arc<Shaper>,
+    ) -> Box<dyn crate::sink::Sink> {
         if shaper.is_empty() {
             return inner;
         }
@@ -613,10 +775,10 @@ impl crate::sink::Sink for ShapingSink {
     async fn send(&mut self, batch: crate::sink::Batch) -> Result<(), crate::sink::SinkError> {
         let mut events = Vec::with_capacity(batch.events.len());
         for e in batch.events.iter() {
-            let shaped = self
-                .shaper
-                .apply(e.clone())
-                .map_err(|err| crate::sink::SinkError::definite(self.inner.name(), err.to_string()).with_source(err))?;
+            let shaped = self.shaper.apply(e.clone()).map_err(|err| {
+                crate::sink::SinkError::definite(self.inner.name(), err.to_string())
+                    .with_source(err)
+            })?;
             events.extend(shaped);
         }
         self.inner

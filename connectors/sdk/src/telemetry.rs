@@ -185,10 +185,13 @@ pub fn refresh(pipelines: &[crate::status::PipelineStatus]) {
         }
     }
     for st in pipelines.iter().filter(|st| st.kind == "capture") {
-        let running = |key: &str| st.progress.get(key).and_then(|v| v["state"].as_str()) == Some("running");
-        let initial = running("snapshot")
-            || st.state == crate::status::PipelineState::Snapshotting;
-        for (which, on) in [("initial", initial), ("incremental", running("incremental_snapshot"))] {
+        let running =
+            |key: &str| st.progress.get(key).and_then(|v| v["state"].as_str()) == Some("running");
+        let initial = running("snapshot") || st.state == crate::status::PipelineState::Snapshotting;
+        for (which, on) in [
+            ("initial", initial),
+            ("incremental", running("incremental_snapshot")),
+        ] {
             gauge!(SNAPSHOT_RUNNING, "pipeline" => st.name.clone(), "snapshot" => which)
                 .set(if on { 1.0 } else { 0.0 });
         }

@@ -77,7 +77,11 @@ impl TargetSessionAttrs {
 
 /// `host1:port1,host2:port2`, for messages.
 pub fn describe_endpoints(endpoints: &[Endpoint]) -> String {
-    endpoints.iter().map(Endpoint::to_string).collect::<Vec<_>>().join(",")
+    endpoints
+        .iter()
+        .map(Endpoint::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Where and how to connect. Built from the pipeline's `source` config.
@@ -317,7 +321,11 @@ impl ReplicationConnection {
             last = Some(ReplicationError::WrongSession {
                 endpoint: e.to_string(),
                 wanted: p.target_session_attrs.as_str(),
-                found: if in_recovery { "a standby (in recovery)" } else { "read-only (default_transaction_read_only = on)" },
+                found: if in_recovery {
+                    "a standby (in recovery)"
+                } else {
+                    "read-only (default_transaction_read_only = on)"
+                },
             });
         }
         Err(last.unwrap_or(ReplicationError::Closed))
@@ -695,9 +703,12 @@ impl ReplicationConnection {
     /// `ALTER_REPLICATION_SLOT ... (FAILOVER true)`), for a pipeline whose
     /// slot was created before `slot_failover` was set.
     pub async fn enable_failover(&mut self, slot: &str) -> Result<(), ReplicationError> {
-        self.simple_query(&format!("ALTER_REPLICATION_SLOT {} (FAILOVER true)", quote_ident(slot)))
-            .await
-            .map(|_| ())
+        self.simple_query(&format!(
+            "ALTER_REPLICATION_SLOT {} (FAILOVER true)",
+            quote_ident(slot)
+        ))
+        .await
+        .map(|_| ())
     }
 
     /// Starts streaming. `start` 0/0 lets the server resume from the slot's
