@@ -159,10 +159,12 @@ impl PostgresSourceConfig {
         let ports = match ports.len() {
             1 => vec![ports[0]; hosts.len()],
             n if n == hosts.len() => ports,
-            n => return Err(format!(
+            n => {
+                return Err(format!(
                 "`port` lists {n} ports for {} hosts; give one port for all hosts or one per host",
                 hosts.len()
-            )),
+            ))
+            }
         };
         Ok(hosts
             .into_iter()

@@ -599,45 +599,61 @@ fn publication_targets(tables: &[String], schemas: &[String]) -> String {
 pub async fn apply_publication(client: &Client, plan: &Plan) -> Result<(), SetupError> {
     if let Some(sql) = &plan.set_generated {
         tracing::info!(%sql, "publish_generated_columns asks for generated columns; changing the publication");
-        client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {
-            Some(db) if db.code().code() == "42501" => SetupError::Definite(format!(
-                "cannot change the publication: {}; the role must own the publication (or be superuser), or run it yourself: {sql}",
-                db.message()
-            )),
-            _ => SetupError::Query { what: "alter publication".into(), source: e },
-        })?;
+        run_publication_sql(
+            client,
+            sql,
+            "change the publication",
+            "the role must own the publication (or be superuser), or run it yourself",
+        )
+        .await?;
     }
     if let Some(sql) = &plan.set_via_root {
         tracing::warn!(%sql, "the publication published partitioned tables the other way than publish_via_partition_root asks; changing it");
-        client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {
-            Some(db) if db.code().code() == "42501" => SetupError::Definite(format!(
-                "cannot change the publication: {}; the role must own the publication (or be superuser), or run it yourself: {sql}",
-                db.message()
-            )),
-            _ => SetupError::Query { what: "alter publication".into(), source: e },
-        })?;
+        run_publication_sql(
+            client,
+            sql,
+            "change the publication",
+            "the role must own the publication (or be superuser), or run it yourself",
+        )
+        .await?;
     }
     if let Some(sql) = &plan.alter_publication {
         tracing::info!(%sql, "adding tables to the publication");
-        client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {
-            Some(db) if db.code().code() == "42501" => SetupError::Definite(format!(
-                "cannot add tables to the publication: {}; the role must own the publication and the tables (or be superuser), or run it yourself: {sql}",
-                db.message()
-            )),
-            _ => SetupError::Query { what: "alter publication".into(), source: e },
-        })?;
+        run_publication_sql(client, sql, "add tables to the publication", "the role must own the publication and the tables (or be superuser), or run it yourself").await?;
     }
     if let Some(sql) = &plan.create_publication {
         tracing::info!(%sql, "creating publication");
-        client.batch_execute(sql).await.map_err(|e| match e.as_db_error() {
-            Some(db) if db.code().code() == "42501" => SetupError::Definite(format!(
-                "cannot create the publication: {}; the role must own the tables (or be superuser), or create it yourself: {sql}",
-                db.message()
-            )),
-            _ => SetupError::Query { what: "create publication".into(), source: e },
-        })?;
+        run_publication_sql(
+            client,
+            sql,
+            "create the publication",
+            "the role must own the tables (or be superuser), or create it yourself",
+        )
+        .await?;
     }
     Ok(())
+}
+
+/// Runs one publication statement; a missing privilege (42501) is definite,
+/// with what the operator can do and the statement to run by hand.
+async fn run_publication_sql(
+    client: &Client,
+    sql: &str,
+    what: &str,
+    advice: &str,
+) -> Result<(), SetupError> {
+    client
+        .batch_execute(sql)
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db) if db.code().code() == "42501" => {
+                SetupError::Definite(format!("cannot {what}: {}; {advice}: {sql}", db.message()))
+            }
+            _ => SetupError::Query {
+                what: what.to_string(),
+                source: e,
+            },
+        })
 }
 
 /// The partitions of a captured partitioned table, checked the way Postgres

@@ -196,10 +196,11 @@ struct Rules {
 
 /// Applies every table's rules; built once per pipeline.
 pub struct Shaper {
-    rules: HashMap<String, Rules>,
+    /// schema → table → rules: looked up per event without allocating.
+    rules: HashMap<String, HashMap<String, Rules>>,
     /// Keyed by the source description's address and version: a new
     /// description (a changed table) gets a new shape.
-    cache: Mutex<HashMap<(String, u32, u32), Arc<Shaped>>>,
+    cache: Mutex<HashMap<(u32, u32), Arc<Shaped>>>,
     warned: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
@@ -210,7 +211,7 @@ impl Shaper {
         tables: &BTreeMap<String, TableShapeConfig>,
         key_prefix: &str,
     ) -> Result<Self, ShapeError> {
-        let mut rules = HashMap::new();
+        let mut rules: HashMap<String, HashMap<String, Rules>> = HashMap::new();
         for (name, config) in tables {
             let key = format!("{key_prefix}.\"{name}\"");
             config
@@ -218,8 +219,11 @@ impl Shaper {
                 .map_err(|message| ShapeError::Config { message })?;
             if config.shapes_events() {
                 let salt = config.salt(&key)?;
-                rules.insert(
-                    name.clone(),
+                let table = crate::TableName::parse(name).ok_or_else(|| ShapeError::Config {
+                    message: format!("{key}: not of the form schema.table"),
+                })?;
+                rules.entry(table.schema).or_default().insert(
+                    table.name,
                     Rules {
                         config: config.clone(),
                         salt,
@@ -247,12 +251,20 @@ impl Shaper {
         })
     }
 
+    fn rules_for(&self, table: &TableSchema) -> Option<&Rules> {
+        self.rules.get(&table.schema)?.get(&table.name)
+    }
+
+    /// Whether events of this table are changed by the rules.
+    pub fn applies_to(&self, table: &TableSchema) -> bool {
+        self.rules_for(table).is_some()
+    }
+
     fn shaped(&self, table: &Arc<TableSchema>) -> Result<Option<Arc<Shaped>>, ShapeError> {
-        let name = table.qualified_name();
-        let Some(rules) = self.rules.get(&name) else {
+        let Some(rules) = self.rules_for(table) else {
             return Ok(None);
         };
-        let id = (name.clone(), table.relation_id, table.version);
+        let id = (table.relation_id, table.version);
         if let Some(s) = self.cache.lock().expect("shape cache").get(&id) {
             // The same relation and version always has the same columns.
             if s.columns.iter().all(|(i, _)| *i < table.columns.len()) {
@@ -310,29 +322,32 @@ impl Shaper {
                 .is_none_or(|l| l.contains(&col.name))
                 && !c.column_exclude_list.contains(&col.name)
         };
-        let key_names: Vec<String> =
-            match &c.message_key_columns {
-                Some(k) => {
-                    for col in k {
-                        match table.columns.iter().find(|x| &x.name == col) {
-                            None => return Err(err(format!(
+        let key_names: Vec<String> = match &c.message_key_columns {
+            Some(k) => {
+                for col in k {
+                    match table.columns.iter().find(|x| &x.name == col) {
+                        None => {
+                            return Err(err(format!(
                                 "message_key_columns names `{col}`, which the table does not have"
-                            ))),
-                            Some(x) if !included(x) => return Err(err(format!(
-                                "message_key_columns names `{col}`, which the column lists exclude"
-                            ))),
-                            Some(_) => {}
+                            )))
                         }
+                        Some(x) if !included(x) => {
+                            return Err(err(format!(
+                                "message_key_columns names `{col}`, which the column lists exclude"
+                            )))
+                        }
+                        Some(_) => {}
                     }
-                    k.clone()
                 }
-                None => table
-                    .columns
-                    .iter()
-                    .filter(|x| x.key)
-                    .map(|x| x.name.clone())
-                    .collect(),
-            };
+                k.clone()
+            }
+            None => table
+                .columns
+                .iter()
+                .filter(|x| x.key)
+                .map(|x| x.name.clone())
+                .collect(),
+        };
         let mut columns = Vec::new();
         let mut out = Vec::new();
         for (i, col) in table.columns.iter().enumerate() {
@@ -407,10 +422,7 @@ impl Shaper {
         let Some(shaped) = self.shaped(&event.table)? else {
             return Ok(vec![event]);
         };
-        let salt = self
-            .rules
-            .get(&event.table.qualified_name())
-            .and_then(|r| r.salt.as_deref());
+        let salt = self.rules_for(&event.table).and_then(|r| r.salt.as_deref());
         let image = |row: &[Value]| -> Vec<Value> {
             shaped
                 .columns
@@ -773,6 +785,14 @@ impl crate::sink::Sink for ShapingSink {
     }
 
     async fn send(&mut self, batch: crate::sink::Batch) -> Result<(), crate::sink::SinkError> {
+        // A batch of tables without rules goes through as it is.
+        if !batch
+            .events
+            .iter()
+            .any(|e| self.shaper.applies_to(&e.table))
+        {
+            return self.inner.send(batch).await;
+        }
         let mut events = Vec::with_capacity(batch.events.len());
         for e in batch.events.iter() {
             let shaped = self.shaper.apply(e.clone()).map_err(|err| {
@@ -794,6 +814,9 @@ impl crate::sink::Sink for ShapingSink {
     }
 
     fn refuses(&self, event: &ChangeEvent) -> Option<String> {
+        if !self.shaper.applies_to(&event.table) {
+            return self.inner.refuses(event);
+        }
         match self.shaper.apply(event.clone()) {
             Err(e) => Some(e.to_string()),
             Ok(events) => events.iter().find_map(|e| self.inner.refuses(e)),
