@@ -98,6 +98,10 @@ class KafkaRebuild:
         self.count = 0
         self.unknown = Counter()
         self.offsets = defaultdict(set)  # topic -> {(partition, offset)} of records with a value
+        # (topic prefix, commit_lsn) -> {total_order: where}: every pipeline
+        # numbers the events of a transaction 1..n across its tables, so a
+        # gap is an event that never reached Kafka (or the oracle).
+        self.orders = defaultdict(dict)
         self.topic_table = {}  # topic -> table label
 
     def poll(self, idle=2.0, limit=120.0):
@@ -152,7 +156,29 @@ class KafkaRebuild:
               "before": before, "after": after, "key": key, "txId": src.get("txId"),
               "where": f"{m.topic()}[{m.partition()}]@{m.offset()}"}
         dedupe = (ev["commit_lsn"], order, op, json.dumps(key, default=str), src["table"])
+        if op != "r" and tx:
+            prefix = next((p for p in self.prefixes if m.topic().startswith(p)), "")
+            self.orders[(prefix, ev["commit_lsn"])].setdefault(order, ev)
         self.events[t.label].setdefault(dedupe, ev)
+
+    def snapshot_rows(self, t):
+        """The rows of the snapshot events (op r), as rebuild gives rows."""
+        reads = [e for e in self.events[t.label].values() if e["op"] == "r"]
+        if t.keyless:
+            return Counter(row_json(e["after"]) for e in reads)
+        return {e["key"]: e["after"] for e in reads}
+
+    def gaps(self):
+        """Transactions whose events are not numbered 1..n without a hole:
+        [(prefix, commit_lsn, missing orders, events around them)]."""
+        out = []
+        for (prefix, lsn), seen in self.orders.items():
+            top = max(seen)
+            missing = [o for o in range(1, top + 1) if o not in seen]
+            if missing:
+                near = [seen[o] for o in sorted(seen) if abs(o - missing[0]) <= 2]
+                out.append((prefix, lsn, missing, near))
+        return out
 
     def image(self, t, img):
         if img is None:

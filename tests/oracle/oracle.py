@@ -149,6 +149,7 @@ class Run:
         r = random.Random(args.seed)
         self.fmt = args.format or r.choice(["avro", "json"])
         self.mode = args.mode or r.choice(["relay", "direct"])
+        self.initial = {}
         self.switches = dict(SWITCHES)
         for name in filter(None, (os.environ.get("WALCAST_ORACLE_ENABLE", "") + "," + (args.enable or "")).split(",")):
             self.switches[name.strip()] = True
@@ -230,6 +231,8 @@ class Run:
                 rows = [w.row_literals(t, w.new_key_values(t)) for _ in range(20)]
                 cur.execute(w.insert_sql(t, rows))
             c.commit()
+            # What the initial snapshot must deliver, row for row.
+            self.initial = {t.label: pg_rows(c, t) for t in self.tables}
 
     def config(self):
         registry = f'[pipelines.{{p}}.registry]\nurl = "{self.registry}"\n' if self.fmt == "avro" else ""
@@ -443,6 +446,18 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
             histories[t.label] = hist
             counts["rows"] += sum(expected[t.label].values()) if t.keyless else len(expected[t.label])
             compare_rows(diff, "kafka", t, expected[t.label], rows, hist)
+        for t in self.tables:
+            # The initial snapshot (op r) holds exactly the rows present
+            # before walcast started, both ways (walcast starts after
+            # initial_rows, and a kill during the load comes after the
+            # snapshot completed: ready means streaming).
+            if t.label in self.initial:
+                compare_rows(diff, "kafka-snapshot", t, self.initial[t.label], kafka.snapshot_rows(t),
+                             histories[t.label])
+        for prefix, lsn, missing, around in kafka.gaps():
+            diff.add("kafka-transaction", Topic(prefix.rstrip(".")), f"commit_lsn={lsn}", "total_order",
+                     f"events 1..{max(e['order'] for e in around)} of the transaction",
+                     f"orders {missing[:10]} missing", {f"commit_lsn={lsn}": around})
         for t in self.sink_tables:
             if t.keyless:
                 continue
