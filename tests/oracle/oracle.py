@@ -150,6 +150,7 @@ class Run:
         self.fmt = args.format or r.choice(["avro", "json"])
         self.mode = args.mode or r.choice(["relay", "direct"])
         self.initial = {}
+        self.failed = False  # a failed run keeps its database, topics, keys and indices
         self.switches = dict(SWITCHES)
         for name in filter(None, (os.environ.get("WALCAST_ORACLE_ENABLE", "") + "," + (args.enable or "")).split(",")):
             self.switches[name.strip()] = True
@@ -643,6 +644,12 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
             if diff.total or self.exits:
                 for line in diff.lines:
                     print(line)
+                for where, label, key in diff.missing_keys[:6]:
+                    if where.startswith("kafka") and isinstance(key, tuple):
+                        found = kafka.records_with_key(key[-1])
+                        log(f"records of {label} whose key holds {key[-1]!r}: {found or 'none at all'}")
+                for line in kafka.partition_report():
+                    log(f"partition: {line}")
                 if kafka.unknown:
                     log(f"events of unknown tables: {dict(kafka.unknown)}")
                 log(f"walcast log (warnings and errors, last lines):\n{self.log_tail()}")
@@ -652,6 +659,7 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
                     + (f" --faults {','.join(self.faults)}" if self.faults else "")
                     + (f" --enable {','.join(k for k, v in self.switches.items() if v and not SWITCHES[k])}" if any(v and not SWITCHES[k] for k, v in self.switches.items()) else "")
                     + f"; files in {self.dir}")
+                self.failed = True
                 return 1
             log(f"PASS {summary}")
             return 0
@@ -661,7 +669,9 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
             return 2
         finally:
             self.stop_walcast()
-            if not self.args.keep:
+            if self.failed:
+                log(f"kept the database {self.db}, the topics, keys and indices of run {self.run_id} for inspection")
+            elif not self.args.keep:
                 self.cleanup()
 
 
