@@ -91,9 +91,13 @@ class KafkaRebuild:
         self.assigned = set()
         self.deser = None
         if fmt == "avro":
-            from confluent_kafka.schema_registry import SchemaRegistryClient
+            from confluent_kafka.schema_registry import SchemaRegistryClient, topic_subject_name_strategy
             from confluent_kafka.schema_registry.avro import AvroDeserializer
-            self.deser = AvroDeserializer(SchemaRegistryClient({"url": registry}))
+            # The topic strategy named: since 2.16 the default asks the
+            # registry for Confluent's "associations" (not Apicurio's API)
+            # per topic, and one such request hung the oracle for good.
+            self.deser = AvroDeserializer(SchemaRegistryClient({"url": registry, "timeout": 30}),
+                                          conf={"subject.name.strategy": topic_subject_name_strategy})
         self.events = defaultdict(dict)  # table label -> {dedupe key: event}
         self.count = 0
         self.unknown = Counter()

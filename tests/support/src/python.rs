@@ -40,7 +40,7 @@ fn install_venv() -> PathBuf {
         Command::new(venv.join("bin/pip")).args([
             "install",
             "--quiet",
-            "confluent-kafka[avro,schemaregistry]",
+            "confluent-kafka[avro,schemaregistry]==2.16.1",
             "fastavro",
             "psycopg[binary]",
         ]),
