@@ -280,7 +280,8 @@ type = "kafka"
 bootstrap_servers = "{self.bootstrap}"
 create_topics = true
 topic_creation = {{ partitions = 3 }}
-"""
+""" + (f'producer = {{{{ "debug" = {toml_str(os.environ["WALCAST_ORACLE_KAFKA_DEBUG"])} }}}}\n'
+       if os.environ.get("WALCAST_ORACLE_KAFKA_DEBUG") else "")
             if direct:
                 text += redis_sinks + search_sink
             out.append(text.replace("{p}", name))
