@@ -574,14 +574,20 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
         except Exception:
             pass
 
-    def cleanup(self):
+    def cleanup(self, keep_data=False):
+        """Drops what the run created; `keep_data` (a failed run) keeps the
+        database, keys, indices and topics for inspection but still drops
+        the slots, which would pin WAL and use up max_replication_slots."""
         try:
             with psycopg.connect(self.conninfo("postgres"), autocommit=True) as c:
                 for (slot,) in c.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s", (self.run_id + "%",)).fetchall():
                     c.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                c.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+                if not keep_data:
+                    c.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
         except Exception as e:
             log(f"cleanup of Postgres failed: {e}")
+        if keep_data:
+            return
         try:
             for key in self.rds.scan_iter(match=f"*{self.run_id}:*", count=1000):
                 self.rds.delete(key)
@@ -671,7 +677,8 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
         finally:
             self.stop_walcast()
             if self.failed:
-                log(f"kept the database {self.db}, the topics, keys and indices of run {self.run_id} for inspection")
+                self.cleanup(keep_data=True)
+                log(f"kept the database {self.db}, the topics, keys and indices of run {self.run_id} for inspection (the slots are dropped)")
             elif not self.args.keep:
                 self.cleanup()
 
