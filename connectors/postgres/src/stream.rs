@@ -1197,9 +1197,11 @@ enum Unlisted {
 /// A relation the pipeline does not list arrived in the stream. A partition
 /// of a captured partitioned table is captured: as a table of its own when
 /// partitions are (one attached since the start), or else as its parent
-/// (WAL decoded from before the publication published via the root, e.g. a
-/// publication created by an older walcast, names the partition: skipping
-/// it would lose its changes). Anything else is a table the publication
+/// (pgoutput describes a partition after its root whenever one of its
+/// changes goes out through the root; and WAL decoded from before the
+/// publication published via the root, e.g. a publication created by an
+/// older walcast, names the partition in its changes: skipping it would
+/// lose them). Anything else is a table the publication
 /// covers beyond the pipeline's list: skipped, with a warning once, never
 /// silently.
 async fn unlisted_relation(
@@ -1228,9 +1230,14 @@ async fn unlisted_relation(
         .unwrap_or_default();
     if let Some(parent) = ancestors.iter().find(|p| asm.wants(&p.to_string())) {
         if s.wanted.via_root {
-            tracing::warn!(pipeline = %s.pipeline, table = %name, parent = %parent,
-                "changes of a partition arrive under its own name (decoded from before the publication published \
-                 via the partition root): delivering them as changes of the partitioned table");
+            // pgoutput describes the partition right after its root
+            // whenever a partition's change goes out through the root
+            // (maybe_send_schema), so this is routine; changes that name
+            // the partition itself (WAL decoded from before the
+            // publication published via the root) are delivered as the
+            // parent's too.
+            tracing::debug!(pipeline = %s.pipeline, table = %name, parent = %parent,
+                "a partition of a captured partitioned table: its changes are the parent's");
             return Unlisted::AsParent(parent.clone());
         }
         tracing::info!(pipeline = %s.pipeline, table = %name, parent = %parent,
