@@ -161,6 +161,7 @@ struct Pending<P> {
     position: Option<P>,
     outcome: Option<Delivery>,
     events: usize,
+    bytes: usize,
 }
 
 /// Resolves acknowledgements in registration order into a checkpoint.
@@ -172,6 +173,7 @@ pub struct AckTracker<P> {
     rx: mpsc::UnboundedReceiver<(u64, Delivery)>,
     checkpoint: Option<P>,
     in_flight_events: usize,
+    in_flight_bytes: usize,
 }
 
 impl<P: Clone> Default for AckTracker<P> {
@@ -191,6 +193,7 @@ impl<P: Clone> AckTracker<P> {
             rx,
             checkpoint: None,
             in_flight_events: 0,
+            in_flight_bytes: 0,
         }
     }
 
@@ -199,6 +202,13 @@ impl<P: Clone> AckTracker<P> {
     /// delivered; `None` for a batch that ends at no resumable point (the
     /// middle of a large transaction).
     pub fn register(&mut self, position: Option<P>, events: usize) -> Acker {
+        self.register_sized(position, events, 0)
+    }
+
+    /// As [`Self::register`], counting `bytes` (the events'
+    /// [`crate::ChangeEvent::approx_bytes`]) in [`Self::in_flight_bytes`]
+    /// until the batch resolves.
+    pub fn register_sized(&mut self, position: Option<P>, events: usize, bytes: usize) -> Acker {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.pending.insert(
@@ -207,9 +217,11 @@ impl<P: Clone> AckTracker<P> {
                 position,
                 outcome: None,
                 events,
+                bytes,
             },
         );
         self.in_flight_events += events;
+        self.in_flight_bytes += bytes;
         Acker {
             state: Arc::new(AckState {
                 seq,
@@ -231,6 +243,11 @@ impl<P: Clone> AckTracker<P> {
     /// Events in those batches.
     pub fn in_flight_events(&self) -> usize {
         self.in_flight_events
+    }
+
+    /// Bytes of those batches, as registered with [`Self::register_sized`].
+    pub fn in_flight_bytes(&self) -> usize {
+        self.in_flight_bytes
     }
 
     /// Every batch whose [`Acker::sequence`] is below this number is
@@ -296,6 +313,7 @@ impl<P: Clone> AckTracker<P> {
                 Some(Delivery::Delivered) => {
                     let p = entry.remove();
                     self.in_flight_events -= p.events;
+                    self.in_flight_bytes -= p.bytes;
                     if let Some(pos) = p.position {
                         self.checkpoint = Some(pos.clone());
                         moved = Some(pos);
@@ -331,6 +349,20 @@ mod tests {
         assert_eq!(t.delivered_below(), 3);
         assert_eq!(t.in_flight_batches(), 0);
         assert_eq!(t.in_flight_events(), 0);
+    }
+
+    #[test]
+    fn bytes_are_counted_until_the_batch_resolves() {
+        let mut t: AckTracker<u64> = AckTracker::new();
+        let a = t.register_sized(Some(1), 2, 300_000);
+        let b = t.register_sized(Some(2), 1, 40);
+        assert_eq!(t.in_flight_bytes(), 300_040);
+        b.ack();
+        assert_eq!(t.poll().unwrap(), None);
+        assert_eq!(t.in_flight_bytes(), 300_040, "b waits behind a");
+        a.ack();
+        assert_eq!(t.poll().unwrap(), Some(2));
+        assert_eq!(t.in_flight_bytes(), 0);
     }
 
     #[test]

@@ -106,6 +106,16 @@ pub struct ChangeEvent {
 }
 
 impl ChangeEvent {
+    /// Roughly the memory the event holds, in bytes (its images; the table
+    /// description is shared): see [`Value::approx_bytes`].
+    pub fn approx_bytes(&self) -> usize {
+        let image = |i: &Option<Vec<Value>>| {
+            i.as_ref()
+                .map_or(0, |r| r.iter().map(Value::approx_bytes).sum::<usize>())
+        };
+        std::mem::size_of::<ChangeEvent>() + image(&self.before) + image(&self.after)
+    }
+
     /// The row image that identifies the row: the after image for inserts,
     /// updates and reads, the before image for deletes.
     pub fn identity_row(&self) -> Option<&[Value]> {

@@ -131,6 +131,22 @@ pub enum Value {
 }
 
 impl Value {
+    /// Roughly the memory the value holds, in bytes: what in-flight limits
+    /// by bytes count (`max_in_flight_bytes`). Not exact (allocator slack,
+    /// capacity beyond length), but proportional where it matters: a
+    /// 300 kB TOASTed text counts 300 kB, an integer its size.
+    pub fn approx_bytes(&self) -> usize {
+        let inline = std::mem::size_of::<Value>();
+        inline
+            + match self {
+                Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => s.len(),
+                Value::Numeric(Numeric::Finite(s)) => s.len(),
+                Value::Bytes(b) => b.len(),
+                Value::Array(items) => items.iter().map(Value::approx_bytes).sum(),
+                _ => 0,
+            }
+    }
+
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Null)
     }
@@ -138,6 +154,16 @@ impl Value {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn approximate_size_follows_the_large_values() {
+        let small = Value::Int64(1).approx_bytes();
+        let big = Value::Text("x".repeat(300_000)).approx_bytes();
+        assert!((300_000..300_100).contains(&big), "{big}");
+        let arr = Value::Array(vec![Value::Bytes(vec![0; 1000]), Value::Null]).approx_bytes();
+        assert!(arr >= 1000 + 2 * small, "{arr}");
+    }
+
     use super::*;
 
     #[test]
