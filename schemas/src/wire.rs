@@ -6,6 +6,14 @@
 
 /// The only magic byte Confluent has defined.
 pub const MAGIC: u8 = 0;
+
+/// Whether a record's bytes are framed by a schema registry serializer
+/// (they start with the magic byte) rather than JSON text, which never
+/// starts with a zero byte. The one place readers (the relay, `walcast
+/// tail`) tell Avro from JSON.
+pub fn is_framed(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&MAGIC)
+}
 /// Magic byte plus schema id.
 pub const HEADER_LEN: usize = 5;
 

@@ -125,7 +125,7 @@ impl Decoder {
     /// The record as JSON, and for Avro the column types its writer schema
     /// gives (JSON records carry no types).
     async fn json(&self, bytes: &[u8]) -> Result<(Json, Option<Arc<ColumnTypes>>), String> {
-        if bytes.first() == Some(&0) {
+        if walcast_schemas::wire::is_framed(bytes) {
             let avro = self
                 .avro
                 .as_ref()
@@ -166,7 +166,7 @@ impl Decoder {
     /// schema for Avro, from the text for JSON (a parsed JSON map sorts its
     /// members by name).
     async fn key_columns(&self, bytes: &[u8]) -> Result<Vec<String>, String> {
-        if bytes.first() == Some(&0) {
+        if walcast_schemas::wire::is_framed(bytes) {
             let avro = self
                 .avro
                 .as_ref()
