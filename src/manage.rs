@@ -243,7 +243,7 @@ const SLOTS_QUERY: &str = "SELECT slot_name::text, plugin::text, slot_type::text
 /// their owner; `state` gives a pipeline's state in the running daemon.
 pub async fn list_slots(
     captures: &[Capture],
-    state: &dyn Fn(&str) -> Option<PipelineState>,
+    state: &(dyn Fn(&str) -> Option<PipelineState> + Sync),
 ) -> Result<Vec<Slot>, ManageError> {
     let mut out = Vec::new();
     for (source, group) in clusters(captures) {
@@ -255,7 +255,7 @@ pub async fn list_slots(
 async fn cluster_slots(
     source: &str,
     group: &[&Capture],
-    state: &dyn Fn(&str) -> Option<PipelineState>,
+    state: &(dyn Fn(&str) -> Option<PipelineState> + Sync),
 ) -> Result<Vec<Slot>, ManageError> {
     let first = group[0];
     let client = capture::catalog::connect(&first.settings.connect)
@@ -311,7 +311,7 @@ pub struct SlotDropped {
 /// picks the cluster when several have a slot of that name.
 pub async fn drop_slot(
     captures: &[Capture],
-    state: &dyn Fn(&str) -> Option<PipelineState>,
+    state: &(dyn Fn(&str) -> Option<PipelineState> + Sync),
     slot: &str,
     confirm: Option<&str>,
     source: Option<&str>,

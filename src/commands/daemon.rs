@@ -33,7 +33,7 @@ pub(crate) enum Reply {
 
 /// The config, when `--config` (or `WALCAST_CONFIG`) names one.
 pub(crate) fn load_config(args: &DaemonArgs) -> anyhow::Result<Option<Config>> {
-    args.config.as_deref().map(config::load).transpose()
+    Ok(args.config.as_deref().map(config::load).transpose()?)
 }
 
 /// Where the daemon listens, from `--admin` or the config; `None` when the
