@@ -65,7 +65,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
-        Command::Pause { pipeline, daemon } => commands::pause::pause(&daemon, &pipeline, true).await,
+        Command::Pause { pipeline, daemon } => {
+            commands::pause::pause(&daemon, &pipeline, true).await
+        }
         Command::Resume { pipeline, daemon } => {
             commands::pause::pause(&daemon, &pipeline, false).await
         }

@@ -260,7 +260,9 @@ async fn cluster_slots(
     let first = group[0];
     let client = capture::catalog::connect(&first.settings.connect)
         .await
-        .map_err(|e| ManageError::catalog(&format!("source {source} (pipeline {})", first.name), e))?;
+        .map_err(|e| {
+            ManageError::catalog(&format!("source {source} (pipeline {})", first.name), e)
+        })?;
     let rows = client
         .query(SLOTS_QUERY, &[])
         .await

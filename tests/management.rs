@@ -40,7 +40,10 @@ async fn call(w: &Walcast, path: &str, body: Option<Value>, token: Option<&str>)
     };
     let code = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
-    (code, serde_json::from_str(&text).unwrap_or(json!({ "text": text })))
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(json!({ "text": text })),
+    )
 }
 
 async fn status(w: &Walcast) -> Value {
@@ -115,10 +118,23 @@ fn rebuild(records: &[(Value, Option<Value>)]) -> (BTreeMap<i64, String>, BTreeM
     (rows, creates)
 }
 
+async fn active_pid(db: &TestDb, slot: &str) -> Option<i32> {
+    db.client
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 fn topic_len(topic: &str) -> usize {
     // Read until the topic is quiet for a moment; `false` never finishes
     // early, so this reads for the whole window.
-    consume_json_until(topic, Duration::from_secs(3), |_| false).0.len()
+    consume_json_until(topic, Duration::from_secs(3), |_| false)
+        .0
+        .len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,6 +145,13 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
          CREATE TABLE s (id int PRIMARY KEY, v text);
          INSERT INTO s SELECT i, 'existing ' || i FROM generate_series(1, 20) i;",
     )
+    .await;
+    // A walsender that hears nothing for 2 s ends the connection: the pause
+    // below lasts several times that, so it must keep answering.
+    db.exec(&format!(
+        "ALTER DATABASE {} SET wal_sender_timeout = '2s'",
+        db.name
+    ))
     .await;
     let pipeline = unique("mgmt");
     let prefix = unique("mgmt");
@@ -143,7 +166,10 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
             .toml(admin)
             .replace(
                 &format!("listen = \"{admin}\""),
-                &format!("listen = \"{admin}\"\ntoken_file = \"{}\"", token_file.display()),
+                &format!(
+                    "listen = \"{admin}\"\ntoken_file = \"{}\"",
+                    token_file.display()
+                ),
             )
     });
     let (topic_t, topic_s) = (format!("{prefix}.public.t"), format!("{prefix}.public.s"));
@@ -152,20 +178,31 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
     // The token: nothing without it.
     let deadline = Instant::now() + WAIT;
     while status(&w).await["state"] != "streaming" {
-        assert!(Instant::now() < deadline, "never streamed:\n{}", tail(&w.log(), 3000));
+        assert!(
+            Instant::now() < deadline,
+            "never streamed:\n{}",
+            tail(&w.log(), 3000)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for (path, body) in [
         (api("pause"), Some(json!({}))),
         ("/api/v1/slots".to_string(), None),
-        ("/api/v1/slots/drop".to_string(), Some(json!({"slot": slot, "confirm": slot}))),
+        (
+            "/api/v1/slots/drop".to_string(),
+            Some(json!({"slot": slot, "confirm": slot})),
+        ),
     ] {
         let (code, _) = call(&w, &path, body.clone(), None).await;
         assert_eq!(code, 401, "{path} without the token");
         let (code, _) = call(&w, &path, body, Some("management-token-012345678X")).await;
         assert_eq!(code, 401, "{path} with a wrong token");
     }
-    assert_eq!(status(&w).await["state"], "streaming", "a refused pause changed nothing");
+    assert_eq!(
+        status(&w).await["state"],
+        "streaming",
+        "a refused pause changed nothing"
+    );
 
     // Streaming: rows reach Kafka.
     for i in 0..10 {
@@ -185,9 +222,15 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
     let (code, answer) = call(&w, &api("pause"), Some(json!({})), Some(TOKEN)).await;
     assert_eq!(code, 200, "pause: {answer}");
     assert_eq!(answer["state"], "paused", "{answer}");
-    assert!(answer["message"].as_str().unwrap().contains("paused"), "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("paused"),
+        "{answer}"
+    );
     // What was in flight drains and is confirmed; then the slot must hold.
-    wait_status(&w, "in-flight events to drain", |s| s["in_flight_events"] == 0).await;
+    wait_status(&w, "in-flight events to drain", |s| {
+        s["in_flight_events"] == 0
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let held = db.confirmed_flush(&slot).await.expect("the slot");
     let lag_before = status(&w).await["lag_bytes"].as_u64().unwrap();
@@ -202,18 +245,22 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
     // The lag grows (the server's WAL end keeps being read), in /status and
     // in the metrics, while the state says paused.
     let st = wait_status(&w, "the lag to grow while paused", |s| {
-        s["lag_bytes"].as_u64().unwrap_or(0) > lag_before
-            && s["wal_end"].as_str().is_some()
+        s["lag_bytes"].as_u64().unwrap_or(0) > lag_before && s["wal_end"].as_str().is_some()
     })
     .await;
     assert_eq!(st["state"], "paused", "{st}");
     assert_eq!(st["pause_requested"], true, "{st}");
-    let lag_metric = metric(&w, "walcast_replication_lag_bytes", &pipeline).await.unwrap_or(0.0);
+    let lag_metric = metric(&w, "walcast_replication_lag_bytes", &pipeline)
+        .await
+        .unwrap_or(0.0);
     tokio::time::sleep(Duration::from_millis(600)).await;
     let lag_metric = metric(&w, "walcast_replication_lag_bytes", &pipeline)
         .await
         .unwrap_or(lag_metric);
-    assert!(lag_metric > lag_before as f64, "lag metric {lag_metric} vs {lag_before} before the writes");
+    assert!(
+        lag_metric > lag_before as f64,
+        "lag metric {lag_metric} vs {lag_before} before the writes"
+    );
     assert_eq!(metric(&w, "walcast_paused", &pipeline).await, Some(1.0));
     assert_eq!(metric(&w, "walcast_streaming", &pipeline).await, Some(0.0));
     // `walcast status` shows it too.
@@ -228,16 +275,29 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
 
     // Nothing new reaches Kafka, the slot does not move, the walsender stays.
     let t2 = topic_t.clone();
-    let seen = tokio::task::spawn_blocking(move || topic_len(&t2)).await.unwrap();
+    let seen = tokio::task::spawn_blocking(move || topic_len(&t2))
+        .await
+        .unwrap();
     assert_eq!(seen, 100, "records reached Kafka while paused");
-    assert_eq!(db.confirmed_flush(&slot).await, Some(held), "the slot moved while paused");
+    assert_eq!(
+        db.confirmed_flush(&slot).await,
+        Some(held),
+        "the slot moved while paused"
+    );
     let active: bool = db
         .client
-        .query_one("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_one(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await
         .unwrap()
         .get(0);
-    assert!(active, "the replication connection was dropped while paused");
+    assert!(
+        active,
+        "the replication connection was dropped while paused"
+    );
+    let walsender = active_pid(&db, &slot).await;
 
     // The slot list: the pipeline's slot, the WAL it retains.
     let (code, listed) = call(&w, "/api/v1/slots", None, Some(TOKEN)).await;
@@ -262,10 +322,18 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
     );
 
     // Dropping it: the confirmation, then refused for a running pipeline.
-    let (code, refused) =
-        call(&w, "/api/v1/slots/drop", Some(json!({"slot": slot})), Some(TOKEN)).await;
+    let (code, refused) = call(
+        &w,
+        "/api/v1/slots/drop",
+        Some(json!({"slot": slot})),
+        Some(TOKEN),
+    )
+    .await;
     assert_eq!(code, 400, "{refused}");
-    assert!(refused["error"].as_str().unwrap().contains("\"confirm\""), "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("\"confirm\""),
+        "{refused}"
+    );
     let (code, refused) = call(
         &w,
         "/api/v1/slots/drop",
@@ -283,8 +351,14 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
     .await;
     assert_eq!(code, 409, "{refused}");
     let e = refused["error"].as_str().unwrap();
-    assert!(e.contains(&pipeline) && e.contains("remove the pipeline"), "{refused}");
-    assert!(db.confirmed_flush(&slot).await.is_some(), "the slot survives");
+    assert!(
+        e.contains(&pipeline) && e.contains("remove the pipeline"),
+        "{refused}"
+    );
+    assert!(
+        db.confirmed_flush(&slot).await.is_some(),
+        "the slot survives"
+    );
 
     // A stale slot (a decommissioned pipeline's) is dropped.
     let stale = unique("stale_slot");
@@ -312,8 +386,14 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
     )
     .await;
     assert_eq!(code, 200, "{dropped}");
-    assert!(dropped["message"].as_str().unwrap().contains(&stale), "{dropped}");
-    assert!(db.confirmed_flush(&stale).await.is_none(), "{stale} still exists");
+    assert!(
+        dropped["message"].as_str().unwrap().contains(&stale),
+        "{dropped}"
+    );
+    assert!(
+        db.confirmed_flush(&stale).await.is_none(),
+        "{stale} still exists"
+    );
     let (code, _) = call(
         &w,
         "/api/v1/slots/drop",
@@ -323,40 +403,74 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
     .await;
     assert_eq!(code, 404, "dropping it again");
 
-    // Still paused through all that; resume with the command, which reads
-    // the admin address and the token from the config.
-    assert_eq!(db.confirmed_flush(&slot).await, Some(held), "the slot moved while paused");
+    // Still paused through all that, on the same replication connection
+    // (no timeout, no reconnect); resume with the command, which reads the
+    // admin address and the token from the config.
+    assert_eq!(
+        db.confirmed_flush(&slot).await,
+        Some(held),
+        "the slot moved while paused"
+    );
+    assert_eq!(
+        active_pid(&db, &slot).await,
+        walsender,
+        "the walsender changed while paused (timed out?):\n{}",
+        tail(&w.log(), 3000)
+    );
+    assert_eq!(
+        metric(&w, "walcast_pipeline_restarts_total", &pipeline)
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
     let config = w.config.to_str().unwrap().to_string();
     let (ok, out) = walcast(&["resume", &pipeline, "-c", &config]);
     assert!(ok && out.contains("resumed"), "walcast resume: {out}");
     let want = table_rows(&db, "t").await;
     let (t2, w2) = (topic_t.clone(), want.clone());
-    let (records, converged) = tokio::task::spawn_blocking(move || {
-        consume_json_until(&t2, WAIT, |r| rebuild(r).0 == w2)
-    })
-    .await
-    .unwrap();
+    let (records, converged) =
+        tokio::task::spawn_blocking(move || consume_json_until(&t2, WAIT, |r| rebuild(r).0 == w2))
+            .await
+            .unwrap();
     let (rows, creates) = rebuild(&records);
-    let missing: Vec<_> = want.iter().filter(|(k, v)| rows.get(k) != Some(v)).collect();
-    let extra: Vec<_> = rows.iter().filter(|(k, v)| want.get(k) != Some(v)).collect();
+    let missing: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| rows.get(k) != Some(v))
+        .collect();
+    let extra: Vec<_> = rows
+        .iter()
+        .filter(|(k, v)| want.get(k) != Some(v))
+        .collect();
     assert!(
         converged && missing.is_empty() && extra.is_empty(),
         "Kafka differs from Postgres after resume: missing or different {missing:?}, extra {extra:?}"
     );
     assert_eq!(want.len(), 195);
     let doubled: Vec<_> = creates.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(doubled.is_empty() && creates.len() == 200, "creates per id: {doubled:?} of {}", creates.len());
+    assert!(
+        doubled.is_empty() && creates.len() == 200,
+        "creates per id: {doubled:?} of {}",
+        creates.len()
+    );
     let moved_to = written;
-    w.wait_confirmed(&db, &slot, moved_to, WAIT, "the slot after resume").await;
+    w.wait_confirmed(&db, &slot, moved_to, WAIT, "the slot after resume")
+        .await;
 
     // The command's pause and a second resume through the API.
     let (ok, out) = walcast(&["pause", &pipeline, "-c", &config]);
     assert!(ok && out.contains("paused"), "walcast pause: {out}");
     let (code, answer) = call(&w, &api("resume"), Some(json!({})), Some(TOKEN)).await;
-    assert_eq!((code, answer["state"].as_str()), (200, Some("streaming")), "{answer}");
+    assert_eq!(
+        (code, answer["state"].as_str()),
+        (200, Some("streaming")),
+        "{answer}"
+    );
     let (code, answer) = call(&w, &api("resume"), Some(json!({})), Some(TOKEN)).await;
     assert_eq!(code, 200, "{answer}");
-    assert!(answer["message"].as_str().unwrap().contains("not paused"), "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("not paused"),
+        "{answer}"
+    );
 
     // An incremental snapshot through the API: 'r' events of s.
     let (code, answer) = call(
@@ -367,9 +481,20 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
     )
     .await;
     assert_eq!(code, 400, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("does not capture public.nope"), "{answer}");
-    let (code, answer) =
-        call(&w, &api("snapshot"), Some(json!({"tables": ["s"]})), Some(TOKEN)).await;
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not capture public.nope"),
+        "{answer}"
+    );
+    let (code, answer) = call(
+        &w,
+        &api("snapshot"),
+        Some(json!({"tables": ["s"]})),
+        Some(TOKEN),
+    )
+    .await;
     assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["tables"], json!(["public.s"]), "{answer}");
     let t2 = topic_s.clone();
@@ -378,7 +503,9 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
         .unwrap();
     let (rows, _) = rebuild(&records);
     assert!(
-        records.iter().all(|(_, v)| v.as_ref().is_some_and(|v| v["op"] == "r")),
+        records
+            .iter()
+            .all(|(_, v)| v.as_ref().is_some_and(|v| v["op"] == "r")),
         "the snapshot's events are reads"
     );
     assert_eq!(rows, table_rows(&db, "s").await);
@@ -386,9 +513,18 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
     assert_eq!(code, 200, "{answer}");
     // The command goes through the daemon as well.
     let (ok, out) = walcast(&["snapshot", "-c", &config, "public.s"]);
-    assert!(ok && out.contains("public.s") && !out.contains("directly"), "walcast snapshot: {out}");
+    assert!(
+        ok && out.contains("public.s") && !out.contains("directly"),
+        "walcast snapshot: {out}"
+    );
     // A relay-less config: an unknown pipeline is a 404.
-    let (code, _) = call(&w, "/api/v1/pipelines/nope/pause", Some(json!({})), Some(TOKEN)).await;
+    let (code, _) = call(
+        &w,
+        "/api/v1/pipelines/nope/pause",
+        Some(json!({})),
+        Some(TOKEN),
+    )
+    .await;
     assert_eq!(code, 404);
 
     // The audit lines: one per action, with how the caller got in and who.
@@ -417,7 +553,10 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
         let line = find(action, code);
         assert_eq!(line["caller"], "token", "{line}");
         assert_eq!(line["actor"], ACTOR, "{line}");
-        assert!(line["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{line}");
+        assert!(
+            line["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{line}"
+        );
     }
     assert!(
         !audit.iter().any(|v| v["code"] == 401),
@@ -430,11 +569,25 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
     let (ok, out) = walcast(&["slots", "drop", "--pipeline", &pipeline, "-c", &config]);
     assert!(!ok && out.contains("--confirm"), "{out}");
     let (ok, out) = walcast(&[
-        "slots", "drop", "--pipeline", &pipeline, "--confirm", &slot, "-c", &config,
+        "slots",
+        "drop",
+        "--pipeline",
+        &pipeline,
+        "--confirm",
+        &slot,
+        "-c",
+        &config,
     ]);
     assert!(ok, "{out}");
-    assert!(out.contains("no walcast daemon answers") && out.contains(&format!("dropped replication slot {slot}")), "{out}");
-    assert!(db.confirmed_flush(&slot).await.is_none(), "the slot is gone");
+    assert!(
+        out.contains("no walcast daemon answers")
+            && out.contains(&format!("dropped replication slot {slot}")),
+        "{out}"
+    );
+    assert!(
+        db.confirmed_flush(&slot).await.is_none(),
+        "the slot is gone"
+    );
 }
 
 /// Beyond loopback without a token, status stays readable (as before) but
@@ -442,7 +595,8 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actions_are_refused_beyond_loopback_without_a_token() {
     let db = TestDb::new("wc_mgmt_open").await;
-    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text);").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text);")
+        .await;
     let w = Walcast::start_with(|out, admin| {
         file_pipeline_config(
             "open",
@@ -456,10 +610,19 @@ async fn actions_are_refused_beyond_loopback_without_a_token() {
     w.wait_state("streaming", WAIT).await;
     let (code, answer) = call(&w, "/api/v1/pipelines/open/pause", Some(json!({})), None).await;
     assert_eq!(code, 403, "{answer}");
-    assert!(answer["error"].as_str().unwrap().contains("admin.token_file"), "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("admin.token_file"),
+        "{answer}"
+    );
     let (code, answer) = call(&w, "/api/v1/slots", None, None).await;
     assert_eq!(code, 200, "{answer}");
-    assert_eq!(w.status().await.unwrap()["pipelines"][0]["state"], "streaming");
+    assert_eq!(
+        w.status().await.unwrap()["pipelines"][0]["state"],
+        "streaming"
+    );
     assert!(
         w.log().contains("\"caller\":\"no token\""),
         "the audit line says no token:\n{}",

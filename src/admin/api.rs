@@ -92,7 +92,10 @@ pub fn routes<S: Clone + Send + Sync + 'static>(daemon: Arc<Daemon>) -> Router<S
         .route("/api/v1/pipelines/{name}/pause", post(pause))
         .route("/api/v1/pipelines/{name}/resume", post(resume))
         .route("/api/v1/pipelines/{name}/snapshot", post(snapshot))
-        .route("/api/v1/pipelines/{name}/snapshot/stop", post(snapshot_stop))
+        .route(
+            "/api/v1/pipelines/{name}/snapshot/stop",
+            post(snapshot_stop),
+        )
         .route("/api/v1/slots", get(slots))
         .route("/api/v1/slots/drop", post(slot_drop))
         .layer(axum::Extension(daemon))
@@ -149,7 +152,10 @@ impl Caller {
     /// The audit line.
     fn audit(&self, action: &str, target: &str, outcome: &Result<Answer, ApiError>) {
         let (code, said) = match outcome {
-            Ok(a) => (a.code.as_u16(), a.body["message"].as_str().unwrap_or("").to_string()),
+            Ok(a) => (
+                a.code.as_u16(),
+                a.body["message"].as_str().unwrap_or("").to_string(),
+            ),
             Err(e) => (e.status().as_u16(), e.to_string()),
         };
         tracing::info!(
@@ -195,8 +201,9 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::Manage(e) => StatusCode::from_u16(e.http_status())
-                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            ApiError::Manage(e) => {
+                StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            }
         }
     }
 }
@@ -371,7 +378,12 @@ struct SnapshotBody {
     tables: Vec<String>,
 }
 
-async fn snapshot_action(d: &Daemon, name: &str, stop: bool, tables: &[String]) -> Result<Answer, ApiError> {
+async fn snapshot_action(
+    d: &Daemon,
+    name: &str,
+    stop: bool,
+    tables: &[String],
+) -> Result<Answer, ApiError> {
     let (_, capture) = d.find(name)?;
     let Some(capture) = capture else {
         return Err(ManageError::Conflict(format!(
@@ -412,7 +424,15 @@ async fn snapshot_stop(
     headers: HeaderMap,
 ) -> Response {
     let caller = Caller::of(&d, peer.0, &headers);
-    act(&d, caller, "snapshot-stop", &name, true, snapshot_action(&d, &name, true, &[])).await
+    act(
+        &d,
+        caller,
+        "snapshot-stop",
+        &name,
+        true,
+        snapshot_action(&d, &name, true, &[]),
+    )
+    .await
 }
 
 async fn slots(Extension(d): Extension<Arc<Daemon>>, peer: Peer, headers: HeaderMap) -> Response {

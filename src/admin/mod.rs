@@ -172,7 +172,7 @@ pub async fn serve(
                 app.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
+            .await
         }
         Some(tls) => serve_tls(listener, app, tls, shutdown).await,
     }

@@ -55,7 +55,11 @@ pub(crate) fn connect(args: &DaemonArgs, cfg: Option<&Config>) -> anyhow::Result
                     std::net::Ipv6Addr::LOCALHOST.into()
                 });
             }
-            let scheme = if c.admin.tls.is_some() { "https" } else { "http" };
+            let scheme = if c.admin.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             format!("{scheme}://{addr}")
         }
         (None, None) => format!("http://{}", config::DEFAULT_ADMIN_LISTEN),
@@ -96,11 +100,7 @@ pub(crate) fn connect(args: &DaemonArgs, cfg: Option<&Config>) -> anyhow::Result
 
 impl Daemon {
     /// `GET` (no body) or `POST` (a body) of `path` under `/api/v1`.
-    pub async fn call(
-        &self,
-        path: &str,
-        body: Option<serde_json::Value>,
-    ) -> anyhow::Result<Reply> {
+    pub async fn call(&self, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<Reply> {
         let url = format!("{}/api/v1{path}", self.base);
         let mut request = match &body {
             Some(b) => self.http.post(&url).json(b),
@@ -122,8 +122,9 @@ impl Daemon {
         );
         let text = response.text().await.unwrap_or_default();
         // A daemon older than the API answers 404 in plain text.
-        let value = serde_json::from_str(&text)
-            .unwrap_or_else(|_| serde_json::json!({ "error": format!("{url}: HTTP {code}: {}", text.trim()) }));
+        let value = serde_json::from_str(&text).unwrap_or_else(
+            |_| serde_json::json!({ "error": format!("{url}: HTTP {code}: {}", text.trim()) }),
+        );
         Ok(Reply::Answered(code, value))
     }
 }
@@ -136,7 +137,10 @@ pub(crate) fn finish(code: u16, v: &serde_json::Value) -> anyhow::Result<std::pr
     } else {
         anyhow::bail!(
             "{}",
-            v["error"].as_str().map(String::from).unwrap_or_else(|| v.to_string())
+            v["error"]
+                .as_str()
+                .map(String::from)
+                .unwrap_or_else(|| v.to_string())
         )
     }
 }

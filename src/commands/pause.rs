@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use crate::cli::DaemonArgs;
 use crate::commands::daemon::{self, Reply};
 
-pub(crate) async fn pause(args: &DaemonArgs, pipeline: &str, pause: bool) -> anyhow::Result<ExitCode> {
+pub(crate) async fn pause(
+    args: &DaemonArgs,
+    pipeline: &str,
+    pause: bool,
+) -> anyhow::Result<ExitCode> {
     let cfg = daemon::load_config(args)?;
     let what = if pause { "pause" } else { "resume" };
     let Some(d) = daemon::connect(args, cfg.as_ref())? else {

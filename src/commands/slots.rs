@@ -21,7 +21,9 @@ async fn ask(
     Ok(match daemon::connect(args, cfg)? {
         Some(d) => match d.call(path, body).await? {
             Reply::Answered(code, v) => Ok((code, v)),
-            Reply::Unreachable(why) => Err(format!("no walcast daemon answers at {} ({why})", d.base)),
+            Reply::Unreachable(why) => {
+                Err(format!("no walcast daemon answers at {} ({why})", d.base))
+            }
         },
         None => Err("the config disables the admin server".into()),
     })
@@ -108,9 +110,10 @@ pub(crate) async fn drop(
             let (cfg, _) = daemon::required(cfg.as_ref(), args.config.as_deref(), &why)?;
             println!("{why}: dropping the slot in Postgres directly");
             let captures = daemon::captures(cfg)?;
-            let done = crate::manage::drop_slot(&captures, &|_| None, &slot, confirm, source.as_deref())
-                .await
-                .context("walcast slots drop")?;
+            let done =
+                crate::manage::drop_slot(&captures, &|_| None, &slot, confirm, source.as_deref())
+                    .await
+                    .context("walcast slots drop")?;
             println!("{}", done.message);
             Ok(ExitCode::SUCCESS)
         }

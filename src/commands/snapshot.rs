@@ -35,7 +35,11 @@ pub(crate) async fn snapshot(
                 _ => anyhow::bail!(
                     "the config has {} capture pipelines ({}); choose one with --pipeline",
                     captures.len(),
-                    captures.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    captures
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             }
         }
@@ -44,13 +48,21 @@ pub(crate) async fn snapshot(
     let why = match daemon::connect(args, cfg.as_ref())? {
         Some(d) => {
             let (path, body) = if stop {
-                (format!("/pipelines/{name}/snapshot/stop"), serde_json::json!({}))
+                (
+                    format!("/pipelines/{name}/snapshot/stop"),
+                    serde_json::json!({}),
+                )
             } else {
-                (format!("/pipelines/{name}/snapshot"), serde_json::json!({ "tables": tables }))
+                (
+                    format!("/pipelines/{name}/snapshot"),
+                    serde_json::json!({ "tables": tables }),
+                )
             };
             match d.call(&path, Some(body)).await? {
                 Reply::Answered(code, v) => return daemon::finish(code, &v),
-                Reply::Unreachable(why) => format!("no walcast daemon answers at {} ({why})", d.base),
+                Reply::Unreachable(why) => {
+                    format!("no walcast daemon answers at {} ({why})", d.base)
+                }
             }
         }
         None => "the config disables the admin server".to_string(),

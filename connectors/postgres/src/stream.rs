@@ -686,8 +686,11 @@ impl<'a> CaptureLoop<'a> {
             PipelineState::Streaming
         });
         status.update(|st| st.last_error = None);
-        ::metrics::gauge!(metrics::STREAMING, "pipeline" => s.pipeline.clone())
-            .set(if paused { 0.0 } else { 1.0 });
+        ::metrics::gauge!(metrics::STREAMING, "pipeline" => s.pipeline.clone()).set(if paused {
+            0.0
+        } else {
+            1.0
+        });
 
         let keyless: HashSet<String> = s.wanted.keyless.iter().map(TableName::to_string).collect();
         // The names the stream carries for the captured tables: with

@@ -102,7 +102,8 @@ impl StatusHandle {
     /// whether that changed the request.
     pub fn request_pause(&self, pause: bool) -> bool {
         self.update(|s| s.pause_requested = pause);
-        self.pause.send_if_modified(|p| std::mem::replace(p, pause) != pause)
+        self.pause
+            .send_if_modified(|p| std::mem::replace(p, pause) != pause)
     }
 
     /// Whether a pause is requested now.
