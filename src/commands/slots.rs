@@ -53,7 +53,7 @@ pub(crate) async fn list(args: &DaemonArgs, json: bool) -> anyhow::Result<ExitCo
     for s in v["slots"].as_array().into_iter().flatten() {
         let text = |k: &str| s[k].as_str().unwrap_or("-").to_string();
         println!(
-            "{:<32} {:<9} {:<7} {:<14} {:>16} {:<11} {:<16} {}",
+            "{:<32} {:<9} {:<7} {:<14} {:>16} {:<11} {:<16} {}/{}",
             text("slot"),
             text("plugin"),
             s["active"].as_bool().unwrap_or(false),
@@ -68,7 +68,8 @@ pub(crate) async fn list(args: &DaemonArgs, json: bool) -> anyhow::Result<ExitCo
                 (Some(p), None) => p.to_string(),
                 _ => "-".into(),
             },
-            format!("{}/{}", text("source"), text("database")),
+            text("source"),
+            text("database"),
         );
     }
     Ok(ExitCode::SUCCESS)
