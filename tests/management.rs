@@ -171,6 +171,22 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
                     token_file.display()
                 ),
             )
+            // A relay too, which refuses to pause.
+            + &format!(
+                r#"
+[pipelines.{pipeline}_relay]
+kind = "relay"
+[pipelines.{pipeline}_relay.source]
+bootstrap_servers = "{bootstrap}"
+group_id = "{prefix}-relay"
+subscribe = {{ topics = ["{prefix}.public.t"] }}
+[[pipelines.{pipeline}_relay.sinks]]
+type = "file"
+path = "{out}"
+"#,
+                bootstrap = var("WALCAST_TEST_KAFKA_BOOTSTRAP"),
+                out = tmp.path().join("relay.jsonl").display(),
+            )
     });
     let (topic_t, topic_s) = (format!("{prefix}.public.t"), format!("{prefix}.public.s"));
     let api = |action: &str| format!("/api/v1/pipelines/{pipeline}/{action}");
@@ -321,6 +337,19 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
         written - held
     );
 
+    // The command shows the same, from the daemon.
+    let config = w.config.to_str().unwrap().to_string();
+    let (ok, out) = walcast(&["slots", "list", "-c", &config]);
+    assert!(ok, "walcast slots list: {out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&slot))
+        .unwrap_or_else(|| panic!("{slot} not in walcast slots list:\n{out}"));
+    assert!(
+        line.contains(&format!("{pipeline} (paused)")) && line.contains("pgoutput"),
+        "{line}"
+    );
+
     // Dropping it: the confirmation, then refused for a running pipeline.
     let (code, refused) = call(
         &w,
@@ -411,6 +440,19 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
         Some(held),
         "the slot moved while paused"
     );
+    // A snapshot asked for while paused waits for the resume.
+    let (code, answer) = call(
+        &w,
+        &api("snapshot"),
+        Some(json!({"tables": ["public.t"]})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(code, 200, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("paused"),
+        "{answer}"
+    );
     assert_eq!(
         active_pid(&db, &slot).await,
         walsender,
@@ -423,7 +465,6 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
             .unwrap_or(0.0),
         0.0
     );
-    let config = w.config.to_str().unwrap().to_string();
     let (ok, out) = walcast(&["resume", &pipeline, "-c", &config]);
     assert!(ok && out.contains("resumed"), "walcast resume: {out}");
     let want = table_rows(&db, "t").await;
@@ -517,7 +558,19 @@ async fn pause_holds_the_slot_resume_loses_nothing_and_every_action_is_audited()
         ok && out.contains("public.s") && !out.contains("directly"),
         "walcast snapshot: {out}"
     );
-    // A relay-less config: an unknown pipeline is a 404.
+    // A relay is not paused (409, saying why); an unknown pipeline is a 404.
+    let (code, answer) = call(
+        &w,
+        &format!("/api/v1/pipelines/{pipeline}_relay/pause"),
+        Some(json!({})),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(code, 409, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("relay"),
+        "{answer}"
+    );
     let (code, _) = call(
         &w,
         "/api/v1/pipelines/nope/pause",

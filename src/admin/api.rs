@@ -391,7 +391,12 @@ async fn snapshot_action(
         ))
         .into());
     };
-    let done = manage::request_snapshot(capture, &d.config, stop, tables).await?;
+    let mut done = manage::request_snapshot(capture, &d.config, stop, tables).await?;
+    if d.state_of(name) == Some(PipelineState::Paused) {
+        done.message.push_str(&format!(
+            " (pipeline {name} is paused: it reads the request once resumed)"
+        ));
+    }
     Ok(Answer {
         code: StatusCode::OK,
         body: serde_json::to_value(&done).unwrap_or_default(),
