@@ -118,6 +118,12 @@ fn rebuild(records: &[(Value, Option<Value>)]) -> (BTreeMap<i64, String>, BTreeM
     (rows, creates)
 }
 
+/// `X/Y` as a number.
+fn lsn(text: &str) -> u64 {
+    let (hi, lo) = text.split_once('/').expect("an LSN");
+    (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+}
+
 async fn active_pid(db: &TestDb, slot: &str) -> Option<i32> {
     db.client
         .query_one(
@@ -243,11 +249,20 @@ path = "{out}"
         "{answer}"
     );
     // What was in flight drains and is confirmed; then the slot must hold.
-    wait_status(&w, "in-flight events to drain", |s| {
-        s["in_flight_events"] == 0
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // (Nothing in flight, and the server has the position walcast confirmed.)
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st = status(&w).await;
+        let confirmed = st["confirmed_lsn"].as_str().map(lsn);
+        if st["in_flight_events"] == 0 && confirmed == db.confirmed_flush(&slot).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never settled after the pause: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let held = db.confirmed_flush(&slot).await.expect("the slot");
     let lag_before = status(&w).await["lag_bytes"].as_u64().unwrap();
 

@@ -781,10 +781,7 @@ impl<'a> CaptureLoop<'a> {
                 _ = tick.tick() => self.on_tick().await?,
                 // The sender lives in the status handle this loop holds,
                 // so `changed` never fails while the loop runs.
-                _ = self.pause.changed() => {
-                    self.on_pause_request();
-                    Flow::Continue
-                }
+                _ = self.pause.changed() => self.on_pause_request().await?,
                 _ = slot_tick.tick() => {
                     self.on_slot_tick().await;
                     Flow::Continue
@@ -880,15 +877,23 @@ impl<'a> CaptureLoop<'a> {
     }
 
     /// The management API asked to pause or to resume: reading stops or
-    /// goes on at the next wake-up (see the module docs).
-    fn on_pause_request(&mut self) {
+    /// goes on at the next wake-up (see the module docs). On pausing, the
+    /// position confirmed so far goes to the server and to the status at
+    /// once, so the state `paused` comes with the position the slot holds
+    /// (plus what is still in flight).
+    async fn on_pause_request(&mut self) -> Result<Flow, CaptureError> {
         let pause = *self.pause.borrow_and_update();
         if pause == self.paused {
-            return;
+            return Ok(Flow::Continue);
         }
         self.paused = pause;
         let (confirmed, in_flight) = (self.cp.confirmed(), self.cp.in_flight_events());
         if pause {
+            if self.dirty {
+                self.send_status().await?;
+            }
+            self.status
+                .set_positions(confirmed, self.wal_end, in_flight);
             self.status.set_state(PipelineState::Paused);
             tracing::info!(pipeline = %self.s.pipeline, slot = %self.s.wanted.slot, %confirmed, in_flight,
                 "paused: reading from the slot stopped; what is in flight is still delivered and confirmed, \
@@ -900,6 +905,7 @@ impl<'a> CaptureLoop<'a> {
         }
         ::metrics::gauge!(metrics::STREAMING, "pipeline" => self.s.pipeline.clone())
             .set(if pause { 0.0 } else { 1.0 });
+        Ok(Flow::Continue)
     }
 
     /// While paused, the server's WAL end as the catalog connection reads
