@@ -166,3 +166,49 @@ pub enum SlotsCommand {
         daemon: DaemonArgs,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_consistent_and_the_management_commands_parse() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "walcast",
+            "slots",
+            "drop",
+            "walcast_old",
+            "--confirm",
+            "walcast_old",
+            "-c",
+            "w.toml",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Slots {
+                command: SlotsCommand::Drop { slot: Some(ref s), confirm: Some(ref c), .. }
+            } if s == "walcast_old" && c == "walcast_old"
+        ));
+        // A slot or a pipeline is needed.
+        assert!(Cli::try_parse_from(["walcast", "slots", "drop", "--confirm", "x"]).is_err());
+        let cli = Cli::try_parse_from([
+            "walcast",
+            "pause",
+            "orders",
+            "--admin",
+            "https://h:9187",
+            "--actor",
+            "alice",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Pause { ref pipeline, ref daemon }
+                if pipeline == "orders" && daemon.actor.as_deref() == Some("alice")
+        ));
+        assert!(Cli::try_parse_from(["walcast", "snapshot", "--stop", "t"]).is_err());
+    }
+}

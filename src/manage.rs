@@ -443,3 +443,52 @@ pub async fn drop_slot(
         message,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_slot_drop_needs_the_name_repeated_before_anything_is_touched() {
+        // No capture at all: the confirmation is checked first, without
+        // connecting anywhere.
+        for confirm in [None, Some(""), Some("walcast_orderz")] {
+            let e = drop_slot(&[], &|_| None, "walcast_orders", confirm, None)
+                .await
+                .unwrap_err();
+            assert_eq!(e.http_status(), 400, "{e}");
+            assert!(
+                e.to_string()
+                    .contains(r#"{"slot": "walcast_orders", "confirm": "walcast_orders"}"#),
+                "{e}"
+            );
+        }
+        let e = drop_slot(&[], &|_| None, "", Some(""), None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.http_status(), 400, "{e}");
+        // Confirmed, but no cluster has it.
+        let e = drop_slot(
+            &[],
+            &|_| None,
+            "walcast_orders",
+            Some("walcast_orders"),
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.http_status(), 404, "{e}");
+    }
+
+    #[test]
+    fn errors_map_to_what_the_caller_can_do() {
+        let pg = |transient| ManageError::Postgres {
+            message: "x".into(),
+            transient,
+        };
+        assert_eq!(ManageError::Conflict("x".into()).http_status(), 409);
+        assert_eq!(ManageError::NotFound("x".into()).http_status(), 404);
+        assert_eq!(pg(true).http_status(), 503);
+        assert_eq!(pg(false).http_status(), 502);
+    }
+}
