@@ -8,6 +8,7 @@ mod admin;
 mod cli;
 mod commands;
 mod config;
+mod manage;
 mod pipeline;
 
 /// mimalloc instead of glibc malloc: allocation was about a fifth of the
@@ -64,14 +65,39 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
+        Command::Pause { pipeline, daemon } => {
+            commands::pause::pause(&daemon, &pipeline, true).await
+        }
+        Command::Resume { pipeline, daemon } => {
+            commands::pause::pause(&daemon, &pipeline, false).await
+        }
         Command::Snapshot {
-            config,
+            daemon,
             pipeline,
             stop,
             tables,
-        } => commands::snapshot::snapshot_signal(&config, pipeline.as_deref(), stop, &tables).await,
+        } => commands::snapshot::snapshot(&daemon, pipeline.as_deref(), stop, &tables).await,
         Command::Slots {
-            command: SlotsCommand::Drop { config, pipeline },
-        } => commands::slots::slots_drop(&config, &pipeline).await,
+            command: SlotsCommand::List { daemon, json },
+        } => commands::slots::list(&daemon, json).await,
+        Command::Slots {
+            command:
+                SlotsCommand::Drop {
+                    slot,
+                    pipeline,
+                    confirm,
+                    source,
+                    daemon,
+                },
+        } => {
+            commands::slots::drop(
+                &daemon,
+                slot.as_deref(),
+                pipeline.as_deref(),
+                confirm.as_deref(),
+                source.as_deref(),
+            )
+            .await
+        }
     }
 }

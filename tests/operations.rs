@@ -588,7 +588,7 @@ retry_max_ms = 500
     let mut admin_answers = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
-        for path in ["status", "metrics", "readyz", "healthz"] {
+        for path in ["status", "metrics", "readyz", "healthz", "api/v1/slots"] {
             if let Ok(r) = client
                 .get(format!("http://{}/{path}", w.admin))
                 .send()

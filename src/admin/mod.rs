@@ -6,7 +6,10 @@
 //! without credentials, and they reveal no more than "ready or not". The
 //! status page at `/` is open too: it is a static file, and its script
 //! sends the token for the data (see [`page`]).
+//!
+//! The management API (`/api/v1`, see [`api`]) sits behind the same token.
 
+pub mod api;
 pub mod page;
 
 use std::net::SocketAddr;
@@ -133,14 +136,16 @@ impl Security {
 pub async fn serve(
     addr: SocketAddr,
     prometheus: PrometheusHandle,
-    pipelines: Vec<StatusHandle>,
+    daemon: std::sync::Arc<api::Daemon>,
     security: Security,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let pipelines: Vec<StatusHandle> = daemon.pipelines.iter().map(|(s, _)| s.clone()).collect();
     let protected = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/status", get(status))
         .route("/status/history", get(page::history))
+        .merge(api::routes(daemon))
         .layer(axum::middleware::from_fn_with_state(
             security.token.clone(),
             require_token,
@@ -162,9 +167,12 @@ pub async fn serve(
     }
     match security.tls {
         None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
         }
         Some(tls) => serve_tls(listener, app, tls, shutdown).await,
     }
@@ -193,6 +201,9 @@ async fn serve_tls(
                     return;
                 }
             };
+            // The peer for the management API's audit lines, as
+            // `into_make_service_with_connect_info` records it over plain HTTP.
+            let app = app.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
             let service = hyper_util::service::TowerToHyperService::new(app);
             if let Err(e) =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -244,7 +255,9 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         .pipelines
         .iter()
         .map(|p| p.snapshot())
-        .filter(|p| p.state != PipelineState::Streaming)
+        // Paused on purpose: the process is fine, and a readiness failure
+        // would only take it out of its Service.
+        .filter(|p| !matches!(p.state, PipelineState::Streaming | PipelineState::Paused))
         .map(|p| format!("{}: {:?}", p.name, p.state))
         .collect();
     if not_ready.is_empty() {

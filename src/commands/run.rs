@@ -71,11 +71,27 @@ pub(crate) async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         runnables.push(pipeline::build(name, p).await?);
     }
     let statuses: Vec<_> = runnables.iter().map(|r| r.status.clone()).collect();
+    let managed: Vec<_> = runnables
+        .iter()
+        .map(|r| {
+            let capture = r.capture_settings().map(|settings| crate::manage::Capture {
+                name: r.name.clone(),
+                settings: settings.clone(),
+            });
+            (r.status.clone(), capture)
+        })
+        .collect();
 
     if let Some(addr) = cfg.admin.address() {
         let addr = addr.context("admin.listen")?;
         let security = admin::Security::load(&cfg.admin)?;
-        let (p, s, sd) = (prometheus.clone(), statuses.clone(), shutdown.clone());
+        let daemon = std::sync::Arc::new(admin::api::Daemon {
+            pipelines: managed,
+            config: path.to_path_buf(),
+            token: security.token.is_some(),
+            loopback: addr.ip().is_loopback(),
+        });
+        let (p, s, sd) = (prometheus.clone(), daemon, shutdown.clone());
         let listener_check = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on admin.listen = {addr}"))?;
@@ -156,7 +172,7 @@ async fn systemd_notify(statuses: Vec<walcast_sdk::StatusHandle>, shutdown: Canc
             && statuses.iter().all(|s| {
                 matches!(
                     s.snapshot().state,
-                    PipelineState::Streaming | PipelineState::Snapshotting
+                    PipelineState::Streaming | PipelineState::Snapshotting | PipelineState::Paused
                 )
             })
         {

@@ -40,8 +40,10 @@ pub(crate) async fn status(
     let v: serde_json::Value =
         serde_json::from_str(&body).context("the daemon's /status is not JSON")?;
     for p in v["pipelines"].as_array().into_iter().flatten() {
+        // A pause asked for while the pipeline did not stream yet.
+        let pending_pause = p["pause_requested"] == true && p["state"] != "paused";
         println!(
-            "{:<20} {:<10} confirmed={} wal_end={} lag_bytes={} in_flight={} events={}{}",
+            "{:<20} {:<10} confirmed={} wal_end={} lag_bytes={} in_flight={} events={}{}{}",
             p["name"].as_str().unwrap_or("?"),
             p["state"].as_str().unwrap_or("?"),
             p["confirmed_lsn"].as_str().unwrap_or("-"),
@@ -49,6 +51,11 @@ pub(crate) async fn status(
             p["lag_bytes"],
             p["in_flight_events"],
             p["events_total"],
+            if pending_pause {
+                " pause_requested"
+            } else {
+                ""
+            },
             p["last_error"]
                 .as_str()
                 .map(|e| format!(" last_error={e}"))

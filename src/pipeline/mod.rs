@@ -292,6 +292,14 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
 }
 
 impl Runnable {
+    /// A capture pipeline's settings (the management API acts with them).
+    pub fn capture_settings(&self) -> Option<&CaptureSettings> {
+        match &self.kind {
+            Kind::Capture(settings, _) => Some(settings),
+            Kind::Relay(..) => None,
+        }
+    }
+
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), String> {
         match self.kind {
             Kind::Capture(settings, sinks) => stream::run(settings, sinks, self.status, shutdown)

@@ -8,6 +8,21 @@
 //! (network, a server restart, a slot held by another process) restart the
 //! session from the slot's confirmed position with exponential backoff;
 //! definite ones stop the pipeline with a message that says what to do.
+//!
+//! Pausing (the management API, through [`StatusHandle::request_pause`])
+//! uses the same mechanism as back-pressure: the loop stops pulling from
+//! the replication stream and keeps everything else going. Postgres
+//! blocks the walsender on the full socket, which costs nothing; the
+//! standby status updates keep going out on the timer with the confirmed
+//! position unchanged, so the walsender never times the connection out
+//! and the slot holds its place (batches already handed to the sinks are
+//! still acknowledged and confirmed, then nothing moves). Keepalives are
+//! not read while paused, so the server's WAL end comes from
+//! `pg_current_wal_lsn()` on the catalog connection instead, and the lag
+//! keeps growing in /status and the metrics. Resuming reads on from the
+//! very next message: nothing is skipped, and nothing is read twice. A
+//! pause lives in memory only: a reconnect keeps it (the new session
+//! starts paused), a restarted daemon streams.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -630,6 +645,10 @@ struct CaptureLoop<'a> {
     /// Events per (relation, op) in the current transaction, turned into
     /// metric increments once per commit: no allocation per event.
     tx_counts: EventCounts,
+    /// The management API's pause request.
+    pause: tokio::sync::watch::Receiver<bool>,
+    /// Reading is paused (see the module docs).
+    paused: bool,
 }
 
 impl<'a> CaptureLoop<'a> {
@@ -658,10 +677,20 @@ impl<'a> CaptureLoop<'a> {
             .await
             .in_pipeline(s)?;
         *slot_seen = true;
-        tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, from = %start, server_wal = %server_wal, "streaming");
-        status.set_state(PipelineState::Streaming);
+        let mut pause = status.pause_watch();
+        let paused = *pause.borrow_and_update();
+        tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, from = %start, server_wal = %server_wal, paused, "streaming");
+        status.set_state(if paused {
+            PipelineState::Paused
+        } else {
+            PipelineState::Streaming
+        });
         status.update(|st| st.last_error = None);
-        ::metrics::gauge!(metrics::STREAMING, "pipeline" => s.pipeline.clone()).set(1.0);
+        ::metrics::gauge!(metrics::STREAMING, "pipeline" => s.pipeline.clone()).set(if paused {
+            0.0
+        } else {
+            1.0
+        });
 
         let keyless: HashSet<String> = s.wanted.keyless.iter().map(TableName::to_string).collect();
         // The names the stream carries for the captured tables: with
@@ -715,6 +744,8 @@ impl<'a> CaptureLoop<'a> {
             dirty: false,
             dropped_seen: HashSet::new(),
             tx_counts: Default::default(),
+            pause,
+            paused,
         })
     }
 
@@ -727,8 +758,9 @@ impl<'a> CaptureLoop<'a> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut slot_tick = tokio::time::interval(Duration::from_secs(10));
         loop {
-            let can_read = self.cp.in_flight_events() + self.outbox.events.len()
-                < self.s.max_in_flight_events
+            let can_read = !self.paused
+                && self.cp.in_flight_events() + self.outbox.events.len()
+                    < self.s.max_in_flight_events
                 && self.tx.capacity() > 0;
             let linger = self.outbox.deadline;
             self.inc.maybe_request(can_read).in_pipeline(self.s)?;
@@ -747,6 +779,9 @@ impl<'a> CaptureLoop<'a> {
                     Flow::Continue
                 }
                 _ = tick.tick() => self.on_tick().await?,
+                // The sender lives in the status handle this loop holds,
+                // so `changed` never fails while the loop runs.
+                _ = self.pause.changed() => self.on_pause_request().await?,
                 _ = slot_tick.tick() => {
                     self.on_slot_tick().await;
                     Flow::Continue
@@ -841,11 +876,65 @@ impl<'a> CaptureLoop<'a> {
         Ok(Flow::Continue)
     }
 
+    /// The management API asked to pause or to resume: reading stops or
+    /// goes on at the next wake-up (see the module docs). On pausing, the
+    /// position confirmed so far goes to the server and to the status at
+    /// once, so the state `paused` comes with the position the slot holds
+    /// (plus what is still in flight).
+    async fn on_pause_request(&mut self) -> Result<Flow, CaptureError> {
+        let pause = *self.pause.borrow_and_update();
+        if pause == self.paused {
+            return Ok(Flow::Continue);
+        }
+        self.paused = pause;
+        let (confirmed, in_flight) = (self.cp.confirmed(), self.cp.in_flight_events());
+        if pause {
+            if self.dirty {
+                self.send_status().await?;
+            }
+            self.status
+                .set_positions(confirmed, self.wal_end, in_flight);
+            self.status.set_state(PipelineState::Paused);
+            tracing::info!(pipeline = %self.s.pipeline, slot = %self.s.wanted.slot, %confirmed, in_flight,
+                "paused: reading from the slot stopped; what is in flight is still delivered and confirmed, \
+                 then the slot holds its position");
+        } else {
+            self.status.set_state(PipelineState::Streaming);
+            tracing::info!(pipeline = %self.s.pipeline, slot = %self.s.wanted.slot, %confirmed, wal_end = %self.wal_end,
+                "resumed: reading from the slot again");
+        }
+        ::metrics::gauge!(metrics::STREAMING, "pipeline" => self.s.pipeline.clone())
+            .set(if pause { 0.0 } else { 1.0 });
+        Ok(Flow::Continue)
+    }
+
+    /// While paused, the server's WAL end as the catalog connection reads
+    /// it (keepalives, which carry it otherwise, are not read then). A
+    /// failure leaves the last value: the replication connection is the
+    /// one that decides whether the session is alive.
+    async fn poll_wal_end(&mut self) {
+        let query = self.catalog.client().query_one(
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        );
+        if let Ok(Ok(row)) = tokio::time::timeout(Duration::from_secs(2), query).await {
+            if let Some(lsn) = row
+                .get::<_, Option<String>>(0)
+                .and_then(|l| l.parse::<Lsn>().ok())
+            {
+                self.wal_end = self.wal_end.max(lsn);
+            }
+        }
+    }
+
     /// Every 500 ms: a status update when the position moved (or
     /// `status_interval` passed), and the status and gauges.
     async fn on_tick(&mut self) -> Result<Flow, CaptureError> {
         if self.dirty || self.last_sent.elapsed() >= self.s.status_interval {
             self.send_status().await?;
+        }
+        if self.paused {
+            self.poll_wal_end().await;
         }
         let (confirmed, in_flight) = (self.cp.confirmed(), self.cp.in_flight_events());
         self.status

@@ -3,6 +3,12 @@
 //!
 //! Sources update it as they go (state, positions, snapshot progress); the
 //! daemon's admin HTTP server reads it. Both sides hold a [`StatusHandle`].
+//!
+//! The handle also carries the one instruction that flows the other way:
+//! pause. The management API sets it ([`StatusHandle::request_pause`]); a
+//! source that supports pausing watches it ([`StatusHandle::pause_watch`])
+//! and reports [`PipelineState::Paused`] once it has stopped reading. It
+//! lives in memory only: a restarted daemon streams again.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +27,9 @@ pub enum PipelineState {
     Retrying,
     /// Waiting for a replication slot held by another process.
     Standby,
+    /// Paused through the management API: connected, holding the slot's
+    /// position, reading nothing; the lag keeps being reported.
+    Paused,
     Stopped,
     Failed,
 }
@@ -42,17 +51,25 @@ pub struct PipelineStatus {
     pub transactions_total: u64,
     pub sinks: Vec<String>,
     pub last_error: Option<String>,
+    /// A pause was asked for (through the management API) and not yet
+    /// undone. The state says when it took effect: a pipeline still taking
+    /// its initial snapshot, or reconnecting, pauses once it streams.
+    pub pause_requested: bool,
     /// Long operations (snapshots): rows done, estimate, rate, ETA.
     pub progress: BTreeMap<String, serde_json::Value>,
 }
 
 /// Shared, cheaply cloned handle to one pipeline's status.
 #[derive(Debug, Clone)]
-pub struct StatusHandle(Arc<Mutex<PipelineStatus>>);
+pub struct StatusHandle {
+    status: Arc<Mutex<PipelineStatus>>,
+    /// `true` while a pause is requested; the source watches it.
+    pause: Arc<tokio::sync::watch::Sender<bool>>,
+}
 
 impl StatusHandle {
     pub fn new(name: &str, kind: &'static str, sinks: Vec<String>) -> Self {
-        StatusHandle(Arc::new(Mutex::new(PipelineStatus {
+        let status = Arc::new(Mutex::new(PipelineStatus {
             name: name.into(),
             kind,
             state: PipelineState::Starting,
@@ -66,18 +83,41 @@ impl StatusHandle {
             transactions_total: 0,
             sinks,
             last_error: None,
+            pause_requested: false,
             progress: BTreeMap::new(),
-        })))
+        }));
+        StatusHandle {
+            status,
+            pause: Arc::new(tokio::sync::watch::channel(false).0),
+        }
     }
 
     pub fn update(&self, f: impl FnOnce(&mut PipelineStatus)) {
-        if let Ok(mut s) = self.0.lock() {
+        if let Ok(mut s) = self.status.lock() {
             f(&mut s);
         }
     }
 
+    /// Asks the source to pause (`true`) or resume (`false`); returns
+    /// whether that changed the request.
+    pub fn request_pause(&self, pause: bool) -> bool {
+        self.update(|s| s.pause_requested = pause);
+        self.pause
+            .send_if_modified(|p| std::mem::replace(p, pause) != pause)
+    }
+
+    /// Whether a pause is requested now.
+    pub fn pause_requested(&self) -> bool {
+        *self.pause.borrow()
+    }
+
+    /// A receiver that wakes when the pause request changes.
+    pub fn pause_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.pause.subscribe()
+    }
+
     pub fn snapshot(&self) -> PipelineStatus {
-        self.0
+        self.status
             .lock()
             .map(|s| s.clone())
             .unwrap_or_else(|p| p.into_inner().clone())

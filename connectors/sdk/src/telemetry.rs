@@ -24,6 +24,7 @@ pub const SINK_EVENTS: &str = "walcast_sink_events_total";
 pub const IN_FLIGHT: &str = "walcast_in_flight_events";
 pub const CONFIRMED_LSN: &str = "walcast_confirmed_lsn";
 pub const STREAMING: &str = "walcast_streaming";
+pub const PAUSED: &str = "walcast_paused";
 pub const RESTARTS: &str = "walcast_pipeline_restarts_total";
 pub const SNAPSHOT_ROWS: &str = "walcast_snapshot_rows_total";
 pub const SNAPSHOT_RUNNING: &str = "walcast_snapshot_running";
@@ -44,6 +45,7 @@ pub const ALL: &[&str] = &[
     IN_FLIGHT,
     CONFIRMED_LSN,
     STREAMING,
+    PAUSED,
     RESTARTS,
     SNAPSHOT_ROWS,
     SNAPSHOT_RUNNING,
@@ -84,6 +86,10 @@ pub fn describe() {
     describe_gauge!(IN_FLIGHT, "Events handed to sinks and not yet acknowledged");
     describe_gauge!(CONFIRMED_LSN, "The LSN confirmed to Postgres, as a number");
     describe_gauge!(STREAMING, "1 while the pipeline streams");
+    describe_gauge!(
+        PAUSED,
+        "1 while the pipeline is paused through the management API (walcast_streaming is 0 then)"
+    );
     describe_counter!(RESTARTS, "Pipeline restarts after a transient error");
     describe_counter!(
         SNAPSHOT_ROWS,
@@ -183,6 +189,10 @@ pub fn refresh(pipelines: &[crate::status::PipelineStatus]) {
                 *seen = now;
             }
         }
+    }
+    for st in pipelines {
+        let paused = st.state == crate::status::PipelineState::Paused;
+        gauge!(PAUSED, "pipeline" => st.name.clone()).set(if paused { 1.0 } else { 0.0 });
     }
     for st in pipelines.iter().filter(|st| st.kind == "capture") {
         let running =
