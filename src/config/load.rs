@@ -205,6 +205,32 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                     ));
                 }
                 validate_sinks(path, &key, &c.sinks)?;
+                if let Some(h) = &c.heartbeat {
+                    if h.interval.is_zero() {
+                        return Err(rule(
+                            key("heartbeat.interval"),
+                            "must be positive, e.g. \"10s\"",
+                        ));
+                    }
+                    if h.action_query.as_ref().is_some_and(|q| q.trim().is_empty()) {
+                        return Err(rule(
+                            key("heartbeat.action_query"),
+                            "must not be empty (leave it out instead)",
+                        ));
+                    }
+                    if !has_kafka {
+                        return Err(rule(
+                            key("heartbeat"),
+                            "heartbeat records are published to Kafka, and this pipeline has no kafka sink",
+                        ));
+                    }
+                }
+                if c.schema_changes.is_some() && !has_kafka {
+                    return Err(rule(
+                        key("schema_changes"),
+                        "schema-change events are published to Kafka, and this pipeline has no kafka sink",
+                    ));
+                }
                 if !s.keyless_tables.is_empty() {
                     // Known from the config alone: those tables have no key,
                     // and these sinks name rows by their key.
