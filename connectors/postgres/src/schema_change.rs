@@ -95,8 +95,10 @@ impl SchemaHistory {
         }
     }
 
-    /// The table as described at `lsn`; returns the previous shape when
-    /// the columns changed (a schema-change event is due).
+    /// The table as described in the transaction that commits at `lsn`;
+    /// returns the previous shape when the columns changed (a
+    /// schema-change event is due). Positions are commit LSNs, which the
+    /// stream delivers in order and which compare with confirmed positions.
     pub fn observe(&mut self, table: &Arc<TableSchema>, lsn: Lsn) -> Option<Arc<TableSchema>> {
         let shapes = self.seen.entry(table.relation_id).or_default();
         let Some((at, last)) = shapes.last() else {
@@ -107,7 +109,8 @@ impl SchemaHistory {
             return None;
         }
         let previous = Arc::clone(last);
-        let newer = lsn > *at;
+        // Two shapes in one transaction share its commit LSN.
+        let newer = lsn >= *at;
         shapes.push((lsn, Arc::clone(table)));
         // An older description (a replay reaching back before a change
         // already seen) is not a change forward.

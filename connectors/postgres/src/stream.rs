@@ -697,6 +697,9 @@ struct CaptureLoop<'a> {
     tx_counts: EventCounts,
     /// Table shapes seen, for schema-change events.
     history: &'a mut SchemaHistory,
+    /// Schema changes of the Relation messages just read (see
+    /// [`CaptureLoop::flush_schema_changes`]).
+    schema_changes: Vec<(Arc<walcast_sdk::TableSchema>, Arc<walcast_sdk::TableSchema>)>,
 }
 
 impl<'a> CaptureLoop<'a> {
@@ -785,6 +788,7 @@ impl<'a> CaptureLoop<'a> {
             dropped_seen: HashSet::new(),
             tx_counts: Default::default(),
             history,
+            schema_changes: Vec::new(),
         })
     }
 
@@ -1109,6 +1113,14 @@ impl<'a> CaptureLoop<'a> {
     /// the outbox.
     async fn apply(&mut self, m: Message, lsn: Lsn) -> Result<(), CaptureError> {
         let s = self.s;
+        if !self.schema_changes.is_empty()
+            && matches!(
+                m,
+                Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_)
+            )
+        {
+            self.flush_schema_changes(lsn);
+        }
         match m {
             Message::Begin(b) => self.asm.begin(&b),
             Message::Commit(c) => {
@@ -1205,17 +1217,26 @@ impl<'a> CaptureLoop<'a> {
         }
         tracing::debug!(pipeline = %s.pipeline, table = %name, version = table.version, "relation");
         if wanted && s.notices.schema_changes {
-            if let Some(old) = self.history.observe(&table, lsn) {
-                tracing::info!(pipeline = %s.pipeline, table = %name, lsn = %lsn, "schema change");
-                let source = self.asm.notice_source(lsn);
-                let event = schema_change::event(&old, &table, source, crate::assemble::now_ms());
-                // In the open transaction, right before the first row of
-                // the new shape.
-                self.outbox.events.push(event);
+            // pgoutput sends Relation messages without a position of their
+            // own (0/0): the transaction's commit orders them.
+            let at = self.asm.notice_source(lsn).commit_lsn;
+            if let Some(old) = self.history.observe(&table, at) {
+                tracing::info!(pipeline = %s.pipeline, table = %name, commit_lsn = %at, "schema change");
+                self.schema_changes.push((old, Arc::clone(&table)));
             }
         }
         self.asm.set_relation(table);
         Ok(())
+    }
+
+    /// Schema changes waiting for the row change that follows their
+    /// Relation message: they go out right before it, with its position.
+    fn flush_schema_changes(&mut self, lsn: Lsn) {
+        for (old, new) in std::mem::take(&mut self.schema_changes) {
+            let source = self.asm.notice_source(lsn);
+            let event = schema_change::event(&old, &new, source, crate::assemble::now_ms());
+            self.outbox.events.push(event);
+        }
     }
 
     /// A logical message: DDL text from walcast's trigger, or a message of
