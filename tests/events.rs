@@ -31,6 +31,16 @@ impl Record {
     }
 }
 
+/// `walcast check` of a config, before anything runs: its output.
+fn checked(toml: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("walcast.toml");
+    std::fs::write(&path, toml).expect("write config");
+    let (ok, text) = check(&path);
+    assert!(ok, "{text}");
+    text
+}
+
 /// Reads `topics` from the beginning until `done` holds (checked when the
 /// topics go quiet) or `timeout` passes; the records per topic.
 fn read(
@@ -112,8 +122,22 @@ async fn heartbeats_reach_kafka_and_the_action_query_moves_an_idle_slot() {
     let cfg = KafkaCapture::new("hb", &db.name, &prefix, &["public.idle"])
         .pipeline("heartbeat = { interval = \"500ms\", action_query = \"INSERT INTO beats VALUES (now())\" }")
         .sink("create_topics = true");
-    let mut w = Walcast::start_with(|_, admin| cfg.toml(admin));
+    let text = checked(&cfg.toml("127.0.0.1:1"));
+    // A file sink beside Kafka: it takes no notices.
+    let mut w = Walcast::start_with(|out, admin| {
+        format!(
+            "{}[[pipelines.hb.sinks]]\ntype = \"file\"\npath = {:?}\n",
+            cfg.toml(admin),
+            out.display().to_string()
+        )
+    });
     w.wait_state("streaming", WAIT).await;
+    assert!(
+        text.contains(&format!(
+            "heartbeat: every 500ms to topic __debezium-heartbeat.{prefix}, after running the action query: INSERT INTO beats VALUES (now())"
+        )),
+        "{text}"
+    );
     let slot = "walcast_hb";
     let start = db.current_wal().await;
     w.wait_confirmed(
@@ -155,6 +179,7 @@ async fn heartbeats_reach_kafka_and_the_action_query_moves_an_idle_slot() {
         .unwrap()
         .get(0);
     assert!(n >= 3, "the action query ran {n} times");
+    assert!(w.events().is_empty(), "the file sink got {:?}", w.events());
     // Nothing of the idle table, and no row-change topic for `beats`.
     let rows = read(
         &[&format!("{prefix}.public.idle")],
@@ -178,8 +203,14 @@ async fn schema_changes_and_ddl_precede_rows_of_the_new_shape() {
     let cfg = KafkaCapture::new("sc", &db.name, &prefix, &["public.items"])
         .pipeline("schema_changes = { ddl_capture = true }")
         .sink("create_topics = true");
+    let text = checked(&cfg.toml("127.0.0.1:1"));
     let mut w = Walcast::start_with(|_, admin| cfg.toml(admin));
     w.wait_state("streaming", WAIT).await;
+    assert!(
+        text.contains(&format!("schema changes: to topic {prefix}.schema-changes"))
+            && text.contains("ddl_capture: would install event trigger walcast_ddl_capture (needs a superuser): CREATE OR REPLACE FUNCTION"),
+        "{text}"
+    );
     for sql in [
         "INSERT INTO items VALUES (1, 'one')",
         "ALTER TABLE items ADD COLUMN price numeric(10,2)",
@@ -313,8 +344,13 @@ async fn logical_messages_are_outbox_messages_once_committed() {
     let cfg = KafkaCapture::new("obm", &db.name, &prefix, &["public.t"]).sink(
         "create_topics = true\noutbox = { message_prefix = \"obm\", fields_as_headers = [\"tenant\"] }",
     );
+    let text = checked(&cfg.toml("127.0.0.1:1"));
     let mut w = Walcast::start_with(|_, admin| cfg.toml(admin));
     w.wait_state("streaming", WAIT).await;
+    assert!(
+        text.contains("outbox: logical messages with prefix 'obm' (pg_logical_emit_message) become messages on outbox.event.${routedByValue}"),
+        "{text}"
+    );
     let msg = |id: &str, kind: &str, payload: &str| {
         format!(
             r#"{{"aggregatetype": "{routed}", "aggregateid": "{id}", "type": "{kind}", "payload": {payload}, "tenant": "acme"}}"#
