@@ -109,7 +109,8 @@ fn read(
 /// action query's inserts make WAL flow through the slot: its confirmed
 /// position passes where the WAL was when streaming began, and a
 /// heartbeat record (key `serverName`, value `ts_ms` and the LSN) arrives
-/// on Debezium's default topic at each interval.
+/// on Debezium's default topic at each interval, in JSON although the
+/// pipeline's format is Avro.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_reach_kafka_and_the_action_query_moves_an_idle_slot() {
     let db = TestDb::new("wc_hb").await;
@@ -120,6 +121,7 @@ async fn heartbeats_reach_kafka_and_the_action_query_moves_an_idle_slot() {
     .await;
     let prefix = unique("hb");
     let cfg = KafkaCapture::new("hb", &db.name, &prefix, &["public.idle"])
+        .avro(&var("WALCAST_TEST_REGISTRY_URL"), "")
         .pipeline("heartbeat = { interval = \"500ms\", action_query = \"INSERT INTO beats VALUES (now())\" }")
         .sink("create_topics = true");
     let text = checked(&cfg.toml("127.0.0.1:1"));
