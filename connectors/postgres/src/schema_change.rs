@@ -48,11 +48,16 @@ pub const DDL_TRIGGER: &str = "walcast_ddl_capture";
 
 /// The SQL that installs the DDL trigger (idempotent). Needs a superuser
 /// (event triggers are owned by one), so `walcast check` prints it for a
-/// DBA to run when walcast's user cannot.
+/// DBA to run when walcast's user cannot. The function runs as whoever
+/// issued the DDL (`pg_logical_emit_message` is open to every role) and
+/// never fails their statement: an error becomes a warning, and that
+/// statement's text is then missing from the stream.
 pub fn ddl_trigger_sql() -> String {
     format!(
-        "CREATE OR REPLACE FUNCTION public.{DDL_TRIGGER}() RETURNS event_trigger LANGUAGE plpgsql AS $walcast$ \
-         BEGIN PERFORM pg_logical_emit_message(true, '{DDL_MESSAGE_PREFIX}', current_query()); END $walcast$; \
+        "CREATE OR REPLACE FUNCTION public.{DDL_TRIGGER}() RETURNS event_trigger LANGUAGE plpgsql \
+         SET search_path = pg_catalog AS $walcast$ \
+         BEGIN PERFORM pg_logical_emit_message(true, '{DDL_MESSAGE_PREFIX}', current_query()); \
+         EXCEPTION WHEN OTHERS THEN RAISE WARNING 'walcast DDL capture: %', SQLERRM; END $walcast$; \
          DO $walcast$ BEGIN \
            IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = '{DDL_TRIGGER}') THEN \
              CREATE EVENT TRIGGER {DDL_TRIGGER} ON ddl_command_end EXECUTE FUNCTION public.{DDL_TRIGGER}(); \
@@ -302,6 +307,15 @@ mod tests {
         let mut h = SchemaHistory::default();
         h.observe(&v2(), Lsn(30));
         assert!(h.observe(&v1(), Lsn(16)).is_none());
+    }
+
+    #[test]
+    fn the_trigger_sql_is_idempotent_and_cannot_fail_a_ddl() {
+        let sql = ddl_trigger_sql();
+        assert!(sql.contains("CREATE OR REPLACE FUNCTION public.walcast_ddl_capture()"));
+        assert!(sql.contains("IF NOT EXISTS (SELECT 1 FROM pg_event_trigger"));
+        assert!(sql.contains("EXCEPTION WHEN OTHERS THEN RAISE WARNING"));
+        assert!(sql.contains("ON ddl_command_end"));
     }
 
     #[test]
