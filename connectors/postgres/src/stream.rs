@@ -1152,7 +1152,7 @@ impl<'a> CaptureLoop<'a> {
                 }
             }
             Message::Origin(_) | Message::Type(_) => {}
-            Message::Message(m) => return Ok(self.on_message_notice(m).await),
+            Message::Message(m) => self.on_message_notice(m).await,
         }
         Ok(())
     }
@@ -1252,7 +1252,7 @@ impl<'a> CaptureLoop<'a> {
         let event = if n.schema_changes && m.prefix == schema_change::DDL_MESSAGE_PREFIX {
             let ddl = String::from_utf8_lossy(&m.content);
             schema_change::ddl_event(&ddl, self.asm.notice_source(m.lsn), ts_ms)
-        } else if n.message_prefixes.iter().any(|p| *p == m.prefix) {
+        } else if n.message_prefixes.contains(&m.prefix) {
             let source = self.asm.notice_source(m.lsn);
             notice::message(m.prefix, m.content.to_vec(), m.transactional, source, ts_ms)
         } else {
