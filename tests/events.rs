@@ -137,7 +137,9 @@ async fn heartbeats_reach_kafka_and_the_action_query_moves_an_idle_slot() {
     assert!(
         text.contains(&format!(
             "heartbeat: every 500ms to topic __debezium-heartbeat.{prefix}, after running the action query: INSERT INTO beats VALUES (now())"
-        )),
+        )) && text.contains(&format!(
+            "kafka: heartbeats -> topic __debezium-heartbeat.{prefix}: would be created"
+        )) && text.contains(&format!("kafka: table public.idle -> topic {prefix}.public.idle")),
         "{text}"
     );
     let slot = "walcast_hb";
@@ -210,6 +212,9 @@ async fn schema_changes_and_ddl_precede_rows_of_the_new_shape() {
     w.wait_state("streaming", WAIT).await;
     assert!(
         text.contains(&format!("schema changes: to topic {prefix}.schema-changes"))
+            && text.contains(&format!(
+                "kafka: schema changes -> topic {prefix}.schema-changes: would be created"
+            ))
             && text.contains("ddl_capture: would install event trigger walcast_ddl_capture (needs a superuser): CREATE OR REPLACE FUNCTION"),
         "{text}"
     );

@@ -286,7 +286,11 @@ async fn check_kafka_sinks(
         let k = pipeline::kafka_config(k, &s.assemble.name);
         match tokio::time::timeout(
             Duration::from_secs(15),
-            walcast_kafka::KafkaSink::check(&k, &s.wanted.tables),
+            walcast_kafka::KafkaSink::check_with_notices(
+                &k,
+                &s.wanted.tables,
+                &pipeline::notice_topics(c, &s.assemble.name),
+            ),
         )
         .await
         {
@@ -301,7 +305,12 @@ async fn check_kafka_sinks(
                         }
                         other => format!("{other:?}"),
                     };
-                    println!("  kafka: table {} -> topic {}: {state}", t.table, t.topic);
+                    let what = if walcast_sdk::TableName::parse(&t.table).is_some() {
+                        format!("table {}", t.table)
+                    } else {
+                        t.table.clone()
+                    };
+                    println!("  kafka: {what} -> topic {}: {state}", t.topic);
                 }
             }
             Ok(Err(e)) => {

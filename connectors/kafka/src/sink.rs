@@ -262,6 +262,16 @@ impl KafkaSink {
         config: &KafkaSinkConfig,
         tables: &[walcast_sdk::TableName],
     ) -> Result<Vec<TopicStatus>, KafkaSinkError> {
+        Self::check_with_notices(config, tables, &NoticeTopics::default()).await
+    }
+
+    /// [`KafkaSink::check`], with the topics of the pipeline's heartbeats
+    /// and schema changes (labelled `heartbeats`, `schema changes`).
+    pub async fn check_with_notices(
+        config: &KafkaSinkConfig,
+        tables: &[walcast_sdk::TableName],
+        notices: &NoticeTopics,
+    ) -> Result<Vec<TopicStatus>, KafkaSinkError> {
         config.validate()?;
         let router = TopicRouter::new(config.topic_prefix.clone(), config.routes.clone());
         let mut topics: Vec<(String, String)> = tables
@@ -270,6 +280,12 @@ impl KafkaSink {
             .collect();
         if let Some(t) = &config.transaction_topic {
             topics.push(("transaction metadata".to_string(), t.clone()));
+        }
+        if let Some(t) = &notices.heartbeat {
+            topics.push(("heartbeats".to_string(), t.clone()));
+        }
+        if let Some(t) = &notices.schema_changes {
+            topics.push(("schema changes".to_string(), t.clone()));
         }
         let admin = TopicAdmin::new(&config.client_config(), config.topic_creation.clone())?;
         Ok(admin.check(&topics, config.create_topics).await?)
