@@ -429,3 +429,26 @@ async fn logical_messages_are_outbox_messages_once_committed() {
     assert_eq!(rows.values().map(Vec::len).sum::<usize>(), 1, "{rows:?}");
     assert!(w.terminate().success());
 }
+
+/// An action query Postgres refuses as written fails every time: the
+/// pipeline stops, naming the setting and the query, instead of warning
+/// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_query_postgres_refuses_stops_the_pipeline_naming_it() {
+    let db = TestDb::new("wc_hbq").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY);").await;
+    let prefix = unique("hbq");
+    let cfg = KafkaCapture::new("hbq", &db.name, &prefix, &["public.t"])
+        .pipeline("heartbeat = { interval = \"200ms\", action_query = \"INSERT INTO no_such_table VALUES (1)\" }");
+    let mut w = Walcast::start_with(|_, admin| cfg.toml(admin));
+    w.wait_failed("a refused heartbeat.action_query", WAIT)
+        .await;
+    let log = w.log();
+    assert!(
+        log.contains("heartbeat.action_query failed")
+            && log.contains("no_such_table")
+            && log.contains("[pipelines.hbq.heartbeat]"),
+        "{}",
+        tail(&log, 3000)
+    );
+}
