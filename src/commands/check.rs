@@ -120,6 +120,7 @@ pub(crate) async fn check(path: &std::path::Path, offline: bool) -> anyhow::Resu
                         ok = false;
                     }
                 }
+                check_notices(c, &s, &client).await;
                 ok &= check_contracts(name, c, &s, client).await;
                 ok &= check_kafka_sinks(name, c, &s).await;
                 ok &= check_search_sinks(name, c, &s).await;
@@ -161,6 +162,68 @@ pub(crate) async fn check(path: &std::path::Path, offline: bool) -> anyhow::Resu
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Reports what the pipeline publishes besides row changes: heartbeats,
+/// schema changes (and whether the DDL trigger is there), outbox messages.
+async fn check_notices(
+    c: &config::CaptureConfig,
+    s: &capture::CaptureSettings,
+    client: &tokio_postgres::Client,
+) {
+    let prefix = &s.assemble.name;
+    if let Some(h) = &c.heartbeat {
+        println!(
+            "  heartbeat: every {} to topic {}{}",
+            humantime::format_duration(h.interval),
+            h.topic(prefix),
+            match &h.action_query {
+                Some(q) => format!(", after running the action query: {q}"),
+                None => ", no action query".into(),
+            }
+        );
+    }
+    if let Some(sc) = &c.schema_changes {
+        println!(
+            "  schema changes: to topic {} (JSON; a captured table's old and new columns)",
+            sc.topic(prefix)
+        );
+        if sc.ddl_capture {
+            let trigger = capture::schema_change::DDL_TRIGGER;
+            match client
+                .query_opt(
+                    "SELECT 1 FROM pg_event_trigger WHERE evtname = $1",
+                    &[&trigger],
+                )
+                .await
+            {
+                Ok(Some(_)) => println!("  ddl_capture: event trigger {trigger} is installed"),
+                Ok(None) => println!(
+                    "  ddl_capture: would install event trigger {trigger} (needs a superuser): {}",
+                    capture::schema_change::ddl_trigger_sql()
+                ),
+                Err(e) => {
+                    println!("  warning: ddl_capture: cannot look for event trigger {trigger}: {e}")
+                }
+            }
+        }
+    }
+    for sink in &c.sinks {
+        let config::SinkConfig::Kafka(k) = sink else {
+            continue;
+        };
+        if let Some(o) = &k.outbox {
+            if let Some(t) = &o.table {
+                println!("  outbox: inserts into {t} become messages on {}", o.topic);
+            }
+            if let Some(p) = &o.message_prefix {
+                println!(
+                    "  outbox: logical messages with prefix '{p}' (pg_logical_emit_message) become messages on {}",
+                    o.topic
+                );
+            }
+        }
+    }
 }
 
 /// Checks each captured table that has a data contract against the schema
@@ -223,7 +286,11 @@ async fn check_kafka_sinks(
         let k = pipeline::kafka_config(k, &s.assemble.name);
         match tokio::time::timeout(
             Duration::from_secs(15),
-            walcast_kafka::KafkaSink::check(&k, &s.wanted.tables),
+            walcast_kafka::KafkaSink::check_with_notices(
+                &k,
+                &s.wanted.tables,
+                &pipeline::notice_topics(c, &s.assemble.name),
+            ),
         )
         .await
         {
@@ -238,7 +305,12 @@ async fn check_kafka_sinks(
                         }
                         other => format!("{other:?}"),
                     };
-                    println!("  kafka: table {} -> topic {}: {state}", t.table, t.topic);
+                    let what = if walcast_sdk::TableName::parse(&t.table).is_some() {
+                        format!("table {}", t.table)
+                    } else {
+                        t.table.clone()
+                    };
+                    println!("  kafka: {what} -> topic {}: {state}", t.topic);
                 }
             }
             Ok(Err(e)) => {

@@ -205,6 +205,32 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                     ));
                 }
                 validate_sinks(path, &key, &c.sinks)?;
+                if let Some(h) = &c.heartbeat {
+                    if h.interval.is_zero() {
+                        return Err(rule(
+                            key("heartbeat.interval"),
+                            "must be positive, e.g. \"10s\"",
+                        ));
+                    }
+                    if h.action_query.as_ref().is_some_and(|q| q.trim().is_empty()) {
+                        return Err(rule(
+                            key("heartbeat.action_query"),
+                            "must not be empty (leave it out instead)",
+                        ));
+                    }
+                    if !has_kafka {
+                        return Err(rule(
+                            key("heartbeat"),
+                            "heartbeat records are published to Kafka, and this pipeline has no kafka sink",
+                        ));
+                    }
+                }
+                if c.schema_changes.is_some() && !has_kafka {
+                    return Err(rule(
+                        key("schema_changes"),
+                        "schema-change events are published to Kafka, and this pipeline has no kafka sink",
+                    ));
+                }
                 if !s.keyless_tables.is_empty() {
                     // Known from the config alone: those tables have no key,
                     // and these sinks name rows by their key.
@@ -573,6 +599,90 @@ retry_max_ms = 60000
             e.contains("pipelines.orders.sinks") && e.contains("`soon` is not a duration"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn heartbeat_schema_changes_and_the_message_outbox_are_read_and_checked() {
+        let kafka = GOOD
+            .replace(
+                "[pipelines.orders.source]",
+                "topic_prefix = \"shop\"\nformat = \"json\"\n\
+                 heartbeat = { interval = \"2s\", action_query = \"UPDATE hb SET at = now()\" }\n\
+                 schema_changes = { ddl_capture = true }\n[pipelines.orders.source]",
+            )
+            .replace(
+                "type = \"file\"\npath = \"-\"",
+                "type = \"kafka\"\nbootstrap_servers = \"k:9092\"\noutbox = { message_prefix = \"obx\" }",
+            );
+        let c = load_str("t.toml", &kafka).unwrap();
+        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
+            panic!()
+        };
+        let h = p.heartbeat.as_ref().unwrap();
+        assert_eq!(h.interval, Duration::from_secs(2));
+        assert_eq!(h.topic("shop"), "__debezium-heartbeat.shop");
+        let sc = p.schema_changes.as_ref().unwrap();
+        assert!(sc.ddl_capture);
+        assert_eq!(sc.topic("shop"), "shop.schema-changes");
+        let s = crate::pipeline::capture_settings("orders", p).unwrap();
+        assert_eq!(s.notices.message_prefixes, vec!["obx".to_string()]);
+        assert!(s.notices.schema_changes && s.notices.ddl_capture);
+        assert_eq!(
+            s.notices
+                .heartbeat
+                .as_ref()
+                .unwrap()
+                .action_query
+                .as_deref(),
+            Some("UPDATE hb SET at = now()")
+        );
+        // Defaults: 10 s, nothing published without the sections.
+        let bare = kafka.replace(
+            "heartbeat = { interval = \"2s\", action_query = \"UPDATE hb SET at = now()\" }",
+            "heartbeat = {}",
+        );
+        let c = load_str("t.toml", &bare).unwrap();
+        let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
+            panic!()
+        };
+        assert_eq!(
+            p.heartbeat.as_ref().unwrap().interval,
+            DEFAULT_HEARTBEAT_INTERVAL
+        );
+        let s = crate::pipeline::capture_settings(
+            "orders",
+            &match load_str("t.toml", GOOD).unwrap().pipelines.remove("orders") {
+                Some(PipelineConfig::Capture(p)) => p,
+                _ => panic!(),
+            },
+        )
+        .unwrap();
+        assert!(s.notices.heartbeat.is_none() && !s.notices.schema_changes);
+        assert!(s.notices.message_prefixes.is_empty());
+        for (text, needle) in [
+            (
+                kafka.replace("interval = \"2s\"", "interval = \"0s\""),
+                "pipelines.orders.heartbeat.interval",
+            ),
+            (
+                kafka.replace("interval = \"2s\"", "interval_ms = 2000"),
+                "unknown field `interval_ms`",
+            ),
+            (
+                kafka.replace("outbox = { message_prefix = \"obx\" }", "outbox = {}"),
+                "needs `table` (an outbox table) or `message_prefix`",
+            ),
+            (
+                GOOD.replace(
+                    "[pipelines.orders.source]",
+                    "schema_changes = {}\n[pipelines.orders.source]",
+                ),
+                "pipelines.orders.schema_changes",
+            ),
+        ] {
+            let e = load_str("t.toml", &text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
     }
 
     #[test]

@@ -15,6 +15,11 @@ pub const DEFAULT_MAX_IN_FLIGHT_EVENTS: usize = 200_000;
 pub const DEFAULT_BATCH_MAX_EVENTS: usize = 4_096;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_STATE_DIR: &str = "./walcast-state";
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// Debezium's `heartbeat.topics.prefix`; the topic is `<this>.<topic_prefix>`.
+pub const DEFAULT_HEARTBEAT_TOPIC_PREFIX: &str = "__debezium-heartbeat";
+/// The schema-change topic is `<topic_prefix><this>`.
+pub const DEFAULT_SCHEMA_CHANGES_TOPIC_SUFFIX: &str = ".schema-changes";
 
 /// The whole file.
 #[derive(Debug, Clone)]
@@ -224,6 +229,58 @@ pub struct CaptureConfig {
     /// include/exclude lists, masks, hashes, the message key, a row filter.
     #[serde(default)]
     pub table: std::collections::BTreeMap<String, walcast_sdk::shape::TableShapeConfig>,
+    /// A heartbeat record every `interval` on the Kafka sinks (Debezium's
+    /// `heartbeat.interval.ms`, `heartbeat.topics.prefix`,
+    /// `heartbeat.action.query`).
+    pub heartbeat: Option<HeartbeatConfig>,
+    /// An event on the Kafka sinks when a captured table's columns change.
+    pub schema_changes: Option<SchemaChangesConfig>,
+}
+
+/// `heartbeat = { interval = "10s", topic = "...", action_query = "..." }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    #[serde(default = "default_heartbeat_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Default: `__debezium-heartbeat.<topic_prefix>`, as Debezium names it.
+    pub topic: Option<String>,
+    /// SQL run on a normal connection before each heartbeat (an `INSERT`
+    /// or `UPDATE` of a heartbeat table), so that WAL of this database
+    /// flows through the slot when the captured tables are idle.
+    pub action_query: Option<String>,
+}
+
+/// `schema_changes = { topic = "...", ddl_capture = true }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaChangesConfig {
+    /// Default: `<topic_prefix>.schema-changes`.
+    pub topic: Option<String>,
+    /// Install an event trigger that writes each DDL statement to the WAL
+    /// (needs a superuser once); each becomes an event on the same topic.
+    #[serde(default)]
+    pub ddl_capture: bool,
+}
+
+fn default_heartbeat_interval() -> Duration {
+    DEFAULT_HEARTBEAT_INTERVAL
+}
+
+impl HeartbeatConfig {
+    pub fn topic(&self, topic_prefix: &str) -> String {
+        self.topic
+            .clone()
+            .unwrap_or_else(|| format!("{DEFAULT_HEARTBEAT_TOPIC_PREFIX}.{topic_prefix}"))
+    }
+}
+
+impl SchemaChangesConfig {
+    pub fn topic(&self, topic_prefix: &str) -> String {
+        self.topic
+            .clone()
+            .unwrap_or_else(|| format!("{topic_prefix}{DEFAULT_SCHEMA_CHANGES_TOPIC_SUFFIX}"))
+    }
 }
 
 fn default_state_dir() -> PathBuf {

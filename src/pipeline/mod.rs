@@ -108,13 +108,39 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
             state_path: c.state_dir.join(format!("{name}.snapshot.json")),
             incremental_state_path: c.state_dir.join(format!("{name}.incremental.json")),
         },
+        notices: stream::NoticeSettings {
+            heartbeat: c.heartbeat.as_ref().map(|h| stream::HeartbeatSettings {
+                interval: h.interval,
+                action_query: h.action_query.clone(),
+            }),
+            schema_changes: c.schema_changes.is_some(),
+            ddl_capture: c.schema_changes.as_ref().is_some_and(|s| s.ddl_capture),
+            message_prefixes: c
+                .sinks
+                .iter()
+                .filter_map(|s| match s {
+                    SinkConfig::Kafka(k) => k.outbox.as_ref()?.message_prefix.clone(),
+                    _ => None,
+                })
+                .collect(),
+        },
     })
 }
 
-/// How a pipeline's Kafka sinks encode events.
+/// How a pipeline's Kafka sinks encode events, and where they publish the
+/// pipeline's notices.
 pub struct Encoding<'a> {
     pub format: EventFormat,
     pub registry: Option<&'a walcast_schemas::RegistryConfig>,
+    pub notice_topics: walcast_kafka::NoticeTopics,
+}
+
+/// The topics of a capture pipeline's heartbeats and schema changes.
+pub fn notice_topics(c: &CaptureConfig, topic_prefix: &str) -> walcast_kafka::NoticeTopics {
+    walcast_kafka::NoticeTopics {
+        heartbeat: c.heartbeat.as_ref().map(|h| h.topic(topic_prefix)),
+        schema_changes: c.schema_changes.as_ref().map(|s| s.topic(topic_prefix)),
+    }
 }
 
 /// The Kafka sink's settings as the pipeline means them: its topic prefix
@@ -189,8 +215,9 @@ pub async fn build_sinks(
                         Arc::new(encoder)
                     }
                 };
-                let mut sink =
-                    walcast_kafka::KafkaSink::new(k, encoder).map_err(|e| err(e.to_string()))?;
+                let mut sink = walcast_kafka::KafkaSink::new(k, encoder)
+                    .map_err(|e| err(e.to_string()))?
+                    .with_notice_topics(encoding.notice_topics.clone());
                 // Only the Avro encoder refuses values; JSON renders anything.
                 if let (
                     EventFormat::Avro,
@@ -255,6 +282,7 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
             let encoding = Encoding {
                 format: c.format,
                 registry: c.registry.as_ref(),
+                notice_topics: notice_topics(c, &settings.assemble.name),
             };
             let sinks = build_sinks(name, &settings.assemble.name, &c.sinks, &encoding).await?;
             // Shaped before any sink sees an event (see walcast_sdk::shape).
@@ -278,6 +306,7 @@ pub async fn build(name: &str, cfg: &PipelineConfig) -> Result<Runnable, BuildEr
             let encoding = Encoding {
                 format: EventFormat::Json,
                 registry: None,
+                notice_topics: Default::default(),
             };
             let sinks = build_sinks(name, name, &r.sinks, &encoding).await?;
             let sink_names: Vec<String> = sinks.iter().map(|s| s.name().to_string()).collect();

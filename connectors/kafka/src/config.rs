@@ -292,8 +292,17 @@ impl KafkaSinkConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(o) = &self.outbox {
-            if o.table.split('.').count() != 2 {
+            if o.table.is_none() && o.message_prefix.is_none() {
+                return Err(invalid(
+                    "outbox",
+                    "needs `table` (an outbox table) or `message_prefix` (logical messages), or both",
+                ));
+            }
+            if o.table.as_ref().is_some_and(|t| t.split('.').count() != 2) {
                 return Err(invalid("outbox.table", "must be schema.table"));
+            }
+            if o.message_prefix.as_ref().is_some_and(|p| p.is_empty()) {
+                return Err(invalid("outbox.message_prefix", "must not be empty"));
             }
             if !o.topic.contains("${routedByValue}") {
                 tracing::info!(topic = %o.topic, "outbox: every message goes to one topic (no ${{routedByValue}} in outbox.topic)");

@@ -31,6 +31,6 @@ pub use config::{
 };
 pub use dead_letter::RecordDeadLetter;
 pub use delivery::DeliveryError;
-pub use sink::{KafkaSink, KafkaSinkError};
+pub use sink::{KafkaSink, KafkaSinkError, NoticeTopics};
 pub use source::{KafkaSource, SourceBatch, SourceError, SourceRecord};
 pub use topic::{TopicError, TopicState, TopicStatus};

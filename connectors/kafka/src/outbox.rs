@@ -24,7 +24,28 @@
 //! column, and walcast's usual `walcast.lsn`/`walcast.txid`. Outbox records
 //! are JSON whatever the pipeline's `format`.
 //!
-//! The planner ([`plan`]) is pure; the sink produces what it returns.
+//! # The outbox without a table
+//!
+//! With `message_prefix`, a logical decoding message written with
+//! `pg_logical_emit_message(true, '<prefix>', '<json>')` is published the
+//! same way, without a table to insert into and clean up (no bloat, no
+//! vacuum). The content is a JSON object whose fields are named like the
+//! outbox table's columns (`id`, `aggregatetype`, `aggregateid`, `type`,
+//! `payload`, the `*_column` settings rename them); `aggregatetype` is
+//! required, the others may be absent (null). The key is the aggregate id,
+//! the value the payload (a JSON string holding a non-string payload unless
+//! `expand_json_payload`, as for a `jsonb` column), headers `id` (the
+//! message's LSN, `X/X`, when the content has no id: stable across
+//! replays, so consumers can de-duplicate), `type`, the `fields_as_headers`
+//! fields, and `walcast.transactional`.
+//!
+//! A transactional message (first argument `true`) is published only if
+//! its transaction commits, in commit order. A non-transactional one is
+//! published as soon as it is decoded, even if its transaction rolls back:
+//! that is what `false` asks Postgres for.
+//!
+//! The planners ([`plan`], [`plan_message`]) are pure; the sink produces
+//! what they return.
 
 use serde::Deserialize;
 use walcast_sdk::json::{self, JsonOptions};
@@ -35,7 +56,12 @@ use walcast_sdk::{ChangeEvent, Op, Value};
 #[serde(deny_unknown_fields)]
 pub struct OutboxConfig {
     /// The outbox table, `schema.table`.
-    pub table: String,
+    #[serde(default)]
+    pub table: Option<String>,
+    /// The prefix of logical decoding messages published as outbox
+    /// messages (the outbox without a table).
+    #[serde(default)]
+    pub message_prefix: Option<String>,
     /// The topic name; `${routedByValue}` is replaced by the aggregate type
     /// (Debezium's `route.topic.replacement`).
     #[serde(default = "default_topic")]
@@ -87,11 +113,12 @@ pub struct OutboxRecord {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
-/// Why an outbox row cannot become a message (definite: the table or the
-/// config must change).
+/// Why an outbox row or message cannot become a message (definite: the
+/// table, the producer of the messages or the config must change).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("outbox table {table}: {message}")]
+#[error("outbox {table}: {message}")]
 pub struct OutboxError {
+    /// `table public.outbox` or `message prefix 'outbox' at LSN 0/1234`.
     pub table: String,
     pub message: String,
 }
@@ -99,8 +126,93 @@ pub struct OutboxError {
 impl OutboxConfig {
     /// Whether `event` belongs to the outbox table.
     pub fn matches(&self, event: &ChangeEvent) -> bool {
-        event.table.qualified_name() == self.table
+        self.table
+            .as_deref()
+            .and_then(|t| t.split_once('.'))
+            .is_some_and(|(schema, name)| schema == event.table.schema && name == event.table.name)
     }
+
+    /// Whether a logical message of `prefix` is an outbox message.
+    pub fn matches_prefix(&self, prefix: &str) -> bool {
+        self.message_prefix.as_deref() == Some(prefix)
+    }
+}
+
+/// Header on message-outbox records: whether the message was transactional.
+pub const TRANSACTIONAL_HEADER: &str = "walcast.transactional";
+
+/// The message for a logical decoding message of the outbox prefix (see
+/// the module docs). `lsn` is the message's own position.
+pub fn plan_message(
+    cfg: &OutboxConfig,
+    prefix: &str,
+    content: &[u8],
+    transactional: bool,
+    lsn: walcast_sdk::Lsn,
+) -> Result<OutboxRecord, OutboxError> {
+    let err = |message: String| {
+        OutboxError {
+        table: format!("message prefix '{prefix}' at LSN {lsn}"),
+        message: format!(
+            "{message}; the pipeline stops here (fix what emits these messages, then skip this one with \
+             SELECT pg_replication_slot_advance('<slot>', '<an LSN past {lsn}>'))"
+        ),
+    }
+    };
+    let doc: serde_json::Value = serde_json::from_slice(content)
+        .map_err(|e| err(format!("the content is not JSON ({e})")))?;
+    let serde_json::Value::Object(fields) = doc else {
+        return Err(err("the content is not a JSON object".into()));
+    };
+    let null = serde_json::Value::Null;
+    let get = |name: &str| fields.get(name).unwrap_or(&null);
+    let text = |v: &serde_json::Value| -> Option<String> {
+        match v {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        }
+    };
+    let routed = text(get(&cfg.aggregate_type_column)).ok_or_else(|| {
+        err(format!(
+            "`{}` is missing or null: the message has no topic",
+            cfg.aggregate_type_column
+        ))
+    })?;
+    let topic = cfg.topic.replace("${routedByValue}", &routed);
+    let key = match get(&cfg.aggregate_id_column) {
+        serde_json::Value::Null => None,
+        v => Some(serde_json::to_vec(v).expect("JSON")),
+    };
+    let value = match get(&cfg.payload_column) {
+        serde_json::Value::Null => None,
+        v @ serde_json::Value::String(_) => Some(serde_json::to_vec(v).expect("JSON")),
+        v if cfg.expand_json_payload => Some(serde_json::to_vec(v).expect("JSON")),
+        // As a `jsonb` payload column renders without expansion: a JSON
+        // string holding the document.
+        v => Some(serde_json::to_vec(&serde_json::Value::String(v.to_string())).expect("JSON")),
+    };
+    let id = text(get(&cfg.id_column)).unwrap_or_else(|| lsn.to_string());
+    let mut headers = vec![
+        ("id".to_string(), Some(id.into_bytes())),
+        (
+            "type".to_string(),
+            text(get(&cfg.type_column)).map(String::into_bytes),
+        ),
+    ];
+    for h in &cfg.fields_as_headers {
+        headers.push((h.clone(), text(get(h)).map(String::into_bytes)));
+    }
+    headers.push((
+        TRANSACTIONAL_HEADER.to_string(),
+        Some(transactional.to_string().into_bytes()),
+    ));
+    Ok(OutboxRecord {
+        topic,
+        key,
+        value,
+        headers,
+    })
 }
 
 /// The message for an outbox table's event, or `None` when the event is
@@ -109,14 +221,14 @@ pub fn plan(cfg: &OutboxConfig, event: &ChangeEvent) -> Result<Option<OutboxReco
     match event.op {
         Op::Create => {}
         Op::Update => {
-            tracing::warn!(table = %cfg.table, lsn = %event.source.commit_lsn,
+            tracing::warn!(table = %event.table.qualified_name(), lsn = %event.source.commit_lsn,
                 "outbox: an update of an outbox row is ignored (only inserts are messages)");
             return Ok(None);
         }
         _ => return Ok(None),
     }
     let err = |message: String| OutboxError {
-        table: cfg.table.clone(),
+        table: format!("table {}", event.table.qualified_name()),
         message,
     };
     let row = event
@@ -291,6 +403,60 @@ mod tests {
         );
         for op in [Op::Update, Op::Delete, Op::Read, Op::Truncate] {
             assert_eq!(plan(&c, &event(op, Value::Null)).unwrap(), None, "{op:?}");
+        }
+    }
+
+    #[test]
+    fn a_logical_message_is_routed_like_an_outbox_row() {
+        let c: OutboxConfig = serde_json::from_str(
+            r#"{"message_prefix": "outbox", "fields_as_headers": ["tenant"]}"#,
+        )
+        .unwrap();
+        assert!(c.matches_prefix("outbox") && !c.matches_prefix("outbox2"));
+        assert!(!c.matches(&event(Op::Create, Value::Null)), "no table");
+        let r = plan_message(
+            &c,
+            "outbox",
+            br#"{"aggregatetype": "order", "aggregateid": 42, "type": "OrderCreated",
+                 "payload": {"total": 5}, "tenant": "acme"}"#,
+            true,
+            walcast_sdk::Lsn(0x16_B374_D848),
+        )
+        .unwrap();
+        assert_eq!(r.topic, "outbox.event.order");
+        assert_eq!(r.key.as_deref(), Some(&b"42"[..]));
+        assert_eq!(r.value.as_deref(), Some(&br#""{\"total\":5}""#[..]));
+        assert_eq!(r.headers[0], ("id".into(), Some(b"16/B374D848".to_vec())));
+        assert_eq!(
+            r.headers[1],
+            ("type".into(), Some(b"OrderCreated".to_vec()))
+        );
+        assert_eq!(r.headers[2], ("tenant".into(), Some(b"acme".to_vec())));
+        assert_eq!(
+            r.headers[3],
+            (TRANSACTIONAL_HEADER.into(), Some(b"true".to_vec()))
+        );
+        let expanded = OutboxConfig {
+            expand_json_payload: true,
+            ..c.clone()
+        };
+        let r = plan_message(
+            &expanded,
+            "outbox",
+            br#"{"id": "e-1", "aggregatetype": "order", "payload": {"total": 5}}"#,
+            false,
+            walcast_sdk::Lsn(1),
+        )
+        .unwrap();
+        assert_eq!(r.value.as_deref(), Some(&br#"{"total":5}"#[..]));
+        assert_eq!(r.key, None);
+        assert_eq!(r.headers[0], ("id".into(), Some(b"e-1".to_vec())));
+        for bad in [&b"not json"[..], b"[1]", br#"{"payload": 1}"#] {
+            let e = plan_message(&c, "outbox", bad, true, walcast_sdk::Lsn(1)).unwrap_err();
+            assert!(
+                e.to_string().contains("message prefix 'outbox' at LSN 0/1"),
+                "{e}"
+            );
         }
     }
 

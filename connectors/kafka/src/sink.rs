@@ -71,13 +71,26 @@ pub struct KafkaSink {
     transactional: Option<Transactional>,
     /// Where events the encoder refuses as invalid go instead of halting.
     dead_letter: Option<DeadLetter>,
-    /// The outbox table whose inserts are routed as messages.
+    /// The outbox table whose inserts are routed as messages, and the
+    /// prefix of logical messages routed the same way.
     outbox: Option<crate::outbox::OutboxConfig>,
+    /// Where heartbeats and schema changes go (pipeline settings).
+    notice_topics: NoticeTopics,
     /// Events written to the dead-letter topic (the daemon exports it as
     /// `walcast_dead_letters_total`).
     dead_lettered: Arc<std::sync::atomic::AtomicU64>,
     /// Ends the task that purges the queues after refused credentials.
     _auth_watch: AuthWatch,
+}
+
+/// The topics of the pipeline's notices (see [`walcast_sdk::notice`]);
+/// a notice whose topic is unset is dropped by this sink.
+#[derive(Debug, Clone, Default)]
+pub struct NoticeTopics {
+    /// Heartbeats (`heartbeat.topic`).
+    pub heartbeat: Option<String>,
+    /// Schema changes and captured DDL (`schema_changes.topic`).
+    pub schema_changes: Option<String>,
 }
 
 /// The dead-letter policy: an event whose values do not fit its schema is
@@ -216,6 +229,7 @@ impl KafkaSink {
             },
             dead_letter: None,
             outbox: config.outbox.clone(),
+            notice_topics: NoticeTopics::default(),
             dead_lettered: Arc::default(),
         })
     }
@@ -223,6 +237,13 @@ impl KafkaSink {
     /// How many events went to the dead-letter topic so far.
     pub fn dead_lettered(&self) -> Arc<std::sync::atomic::AtomicU64> {
         Arc::clone(&self.dead_lettered)
+    }
+
+    /// Publishes the pipeline's heartbeats and schema changes to these
+    /// topics.
+    pub fn with_notice_topics(mut self, topics: NoticeTopics) -> Self {
+        self.notice_topics = topics;
+        self
     }
 
     /// Routes events the encoder refuses as invalid
@@ -241,6 +262,16 @@ impl KafkaSink {
         config: &KafkaSinkConfig,
         tables: &[walcast_sdk::TableName],
     ) -> Result<Vec<TopicStatus>, KafkaSinkError> {
+        Self::check_with_notices(config, tables, &NoticeTopics::default()).await
+    }
+
+    /// [`KafkaSink::check`], with the topics of the pipeline's heartbeats
+    /// and schema changes (labelled `heartbeats`, `schema changes`).
+    pub async fn check_with_notices(
+        config: &KafkaSinkConfig,
+        tables: &[walcast_sdk::TableName],
+        notices: &NoticeTopics,
+    ) -> Result<Vec<TopicStatus>, KafkaSinkError> {
         config.validate()?;
         let router = TopicRouter::new(config.topic_prefix.clone(), config.routes.clone());
         let mut topics: Vec<(String, String)> = tables
@@ -249,6 +280,12 @@ impl KafkaSink {
             .collect();
         if let Some(t) = &config.transaction_topic {
             topics.push(("transaction metadata".to_string(), t.clone()));
+        }
+        if let Some(t) = &notices.heartbeat {
+            topics.push(("heartbeats".to_string(), t.clone()));
+        }
+        if let Some(t) = &notices.schema_changes {
+            topics.push(("schema changes".to_string(), t.clone()));
         }
         let admin = TopicAdmin::new(&config.client_config(), config.topic_creation.clone())?;
         Ok(admin.check(&topics, config.create_topics).await?)
@@ -295,6 +332,10 @@ impl KafkaSink {
                     skipped += 1;
                     continue;
                 }
+            }
+            if let Some(n) = walcast_sdk::notice::read(event) {
+                self.send_notice(event, n, acker).await?;
+                continue;
             }
             if event.op == Op::Truncate && self.skip_truncate {
                 continue;
@@ -362,6 +403,61 @@ impl KafkaSink {
         Ok(())
     }
 
+    /// Produces a notice: a heartbeat or schema change to its topic, a
+    /// logical message of the outbox prefix as an outbox message. JSON
+    /// whatever the pipeline's format; acknowledged with the batch.
+    async fn send_notice(
+        &mut self,
+        event: &ChangeEvent,
+        notice: walcast_sdk::notice::Notice<'_>,
+        acker: Option<&Acker>,
+    ) -> Result<(), SinkError> {
+        use walcast_sdk::notice::{Notice, NoticeKind};
+        let lsn = event.source.commit_lsn;
+        let (topic, key, value) = match notice {
+            Notice::Message {
+                prefix,
+                content,
+                transactional,
+            } => {
+                let Some(outbox) = self.outbox.as_ref().filter(|o| o.matches_prefix(prefix)) else {
+                    return Ok(());
+                };
+                let rec = crate::outbox::plan_message(
+                    outbox,
+                    prefix,
+                    content,
+                    transactional,
+                    event.source.lsn,
+                )
+                .map_err(|e| SinkError::definite(SINK_NAME, e.to_string()).with_source(e))?;
+                return self.send_outbox(event, rec, acker).await;
+            }
+            Notice::Document { kind, key, value } => {
+                let topic = match kind {
+                    NoticeKind::Heartbeat => self.notice_topics.heartbeat.as_deref(),
+                    _ => self.notice_topics.schema_changes.as_deref(),
+                };
+                let Some(topic) = topic else {
+                    return Ok(());
+                };
+                (Arc::<str>::from(topic), key, value)
+            }
+        };
+        self.ensure_topic(&topic).await?;
+        let what: Arc<str> = Arc::from(event.table.name.as_str());
+        self.produce(
+            &topic,
+            Some(key.as_bytes()),
+            Some(value.as_bytes()),
+            record::headers(event),
+            &what,
+            lsn,
+            acker,
+        )
+        .await
+    }
+
     /// Produces an outbox message: acknowledged with the batch like any
     /// record (and inside its Kafka transaction in exactly-once mode).
     async fn send_outbox(
@@ -379,7 +475,7 @@ impl KafkaSink {
                 value: v.as_deref(),
             });
         }
-        let what: Arc<str> = Arc::from(format!("outbox {}", event.table.qualified_name()).as_str());
+        let what: Arc<str> = Arc::from(format!("outbox {}", rec.topic).as_str());
         self.produce(
             &topic,
             rec.key.as_deref(),
@@ -762,6 +858,12 @@ impl KafkaSink {
 impl Sink for KafkaSink {
     fn name(&self) -> &str {
         SINK_NAME
+    }
+
+    /// Heartbeats, schema changes and outbox messages are Kafka records;
+    /// those this sink has no topic for are dropped in `send_notice`.
+    fn takes_notices(&self) -> bool {
+        true
     }
 
     async fn send(&mut self, batch: Batch) -> Result<(), SinkError> {

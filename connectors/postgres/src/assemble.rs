@@ -79,7 +79,7 @@ pub struct Assembler {
     finished: Option<Finished>,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -107,6 +107,26 @@ impl Assembler {
 
     pub fn in_transaction(&self) -> bool {
         self.tx.is_some()
+    }
+
+    /// The source block of a notice at `lsn` (a schema change, a logical
+    /// message): the open transaction's commit and xid, or, outside one,
+    /// the notice's own position and time.
+    pub fn notice_source(&self, lsn: Lsn) -> SourceInfo {
+        let (commit_lsn, tx_id, micros) = match &self.tx {
+            Some(tx) => (tx.commit_lsn, Some(tx.xid), tx.commit_micros),
+            None => (lsn, None, now_ms().saturating_mul(1000)),
+        };
+        SourceInfo {
+            name: self.opts.name.clone(),
+            db: self.opts.database.clone(),
+            lsn,
+            commit_lsn,
+            tx_id,
+            ts_ms: micros.div_euclid(1000),
+            ts_us: micros,
+            snapshot: SnapshotMarker::False,
+        }
     }
 
     pub fn begin(&mut self, b: &Begin) {

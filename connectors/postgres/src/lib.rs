@@ -14,6 +14,8 @@
 //! * [`snapshot`] reads the rows that exist when capture starts.
 //! * [`incremental`] reads tables' rows while streaming, when signalled
 //!   (watermark-based, as in DBLog).
+//! * [`schema_change`] notices when a captured table's columns change, and
+//!   installs the optional DDL capture trigger.
 //! * [`stream`] is the I/O loop: it reads the slot, hands batches to the
 //!   sinks and confirms positions through [`checkpoint`].
 //! * [`config`] is the source's section of the config file.
@@ -30,6 +32,7 @@ pub mod convert;
 pub mod incremental;
 pub mod pgoutput;
 pub mod replication;
+pub mod schema_change;
 pub mod setup;
 pub mod snapshot;
 pub mod stream;

@@ -634,6 +634,33 @@ pub async fn apply_publication(client: &Client, plan: &Plan) -> Result<(), Setup
     Ok(())
 }
 
+/// Installs the DDL capture event trigger (`ddl_capture = true`; see
+/// [`crate::schema_change`]). Event triggers need a superuser: without the
+/// privilege the error is definite and carries the SQL for a DBA to run.
+pub async fn install_ddl_trigger(client: &Client) -> Result<(), SetupError> {
+    let installed = client
+        .query_opt(
+            "SELECT 1 FROM pg_event_trigger WHERE evtname = $1",
+            &[&crate::schema_change::DDL_TRIGGER],
+        )
+        .await
+        .map_err(|source| SetupError::Query {
+            what: "looking for the DDL capture event trigger".into(),
+            source,
+        })?
+        .is_some();
+    if installed {
+        return Ok(());
+    }
+    run_publication_sql(
+        client,
+        &crate::schema_change::ddl_trigger_sql(),
+        "install the DDL capture event trigger (ddl_capture = true)",
+        "event triggers need a superuser; have one run this once in the database, or set ddl_capture = false",
+    )
+    .await
+}
+
 /// Runs one publication statement; a missing privilege (42501) is definite,
 /// with what the operator can do and the statement to run by hand.
 async fn run_publication_sql(

@@ -47,8 +47,10 @@ use crate::replication::connection::{
     quote_ident, ConnectParams, ReplicationConnection, ReplicationError, ReplicationStream,
 };
 use crate::replication::ServerMessage;
+use crate::schema_change::{self, SchemaHistory};
 use crate::setup::{self, SetupError, Wanted};
 use crate::snapshot::{self, Outcome, SnapshotError, SnapshotJob, SnapshotSettings, SnapshotState};
+use walcast_sdk::notice::{self, NoticeKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -162,7 +164,37 @@ pub struct CaptureSettings {
     pub shutdown_timeout: Duration,
     pub retry_max_backoff: Duration,
     pub snapshot: SnapshotSettings,
+    /// What the pipeline publishes besides row changes.
+    pub notices: NoticeSettings,
 }
+
+/// Heartbeats, schema-change events and logical messages (see
+/// [`walcast_sdk::notice`]). The default publishes none of them.
+#[derive(Debug, Clone, Default)]
+pub struct NoticeSettings {
+    pub heartbeat: Option<HeartbeatSettings>,
+    /// Publish an event when a captured table's columns change.
+    pub schema_changes: bool,
+    /// Install the DDL capture event trigger at start (see
+    /// [`crate::schema_change`]).
+    pub ddl_capture: bool,
+    /// Logical message prefixes delivered as notices (the Kafka sinks'
+    /// `outbox.message_prefix`). Other messages are read and dropped.
+    pub message_prefixes: Vec<String>,
+}
+
+/// Debezium's `heartbeat.interval.ms` and `heartbeat.action.query`.
+#[derive(Debug, Clone)]
+pub struct HeartbeatSettings {
+    pub interval: Duration,
+    /// Run on a normal connection before each heartbeat, so that WAL flows
+    /// through the slot when the database is otherwise idle.
+    pub action_query: Option<String>,
+}
+
+/// How long a heartbeat's action query may take before the heartbeat is
+/// published without it.
+const ACTION_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Hands batches to every sink, in order, on its own task so that a slow
 /// sink never stops the capture loop from answering Postgres.
@@ -196,7 +228,24 @@ async fn dispatch(
         // A sink that refuses the batch drops its acker clone, which fails
         // the batch: the session restarts from the confirmed position.
         let events = Arc::new(events);
-        send_to_every_sink(&pipeline, &mut sinks, std::iter::repeat(events), &acker).await;
+        // Sinks that take no notices get the batch without them.
+        let rows_only = events.iter().any(notice::is_notice).then(|| {
+            Arc::new(
+                events
+                    .iter()
+                    .filter(|e| !notice::is_notice(e))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
+        });
+        let per_sink: Vec<_> = sinks
+            .iter()
+            .map(|s| match &rows_only {
+                Some(rows) if !s.takes_notices() => Arc::clone(rows),
+                _ => Arc::clone(&events),
+            })
+            .collect();
+        send_to_every_sink(&pipeline, &mut sinks, per_sink, &acker).await;
         acker.ack();
     }
     for sink in sinks.iter_mut() {
@@ -232,9 +281,21 @@ pub async fn run(
     // someone dropped it: recreating it would silently skip every change
     // made since. That must stop the pipeline, never be "repaired".
     let mut slot_seen = false;
+    // Table shapes outlive sessions: a reconnect must not take the first
+    // description it gets for a baseline (see `schema_change`).
+    let mut history = SchemaHistory::default();
     let result = loop {
         let started = Instant::now();
-        match session(&settings, &tx, &status, &shutdown, &mut slot_seen).await {
+        match session(
+            &settings,
+            &tx,
+            &status,
+            &shutdown,
+            &mut slot_seen,
+            &mut history,
+        )
+        .await
+        {
             Ok(()) => break Ok(()),
             Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -374,11 +435,12 @@ async fn session(
     status: &StatusHandle,
     shutdown: &CancellationToken,
     slot_seen: &mut bool,
+    history: &mut SchemaHistory,
 ) -> Result<(), CaptureError> {
     let Some(prepared) = prepare(s, tx, status, shutdown, *slot_seen).await? else {
         return Ok(());
     };
-    let mut capture = CaptureLoop::start(s, tx, status, prepared, slot_seen).await?;
+    let mut capture = CaptureLoop::start(s, tx, status, prepared, slot_seen, history).await?;
     let result = capture.run(shutdown).await;
     capture.finish(result).await
 }
@@ -441,6 +503,9 @@ async fn prepare(
     setup::apply_publication(&client, &plan)
         .await
         .in_pipeline(s)?;
+    if s.notices.ddl_capture {
+        setup::install_ddl_trigger(&client).await.in_pipeline(s)?;
+    }
     let mut catalog = Catalog::new(client).for_publication(&s.wanted.publication);
 
     let mut conn = ReplicationConnection::connect(&s.connect)
@@ -649,6 +714,11 @@ struct CaptureLoop<'a> {
     pause: tokio::sync::watch::Receiver<bool>,
     /// Reading is paused (see the module docs).
     paused: bool,
+    /// Table shapes seen, for schema-change events.
+    history: &'a mut SchemaHistory,
+    /// Schema changes of the Relation messages just read (see
+    /// [`CaptureLoop::flush_schema_changes`]).
+    schema_changes: Vec<(Arc<walcast_sdk::TableSchema>, Arc<walcast_sdk::TableSchema>)>,
 }
 
 impl<'a> CaptureLoop<'a> {
@@ -659,6 +729,7 @@ impl<'a> CaptureLoop<'a> {
         status: &'a StatusHandle,
         prepared: Prepared,
         slot_seen: &mut bool,
+        history: &'a mut SchemaHistory,
     ) -> Result<CaptureLoop<'a>, CaptureError> {
         let Prepared {
             catalog,
@@ -677,6 +748,7 @@ impl<'a> CaptureLoop<'a> {
             .await
             .in_pipeline(s)?;
         *slot_seen = true;
+        history.rewind(start);
         let mut pause = status.pause_watch();
         let paused = *pause.borrow_and_update();
         tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, from = %start, server_wal = %server_wal, paused, "streaming");
@@ -746,6 +818,8 @@ impl<'a> CaptureLoop<'a> {
             tx_counts: Default::default(),
             pause,
             paused,
+            history,
+            schema_changes: Vec::new(),
         })
     }
 
@@ -757,6 +831,15 @@ impl<'a> CaptureLoop<'a> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut slot_tick = tokio::time::interval(Duration::from_secs(10));
+        let beat_every = self
+            .s
+            .notices
+            .heartbeat
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |h| h.interval);
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + beat_every, beat_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let can_read = !self.paused
                 && self.cp.in_flight_events() + self.outbox.events.len()
@@ -785,6 +868,9 @@ impl<'a> CaptureLoop<'a> {
                 _ = slot_tick.tick() => {
                     self.on_slot_tick().await;
                     Flow::Continue
+                }
+                _ = heartbeat.tick(), if self.s.notices.heartbeat.is_some() && self.tx.capacity() > 0 => {
+                    self.on_heartbeat().await?
                 }
                 _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() && self.tx.capacity() > 0 => {
                     self.flush_ready().await
@@ -1116,12 +1202,20 @@ impl<'a> CaptureLoop<'a> {
     /// the outbox.
     async fn apply(&mut self, m: Message, lsn: Lsn) -> Result<(), CaptureError> {
         let s = self.s;
+        if !self.schema_changes.is_empty()
+            && matches!(
+                m,
+                Message::Insert(_) | Message::Update(_) | Message::Delete(_) | Message::Truncate(_)
+            )
+        {
+            self.flush_schema_changes(lsn);
+        }
         match m {
             Message::Begin(b) => self.asm.begin(&b),
             Message::Commit(c) => {
                 self.asm.commit(&c);
             }
-            Message::Relation(rel) => self.on_relation(&rel).await?,
+            Message::Relation(rel) => self.on_relation(&rel, lsn).await?,
             Message::Insert(i) => {
                 if let Some(e) = self.asm.insert(i.relation_id, &i.new, lsn).in_pipeline(s)? {
                     self.push(e);
@@ -1147,9 +1241,7 @@ impl<'a> CaptureLoop<'a> {
                 }
             }
             Message::Origin(_) | Message::Type(_) => {}
-            Message::Message(m) => {
-                tracing::debug!(pipeline = %s.pipeline, prefix = %m.prefix, lsn = %m.lsn, "logical message");
-            }
+            Message::Message(m) => self.on_message_notice(m).await,
         }
         Ok(())
     }
@@ -1169,7 +1261,11 @@ impl<'a> CaptureLoop<'a> {
     /// A Relation message: the table's shape as of here, described by the
     /// catalog; an unlisted table is skipped, captured, or delivered as its
     /// partitioned parent (see [`unlisted_relation`]).
-    async fn on_relation(&mut self, rel: &pgoutput::Relation) -> Result<(), CaptureError> {
+    async fn on_relation(
+        &mut self,
+        rel: &pgoutput::Relation,
+        lsn: Lsn,
+    ) -> Result<(), CaptureError> {
         let s = self.s;
         let mut table = self.catalog.table_schema(rel).await.in_pipeline(s)?;
         let mut wanted = self.asm.wants(&table.qualified_name());
@@ -1209,8 +1305,106 @@ impl<'a> CaptureLoop<'a> {
             }
         }
         tracing::debug!(pipeline = %s.pipeline, table = %name, version = table.version, "relation");
+        if wanted && s.notices.schema_changes {
+            // pgoutput sends Relation messages without a position of their
+            // own (0/0): the transaction's commit orders them.
+            let at = self.asm.notice_source(lsn).commit_lsn;
+            if let Some(old) = self.history.observe(&table, at) {
+                tracing::info!(pipeline = %s.pipeline, table = %name, commit_lsn = %at, "schema change");
+                self.schema_changes.push((old, Arc::clone(&table)));
+            }
+        }
         self.asm.set_relation(table);
         Ok(())
+    }
+
+    /// Schema changes waiting for the row change that follows their
+    /// Relation message: they go out right before it, with its position.
+    fn flush_schema_changes(&mut self, lsn: Lsn) {
+        for (old, new) in std::mem::take(&mut self.schema_changes) {
+            let source = self.asm.notice_source(lsn);
+            let event = schema_change::event(&old, &new, source, crate::assemble::now_ms());
+            self.outbox.events.push(event);
+        }
+    }
+
+    /// A logical message: DDL text from walcast's trigger, or a message of
+    /// an outbox prefix, becomes a notice; anything else is dropped here
+    /// (incremental snapshot signals were handled before). A transactional
+    /// message rides in its transaction's events and goes out only with its
+    /// commit (pgoutput never sends those of a rolled-back transaction); a
+    /// non-transactional one was written whatever became of its
+    /// transaction and goes out at once, confirmed with the next commit.
+    async fn on_message_notice(&mut self, m: LogicalMessage) {
+        let n = &self.s.notices;
+        let ts_ms = crate::assemble::now_ms();
+        let event = if n.schema_changes && m.prefix == schema_change::DDL_MESSAGE_PREFIX {
+            let ddl = String::from_utf8_lossy(&m.content);
+            schema_change::ddl_event(&ddl, self.asm.notice_source(m.lsn), ts_ms)
+        } else if n.message_prefixes.contains(&m.prefix) {
+            let source = self.asm.notice_source(m.lsn);
+            notice::message(m.prefix, m.content.to_vec(), m.transactional, source, ts_ms)
+        } else {
+            tracing::trace!(pipeline = %self.s.pipeline, prefix = %m.prefix, lsn = %m.lsn, "logical message dropped");
+            return;
+        };
+        if self.asm.in_transaction() {
+            self.outbox.events.push(event);
+            return;
+        }
+        // Outside a transaction: after what is ready, on its own, with no
+        // position of its own to confirm.
+        if self.flush_ready().await == Flow::Continue {
+            self.send(vec![event], None).await;
+        }
+    }
+
+    /// A heartbeat: the action query (if any) on the catalog connection,
+    /// then a heartbeat notice with the positions read and confirmed.
+    async fn on_heartbeat(&mut self) -> Result<Flow, CaptureError> {
+        let Some(h) = self.s.notices.heartbeat.as_ref() else {
+            return Ok(Flow::Continue);
+        };
+        if let Some(q) = &h.action_query {
+            match tokio::time::timeout(ACTION_QUERY_TIMEOUT, self.catalog.client().batch_execute(q))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    // A query Postgres refuses as written (syntax, a missing
+                    // table, a privilege: class 42) fails every time.
+                    if e.code().is_some_and(|c| c.code().starts_with("42")) {
+                        return Err(CaptureError::Definite {
+                            pipeline: self.s.pipeline.clone(),
+                            message: format!(
+                                "heartbeat.action_query failed: {e} ({q}); fix it or remove it from [pipelines.{}.heartbeat]",
+                                self.s.pipeline
+                            ),
+                        });
+                    }
+                    tracing::warn!(pipeline = %self.s.pipeline, error = %e, "heartbeat.action_query failed; publishing the heartbeat anyway, retrying at the next one");
+                }
+                Err(_) => {
+                    tracing::warn!(pipeline = %self.s.pipeline, timeout = ?ACTION_QUERY_TIMEOUT, "heartbeat.action_query timed out; publishing the heartbeat anyway");
+                }
+            }
+        }
+        let ts_ms = crate::assemble::now_ms();
+        let key = serde_json::json!({ "serverName": self.s.assemble.name }).to_string();
+        let value = serde_json::json!({
+            "ts_ms": ts_ms,
+            "lsn": self.wal_end.0,
+            "confirmed_lsn": self.cp.confirmed().0,
+        })
+        .to_string();
+        let mut source = self.asm.notice_source(self.wal_end);
+        source.tx_id = None;
+        source.commit_lsn = self.cp.confirmed();
+        let event = notice::document(NoticeKind::Heartbeat, key, value, source, ts_ms);
+        if self.flush_ready().await == Flow::Stop {
+            return Ok(Flow::Stop);
+        }
+        Ok(self.send(vec![event], None).await)
     }
 }
 

@@ -17,6 +17,7 @@ pub mod duration;
 pub mod encode;
 pub mod event;
 pub mod json;
+pub mod notice;
 pub mod position;
 pub mod relay;
 pub mod retry;

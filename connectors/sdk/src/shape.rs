@@ -823,6 +823,10 @@ impl crate::sink::Sink for ShapingSink {
         }
     }
 
+    fn takes_notices(&self) -> bool {
+        self.inner.takes_notices()
+    }
+
     // `healthy` keeps the default: a boxed sink is not `Sync`, and the
     // daemon asks sinks' health where it holds them unboxed.
 

@@ -113,6 +113,13 @@ pub trait Sink: Send {
         None
     }
 
+    /// Whether this sink takes [notices](crate::notice) (heartbeats, schema
+    /// changes, logical messages). Those that do not get their batches
+    /// without them.
+    fn takes_notices(&self) -> bool {
+        false
+    }
+
     /// Whether the destination is reachable, for readiness probes.
     async fn healthy(&self) -> bool {
         true
@@ -144,6 +151,11 @@ pub async fn send_to_every_sink(
     use crate::telemetry::{SINK_ERRORS, SINK_EVENTS};
     let mut refused = Vec::new();
     for (sink, events) in sinks.iter_mut().zip(events) {
+        // A batch that held only notices, for a sink that takes none:
+        // nothing to send, and nothing to answer (no acker clone).
+        if events.is_empty() {
+            continue;
+        }
         let name = sink.name().to_string();
         let n = events.len() as u64;
         let batch = Batch {
