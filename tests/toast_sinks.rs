@@ -46,7 +46,14 @@ async fn unchanged_toast_columns_keep_their_value_in_redis_and_opensearch() {
             .toml(admin)
             + &relay_to_redis_and_search(&prefix, &topic, &prefix, 100)
     });
-    w.wait_state("streaming", WAIT).await;
+    // Both pipelines: `wait_state` looks at the first by name, the relay,
+    // and rows written while the capture still snapshots arrive as reads.
+    w.wait_status("both pipelines streaming", WAIT, |s| {
+        s["pipelines"]
+            .as_array()
+            .is_some_and(|p| p.len() == 2 && p.iter().all(|p| p["state"] == "streaming"))
+    })
+    .await;
     let body: String = "0123456789".repeat(1_000);
     db.exec(&format!(
         "INSERT INTO t VALUES (1, 'a', '{body}'), (3, 'c', '{body}');
