@@ -71,7 +71,19 @@ pub(crate) async fn check(path: &std::path::Path, offline: bool) -> anyhow::Resu
                             println!("  warning: {w}");
                         }
                         for t in &plan.tables {
-                            println!("  table {t}: OK");
+                            match plan.row_filters.iter().find(|(f, _)| f == t) {
+                                Some((_, f)) => println!("  table {t}: OK, row filter WHERE {f}"),
+                                None => println!("  table {t}: OK"),
+                            }
+                        }
+                        for (t, f) in &plan.row_filters {
+                            if !plan.tables.contains(t) {
+                                // A partitioned table, published via its root.
+                                println!("  table {t}: row filter WHERE {f}");
+                            }
+                        }
+                        for (t, sql) in &plan.set_row_filters {
+                            println!("  would change the row filter of {t}: {sql}");
                         }
                         for p in &plan.partitioned {
                             let t = &p.table;

@@ -178,11 +178,23 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                     if let Err(m) = shape.validate(&k) {
                         return Err(rule(k, &m));
                     }
-                    if shape.row_filter.is_some() {
-                        return Err(rule(
-                            format!("{k}.row_filter"),
-                            "row filters are not supported yet; filter in the publication yourself (CREATE PUBLICATION ... WHERE, Postgres 15+) with create_publication = false",
-                        ));
+                    if let Some(f) = &shape.row_filter {
+                        if f.trim().is_empty() {
+                            return Err(rule(
+                                format!("{k}.row_filter"),
+                                "is empty; write a SQL condition (e.g. \"region = 'eu'\") or remove it",
+                            ));
+                        }
+                        if let Some(sc) = s.schemas.iter().find(|sc| t.starts_with(&format!("{sc}."))) {
+                            return Err(rule(
+                                format!("{k}.row_filter"),
+                                &format!(
+                                    "schema `{sc}` is captured whole (source.schemas), and Postgres publishes every row of a schema \
+                                     in the publication (FOR TABLES IN SCHEMA), ignoring a table's WHERE; capture `{t}` in a \
+                                     pipeline that lists it in source.tables instead"
+                                ),
+                            ));
+                        }
                     }
                 }
                 if c.sinks.is_empty() {

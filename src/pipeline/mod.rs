@@ -66,6 +66,14 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
         via_root: src.publish_via_partition_root,
         failover: src.slot_failover,
         generated_columns: src.publish_generated_columns,
+        row_filters: c
+            .table
+            .iter()
+            .filter_map(|(t, shape)| {
+                let filter = shape.row_filter.as_ref()?;
+                Some((walcast_sdk::TableName::parse(t)?, filter.clone()))
+            })
+            .collect(),
     };
     // With whole schemas captured, every table of the publication is wanted.
     let filter: Option<HashSet<String>> = if src.schemas.is_empty() {
