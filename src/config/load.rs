@@ -217,6 +217,22 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                     ));
                 }
                 validate_sinks(path, &key, &c.sinks)?;
+                if let (EventFormat::Avro, Some(r)) = (c.format, &c.registry) {
+                    for (i, sink) in c.sinks.iter().enumerate() {
+                        let SinkConfig::Kafka(k) = sink else { continue };
+                        if !k.routes.regex.is_empty()
+                            && r.subject_strategy == walcast_schemas::SubjectStrategy::TopicName
+                        {
+                            return Err(rule(
+                                key(&format!("sinks[{i}].routes")),
+                                "topic_regex routes can send several tables to one topic, whose Avro value schemas \
+                                 differ, and the registry would refuse the second table's schema under the topic's \
+                                 one subject; set registry.subject_strategy = \"topic_record_name\" (a subject per \
+                                 table within the topic, Confluent's TopicRecordNameStrategy) or \"record_name\"",
+                            ));
+                        }
+                    }
+                }
                 if !s.keyless_tables.is_empty() {
                     // Known from the config alone: those tables have no key,
                     // and these sinks name rows by their key.

@@ -180,7 +180,8 @@ pub async fn build_sinks(
                         let router = walcast_kafka::topic::TopicRouter::new(
                             k.topic_prefix.clone(),
                             k.routes.clone(),
-                        );
+                        )
+                        .map_err(|e| err(e.to_string()))?;
                         let mut encoder = walcast_schemas::AvroEncoder::new(
                             registry,
                             r.mapping_options(),
