@@ -87,7 +87,9 @@ async fn until(what: &str, w: &Walcast, mut f: impl AsyncFnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_and_stream_deliver_exactly_the_filtered_rows_to_kafka_and_redis() {
     if var("WALCAST_TEST_PG_VERSION").parse::<u32>().unwrap_or(15) < 15 {
-        eprintln!("SKIPPED: publication row filters need Postgres 15+ (the refusal is tested instead)");
+        eprintln!(
+            "SKIPPED: publication row filters need Postgres 15+ (the refusal is tested instead)"
+        );
         return;
     }
     let db = TestDb::new("wc_rowf").await;
@@ -130,7 +132,9 @@ async fn snapshots_and_stream_deliver_exactly_the_filtered_rows_to_kafka_and_red
     let rowfilter: String = connect(&db.name)
         .await
         .query_one(
-            &format!("SELECT rowfilter FROM pg_publication_tables WHERE pubname = 'walcast_{pipeline}'"),
+            &format!(
+                "SELECT rowfilter FROM pg_publication_tables WHERE pubname = 'walcast_{pipeline}'"
+            ),
             &[],
         )
         .await
@@ -146,7 +150,10 @@ async fn snapshots_and_stream_deliver_exactly_the_filtered_rows_to_kafka_and_red
         .filter(|v| v["op"] == "r")
         .map(|v| v["after"]["id"].as_i64().unwrap())
         .collect();
-    assert_eq!(read, snapshot_rows, "the initial snapshot read other rows than the filter's");
+    assert_eq!(
+        read, snapshot_rows,
+        "the initial snapshot read other rows than the filter's"
+    );
 
     // 2 (eu, 4) is out of the filter and moves in; 4 (eu, 8) too, by its
     // amount; 5 (eu, 10) stays out; 7 (eu, 14) moves out by its region,
@@ -165,9 +172,21 @@ async fn snapshots_and_stream_deliver_exactly_the_filtered_rows_to_kafka_and_red
     .await;
     let expected = filtered_ids(&db).await;
     let records = consume_json(&topic, WAIT, |r| fold(r) == expected);
-    assert_eq!(fold(&records), expected, "Kafka, folded, against SELECT ... WHERE");
-    assert_eq!(ops_of(&records, 2), ["c"], "moved into the filter: a create");
-    assert_eq!(ops_of(&records, 7), ["r", "d"], "moved out of the filter: a delete");
+    assert_eq!(
+        fold(&records),
+        expected,
+        "Kafka, folded, against SELECT ... WHERE"
+    );
+    assert_eq!(
+        ops_of(&records, 2),
+        ["c"],
+        "moved into the filter: a create"
+    );
+    assert_eq!(
+        ops_of(&records, 7),
+        ["r", "d"],
+        "moved out of the filter: a delete"
+    );
     assert_eq!(ops_of(&records, 8), ["r", "d"]);
     for never in [3, 5, 12, 22, 23] {
         assert!(
@@ -211,13 +230,19 @@ async fn snapshots_and_stream_deliver_exactly_the_filtered_rows_to_kafka_and_red
         expected,
         "the incremental snapshot read other rows than the filter's"
     );
-    assert_eq!(incremental.len(), expected.len(), "a row read twice: {incremental:?}");
+    assert_eq!(
+        incremental.len(),
+        expected.len(),
+        "a row read twice: {incremental:?}"
+    );
     assert_eq!(redis_ids(&mut redis, &prefix).await, expected);
     assert!(w.terminate().success());
     // Stopped (the slot is free): check shows the filter, and no change.
     let (ok, out) = check(&w.config);
     assert!(
-        ok && out.contains("table public.orders: OK, row filter WHERE ((region = 'eu'::text) AND (amount > 10))"),
+        ok && out.contains(
+            "table public.orders: OK, row filter WHERE ((region = 'eu'::text) AND (amount > 10))"
+        ),
         "{out}"
     );
     assert!(!out.contains("would change the row filter"), "{out}");
@@ -231,7 +256,8 @@ async fn snapshots_and_stream_deliver_exactly_the_filtered_rows_to_kafka_and_red
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_postgres_would_enforce_on_writers_or_reject_are_refused_by_check() {
     let db = TestDb::new("wc_rowfbad").await;
-    db.exec("CREATE TABLE acct (id int PRIMARY KEY, region text)").await;
+    db.exec("CREATE TABLE acct (id int PRIMARY KEY, region text)")
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("walcast.toml");
     let write = |filter: &str| {
@@ -252,7 +278,9 @@ async fn filters_postgres_would_enforce_on_writers_or_reject_are_refused_by_chec
         return;
     }
     assert!(
-        out.contains("region") && out.contains("replica identity") && out.contains("REPLICA IDENTITY FULL"),
+        out.contains("region")
+            && out.contains("replica identity")
+            && out.contains("REPLICA IDENTITY FULL"),
         "{out}"
     );
     write("id > 100");
@@ -261,7 +289,8 @@ async fn filters_postgres_would_enforce_on_writers_or_reject_are_refused_by_chec
     write("now() > '2020-01-01'");
     let (ok, out) = check(&path);
     assert!(
-        !ok && out.contains("not a valid publication row filter") && out.contains("mutable functions"),
+        !ok && out.contains("not a valid publication row filter")
+            && out.contains("mutable functions"),
         "{out}"
     );
     // Nothing was left behind by the checks.

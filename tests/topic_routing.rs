@@ -108,7 +108,11 @@ fn assert_merged(prefix: &str, decoded: &[(Value, Option<Value>)]) {
     for (key, value) in decoded {
         let table = key[FIELD].as_str().expect("the key names its table");
         if let Some(v) = value {
-            assert_eq!(table, id(v["source"]["table"].as_str().unwrap()), "{key} {v}");
+            assert_eq!(
+                table,
+                id(v["source"]["table"].as_str().unwrap()),
+                "{key} {v}"
+            );
         }
     }
     let seen: BTreeSet<(i64, String, String)> = decoded
@@ -152,8 +156,11 @@ async fn two_tables_share_a_topic_with_unique_keys_in_json() {
     let (ok, out) = check(&path);
     assert!(ok, "{out}");
     assert!(
-        out.contains(&format!("table public.orders_eu -> topic {prefix}.orders_all"))
-            && out.contains(&format!("table public.other -> topic {prefix}.public.other")),
+        out.contains(&format!(
+            "table public.orders_eu -> topic {prefix}.orders_all"
+        )) && out.contains(&format!(
+            "table public.other -> topic {prefix}.public.other"
+        )),
         "{out}"
     );
     let mut w = Walcast::start_with(|_, admin| cfg.toml(admin));
@@ -163,7 +170,8 @@ async fn two_tables_share_a_topic_with_unique_keys_in_json() {
     let raw = records(&merged, 8);
     let first = String::from_utf8(raw[0].0.clone().expect("a key")).unwrap();
     assert!(
-        first.starts_with("{\"id\":") && first.contains(&format!(",\"{FIELD}\":\"{prefix}.public.orders_")),
+        first.starts_with("{\"id\":")
+            && first.contains(&format!(",\"{FIELD}\":\"{prefix}.public.orders_")),
         "the identifier follows the key columns: {first}"
     );
     let decoded: Vec<(Value, Option<Value>)> = raw
@@ -180,7 +188,11 @@ async fn two_tables_share_a_topic_with_unique_keys_in_json() {
     let other = records(&format!("{prefix}.public.other"), 1);
     let key: Value = serde_json::from_slice(other[0].0.as_deref().unwrap()).unwrap();
     assert_eq!(key, json!({"id": 1}));
-    assert_eq!(partitions(&merged), 4, "topic_creation.topics sets the merged topic's partitions");
+    assert_eq!(
+        partitions(&merged),
+        4,
+        "topic_creation.topics sets the merged topic's partitions"
+    );
     assert_eq!(partitions(&format!("{prefix}.public.other")), 1);
     assert!(w.terminate().success());
 }
@@ -201,8 +213,8 @@ async fn two_tables_share_a_topic_with_unique_keys_in_avro() {
         !ok && out.contains("topic_record_name") && out.contains("sinks[0].routes"),
         "{out}"
     );
-    let cfg = config("routeav", &db, &prefix)
-        .avro(&registry, "subject_strategy = \"topic_record_name\"");
+    let cfg =
+        config("routeav", &db, &prefix).avro(&registry, "subject_strategy = \"topic_record_name\"");
     std::fs::write(&path, cfg.toml("127.0.0.1:1")).unwrap();
     let (ok, out) = check(&path);
     assert!(ok, "{out}");
@@ -238,10 +250,7 @@ async fn two_tables_share_a_topic_with_unique_keys_in_avro() {
         .collect();
     let expected: BTreeSet<String> = ["orders_eu", "orders_us"]
         .iter()
-        .flat_map(|t| {
-            ["Key", "Envelope"]
-                .map(|r| format!("{merged}-{}.public.{t}.{r}", prefix))
-        })
+        .flat_map(|t| ["Key", "Envelope"].map(|r| format!("{merged}-{}.public.{t}.{r}", prefix)))
         .collect();
     assert_eq!(
         ours,

@@ -177,9 +177,8 @@ impl AvroEncoder {
         let mut schemas =
             mapping::derive(table, &event.source.name, &self.options).map_err(invalid)?;
         if let (Some(name), Some(k)) = (field_name, &schemas.key) {
-            schemas.key = Some(
-                mapping::with_key_field(k, name, &table.qualified_name()).map_err(invalid)?,
-            );
+            schemas.key =
+                Some(mapping::with_key_field(k, name, &table.qualified_name()).map_err(invalid)?);
         }
         if let Some(contracts) = &self.contracts {
             contracts

@@ -185,7 +185,9 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                                 "is empty; write a SQL condition (e.g. \"region = 'eu'\") or remove it",
                             ));
                         }
-                        if let Some(sc) = s.schemas.iter().find(|sc| t.starts_with(&format!("{sc}."))) {
+                        if let Some(sc) =
+                            s.schemas.iter().find(|sc| t.starts_with(&format!("{sc}.")))
+                        {
                             return Err(rule(
                                 format!("{k}.row_filter"),
                                 &format!(

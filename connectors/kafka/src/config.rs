@@ -214,14 +214,18 @@ impl<'de> Deserialize<'de> for Routes {
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Routes, A::Error> {
                 Ok(Routes {
-                    tables: Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))?,
+                    tables: Deserialize::deserialize(
+                        serde::de::value::MapAccessDeserializer::new(map),
+                    )?,
                     regex: Vec::new(),
                 })
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Routes, A::Error> {
                 Ok(Routes {
                     tables: BTreeMap::new(),
-                    regex: Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?,
+                    regex: Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(
+                        seq,
+                    ))?,
                 })
             }
         }
@@ -454,10 +458,16 @@ impl KafkaSinkConfig {
         self.routes.compile()?;
         for (i, r) in self.routes.regex.iter().enumerate() {
             if r.topic_replacement.trim().is_empty() {
-                return Err(invalid(format!("routes[{i}].topic_replacement"), "must not be empty"));
+                return Err(invalid(
+                    format!("routes[{i}].topic_replacement"),
+                    "must not be empty",
+                ));
             }
             if r.key_enforce_uniqueness && r.key_field_name.trim().is_empty() {
-                return Err(invalid(format!("routes[{i}].key_field_name"), "must not be empty"));
+                return Err(invalid(
+                    format!("routes[{i}].key_field_name"),
+                    "must not be empty",
+                ));
             }
         }
         if let Some(t) = &self.transaction_topic {
@@ -483,7 +493,10 @@ impl KafkaSinkConfig {
         .into_iter()
         .chain(tc.topics.iter().flat_map(|(t, o)| {
             [
-                (format!("topic_creation.topics.\"{t}\".partitions"), o.partitions),
+                (
+                    format!("topic_creation.topics.\"{t}\".partitions"),
+                    o.partitions,
+                ),
                 (
                     format!("topic_creation.topics.\"{t}\".replication_factor"),
                     o.replication_factor,
@@ -493,7 +506,10 @@ impl KafkaSinkConfig {
         for (field, n) in counts {
             if let Some(n) = n {
                 if n == 0 || n < BROKER_DEFAULT {
-                    return Err(invalid(field, "must be positive, or -1 for the broker's default"));
+                    return Err(invalid(
+                        field,
+                        "must be positive, or -1 for the broker's default",
+                    ));
                 }
             }
         }

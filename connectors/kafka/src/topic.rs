@@ -416,7 +416,10 @@ mod tests {
         )
         .unwrap();
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("routes[0].topic_regex") && e.contains("orders("), "{e}");
+        assert!(
+            e.contains("routes[0].topic_regex") && e.contains("orders("),
+            "{e}"
+        );
     }
 
     #[test]

@@ -744,7 +744,11 @@ fn node_tree_attnums(tree: &str) -> Vec<i16> {
 
 /// Refuses a filter that references columns outside the replica identity
 /// (Postgres would refuse the application's UPDATEs and DELETEs).
-async fn check_identity_covers(client: &Client, table: &TableName, trial: &Trial) -> Result<(), SetupError> {
+async fn check_identity_covers(
+    client: &Client,
+    table: &TableName,
+    trial: &Trial,
+) -> Result<(), SetupError> {
     if trial.attnums.is_empty() {
         return Ok(());
     }
@@ -764,7 +768,8 @@ async fn check_identity_covers(client: &Client, table: &TableName, trial: &Trial
         )
         .await
         .map_err(q(format!("replica identity of {table}")))?;
-    let (ident, outside, has_identity): (String, Vec<String>, bool) = (row.get(0), row.get(1), row.get(2));
+    let (ident, outside, has_identity): (String, Vec<String>, bool) =
+        (row.get(0), row.get(1), row.get(2));
     // FULL covers every column; a table without any identity (key-less,
     // captured insert-only) has its UPDATEs and DELETEs refused already.
     if ident == "f" || !has_identity || outside.is_empty() {
@@ -806,10 +811,14 @@ async fn reconcile_filters(
         }
     }
     for table in candidates {
-        let want = wanted.iter().find(|(t, _)| t == table).map(|(_, trial)| trial);
+        let want = wanted
+            .iter()
+            .find(|(t, _)| t == table)
+            .map(|(_, trial)| trial);
         if added.contains(table) {
             if let Some(trial) = want {
-                plan.row_filters.push((table.clone(), trial.printed.clone()));
+                plan.row_filters
+                    .push((table.clone(), trial.printed.clone()));
             }
             continue;
         }
@@ -834,7 +843,8 @@ async fn reconcile_filters(
                 plan.row_filters.push((table.clone(), found));
             }
             (Some(trial), found) if found.as_deref() == Some(trial.printed.as_str()) => {
-                plan.row_filters.push((table.clone(), trial.printed.clone()));
+                plan.row_filters
+                    .push((table.clone(), trial.printed.clone()));
             }
             (Some(trial), Some(found)) if !trial.normalised => {
                 plan.warnings.push(format!(
@@ -872,7 +882,8 @@ async fn reconcile_filters(
                     trial.printed
                 ));
                 plan.set_row_filters.push((table.clone(), sql));
-                plan.row_filters.push((table.clone(), trial.printed.clone()));
+                plan.row_filters
+                    .push((table.clone(), trial.printed.clone()));
             }
         }
     }
@@ -1041,5 +1052,40 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, SetupError> 
                 .map_err(q("drop slot"))?;
             Ok(true)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_columns_are_read_from_the_stored_node_tree() {
+        // What Postgres 15 stores for `v > 3 AND s = 'x'` on (id, v, s).
+        let tree = "{BOOLEXPR :boolop and :args ({OPEXPR :opno 521 :args ({VAR :varno 1 :varattno 2 :vartype 23} \
+                    {CONST :consttype 23}) :location 72} {OPEXPR :opno 98 :args ({VAR :varno 1 :varattno 3 :vartype 25} \
+                    {CONST :consttype 25}) :location 82} {OPEXPR :args ({VAR :varno 1 :varattno 2 :vartype 23})}) :location 76}";
+        assert_eq!(node_tree_attnums(tree), vec![2, 3]);
+        assert_eq!(
+            node_tree_attnums("{CONST :consttype 16}"),
+            Vec::<i16>::new()
+        );
+    }
+
+    #[test]
+    fn filtered_tables_carry_their_where_in_publication_statements() {
+        let t = TableName::new("public".to_string(), "o".to_string());
+        let filters = vec![(
+            t.clone(),
+            Trial {
+                printed: "(v > 1)".into(),
+                attnums: vec![2],
+                written: "v > 1".into(),
+                normalised: true,
+            },
+        )];
+        assert_eq!(with_filter(&t, &filters), r#""public"."o" WHERE (v > 1)"#);
+        let other = TableName::new("public".to_string(), "p".to_string());
+        assert_eq!(with_filter(&other, &filters), r#""public"."p""#);
     }
 }

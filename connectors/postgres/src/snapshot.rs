@@ -320,11 +320,8 @@ impl TableJob {
         let from = self.table.table_name().quoted();
         // Parenthesised: the filter is an expression of its own, combined
         // with the chunk's key range by AND whatever operators it uses.
-        let mut conditions: Vec<String> = self
-            .row_filter
-            .iter()
-            .map(|f| format!("({f})"))
-            .collect();
+        let mut conditions: Vec<String> =
+            self.row_filter.iter().map(|f| format!("({f})")).collect();
         if self.key_order.is_empty() {
             return format!(
                 "COPY (SELECT {} FROM {from}{} ORDER BY ctid) TO STDOUT",
