@@ -400,7 +400,7 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                  set publish_via_partition_root = true, or filter the partitions"
             ));
         }
-        let trial = trial_filter(client, table, expr).await?;
+        let trial = trial_filter(client, table, expr, w.via_root).await?;
         check_identity_covers(client, table, &trial).await?;
         wanted_filters.push((table.clone(), trial));
     }
@@ -668,7 +668,12 @@ struct Trial {
 
 /// Has Postgres parse, check and print `expr` as a filter of `table`, in a
 /// transaction that is rolled back (nothing is created).
-async fn trial_filter(client: &Client, table: &TableName, expr: &str) -> Result<Trial, SetupError> {
+async fn trial_filter(
+    client: &Client,
+    table: &TableName,
+    expr: &str,
+    via_root: bool,
+) -> Result<Trial, SetupError> {
     let trial = format!("walcast_row_filter_trial_{}", std::process::id());
     client
         .batch_execute("BEGIN")
@@ -676,11 +681,18 @@ async fn trial_filter(client: &Client, table: &TableName, expr: &str) -> Result<
         .map_err(q("begin row filter check"))?;
     let result = async {
         client
-            .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {} WHERE ({expr})",
-                quote_ident(&trial),
-                table.quoted()
-            ))
+            // Postgres takes a partitioned table's filter only when
+            // published via its root. One statement (extended protocol): a
+            // filter cannot smuggle in another statement, here or later in
+            // the statements built from it.
+            .execute(
+                &format!(
+                    "CREATE PUBLICATION {} FOR TABLE {} WHERE ({expr}) WITH (publish_via_partition_root = {via_root})",
+                    quote_ident(&trial),
+                    table.quoted()
+                ),
+                &[],
+            )
             .await?;
         client
             .query_one(
