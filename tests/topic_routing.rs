@@ -59,8 +59,11 @@ topic_replacement = '{prefix}.orders_all'"
     ))
 }
 
-/// Raw records of `topic` (key, value), until `n` have arrived.
-fn records(topic: &str, n: usize) -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
+/// A record's key and value bytes.
+type Raw = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Raw records of `topic`, until `n` have arrived (and no more after).
+fn records(topic: &str, n: usize) -> Vec<Raw> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", var("WALCAST_TEST_KAFKA_BOOTSTRAP"))
         .set("group.id", unique("route"))
