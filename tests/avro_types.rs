@@ -14,58 +14,12 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// The virtualenv's python, created on first use; a stamp file marks a
-/// complete install so an interrupted one is redone. Both tests of this
-/// binary run at once: the install happens once per process.
-fn venv_python() -> PathBuf {
-    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PYTHON.get_or_init(install_venv).clone()
-}
-
-fn install_venv() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py-venv-e2e");
-    let python = venv.join("bin/python");
-    let stamp = venv.join(".walcast-installed");
-    if stamp.is_file() && python.is_file() {
-        return python;
-    }
-    let run = |cmd: &mut Command, what: &str| {
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("{what}: cannot run: {e} (is python3 installed?)"));
-        assert!(
-            out.status.success(),
-            "{what} failed ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(
-        Command::new("python3").args(["-m", "venv"]).arg(&venv),
-        "python3 -m venv",
-    );
-    run(
-        Command::new(venv.join("bin/pip")).args([
-            "install",
-            "--quiet",
-            "confluent-kafka[avro,schemaregistry]",
-            "fastavro",
-            "psycopg[binary]",
-        ]),
-        "pip install confluent-kafka fastavro psycopg",
-    );
-    std::fs::write(&stamp, b"").unwrap();
-    python
-}
 
 const TABLE: &str = "CREATE TYPE mood AS ENUM ('sad', 'happy');
     CREATE DOMAIN posint AS int CHECK (VALUE > 0);

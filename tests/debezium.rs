@@ -10,7 +10,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::*;
@@ -88,19 +88,6 @@ fn compare(path: &str, d: Option<&Value>, w: Option<&Value>, out: &mut Vec<Strin
     }
 }
 
-async fn connect_rest(method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let url = format!("{}{path}", var("WALCAST_TEST_CONNECT_URL"));
-    let c = reqwest::Client::new();
-    let req = match method {
-        "POST" => c.post(&url).json(&body.unwrap()),
-        "DELETE" => c.delete(&url),
-        _ => c.get(&url),
-    };
-    let resp = req.send().await.expect("Kafka Connect REST");
-    let code = resp.status().as_u16();
-    (code, resp.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn walcast_json_matches_debezium_field_by_field() {
     let db = TestDb::new("wc_dbz").await;
@@ -118,60 +105,33 @@ async fn walcast_json_matches_debezium_field_by_field() {
     let wc_prefix = unique("wcj");
     let connector = unique("dbz_conn");
     // Debezium first: wait until its slot streams.
-    let (code, body) = connect_rest(
-        "POST",
-        "/connectors",
-        Some(json!({
-            "name": connector,
-            "config": {
-                "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
-                "plugin.name": "pgoutput",
-                "database.hostname": "127.0.0.1",
-                "database.port": pg_port().to_string(),
-                "database.user": "postgres",
-                "database.password": "unused",
-                "database.dbname": db.name,
-                "topic.prefix": dbz_prefix,
-                "table.include.list": "public.items,public.full_rows,public.specials",
-                "slot.name": format!("{connector}_slot"),
-                "publication.name": format!("{connector}_pub"),
-                "publication.autocreate.mode": "filtered",
-                "snapshot.mode": "no_data",
-                "decimal.handling.mode": "string",
-                "key.converter": "org.apache.kafka.connect.json.JsonConverter",
-                "key.converter.schemas.enable": "false",
-                "value.converter": "org.apache.kafka.connect.json.JsonConverter",
-                "value.converter.schemas.enable": "false",
-                "skipped.operations": "none",
-            }
-        })),
+    let _guard = start_connector(
+        &db,
+        &connector,
+        json!({
+            "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
+            "plugin.name": "pgoutput",
+            "database.hostname": "127.0.0.1",
+            "database.port": pg_port().to_string(),
+            "database.user": "postgres",
+            "database.password": "unused",
+            "database.dbname": db.name,
+            "topic.prefix": dbz_prefix,
+            "table.include.list": "public.items,public.full_rows,public.specials",
+            "slot.name": format!("{connector}_slot"),
+            "publication.name": format!("{connector}_pub"),
+            "publication.autocreate.mode": "filtered",
+            "snapshot.mode": "no_data",
+            "decimal.handling.mode": "string",
+            "key.converter": "org.apache.kafka.connect.json.JsonConverter",
+            "key.converter.schemas.enable": "false",
+            "value.converter": "org.apache.kafka.connect.json.JsonConverter",
+            "value.converter.schemas.enable": "false",
+            "skipped.operations": "none",
+        }),
+        WAIT,
     )
     .await;
-    assert!(
-        code == 201 || code == 200,
-        "creating the Debezium connector: {code} {body}"
-    );
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let active: Option<bool> = db
-            .client
-            .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                &[&format!("{connector}_slot")],
-            )
-            .await
-            .unwrap()
-            .map(|r| r.get(0));
-        if active == Some(true) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Debezium's slot never became active: {:?}",
-            connect_rest("GET", &format!("/connectors/{connector}/status"), None).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let w = Walcast::start_with(|_, admin| {
         format!(
             r#"[admin]
@@ -307,7 +267,6 @@ json_special_numeric = "debezium"
             }
         }
     }
-    let _ = connect_rest("DELETE", &format!("/connectors/{connector}"), None).await;
     assert_eq!(
         mismatches,
         0,

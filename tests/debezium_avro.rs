@@ -23,9 +23,8 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::*;
@@ -219,73 +218,6 @@ fn compare_schema(path: &str, d: &Value, w: &Value, out: &mut Vec<String>) {
     }
 }
 
-async fn connect_rest(method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let url = format!("{}{path}", var("WALCAST_TEST_CONNECT_URL"));
-    let c = reqwest::Client::new();
-    let req = match method {
-        "POST" => c.post(&url).json(&body.unwrap()),
-        "DELETE" => c.delete(&url),
-        _ => c.get(&url),
-    };
-    let resp = req.send().await.expect("Kafka Connect REST");
-    let code = resp.status().as_u16();
-    (code, resp.json().await.unwrap_or(Value::Null))
-}
-
-/// Deletes the Debezium connector when the test ends, panics included, so
-/// a failed run leaves no connector retrying against a dropped database.
-struct ConnectorGuard(String);
-
-impl Drop for ConnectorGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-X", "DELETE"])
-            .arg(format!(
-                "{}/connectors/{}",
-                var("WALCAST_TEST_CONNECT_URL"),
-                self.0
-            ))
-            .status();
-    }
-}
-
-/// The virtualenv of tests/avro_types.rs (same folder and stamp), created
-/// on first use.
-fn venv_python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py-venv-e2e");
-    let python = venv.join("bin/python");
-    if venv.join(".walcast-installed").is_file() && python.is_file() {
-        return python;
-    }
-    let run = |cmd: &mut Command, what: &str| {
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("{what}: cannot run: {e} (is python3 installed?)"));
-        assert!(
-            out.status.success(),
-            "{what} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(
-        Command::new("python3").args(["-m", "venv"]).arg(&venv),
-        "python3 -m venv",
-    );
-    run(
-        Command::new(venv.join("bin/pip")).args([
-            "install",
-            "--quiet",
-            "confluent-kafka[avro,schemaregistry]",
-            "fastavro",
-            "psycopg[binary]",
-        ]),
-        "pip install confluent-kafka fastavro",
-    );
-    std::fs::write(venv.join(".walcast-installed"), b"").unwrap();
-    python
-}
-
 /// Every record of `topics` (until `count` carry a value) as the Python
 /// reader decoded them, with the writer schemas by id; prefixes replaced by
 /// `PREFIX` so the two producers' names compare.
@@ -429,38 +361,7 @@ async fn walcast_avro_matches_debezium_with_an_avro_converter() {
             config[format!("{side}.converter.{k}")] = json!(v);
         }
     }
-    let (code, body) = connect_rest(
-        "POST",
-        "/connectors",
-        Some(json!({"name": connector, "config": config})),
-    )
-    .await;
-    assert!(
-        code == 201 || code == 200,
-        "creating the Debezium connector: {code} {body}"
-    );
-    let _guard = ConnectorGuard(connector.clone());
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let active: Option<bool> = db
-            .client
-            .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                &[&format!("{connector}_slot")],
-            )
-            .await
-            .unwrap()
-            .map(|r| r.get(0));
-        if active == Some(true) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Debezium's slot never became active: {:?}",
-            connect_rest("GET", &format!("/connectors/{connector}/status"), None).await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let _guard = start_connector(&db, &connector, config, WAIT).await;
     let w = Walcast::start_with(|_, admin| {
         format!(
             r#"[admin]

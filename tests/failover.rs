@@ -19,7 +19,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -144,73 +143,6 @@ impl Drop for Standby {
     }
 }
 
-async fn rows(client: &tokio_postgres::Client) -> BTreeMap<i64, String> {
-    client
-        .query("SELECT id::int8, v FROM c", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
-        .collect()
-}
-
-/// Single-row transactions (an insert and an update) against whichever of
-/// `ports` accepts writes, riding over the failover; returns how many the
-/// servers acknowledged.
-fn writer(
-    ports: [u16; 2],
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let (mut n, mut id) = (0u64, 0i64);
-        while !*stop.borrow() {
-            let conn = tokio_postgres::Config::new()
-                .host("127.0.0.1")
-                .host("127.0.0.1")
-                .port(ports[0])
-                .port(ports[1])
-                .user("postgres")
-                .dbname("postgres")
-                .target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite)
-                .connect_timeout(Duration::from_secs(2))
-                .connect(tokio_postgres::NoTls)
-                .await;
-            let Ok((c, conn)) = conn else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            // Ids continue from what the server has: after a failover the
-            // last few acknowledged commits may be gone with the old primary.
-            let Ok(row) = c
-                .query_one("SELECT coalesce(max(id), 0)::int8 FROM c", &[])
-                .await
-            else {
-                continue;
-            };
-            id = id.max(row.get::<_, i64>(0));
-            while !*stop.borrow() {
-                let r = c
-                    .batch_execute(&format!(
-                        "INSERT INTO c VALUES ({}, 'v') ON CONFLICT (id) DO UPDATE SET v = 'again'; UPDATE c SET v = 'u{n}' WHERE id = {};",
-                        id + 1,
-                        id / 2 + 1
-                    ))
-                    .await;
-                if r.is_err() {
-                    break;
-                }
-                id += 1;
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        n
-    })
-}
-
 fn config(primary: u16, standby: Option<u16>, out: &Path, admin: &str) -> String {
     let (host, port) = match standby {
         Some(s) => (
@@ -293,7 +225,7 @@ async fn failover_slot_survives_a_promoted_standby() {
         Walcast::start_with(|out, admin| config(primary.port, Some(standby.port), out, admin));
     w.wait_state("streaming", WAIT).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load = writer([primary.port, standby.port], stop_rx);
+    let load = restart_tolerant_writer(&[primary.port, standby.port], stop_rx);
 
     // The slot must be a failover slot, and synchronised on the standby
     // (persistent there, not the temporary copy it starts as) past some
@@ -353,7 +285,7 @@ async fn failover_slot_survives_a_promoted_standby() {
     stop_tx.send(true).unwrap();
     let committed = load.await.unwrap();
 
-    let want = rows(&sc).await;
+    let want = rows_of_c(&sc).await;
     let deadline = Instant::now() + WAIT;
     loop {
         let got = rebuild_rows(&w.events(), "c");
@@ -430,7 +362,7 @@ async fn a_standby_daemon_takes_over_under_load_and_nothing_is_lost() {
     let standby = Walcast::start_with(cfg);
     standby.wait_state("standby", WAIT).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load = writer([cluster.port, cluster.port], stop_rx);
+    let load = restart_tolerant_writer(&[cluster.port], stop_rx);
     let deadline = Instant::now() + WAIT;
     while active.events().len() < 500 {
         assert!(
@@ -452,7 +384,7 @@ async fn a_standby_daemon_takes_over_under_load_and_nothing_is_lost() {
     }
     stop_tx.send(true).unwrap();
     let committed = load.await.unwrap();
-    let want = rows(&c).await;
+    let want = rows_of_c(&c).await;
     let deadline = Instant::now() + WAIT;
     loop {
         let mut all = active.events();

@@ -228,58 +228,6 @@ async fn a_table_the_publication_sends_but_the_pipeline_does_not_list_is_named()
 // ---------------------------------------------------------------------------
 // Restarts
 
-/// The rows of `c` on the cluster.
-async fn cluster_rows(client: &tokio_postgres::Client) -> BTreeMap<i64, String> {
-    client
-        .query("SELECT id::int8, v FROM c", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
-        .collect()
-}
-
-/// Writes single-row transactions (insert, update) to `c` until told to
-/// stop, riding over the server's restarts; returns how many committed.
-fn writer(port: u16, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let mut n = 0u64;
-        let mut id = 0i32;
-        while !*stop.borrow() {
-            let conn = tokio_postgres::Config::new()
-                .host("127.0.0.1")
-                .port(port)
-                .user("postgres")
-                .dbname("postgres")
-                .connect(tokio_postgres::NoTls)
-                .await;
-            let Ok((c, conn)) = conn else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            while !*stop.borrow() {
-                let r = c
-                    .batch_execute(&format!(
-                        "INSERT INTO c VALUES ({}, 'v'); UPDATE c SET v = 'u{n}' WHERE id = {};",
-                        id + 1,
-                        id / 2 + 1
-                    ))
-                    .await;
-                if r.is_err() {
-                    break;
-                }
-                id += 1;
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        n
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
     let cluster = TempCluster::start(&[
@@ -309,7 +257,7 @@ async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
     });
     w.wait_state("streaming", WAIT).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let load = writer(cluster.port, stop_rx);
+    let load = restart_tolerant_writer(&[cluster.port], stop_rx);
 
     let mut seen = 0;
     let mut progress = |w: &mut Walcast, what: &str| {
@@ -359,7 +307,7 @@ async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
 
     stop_tx.send(true).unwrap();
     let committed = load.await.unwrap();
-    let want = cluster_rows(&c).await;
+    let want = rows_of_c(&c).await;
     let deadline = Instant::now() + WAIT;
     loop {
         let got = rebuild_rows(&w.events(), "c");

@@ -448,21 +448,9 @@ pub fn zoned_timestamp(micros: i64, digits: u32) -> String {
     }
 }
 
-/// Debezium's `ZonedTime`: the time in UTC as `HH:MM:SS`, then the
-/// fraction without trailing zeros (if any), then `Z` (Java's
-/// `ISO_OFFSET_TIME`).
+/// Debezium's `ZonedTime` (the JSON encoder writes the same).
 pub fn zoned_time(micros: i64, offset_seconds: i32) -> String {
-    let utc = (micros - i64::from(offset_seconds) * 1_000_000).rem_euclid(86_400_000_000);
-    let secs = utc / 1_000_000;
-    let mut s = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
-    let frac = utc % 1_000_000;
-    if frac != 0 {
-        let f = format!("{frac:06}");
-        s.push('.');
-        s.push_str(f.trim_end_matches('0'));
-    }
-    s.push('Z');
-    s
+    walcast_sdk::json::zoned_time(micros, offset_seconds)
 }
 
 /// A bit string (`"1000000001"`, most significant bit first) as Java's

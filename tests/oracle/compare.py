@@ -91,13 +91,23 @@ class KafkaRebuild:
         self.assigned = set()
         self.deser = None
         if fmt == "avro":
-            from confluent_kafka.schema_registry import SchemaRegistryClient
+            from confluent_kafka.schema_registry import SchemaRegistryClient, topic_subject_name_strategy
             from confluent_kafka.schema_registry.avro import AvroDeserializer
-            self.deser = AvroDeserializer(SchemaRegistryClient({"url": registry}))
+            # The topic strategy named: since 2.16 the default asks the
+            # registry for Confluent's "associations" (not Apicurio's API)
+            # per topic, and one such request hung the oracle for good.
+            self.deser = AvroDeserializer(SchemaRegistryClient({"url": registry, "timeout": 30}),
+                                          conf={"subject.name.strategy": topic_subject_name_strategy})
         self.events = defaultdict(dict)  # table label -> {dedupe key: event}
         self.count = 0
         self.unknown = Counter()
         self.offsets = defaultdict(set)  # topic -> {(partition, offset)} of records with a value
+        # (topic prefix, commit_lsn) -> {total_order: where}: every pipeline
+        # numbers the events of a transaction 1..n across its tables, so a
+        # gap is an event that never reached Kafka (or the oracle).
+        self.orders = defaultdict(dict)
+        self.read = Counter()  # (topic, partition) -> records read, tombstones included
+        self.raw = []  # (topic, partition, offset, key bytes, tombstone) of every record, for diagnostics
         self.topic_table = {}  # topic -> table label
 
     def poll(self, idle=2.0, limit=120.0):
@@ -124,6 +134,8 @@ class KafkaRebuild:
                 if m.error():
                     continue
                 last = time.time()
+                self.read[(m.topic(), m.partition())] += 1
+                self.raw.append((m.topic(), m.partition(), m.offset(), m.key() or b"", m.value() is None))
                 if m.value() is None:
                     continue  # tombstone
                 self.offsets[m.topic()].add((m.partition(), m.offset()))
@@ -152,7 +164,54 @@ class KafkaRebuild:
               "before": before, "after": after, "key": key, "txId": src.get("txId"),
               "where": f"{m.topic()}[{m.partition()}]@{m.offset()}"}
         dedupe = (ev["commit_lsn"], order, op, json.dumps(key, default=str), src["table"])
+        if op != "r" and tx:
+            prefix = next((p for p in self.prefixes if m.topic().startswith(p)), "")
+            self.orders[(prefix, ev["commit_lsn"])].setdefault(order, ev)
         self.events[t.label].setdefault(dedupe, ev)
+
+    def partition_report(self):
+        """Lines for the partitions whose log does not start at offset 0
+        (records deleted by retention) or whose records the oracle did not
+        all read: printed on failure, to tell a record that never reached
+        Kafka from one the broker or the reader lost."""
+        from confluent_kafka import TopicPartition
+        out = []
+        for (topic, part) in sorted(self.assigned):
+            try:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=5)
+            except Exception as e:  # noqa: BLE001 - a diagnostic only
+                out.append(f"{topic}[{part}]: watermarks unavailable ({e})")
+                continue
+            n = self.read[(topic, part)]
+            if low > 0 or n < high - low:
+                out.append(f"{topic}[{part}]: log offsets {low}..{high}, {n} records read")
+        return out
+
+    def records_with_key(self, text, limit=6):
+        """Records (tombstones included) whose raw key contains `text`:
+        tells a record that is absent from one that is there but unread."""
+        needle = str(text).encode()
+        hits = [f"{t}[{p}]@{o}{' tombstone' if tomb else ''}" for t, p, o, k, tomb in self.raw if needle in k]
+        return hits[:limit] + ([f"... {len(hits) - limit} more"] if len(hits) > limit else [])
+
+    def snapshot_rows(self, t):
+        """The rows of the snapshot events (op r), as rebuild gives rows."""
+        reads = [e for e in self.events[t.label].values() if e["op"] == "r"]
+        if t.keyless:
+            return Counter(row_json(e["after"]) for e in reads)
+        return {e["key"]: e["after"] for e in reads}
+
+    def gaps(self):
+        """Transactions whose events are not numbered 1..n without a hole:
+        [(prefix, commit_lsn, missing orders, events around them)]."""
+        out = []
+        for (prefix, lsn), seen in self.orders.items():
+            top = max(seen)
+            missing = [o for o in range(1, top + 1) if o not in seen]
+            if missing:
+                near = [seen[o] for o in sorted(seen) if abs(o - missing[0]) <= 2]
+                out.append((prefix, lsn, missing, near))
+        return out
 
     def image(self, t, img):
         if img is None:
@@ -219,12 +278,15 @@ class Diff:
         self.seed, self.limit = seed, limit
         self.lines, self.total = [], 0
         self.per = Counter()
+        self.missing_keys = []  # (output, table label, key) of rows an output lacks
         self.incomplete = 0  # columns documented as incomplete (never_carried)
         self.wiped = 0  # Redis rows lost to a redis_stop (lost_in_wipe)
 
     def add(self, where, t, key, col, pg, out, history):
         self.total += 1
         kind = "missing" if out == "row missing" else "extra" if pg == "no such row" else "value"
+        if kind == "missing":
+            self.missing_keys.append((where, t.label, key))
         self.per[(where, t.label, kind)] += 1
         if self.per[(where, t.label, kind)] <= self.limit:
             self.lines.append(

@@ -149,6 +149,8 @@ class Run:
         r = random.Random(args.seed)
         self.fmt = args.format or r.choice(["avro", "json"])
         self.mode = args.mode or r.choice(["relay", "direct"])
+        self.initial = {}
+        self.failed = False  # a failed run keeps its database, topics, keys and indices
         self.switches = dict(SWITCHES)
         for name in filter(None, (os.environ.get("WALCAST_ORACLE_ENABLE", "") + "," + (args.enable or "")).split(",")):
             self.switches[name.strip()] = True
@@ -230,6 +232,8 @@ class Run:
                 rows = [w.row_literals(t, w.new_key_values(t)) for _ in range(20)]
                 cur.execute(w.insert_sql(t, rows))
             c.commit()
+            # What the initial snapshot must deliver, row for row.
+            self.initial = {t.label: pg_rows(c, t) for t in self.tables}
 
     def config(self):
         registry = f'[pipelines.{{p}}.registry]\nurl = "{self.registry}"\n' if self.fmt == "avro" else ""
@@ -276,7 +280,8 @@ type = "kafka"
 bootstrap_servers = "{self.bootstrap}"
 create_topics = true
 topic_creation = {{ partitions = 3 }}
-"""
+""" + (f'producer = {{{{ "debug" = {toml_str(os.environ["WALCAST_ORACLE_KAFKA_DEBUG"])} }}}}\n'
+       if os.environ.get("WALCAST_ORACLE_KAFKA_DEBUG") else "")
             if direct:
                 text += redis_sinks + search_sink
             out.append(text.replace("{p}", name))
@@ -443,6 +448,18 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
             histories[t.label] = hist
             counts["rows"] += sum(expected[t.label].values()) if t.keyless else len(expected[t.label])
             compare_rows(diff, "kafka", t, expected[t.label], rows, hist)
+        for t in self.tables:
+            # The initial snapshot (op r) holds exactly the rows present
+            # before walcast started, both ways (walcast starts after
+            # initial_rows, and a kill during the load comes after the
+            # snapshot completed: ready means streaming).
+            if t.label in self.initial:
+                compare_rows(diff, "kafka-snapshot", t, self.initial[t.label], kafka.snapshot_rows(t),
+                             histories[t.label])
+        for prefix, lsn, missing, around in kafka.gaps():
+            diff.add("kafka-transaction", Topic(prefix.rstrip(".")), f"commit_lsn={lsn}", "total_order",
+                     f"events 1..{max(e['order'] for e in around)} of the transaction",
+                     f"orders {missing[:10]} missing", {f"commit_lsn={lsn}": around})
         for t in self.sink_tables:
             if t.keyless:
                 continue
@@ -557,14 +574,20 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
         except Exception:
             pass
 
-    def cleanup(self):
+    def cleanup(self, keep_data=False):
+        """Drops what the run created; `keep_data` (a failed run) keeps the
+        database, keys, indices and topics for inspection but still drops
+        the slots, which would pin WAL and use up max_replication_slots."""
         try:
             with psycopg.connect(self.conninfo("postgres"), autocommit=True) as c:
                 for (slot,) in c.execute("SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s", (self.run_id + "%",)).fetchall():
                     c.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                c.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+                if not keep_data:
+                    c.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
         except Exception as e:
             log(f"cleanup of Postgres failed: {e}")
+        if keep_data:
+            return
         try:
             for key in self.rds.scan_iter(match=f"*{self.run_id}:*", count=1000):
                 self.rds.delete(key)
@@ -628,6 +651,12 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
             if diff.total or self.exits:
                 for line in diff.lines:
                     print(line)
+                for where, label, key in diff.missing_keys[:6]:
+                    if where.startswith("kafka") and isinstance(key, tuple):
+                        found = kafka.records_with_key(key[-1])
+                        log(f"records of {label} whose key holds {key[-1]!r}: {found or 'none at all'}")
+                for line in kafka.partition_report():
+                    log(f"partition: {line}")
                 if kafka.unknown:
                     log(f"events of unknown tables: {dict(kafka.unknown)}")
                 log(f"walcast log (warnings and errors, last lines):\n{self.log_tail()}")
@@ -637,6 +666,7 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
                     + (f" --faults {','.join(self.faults)}" if self.faults else "")
                     + (f" --enable {','.join(k for k, v in self.switches.items() if v and not SWITCHES[k])}" if any(v and not SWITCHES[k] for k, v in self.switches.items()) else "")
                     + f"; files in {self.dir}")
+                self.failed = True
                 return 1
             log(f"PASS {summary}")
             return 0
@@ -646,7 +676,10 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
             return 2
         finally:
             self.stop_walcast()
-            if not self.args.keep:
+            if self.failed:
+                self.cleanup(keep_data=True)
+                log(f"kept the database {self.db}, the topics, keys and indices of run {self.run_id} for inspection (the slots are dropped)")
+            elif not self.args.keep:
                 self.cleanup()
 
 

@@ -19,7 +19,7 @@ schemas/MAPPING.md, connectors/sdk/src/json.rs's table):
 | json      | the JSON text as Postgres prints it                                |
 | date      | days since 1970-01-01; ±infinity = i32 max/min                     |
 | time      | microseconds since midnight                                        |
-| timetz    | "HH:MM:SS.ffffffZ" in UTC                                          |
+| timetz    | "HH:MM:SS[.f]Z" in UTC, no trailing zeros (Debezium's ZonedTime)     |
 | ts        | microseconds since epoch (no zone); ±infinity = i64 max/min        |
 | tstz      | "YYYY-MM-DDTHH:MM:SS.ffffffZ" (proleptic, astronomical year, Rust {y:04}); "infinity"/"-infinity" |
 | interval  | microseconds, a month = 30.4375 days (f64 product truncated)       |
@@ -95,6 +95,13 @@ def f32(x):
 def time_of_day(micros):
     secs, frac = divmod(micros, 1_000_000)
     return "%02d:%02d:%02d.%06d" % (secs // 3600, (secs // 60) % 60, secs % 60, frac)
+
+
+def zoned_time(micros):
+    """Debezium's ZonedTime in UTC: the fraction without trailing zeros."""
+    secs, frac = divmod(micros, 1_000_000)
+    out = "%02d:%02d:%02d" % (secs // 3600, (secs // 60) % 60, secs % 60)
+    return out + (("." + ("%06d" % frac).rstrip("0")) if frac else "") + "Z"
 
 
 def civil_from_days(days):
@@ -181,7 +188,7 @@ def from_pg(kind, s):
     if kind in ("date", "time", "ts"):
         return int(s)
     if kind == "timetz":
-        return time_of_day(int(s) % 86_400_000_000) + "Z"
+        return zoned_time(int(s) % 86_400_000_000)
     if kind == "tstz":
         return timestamp_utc(int(s))
     if kind == "interval":

@@ -12,6 +12,23 @@
 //! one topic makes a producer-type client (the admin client is one) ask the
 //! broker to auto-create it, which would bypass the configured partitions
 //! and replication factor.
+//!
+//! # A topic is used only once its leaders answer
+//!
+//! Before the first record goes to a topic, every partition's leader must
+//! answer a ListOffsets request. A broker lists itself as a new partition's
+//! leader in metadata a moment before it accepts writes for it, and in that
+//! moment librdkafka's idempotent producer can lose records without an
+//! error: the first ProduceRequest to the partition is refused ("not
+//! leader"), the next one, already in flight, is accepted (a broker accepts
+//! any first sequence number from a producer it has no state for), and
+//! librdkafka then takes the refused records as "implicitly acknowledged by
+//! a later batch" and reports them delivered. The oracle (tests/oracle) found
+//! this as snapshot rows missing from a topic created a moment before, with
+//! librdkafka's `IMPLICITACK` debug line naming the lost message ids (the
+//! same defect is reported against the Go client, confluent-kafka-go#921).
+//! The probe runs once per topic per process, for topics found as well as
+//! created (another process may have created one a moment ago).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -29,6 +46,11 @@ use walcast_sdk::KeyField;
 /// How long a metadata or admin request may take before it counts as an
 /// outage rather than a slow broker.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long to wait for a topic's leaders to answer before producing
+/// anyway (with a warning): an unreachable leader delays records but does
+/// not lose them; only a leader in the middle of taking over does.
+pub const LEADER_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
@@ -272,14 +294,16 @@ impl TopicAdmin {
             .collect())
     }
 
-    /// Creates `topic` unless it exists; remembers topics seen so the
+    /// Creates `topic` unless it exists, then waits until every partition's
+    /// leader answers (see the module docs); remembers topics seen so the
     /// broker is asked once per topic per process.
     pub async fn ensure(&mut self, topic: &str) -> Result<(), TopicError> {
         if self.known.contains(topic) {
             return Ok(());
         }
         let existing = self.existing().await?;
-        if !existing.contains_key(topic) {
+        let found = existing.get(topic).copied();
+        if found.is_none() {
             let (partitions, replication_factor, config) = self.creation.for_topic(topic);
             let config: Vec<(&str, &str)> = config
                 .iter()
@@ -316,8 +340,62 @@ impl TopicAdmin {
             }
             tracing::info!(topic, partitions, "kafka: created topic");
         }
+        self.wait_for_leaders(topic, found).await?;
         self.known.insert(topic.to_string());
         Ok(())
+    }
+
+    /// Waits until every partition of `topic` answers a ListOffsets request
+    /// at its leader, at most [`LEADER_WAIT`]. `partitions` is the count
+    /// already known, if any.
+    async fn wait_for_leaders(
+        &self,
+        topic: &str,
+        mut partitions: Option<usize>,
+    ) -> Result<(), TopicError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut last_error = None;
+        loop {
+            let count = match partitions {
+                Some(n) => n,
+                None => match self.existing().await?.get(topic) {
+                    Some(&n) => {
+                        partitions = Some(n);
+                        n
+                    }
+                    None => 0,
+                },
+            };
+            if count > 0 {
+                let admin = Arc::clone(&self.admin);
+                let name = topic.to_string();
+                // fetch_watermarks blocks the calling thread.
+                let answer = tokio::task::spawn_blocking(move || {
+                    (0..count as i32).try_for_each(|p| {
+                        admin
+                            .inner()
+                            .fetch_watermarks(&name, p, Duration::from_secs(5))
+                            .map(|_| ())
+                            .map_err(|e| format!("partition {p}: {e}"))
+                    })
+                })
+                .await
+                .expect("watermark task does not panic");
+                match answer {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    topic,
+                    error = last_error.as_deref().unwrap_or("the topic is not in the metadata yet"),
+                    "kafka: the topic's partition leaders did not answer within {LEADER_WAIT:?}; producing anyway"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 

@@ -152,8 +152,7 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
             micros,
             offset_seconds,
         } => {
-            let utc = (micros - i64::from(*offset_seconds) * 1_000_000).rem_euclid(86_400_000_000);
-            Json::String(format!("{}Z", time_of_day(utc)))
+            Json::String(zoned_time(*micros, *offset_seconds))
         }
         Value::Timestamp(t) => json!(t),
         Value::TimestampTz(t) => Json::String(timestamp_utc(*t)),
@@ -369,6 +368,22 @@ pub fn uuid_string(u: &[u8; 16]) -> String {
     )
 }
 
+/// A `timetz` as Debezium's `ZonedTime` (Java's `ISO_OFFSET_TIME` in UTC):
+/// `HH:MM:SS`, the fraction without trailing zeros if there is one, `Z`.
+pub fn zoned_time(micros: i64, offset_seconds: i32) -> String {
+    let utc = (micros - i64::from(offset_seconds) * 1_000_000).rem_euclid(86_400_000_000);
+    let secs = utc / 1_000_000;
+    let mut s = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
+    let frac = utc % 1_000_000;
+    if frac != 0 {
+        let f = format!("{frac:06}");
+        s.push('.');
+        s.push_str(f.trim_end_matches('0'));
+    }
+    s.push('Z');
+    s
+}
+
 fn time_of_day(micros: i64) -> String {
     let secs = micros / 1_000_000;
     let frac = micros % 1_000_000;
@@ -477,7 +492,7 @@ mod tests {
                 },
                 &opts
             ),
-            json!("23:00:00.000000Z")
+            json!("23:00:00Z")
         );
         assert_eq!(value(&Value::Float64(f64::NAN), &opts), json!("NaN"));
         assert_eq!(
