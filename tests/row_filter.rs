@@ -251,8 +251,9 @@ async fn snapshots_and_stream_deliver_exactly_the_filtered_rows_to_kafka_and_red
 /// A filter on a column outside the replica identity would make Postgres
 /// refuse the application's UPDATEs and DELETEs: `check` refuses it and
 /// says what to do; an invalid filter is refused with Postgres's reason; a
-/// table of a schema captured whole cannot be filtered. On Postgres 14 any
-/// filter is refused, naming the version.
+/// partitioned table is filtered through its root only; a table of a schema
+/// captured whole cannot be filtered. On Postgres 14 any filter is refused,
+/// naming the version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_postgres_would_enforce_on_writers_or_reject_are_refused_by_check() {
     let db = TestDb::new("wc_rowfbad").await;
@@ -301,6 +302,29 @@ async fn filters_postgres_would_enforce_on_writers_or_reject_are_refused_by_chec
         .unwrap()
         .get(0);
     assert_eq!(pubs, 0);
+    // A partitioned table: filtered through its root only.
+    db.exec(
+        "CREATE TABLE pt (id int, r text, PRIMARY KEY (id, r)) PARTITION BY LIST (r);
+         CREATE TABLE pt_a PARTITION OF pt FOR VALUES IN ('a');",
+    )
+    .await;
+    let partitioned = |extra: &str| {
+        let cfg = KafkaCapture::new("rowfbad", &db.name, "x", &["public.pt"])
+            .source(extra)
+            .pipeline("[pipelines.rowfbad.table.\"public.pt\"]\nrow_filter = \"r = 'a'\"");
+        std::fs::write(&path, cfg.toml("127.0.0.1:1")).unwrap();
+        check(&path)
+    };
+    let (ok, out) = partitioned("");
+    assert!(
+        ok && out.contains("table public.pt: OK, row filter WHERE (r = 'a'::text)"),
+        "{out}"
+    );
+    let (ok, out) = partitioned("publish_via_partition_root = false");
+    assert!(
+        !ok && out.contains("publish_via_partition_root = true") && out.contains("public.pt"),
+        "{out}"
+    );
     let whole = KafkaCapture::new("rowfbad", &db.name, "x", &[])
         .source("schemas = [\"public\"]")
         .pipeline("[pipelines.rowfbad.table.\"public.acct\"]\nrow_filter = \"id > 1\"");

@@ -151,9 +151,7 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
         Value::TimeTz {
             micros,
             offset_seconds,
-        } => {
-            Json::String(zoned_time(*micros, *offset_seconds))
-        }
+        } => Json::String(zoned_time(*micros, *offset_seconds)),
         Value::Timestamp(t) => json!(t),
         Value::TimestampTz(t) => Json::String(timestamp_utc(*t)),
         Value::Interval {
