@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use serde_json::Value as Json;
-use walcast_sdk::{ChangeEvent, EncodeError, EncodedRecord, EventEncoder, TableSchema};
+use walcast_sdk::{ChangeEvent, EncodeError, EncodedRecord, EventEncoder, KeyField, TableSchema};
 
 use crate::codec::{self, DecodeError};
 use crate::contracts::{ContractError, Contracts};
@@ -42,6 +42,8 @@ struct Registered {
     schemas: TableSchemas,
     key_id: Option<u32>,
     value_id: u32,
+    /// The field appended to the key schema, if any (see [`KeyField`]).
+    key_field: Option<Arc<str>>,
 }
 
 /// The columns that differ between two shapes of a table, and a sentence
@@ -146,27 +148,38 @@ impl AvroEncoder {
         &self.registry
     }
 
-    async fn registered(&self, event: &ChangeEvent) -> Result<Arc<Registered>, EncodeError> {
+    async fn registered(
+        &self,
+        event: &ChangeEvent,
+        key_field: Option<&KeyField>,
+    ) -> Result<Arc<Registered>, EncodeError> {
         let table = &event.table;
         let key = (table.relation_id, table.version);
+        let field_name = key_field.map(|f| &f.name);
         if let Some(r) = self
             .tables
             .read()
             .expect("encoder cache lock poisoned")
             .get(&key)
         {
-            if (Arc::ptr_eq(&r.table, table) || r.table == *table) && r.prefix == event.source.name
+            if (Arc::ptr_eq(&r.table, table) || r.table == *table)
+                && r.prefix == event.source.name
+                && r.key_field.as_ref() == field_name
             {
                 return Ok(r.clone());
             }
         }
-        let schemas = mapping::derive(table, &event.source.name, &self.options).map_err(|e| {
-            EncodeError::Invalid {
-                table: table.qualified_name(),
-                column: "*".into(),
-                message: e.to_string(),
-            }
-        })?;
+        let invalid = |e: mapping::MappingError| EncodeError::Invalid {
+            table: table.qualified_name(),
+            column: "*".into(),
+            message: e.to_string(),
+        };
+        let mut schemas =
+            mapping::derive(table, &event.source.name, &self.options).map_err(invalid)?;
+        if let (Some(name), Some(k)) = (field_name, &schemas.key) {
+            schemas.key =
+                Some(mapping::with_key_field(k, name, &table.qualified_name()).map_err(invalid)?);
+        }
         if let Some(contracts) = &self.contracts {
             contracts
                 .check(&table.schema, &table.name, &schemas)
@@ -211,6 +224,7 @@ impl AvroEncoder {
             schemas,
             key_id,
             value_id,
+            key_field: field_name.cloned(),
         });
         self.tables
             .write()
@@ -254,35 +268,55 @@ impl AvroEncoder {
         }
     }
 
-    fn key(&self, event: &ChangeEvent, r: &Registered) -> Result<Option<Vec<u8>>, EncodeError> {
+    fn key(
+        &self,
+        event: &ChangeEvent,
+        r: &Registered,
+        field: Option<&KeyField>,
+    ) -> Result<Option<Vec<u8>>, EncodeError> {
         let Some(id) = r.key_id else {
             return Ok(None);
         };
         let mut out = Vec::with_capacity(32);
         wire::write_header(&mut out, id);
-        Ok(codec::encode_key_into(event, &r.schemas, &self.options, &mut out)?.then_some(out))
+        if !codec::encode_key_into(event, &r.schemas, &self.options, &mut out)? {
+            return Ok(None);
+        }
+        // The appended field is the key record's last.
+        if let Some(f) = field {
+            crate::binary::string(&mut out, &f.value);
+        }
+        Ok(Some(out))
     }
 }
 
 #[async_trait]
 impl EventEncoder for AvroEncoder {
     async fn encode(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
-        let r = self.registered(event).await?;
-        let key = self.key(event, &r)?;
+        self.encode_with_key_field(event, None, false).await
+    }
+
+    async fn encode_tombstone(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
+        self.encode_with_key_field(event, None, true).await
+    }
+
+    async fn encode_with_key_field(
+        &self,
+        event: &ChangeEvent,
+        field: Option<&KeyField>,
+        tombstone: bool,
+    ) -> Result<EncodedRecord, EncodeError> {
+        let r = self.registered(event, field).await?;
+        let key = self.key(event, &r, field)?;
+        if tombstone {
+            return Ok(EncodedRecord { key, value: None });
+        }
         let mut value = Vec::with_capacity(256);
         wire::write_header(&mut value, r.value_id);
         codec::encode_value_into(event, &r.schemas, &self.options, &mut value)?;
         Ok(EncodedRecord {
             key,
             value: Some(value),
-        })
-    }
-
-    async fn encode_tombstone(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
-        let r = self.registered(event).await?;
-        Ok(EncodedRecord {
-            key: self.key(event, &r)?,
-            value: None,
         })
     }
 

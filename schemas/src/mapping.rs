@@ -328,6 +328,20 @@ pub fn row_field_nullable(column: &Column, opts: &MappingOptions) -> bool {
     }
 }
 
+/// The key schema with a string field `name` appended (the topic router's
+/// table identifier, see `walcast_sdk::KeyField`).
+pub fn with_key_field(
+    key: &AvroSchema,
+    name: &str,
+    table: &str,
+) -> Result<AvroSchema, MappingError> {
+    let mut json = key.json().clone();
+    if let Some(fields) = json.get_mut("fields").and_then(Json::as_array_mut) {
+        fields.push(json!({"name": name, "type": "string"}));
+    }
+    parse(json, table)
+}
+
 fn parse(json: Json, table: &str) -> Result<AvroSchema, MappingError> {
     let schema = Schema::parse(&json).map_err(|e| MappingError::Invalid {
         table: table.to_string(),

@@ -59,12 +59,17 @@ pub enum SubjectStrategy {
     /// The record's full name (`<prefix>.<schema>.<table>.Envelope`), for
     /// topics that carry several record types.
     RecordName,
+    /// `<topic>-<record's full name>` (Confluent's
+    /// `TopicRecordNameStrategy`): a lineage per table within each topic,
+    /// for topics several tables are routed to.
+    TopicRecordName,
 }
 
 impl SubjectStrategy {
     pub fn subject(self, topic: &str, schema: &AvroSchema, is_key: bool) -> String {
         match (self, schema.full_name()) {
             (SubjectStrategy::RecordName, Some(name)) => name,
+            (SubjectStrategy::TopicRecordName, Some(name)) => format!("{topic}-{name}"),
             _ => format!("{topic}-{}", if is_key { "key" } else { "value" }),
         }
     }

@@ -71,7 +71,19 @@ pub(crate) async fn check(path: &std::path::Path, offline: bool) -> anyhow::Resu
                             println!("  warning: {w}");
                         }
                         for t in &plan.tables {
-                            println!("  table {t}: OK");
+                            match plan.row_filters.iter().find(|(f, _)| f == t) {
+                                Some((_, f)) => println!("  table {t}: OK, row filter WHERE {f}"),
+                                None => println!("  table {t}: OK"),
+                            }
+                        }
+                        for (t, f) in &plan.row_filters {
+                            if !plan.tables.contains(t) {
+                                // A partitioned table, published via its root.
+                                println!("  table {t}: row filter WHERE {f}");
+                            }
+                        }
+                        for (t, sql) in &plan.set_row_filters {
+                            println!("  would change the row filter of {t}: {sql}");
                         }
                         for p in &plan.partitioned {
                             let t = &p.table;
@@ -326,9 +338,13 @@ async fn check_kafka_sinks(
             }
         }
         if let (config::EventFormat::Avro, Some(r)) = (c.format, &c.registry) {
-            let router =
-                walcast_kafka::topic::TopicRouter::new(k.topic_prefix.clone(), k.routes.clone());
-            ok &= check_registry(name, r, s, &router).await;
+            match walcast_kafka::topic::TopicRouter::new(k.topic_prefix.clone(), k.routes.clone()) {
+                Ok(router) => ok &= check_registry(name, r, s, &router).await,
+                Err(e) => {
+                    println!("pipeline {name}: ERROR: {e}");
+                    ok = false;
+                }
+            }
         }
     }
     ok
@@ -444,16 +460,27 @@ async fn check_registry(
                 continue;
             }
         };
-        let schemas =
-            match walcast_schemas::mapping::derive(&table.schema, &s.assemble.name, &options) {
-                Ok(schemas) => schemas,
-                Err(e) => {
-                    println!("pipeline {name}: ERROR: registry: table {wanted}: {e}");
-                    ok = false;
-                    continue;
+        let (topic, key_field) = router.resolve(&wanted.schema, &wanted.name);
+        // The key as a topic route sends it: with the table's identifier.
+        let derived = walcast_schemas::mapping::derive(&table.schema, &s.assemble.name, &options)
+            .and_then(|mut schemas| {
+                if let (Some(f), Some(k)) = (&key_field, &schemas.key) {
+                    schemas.key = Some(walcast_schemas::mapping::with_key_field(
+                        k,
+                        &f.name,
+                        &wanted.to_string(),
+                    )?);
                 }
-            };
-        let topic = router.name(&wanted.schema, &wanted.name);
+                Ok(schemas)
+            });
+        let schemas = match derived {
+            Ok(schemas) => schemas,
+            Err(e) => {
+                println!("pipeline {name}: ERROR: registry: table {wanted}: {e}");
+                ok = false;
+                continue;
+            }
+        };
         let parts = [(schemas.key.as_ref(), true), (Some(&schemas.value), false)];
         for (schema, is_key) in parts {
             let Some(schema) = schema else { continue };

@@ -178,11 +178,25 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                     if let Err(m) = shape.validate(&k) {
                         return Err(rule(k, &m));
                     }
-                    if shape.row_filter.is_some() {
-                        return Err(rule(
-                            format!("{k}.row_filter"),
-                            "row filters are not supported yet; filter in the publication yourself (CREATE PUBLICATION ... WHERE, Postgres 15+) with create_publication = false",
-                        ));
+                    if let Some(f) = &shape.row_filter {
+                        if f.trim().is_empty() {
+                            return Err(rule(
+                                format!("{k}.row_filter"),
+                                "is empty; write a SQL condition (e.g. \"region = 'eu'\") or remove it",
+                            ));
+                        }
+                        if let Some(sc) =
+                            s.schemas.iter().find(|sc| t.starts_with(&format!("{sc}.")))
+                        {
+                            return Err(rule(
+                                format!("{k}.row_filter"),
+                                &format!(
+                                    "schema `{sc}` is captured whole (source.schemas), and Postgres publishes every row of a schema \
+                                     in the publication (FOR TABLES IN SCHEMA), ignoring a table's WHERE; capture `{t}` in a \
+                                     pipeline that lists it in source.tables instead"
+                                ),
+                            ));
+                        }
                     }
                 }
                 if c.sinks.is_empty() {
@@ -230,6 +244,22 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                         key("schema_changes"),
                         "schema-change events are published to Kafka, and this pipeline has no kafka sink",
                     ));
+                }
+                if let (EventFormat::Avro, Some(r)) = (c.format, &c.registry) {
+                    for (i, sink) in c.sinks.iter().enumerate() {
+                        let SinkConfig::Kafka(k) = sink else { continue };
+                        if !k.routes.regex.is_empty()
+                            && r.subject_strategy == walcast_schemas::SubjectStrategy::TopicName
+                        {
+                            return Err(rule(
+                                key(&format!("sinks[{i}].routes")),
+                                "topic_regex routes can send several tables to one topic, whose Avro value schemas \
+                                 differ, and the registry would refuse the second table's schema under the topic's \
+                                 one subject; set registry.subject_strategy = \"topic_record_name\" (a subject per \
+                                 table within the topic, Confluent's TopicRecordNameStrategy) or \"record_name\"",
+                            ));
+                        }
+                    }
                 }
                 if !s.keyless_tables.is_empty() {
                     // Known from the config alone: those tables have no key,

@@ -66,6 +66,14 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
         via_root: src.publish_via_partition_root,
         failover: src.slot_failover,
         generated_columns: src.publish_generated_columns,
+        row_filters: c
+            .table
+            .iter()
+            .filter_map(|(t, shape)| {
+                let filter = shape.row_filter.as_ref()?;
+                Some((walcast_sdk::TableName::parse(t)?, filter.clone()))
+            })
+            .collect(),
     };
     // With whole schemas captured, every table of the publication is wanted.
     let filter: Option<HashSet<String>> = if src.schemas.is_empty() {
@@ -198,7 +206,8 @@ pub async fn build_sinks(
                         let router = walcast_kafka::topic::TopicRouter::new(
                             k.topic_prefix.clone(),
                             k.routes.clone(),
-                        );
+                        )
+                        .map_err(|e| err(e.to_string()))?;
                         let mut encoder = walcast_schemas::AvroEncoder::new(
                             registry,
                             r.mapping_options(),

@@ -101,9 +101,10 @@ pub struct KafkaSinkConfig {
     /// Topics are `<topic_prefix>.<schema>.<table>` unless routed.
     #[serde(default = "default_topic_prefix")]
     pub topic_prefix: String,
-    /// `schema.table` -> topic, overriding the naming rule.
+    /// `schema.table` -> topic (a table), or regular-expression routes (an
+    /// array of tables), overriding the naming rule; see [`Routes`].
     #[serde(default)]
-    pub routes: BTreeMap<String, String>,
+    pub routes: Routes,
     /// Follow each delete with a null-valued record so compacted topics
     /// forget the row (Debezium's `tombstones.on.delete`).
     #[serde(default = "default_true")]
@@ -135,6 +136,101 @@ pub struct KafkaSinkConfig {
     /// Route an outbox table's inserts as messages (see [`crate::outbox`]).
     #[serde(default)]
     pub outbox: Option<crate::outbox::OutboxConfig>,
+}
+
+/// Debezium's `key.field.name` default (`ByLogicalTableRouter`).
+pub const DEFAULT_KEY_FIELD_NAME: &str = "__dbz__physicalTableIdentifier";
+
+/// The sink's `routes`, in one of two forms:
+///
+/// * a table, `routes = { "public.orders" = "orders-v2" }`: a table to a
+///   named topic;
+/// * an array of tables, `[[...sinks.routes]]` with `topic_regex` and
+///   `topic_replacement` (Debezium's topic router, `ByLogicalTableRouter`):
+///   the first route whose expression matches the *whole* default topic
+///   name (`<prefix>.<schema>.<table>`) renames it, `$1` standing for a
+///   group. Many tables may land in one topic: their keys then carry the
+///   table's default topic name in `key_field_name`, so two rows with the
+///   same primary key in two tables stay two keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routes {
+    pub tables: BTreeMap<String, String>,
+    pub regex: Vec<RegexRoute>,
+}
+
+/// One regular-expression route (see [`Routes`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRoute {
+    /// Matched against the whole default topic name.
+    pub topic_regex: String,
+    /// The topic; `$1`, `${name}` stand for the expression's groups.
+    pub topic_replacement: String,
+    /// The key field naming the source table (its default topic name).
+    #[serde(default = "default_key_field_name")]
+    pub key_field_name: String,
+    /// `false`: keys are left as they are (when the tables routed together
+    /// never share a key, or consumers need Debezium-free keys).
+    #[serde(default = "default_true")]
+    pub key_enforce_uniqueness: bool,
+}
+
+fn default_key_field_name() -> String {
+    DEFAULT_KEY_FIELD_NAME.to_string()
+}
+
+impl Routes {
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty() && self.regex.is_empty()
+    }
+
+    /// The routes' expressions, anchored (Debezium matches the whole name);
+    /// the error names the route.
+    pub fn compile(&self) -> Result<Vec<regex::Regex>, ConfigError> {
+        self.regex
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                regex::Regex::new(&format!("^(?:{})$", r.topic_regex)).map_err(|e| {
+                    invalid(
+                        format!("routes[{i}].topic_regex"),
+                        format!("`{}` is not a regular expression: {e}", r.topic_regex),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+impl<'de> Deserialize<'de> for Routes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Routes;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a table of \"schema.table\" = \"topic\", or an array of [[routes]] with topic_regex and topic_replacement",
+                )
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Routes, A::Error> {
+                Ok(Routes {
+                    tables: Deserialize::deserialize(
+                        serde::de::value::MapAccessDeserializer::new(map),
+                    )?,
+                    regex: Vec::new(),
+                })
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Routes, A::Error> {
+                Ok(Routes {
+                    tables: BTreeMap::new(),
+                    regex: Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(
+                        seq,
+                    ))?,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// How batches become durable in Kafka.
@@ -200,6 +296,39 @@ pub struct TopicCreationConfig {
     /// Topic-level configs, e.g. `"cleanup.policy" = "compact"`.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// Per topic (by its final name, after routing: a table's own topic is
+    /// `<prefix>.<schema>.<table>`), settings that replace the ones above.
+    #[serde(default)]
+    pub topics: BTreeMap<String, TopicOverride>,
+}
+
+/// `topic_creation.topics."name"`: what differs for one topic.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicOverride {
+    pub partitions: Option<i32>,
+    pub replication_factor: Option<i32>,
+    /// Merged over `topic_creation.config`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+impl TopicCreationConfig {
+    /// Partitions, replication factor and configs for `topic`.
+    pub fn for_topic(&self, topic: &str) -> (i32, i32, BTreeMap<String, String>) {
+        let mut config = self.config.clone();
+        match self.topics.get(topic) {
+            Some(o) => {
+                config.extend(o.config.clone());
+                (
+                    o.partitions.unwrap_or(self.partitions),
+                    o.replication_factor.unwrap_or(self.replication_factor),
+                    config,
+                )
+            }
+            None => (self.partitions, self.replication_factor, config),
+        }
+    }
 }
 
 impl Default for TopicCreationConfig {
@@ -208,6 +337,7 @@ impl Default for TopicCreationConfig {
             partitions: BROKER_DEFAULT,
             replication_factor: BROKER_DEFAULT,
             config: BTreeMap::new(),
+            topics: BTreeMap::new(),
         }
     }
 }
@@ -276,7 +406,7 @@ impl KafkaSinkConfig {
         KafkaSinkConfig {
             bootstrap_servers: bootstrap_servers.into(),
             topic_prefix: default_topic_prefix(),
-            routes: BTreeMap::new(),
+            routes: Routes::default(),
             tombstones_on_delete: true,
             skip_truncate: false,
             max_in_flight_records: DEFAULT_MAX_IN_FLIGHT_RECORDS,
@@ -325,7 +455,7 @@ impl KafkaSinkConfig {
                 ));
             }
         }
-        for (table, topic) in &self.routes {
+        for (table, topic) in &self.routes.tables {
             if !table.contains('.') {
                 return Err(invalid(
                     format!("routes.\"{table}\""),
@@ -333,6 +463,21 @@ impl KafkaSinkConfig {
                 ));
             }
             check_topic_name(&format!("routes.\"{table}\""), topic)?;
+        }
+        self.routes.compile()?;
+        for (i, r) in self.routes.regex.iter().enumerate() {
+            if r.topic_replacement.trim().is_empty() {
+                return Err(invalid(
+                    format!("routes[{i}].topic_replacement"),
+                    "must not be empty",
+                ));
+            }
+            if r.key_enforce_uniqueness && r.key_field_name.trim().is_empty() {
+                return Err(invalid(
+                    format!("routes[{i}].key_field_name"),
+                    "must not be empty",
+                ));
+            }
         }
         if let Some(t) = &self.transaction_topic {
             check_topic_name("transaction_topic", t)?;
@@ -347,17 +492,35 @@ impl KafkaSinkConfig {
             ));
         }
         let tc = &self.topic_creation;
-        if tc.partitions == 0 || tc.partitions < BROKER_DEFAULT {
-            return Err(invalid(
-                "topic_creation.partitions",
-                "must be positive, or -1 for the broker's default",
-            ));
-        }
-        if tc.replication_factor == 0 || tc.replication_factor < BROKER_DEFAULT {
-            return Err(invalid(
-                "topic_creation.replication_factor",
-                "must be positive, or -1 for the broker's default",
-            ));
+        let counts = [
+            ("topic_creation.partitions".to_string(), Some(tc.partitions)),
+            (
+                "topic_creation.replication_factor".to_string(),
+                Some(tc.replication_factor),
+            ),
+        ]
+        .into_iter()
+        .chain(tc.topics.iter().flat_map(|(t, o)| {
+            [
+                (
+                    format!("topic_creation.topics.\"{t}\".partitions"),
+                    o.partitions,
+                ),
+                (
+                    format!("topic_creation.topics.\"{t}\".replication_factor"),
+                    o.replication_factor,
+                ),
+            ]
+        }));
+        for (field, n) in counts {
+            if let Some(n) = n {
+                if n == 0 || n < BROKER_DEFAULT {
+                    return Err(invalid(
+                        field,
+                        "must be positive, or -1 for the broker's default",
+                    ));
+                }
+            }
         }
         if let DeliveryMode::ExactlyOnce {
             transactional_id,
@@ -632,7 +795,7 @@ mod tests {
         )
         .unwrap();
         c.validate().unwrap();
-        assert_eq!(c.routes["public.orders"], "orders-v2");
+        assert_eq!(c.routes.tables["public.orders"], "orders-v2");
         assert_eq!(c.delivery, DeliveryMode::AtLeastOnce);
         assert_eq!(c.topic_creation.partitions, 6);
         let cfg = c.client_config();
@@ -681,7 +844,7 @@ mod tests {
         assert!(err.to_string().contains("topic_prefx"), "{err}");
 
         let mut c = KafkaSinkConfig::new("x:1");
-        c.routes.insert("orders".into(), "t".into());
+        c.routes.tables.insert("orders".into(), "t".into());
         assert!(c
             .validate()
             .unwrap_err()

@@ -166,6 +166,7 @@ pub fn topic_creation(replication_factor: i32) -> TopicCreationConfig {
         partitions: 1,
         replication_factor,
         config: BTreeMap::from([("cleanup.policy".to_string(), "compact".to_string())]),
+        topics: BTreeMap::new(),
     }
 }
 

@@ -192,7 +192,7 @@ impl KafkaSink {
             producer,
             context,
             encoder,
-            router: TopicRouter::new(config.topic_prefix.clone(), config.routes.clone()),
+            router: TopicRouter::new(config.topic_prefix.clone(), config.routes.clone())?,
             admin,
             transactions: config
                 .transaction_topic
@@ -273,7 +273,7 @@ impl KafkaSink {
         notices: &NoticeTopics,
     ) -> Result<Vec<TopicStatus>, KafkaSinkError> {
         config.validate()?;
-        let router = TopicRouter::new(config.topic_prefix.clone(), config.routes.clone());
+        let router = TopicRouter::new(config.topic_prefix.clone(), config.routes.clone())?;
         let mut topics: Vec<(String, String)> = tables
             .iter()
             .map(|t| (t.to_string(), router.name(&t.schema, &t.name)))
@@ -348,13 +348,18 @@ impl KafkaSink {
                 }
                 continue;
             }
-            let Route { topic, table: what } = self.router.route(&event.table);
+            let Route {
+                topic,
+                table: what,
+                key_field,
+            } = self.router.route(&event.table);
+            let key_field = key_field.as_ref();
             self.ensure_topic(&topic).await?;
             if self.transactions.is_some() {
                 self.send_markers(event, acker).await?;
             }
             let lsn = event.source.commit_lsn;
-            let rec = match self.encode(event, false, &what, lsn).await {
+            let rec = match self.encode(event, key_field, false, &what, lsn).await {
                 Ok(rec) => rec,
                 Err(e @ EncodeError::Invalid { .. }) if self.dead_letter.is_some() => {
                     self.send_dead_letter(event, &e, &topic, &what, acker)
@@ -375,7 +380,7 @@ impl KafkaSink {
             .await?;
             if event.op == Op::Delete && self.tombstones_on_delete {
                 let rec = self
-                    .encode(event, true, &what, lsn)
+                    .encode(event, key_field, true, &what, lsn)
                     .await
                     .map_err(|e| encode_sink_error(e, &what, lsn))?;
                 // A key-less table has nothing for compaction to forget.
@@ -566,17 +571,17 @@ impl KafkaSink {
     async fn encode(
         &self,
         event: &ChangeEvent,
+        key_field: Option<&walcast_sdk::KeyField>,
         tombstone: bool,
         what: &str,
         lsn: Lsn,
     ) -> Result<walcast_sdk::EncodedRecord, EncodeError> {
         let mut backoff = Backoff::new(ENCODE_RETRY_INITIAL, ENCODE_RETRY_MAX);
         loop {
-            let encoded = if tombstone {
-                self.encoder.encode_tombstone(event).await
-            } else {
-                self.encoder.encode(event).await
-            };
+            let encoded = self
+                .encoder
+                .encode_with_key_field(event, key_field, tombstone)
+                .await;
             match encoded {
                 Ok(rec) => return Ok(rec),
                 Err(e) if e.is_transient() => {

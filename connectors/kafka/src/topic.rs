@@ -3,7 +3,10 @@
 //! Names follow Debezium (`<prefix>.<schema>.<table>`) so consumers written
 //! for Debezium find their topics; characters Kafka refuses in a topic name
 //! are replaced by `_`, as Debezium's `TopicNamingStrategy` does. A route
-//! (`schema.table` -> topic) overrides the rule for one table.
+//! (`schema.table` -> topic) overrides the rule for one table; a
+//! regular-expression route (Debezium's `ByLogicalTableRouter`, see
+//! [`crate::config::Routes`]) renames default names that match it, and
+//! adds the table's default name to the keys of the tables it merges.
 //!
 //! Topic metadata is always read for *all* topics: a metadata request naming
 //! one topic makes a producer-type client (the admin client is one) ask the
@@ -37,7 +40,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::ClientConfig;
 use walcast_sdk::TableSchema;
 
-use crate::config::TopicCreationConfig;
+use crate::config::{ConfigError, Routes, TopicCreationConfig};
+use walcast_sdk::KeyField;
 
 /// How long a metadata or admin request may take before it counts as an
 /// outage rather than a slow broker.
@@ -97,6 +101,8 @@ pub struct Route {
     pub topic: Arc<str>,
     /// `schema.table`.
     pub table: Arc<str>,
+    /// Added to every key of the table (a regular-expression route).
+    pub key_field: Option<KeyField>,
 }
 
 /// Maps tables to topic names, caching the result per table so the hot path
@@ -105,16 +111,21 @@ pub struct Route {
 pub struct TopicRouter {
     prefix: String,
     routes: BTreeMap<String, String>,
+    regex: Vec<(regex::Regex, crate::config::RegexRoute)>,
     cache: HashMap<String, HashMap<String, Route>>,
 }
 
 impl TopicRouter {
-    pub fn new(prefix: impl Into<String>, routes: BTreeMap<String, String>) -> Self {
-        TopicRouter {
+    /// Fails on an expression that does not compile (the config's
+    /// validation reports it first, naming the route).
+    pub fn new(prefix: impl Into<String>, routes: Routes) -> Result<Self, ConfigError> {
+        let compiled = routes.compile()?;
+        Ok(TopicRouter {
             prefix: prefix.into(),
-            routes,
+            regex: compiled.into_iter().zip(routes.regex).collect(),
+            routes: routes.tables,
             cache: HashMap::new(),
-        }
+        })
     }
 
     pub fn route(&mut self, table: &TableSchema) -> Route {
@@ -125,9 +136,11 @@ impl TopicRouter {
         {
             return r.clone();
         }
+        let (topic, key_field) = self.resolve(&table.schema, &table.name);
         let route = Route {
-            topic: self.name(&table.schema, &table.name).into(),
+            topic: topic.into(),
             table: table.qualified_name().into(),
+            key_field,
         };
         self.cache
             .entry(table.schema.clone())
@@ -142,20 +155,48 @@ impl TopicRouter {
 
     /// The topic for `schema.table`, without caching (for `walcast check`).
     pub fn name(&self, schema: &str, table: &str) -> String {
-        if let Some(t) = self.routes.get(&format!("{schema}.{table}")) {
-            return t.clone();
-        }
-        let raw = format!("{}.{}.{}", self.prefix, schema, table);
-        raw.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
+        self.resolve(schema, table).0
     }
+
+    /// The topic, and the key field a regular-expression route adds: the
+    /// table's default topic name, which tells merged tables apart.
+    pub fn resolve(&self, schema: &str, table: &str) -> (String, Option<KeyField>) {
+        if let Some(t) = self.routes.get(&format!("{schema}.{table}")) {
+            return (t.clone(), None);
+        }
+        let default = self.default_name(schema, table);
+        for (re, route) in &self.regex {
+            if let Some(caps) = re.captures(&default) {
+                let mut topic = String::new();
+                caps.expand(&route.topic_replacement, &mut topic);
+                let topic = sanitise(&topic);
+                let field = route.key_enforce_uniqueness.then(|| KeyField {
+                    name: route.key_field_name.as_str().into(),
+                    value: default.as_str().into(),
+                });
+                return (topic, field);
+            }
+        }
+        (default, None)
+    }
+
+    /// Debezium's `<prefix>.<schema>.<table>`, sanitised.
+    pub fn default_name(&self, schema: &str, table: &str) -> String {
+        sanitise(&format!("{}.{}.{}", self.prefix, schema, table))
+    }
+}
+
+/// Characters Kafka refuses in a topic name become `_`.
+fn sanitise(raw: &str) -> String {
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// What `walcast check` reports for one table's topic.
@@ -240,10 +281,13 @@ impl TopicAdmin {
                 topic: topic.clone(),
                 state: match existing.get(topic) {
                     Some(&partitions) => TopicState::Exists { partitions },
-                    None if create => TopicState::WouldCreate {
-                        partitions: self.creation.partitions,
-                        replication_factor: self.creation.replication_factor,
-                    },
+                    None if create => {
+                        let (partitions, replication_factor, _) = self.creation.for_topic(topic);
+                        TopicState::WouldCreate {
+                            partitions,
+                            replication_factor,
+                        }
+                    }
                     None => TopicState::Missing,
                 },
             })
@@ -260,16 +304,15 @@ impl TopicAdmin {
         let existing = self.existing().await?;
         let found = existing.get(topic).copied();
         if found.is_none() {
-            let config: Vec<(&str, &str)> = self
-                .creation
-                .config
+            let (partitions, replication_factor, config) = self.creation.for_topic(topic);
+            let config: Vec<(&str, &str)> = config
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             let new = NewTopic {
                 name: topic,
-                num_partitions: self.creation.partitions,
-                replication: TopicReplication::Fixed(self.creation.replication_factor),
+                num_partitions: partitions,
+                replication: TopicReplication::Fixed(replication_factor),
                 config,
             };
             let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
@@ -295,11 +338,7 @@ impl TopicAdmin {
                     }
                 }
             }
-            tracing::info!(
-                topic,
-                partitions = self.creation.partitions,
-                "kafka: created topic"
-            );
+            tracing::info!(topic, partitions, "kafka: created topic");
         }
         self.wait_for_leaders(topic, found).await?;
         self.known.insert(topic.to_string());
@@ -378,9 +417,11 @@ mod tests {
 
     #[test]
     fn debezium_naming_routes_and_sanitising() {
-        let mut routes = BTreeMap::new();
-        routes.insert("public.orders".to_string(), "orders-v2".to_string());
-        let mut r = TopicRouter::new("shop", routes);
+        let mut routes = Routes::default();
+        routes
+            .tables
+            .insert("public.orders".to_string(), "orders-v2".to_string());
+        let mut r = TopicRouter::new("shop", routes).unwrap();
         assert_eq!(
             &*r.topic_for(&table("public", "customers")),
             "shop.public.customers"
@@ -399,6 +440,63 @@ mod tests {
         assert_eq!(
             &*r.topic_for(&table("public", "customers")),
             "shop.public.customers"
+        );
+    }
+
+    #[test]
+    fn regex_routes_merge_tables_and_key_them_by_their_own_topic() {
+        let routes: crate::config::KafkaSinkConfig = toml::from_str(
+            r#"
+            bootstrap_servers = "b:9092"
+            [[routes]]
+            topic_regex = 'shop\.(\w+)\.orders_(.*)'
+            topic_replacement = "shop.$1.orders_all"
+            [[routes]]
+            topic_regex = 'shop\.public\.(audit)'
+            topic_replacement = "${1}-log"
+            key_enforce_uniqueness = false
+            "#,
+        )
+        .unwrap();
+        let mut r = TopicRouter::new("shop", routes.routes).unwrap();
+        let eu = r.route(&table("public", "orders_eu"));
+        assert_eq!(&*eu.topic, "shop.public.orders_all");
+        assert_eq!(
+            eu.key_field,
+            Some(KeyField {
+                name: "__dbz__physicalTableIdentifier".into(),
+                value: "shop.public.orders_eu".into()
+            })
+        );
+        assert_eq!(
+            &*r.topic_for(&table("public", "orders_us")),
+            "shop.public.orders_all"
+        );
+        // The whole name must match: a prefix match is no match.
+        assert_eq!(
+            &*r.topic_for(&table("public", "audit_old")),
+            "shop.public.audit_old"
+        );
+        let audit = r.route(&table("public", "audit"));
+        assert_eq!((&*audit.topic, audit.key_field), ("audit-log", None));
+        assert!(r.route(&table("public", "other")).key_field.is_none());
+    }
+
+    #[test]
+    fn a_bad_route_expression_is_refused_naming_the_route() {
+        let c: crate::config::KafkaSinkConfig = toml::from_str(
+            r#"
+            bootstrap_servers = "b:9092"
+            [[routes]]
+            topic_regex = "orders("
+            topic_replacement = "x"
+            "#,
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("routes[0].topic_regex") && e.contains("orders("),
+            "{e}"
         );
     }
 

@@ -322,7 +322,7 @@ async fn authorization_failure_fails_the_batch_definitely_with_a_hint() {
     );
     let rows = table("public", "secret", true);
     let mut cfg = KafkaSinkConfig::new(env("WALCAST_TEST_KAFKA_SASL_BOOTSTRAP"));
-    cfg.routes = BTreeMap::from([("public.secret".to_string(), topic.clone())]);
+    cfg.routes.tables = BTreeMap::from([("public.secret".to_string(), topic.clone())]);
     for (k, v) in [
         ("security.protocol", "SASL_PLAINTEXT".to_string()),
         ("sasl.mechanism", env("WALCAST_TEST_KAFKA_SASL_MECHANISM")),

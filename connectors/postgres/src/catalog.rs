@@ -298,6 +298,20 @@ pub struct CatalogTable {
     pub type_names: Vec<String>,
     /// Indexes of the key columns in the order of the key's index.
     pub key_order: Vec<usize>,
+    /// The publication's row filter for the table (Postgres 15+,
+    /// `pg_publication_tables.rowfilter`, as Postgres prints it): a snapshot
+    /// reads only the rows it lets through, as the stream only carries
+    /// changes of those rows. Whoever wrote it (walcast's `row_filter`, or
+    /// the owner of a publication walcast does not manage).
+    pub row_filter: Option<String>,
+}
+
+/// What the publication says of one table (see [`Catalog::published_columns`]).
+#[derive(Debug, Default)]
+struct Published {
+    columns: Option<Vec<String>>,
+    generated: bool,
+    row_filter: Option<String>,
 }
 
 /// Resolves types and keys, caching what it learns for the process's life.
@@ -345,14 +359,15 @@ impl Catalog {
     /// publication to ask, the server is older, or the table is not (yet)
     /// in it: then every column but generated ones, as pgoutput sends.
     /// Before 18, `attnames` also lists generated columns, which pgoutput
-    /// never sends there: the flag says whether to trust it for them.
+    /// never sends there: the flag says whether to trust it for them. The
+    /// row filter (`rowfilter`) comes along, from the same row.
     async fn published_columns(
         &self,
         schema: &str,
         table: &str,
-    ) -> Result<(Option<Vec<String>>, bool), CatalogError> {
+    ) -> Result<Published, CatalogError> {
         let Some(publication) = &self.publication else {
-            return Ok((None, false));
+            return Ok(Published::default());
         };
         let version: i32 = self
             .client
@@ -361,17 +376,21 @@ impl Catalog {
             .map_err(q("server_version_num"))?
             .get(0);
         if version < 150000 {
-            return Ok((None, false));
+            return Ok(Published::default());
         }
         let row = self
             .client
             .query_opt(
-                "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                "SELECT attnames::text[], rowfilter FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
                 &[publication, &schema, &table],
             )
             .await
             .map_err(q(format!("published columns of {schema}.{table}")))?;
-        Ok((row.map(|r| r.get::<_, Vec<String>>(0)), version >= 180000))
+        Ok(Published {
+            columns: row.as_ref().map(|r| r.get::<_, Vec<String>>(0)),
+            generated: version >= 180000,
+            row_filter: row.and_then(|r| r.get::<_, Option<String>>(1)),
+        })
     }
 
     /// Whether a column of a type walcast has no conversion for is seen
@@ -479,7 +498,11 @@ impl Catalog {
             .map_err(q(format!("table {name}")))?
             .ok_or_else(|| CatalogError::Missing { table: name.clone() })?;
         let (oid, ident): (u32, String) = (rel.get(0), rel.get(1));
-        let (published, generated_published) = self.published_columns(schema, table).await?;
+        let Published {
+            columns: published,
+            generated: generated_published,
+            row_filter,
+        } = self.published_columns(schema, table).await?;
         let replica_identity = match ident.as_str() {
             "n" => ReplicaIdentity::Nothing,
             "f" => ReplicaIdentity::Full,
@@ -554,6 +577,7 @@ impl Catalog {
             schema,
             type_names,
             key_order,
+            row_filter,
         })
     }
 

@@ -430,6 +430,7 @@ impl Reader {
             key_order: described.key_order,
             type_names: described.type_names,
             resume_after: None,
+            row_filter: described.row_filter,
         };
         let shown = req
             .after

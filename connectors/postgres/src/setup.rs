@@ -2,6 +2,29 @@
 //! settings, the role's privileges, the tables, the publication and the
 //! slot. `plan` only looks (that is `walcast check`); `apply` creates what
 //! is missing. Every problem comes back as one message that says what to do.
+//!
+//! # Row filters
+//!
+//! A `row_filter` becomes the publication's `WHERE` for the table: Postgres
+//! evaluates it when decoding (an update moving a row out of the filter is
+//! published as a delete, into it as an insert), and the snapshots read the
+//! filter back from `pg_publication_tables.rowfilter` (see
+//! `Catalog::table_schema_by_name`), so initial, incremental and streamed
+//! rows agree. Filters are compared as Postgres prints them: the configured
+//! text is first put through a publication created in a transaction that is
+//! rolled back (which also has Postgres validate it: immutable built-in
+//! functions only, columns of the table, no user-defined types), so `v>1`
+//! and `(v > 1)` are the same filter.
+//!
+//! Postgres refuses every UPDATE and DELETE on a table whose publication
+//! filter references a column outside its replica identity (for the
+//! application, not just for walcast), so such a filter is refused here.
+//!
+//! Drift: walcast gives a table the configured filter when the publication
+//! it manages has another, or none. It never removes a filter the config
+//! does not mention (the publication may be someone else's, and removing a
+//! filter would publish rows someone chose to keep in the database): that
+//! filter is honoured and reported.
 
 use tokio_postgres::Client;
 
@@ -75,6 +98,9 @@ pub struct Wanted {
     /// `publish_generated_columns`: stored generated columns are published
     /// (Postgres 18+).
     pub generated_columns: bool,
+    /// `row_filter` per table: the publication's `WHERE` for it
+    /// (Postgres 15+); see the module's notes on row filters.
+    pub row_filters: Vec<(TableName, String)>,
 }
 
 /// A captured partitioned table and its partitions (leaves) when planned.
@@ -113,6 +139,14 @@ pub struct Plan {
     /// The slot exists and is not a failover slot yet, and `slot_failover`
     /// asks for one: `ALTER_REPLICATION_SLOT ... (FAILOVER true)`.
     pub enable_failover: bool,
+    /// The row filter of each filtered table once the plan is applied, as
+    /// Postgres prints it (configured, or found in a publication walcast
+    /// does not manage): what the stream and the snapshots honour.
+    pub row_filters: Vec<(TableName, String)>,
+    /// Statements that give a covered table the configured row filter
+    /// (one transaction each: drop the table from the publication and add
+    /// it back with its `WHERE`), with the table.
+    pub set_row_filters: Vec<(TableName, String)>,
     /// Things the operator should know (shown by `check`, logged at start).
     pub warnings: Vec<String>,
 }
@@ -175,6 +209,14 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             "publish_generated_columns = true needs Postgres 18 or later (earlier versions never publish generated \
              columns), and this server is {v}; remove the setting, or upgrade"
         ));
+    }
+    if let Some((table, _)) = w.row_filters.first() {
+        if major < 15 {
+            return definite(format!(
+                "table {table} has a row_filter, and publication row filters need Postgres 15 or later, and this server is {v}; \
+                 remove row_filter (walcast does not filter rows itself), or upgrade"
+            ));
+        }
     }
     let mut warnings = Vec::new();
     if w.failover {
@@ -346,6 +388,22 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         expanded.dedup();
         tables = expanded;
     }
+    let mut wanted_filters: Vec<(TableName, Trial)> = Vec::new();
+    for (table, expr) in &w.row_filters {
+        if !tables.contains(table) && !partitioned.iter().any(|p| &p.table == table) {
+            continue; // dropped since: warned about above
+        }
+        if !w.via_root && partitioned.iter().any(|p| &p.table == table) {
+            return definite(format!(
+                "table {table} is partitioned and has a row_filter, but publish_via_partition_root = false: Postgres then \
+                 publishes each partition under its own name with the partition's own filter and ignores the parent's; \
+                 set publish_via_partition_root = true, or filter the partitions"
+            ));
+        }
+        let trial = trial_filter(client, table, expr, w.via_root).await?;
+        check_identity_covers(client, table, &trial).await?;
+        wanted_filters.push((table.clone(), trial));
+    }
     let mut plan = Plan {
         tables: tables.clone(),
         partitioned: partitioned.clone(),
@@ -381,7 +439,12 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
             ))
         }
         None => {
-            let names: Vec<String> = w.tables.iter().filter(|t| !dropped.contains(t)).map(TableName::quoted).collect();
+            let names: Vec<String> = w
+                .tables
+                .iter()
+                .filter(|t| !dropped.contains(t))
+                .map(|t| with_filter(t, &wanted_filters))
+                .collect();
             let targets = publication_targets(&names, &w.schemas);
             if !w.schemas.is_empty() {
                 if let Some(m) = schemas_unsupported {
@@ -399,6 +462,10 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                 quote_ident(&w.publication),
                 targets
             ));
+            plan.row_filters = wanted_filters
+                .iter()
+                .map(|(t, trial)| (t.clone(), trial.printed.clone()))
+                .collect();
         }
         Some(row) => {
             let ops: [bool; 4] = [row.get(1), row.get(2), row.get(3), row.get(4)];
@@ -472,7 +539,7 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                 let (mut names, mut schemas): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
                 for table in &missing_tables {
                     if w.tables.contains(table) {
-                        names.push(table.quoted());
+                        names.push(with_filter(table, &wanted_filters));
                     } else if !schemas.contains(&table.schema) {
                         schemas.push(table.schema.clone());
                     }
@@ -487,16 +554,21 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                     quote_ident(&w.publication),
                     publication_targets(&names, &schemas)
                 ));
-                plan.added_tables = missing_tables;
+                plan.added_tables = missing_tables.clone();
             } else if !missing.is_empty() {
                 return definite(format!(
                     "publication {} does not cover {}; run ALTER PUBLICATION {} ADD TABLE {}",
                     w.publication,
                     missing.join(", "),
                     quote_ident(&w.publication),
-                    missing.join(", ")
+                    missing_tables
+                        .iter()
+                        .map(|t| with_filter(t, &wanted_filters))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             }
+            reconcile_filters(client, w, &tables, &missing_tables, &wanted_filters, &mut plan).await?;
         }
     }
 
@@ -578,6 +650,258 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
     Ok(plan)
 }
 
+// ---------------------------------------------------------------------------
+// Row filters (see the module notes).
+
+/// A filter as Postgres stored it.
+struct Trial {
+    /// `pg_get_expr`: how `pg_publication_tables.rowfilter` shows it.
+    printed: String,
+    /// The attribute numbers it references (from the stored node tree).
+    attnums: Vec<i16>,
+    /// As configured, for statements.
+    written: String,
+    /// Whether Postgres printed it (false: the role may not create a
+    /// publication, `printed` is the text as written).
+    normalised: bool,
+}
+
+/// Has Postgres parse, check and print `expr` as a filter of `table`, in a
+/// transaction that is rolled back (nothing is created).
+async fn trial_filter(
+    client: &Client,
+    table: &TableName,
+    expr: &str,
+    via_root: bool,
+) -> Result<Trial, SetupError> {
+    let trial = format!("walcast_row_filter_trial_{}", std::process::id());
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(q("begin row filter check"))?;
+    let result = async {
+        client
+            // Postgres takes a partitioned table's filter only when
+            // published via its root. One statement (extended protocol): a
+            // filter cannot smuggle in another statement, here or later in
+            // the statements built from it.
+            .execute(
+                &format!(
+                    "CREATE PUBLICATION {} FOR TABLE {} WHERE ({expr}) WITH (publish_via_partition_root = {via_root})",
+                    quote_ident(&trial),
+                    table.quoted()
+                ),
+                &[],
+            )
+            .await?;
+        client
+            .query_one(
+                "SELECT pg_get_expr(pr.prqual, pr.prrelid), pr.prqual::text
+                 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid WHERE p.pubname = $1",
+                &[&trial],
+            )
+            .await
+    }
+    .await;
+    client
+        .batch_execute("ROLLBACK")
+        .await
+        .map_err(q("roll back row filter check"))?;
+    match result {
+        Ok(row) => Ok(Trial {
+            printed: row.get(0),
+            attnums: node_tree_attnums(&row.get::<_, String>(1)),
+            written: expr.to_string(),
+            normalised: true,
+        }),
+        Err(e) => match e.as_db_error() {
+            // Without the privileges to create a publication, the filter is
+            // taken as written (compared as text).
+            Some(db) if db.code().code() == "42501" => Ok(Trial {
+                printed: expr.to_string(),
+                attnums: Vec::new(),
+                written: expr.to_string(),
+                normalised: false,
+            }),
+            Some(db) => Err(SetupError::Definite(format!(
+                "row_filter of table {table} (`{expr}`) is not a valid publication row filter: {}{}; a filter may use \
+                 the table's columns, constants, and immutable built-in operators and functions",
+                db.message(),
+                db.detail().map(|d| format!(" ({d})")).unwrap_or_default()
+            ))),
+            None => Err(SetupError::Query {
+                what: format!("row filter of {table}"),
+                source: e,
+            }),
+        },
+    }
+}
+
+/// The attribute numbers of the table's columns in a stored expression
+/// (`{VAR :varno 1 :varattno N ...}` in `pg_node_tree` text).
+fn node_tree_attnums(tree: &str) -> Vec<i16> {
+    let mut out: Vec<i16> = tree
+        .split("{VAR ")
+        .skip(1)
+        .filter_map(|var| {
+            let rest = &var[var.find(":varattno ")? + ":varattno ".len()..];
+            let end = rest.find(|c: char| c != '-' && !c.is_ascii_digit())?;
+            rest[..end].parse().ok()
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Refuses a filter that references columns outside the replica identity
+/// (Postgres would refuse the application's UPDATEs and DELETEs).
+async fn check_identity_covers(
+    client: &Client,
+    table: &TableName,
+    trial: &Trial,
+) -> Result<(), SetupError> {
+    if trial.attnums.is_empty() {
+        return Ok(());
+    }
+    let row = client
+        .query_one(
+            "SELECT c.relreplident::text,
+                    ARRAY(SELECT a.attname::text FROM pg_attribute a
+                          WHERE a.attrelid = c.oid AND a.attnum = ANY($3::int2[])
+                            AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
+                                              AND CASE c.relreplident WHEN 'd' THEN i.indisprimary ELSE i.indisreplident END
+                                              AND a.attnum = ANY(i.indkey))
+                          ORDER BY a.attnum),
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
+                              AND CASE c.relreplident WHEN 'd' THEN i.indisprimary ELSE i.indisreplident END)
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name, &trial.attnums],
+        )
+        .await
+        .map_err(q(format!("replica identity of {table}")))?;
+    let (ident, outside, has_identity): (String, Vec<String>, bool) =
+        (row.get(0), row.get(1), row.get(2));
+    // FULL covers every column; a table without any identity (key-less,
+    // captured insert-only) has its UPDATEs and DELETEs refused already.
+    if ident == "f" || !has_identity || outside.is_empty() {
+        return Ok(());
+    }
+    Err(SetupError::Definite(format!(
+        "row_filter of table {table} (`{}`) uses column(s) {} outside its replica identity ({}): Postgres would then refuse \
+         every UPDATE and DELETE on {table} (\"Column used in the publication WHERE expression is not part of the replica \
+         identity\"). Filter on the key columns only, or run ALTER TABLE {} REPLICA IDENTITY FULL",
+        trial.written,
+        outside.join(", "),
+        if ident == "d" { "the primary key" } else { "its replica identity index" },
+        table.quoted()
+    )))
+}
+
+/// A table of a CREATE/ALTER PUBLICATION object list, with its `WHERE`.
+fn with_filter(table: &TableName, filters: &[(TableName, Trial)]) -> String {
+    match filters.iter().find(|(t, _)| t == table) {
+        Some((_, trial)) => format!("{} WHERE ({})", table.quoted(), trial.written),
+        None => table.quoted(),
+    }
+}
+
+/// Compares each covered table's filter in the existing publication with
+/// the configured one (see the notes on row filters above).
+async fn reconcile_filters(
+    client: &Client,
+    w: &Wanted,
+    tables: &[TableName],
+    added: &[TableName],
+    wanted: &[(TableName, Trial)],
+    plan: &mut Plan,
+) -> Result<(), SetupError> {
+    let mut candidates: Vec<&TableName> = tables.iter().collect();
+    for p in &plan.partitioned {
+        if !candidates.contains(&&p.table) {
+            candidates.push(&p.table);
+        }
+    }
+    for table in candidates {
+        let want = wanted
+            .iter()
+            .find(|(t, _)| t == table)
+            .map(|(_, trial)| trial);
+        if added.contains(table) {
+            if let Some(trial) = want {
+                plan.row_filters
+                    .push((table.clone(), trial.printed.clone()));
+            }
+            continue;
+        }
+        let found: Option<String> = client
+            .query_opt(
+                "SELECT rowfilter FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&w.publication, &table.schema, &table.name],
+            )
+            .await
+            .map_err(q(format!("row filter of {table}")))?
+            .and_then(|r| r.get(0));
+        match (want, found) {
+            (None, None) => {}
+            (None, Some(found)) => {
+                plan.warnings.push(format!(
+                    "publication {} filters table {table} with WHERE {found}, which the config does not set: honoured (the \
+                     stream and snapshots carry only those rows); set row_filter to manage it, or remove it with \
+                     ALTER PUBLICATION {} SET TABLE ... (walcast never widens a filter by itself)",
+                    w.publication,
+                    quote_ident(&w.publication)
+                ));
+                plan.row_filters.push((table.clone(), found));
+            }
+            (Some(trial), found) if found.as_deref() == Some(trial.printed.as_str()) => {
+                plan.row_filters
+                    .push((table.clone(), trial.printed.clone()));
+            }
+            (Some(trial), Some(found)) if !trial.normalised => {
+                plan.warnings.push(format!(
+                    "table {table}: the publication filters it with WHERE {found}; row_filter is `{}`, which walcast \
+                     cannot compare (the role may not create publications, which is how Postgres is asked to print a \
+                     filter): the publication's filter is honoured",
+                    trial.written
+                ));
+                plan.row_filters.push((table.clone(), found));
+            }
+            (Some(trial), found) => {
+                // One query string, so one transaction: the table is never
+                // out of the publication for the stream.
+                let sql = format!(
+                    "ALTER PUBLICATION {p} DROP TABLE {t}; ALTER PUBLICATION {p} ADD TABLE {t} WHERE ({})",
+                    trial.written,
+                    p = quote_ident(&w.publication),
+                    t = table.quoted()
+                );
+                let was = found
+                    .as_deref()
+                    .map(|f| format!("WHERE {f}"))
+                    .unwrap_or_else(|| "no filter".into());
+                if !w.create_publication {
+                    return Err(SetupError::Definite(format!(
+                        "publication {} publishes table {table} with {was}, but its row_filter is `{}`; run \
+                         BEGIN; {sql}; COMMIT; (or change row_filter)",
+                        w.publication, trial.written
+                    )));
+                }
+                plan.warnings.push(format!(
+                    "table {table}: the publication has {was} and row_filter asks for WHERE {}; walcast changes it. Rows \
+                     the new filter lets through that were not published before are not read by that: run `walcast \
+                     snapshot {table}`; rows it now excludes stay in the sinks (no delete is published for them)",
+                    trial.printed
+                ));
+                plan.set_row_filters.push((table.clone(), sql));
+                plan.row_filters
+                    .push((table.clone(), trial.printed.clone()));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The object list of CREATE/ALTER PUBLICATION: `TABLE a, b, TABLES IN
 /// SCHEMA s`. One TABLE keyword for all the tables: Postgres 14 rejects
 /// `TABLE a, TABLE b` (15 accepts both).
@@ -614,6 +938,16 @@ pub async fn apply_publication(client: &Client, plan: &Plan) -> Result<(), Setup
             sql,
             "change the publication",
             "the role must own the publication (or be superuser), or run it yourself",
+        )
+        .await?;
+    }
+    for (table, sql) in &plan.set_row_filters {
+        tracing::warn!(%table, %sql, "the publication filters the table's rows other than its row_filter says; changing it");
+        run_publication_sql(
+            client,
+            sql,
+            &format!("change the row filter of {table}"),
+            "the role must own the publication and the table (or be superuser), or run it yourself",
         )
         .await?;
     }
@@ -757,5 +1091,40 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, SetupError> 
                 .map_err(q("drop slot"))?;
             Ok(true)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_columns_are_read_from_the_stored_node_tree() {
+        // What Postgres 15 stores for `v > 3 AND s = 'x'` on (id, v, s).
+        let tree = "{BOOLEXPR :boolop and :args ({OPEXPR :opno 521 :args ({VAR :varno 1 :varattno 2 :vartype 23} \
+                    {CONST :consttype 23}) :location 72} {OPEXPR :opno 98 :args ({VAR :varno 1 :varattno 3 :vartype 25} \
+                    {CONST :consttype 25}) :location 82} {OPEXPR :args ({VAR :varno 1 :varattno 2 :vartype 23})}) :location 76}";
+        assert_eq!(node_tree_attnums(tree), vec![2, 3]);
+        assert_eq!(
+            node_tree_attnums("{CONST :consttype 16}"),
+            Vec::<i16>::new()
+        );
+    }
+
+    #[test]
+    fn filtered_tables_carry_their_where_in_publication_statements() {
+        let t = TableName::new("public".to_string(), "o".to_string());
+        let filters = vec![(
+            t.clone(),
+            Trial {
+                printed: "(v > 1)".into(),
+                attnums: vec![2],
+                written: "v > 1".into(),
+                normalised: true,
+            },
+        )];
+        assert_eq!(with_filter(&t, &filters), r#""public"."o" WHERE (v > 1)"#);
+        let other = TableName::new("public".to_string(), "p".to_string());
+        assert_eq!(with_filter(&other, &filters), r#""public"."p""#);
     }
 }

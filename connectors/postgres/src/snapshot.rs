@@ -297,6 +297,10 @@ pub(super) struct TableJob {
     pub(super) key_order: Vec<usize>,
     pub(super) type_names: Vec<String>,
     pub(super) resume_after: Option<Vec<String>>,
+    /// The publication's row filter ([`crate::catalog::CatalogTable::row_filter`]): only
+    /// rows it lets through are read, so a sink never receives a row the
+    /// stream would have filtered out.
+    pub(super) row_filter: Option<String>,
 }
 
 impl TableJob {
@@ -314,10 +318,15 @@ impl TableJob {
             .map(|c| quote_ident(&c.name))
             .collect();
         let from = self.table.table_name().quoted();
+        // Parenthesised: the filter is an expression of its own, combined
+        // with the chunk's key range by AND whatever operators it uses.
+        let mut conditions: Vec<String> =
+            self.row_filter.iter().map(|f| format!("({f})")).collect();
         if self.key_order.is_empty() {
             return format!(
-                "COPY (SELECT {} FROM {from} ORDER BY ctid) TO STDOUT",
-                cols.join(", ")
+                "COPY (SELECT {} FROM {from}{} ORDER BY ctid) TO STDOUT",
+                cols.join(", "),
+                where_clause(&conditions)
             );
         }
         let keys: Vec<String> = self
@@ -325,23 +334,29 @@ impl TableJob {
             .iter()
             .map(|i| quote_ident(&self.table.columns[*i].name))
             .collect();
-        let filter = match after {
-            Some(k) => {
-                let lits: Vec<String> = self
-                    .key_order
-                    .iter()
-                    .zip(k)
-                    .map(|(i, v)| format!("{}::{}", quote_literal(v), self.type_names[*i]))
-                    .collect();
-                format!(" WHERE ({}) > ({})", keys.join(", "), lits.join(", "))
-            }
-            None => String::new(),
-        };
+        if let Some(k) = after {
+            let lits: Vec<String> = self
+                .key_order
+                .iter()
+                .zip(k)
+                .map(|(i, v)| format!("{}::{}", quote_literal(v), self.type_names[*i]))
+                .collect();
+            conditions.push(format!("({}) > ({})", keys.join(", "), lits.join(", ")));
+        }
         format!(
-            "COPY (SELECT {} FROM {from}{filter} ORDER BY {} LIMIT {limit}) TO STDOUT",
+            "COPY (SELECT {} FROM {from}{} ORDER BY {} LIMIT {limit}) TO STDOUT",
             cols.join(", "),
+            where_clause(&conditions),
             keys.join(", ")
         )
+    }
+}
+
+fn where_clause(conditions: &[String]) -> String {
+    if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
     }
 }
 
@@ -757,6 +772,7 @@ pub async fn run(
             type_names: described.type_names,
             // Key-less tables have no position to resume from.
             resume_after: progress.last_key.clone(),
+            row_filter: described.row_filter,
         });
     }
     let mut progress = Progress {
@@ -1050,6 +1066,7 @@ mod tests {
             key_order: vec![2, 1],
             type_names: vec!["integer".into(), "integer".into(), "text".into()],
             resume_after: None,
+            row_filter: None,
         };
         assert_eq!(
             job.sql(None, 10),
@@ -1058,6 +1075,27 @@ mod tests {
         assert_eq!(
             job.sql(Some(&["x'y".into(), "3".into()]), 10),
             r#"COPY (SELECT "v", "a", "b" FROM "public"."o'k" WHERE ("b", "a") > ('x''y'::text, '3'::integer) ORDER BY "b", "a" LIMIT 10) TO STDOUT"#
+        );
+        // A row filter bounds every chunk, OR and all.
+        let job = TableJob {
+            row_filter: Some("(v > 1) OR (v IS NULL)".into()),
+            ..job
+        };
+        assert_eq!(
+            job.sql(None, 10),
+            r#"COPY (SELECT "v", "a", "b" FROM "public"."o'k" WHERE ((v > 1) OR (v IS NULL)) ORDER BY "b", "a" LIMIT 10) TO STDOUT"#
+        );
+        assert_eq!(
+            job.sql(Some(&["x".into(), "3".into()]), 10),
+            r#"COPY (SELECT "v", "a", "b" FROM "public"."o'k" WHERE ((v > 1) OR (v IS NULL)) AND ("b", "a") > ('x'::text, '3'::integer) ORDER BY "b", "a" LIMIT 10) TO STDOUT"#
+        );
+        let keyless = TableJob {
+            key_order: Vec::new(),
+            ..job
+        };
+        assert_eq!(
+            keyless.sql(None, 10),
+            r#"COPY (SELECT "v", "a", "b" FROM "public"."o'k" WHERE ((v > 1) OR (v IS NULL)) ORDER BY ctid) TO STDOUT"#
         );
     }
 }

@@ -50,11 +50,41 @@ impl EncodeError {
     }
 }
 
+/// A field added to a record's key: Debezium's topic router
+/// (`ByLogicalTableRouter`) adds the source table's own topic name, so keys
+/// stay unique when several tables share a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyField {
+    /// `__dbz__physicalTableIdentifier` by default.
+    pub name: std::sync::Arc<str>,
+    pub value: std::sync::Arc<str>,
+}
+
 /// Encodes an event's key and value. Called on the hot path: implementations
 /// cache whatever they look up (schemas, registry ids).
 #[async_trait]
 pub trait EventEncoder: Send + Sync {
     async fn encode(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError>;
+
+    /// As [`Self::encode`] (or [`Self::encode_tombstone`]), with `field`
+    /// added to the key (a key-less event stays key-less). Encoders that
+    /// cannot add one refuse.
+    async fn encode_with_key_field(
+        &self,
+        event: &ChangeEvent,
+        field: Option<&KeyField>,
+        tombstone: bool,
+    ) -> Result<EncodedRecord, EncodeError> {
+        match (field, tombstone) {
+            (None, false) => self.encode(event).await,
+            (None, true) => self.encode_tombstone(event).await,
+            (Some(f), _) => Err(EncodeError::Invalid {
+                table: event.table.qualified_name(),
+                column: f.name.to_string(),
+                message: format!("the {} encoder cannot add a field to keys", self.format()),
+            }),
+        }
+    }
 
     /// Encodes the tombstone that follows a delete: the same key, no value.
     async fn encode_tombstone(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
@@ -83,6 +113,17 @@ impl EventEncoder for JsonEncoder {
             key,
             value: Some(value),
         })
+    }
+
+    async fn encode_with_key_field(
+        &self,
+        event: &ChangeEvent,
+        field: Option<&KeyField>,
+        tombstone: bool,
+    ) -> Result<EncodedRecord, EncodeError> {
+        let key = json::key_bytes_with(event, &self.options, field);
+        let value = (!tombstone).then(|| json::envelope_bytes(event, &self.options));
+        Ok(EncodedRecord { key, value })
     }
 
     fn format(&self) -> &'static str {

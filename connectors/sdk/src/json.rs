@@ -178,8 +178,25 @@ pub fn envelope_bytes(event: &ChangeEvent, opts: &JsonOptions) -> Vec<u8> {
 
 /// [`key`] written straight to bytes; `None` for a key-less table.
 pub fn key_bytes(event: &ChangeEvent, opts: &JsonOptions) -> Option<Vec<u8>> {
+    key_bytes_with(event, opts, None)
+}
+
+/// As [`key_bytes`], with a field added after the key columns (the topic
+/// router's table identifier).
+pub fn key_bytes_with(
+    event: &ChangeEvent,
+    opts: &JsonOptions,
+    extra: Option<&crate::encode::KeyField>,
+) -> Option<Vec<u8>> {
     let cols = event.key_values()?;
-    Some(serde_json::to_vec(&KeySer { cols: &cols, opts }).expect("keys always serialise"))
+    Some(
+        serde_json::to_vec(&KeySer {
+            cols: &cols,
+            opts,
+            extra,
+        })
+        .expect("keys always serialise"),
+    )
 }
 
 struct EnvelopeSer<'a> {
@@ -265,13 +282,17 @@ impl Serialize for RowSer<'_> {
 struct KeySer<'a> {
     cols: &'a [(&'a str, &'a Value)],
     opts: &'a JsonOptions,
+    extra: Option<&'a crate::encode::KeyField>,
 }
 
 impl Serialize for KeySer<'_> {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        let mut m = ser.serialize_map(Some(self.cols.len()))?;
+        let mut m = ser.serialize_map(Some(self.cols.len() + usize::from(self.extra.is_some())))?;
         for (name, v) in self.cols {
             m.serialize_entry(name, &ValueSer(v, self.opts))?;
+        }
+        if let Some(f) = self.extra {
+            m.serialize_entry(&*f.name, &*f.value)?;
         }
         m.end()
     }

@@ -31,7 +31,7 @@ pub mod toast;
 pub mod value;
 
 pub use ack::{AckTracker, Acker, Delivery};
-pub use encode::{EncodeError, EncodedRecord, EventEncoder, JsonEncoder};
+pub use encode::{EncodeError, EncodedRecord, EventEncoder, JsonEncoder, KeyField};
 pub use event::{ChangeEvent, Op, SnapshotMarker, SourceInfo, TransactionInfo};
 pub use position::Lsn;
 pub use sink::{send_to_every_sink, Batch, Sink, SinkError};

@@ -48,7 +48,7 @@ pub fn stack_command() -> std::process::Command {
 /// base every sink test changes.
 pub fn sink_config(routes: &[(&str, &str)]) -> KafkaSinkConfig {
     let mut c = KafkaSinkConfig::new(bootstrap());
-    c.routes = routes
+    c.routes.tables = routes
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect();
