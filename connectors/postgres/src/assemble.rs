@@ -398,14 +398,14 @@ pub fn key_problem(table: &TableSchema) -> Option<String> {
 /// The assembler fed with the frames Postgres 15 sent for
 /// `tests/fixtures/pgoutput/capture.sh` (see `pgoutput::tests`): no server.
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::pgoutput::{Message, Relation, ReplicaIdentitySetting};
     use walcast_sdk::{Column, Numeric};
 
     /// The table as the catalog would describe it: both fixture tables
     /// have the primary key `id`, and only built-in types.
-    fn schema(rel: &Relation) -> Arc<TableSchema> {
+    pub(crate) fn schema(rel: &Relation) -> Arc<TableSchema> {
         Arc::new(TableSchema {
             relation_id: rel.id,
             schema: rel.namespace.clone(),
@@ -432,7 +432,7 @@ mod tests {
         })
     }
 
-    fn options(tables: Option<&[&str]>) -> AssembleOptions {
+    pub(crate) fn options(tables: Option<&[&str]>) -> AssembleOptions {
         AssembleOptions {
             name: "shop".into(),
             database: "app".into(),

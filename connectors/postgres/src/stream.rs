@@ -1536,3 +1536,144 @@ async fn unlisted_relation(
     }
     Unlisted::Skip
 }
+
+/// The capture loop's pure part, fed with the frames Postgres 15 sent for
+/// `tests/fixtures/pgoutput/capture.sh` (no server): what it hands to the
+/// sinks and what it may confirm. The outbox releases whole committed
+/// transactions only, with their commit's end as the position; the
+/// checkpoint reaches a commit's end only once every batch up to it is
+/// acknowledged, whatever order the acknowledgements come in.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assemble::tests::{options, schema};
+
+    /// Feeds the frames through the assembler into the outbox as
+    /// `CaptureLoop` does, taking what is ready after every `take_every`
+    /// messages (a linger that ends at various points). Message `i` is at
+    /// LSN `1000 + i`.
+    fn batches(take_every: usize) -> (Vec<(Vec<ChangeEvent>, Lsn)>, usize, Vec<Lsn>) {
+        let mut asm = Assembler::new(options(None));
+        let mut outbox = Outbox {
+            events: Vec::new(),
+            ready: 0,
+            ready_pos: None,
+            deadline: None,
+        };
+        let (mut out, mut total, mut commits) = (Vec::new(), 0, Vec::new());
+        for (i, m) in crate::pgoutput::tests::frames().into_iter().enumerate() {
+            let lsn = Lsn(1000 + i as u64);
+            let events = match m {
+                Message::Begin(b) => {
+                    asm.begin(&b);
+                    vec![]
+                }
+                Message::Commit(c) => {
+                    let end = asm.commit(&c);
+                    asm.take_finished();
+                    outbox.commit(end);
+                    commits.push(end);
+                    vec![]
+                }
+                Message::Relation(r) => {
+                    asm.set_relation(schema(&r));
+                    vec![]
+                }
+                Message::Insert(x) => asm
+                    .insert(x.relation_id, &x.new, lsn)
+                    .unwrap()
+                    .into_iter()
+                    .collect(),
+                Message::Update(u) => asm
+                    .update(u.relation_id, u.old.as_ref(), &u.new, lsn)
+                    .unwrap(),
+                Message::Delete(d) => asm
+                    .delete(d.relation_id, &d.old, lsn)
+                    .unwrap()
+                    .into_iter()
+                    .collect(),
+                Message::Truncate(t) => asm.truncate(&t.relation_ids, lsn).unwrap(),
+                _ => vec![],
+            };
+            total += events.len();
+            outbox.events.extend(events);
+            if i % take_every == 0 {
+                if let Some(b) = outbox.take_ready() {
+                    out.push(b);
+                }
+            }
+        }
+        if let Some(b) = outbox.take_ready() {
+            out.push(b);
+        }
+        assert_eq!(
+            outbox.open_len(),
+            0,
+            "the session ends between transactions"
+        );
+        (out, total, commits)
+    }
+
+    #[test]
+    fn the_outbox_releases_whole_committed_transactions_at_their_end() {
+        for take_every in [1, 2, 3, 5, 40] {
+            let (out, total, commits) = batches(take_every);
+            assert_eq!(
+                out.iter().map(|(e, _)| e.len()).sum::<usize>(),
+                total,
+                "nothing held back or lost"
+            );
+            for (events, pos) in &out {
+                assert!(commits.contains(pos), "a batch ends at a commit: {pos}");
+                // Every event of the batch committed before its position.
+                assert!(events.iter().all(|e| e.source.commit_lsn <= *pos));
+            }
+            let positions: Vec<Lsn> = out.iter().map(|(_, p)| *p).collect();
+            assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+            // No transaction is split across batches.
+            let mut seen = HashSet::new();
+            let mut last = None;
+            for (events, _) in &out {
+                for e in events {
+                    let c = e.source.commit_lsn;
+                    if last != Some(c) {
+                        assert!(seen.insert(c), "transaction {c} split across batches");
+                        last = Some(c);
+                    }
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_reaches_a_commit_only_when_everything_before_it_is_acknowledged() {
+        let (out, _, commits) = batches(2);
+        let mut cp = LsnCheckpoint::new(Lsn(1));
+        let ackers: Vec<(Acker, Lsn)> = out
+            .iter()
+            .map(|(e, pos)| (cp.register(Some(*pos), e.len()), *pos))
+            .collect();
+        // Acknowledge from the last batch to the first: nothing may be
+        // confirmed until the first batch is.
+        let n = ackers.len();
+        let mut ackers = ackers;
+        let first = ackers.remove(0);
+        for (a, _) in ackers.drain(..).rev() {
+            a.ack();
+            cp.poll().unwrap();
+            assert_eq!(
+                cp.confirmed(),
+                Lsn(1),
+                "a later batch's ack confirms nothing"
+            );
+        }
+        first.0.ack();
+        cp.poll().unwrap();
+        assert_eq!(
+            cp.confirmed(),
+            *commits.last().unwrap(),
+            "all {n} batches acknowledged"
+        );
+        assert_eq!(cp.in_flight_batches(), 0);
+    }
+}
