@@ -127,3 +127,68 @@ async fn a_multi_million_row_transaction_is_delivered_whole_in_bounded_memory() 
     assert_eq!(status["pipelines"][0]["in_flight_events"], 0, "{status}");
     w.kill9();
 }
+
+/// Wide rows are bounded by bytes, not by their count: one transaction of
+/// 300 rows of 300 kB TOASTed text (90 MB of values) through a pipeline
+/// with `max_in_flight_bytes = "4MiB"`. Every row arrives whole, the slot
+/// confirms the transaction, and walcast's peak RSS stays far below the
+/// transaction's size (an event-count window of 200 000 would hold it all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_of_wide_toasted_rows_is_bounded_by_bytes() {
+    const ROWS: i64 = 300;
+    const WIDTH: usize = 300_000;
+    const MAX_PEAK_RSS_MIB: u64 = 100;
+    let db = TestDb::new("wc_widetx").await;
+    // Random text does not compress: the TOASTed values stay 300 kB.
+    db.exec(
+        "CREATE TABLE wide (id bigint PRIMARY KEY, v text);
+         ALTER TABLE wide ALTER COLUMN v SET STORAGE EXTERNAL",
+    )
+    .await;
+    let pipeline = unique("widetx");
+    let prefix = unique("wt");
+    let topic = format!("{prefix}.public.wide");
+    let mut w = Walcast::start_with(|_, admin| {
+        KafkaCapture::new(&pipeline, &db.name, &prefix, &["public.wide"])
+            .create_topics()
+            .pipeline("max_in_flight_bytes = \"4MiB\"")
+            .toml(admin)
+    });
+    w.wait_state("streaming", Duration::from_secs(120)).await;
+    let pid = w.child.as_ref().unwrap().id();
+    db.exec(&format!(
+        "INSERT INTO wide SELECT g, (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, {}) i)
+         FROM generate_series(1, {ROWS}) g",
+        WIDTH / 32
+    ))
+    .await;
+    let end = db.current_wal().await;
+    let slot = format!("walcast_{pipeline}");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while db.confirmed_flush(&slot).await.unwrap_or(0) < end {
+        assert!(
+            w.exited().is_none(),
+            "walcast exited:\n{}",
+            tail(&w.log(), 3000)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the transaction was never confirmed; status {:?}",
+            w.status().await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let hwm = proc_status_kib(pid, "VmHWM:").unwrap();
+    let records = records_in(&topic);
+    eprintln!(
+        "{ROWS} rows of {WIDTH} bytes in one transaction, max_in_flight_bytes 4 MiB: peak RSS (VmHWM) {} MiB; {records} records",
+        hwm / 1024
+    );
+    assert_eq!(records, ROWS, "every row once");
+    assert!(
+        hwm / 1024 < MAX_PEAK_RSS_MIB,
+        "peak RSS {} MiB is over {MAX_PEAK_RSS_MIB} MiB",
+        hwm / 1024
+    );
+    w.kill9();
+}

@@ -205,6 +205,12 @@ fn validate(path: &Path, cfg: &Config) -> Result<(), ConfigError> {
                         "a capture pipeline needs at least one sink",
                     ));
                 }
+                if c.max_in_flight_bytes < 64 * 1024 {
+                    return Err(rule(
+                        key("max_in_flight_bytes"),
+                        "must be at least 64KiB, e.g. \"32MiB\"",
+                    ));
+                }
                 if c.batch_max_events == 0 || c.max_in_flight_events < c.batch_max_events {
                     return Err(rule(
                         key("max_in_flight_events"),

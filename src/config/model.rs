@@ -12,6 +12,10 @@ pub use walcast_postgres::config::PostgresSourceConfig;
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9187";
 pub const DEFAULT_MAX_IN_FLIGHT_EVENTS: usize = 200_000;
+/// 32 MiB of events (as `ChangeEvent::approx_bytes` counts them) between
+/// Postgres and the sinks: about 65,000 rows of 8 narrow columns, or 100
+/// rows of 300 kB TOASTed text.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
 pub const DEFAULT_BATCH_MAX_EVENTS: usize = 4_096;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_STATE_DIR: &str = "./walcast-state";
@@ -212,6 +216,15 @@ pub struct CaptureConfig {
     /// (back-pressure). Bounds memory whatever the transaction size.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight_events: usize,
+    /// The same bound in bytes (`"32MiB"`, or a number of bytes): reading
+    /// stops at whichever is reached first, and a large transaction is cut
+    /// into batches at an eighth of it, so wide rows (TOASTed values of
+    /// hundreds of kB) bound memory as well as many narrow ones.
+    #[serde(
+        default = "default_max_in_flight_bytes",
+        deserialize_with = "de_byte_size"
+    )]
+    pub max_in_flight_bytes: usize,
     /// Largest batch handed to sinks; big transactions are cut into
     /// batches of this size.
     #[serde(default = "default_batch_max")]
@@ -290,6 +303,50 @@ fn default_state_dir() -> PathBuf {
 fn default_max_in_flight() -> usize {
     DEFAULT_MAX_IN_FLIGHT_EVENTS
 }
+fn default_max_in_flight_bytes() -> usize {
+    DEFAULT_MAX_IN_FLIGHT_BYTES
+}
+
+/// A size: a number of bytes, or a string with a unit (`"32MiB"`,
+/// `"512 KiB"`, `"1GiB"`, `"64MB"`, `"100kB"`, `"4096B"`).
+pub fn parse_byte_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = (t[..split].trim(), t[split..].trim());
+    let n: f64 = num.parse().map_err(|_| {
+        format!("`{text}` is not a size: write a number of bytes or e.g. \"32MiB\"")
+    })?;
+    let mult: f64 = match unit {
+        "" | "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "`{text}`: unknown unit `{other}` (B, kB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    Ok((n * mult) as usize)
+}
+
+fn de_byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(n as usize),
+        Size::Text(t) => parse_byte_size(&t).map_err(serde::de::Error::custom),
+    }
+}
 fn default_batch_max() -> usize {
     DEFAULT_BATCH_MAX_EVENTS
 }
@@ -319,5 +376,22 @@ impl SinkConfig {
             SinkConfig::Redis(_) => "redis",
             SinkConfig::Elasticsearch(_) => "elasticsearch",
         }
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_byte_size;
+
+    #[test]
+    fn sizes_read_with_and_without_units() {
+        assert_eq!(parse_byte_size("4096").unwrap(), 4096);
+        assert_eq!(parse_byte_size("32MiB").unwrap(), 32 << 20);
+        assert_eq!(parse_byte_size("512 KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_byte_size("64MB").unwrap(), 64_000_000);
+        assert!(parse_byte_size("32 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_byte_size("lots").is_err());
     }
 }

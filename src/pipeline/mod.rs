@@ -106,6 +106,7 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
         },
         status_interval: src.status_interval,
         max_in_flight_events: c.max_in_flight_events,
+        max_in_flight_bytes: c.max_in_flight_bytes,
         batch_max_events: c.batch_max_events,
         shutdown_timeout: c.shutdown_timeout,
         retry_max_backoff: src.retry_max_backoff,

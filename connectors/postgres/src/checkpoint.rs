@@ -50,8 +50,23 @@ impl LsnCheckpoint {
         self.tracker.register(commit_end, events)
     }
 
+    /// As [`Self::register`], counting the batch's bytes (see
+    /// [`walcast_sdk::ChangeEvent::approx_bytes`]) until it resolves.
+    pub fn register_sized(
+        &mut self,
+        commit_end: Option<Lsn>,
+        events: usize,
+        bytes: usize,
+    ) -> Acker {
+        self.tracker.register_sized(commit_end, events, bytes)
+    }
+
     pub fn in_flight_events(&self) -> usize {
         self.tracker.in_flight_events()
+    }
+
+    pub fn in_flight_bytes(&self) -> usize {
+        self.tracker.in_flight_bytes()
     }
 
     /// Every batch with a lower [`Acker::sequence`] was delivered.

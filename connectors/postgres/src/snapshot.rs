@@ -29,7 +29,8 @@
 //! Each table is read in chunks by key (keyset pagination over the primary
 //! key's index, `COPY ... TO STDOUT` in text format); tables without a key
 //! are read in one pass and restart from the beginning after a crash.
-//! Memory stays bounded by `max_in_flight_events`: workers stop when the
+//! Memory stays bounded by `max_in_flight_events` and `max_in_flight_bytes`:
+//! workers stop when the
 //! sinks fall behind.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -599,6 +600,7 @@ pub struct SnapshotJob<'a> {
     /// The version snapshot events carry (the slot's consistent point).
     pub position: Lsn,
     pub max_in_flight_events: usize,
+    pub max_in_flight_bytes: usize,
     pub batch_max_events: usize,
     pub shutdown_timeout: Duration,
 }
@@ -849,7 +851,8 @@ pub async fn run(
                 next_seq
             });
             let n = piece.events.len();
-            let acker = tracker.register(position, n);
+            let bytes: usize = piece.events.iter().map(ChangeEvent::approx_bytes).sum();
+            let acker = tracker.register_sized(position, n, bytes);
             if n == 0 {
                 acker.ack();
             } else {
@@ -871,7 +874,8 @@ pub async fn run(
         if workers_done && tracker.in_flight_batches() == 0 {
             break Outcome::Complete;
         }
-        let room = tracker.in_flight_events() < job.max_in_flight_events
+        let room = (tracker.in_flight_events() < job.max_in_flight_events
+            && tracker.in_flight_bytes() < job.max_in_flight_bytes)
             || tracker.in_flight_events() == 0;
         tokio::select! {
             biased;

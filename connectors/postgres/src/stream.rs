@@ -160,6 +160,10 @@ pub struct CaptureSettings {
     pub assemble: AssembleOptions,
     pub status_interval: Duration,
     pub max_in_flight_events: usize,
+    /// Bytes of events between Postgres and the sinks before reading stops
+    /// (see [`ChangeEvent::approx_bytes`]); large transactions are sliced
+    /// at an eighth of it, so TOASTed rows of hundreds of kB stay bounded.
+    pub max_in_flight_bytes: usize,
     pub batch_max_events: usize,
     pub shutdown_timeout: Duration,
     pub retry_max_backoff: Duration,
@@ -348,12 +352,31 @@ struct Outbox {
     /// The end of the last committed transaction among them.
     ready_pos: Option<Lsn>,
     deadline: Option<tokio::time::Instant>,
+    /// The events' [`ChangeEvent::approx_bytes`], for the limit by bytes.
+    bytes: usize,
+}
+
+/// The bytes of `events` as the in-flight limit counts them.
+fn batch_bytes(events: &[ChangeEvent]) -> usize {
+    events.iter().map(ChangeEvent::approx_bytes).sum()
 }
 
 /// How long committed transactions may wait to be grouped into one batch.
 const LINGER: Duration = Duration::from_millis(2);
 
 impl Outbox {
+    fn push(&mut self, e: ChangeEvent) {
+        self.bytes += e.approx_bytes();
+        self.events.push(e);
+    }
+
+    /// Every event, committed or not (a slice of a large transaction).
+    fn take_all(&mut self) -> Vec<ChangeEvent> {
+        self.ready = 0;
+        self.bytes = 0;
+        std::mem::take(&mut self.events)
+    }
+
     fn commit(&mut self, end: Lsn) {
         self.ready = self.events.len();
         self.ready_pos = Some(end);
@@ -364,6 +387,7 @@ impl Outbox {
     fn take_ready(&mut self) -> Option<(Vec<ChangeEvent>, Lsn)> {
         let pos = self.ready_pos.take()?;
         let events: Vec<ChangeEvent> = self.events.drain(..self.ready).collect();
+        self.bytes = self.bytes.saturating_sub(batch_bytes(&events));
         self.ready = 0;
         self.deadline = None;
         Some((events, pos))
@@ -525,6 +549,7 @@ async fn prepare(
             exported: start.exported,
             position: st.consistent_point().unwrap_or(start.position),
             max_in_flight_events: s.max_in_flight_events,
+            max_in_flight_bytes: s.max_in_flight_bytes,
             batch_max_events: s.batch_max_events,
             shutdown_timeout: s.shutdown_timeout,
         };
@@ -809,6 +834,7 @@ impl<'a> CaptureLoop<'a> {
                 ready: 0,
                 ready_pos: None,
                 deadline: None,
+                bytes: 0,
             },
             commits: VecDeque::new(),
             wal_end: start,
@@ -844,6 +870,7 @@ impl<'a> CaptureLoop<'a> {
             let can_read = !self.paused
                 && self.cp.in_flight_events() + self.outbox.events.len()
                     < self.s.max_in_flight_events
+                && self.cp.in_flight_bytes() + self.outbox.bytes < self.s.max_in_flight_bytes
                 && self.tx.capacity() > 0;
             let linger = self.outbox.deadline;
             self.inc.maybe_request(can_read).in_pipeline(self.s)?;
@@ -905,7 +932,9 @@ impl<'a> CaptureLoop<'a> {
     /// every sink has them (`None`: a slice of an open transaction), and
     /// sends them.
     async fn send(&mut self, events: Vec<ChangeEvent>, position: Option<Lsn>) -> Flow {
-        let acker = self.cp.register(position, events.len());
+        let acker = self
+            .cp
+            .register_sized(position, events.len(), batch_bytes(&events));
         self.dispatch(events, acker).await
     }
 
@@ -1092,13 +1121,15 @@ impl<'a> CaptureLoop<'a> {
             if self.outbox.ready >= self.s.batch_max_events {
                 return Ok(self.flush_ready().await);
             }
-        } else if self.outbox.open_len() >= self.s.batch_max_events {
+        } else if self.outbox.open_len() >= self.s.batch_max_events
+            || self.outbox.bytes >= self.s.max_in_flight_bytes / 8
+        {
             // A large transaction: deliver it in slices; only its last
             // slice carries a position to confirm.
             if self.flush_ready().await == Flow::Stop {
                 return Ok(Flow::Stop);
             }
-            let events = std::mem::take(&mut self.outbox.events);
+            let events = self.outbox.take_all();
             return Ok(self.send(events, None).await);
         }
         Ok(Flow::Continue)
@@ -1255,7 +1286,7 @@ impl<'a> CaptureLoop<'a> {
             .entry((e.table.relation_id, e.op.code()))
             .or_insert_with(|| (Arc::clone(&e.table), 0))
             .1 += 1;
-        self.outbox.events.push(e);
+        self.outbox.push(e);
     }
 
     /// A Relation message: the table's shape as of here, described by the
@@ -1324,7 +1355,7 @@ impl<'a> CaptureLoop<'a> {
         for (old, new) in std::mem::take(&mut self.schema_changes) {
             let source = self.asm.notice_source(lsn);
             let event = schema_change::event(&old, &new, source, crate::assemble::now_ms());
-            self.outbox.events.push(event);
+            self.outbox.push(event);
         }
     }
 
@@ -1349,7 +1380,7 @@ impl<'a> CaptureLoop<'a> {
             return;
         };
         if self.asm.in_transaction() {
-            self.outbox.events.push(event);
+            self.outbox.push(event);
             return;
         }
         // Outside a transaction: after what is ready, on its own, with no
@@ -1559,6 +1590,7 @@ mod tests {
             ready: 0,
             ready_pos: None,
             deadline: None,
+            bytes: 0,
         };
         let (mut out, mut total, mut commits) = (Vec::new(), 0, Vec::new());
         for (i, m) in crate::pgoutput::tests::frames().into_iter().enumerate() {
@@ -1596,7 +1628,9 @@ mod tests {
                 _ => vec![],
             };
             total += events.len();
-            outbox.events.extend(events);
+            for e in events {
+                outbox.push(e);
+            }
             if i % take_every == 0 {
                 if let Some(b) = outbox.take_ready() {
                     out.push(b);
