@@ -5,6 +5,12 @@
 //! tests/bench workload (a). Run: `cargo bench -p walcast-sdk --bench json_encode`.
 //! Throughput is reported in elements (events) per second; criterion runs
 //! on one thread, so that is events/s per core.
+//!
+//! `envelope_*` build the tree (`envelope_bytes_insert` serialises it);
+//! `envelope_bytes_fn_*` are the tree-less `json::envelope_bytes`;
+//! `encoder_*` are what the Kafka sink runs per event (key and envelope,
+//! through the async encoder trait); `value_timestamptz` is one column as the
+//! Redis and OpenSearch sinks render it.
 
 use std::sync::Arc;
 
@@ -110,6 +116,17 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("envelope_bytes_insert", |b| {
         b.iter(|| serde_json::to_vec(&json::envelope(black_box(&insert), &opts)).unwrap())
+    });
+    g.bench_function("envelope_bytes_fn_insert", |b| {
+        b.iter(|| json::envelope_bytes(black_box(&insert), &opts))
+    });
+    g.bench_function("envelope_bytes_fn_update_full", |b| {
+        b.iter(|| json::envelope_bytes(black_box(&update), &opts))
+    });
+    // What the Redis and OpenSearch sinks call per column.
+    let tstz = Value::TimestampTz(1_717_000_000_123_456);
+    g.bench_function("value_timestamptz", |b| {
+        b.iter(|| json::value(black_box(&tstz), &opts))
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
