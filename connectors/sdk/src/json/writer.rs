@@ -20,6 +20,7 @@
 //! property test over random values of every kind.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -140,34 +141,41 @@ fn write_float(out: &mut Vec<u8>, f: f64) {
     }
 }
 
-#[inline(always)]
-fn two_digits(out: &mut Vec<u8>, n: i64) {
-    out.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8]);
-}
-
-fn six_digits(n: i64) -> [u8; 6] {
-    let mut d = [b'0'; 6];
-    let mut n = n;
-    for slot in d.iter_mut().rev() {
-        *slot = b'0' + (n % 10) as u8;
-        n /= 10;
+/// "00" to "99".
+static PAIRS: [[u8; 2]; 100] = {
+    let mut t = [[0u8; 2]; 100];
+    let mut i = 0;
+    while i < 100 {
+        t[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+        i += 1;
     }
-    d
+    t
+};
+
+/// Writes `n` (0 ≤ n < 100) as two digits at `at`.
+#[inline(always)]
+fn put2(buf: &mut [u8], at: usize, n: i64) {
+    buf[at..at + 2].copy_from_slice(&PAIRS[n as usize]);
 }
 
-/// `HH:MM:SS.ffffff` of microseconds within a day (0 ≤ `micros` < 1 day).
-fn push_time_of_day(out: &mut Vec<u8>, micros: i64) {
-    let secs = micros / 1_000_000;
-    two_digits(out, secs / 3600);
-    out.push(b':');
-    two_digits(out, secs / 60 % 60);
-    out.push(b':');
-    two_digits(out, secs % 60);
-    out.push(b'.');
-    out.extend_from_slice(&six_digits(micros % 1_000_000));
+/// `HH:MM:SS` of a second within a day, at `at`.
+#[inline(always)]
+fn put_hms(buf: &mut [u8], at: usize, secs: i64) {
+    put2(buf, at, secs / 3600);
+    put2(buf, at + 3, secs / 60 % 60);
+    put2(buf, at + 6, secs % 60);
 }
 
-/// [`super::timestamp_utc`]'s text, appended without quotes.
+/// Six digits of microseconds (0 ≤ `frac` < 1 s) at `at`.
+#[inline(always)]
+fn put_micros(buf: &mut [u8], at: usize, frac: i64) {
+    put2(buf, at, frac / 10_000);
+    put2(buf, at + 2, frac / 100 % 100);
+    put2(buf, at + 4, frac % 100);
+}
+
+/// [`super::timestamp_utc`]'s text, appended without quotes. Built in a
+/// fixed-size array and copied once.
 pub(crate) fn push_timestamp_utc(out: &mut Vec<u8>, micros: i64) {
     match micros {
         TIMESTAMP_INFINITY => out.extend_from_slice(b"infinity"),
@@ -176,21 +184,21 @@ pub(crate) fn push_timestamp_utc(out: &mut Vec<u8>, micros: i64) {
             let days = micros.div_euclid(86_400_000_000);
             let rest = micros.rem_euclid(86_400_000_000);
             let (y, m, d) = super::civil_from_days(days);
+            let mut b = *b"0000-00-00T00:00:00.000000Z";
+            put2(&mut b, 5, i64::from(m));
+            put2(&mut b, 8, i64::from(d));
+            put_hms(&mut b, 11, rest / 1_000_000);
+            put_micros(&mut b, 20, rest % 1_000_000);
             if (0..=9999).contains(&y) {
-                two_digits(out, y / 100);
-                two_digits(out, y % 100);
+                put2(&mut b, 0, y / 100);
+                put2(&mut b, 2, y % 100);
+                out.extend_from_slice(&b);
             } else {
                 // `{:04}` counts the sign in the width: -43 is `-043`.
                 use std::io::Write;
                 write!(out, "{y:04}").expect(VEC_WRITE);
+                out.extend_from_slice(&b[4..]);
             }
-            out.push(b'-');
-            two_digits(out, i64::from(m));
-            out.push(b'-');
-            two_digits(out, i64::from(d));
-            out.push(b'T');
-            push_time_of_day(out, rest);
-            out.push(b'Z');
         }
     }
 }
@@ -198,18 +206,16 @@ pub(crate) fn push_timestamp_utc(out: &mut Vec<u8>, micros: i64) {
 /// [`super::zoned_time`]'s text, appended without quotes.
 pub(crate) fn push_zoned_time(out: &mut Vec<u8>, micros: i64, offset_seconds: i32) {
     let utc = (micros - i64::from(offset_seconds) * 1_000_000).rem_euclid(86_400_000_000);
-    let secs = utc / 1_000_000;
-    two_digits(out, secs / 3600);
-    out.push(b':');
-    two_digits(out, secs / 60 % 60);
-    out.push(b':');
-    two_digits(out, secs % 60);
+    let mut b = *b"00:00:00.000000Z";
+    put_hms(&mut b, 0, utc / 1_000_000);
     let frac = utc % 1_000_000;
-    if frac != 0 {
-        let digits = six_digits(frac);
-        let len = 6 - digits.iter().rev().take_while(|&&d| d == b'0').count();
-        out.push(b'.');
-        out.extend_from_slice(&digits[..len]);
+    if frac == 0 {
+        out.extend_from_slice(&b[..8]);
+    } else {
+        put_micros(&mut b, 9, frac);
+        // The fraction without its trailing zeros.
+        let zeros = b[9..15].iter().rev().take_while(|&&d| d == b'0').count();
+        out.extend_from_slice(&b[..15 - zeros]);
     }
     out.push(b'Z');
 }
@@ -368,7 +374,30 @@ impl Prepared {
 /// do), so a stale or colliding entry is rebuilt, never used.
 #[derive(Debug, Default)]
 pub(crate) struct TableCache {
-    tables: RwLock<HashMap<(u32, u32), Arc<Prepared>>>,
+    tables: RwLock<HashMap<(u32, u32), Arc<Prepared>, BuildHasherDefault<ShapeHasher>>>,
+}
+
+/// A multiply-rotate hash for the two integers of a shape's id: SipHash
+/// (the default, built against hash flooding, which relation ids from
+/// Postgres cannot mount) cost as much as the rest of the lookup.
+#[derive(Default)]
+pub(crate) struct ShapeHasher(u64);
+
+impl Hasher for ShapeHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl TableCache {
