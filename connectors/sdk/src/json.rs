@@ -170,8 +170,8 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
 /// [`envelope`] written straight to bytes, without building the JSON tree,
 /// in Debezium's field order and rows in column order; the content equals
 /// [`envelope`]'s (tested). The Kafka sink's encoder ([`crate::JsonEncoder`])
-/// writes the same bytes with each table's names escaped once (see
-/// [`writer`]).
+/// writes the same bytes with each table's names escaped once (how and why:
+/// `json/writer.rs`).
 pub fn envelope_bytes(event: &ChangeEvent, opts: &JsonOptions) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     writer::write_envelope(&mut out, event, writer::Names::Plain(&event.table), opts);
