@@ -195,6 +195,20 @@ pub fn key_bytes(event: &ChangeEvent, opts: &JsonOptions) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The text of [`row`]'s tree (keys sorted, as its map keeps them), without
+/// building it; with `skip_unavailable`, unchanged TOASTed columns are left
+/// out, as the Redis sink stores rows.
+pub fn row_text(
+    table: &TableSchema,
+    values: &[Value],
+    opts: &JsonOptions,
+    skip_unavailable: bool,
+) -> String {
+    let mut out = Vec::with_capacity(32 * values.len() + 2);
+    writer::write_row_sorted(&mut out, table, values, opts, skip_unavailable);
+    String::from_utf8(out).expect("JSON text of UTF-8 strings")
+}
+
 /// One value's JSON text appended to `out`: the bytes serde_json writes for
 /// [`value`]'s tree, without building it.
 pub fn write_value(out: &mut Vec<u8>, v: &Value, opts: &JsonOptions) {

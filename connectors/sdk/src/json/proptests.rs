@@ -266,9 +266,10 @@ fn table() -> BoxedStrategy<Arc<TableSchema>> {
             let columns = cols
                 .into_iter()
                 .enumerate()
-                // Postgres column names are unique: number them.
+                // Postgres column names are unique: number them (after the
+                // last `#`, so that no two can meet).
                 .map(|(i, (pg_type, name, key))| Column {
-                    name: format!("{name}{i}"),
+                    name: format!("{name}#{i}"),
                     pg_type,
                     type_oid: 0,
                     type_modifier: -1,
@@ -425,6 +426,22 @@ proptest! {
         let mut out = Vec::new();
         super::write_value(&mut out, &v, &opts);
         prop_assert_eq!(show(&out), serde_json::to_string(&tree).unwrap());
+    }
+
+    #[test]
+    fn row_text_is_the_trees_text(event in event(), opts in options(), skip in any::<bool>()) {
+        let Some(values) = event.after.as_deref() else { return Ok(()) };
+        let mut tree = super::row(&event.table, values, &opts);
+        if skip {
+            let serde_json::Value::Object(m) = &mut tree else { unreachable!() };
+            for col in crate::toast::unavailable_columns(&event) {
+                m.remove(&col);
+            }
+        }
+        prop_assert_eq!(
+            super::row_text(&event.table, values, &opts, skip),
+            tree.to_string()
+        );
     }
 
     #[test]

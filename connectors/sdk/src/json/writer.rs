@@ -585,3 +585,29 @@ pub(crate) fn prepared_envelope(p: &Prepared, event: &ChangeEvent, opts: &JsonOp
     }
     out
 }
+
+/// A row as [`super::row`]'s tree serialises: keys in byte order (the
+/// tree's map is sorted), optionally without the unavailable columns.
+/// Column names within a table are unique, as Postgres makes them.
+pub(crate) fn write_row_sorted(
+    out: &mut Vec<u8>,
+    table: &TableSchema,
+    values: &[Value],
+    opts: &JsonOptions,
+    skip_unavailable: bool,
+) {
+    let mut order: Vec<usize> = (0..table.columns.len().min(values.len()))
+        .filter(|&i| !(skip_unavailable && matches!(values[i], Value::Unavailable)))
+        .collect();
+    order.sort_unstable_by(|&a, &b| table.columns[a].name.cmp(&table.columns[b].name));
+    out.push(b'{');
+    for (n, &i) in order.iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        write_str(out, &table.columns[i].name);
+        out.push(b':');
+        write_value(out, &values[i], opts);
+    }
+    out.push(b'}');
+}
