@@ -7,15 +7,18 @@
 //! row, uuids, `timetz`), to escaping strings one byte at a time, and to
 //! the output `Vec` growing by doubling. Here strings are scanned sixteen
 //! bytes at a time and copied whole when nothing needs escaping (the
-//! common case), times are written digit by digit into the output, column
-//! names are escaped once per table shape, and the output is allocated at
-//! the size the table's last events needed.
+//! common case), times are built from a digit-pair table in a fixed array
+//! and copied once, column names are escaped once per table shape, and the
+//! output is allocated at the size of the largest of the table's envelopes
+//! so far (up to 16 KiB). Shapes stay cached for the encoder's life, as the
+//! Avro encoder's schemas do: one entry per table and schema change.
 //!
 //! The bytes must equal what serde_json wrote before, for every value:
 //! escaping follows serde_json's table (`\"`, `\\`, `\b \f \n \r \t`,
 //! other control bytes as `\u00xx`, nothing else), and numbers go through
 //! serde_json's own formatter, so floats are printed by the same algorithm
-//! serde_json uses (whichever that is in the locked version). The tests
+//! serde_json uses, whichever that is in the locked version (1.0.154 prints
+//! them with `zmij`, no longer `ryu`: copying ryu here would have drifted). The tests
 //! compare against the serde-based writer byte for byte, including a
 //! property test over random values of every kind.
 
