@@ -188,12 +188,12 @@ pub async fn build_sinks(
             SinkConfig::Kafka(k) => {
                 let k = kafka_config(k, prefix);
                 let encoder: Arc<dyn EventEncoder> = match (encoding.format, encoding.registry) {
-                    (EventFormat::Json, _) => Arc::new(JsonEncoder {
-                        options: walcast_sdk::json::JsonOptions {
+                    (EventFormat::Json, _) => {
+                        Arc::new(JsonEncoder::new(walcast_sdk::json::JsonOptions {
                             special_numeric: k.json_special_numeric,
                             ..Default::default()
-                        },
-                    }),
+                        }))
+                    }
                     (EventFormat::Avro, None) => {
                         return Err(err("format = \"avro\" needs a [registry] section".into()))
                     }

@@ -40,6 +40,20 @@ pub const DEFAULT_SOURCE_MAX_IN_FLIGHT_RECORDS: usize = 20_000;
 ///   every outage into failed batches and a pipeline restart.
 /// * `murmur2_random`: the Java client's partitioner, so a row's key lands in
 ///   the same partition as it would from Debezium or any Java producer.
+/// * `compression.type=zstd` at librdkafka's default level (3), chosen from
+///   `tests/bench/compression.py` (figures in tests/bench/RESULTS.md,
+///   2026-12-06): on record batches of walcast's JSON envelopes of 100 rows
+///   or more, zstd sends 1.7× (varied rows) to 3.5× (the benchmark's
+///   repetitive rows) fewer bytes than lz4, for 0.4–0.8 ms more CPU per MB
+///   of JSON (about 5 % of a core at 100k events/s). Level 1 compresses as
+///   well as 3 and was up to 20 % cheaper on varied rows, not on repetitive
+///   ones: too small and too noisy a difference to leave librdkafka's
+///   default. Levels 6 and above cost 3–8× more for at most 10 % fewer
+///   bytes. Small batches (10 records, a trickle of single-row
+///   transactions) cost zstd 4–5 ms per MB, mostly setting up its context
+///   per batch, 5–8× lz4's, but at a rate where that is a few ms per second.
+///   Where brokers and consumers are close and CPU is the limit,
+///   `compression.type = "lz4"` in `producer` is the alternative.
 pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("enable.idempotence", "true"),
     ("acks", "all"),

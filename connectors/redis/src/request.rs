@@ -41,7 +41,7 @@
 //! a `null` key.
 
 use serde_json::{json, Value as Json};
-use walcast_sdk::json::{row, value, JsonOptions};
+use walcast_sdk::json::{value, JsonOptions};
 use walcast_sdk::{ChangeEvent, Lsn, Op, TableSchema, Value};
 
 use crate::config::{Mode, PublishVia, UpsertFormat};
@@ -593,15 +593,13 @@ impl Plan {
                             })?;
                     let keep = walcast_sdk::toast::unavailable_columns(event);
                     let payload = match format {
-                        UpsertFormat::Json => {
-                            let mut doc = row(table, after, &JsonOptions::default());
-                            if let Json::Object(m) = &mut doc {
-                                for col in &keep {
-                                    m.remove(col);
-                                }
-                            }
-                            Payload::Json(doc.to_string())
-                        }
+                        // The row without its `keep` (unavailable) columns.
+                        UpsertFormat::Json => Payload::Json(walcast_sdk::json::row_text(
+                            table,
+                            after,
+                            &JsonOptions::default(),
+                            true,
+                        )),
                         UpsertFormat::Hash => Payload::Hash(hash_fields(table, after)),
                     };
                     out.push(Write::Upsert {

@@ -5,10 +5,22 @@
 //! tests/bench workload (a). Run: `cargo bench -p walcast-sdk --bench json_encode`.
 //! Throughput is reported in elements (events) per second; criterion runs
 //! on one thread, so that is events/s per core.
+//!
+//! `envelope_*` build the tree (`envelope_bytes_insert` serialises it);
+//! `envelope_bytes_fn_*` are the tree-less `json::envelope_bytes`;
+//! `encoder_*` are what the Kafka sink runs per event (key and envelope,
+//! through the async encoder trait); `value_timestamptz` is one column as the
+//! Redis and OpenSearch sinks render it.
+//!
+//! `WALCAST_BENCH_CLOCK=cpu` measures the bench thread's CPU time instead
+//! of wall time: on a machine shared with other builds, wall time mostly
+//! measures how long the thread waited for a core, while CPU time stays
+//! comparable between runs (caches are still shared, so it is not exact).
 
 use std::sync::Arc;
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
+use criterion::{black_box, criterion_main, Criterion, Throughput};
 use walcast_sdk::json::{self, JsonOptions};
 use walcast_sdk::{
     ChangeEvent, Column, EventEncoder, JsonEncoder, Lsn, Numeric, Op, PgType, ReplicaIdentity,
@@ -99,7 +111,68 @@ pub fn event(i: i64, full: bool) -> ChangeEvent {
     }
 }
 
-fn bench(c: &mut Criterion) {
+/// Polls a future that never waits (the JSON encoder's) to its end.
+fn poll_once<F: std::future::Future>(f: F) -> F::Output {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(f).poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("the JSON encoder does not wait"),
+    }
+}
+
+/// The bench thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`).
+struct ThreadCpu;
+
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+impl Measurement for ThreadCpu {
+    type Intermediate = u64;
+    type Value = u64;
+    fn start(&self) -> u64 {
+        thread_cpu_ns()
+    }
+    fn end(&self, start: u64) -> u64 {
+        thread_cpu_ns() - start
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, v: &u64) -> f64 {
+        *v as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        &CpuFormatter
+    }
+}
+
+/// Nanoseconds of CPU time, and elements per CPU second.
+struct CpuFormatter;
+
+impl ValueFormatter for CpuFormatter {
+    fn scale_values(&self, _typical: f64, _values: &mut [f64]) -> &'static str {
+        "ns (cpu)"
+    }
+    fn scale_throughputs(&self, _typical: f64, t: &Throughput, values: &mut [f64]) -> &'static str {
+        let per = match t {
+            Throughput::Elements(n) | Throughput::Bytes(n) | Throughput::BytesDecimal(n) => *n,
+        } as f64;
+        for v in values {
+            *v = per * 1e9 / *v / 1e3;
+        }
+        "Kelem/cpu-s"
+    }
+    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
+        "ns"
+    }
+}
+
+fn bench<M: Measurement>(c: &mut Criterion<M>) {
     let mut g = c.benchmark_group("json");
     g.throughput(Throughput::Elements(1));
     let opts = JsonOptions::default();
@@ -111,6 +184,17 @@ fn bench(c: &mut Criterion) {
     g.bench_function("envelope_bytes_insert", |b| {
         b.iter(|| serde_json::to_vec(&json::envelope(black_box(&insert), &opts)).unwrap())
     });
+    g.bench_function("envelope_bytes_fn_insert", |b| {
+        b.iter(|| json::envelope_bytes(black_box(&insert), &opts))
+    });
+    g.bench_function("envelope_bytes_fn_update_full", |b| {
+        b.iter(|| json::envelope_bytes(black_box(&update), &opts))
+    });
+    // What the Redis and OpenSearch sinks call per column.
+    let tstz = Value::TimestampTz(1_717_000_000_123_456);
+    g.bench_function("value_timestamptz", |b| {
+        b.iter(|| json::value(black_box(&tstz), &opts))
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -121,8 +205,24 @@ fn bench(c: &mut Criterion) {
     g.bench_function("encoder_key_value_update_full", |b| {
         b.iter(|| rt.block_on(enc.encode(black_box(&update))).unwrap())
     });
+    // The encoder without a runtime around each call: the sink awaits it
+    // inside its task, which costs a poll, not a `block_on`.
+    g.bench_function("encoder_polled_insert", |b| {
+        b.iter(|| poll_once(enc.encode(black_box(&insert))).unwrap())
+    });
     g.finish();
 }
 
-criterion_group!(benches, bench);
+fn benches() {
+    if std::env::var("WALCAST_BENCH_CLOCK").as_deref() == Ok("cpu") {
+        let mut c = Criterion::default()
+            .with_measurement(ThreadCpu)
+            .configure_from_args();
+        bench(&mut c);
+    } else {
+        let mut c = Criterion::<WallTime>::default().configure_from_args();
+        bench(&mut c);
+    }
+}
+
 criterion_main!(benches);

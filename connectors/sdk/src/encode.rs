@@ -98,17 +98,32 @@ pub trait EventEncoder: Send + Sync {
 }
 
 /// Debezium-JsonConverter-compatible JSON, without the schema block
-/// (`schemas.enable=false`).
+/// (`schemas.enable=false`): the bytes of [`json::key_bytes`] and
+/// [`json::envelope_bytes`], written with each table shape's column names
+/// escaped once and kept (by relation id and shape version, like the Avro
+/// encoder's schemas), and each envelope allocated at the size its table's
+/// envelopes need.
 #[derive(Debug, Clone, Default)]
 pub struct JsonEncoder {
     pub options: JsonOptions,
+    tables: std::sync::Arc<json::TableCache>,
+}
+
+impl JsonEncoder {
+    pub fn new(options: JsonOptions) -> Self {
+        JsonEncoder {
+            options,
+            tables: Default::default(),
+        }
+    }
 }
 
 #[async_trait]
 impl EventEncoder for JsonEncoder {
     async fn encode(&self, event: &ChangeEvent) -> Result<EncodedRecord, EncodeError> {
-        let key = json::key_bytes(event, &self.options);
-        let value = json::envelope_bytes(event, &self.options);
+        let prepared = self.tables.get(&event.table);
+        let key = json::prepared_key(&prepared, event, &self.options);
+        let value = json::prepared_envelope(&prepared, event, &self.options);
         Ok(EncodedRecord {
             key,
             value: Some(value),

@@ -18,14 +18,18 @@
 //! | uuid, json, jsonb, inet, enum | string | io.debezium.data.Uuid / Json / ... |
 
 use base64::Engine;
-use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{json, Map, Value as Json};
 
 use crate::event::ChangeEvent;
 use crate::table::TableSchema;
-use crate::value::{
-    Numeric, Value, DATE_INFINITY, DATE_NEG_INFINITY, TIMESTAMP_INFINITY, TIMESTAMP_NEG_INFINITY,
-};
+use crate::value::{Numeric, Value, DATE_INFINITY, DATE_NEG_INFINITY};
+
+mod writer;
+pub(crate) use writer::{prepared_envelope, prepared_key, TableCache};
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod reference;
 
 /// Debezium's default `unavailable.value.placeholder`.
 pub const DEFAULT_UNAVAILABLE_PLACEHOLDER: &str = "__debezium_unavailable_value";
@@ -158,22 +162,20 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
             months,
             days,
             micros,
-        } => {
-            let month_micros = (f64::from(*months) * 30.4375 * 86_400_000_000.0) as i64;
-            json!(month_micros + i64::from(*days) * 86_400_000_000 + micros)
-        }
+        } => json!(interval_micros(*months, *days, *micros)),
         Value::Array(items) => Json::Array(items.iter().map(|i| value(i, opts)).collect()),
     }
 }
 
-/// [`envelope`] written straight to bytes, without building the JSON tree:
-/// what the Kafka sink's JSON encoder sends for every event. Profiling
-/// showed the tree (a `BTreeMap` per row, an allocation per field) took
-/// about half of the encoding time. Rows are written in column order and
-/// the envelope in Debezium's field order; the content equals
-/// [`envelope`]'s (tested).
+/// [`envelope`] written straight to bytes, without building the JSON tree,
+/// in Debezium's field order and rows in column order; the content equals
+/// [`envelope`]'s (tested). The Kafka sink's encoder ([`crate::JsonEncoder`])
+/// writes the same bytes with each table's names escaped once (how and why:
+/// `json/writer.rs`).
 pub fn envelope_bytes(event: &ChangeEvent, opts: &JsonOptions) -> Vec<u8> {
-    serde_json::to_vec(&EnvelopeSer { event, opts }).expect("events always serialise")
+    let mut out = Vec::with_capacity(512);
+    writer::write_envelope(&mut out, event, writer::Names::Plain(&event.table), opts);
+    out
 }
 
 /// [`key`] written straight to bytes; `None` for a key-less table.
@@ -189,154 +191,52 @@ pub fn key_bytes_with(
     extra: Option<&crate::encode::KeyField>,
 ) -> Option<Vec<u8>> {
     let cols = event.key_values()?;
-    Some(
-        serde_json::to_vec(&KeySer {
-            cols: &cols,
-            opts,
-            extra,
-        })
-        .expect("keys always serialise"),
-    )
-}
-
-struct EnvelopeSer<'a> {
-    event: &'a ChangeEvent,
-    opts: &'a JsonOptions,
-}
-
-impl<'a> Serialize for EnvelopeSer<'a> {
-    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        let (e, opts) = (self.event, self.opts);
-        let row = |r: &'a Option<Vec<Value>>| -> Option<RowSer<'a>> {
-            r.as_deref().map(|values| RowSer {
-                table: &e.table,
-                values,
-                opts,
-            })
-        };
-        let mut m = ser.serialize_map(Some(8))?;
-        m.serialize_entry("before", &row(&e.before))?;
-        m.serialize_entry("after", &row(&e.after))?;
-        m.serialize_entry("source", &SourceSer(e))?;
-        m.serialize_entry("op", e.op.code())?;
-        m.serialize_entry("ts_ms", &e.ts_ms)?;
-        m.serialize_entry("ts_us", &e.ts_ms.saturating_mul(1000))?;
-        m.serialize_entry("ts_ns", &e.ts_ms.saturating_mul(1_000_000))?;
-        m.serialize_entry("transaction", &e.transaction.as_ref().map(TransactionSer))?;
-        m.end()
-    }
-}
-
-struct SourceSer<'a>(&'a ChangeEvent);
-
-impl Serialize for SourceSer<'_> {
-    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        let (s, table) = (&self.0.source, &self.0.table);
-        let mut m = ser.serialize_map(Some(14))?;
-        m.serialize_entry("version", env!("CARGO_PKG_VERSION"))?;
-        m.serialize_entry("connector", "postgresql")?;
-        m.serialize_entry("name", &s.name)?;
-        m.serialize_entry("ts_ms", &s.ts_ms)?;
-        m.serialize_entry("ts_us", &s.ts_us)?;
-        m.serialize_entry("ts_ns", &s.ts_us.saturating_mul(1000))?;
-        m.serialize_entry("snapshot", s.snapshot.as_str())?;
-        m.serialize_entry("db", &s.db)?;
-        m.serialize_entry("schema", &table.schema)?;
-        m.serialize_entry("table", &table.name)?;
-        m.serialize_entry("txId", &s.tx_id)?;
-        m.serialize_entry("lsn", &s.lsn.0)?;
-        m.serialize_entry("xmin", &Option::<i64>::None)?;
-        m.serialize_entry("commit_lsn", &s.commit_lsn.0)?;
-        m.end()
-    }
-}
-
-struct TransactionSer<'a>(&'a crate::event::TransactionInfo);
-
-impl Serialize for TransactionSer<'_> {
-    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        let mut m = ser.serialize_map(Some(3))?;
-        m.serialize_entry("id", &self.0.id)?;
-        m.serialize_entry("total_order", &self.0.total_order)?;
-        m.serialize_entry("data_collection_order", &self.0.data_collection_order)?;
-        m.end()
-    }
-}
-
-struct RowSer<'a> {
-    table: &'a TableSchema,
-    values: &'a [Value],
-    opts: &'a JsonOptions,
-}
-
-impl Serialize for RowSer<'_> {
-    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        let mut m = ser.serialize_map(Some(self.values.len()))?;
-        for (c, v) in self.table.columns.iter().zip(self.values) {
-            m.serialize_entry(&c.name, &ValueSer(v, self.opts))?;
+    let mut out = Vec::with_capacity(64);
+    out.push(b'{');
+    for (i, (name, v)) in cols.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
         }
-        m.end()
+        writer::write_str(&mut out, name);
+        out.push(b':');
+        writer::write_value(&mut out, v, opts);
     }
-}
-
-struct KeySer<'a> {
-    cols: &'a [(&'a str, &'a Value)],
-    opts: &'a JsonOptions,
-    extra: Option<&'a crate::encode::KeyField>,
-}
-
-impl Serialize for KeySer<'_> {
-    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        let mut m = ser.serialize_map(Some(self.cols.len() + usize::from(self.extra.is_some())))?;
-        for (name, v) in self.cols {
-            m.serialize_entry(name, &ValueSer(v, self.opts))?;
+    if let Some(f) = extra {
+        if !cols.is_empty() {
+            out.push(b',');
         }
-        if let Some(f) = self.extra {
-            m.serialize_entry(&*f.name, &*f.value)?;
-        }
-        m.end()
+        writer::write_str(&mut out, &f.name);
+        out.push(b':');
+        writer::write_str(&mut out, &f.value);
     }
+    out.push(b'}');
+    Some(out)
 }
 
-/// One value, rendered as [`value`] renders it.
-struct ValueSer<'a>(&'a Value, &'a JsonOptions);
-
-impl Serialize for ValueSer<'_> {
-    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            Value::Null => ser.serialize_unit(),
-            Value::Unavailable => ser.serialize_str(&self.1.unavailable_placeholder),
-            Value::Bool(b) => ser.serialize_bool(*b),
-            Value::Int16(i) => ser.serialize_i16(*i),
-            Value::Int32(i) => ser.serialize_i32(*i),
-            Value::Int64(i) => ser.serialize_i64(*i),
-            Value::Float32(f) => serialize_float(f64::from(*f), ser),
-            Value::Float64(f) => serialize_float(*f, ser),
-            Value::Numeric(Numeric::Finite(s)) => ser.serialize_str(s),
-            Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => {
-                ser.serialize_str(s)
-            }
-            Value::Date(d) => ser.serialize_i32(*d),
-            Value::Time(t) | Value::Timestamp(t) => ser.serialize_i64(*t),
-            Value::Array(items) => {
-                let mut seq = ser.serialize_seq(Some(items.len()))?;
-                for i in items {
-                    seq.serialize_element(&ValueSer(i, self.1))?;
-                }
-                seq.end()
-            }
-            // Rarer or string-building types: the tree renderer's answer.
-            other => value(other, self.1).serialize(ser),
-        }
-    }
+/// The text of [`row`]'s tree (keys sorted, as its map keeps them), without
+/// building it; with `skip_unavailable`, unchanged TOASTed columns are left
+/// out, as the Redis sink stores rows.
+pub fn row_text(
+    table: &TableSchema,
+    values: &[Value],
+    opts: &JsonOptions,
+    skip_unavailable: bool,
+) -> String {
+    let mut out = Vec::with_capacity(32 * values.len() + 2);
+    writer::write_row_sorted(&mut out, table, values, opts, skip_unavailable);
+    String::from_utf8(out).expect("JSON text of UTF-8 strings")
 }
 
-fn serialize_float<S: Serializer>(f: f64, ser: S) -> Result<S::Ok, S::Error> {
-    if f.is_finite() {
-        ser.serialize_f64(f)
-    } else {
-        float(f).serialize(ser)
-    }
+/// One value's JSON text appended to `out`: the bytes serde_json writes for
+/// [`value`]'s tree, without building it.
+pub fn write_value(out: &mut Vec<u8>, v: &Value, opts: &JsonOptions) {
+    writer::write_value(out, v, opts)
+}
+
+/// An `interval` as Debezium's MicroDuration: months of 30.4375 days.
+pub(crate) fn interval_micros(months: i32, days: i32, micros: i64) -> i64 {
+    let month_micros = (f64::from(months) * 30.4375 * 86_400_000_000.0) as i64;
+    month_micros + i64::from(days) * 86_400_000_000 + micros
 }
 
 fn float(f: f64) -> Json {
@@ -355,43 +255,17 @@ fn float(f: f64) -> Json {
 
 /// The canonical 8-4-4-4-12 form.
 pub fn uuid_string(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    let mut out = Vec::with_capacity(36);
+    writer::push_uuid(&mut out, u);
+    String::from_utf8(out).expect("hex digits and dashes")
 }
 
 /// A `timetz` as Debezium's `ZonedTime` (Java's `ISO_OFFSET_TIME` in UTC):
 /// `HH:MM:SS`, the fraction without trailing zeros if there is one, `Z`.
 pub fn zoned_time(micros: i64, offset_seconds: i32) -> String {
-    let utc = (micros - i64::from(offset_seconds) * 1_000_000).rem_euclid(86_400_000_000);
-    let secs = utc / 1_000_000;
-    let mut s = format!("{:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60);
-    let frac = utc % 1_000_000;
-    if frac != 0 {
-        let f = format!("{frac:06}");
-        s.push('.');
-        s.push_str(f.trim_end_matches('0'));
-    }
-    s.push('Z');
-    s
-}
-
-fn time_of_day(micros: i64) -> String {
-    let secs = micros / 1_000_000;
-    let frac = micros % 1_000_000;
-    format!(
-        "{:02}:{:02}:{:02}.{:06}",
-        secs / 3600,
-        (secs / 60) % 60,
-        secs % 60,
-        frac
-    )
+    let mut out = Vec::with_capacity(16);
+    writer::push_zoned_time(&mut out, micros, offset_seconds);
+    String::from_utf8(out).expect("digits, colons, a point and Z")
 }
 
 /// Days since 1970-01-01 as a proleptic Gregorian (year, month, day);
@@ -410,17 +284,11 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// A UTC timestamp in ISO-8601 with microseconds, or `infinity`/`-infinity`.
+/// The year is `{:04}`: `-043` for 44 BC, `200000` past 9999.
 pub fn timestamp_utc(micros: i64) -> String {
-    match micros {
-        TIMESTAMP_INFINITY => "infinity".into(),
-        TIMESTAMP_NEG_INFINITY => "-infinity".into(),
-        _ => {
-            let days = micros.div_euclid(86_400_000_000);
-            let rest = micros.rem_euclid(86_400_000_000);
-            let (y, m, d) = civil_from_days(days);
-            format!("{y:04}-{m:02}-{d:02}T{}Z", time_of_day(rest))
-        }
-    }
+    let mut out = Vec::with_capacity(27);
+    writer::push_timestamp_utc(&mut out, micros);
+    String::from_utf8(out).expect("digits, signs and ASCII letters")
 }
 
 /// A date as `YYYY-MM-DD`, or `infinity`/`-infinity`.
@@ -438,6 +306,7 @@ pub fn date_string(days: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::value::TIMESTAMP_INFINITY;
 
     #[test]
     fn special_numerics_render_as_postgres_or_as_debezium() {
@@ -603,7 +472,12 @@ mod tests {
                 transaction,
                 ts_ms: 2,
             };
-            let streamed: Json = serde_json::from_slice(&envelope_bytes(&event, &opts)).unwrap();
+            let bytes = envelope_bytes(&event, &opts);
+            assert_eq!(
+                String::from_utf8(bytes.clone()).unwrap(),
+                String::from_utf8(reference::envelope_bytes(&event, &opts)).unwrap()
+            );
+            let streamed: Json = serde_json::from_slice(&bytes).unwrap();
             assert_eq!(streamed, envelope(&event, &opts));
             let key: Json = serde_json::from_slice(&key_bytes(&event, &opts).unwrap()).unwrap();
             assert_eq!(Some(key), super::key(&event, &opts));
