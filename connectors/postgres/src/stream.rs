@@ -352,8 +352,11 @@ struct Outbox {
     /// The end of the last committed transaction among them.
     ready_pos: Option<Lsn>,
     deadline: Option<tokio::time::Instant>,
-    /// The events' [`ChangeEvent::approx_bytes`], for the limit by bytes.
+    /// The events' [`ChangeEvent::approx_bytes`], for the limit by bytes,
+    /// counted once per event as it comes in.
     bytes: usize,
+    /// Those of the committed (ready) ones.
+    ready_bytes: usize,
 }
 
 /// The bytes of `events` as the in-flight limit counts them.
@@ -370,27 +373,33 @@ impl Outbox {
         self.events.push(e);
     }
 
-    /// Every event, committed or not (a slice of a large transaction).
-    fn take_all(&mut self) -> Vec<ChangeEvent> {
+    /// Every event, committed or not (a slice of a large transaction), and
+    /// their bytes.
+    fn take_all(&mut self) -> (Vec<ChangeEvent>, usize) {
         self.ready = 0;
-        self.bytes = 0;
-        std::mem::take(&mut self.events)
+        self.ready_bytes = 0;
+        (
+            std::mem::take(&mut self.events),
+            std::mem::take(&mut self.bytes),
+        )
     }
 
     fn commit(&mut self, end: Lsn) {
         self.ready = self.events.len();
+        self.ready_bytes = self.bytes;
         self.ready_pos = Some(end);
         self.deadline
             .get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
     }
 
-    fn take_ready(&mut self) -> Option<(Vec<ChangeEvent>, Lsn)> {
+    fn take_ready(&mut self) -> Option<(Vec<ChangeEvent>, Lsn, usize)> {
         let pos = self.ready_pos.take()?;
         let events: Vec<ChangeEvent> = self.events.drain(..self.ready).collect();
-        self.bytes = self.bytes.saturating_sub(batch_bytes(&events));
+        let bytes = std::mem::take(&mut self.ready_bytes);
+        self.bytes -= bytes;
         self.ready = 0;
         self.deadline = None;
-        Some((events, pos))
+        Some((events, pos, bytes))
     }
 
     /// Events of the open transaction.
@@ -835,6 +844,7 @@ impl<'a> CaptureLoop<'a> {
                 ready_pos: None,
                 deadline: None,
                 bytes: 0,
+                ready_bytes: 0,
             },
             commits: VecDeque::new(),
             wal_end: start,
@@ -932,9 +942,19 @@ impl<'a> CaptureLoop<'a> {
     /// every sink has them (`None`: a slice of an open transaction), and
     /// sends them.
     async fn send(&mut self, events: Vec<ChangeEvent>, position: Option<Lsn>) -> Flow {
-        let acker = self
-            .cp
-            .register_sized(position, events.len(), batch_bytes(&events));
+        let bytes = batch_bytes(&events);
+        self.send_sized(events, position, bytes).await
+    }
+
+    /// As [`Self::send`], with the events' bytes already counted (the
+    /// outbox counts each event once, as it comes in).
+    async fn send_sized(
+        &mut self,
+        events: Vec<ChangeEvent>,
+        position: Option<Lsn>,
+        bytes: usize,
+    ) -> Flow {
+        let acker = self.cp.register_sized(position, events.len(), bytes);
         self.dispatch(events, acker).await
     }
 
@@ -942,7 +962,7 @@ impl<'a> CaptureLoop<'a> {
     /// go to the sinks as one batch, confirmed at the end of the last.
     async fn flush_ready(&mut self) -> Flow {
         match self.outbox.take_ready() {
-            Some((events, position)) => self.send(events, Some(position)).await,
+            Some((events, position, bytes)) => self.send_sized(events, Some(position), bytes).await,
             None => Flow::Continue,
         }
     }
@@ -1129,8 +1149,8 @@ impl<'a> CaptureLoop<'a> {
             if self.flush_ready().await == Flow::Stop {
                 return Ok(Flow::Stop);
             }
-            let events = self.outbox.take_all();
-            return Ok(self.send(events, None).await);
+            let (events, bytes) = self.outbox.take_all();
+            return Ok(self.send_sized(events, None, bytes).await);
         }
         Ok(Flow::Continue)
     }
@@ -1591,6 +1611,7 @@ mod tests {
             ready_pos: None,
             deadline: None,
             bytes: 0,
+            ready_bytes: 0,
         };
         let (mut out, mut total, mut commits) = (Vec::new(), 0, Vec::new());
         for (i, m) in crate::pgoutput::tests::frames().into_iter().enumerate() {
@@ -1632,19 +1653,26 @@ mod tests {
                 outbox.push(e);
             }
             if i % take_every == 0 {
-                if let Some(b) = outbox.take_ready() {
-                    out.push(b);
+                if let Some((events, pos, bytes)) = outbox.take_ready() {
+                    assert_eq!(
+                        bytes,
+                        batch_bytes(&events),
+                        "bytes counted as events came in"
+                    );
+                    out.push((events, pos));
                 }
             }
         }
-        if let Some(b) = outbox.take_ready() {
-            out.push(b);
+        if let Some((events, pos, bytes)) = outbox.take_ready() {
+            assert_eq!(bytes, batch_bytes(&events));
+            out.push((events, pos));
         }
         assert_eq!(
             outbox.open_len(),
             0,
             "the session ends between transactions"
         );
+        assert_eq!(outbox.bytes, 0, "nothing is left counted");
         (out, total, commits)
     }
 
