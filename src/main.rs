@@ -17,6 +17,33 @@ mod pipeline;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's defaults favour speed over resident memory: freed pages are
+/// handed back to the OS after a delay, arenas are committed eagerly, and
+/// transparent huge pages round the heap up in 2 MiB steps. Catching up a
+/// backlog, those held 30-50 MiB of freed memory on top of what was in
+/// flight (peak RSS 87-100 MiB with the defaults, 60-66 MiB with these
+/// three settings; CPU per event unchanged within the noise: the experiment
+/// is in tests/bench/RESULTS.md, 2026-12-06). A `MIMALLOC_*` variable in
+/// the environment still wins, for whoever wants mimalloc's defaults back.
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    use libmimalloc_sys::mi_option_set;
+    // The option numbers of the mimalloc v3 header libmimalloc-sys builds by default.
+    const _: () = assert!(libmimalloc_sys::_mi_option_last == 47, "mimalloc option numbers changed");
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    for (option, var, value) in [
+        (PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 0),
+        (ARENA_EAGER_COMMIT, "MIMALLOC_ARENA_EAGER_COMMIT", 0),
+    ] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: mi_option_set stores a number in mimalloc's option
+            // table; it is called here before any other thread exists.
+            unsafe { mi_option_set(option, value) };
+        }
+    }
+}
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -24,6 +51,7 @@ use clap::Parser;
 use cli::{Cli, Command, SlotsCommand};
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

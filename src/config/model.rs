@@ -15,7 +15,7 @@ pub const DEFAULT_MAX_IN_FLIGHT_EVENTS: usize = 200_000;
 /// 32 MiB of events (as `ChangeEvent::approx_bytes` counts them) between
 /// Postgres and the sinks: about 65,000 rows of 8 narrow columns, or 100
 /// rows of 300 kB TOASTed text.
-pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_BATCH_MAX_EVENTS: usize = 4_096;
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_STATE_DIR: &str = "./walcast-state";
@@ -216,7 +216,7 @@ pub struct CaptureConfig {
     /// (back-pressure). Bounds memory whatever the transaction size.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight_events: usize,
-    /// The same bound in bytes (`"32MiB"`, or a number of bytes): reading
+    /// The same bound in bytes (`"8MiB"`, or a number of bytes): reading
     /// stops at whichever is reached first, and a large transaction is cut
     /// into batches at an eighth of it, so wide rows (TOASTed values of
     /// hundreds of kB) bound memory as well as many narrow ones.
