@@ -324,7 +324,7 @@ keyless_tables = {json.dumps(list(keyless))}
 type = "kafka"
 bootstrap_servers = "{BOOT}"
 create_topics = false
-"""
+""" + E.get("WALCAST_BENCH_SINK_EXTRA", "")
 
 
 class Walcast:

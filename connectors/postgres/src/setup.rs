@@ -26,6 +26,8 @@
 //! filter would publish rows someone chose to keep in the database): that
 //! filter is honoured and reported.
 
+use std::collections::{HashMap, HashSet};
+
 use tokio_postgres::Client;
 
 use crate::replication::connection::{quote_ident, quote_literal};
@@ -290,20 +292,26 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         .is_some();
     let mut dropped = Vec::new();
     let mut partitioned = Vec::new();
+    // One query for every table, not one each: a pipeline of 1,000 tables
+    // spent seconds in round trips here before it streamed.
+    let (schemas, names) = table_arrays(&tables);
+    let mut rows: HashMap<TableName, tokio_postgres::Row> = client
+        .query(
+            "SELECT t.s, t.n, c.relreplident::text, has_table_privilege(c.oid, 'SELECT'),
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                    c.oid, c.relkind = 'p'
+             FROM unnest($1::text[], $2::text[]) AS t(s, n)
+             JOIN pg_namespace ns ON ns.nspname = t.s
+             JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = t.n AND c.relkind IN ('r', 'p')",
+            &[&schemas, &names],
+        )
+        .await
+        .map_err(q("captured tables"))?
+        .into_iter()
+        .map(|r| (TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)), r))
+        .collect();
     for table in &tables {
-        let (s, t) = (&table.schema, &table.name);
-        let row = client
-            .query_opt(
-                "SELECT c.relreplident::text, has_table_privilege(c.oid, 'SELECT'),
-                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
-                        c.oid, c.relkind = 'p'
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-                &[s, t],
-            )
-            .await
-            .map_err(q(format!("table {table}")))?;
-        let Some(row) = row else {
+        let Some(row) = rows.remove(table) else {
             if slot_exists {
                 tracing::warn!(
                     table = %table,
@@ -318,8 +326,8 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                 "table {table} does not exist (names are case-sensitive and used as written; check `tables`)"
             ));
         };
-        let (ident, select, has_pk): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
-        let (oid, is_partitioned): (u32, bool) = (row.get(3), row.get(4));
+        let (ident, select, has_pk): (String, bool, bool) = (row.get(2), row.get(3), row.get(4));
+        let (oid, is_partitioned): (u32, bool) = (row.get(5), row.get(6));
         if is_partitioned {
             let p = partitions(client, table, oid, has_pk, &ident).await?;
             partitioned.push(p);
@@ -511,27 +519,29 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
                 }
                 plan.set_generated = Some(sql);
             }
-            let mut missing_tables: Vec<TableName> = Vec::new();
-            for table in &tables {
-                // Listed in the publication, or a partition (or partitioned
-                // table) whose partition tree is a member: pg_publication_tables
-                // lists roots or leaves depending on publish_via_partition_root.
-                let covered: bool = client
-                    .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3)
-                             OR EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
-                                        JOIN pg_class c ON c.relname = $3 JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = $2
-                                        WHERE p.pubname = $1
-                                          AND (pr.prrelid = c.oid OR pr.prrelid IN (SELECT relid FROM pg_partition_ancestors(c.oid))))",
-                        &[&w.publication, &table.schema, &table.name],
-                    )
-                    .await
-                    .map_err(q("publication tables"))?
-                    .get(0);
-                if !covered {
-                    missing_tables.push(table.clone());
-                }
-            }
+            // Listed in the publication, or a partition (or partitioned
+            // table) whose partition tree is a member: pg_publication_tables
+            // lists roots or leaves depending on publish_via_partition_root.
+            // One query for all tables (the view is read once).
+            let (schemas, names) = table_arrays(&tables);
+            let covered: HashSet<TableName> = client
+                .query(
+                    "WITH pt AS MATERIALIZED (SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1)
+                     SELECT t.s, t.n FROM unnest($2::text[], $3::text[]) AS t(s, n)
+                     WHERE EXISTS (SELECT 1 FROM pt WHERE pt.schemaname = t.s AND pt.tablename = t.n)
+                        OR EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                                   JOIN pg_class c ON c.relname = t.n JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = t.s
+                                   WHERE p.pubname = $1
+                                     AND (pr.prrelid = c.oid OR pr.prrelid IN (SELECT relid FROM pg_partition_ancestors(c.oid))))",
+                    &[&w.publication, &schemas, &names],
+                )
+                .await
+                .map_err(q("publication tables"))?
+                .into_iter()
+                .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect();
+            let missing_tables: Vec<TableName> =
+                tables.iter().filter(|t| !covered.contains(*t)).cloned().collect();
             let missing: Vec<String> = missing_tables.iter().map(TableName::quoted).collect();
             if !missing.is_empty() && w.create_publication {
                 // Tables listed by name are added by name; tables of a
@@ -832,6 +842,17 @@ async fn reconcile_filters(
             candidates.push(&p.table);
         }
     }
+    // The publication's filters in one query, not one per table.
+    let mut published: HashMap<TableName, Option<String>> = client
+        .query(
+            "SELECT schemaname, tablename, rowfilter FROM pg_publication_tables WHERE pubname = $1",
+            &[&w.publication],
+        )
+        .await
+        .map_err(q("row filters"))?
+        .into_iter()
+        .map(|r| (TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)), r.get(2)))
+        .collect();
     for table in candidates {
         let want = wanted
             .iter()
@@ -844,14 +865,7 @@ async fn reconcile_filters(
             }
             continue;
         }
-        let found: Option<String> = client
-            .query_opt(
-                "SELECT rowfilter FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                &[&w.publication, &table.schema, &table.name],
-            )
-            .await
-            .map_err(q(format!("row filter of {table}")))?
-            .and_then(|r| r.get(0));
+        let found: Option<String> = published.remove(table).flatten();
         match (want, found) {
             (None, None) => {}
             (None, Some(found)) => {
@@ -910,6 +924,15 @@ async fn reconcile_filters(
         }
     }
     Ok(())
+}
+
+/// The tables as two parallel arrays (schemas, names), for queries that
+/// `unnest` them instead of asking once per table.
+fn table_arrays(tables: &[TableName]) -> (Vec<&str>, Vec<&str>) {
+    tables
+        .iter()
+        .map(|t| (t.schema.as_str(), t.name.as_str()))
+        .unzip()
 }
 
 /// The object list of CREATE/ALTER PUBLICATION: `TABLE a, b, TABLES IN
