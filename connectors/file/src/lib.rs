@@ -3,7 +3,10 @@
 //! pipeline's output, and for piping into other tools.
 //!
 //! Each line carries the envelope and the key:
-//! `{"key": {...}, "value": {before, after, source, op, ts_ms, transaction}}`.
+//! `{"key": {...}, "value": {before, after, source, op, ts_ms, transaction}}`,
+//! written by the Kafka sink's JSON encoder ([`JsonEncoder`]): fields in
+//! Debezium's order, the bytes written directly (this sink used to build a
+//! `serde_json` tree per event, with its fields sorted by name).
 //! A batch is acknowledged once its lines are written and flushed (and, for
 //! a file, fsync'd when `fsync = true`).
 
@@ -12,8 +15,8 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use serde::Deserialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use walcast_sdk::json::{self, JsonOptions};
-use walcast_sdk::{Batch, Sink, SinkError};
+use walcast_sdk::json::JsonOptions;
+use walcast_sdk::{Batch, JsonEncoder, Sink, SinkError};
 
 /// `[[pipelines.NAME.sinks]] type = "file"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -30,7 +33,7 @@ pub struct FileSink {
     out: Box<dyn AsyncWrite + Unpin + Send>,
     file: Option<tokio::fs::File>,
     fsync: bool,
-    opts: JsonOptions,
+    encoder: JsonEncoder,
     path: String,
 }
 
@@ -48,7 +51,7 @@ impl FileSink {
                 out: Box::new(tokio::io::stdout()),
                 file: None,
                 fsync: false,
-                opts: JsonOptions::default(),
+                encoder: JsonEncoder::new(JsonOptions::default()),
                 path: "-".into(),
             });
         }
@@ -69,7 +72,7 @@ impl FileSink {
             out: Box::new(writer),
             file: Some(f),
             fsync: cfg.fsync,
-            opts: JsonOptions::default(),
+            encoder: JsonEncoder::new(JsonOptions::default()),
             path: cfg.path.clone(),
         })
     }
@@ -84,8 +87,7 @@ impl Sink for FileSink {
     async fn send(&mut self, batch: Batch) -> Result<(), SinkError> {
         let mut buf = Vec::with_capacity(batch.events.len() * 512);
         for e in batch.events.iter() {
-            let line = serde_json::json!({ "key": json::key(e, &self.opts), "value": json::envelope(e, &self.opts) });
-            serde_json::to_writer(&mut buf, &line).expect("JSON values always serialise");
+            self.encoder.write_key_value(&mut buf, e);
             buf.push(b'\n');
         }
         let path = self.path.clone();
