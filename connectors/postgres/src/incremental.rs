@@ -988,7 +988,9 @@ impl Incremental {
     }
 
     fn spawn_reader(&mut self) {
-        let (req_tx, req_rx) = mpsc::channel(1);
+        // Room for a request of each window and one the reader is still
+        // answering after a stop-snapshot closed its window.
+        let (req_tx, req_rx) = mpsc::channel(MAX_WINDOWS + 1);
         let (res_tx, res_rx) = mpsc::channel(1);
         let connect = self.connect.clone();
         let pipeline = self.s.pipeline.clone();
@@ -1283,6 +1285,24 @@ mod tests {
         let r3 = [Value::Int32(2), Value::Text("x".into()), Value::Int32(1)];
         assert_eq!(key_string(&t, &r1), key_string(&t, &r2));
         assert_ne!(key_string(&t, &r1), key_string(&t, &r3));
+    }
+
+    #[test]
+    fn chunks_are_sized_by_row_width() {
+        let sizer = ChunkSizer {
+            max_rows: 10_000,
+            chunk_bytes: 8 << 20,
+        };
+        assert_eq!(sizer.rows(None), PROBE_ROWS, "a table's first chunk probes");
+        assert_eq!(sizer.rows(Some(500)), 10_000, "narrow rows: the row cap");
+        assert_eq!(sizer.rows(Some(300 << 10)), 27, "300 kB rows: 8 MiB of them");
+        assert_eq!(sizer.rows(Some(64 << 20)), 1, "at least one row");
+        assert_eq!(sizer.rows(Some(0)), 10_000);
+        let small = ChunkSizer {
+            max_rows: 3,
+            chunk_bytes: 8 << 20,
+        };
+        assert_eq!(small.rows(None), 3, "never more than snapshot_chunk_rows");
     }
 
     #[test]

@@ -37,8 +37,9 @@
 //! exactly one ctid: the ranges (the last one open-ended) partition the
 //! table exactly, and no row is read twice or missed. The plan is made in
 //! a worker session inside the snapshot, after locking the table in ACCESS
-//! SHARE mode (kept until the snapshot ends, as any read keeps it), so no
-//! rewrite can renumber the rows between the plan and the reads.
+//! SHARE mode, and every session keeps its transaction (and the locks its
+//! reads took) until all workers are done, so no rewrite can renumber the
+//! rows between the plan and the last range's read.
 //!
 //! Progress is per range: the plan (the first block of each range) and the
 //! table's `pg_relation_filenode` are saved with the ranges acknowledged.
@@ -609,7 +610,11 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, work: Arc<Mutex<VecDeque<Work>>>) {
+    /// Reads until the queue is empty. Returns the session with its
+    /// transaction still open: the tables' locks must hold until every
+    /// worker is done (see the module doc), so the coordinator ends them
+    /// all at the end.
+    async fn run(self, work: Arc<Mutex<VecDeque<Work>>>) -> Client {
         loop {
             let next = work.lock().ok().and_then(|mut q| q.pop_front());
             let result = match next {
@@ -619,10 +624,10 @@ impl Worker {
             };
             if let Err(e) = result {
                 let _ = self.out.send(Err(e)).await;
-                return;
+                break;
             }
         }
-        let _ = self.client.batch_execute("COMMIT").await;
+        self.client
     }
 
     /// Reads one block range, sending pieces of at most `batch_max` events;
@@ -1031,9 +1036,19 @@ async fn plan_ranges(
         let what = format!("{what} of {name}");
         move |source| SnapshotError::Session { what, source }
     };
+    // Any read locks the table in ACCESS SHARE mode until the transaction
+    // ends; this one needs no privilege beyond the snapshot's own (LOCK
+    // TABLE would want SELECT on the whole table, not only the columns).
+    let cols: Vec<String> = job
+        .table
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
     client
         .batch_execute(&format!(
-            "LOCK TABLE {} IN ACCESS SHARE MODE",
+            "SELECT {} FROM {} LIMIT 0",
+            cols.join(", "),
             job.table.table_name().quoted()
         ))
         .await
@@ -1323,6 +1338,14 @@ pub async fn run(
             },
         }
     };
+    if outcome == Outcome::Complete {
+        // Every worker is done: their transactions (and locks) end now.
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(client) = joined {
+                let _ = client.batch_execute("COMMIT").await;
+            }
+        }
+    }
     tasks.abort_all();
 
     if outcome == Outcome::Cancelled {
