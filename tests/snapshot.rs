@@ -120,7 +120,8 @@ async fn snapshot_under_concurrent_writes_rebuilds_the_table() {
 }
 
 /// Starts a snapshot of `big` (N rows), kills it with -9 once some
-/// progress is saved, runs `while_down` against the database, restarts it
+/// progress is saved, runs the statements of `while_down` one by one (VACUUM
+/// cannot share a transaction) against the database, restarts it
 /// and waits until the events rebuild the table as Postgres has it.
 /// Returns the daemon, the events before the kill and the rows read after
 /// the restart.
@@ -128,7 +129,7 @@ async fn kill_mid_snapshot_and_resume(
     db: &TestDb,
     pipeline: &str,
     n: i32,
-    while_down: &str,
+    while_down: &[&str],
 ) -> (Walcast, usize, usize) {
     // fsync per small batch slows the sink down enough to stop it midway.
     let mut w = Walcast::start_with(|out, admin| {
@@ -176,7 +177,9 @@ async fn kill_mid_snapshot_and_resume(
         before as u64 >= saved_after_kill,
         "the state never claims more than the sink holds: {saved_after_kill} > {before}"
     );
-    db.exec(while_down).await;
+    for sql in while_down {
+        db.exec(sql).await;
+    }
     w.spawn();
     w.wait_events("the last snapshot record", WAIT, |e| {
         e.iter().any(|x| marker(x) == "last")
@@ -208,8 +211,8 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
         &db,
         "snapkill",
         N,
-        "UPDATE big SET v = 'changed while down' WHERE id % 1000 = 0; DELETE FROM big WHERE id % 1000 = 1; \
-         INSERT INTO big VALUES (200000, 'new while down')",
+        &["UPDATE big SET v = 'changed while down' WHERE id % 1000 = 0; DELETE FROM big WHERE id % 1000 = 1; \
+         INSERT INTO big VALUES (200000, 'new while down')"],
     )
     .await;
     assert!(
@@ -231,7 +234,10 @@ async fn a_table_rewritten_while_down_is_read_again_from_the_start() {
         &db,
         "snaprewrite",
         N,
-        "DELETE FROM big WHERE id <= 5000; UPDATE big SET v = 'changed while down' WHERE id % 1000 = 0; VACUUM FULL big",
+        &[
+            "DELETE FROM big WHERE id <= 5000; UPDATE big SET v = 'changed while down' WHERE id % 1000 = 0",
+            "VACUUM FULL big",
+        ],
     )
     .await;
     let rows_now = table_rows(&db, "big").await.len();

@@ -210,7 +210,7 @@ impl RangePlan {
         let wanted = blocks
             .div_ceil(max_blocks)
             .max((workers * RANGES_PER_WORKER) as u64);
-        let n = wanted.min(blocks.div_ceil(MIN_RANGE_BLOCKS)).max(1);
+        let n = wanted.min(blocks / MIN_RANGE_BLOCKS).max(1);
         let step = blocks.div_ceil(n).max(1);
         let starts: Vec<u32> = (0..n)
             .map(|i| i * step)
@@ -729,7 +729,7 @@ impl Worker {
                 }
                 read.events.push(read_event(&self.cx, &job.table, values));
                 read.rows += 1;
-                Ok(())
+                Ok::<_, SnapshotError>(())
             })?;
             if read.events.len() >= self.batch_max {
                 let events = std::mem::replace(
