@@ -55,7 +55,7 @@ def psql(sql, db=DB):
     return benchlib.psql(sql, db)
 
 
-def config(work, mode, admin, tables=("snap_rows",), publication="bench_snap_pub"):
+def config(work, mode, admin, tables=("snap_rows",), publication="bench_snap_pub", state="state"):
     listed = ", ".join(f'"public.{t}"' for t in tables)
     return f"""[admin]
 listen = "{admin}"
@@ -64,7 +64,7 @@ format = "json"
 level = "info"
 [pipelines.snapbench]
 kind = "capture"
-state_dir = "{work}/state"
+state_dir = "{work}/{state}"
 [pipelines.snapbench.source]
 host = "127.0.0.1"
 port = {PGPORT}
@@ -143,7 +143,7 @@ def peak_rss_kib(pid):
 def initial(work, name="initial", **kw):
     cfg = os.path.join(work, f"{name}.toml")
     with open(cfg, "w") as f:
-        f.write(config(work, "initial_only", "", **kw))
+        f.write(config(work, "initial_only", "", state=f"state-{name}", **kw))
     logf = open(os.path.join(work, f"{name}.log"), "w")
     t0 = time.monotonic()
     p = subprocess.Popen([BIN, "run", "-c", cfg], stdout=subprocess.DEVNULL, stderr=logf, cwd=work)

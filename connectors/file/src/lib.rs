@@ -35,6 +35,8 @@ pub struct FileSink {
     fsync: bool,
     encoder: JsonEncoder,
     path: String,
+    /// Bytes per line of the last batch, with an eighth to spare.
+    line_size: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,7 @@ impl FileSink {
                 fsync: false,
                 encoder: JsonEncoder::new(JsonOptions::default()),
                 path: "-".into(),
+                line_size: 512,
             });
         }
         let f = tokio::fs::OpenOptions::new()
@@ -74,6 +77,7 @@ impl FileSink {
             fsync: cfg.fsync,
             encoder: JsonEncoder::new(JsonOptions::default()),
             path: cfg.path.clone(),
+            line_size: 512,
         })
     }
 }
@@ -85,10 +89,15 @@ impl Sink for FileSink {
     }
 
     async fn send(&mut self, batch: Batch) -> Result<(), SinkError> {
-        let mut buf = Vec::with_capacity(batch.events.len() * 512);
+        let mut buf = Vec::with_capacity(self.line_size * batch.events.len());
         for e in batch.events.iter() {
             self.encoder.write_key_value(&mut buf, e);
             buf.push(b'\n');
+        }
+        // Sized from the last batch's lines, so that the next buffer is
+        // allocated once instead of grown (and copied) as it fills.
+        if let Some(n) = buf.len().checked_div(batch.events.len()) {
+            self.line_size = n + n / 8;
         }
         let path = self.path.clone();
         let io = |e: std::io::Error| {

@@ -570,8 +570,14 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
-fn read_event(cx: &EventContext, table: &Arc<TableSchema>, after: Vec<Value>) -> ChangeEvent {
-    let us = now_micros();
+/// A snapshot row as an event; `us` is when it was read (taken once per
+/// piece of events: a clock read per row cost more than the row's key).
+fn read_event(
+    cx: &EventContext,
+    table: &Arc<TableSchema>,
+    after: Vec<Value>,
+    us: i64,
+) -> ChangeEvent {
     ChangeEvent {
         op: Op::Read,
         table: Arc::clone(table),
@@ -705,6 +711,7 @@ impl Worker {
         let stream = self.client.copy_out(sql).await.map_err(qerr)?;
         futures::pin_mut!(stream);
         let mut lines = CopyLines::default();
+        let mut now = now_micros();
         let mut read = CopyRead {
             events: Vec::with_capacity(self.batch_max.min(4096)),
             rows: 0,
@@ -727,7 +734,7 @@ impl Worker {
                             .collect(),
                     );
                 }
-                read.events.push(read_event(&self.cx, &job.table, values));
+                read.events.push(read_event(&self.cx, &job.table, values, now));
                 read.rows += 1;
                 Ok::<_, SnapshotError>(())
             })?;
@@ -741,6 +748,7 @@ impl Worker {
                     ends: Vec::new(),
                 })
                 .await?;
+                now = now_micros();
             }
         }
         if !lines.rest.is_empty() {
