@@ -345,23 +345,24 @@ pub struct CopyTextError {
 /// only ever separate fields (tabs in data are escaped), so splitting first
 /// is safe. Fields without a backslash (most) are borrowed from the line.
 pub fn copy_fields(line: &[u8]) -> Result<Vec<Option<Cow<'_, str>>>, CopyTextError> {
+    // Checked once for the line; tabs are ASCII, so every field of valid
+    // UTF-8 is too.
+    let text = std::str::from_utf8(line).map_err(|e| CopyTextError {
+        field: memchr::memchr_iter(b'\t', &line[..e.valid_up_to()]).count(),
+        reason: format!("not UTF-8: {e}"),
+    })?;
     let mut out = Vec::with_capacity(16);
     let mut from = 0;
     let ends = memchr::memchr_iter(b'\t', line).chain(std::iter::once(line.len()));
     for (field, to) in ends.enumerate() {
-        let raw = &line[from..to];
+        let raw = &text[from..to];
         from = to + 1;
-        out.push(if raw == b"\\N" {
+        out.push(if raw == "\\N" {
             None
-        } else if memchr::memchr(b'\\', raw).is_none() {
-            Some(Cow::Borrowed(std::str::from_utf8(raw).map_err(|e| {
-                CopyTextError {
-                    field,
-                    reason: format!("not UTF-8: {e}"),
-                }
-            })?))
+        } else if memchr::memchr(b'\\', raw.as_bytes()).is_none() {
+            Some(Cow::Borrowed(raw))
         } else {
-            Some(Cow::Owned(unescape(field, raw)?))
+            Some(Cow::Owned(unescape(field, raw.as_bytes())?))
         });
     }
     Ok(out)
@@ -835,18 +836,21 @@ pub(super) fn row_values<S: AsRef<str>>(
             ),
         });
     }
-    fields
-        .iter()
-        .zip(&table.columns)
-        .map(|(f, c)| match f {
-            None => Ok(Value::Null),
-            Some(text) => convert::from_text(&c.pg_type, text.as_ref()).map_err(|e| SnapshotError::Copy {
-                table: job.name(),
-                chunk: shown.into(),
-                reason: format!("column {}: {e}", c.name),
-            }),
-        })
-        .collect()
+    // Allocated at its size: collecting `Result`s would grow it by steps.
+    let mut values = Vec::with_capacity(fields.len());
+    for (f, c) in fields.iter().zip(&table.columns) {
+        values.push(match f {
+            None => Value::Null,
+            Some(text) => convert::from_text(&c.pg_type, text.as_ref()).map_err(|e| {
+                SnapshotError::Copy {
+                    table: job.name(),
+                    chunk: shown.into(),
+                    reason: format!("column {}: {e}", c.name),
+                }
+            })?,
+        });
+    }
+    Ok(values)
 }
 
 // ---------------------------------------------------------------------------
