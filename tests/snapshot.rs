@@ -137,7 +137,7 @@ async fn kill_mid_snapshot_and_resume(
             pipeline,
             &db.name,
             &["public.big"],
-            "snapshot_workers = 2\nsnapshot_chunk_rows = 1000",
+            "snapshot_workers = 2\nsnapshot_chunk_rows = 1000\nsnapshot_range_size = \"1MiB\"",
             "batch_max_events = 200\nmax_in_flight_events = 2000",
             "fsync = true",
             out,
@@ -202,7 +202,7 @@ async fn kill_mid_snapshot_and_resume(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
-    const N: i32 = 100_000;
+    const N: i32 = 300_000;
     let db = TestDb::new("wc_snapkill").await;
     big_table(&db, N).await;
     // Changes while it is down: streamed after the resumed snapshot (rows
@@ -212,7 +212,7 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
         "snapkill",
         N,
         &["UPDATE big SET v = 'changed while down' WHERE id % 1000 = 0; DELETE FROM big WHERE id % 1000 = 1; \
-         INSERT INTO big VALUES (200000, 'new while down')"],
+         INSERT INTO big VALUES (900000, 'new while down')"],
     )
     .await;
     assert!(
@@ -225,7 +225,7 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_rewritten_while_down_is_read_again_from_the_start() {
-    const N: i32 = 100_000;
+    const N: i32 = 300_000;
     let db = TestDb::new("wc_snaprewrite").await;
     big_table(&db, N).await;
     // VACUUM FULL after deleting rows at the front moves every row to
@@ -308,16 +308,32 @@ async fn one_table_is_read_by_several_workers_each_row_once() {
             .filter(|e| e["value"]["source"]["table"] == table)
             .map(|e| {
                 let a = &e["value"]["after"];
-                (a["id"].as_i64().unwrap(), a["v"].as_str().unwrap().to_string())
+                (
+                    a["id"].as_i64().unwrap(),
+                    a["v"].as_str().unwrap().to_string(),
+                )
             })
             .collect();
         let mut got = read.clone();
         want.sort();
         got.sort();
-        let missing = want.iter().filter(|r| got.binary_search(r).is_err()).count();
-        let extra = got.iter().filter(|r| want.binary_search(r).is_err()).count();
-        assert_eq!((missing, extra), (0, 0), "{table}: rows missing, rows extra");
-        assert_eq!(got, want, "{table}: each row exactly as often as in Postgres");
+        let missing = want
+            .iter()
+            .filter(|r| got.binary_search(r).is_err())
+            .count();
+        let extra = got
+            .iter()
+            .filter(|r| want.binary_search(r).is_err())
+            .count();
+        assert_eq!(
+            (missing, extra),
+            (0, 0),
+            "{table}: rows missing, rows extra"
+        );
+        assert_eq!(
+            got, want,
+            "{table}: each row exactly as often as in Postgres"
+        );
         // Rows were inserted in id order, so a table read by one session
         // from start to end would arrive sorted; pieces of ranges read at
         // the same time interleave.

@@ -181,7 +181,11 @@ fn bench_snapshot(c: &mut Criterion) {
     let mut g = c.benchmark_group("snapshot");
     g.throughput(Throughput::Elements(1));
     g.bench_function("copy_line_fields", |b| {
-        b.iter(|| walcast_postgres::snapshot::copy_fields(black_box(&line)).unwrap().len())
+        b.iter(|| {
+            walcast_postgres::snapshot::copy_fields(black_box(&line))
+                .unwrap()
+                .len()
+        })
     });
     g.bench_function("copy_line_to_event", |b| {
         b.iter(|| snapshot_event(&table, black_box(&line)))

@@ -1295,7 +1295,11 @@ mod tests {
         };
         assert_eq!(sizer.rows(None), PROBE_ROWS, "a table's first chunk probes");
         assert_eq!(sizer.rows(Some(500)), 10_000, "narrow rows: the row cap");
-        assert_eq!(sizer.rows(Some(300 << 10)), 27, "300 kB rows: 8 MiB of them");
+        assert_eq!(
+            sizer.rows(Some(300 << 10)),
+            27,
+            "300 kB rows: 8 MiB of them"
+        );
         assert_eq!(sizer.rows(Some(64 << 20)), 1, "at least one row");
         assert_eq!(sizer.rows(Some(0)), 10_000);
         let small = ChunkSizer {

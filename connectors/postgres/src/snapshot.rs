@@ -735,7 +735,8 @@ impl Worker {
                             .collect(),
                     );
                 }
-                read.events.push(read_event(&self.cx, &job.table, values, now));
+                read.events
+                    .push(read_event(&self.cx, &job.table, values, now));
                 read.rows += 1;
                 Ok::<_, SnapshotError>(())
             })?;
@@ -841,13 +842,13 @@ pub(super) fn row_values<S: AsRef<str>>(
     for (f, c) in fields.iter().zip(&table.columns) {
         values.push(match f {
             None => Value::Null,
-            Some(text) => convert::from_text(&c.pg_type, text.as_ref()).map_err(|e| {
-                SnapshotError::Copy {
+            Some(text) => {
+                convert::from_text(&c.pg_type, text.as_ref()).map_err(|e| SnapshotError::Copy {
                     table: job.name(),
                     chunk: shown.into(),
                     reason: format!("column {}: {e}", c.name),
-                }
-            })?,
+                })?
+            }
         });
     }
     Ok(values)
