@@ -1173,7 +1173,7 @@ pub async fn run(
         for table in pending {
             let progress = state.tables.entry(names[table.index].clone()).or_default();
             let plan = if ranges_apply {
-                plan_ranges(first, &table, progress, &job.settings).await?
+                plan_ranges(first, &table, progress, job.settings).await?
             } else {
                 None
             };
