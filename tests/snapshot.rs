@@ -119,18 +119,25 @@ async fn snapshot_under_concurrent_writes_rebuilds_the_table() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
-    const N: i32 = 100_000;
-    let db = TestDb::new("wc_snapkill").await;
-    big_table(&db, N).await;
+/// Starts a snapshot of `big` (N rows), kills it with -9 once some
+/// progress is saved, runs the statements of `while_down` one by one (VACUUM
+/// cannot share a transaction) against the database, restarts it
+/// and waits until the events rebuild the table as Postgres has it.
+/// Returns the daemon, the events before the kill and the rows read after
+/// the restart.
+async fn kill_mid_snapshot_and_resume(
+    db: &TestDb,
+    pipeline: &str,
+    n: i32,
+    while_down: &[&str],
+) -> (Walcast, usize, usize) {
     // fsync per small batch slows the sink down enough to stop it midway.
     let mut w = Walcast::start_with(|out, admin| {
         file_pipeline_config_with(
-            "snapkill",
+            pipeline,
             &db.name,
             &["public.big"],
-            "snapshot_workers = 2\nsnapshot_chunk_rows = 1000",
+            "snapshot_workers = 2\nsnapshot_chunk_rows = 1000\nsnapshot_range_size = \"1MiB\"",
             "batch_max_events = 200\nmax_in_flight_events = 2000",
             "fsync = true",
             out,
@@ -139,12 +146,18 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
     });
     let deadline = Instant::now() + WAIT;
     let saved = loop {
-        if let Some(s) = state_file(&w, "snapkill") {
+        if let Some(s) = state_file(&w, pipeline) {
             let rows = s["tables"]["public.big"]["rows"].as_u64().unwrap_or(0);
             if rows > 0 {
                 assert_eq!(
                     s["done"], false,
                     "the snapshot finished before it could be interrupted; make it slower"
+                );
+                let ranges = &s["tables"]["public.big"]["ranges"];
+                let done = ranges["done"].as_array().expect("read by block ranges");
+                assert!(
+                    done.len() >= 2 && done.iter().any(|d| d == false),
+                    "several ranges, some left: {ranges}"
                 );
                 break rows;
             }
@@ -157,38 +170,185 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let before = w.kill9_keeping_whole_lines();
-    let saved_after_kill = state_file(&w, "snapkill").unwrap()["tables"]["public.big"]["rows"]
+    let saved_after_kill = state_file(&w, pipeline).unwrap()["tables"]["public.big"]["rows"]
         .as_u64()
         .unwrap();
     assert!(
         before as u64 >= saved_after_kill,
         "the state never claims more than the sink holds: {saved_after_kill} > {before}"
     );
-
-    // Changes while it is down: streamed after the resumed snapshot.
-    db.exec("UPDATE big SET v = 'changed while down' WHERE id % 1000 = 0; DELETE FROM big WHERE id % 1000 = 1; INSERT INTO big VALUES (200000, 'new while down')").await;
+    for sql in while_down {
+        db.exec(sql).await;
+    }
     w.spawn();
     w.wait_events("the last snapshot record", WAIT, |e| {
         e.iter().any(|x| marker(x) == "last")
     })
     .await;
-    let ev = converge(&w, &db, "big", WAIT).await;
+    let ev = converge(&w, db, "big", WAIT).await;
     let reads_after = ev[before..].iter().filter(|e| op(e) == "r").count();
-    assert!(
-        reads_after > 0 && reads_after < N as usize,
-        "{reads_after} rows read after the restart"
-    );
     assert!(
         w.log().contains("\"resumed\":true"),
         "the log says it resumed"
     );
-    let state = state_file(&w, "snapkill").unwrap();
+    let state = state_file(&w, pipeline).unwrap();
     assert_eq!(state["done"], true);
     eprintln!(
-        "killed with {saved} rows saved ({before} events in the file); {reads_after} rows read after the restart of {N}; {} duplicates",
-        (before + reads_after) as i64 - N as i64
+        "killed with {saved} rows saved ({before} events in the file); {reads_after} rows read after the restart of {n}; {} duplicates",
+        (before + reads_after) as i64 - n as i64
+    );
+    (w, before, reads_after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_snapshot_resumes_from_the_last_acknowledged_chunk() {
+    const N: i32 = 300_000;
+    let db = TestDb::new("wc_snapkill").await;
+    big_table(&db, N).await;
+    // Changes while it is down: streamed after the resumed snapshot (rows
+    // updated into ranges already read come only from the stream).
+    let (mut w, _, reads_after) = kill_mid_snapshot_and_resume(
+        &db,
+        "snapkill",
+        N,
+        &["UPDATE big SET v = 'changed while down' WHERE id % 1000 = 0; DELETE FROM big WHERE id % 1000 = 1; \
+         INSERT INTO big VALUES (900000, 'new while down')"],
+    )
+    .await;
+    assert!(
+        reads_after > 0 && reads_after < N as usize,
+        "{reads_after} rows read after the restart: only the ranges left"
+    );
+    assert!(!w.log().contains("was rewritten"));
+    assert!(w.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_rewritten_while_down_is_read_again_from_the_start() {
+    const N: i32 = 300_000;
+    let db = TestDb::new("wc_snaprewrite").await;
+    big_table(&db, N).await;
+    // VACUUM FULL after deleting rows at the front moves every row to
+    // another ctid: the saved ranges mean nothing any more.
+    let (mut w, _, reads_after) = kill_mid_snapshot_and_resume(
+        &db,
+        "snaprewrite",
+        N,
+        &[
+            "DELETE FROM big WHERE id <= 5000; UPDATE big SET v = 'changed while down' WHERE id % 1000 = 0",
+            "VACUUM FULL big",
+        ],
+    )
+    .await;
+    let rows_now = table_rows(&db, "big").await.len();
+    assert_eq!(
+        reads_after, rows_now,
+        "the whole table is read again after its rewrite"
+    );
+    assert!(
+        w.log().contains("was rewritten"),
+        "the log says why the table starts over"
     );
     assert!(w.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_table_is_read_by_several_workers_each_row_once() {
+    let db = TestDb::new("wc_snapranges").await;
+    // About 8 MB each: several 1 MiB ranges.
+    db.exec(
+        "CREATE TABLE wide (id int PRIMARY KEY, v text);
+         INSERT INTO wide SELECT i, repeat('w', 150) || i || E'\\tab' FROM generate_series(1, 40000) i;
+         CREATE TABLE heap (id int, v text); ALTER TABLE heap REPLICA IDENTITY FULL;
+         INSERT INTO heap SELECT i % 30000, repeat('h', 150) || i FROM generate_series(1, 40000) i;
+         DELETE FROM wide WHERE id % 7 = 0;
+         ANALYZE wide; ANALYZE heap;",
+    )
+    .await;
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config_with(
+            "ranges",
+            &db.name,
+            &["public.wide", "public.heap"],
+            "snapshot = \"initial_only\"\nsnapshot_workers = 3\nsnapshot_range_size = \"1MiB\"\nkeyless_tables = [\"public.heap\"]",
+            "batch_max_events = 300",
+            "",
+            out,
+            admin,
+        )
+    });
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(st) = w.exited() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "initial_only did not exit:\n{}",
+            tail(&w.log(), 4000)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}:\n{}", tail(&w.log(), 4000));
+    let ev = w.events();
+    assert!(ev.iter().all(|e| op(e) == "r"));
+    for table in ["wide", "heap"] {
+        // Every row of Postgres once, nothing else: compared as multisets
+        // (the key-less table has duplicate rows of its own).
+        let mut want: Vec<(i64, String)> = db
+            .client
+            .query(&format!("SELECT id::int8, v FROM {table}"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let read: Vec<(i64, String)> = ev
+            .iter()
+            .filter(|e| e["value"]["source"]["table"] == table)
+            .map(|e| {
+                let a = &e["value"]["after"];
+                (
+                    a["id"].as_i64().unwrap(),
+                    a["v"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let mut got = read.clone();
+        want.sort();
+        got.sort();
+        let missing = want
+            .iter()
+            .filter(|r| got.binary_search(r).is_err())
+            .count();
+        let extra = got
+            .iter()
+            .filter(|r| want.binary_search(r).is_err())
+            .count();
+        assert_eq!(
+            (missing, extra),
+            (0, 0),
+            "{table}: rows missing, rows extra"
+        );
+        assert_eq!(
+            got, want,
+            "{table}: each row exactly as often as in Postgres"
+        );
+        // Rows were inserted in id order, so a table read by one session
+        // from start to end would arrive sorted; pieces of ranges read at
+        // the same time interleave.
+        if table == "wide" {
+            assert!(
+                read.windows(2).any(|p| p[0].0 > p[1].0),
+                "the ranges of one table were read by several sessions at once"
+            );
+        }
+        let state = state_file(&w, "ranges").unwrap();
+        let ranges = &state["tables"][format!("public.{table}")]["ranges"];
+        let done = ranges["done"].as_array().expect("read by block ranges");
+        assert!(done.len() >= 4, "{table}: {ranges}");
+        assert!(done.iter().all(|d| d == true), "{table}: {ranges}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -114,6 +114,7 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
             mode: src.snapshot,
             workers: src.snapshot_workers,
             chunk_rows: src.snapshot_chunk_rows,
+            range_size: src.snapshot_range_size,
             state_path: c.state_dir.join(format!("{name}.snapshot.json")),
             incremental_state_path: c.state_dir.join(format!("{name}.incremental.json")),
         },

@@ -10,6 +10,9 @@ in the same run, on the same table:
   initial      `walcast run` with `snapshot = "initial_only"` and a file sink
                to /dev/null (JSON lines: parsed, typed, encoded and written):
                timed from process start (slot creation included) to its exit.
+  many tables  the same N rows in WALCAST_BENCH_SNAPSHOT_TABLES (8) tables of
+               N/8 rows: the COPY of each, one after the other in one psql
+               session, against walcast's initial snapshot of all of them.
   incremental  a streaming walcast (`snapshot = "never"`) told `walcast
                snapshot public.snap_rows`: timed from the command to
                /status saying the incremental snapshot is done (chunks
@@ -40,6 +43,8 @@ PGBIN = E["WALCAST_TEST_PG_BIN"]
 PGPORT = E["WALCAST_TEST_PG_PORT"]
 DB = "walcast_bench_snap"
 WORKERS = int(E.get("WALCAST_BENCH_SNAPSHOT_WORKERS", "2"))
+TABLES = int(E.get("WALCAST_BENCH_SNAPSHOT_TABLES", "8"))
+MANY = [f"snap_many_{i}" for i in range(1, TABLES + 1)]
 CHUNK = int(E.get("WALCAST_BENCH_SNAPSHOT_CHUNK", "10000"))
 TIMEOUT = float(E.get("WALCAST_BENCH_TIMEOUT", "900"))
 
@@ -50,7 +55,8 @@ def psql(sql, db=DB):
     return benchlib.psql(sql, db)
 
 
-def config(work, mode, admin):
+def config(work, mode, admin, tables=("snap_rows",), publication="bench_snap_pub", state="state"):
+    listed = ", ".join(f'"public.{t}"' for t in tables)
     return f"""[admin]
 listen = "{admin}"
 [log]
@@ -58,15 +64,15 @@ format = "json"
 level = "info"
 [pipelines.snapbench]
 kind = "capture"
-state_dir = "{work}/state"
+state_dir = "{work}/{state}"
 [pipelines.snapbench.source]
 host = "127.0.0.1"
 port = {PGPORT}
 database = "{DB}"
 user = "postgres"
-tables = ["public.snap_rows"]
+tables = [{listed}]
 slot = "bench_snap"
-publication = "bench_snap_pub"
+publication = "{publication}"
 snapshot = "{mode}"
 snapshot_workers = {WORKERS}
 snapshot_chunk_rows = {CHUNK}
@@ -91,18 +97,33 @@ def setup():
         log(f"loaded {N:,} rows in {time.monotonic() - t0:.1f} s")
     psql("VACUUM ANALYZE snap_rows")
     psql("DROP PUBLICATION IF EXISTS bench_snap_pub; CREATE PUBLICATION bench_snap_pub FOR TABLE snap_rows")
+    per = N // TABLES
+    for i, t in enumerate(MANY):
+        have = psql(f"SELECT count(*) FROM pg_class WHERE relname = '{t}'")
+        if have == "1" and int(psql(f"SELECT count(*) FROM {t}")) == per:
+            continue
+        lo = i * per + 1
+        psql(f"DROP TABLE IF EXISTS {t}; CREATE TABLE {t} ({COLS});"
+             f"INSERT INTO {t} SELECT {ROW_EXPR} FROM generate_series({lo}, {lo + per - 1}) g")
+        psql(f"VACUUM ANALYZE {t}")
+    psql("DROP PUBLICATION IF EXISTS bench_snap_many; CREATE PUBLICATION bench_snap_many FOR TABLE "
+         + ", ".join(MANY))
     psql("CHECKPOINT")
     return int(psql("SELECT pg_total_relation_size('snap_rows')"))
 
 
-def ceiling():
-    """COPY ... TO STDOUT into /dev/null, best of two (the first warms the cache)."""
+def ceiling(tables=("snap_rows",)):
+    """COPY ... TO STDOUT into /dev/null, best of two (the first warms the
+    cache); several tables one after the other in one session."""
+    copies = []
+    for t in tables:
+        copies += ["-c", f"COPY {t} TO STDOUT"]
     best = None
     for _ in range(2):
         t0 = time.monotonic()
         with open(os.devnull, "wb") as null:
             subprocess.run([f"{PGBIN}/psql", "-h", "127.0.0.1", "-p", PGPORT, "-U", "postgres", "-d", DB,
-                            "-qAtX", "-c", "COPY snap_rows TO STDOUT"], stdout=null, check=True)
+                            "-qAtX"] + copies, stdout=null, check=True)
         dt = time.monotonic() - t0
         best = dt if best is None else min(best, dt)
     return best
@@ -119,11 +140,11 @@ def peak_rss_kib(pid):
     return 0
 
 
-def initial(work):
-    cfg = os.path.join(work, "initial.toml")
+def initial(work, name="initial", **kw):
+    cfg = os.path.join(work, f"{name}.toml")
     with open(cfg, "w") as f:
-        f.write(config(work, "initial_only", ""))
-    logf = open(os.path.join(work, "initial.log"), "w")
+        f.write(config(work, "initial_only", "", state=f"state-{name}", **kw))
+    logf = open(os.path.join(work, f"{name}.log"), "w")
     t0 = time.monotonic()
     p = subprocess.Popen([BIN, "run", "-c", cfg], stdout=subprocess.DEVNULL, stderr=logf, cwd=work)
     rss = 0
@@ -140,8 +161,9 @@ def initial(work):
     for line in open(logf.name):
         if '"snapshot done"' in line:
             rows = json.loads(line).get("rows")
-    if rows != N:
-        raise RuntimeError(f"walcast's snapshot read {rows} rows, not {N}; see {logf.name}")
+    want = N // TABLES * TABLES if name == "many" else N
+    if rows != want:
+        raise RuntimeError(f"walcast's snapshot read {rows} rows, not {want}; see {logf.name}")
     return dt, rss
 
 
@@ -199,8 +221,14 @@ def main():
     c = ceiling()
     log(f"ceiling: COPY TO STDOUT > /dev/null {c:.2f} s = {N / c:,.0f} rows/s")
     i, irss = initial(work)
-    log(f"walcast initial snapshot ({WORKERS} workers, chunks of {CHUNK}): {i:.2f} s = {N / i:,.0f} rows/s, "
+    log(f"walcast initial snapshot ({WORKERS} workers): {i:.2f} s = {N / i:,.0f} rows/s, "
         f"peak RSS {irss / 1024:.0f} MiB")
+    m_rows = N // TABLES * TABLES
+    mc = ceiling(MANY)
+    log(f"ceiling, {TABLES} tables: COPY of each > /dev/null {mc:.2f} s = {m_rows / mc:,.0f} rows/s")
+    mi, mrss = initial(work, "many", tables=MANY, publication="bench_snap_many")
+    log(f"walcast initial snapshot of {TABLES} tables ({WORKERS} workers): {mi:.2f} s = {m_rows / mi:,.0f} rows/s, "
+        f"peak RSS {mrss / 1024:.0f} MiB")
     n, nrss = incremental(work)
     log(f"walcast incremental snapshot (chunks of {CHUNK}): {n:.2f} s = {N / n:,.0f} rows/s, "
         f"peak RSS {nrss / 1024:.0f} MiB")
@@ -221,7 +249,9 @@ def main():
         "| reader | seconds | rows/s | ÷ COPY | peak RSS |",
         "|---|---:|---:|---:|---:|",
         f"| `COPY snap_rows TO STDOUT` > /dev/null (psql) | {c:.2f} | {N / c:,.0f} | 1.00 | |",
-        f"| walcast initial snapshot ({WORKERS} workers, chunks of {CHUNK:,}) | {i:.2f} | {N / i:,.0f} | {c / i:.2f} | {irss / 1024:.0f} MiB |",
+        f"| walcast initial snapshot ({WORKERS} workers, block ranges) | {i:.2f} | {N / i:,.0f} | {c / i:.2f} | {irss / 1024:.0f} MiB |",
+        f"| `COPY snap_many_N TO STDOUT` of {TABLES} tables of {m_rows // TABLES:,} rows, one after the other (psql) | {mc:.2f} | {m_rows / mc:,.0f} | 1.00 | |",
+        f"| walcast initial snapshot of the {TABLES} tables ({WORKERS} workers) | {mi:.2f} | {m_rows / mi:,.0f} | {mc / mi:.2f} | {mrss / 1024:.0f} MiB |",
         f"| walcast incremental snapshot (1 session, chunks of {CHUNK:,}, while streaming) | {n:.2f} | {N / n:,.0f} | {c / n:.2f} | {nrss / 1024:.0f} MiB |",
         "",
     ]

@@ -6,6 +6,11 @@
 //! pgoutput sends it. `tests/bench/run` runs it (`cargo bench -p
 //! walcast-postgres --bench decode`). Throughput is in elements (events)
 //! per second; criterion runs on one thread, so that is events/s per core.
+//!
+//! The `snapshot` group follows one row of the initial snapshot through the
+//! same stages on one core: a `COPY ... TO STDOUT` text line split into
+//! fields, converted, made an event, and written as the file sink's JSON
+//! line (the stages `tests/bench/snapshot` times end to end).
 
 use walcast_postgres::{convert, pgoutput};
 
@@ -103,5 +108,100 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+fn table() -> std::sync::Arc<walcast_sdk::TableSchema> {
+    let names = [
+        "id",
+        "account",
+        "label",
+        "amount",
+        "currency",
+        "note",
+        "created_at",
+        "updated_at",
+    ];
+    std::sync::Arc::new(walcast_sdk::TableSchema {
+        relation_id: 16_400,
+        schema: "public".into(),
+        name: "snap_rows".into(),
+        columns: names
+            .iter()
+            .zip(types())
+            .enumerate()
+            .map(|(i, (n, ty))| walcast_sdk::Column {
+                name: n.to_string(),
+                pg_type: ty,
+                type_oid: 0,
+                type_modifier: -1,
+                nullable: i != 0,
+                key: i == 0,
+            })
+            .collect(),
+        replica_identity: walcast_sdk::ReplicaIdentity::Default,
+        version: 0,
+    })
+}
+
+fn snapshot_event(
+    table: &std::sync::Arc<walcast_sdk::TableSchema>,
+    line: &[u8],
+) -> walcast_sdk::ChangeEvent {
+    let fields = walcast_postgres::snapshot::copy_fields(line).unwrap();
+    let after = fields
+        .iter()
+        .zip(&table.columns)
+        .map(|(f, c)| match f {
+            Some(t) => convert::from_text(&c.pg_type, t).unwrap(),
+            None => walcast_sdk::Value::Null,
+        })
+        .collect();
+    walcast_sdk::ChangeEvent {
+        op: walcast_sdk::Op::Read,
+        table: std::sync::Arc::clone(table),
+        before: None,
+        after: Some(after),
+        source: walcast_sdk::SourceInfo {
+            name: "snapbench".into(),
+            db: "walcast_bench_snap".into(),
+            lsn: walcast_sdk::Lsn(0x16B3748),
+            commit_lsn: walcast_sdk::Lsn(0x16B3748),
+            tx_id: None,
+            ts_ms: 1_764_000_000_000,
+            ts_us: 1_764_000_000_000_000,
+            snapshot: walcast_sdk::SnapshotMarker::True,
+        },
+        transaction: None,
+        ts_ms: 1_764_000_000_000,
+    }
+}
+
+fn bench_snapshot(c: &mut Criterion) {
+    let line = TEXTS.join("\t").into_bytes();
+    let table = table();
+    let encoder = walcast_sdk::JsonEncoder::new(Default::default());
+    let mut g = c.benchmark_group("snapshot");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("copy_line_fields", |b| {
+        b.iter(|| {
+            walcast_postgres::snapshot::copy_fields(black_box(&line))
+                .unwrap()
+                .len()
+        })
+    });
+    g.bench_function("copy_line_to_event", |b| {
+        b.iter(|| snapshot_event(&table, black_box(&line)))
+    });
+    let mut out = Vec::with_capacity(1 << 20);
+    g.bench_function("copy_line_to_json_line", |b| {
+        b.iter(|| {
+            out.clear();
+            let e = snapshot_event(&table, black_box(&line));
+            encoder.write_key_value(&mut out, &e);
+            out.push(b'\n');
+            out.len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_snapshot);
 criterion_main!(benches);

@@ -23,6 +23,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const DEFAULT_SNAPSHOT_WORKERS: usize = 2;
 pub const DEFAULT_SNAPSHOT_CHUNK_ROWS: usize = 10_000;
+/// Largest block range of a table the initial snapshot reads in one query.
+pub const DEFAULT_SNAPSHOT_RANGE_SIZE: usize = 32 << 20;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,13 +113,25 @@ pub struct PostgresSourceConfig {
     /// created (Debezium's `snapshot.mode`).
     #[serde(default)]
     pub snapshot: SnapshotMode,
-    /// SQL sessions reading tables in parallel during a snapshot (one
-    /// table per session at a time).
+    /// SQL sessions reading during a snapshot, all in the one exported
+    /// snapshot: together on the block ranges of a table, or on the chunks
+    /// of different tables.
     #[serde(default = "default_snapshot_workers")]
     pub snapshot_workers: usize,
-    /// Rows per snapshot chunk: the unit of progress a restart resumes from.
+    /// Rows per snapshot chunk where tables are read by key (partitioned
+    /// tables, incremental snapshots): the unit of progress a restart
+    /// resumes from.
     #[serde(default = "default_snapshot_chunk_rows")]
     pub snapshot_chunk_rows: usize,
+    /// Largest ctid block range the initial snapshot reads from a plain
+    /// table in one query (`"32MiB"`; of the table's heap on disk): the
+    /// unit of progress a restart resumes from. Smaller tables are cut
+    /// finer, so that every worker gets a share.
+    #[serde(
+        default = "default_snapshot_range_size",
+        deserialize_with = "walcast_sdk::size::deserialize"
+    )]
+    pub snapshot_range_size: usize,
 }
 
 /// `port`: a number, or a comma-separated list with one port per host.
@@ -199,6 +213,9 @@ fn default_snapshot_workers() -> usize {
 fn default_snapshot_chunk_rows() -> usize {
     DEFAULT_SNAPSHOT_CHUNK_ROWS
 }
+fn default_snapshot_range_size() -> usize {
+    DEFAULT_SNAPSHOT_RANGE_SIZE
+}
 
 fn yes() -> bool {
     true
@@ -271,6 +288,12 @@ impl PostgresSourceConfig {
         }
         if self.snapshot_chunk_rows == 0 {
             return Err(bad("snapshot_chunk_rows", "must be at least 1"));
+        }
+        if self.snapshot_range_size < 64 * 1024 {
+            return Err(bad(
+                "snapshot_range_size",
+                "must be at least 64KiB (eight 8 kB pages)",
+            ));
         }
         if self.status_interval.is_zero() {
             return Err(bad("status_interval", "must be positive"));

@@ -208,19 +208,41 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 
 /// `YYYY-MM-DD[ BC]`.
 fn date_days(t: &str) -> Option<i64> {
-    let (t, bc) = match t.strip_suffix(" BC") {
-        Some(rest) => (rest, true),
-        None => (t, false),
+    match t.strip_suffix(" BC") {
+        Some(rest) => era_date_days(rest, true),
+        None => era_date_days(t, false),
+    }
+}
+
+/// `YYYY-MM-DD` of the era given. The usual four-digit year is read by
+/// position (timestamps of every snapshot row come through here); other
+/// years by splitting.
+fn era_date_days(t: &str, bc: bool) -> Option<i64> {
+    let b = t.as_bytes();
+    let (y, m, d) = if b.len() == 10 && b[4] == b'-' && b[7] == b'-' {
+        (digits(&b[..4])?, digits(&b[5..7])?, digits(&b[8..])?)
+    } else {
+        let mut parts = t.splitn(3, '-');
+        let y: i64 = parts.next()?.parse().ok()?;
+        let m: i64 = parts.next()?.parse().ok()?;
+        let d: i64 = parts.next()?.parse().ok()?;
+        (y, m, d)
     };
-    let mut parts = t.splitn(3, '-');
-    let y: i64 = parts.next()?.parse().ok()?;
-    let m: u32 = parts.next()?.parse().ok()?;
-    let d: u32 = parts.next()?.parse().ok()?;
     if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
     let y = if bc { 1 - y } else { y };
-    Some(days_from_civil(y, m, d))
+    Some(days_from_civil(y, m as u32, d as u32))
+}
+
+/// ASCII digits (1 to 18 of them) as a number.
+fn digits(b: &[u8]) -> Option<i64> {
+    if b.is_empty() || b.len() > 18 {
+        return None;
+    }
+    b.iter().try_fold(0i64, |v, c| {
+        c.is_ascii_digit().then(|| v * 10 + i64::from(c - b'0'))
+    })
 }
 
 fn date(t: &str) -> Option<i32> {
@@ -233,19 +255,30 @@ fn date(t: &str) -> Option<i32> {
 
 /// `HH:MM:SS[.ffffff]` to microseconds; 24:00:00 is allowed, as in Postgres.
 fn time(t: &str) -> Option<i64> {
-    let mut parts = t.splitn(3, ':');
-    let h: i64 = parts.next()?.parse().ok()?;
-    let m: i64 = parts.next()?.parse().ok()?;
-    let s = parts.next()?;
-    let (sec, frac) = s.split_once('.').unwrap_or((s, ""));
-    let sec: i64 = sec.parse().ok()?;
-    if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+    let b = t.as_bytes();
+    let (h, m, sec, frac) = if b.len() >= 8 && b[2] == b':' && b[5] == b':' {
+        // Postgres's own form, read by position.
+        let frac = match &b[8..] {
+            [] => &[][..],
+            [b'.', f @ ..] => f,
+            _ => return None,
+        };
+        (digits(&b[..2])?, digits(&b[3..5])?, digits(&b[6..8])?, frac)
+    } else {
+        let mut parts = t.splitn(3, ':');
+        let h: i64 = parts.next()?.parse().ok()?;
+        let m: i64 = parts.next()?.parse().ok()?;
+        let s = parts.next()?;
+        let (sec, frac) = s.split_once('.').unwrap_or((s, ""));
+        (h, m, sec.parse().ok()?, frac.as_bytes())
+    };
+    if frac.len() > 6 || !frac.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let frac_micros: i64 = if frac.is_empty() {
-        0
-    } else {
-        format!("{frac:0<6}").parse().ok()?
+    // Fraction digits scaled to six: `.5` is 500000 µs.
+    let frac_micros = match frac {
+        [] => 0,
+        f => digits(f)? * 10i64.pow(6 - f.len() as u32),
     };
     Some(((h * 60 + m) * 60 + sec) * 1_000_000 + frac_micros)
 }
@@ -253,7 +286,8 @@ fn time(t: &str) -> Option<i64> {
 /// Splits `...+HH[:MM[:SS]]` / `...-HH...` into the rest and the offset in
 /// seconds east of UTC.
 fn split_offset(t: &str) -> Option<(&str, i32)> {
-    let pos = t.rfind(['+', '-'])?;
+    // ASCII signs: a byte position is a character boundary.
+    let pos = t.bytes().rposition(|b| b == b'+' || b == b'-')?;
     let (rest, off) = t.split_at(pos);
     let sign = if off.starts_with('-') { -1 } else { 1 };
     let mut secs = 0i32;
@@ -280,7 +314,7 @@ fn timestamp(t: &str, with_zone: bool) -> Option<i64> {
     } else {
         (rest, 0)
     };
-    let days = date_days(&if bc { format!("{d} BC") } else { d.to_string() })?;
+    let days = era_date_days(d, bc)?;
     let micros = time(clock)?;
     Some(days * 86_400_000_000 + micros - i64::from(offset) * 1_000_000)
 }
@@ -538,6 +572,27 @@ mod tests {
         assert_eq!(
             v(PgType::TimestampTz, "-infinity"),
             Value::TimestampTz(TIMESTAMP_NEG_INFINITY)
+        );
+        // Forms off the by-position path read as before.
+        assert_eq!(v(PgType::Time, "24:00:00"), Value::Time(86_400_000_000));
+        assert_eq!(v(PgType::Time, "00:00:00.000001"), Value::Time(1));
+        assert_eq!(v(PgType::Time, "1:02:03.12"), Value::Time(3_723_120_000));
+        assert!(from_text(&PgType::Time, "13:14:15.1234567").is_err());
+        assert!(from_text(&PgType::Time, "13:14:15x").is_err());
+        assert!(from_text(&PgType::Time, "13:14:1a").is_err());
+        assert!(from_text(&PgType::Date, "2024-13-01").is_err());
+        assert!(from_text(&PgType::Date, "2024-1a-01").is_err());
+        assert_eq!(
+            v(PgType::Date, "10000-01-01"),
+            Value::Date(days_from_civil(10_000, 1, 1) as i32)
+        );
+        assert_eq!(
+            v(PgType::Timestamp, "0044-03-15 12:00:00 BC"),
+            Value::Timestamp(days_from_civil(-43, 3, 15) * 86_400_000_000 + 43_200_000_000)
+        );
+        assert_eq!(
+            v(PgType::TimestampTz, "2023-11-14 22:13:20.5-03:30"),
+            Value::TimestampTz(1_700_000_000_500_000 + 12_600_000_000)
         );
         assert_eq!(
             v(PgType::Interval, "P1Y2M3DT4H5M6.5S"),

@@ -17,10 +17,10 @@
 //!
 //! # One chunk
 //!
-//! Tables are read one after the other, in chunks of `snapshot_chunk_rows`
-//! rows by primary key (`WHERE key > last ORDER BY key LIMIT n`), on a SQL
-//! session of their own, so that the replication loop keeps streaming
-//! while the query runs. For each chunk:
+//! Tables are read one after the other, in chunks by primary key (`WHERE
+//! key > last ORDER BY key LIMIT n`), on a SQL session of their own, so
+//! that the replication loop keeps streaming while the query runs. For each
+//! chunk:
 //!
 //! 1. the loop opens a *window* on the table: from then on, the key of
 //!    every streamed change to that table is remembered;
@@ -60,9 +60,39 @@
 //! for longer than the loop takes to ask for a chunk and the reader to
 //! write a watermark and start its query.
 //!
-//! Watermarks are non-transactional messages: they need no transaction id,
-//! are never rolled back, and appear in the stream at the point they were
-//! written, between transactions.
+//! Watermarks are non-transactional messages: they are never rolled back,
+//! and appear in the stream at the point they were written, between
+//! transactions. The walsender sends WAL only once it is flushed, and a
+//! non-transactional message alone does not flush: it would wait for the
+//! WAL writer (`wal_writer_delay`, 200 ms by default), which was most of
+//! each chunk's time. So the high watermark is written in a statement that
+//! also takes a transaction id (`pg_current_xact_id()`): its commit, with
+//! `synchronous_commit = local` on the reader's session, flushes the WAL
+//! up to and past the watermark at once. That transaction changes nothing
+//! (pgoutput sends it as an empty transaction, or not at all).
+//!
+//! # Reading ahead
+//!
+//! The next chunk of the same table is asked for as soon as the current
+//! one's rows reached the loop, before its high watermark comes back
+//! through the stream: its query runs while the watermark makes its round
+//! trip. That opens a second window while the first is still open, and
+//! each is exactly the window of the argument above: it opened before its
+//! own low watermark and query, it tracks every change streamed after
+//! that, and it closes at its own high watermark. Their key ranges do not
+//! overlap (the second starts after the first's last key), and the reader
+//! writes the first's high watermark before the second's low one, so the
+//! chunks go out in order. At most two chunks are held (the second is only
+//! asked for when the first did not end the table); a table the reader
+//! refuses in the second window is dropped once the first went out.
+//!
+//! # Chunk size
+//!
+//! A chunk holds at most `snapshot_chunk_rows` rows, and at most a quarter
+//! of `max_in_flight_bytes` of row values: a table's first chunk reads 100
+//! rows, and each next one as many rows of the width seen so far as fit,
+//! so that 300 kB TOASTed rows make small chunks and narrow rows full
+//! ones.
 //!
 //! # Checkpoint
 //!
@@ -84,7 +114,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -100,7 +129,7 @@ use walcast_sdk::telemetry as metrics;
 
 use super::assemble::Assembler;
 use super::catalog::{self, Catalog, CatalogError};
-use super::snapshot::{parse_copy_line, row_values, SnapshotError, TableJob};
+use super::snapshot::{copy_fields, row_values, CopyLines, SnapshotError, TableJob};
 
 /// Prefix of the logical messages that ask for a snapshot.
 pub const SIGNAL_PREFIX: &str = "walcast.signal";
@@ -274,6 +303,9 @@ struct ChunkRequest {
     after: Option<Vec<String>>,
 }
 
+/// Rows of a table's first chunk when nothing tells how wide they are.
+const PROBE_ROWS: usize = 100;
+
 /// A chunk read between its watermarks.
 struct ChunkRows {
     chunk: u64,
@@ -285,6 +317,26 @@ struct ChunkRows {
     done: bool,
     /// `pg_class.reltuples`, on a table's first chunk.
     estimate: Option<u64>,
+}
+
+/// How many rows the next chunk of a table may hold: `chunk_bytes` of rows
+/// of the width seen so far (the chunk is held in memory from its read to
+/// its high watermark), never more than `snapshot_chunk_rows`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ChunkSizer {
+    max_rows: usize,
+    chunk_bytes: usize,
+}
+
+impl ChunkSizer {
+    /// Rows for a chunk of rows `width` bytes wide in memory (`None`: not
+    /// known yet).
+    fn rows(&self, width: Option<usize>) -> usize {
+        match width {
+            Some(w) => (self.chunk_bytes / w.max(1)).clamp(1, self.max_rows.max(1)),
+            None => self.max_rows.clamp(1, PROBE_ROWS),
+        }
+    }
 }
 
 enum ChunkOutcome {
@@ -303,9 +355,12 @@ struct Reader {
     pipeline: String,
     run: String,
     publication: String,
-    chunk_rows: usize,
+    sizer: ChunkSizer,
     /// Tables whose row estimate this session already reported.
     estimated: HashSet<String>,
+    /// The table last read and the width of its rows in memory (bytes per
+    /// row of its last chunk), which sizes its next chunk.
+    width: Option<(String, usize)>,
 }
 
 impl Reader {
@@ -317,12 +372,17 @@ impl Reader {
             kind: kind.into(),
         })
         .expect("serializable");
+        // The high watermark is what the loop waits for: written with a
+        // transaction id, so that its commit flushes the WAL at once (see
+        // the module doc), instead of waiting for the WAL writer.
+        let sql = if kind == "high" {
+            "SELECT pg_logical_emit_message(false, $1, $2::text), pg_current_xact_id()"
+        } else {
+            "SELECT pg_logical_emit_message(false, $1, $2::text)"
+        };
         self.catalog
             .client()
-            .execute(
-                "SELECT pg_logical_emit_message(false, $1, $2::text)",
-                &[&WATERMARK_PREFIX, &body],
-            )
+            .execute(sql, &[&WATERMARK_PREFIX, &body])
             .await
             .map_err(|source| IncrementalError::Query {
                 table: table.into(),
@@ -432,18 +492,24 @@ impl Reader {
             resume_after: None,
             row_filter: described.row_filter,
         };
+        let width = self
+            .width
+            .as_ref()
+            .filter(|(t, _)| *t == req.table)
+            .map(|(_, w)| *w);
+        let limit = self.sizer.rows(width);
         let shown = req
             .after
             .as_ref()
-            .map(|k| format!("({})", k.join(", ")))
-            .unwrap_or_else(|| "(start)".into());
-        let sql = job.sql(req.after.as_deref(), self.chunk_rows);
+            .map(|k| format!("after key ({})", k.join(", ")))
+            .unwrap_or_else(|| "from the start".into());
+        let sql = job.sql(req.after.as_deref(), limit);
 
         self.watermark(&req.table, req.chunk, "low").await?;
         let read_err = |source| {
             IncrementalError::Read(SnapshotError::Query {
                 table: req.table.clone(),
-                after: shown.clone(),
+                chunk: shown.clone(),
                 source,
             })
         };
@@ -454,42 +520,45 @@ impl Reader {
             .await
             .map_err(read_err)?;
         futures::pin_mut!(stream);
-        let mut buf = BytesMut::new();
-        let mut rows = Vec::new();
+        let mut lines = CopyLines::default();
+        let mut rows = Vec::with_capacity(limit.min(16_384));
+        let mut bytes = 0usize;
         let mut last_key = None;
-        let mut eof = false;
-        while !eof {
-            match stream.next().await {
-                Some(chunk) => buf.extend_from_slice(&chunk.map_err(read_err)?),
-                None => eof = true,
-            }
-            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-                let line = buf.split_to(nl + 1);
-                let fields = parse_copy_line(&line[..nl]).map_err(|e| SnapshotError::Copy {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(read_err)?;
+            lines.feed(&chunk, |line| {
+                let fields = copy_fields(line).map_err(|e| SnapshotError::Copy {
                     table: req.table.clone(),
-                    after: shown.clone(),
+                    chunk: shown.clone(),
                     reason: e.to_string(),
                 })?;
-                rows.push(row_values(&job, &fields, &shown)?);
+                let row = row_values(&job, &fields, &shown)?;
+                bytes += std::mem::size_of::<ChangeEvent>()
+                    + row.iter().map(Value::approx_bytes).sum::<usize>();
+                rows.push(row);
                 last_key = Some(
                     job.key_order
                         .iter()
-                        .map(|i| fields[*i].clone().unwrap_or_default())
-                        .collect(),
+                        .map(|i| fields[*i].as_deref().unwrap_or_default().to_string())
+                        .collect::<Vec<String>>(),
                 );
+                Ok::<_, SnapshotError>(())
+            })?;
+        }
+        if !lines.rest.is_empty() {
+            return Err(SnapshotError::Copy {
+                table: req.table.clone(),
+                chunk: shown.clone(),
+                reason: "COPY output ends inside a row".into(),
             }
-            if eof && !buf.is_empty() {
-                return Err(SnapshotError::Copy {
-                    table: req.table.clone(),
-                    after: shown.clone(),
-                    reason: "COPY output ends inside a row".into(),
-                }
-                .into());
-            }
+            .into());
+        }
+        if !rows.is_empty() {
+            self.width = Some((req.table.clone(), bytes / rows.len()));
         }
         Ok(ChunkOutcome::Rows(ChunkRows {
             chunk: req.chunk,
-            done: rows.len() < self.chunk_rows,
+            done: rows.len() < limit,
             table: job.table,
             rows,
             last_key: last_key.or(req.after),
@@ -525,7 +594,14 @@ struct Window {
     /// A truncate of the table arrived: every row read is stale.
     truncated: bool,
     rows: Option<ChunkRows>,
+    /// The reader refused the table (see [`ChunkOutcome::Skip`]); acted on
+    /// once the window is the oldest.
+    skipped: Option<String>,
 }
+
+/// Windows open at once: the chunk waiting for its high watermark, and the
+/// next chunk of the same table, read meanwhile (see the module doc).
+const MAX_WINDOWS: usize = 2;
 
 /// Settings of the incremental snapshots of one pipeline.
 #[derive(Debug, Clone)]
@@ -533,7 +609,11 @@ pub struct IncrementalSettings {
     pub pipeline: String,
     pub slot: String,
     pub publication: String,
+    /// The most rows a chunk holds (`snapshot_chunk_rows`).
     pub chunk_rows: usize,
+    /// The memory a chunk's rows may take (a quarter of
+    /// `max_in_flight_bytes`): chunks hold fewer rows when rows are wide.
+    pub chunk_bytes: usize,
     pub batch_max_events: usize,
     /// `<state_dir>/<pipeline>.incremental.json`.
     pub state_path: PathBuf,
@@ -576,7 +656,8 @@ pub struct Incremental {
     /// necessarily acknowledged).
     queue: VecDeque<PendingTable>,
     next_chunk: u64,
-    window: Option<Window>,
+    /// Open windows, oldest first, all on the queue's first table.
+    windows: VecDeque<Window>,
     requests: Option<mpsc::Sender<ChunkRequest>>,
     results: Option<mpsc::Receiver<Result<ChunkOutcome, IncrementalError>>>,
     awaiting_delivery: VecDeque<ChunkDone>,
@@ -611,7 +692,7 @@ impl Incremental {
             durable,
             queue,
             next_chunk: 0,
-            window: None,
+            windows: VecDeque::new(),
             requests: None,
             results: None,
             awaiting_delivery: VecDeque::new(),
@@ -663,28 +744,38 @@ impl Incremental {
         if w.pipeline != self.s.pipeline || w.run != self.run {
             return Ok(None);
         }
-        let Some(win) = self.window.as_mut().filter(|win| win.chunk == w.chunk) else {
-            return Ok(None);
-        };
         if w.kind == "low" {
-            win.low_seen = true;
+            if let Some(win) = self.windows.iter_mut().find(|win| win.chunk == w.chunk) {
+                win.low_seen = true;
+            }
             return Ok(None);
         }
-        // The high watermark: the reader sent the rows before writing it.
-        if win.rows.is_none() {
+        // A high watermark: the reader writes them in order, each after
+        // sending its chunk's rows, so it closes the oldest window.
+        if self.windows.front().is_none_or(|win| win.chunk != w.chunk) {
+            return Ok(None);
+        }
+        while self
+            .windows
+            .front()
+            .is_some_and(|win| win.chunk == w.chunk && win.rows.is_none() && win.skipped.is_none())
+        {
             let outcome = match self.results.as_mut() {
                 Some(rx) => rx.recv().await.ok_or(IncrementalError::ReaderGone)?,
                 None => return Err(IncrementalError::ReaderGone),
             };
             self.on_result(outcome)?;
         }
-        let Some(win) = self.window.take() else {
+        if self.windows.front().is_none_or(|win| win.chunk != w.chunk) {
+            return Ok(None);
+        }
+        let Some(win) = self.windows.pop_front() else {
             return Ok(None);
         };
         let Some(chunk) = win.rows else {
             return Ok(None);
         };
-        Ok(Some(self.emit(
+        let events = self.emit(
             win.changed,
             win.truncated,
             win.low_seen,
@@ -692,7 +783,9 @@ impl Incremental {
             m.lsn,
             asm,
             status,
-        )))
+        );
+        self.settle_skipped();
+        Ok(Some(events))
     }
 
     fn on_signal(&mut self, m: &LogicalMessage) {
@@ -759,7 +852,7 @@ impl Incremental {
                 tracing::info!(pipeline = %self.s.pipeline, lsn = %m.lsn, tables = ?self.queue.iter().map(|t| &t.name).collect::<Vec<_>>(), "incremental snapshot stopped by signal");
                 self.queue.clear();
                 self.durable.tables.clear();
-                self.window = None;
+                self.windows.clear();
                 self.progress = None;
                 if let Err(e) = self.durable.save(&self.s.state_path) {
                     tracing::error!(pipeline = %self.s.pipeline, error = %e, "cannot save the incremental snapshot queue");
@@ -771,27 +864,34 @@ impl Incremental {
         }
     }
 
-    /// A change event just assembled: remembered if the open window's
-    /// table changed.
+    /// A change event just assembled: remembered by the open windows if it
+    /// changed their table.
     pub fn observe(&mut self, e: &ChangeEvent) {
-        let Some(win) = self.window.as_mut() else {
+        let Some(win) = self.windows.front() else {
             return;
         };
         if e.table.name != win.name || e.table.schema != win.schema {
             return;
         }
         if e.op == walcast_sdk::Op::Truncate {
-            win.truncated = true;
+            self.windows.iter_mut().for_each(|w| w.truncated = true);
             return;
         }
         if let Some(row) = e.identity_row() {
-            win.changed.insert(key_string(&e.table, row));
+            let key = key_string(&e.table, row);
+            for w in self.windows.iter_mut() {
+                w.changed.insert(key.clone());
+            }
         }
     }
 
     /// Whether a chunk's rows are awaited from the reader.
     pub fn awaiting_rows(&self) -> bool {
-        self.window.as_ref().is_some_and(|w| w.rows.is_none()) && self.results.is_some()
+        self.results.is_some()
+            && self
+                .windows
+                .iter()
+                .any(|w| w.rows.is_none() && w.skipped.is_none())
     }
 
     /// The reader's answer (in the loop's `select!`).
@@ -807,88 +907,129 @@ impl Incremental {
     ) -> Result<(), IncrementalError> {
         match outcome? {
             ChunkOutcome::Rows(rows) => {
-                if let Some(win) = self.window.as_mut().filter(|w| w.chunk == rows.chunk) {
+                if let Some(win) = self.windows.iter_mut().find(|w| w.chunk == rows.chunk) {
                     win.rows = Some(rows);
                 }
             }
             ChunkOutcome::Skip { chunk, reason } => {
-                if self.window.as_ref().is_some_and(|w| w.chunk == chunk) {
-                    self.window = None;
-                    if let Some(t) = self.queue.pop_front() {
-                        tracing::error!(pipeline = %self.s.pipeline, table = %t.name, reason = %reason, "incremental snapshot of this table skipped");
-                        self.durable.tables.retain(|d| d.name != t.name);
-                        if let Err(e) = self.durable.save(&self.s.state_path) {
-                            tracing::error!(pipeline = %self.s.pipeline, error = %e, "cannot save the incremental snapshot queue");
-                        }
-                    }
+                if let Some(win) = self.windows.iter_mut().find(|w| w.chunk == chunk) {
+                    win.skipped = Some(reason);
                 }
+                self.settle_skipped();
             }
         }
         Ok(())
     }
 
-    /// Asks for the next chunk when none is open and the sinks have room;
-    /// the window opens now (see the module doc).
+    /// A table the reader refused is dropped from the queue once its window
+    /// is the oldest: a chunk before it, read already, still goes out at
+    /// its high watermark.
+    fn settle_skipped(&mut self) {
+        let Some(reason) = self.windows.front().and_then(|w| w.skipped.clone()) else {
+            return;
+        };
+        // Every open window is on that table.
+        self.windows.clear();
+        if let Some(t) = self.queue.pop_front() {
+            tracing::error!(pipeline = %self.s.pipeline, table = %t.name, reason = %reason, "incremental snapshot of this table skipped");
+            self.durable.tables.retain(|d| d.name != t.name);
+            if let Err(e) = self.durable.save(&self.s.state_path) {
+                tracing::error!(pipeline = %self.s.pipeline, error = %e, "cannot save the incremental snapshot queue");
+            }
+        }
+    }
+
+    /// Asks for the next chunk when the sinks have room: when no window is
+    /// open, or, to read ahead, when the open one has its rows and more of
+    /// its table is left. The window opens now (see the module doc).
     pub fn maybe_request(&mut self, room: bool) -> Result<(), IncrementalError> {
-        if self.window.is_some() || !room {
+        if !room || self.windows.len() >= MAX_WINDOWS {
             return Ok(());
         }
-        let Some(next) = self.queue.front().cloned() else {
+        let Some(table) = self.queue.front().cloned() else {
             return Ok(());
         };
-        let (schema, name) = (next.schema.clone(), next.table.clone());
+        let after = match self.windows.back() {
+            None => table.last_key,
+            Some(Window {
+                rows: Some(rows),
+                skipped: None,
+                ..
+            }) if !rows.done => rows.last_key.clone(),
+            Some(_) => return Ok(()),
+        };
         if self.requests.is_none() {
             self.spawn_reader();
         }
         self.next_chunk += 1;
         let req = ChunkRequest {
             chunk: self.next_chunk,
-            table: next.name,
-            schema: next.schema,
-            name: next.table,
-            after: next.last_key,
+            table: table.name,
+            schema: table.schema.clone(),
+            name: table.table.clone(),
+            after,
         };
         self.requests
             .as_ref()
             .expect("spawned")
             .try_send(req)
             .map_err(|_| IncrementalError::ReaderGone)?;
-        self.window = Some(Window {
+        self.windows.push_back(Window {
             chunk: self.next_chunk,
-            schema,
-            name,
+            schema: table.schema,
+            name: table.table,
             low_seen: false,
             changed: HashSet::new(),
             truncated: false,
             rows: None,
+            skipped: None,
         });
         Ok(())
     }
 
     fn spawn_reader(&mut self) {
-        let (req_tx, req_rx) = mpsc::channel(1);
+        // Room for a request of each window and one the reader is still
+        // answering after a stop-snapshot closed its window.
+        let (req_tx, req_rx) = mpsc::channel(MAX_WINDOWS + 1);
         let (res_tx, res_rx) = mpsc::channel(1);
         let connect = self.connect.clone();
         let pipeline = self.s.pipeline.clone();
         let run = self.run.clone();
         let publication = self.s.publication.clone();
-        let chunk_rows = self.s.chunk_rows;
+        let sizer = ChunkSizer {
+            max_rows: self.s.chunk_rows,
+            chunk_bytes: self.s.chunk_bytes,
+        };
         tokio::spawn(async move {
-            match catalog::connect(&connect).await {
+            let connected = match catalog::connect(&connect).await {
+                // A high watermark's commit flushes the WAL on this server
+                // only, never waiting for synchronous standbys.
+                Ok(client) => match client.batch_execute("SET synchronous_commit = local").await {
+                    Ok(()) => Ok(client),
+                    Err(source) => Err(IncrementalError::Query {
+                        table: String::new(),
+                        what: "setting synchronous_commit for the chunk reader",
+                        source,
+                    }),
+                },
+                Err(e) => Err(e.into()),
+            };
+            match connected {
                 Ok(client) => {
                     Reader {
                         catalog: Catalog::new(client).for_publication(&publication),
                         pipeline,
                         run,
                         publication,
-                        chunk_rows,
+                        sizer,
                         estimated: HashSet::new(),
+                        width: None,
                     }
                     .run(req_rx, res_tx)
                     .await
                 }
                 Err(e) => {
-                    let _ = res_tx.send(Err(e.into())).await;
+                    let _ = res_tx.send(Err(e)).await;
                 }
             }
         });
@@ -933,7 +1074,7 @@ impl Incremental {
         let mut events = Vec::with_capacity(chunk.rows.len());
         if !truncated {
             for row in chunk.rows {
-                if changed.contains(&key_string(&table, &row)) {
+                if !changed.is_empty() && changed.contains(&key_string(&table, &row)) {
                     continue;
                 }
                 events.push(ChangeEvent {
@@ -1051,7 +1192,7 @@ impl Incremental {
         let Some(p) = self.progress.as_mut() else {
             return;
         };
-        let idle = self.queue.is_empty() && self.window.is_none();
+        let idle = self.queue.is_empty() && self.windows.is_empty();
         let secs = p.started.elapsed().as_secs_f64().max(0.001);
         let rate = p.rows as f64 / secs;
         // Tables not started yet count with what the ones read so far did.
@@ -1144,6 +1285,28 @@ mod tests {
         let r3 = [Value::Int32(2), Value::Text("x".into()), Value::Int32(1)];
         assert_eq!(key_string(&t, &r1), key_string(&t, &r2));
         assert_ne!(key_string(&t, &r1), key_string(&t, &r3));
+    }
+
+    #[test]
+    fn chunks_are_sized_by_row_width() {
+        let sizer = ChunkSizer {
+            max_rows: 10_000,
+            chunk_bytes: 8 << 20,
+        };
+        assert_eq!(sizer.rows(None), PROBE_ROWS, "a table's first chunk probes");
+        assert_eq!(sizer.rows(Some(500)), 10_000, "narrow rows: the row cap");
+        assert_eq!(
+            sizer.rows(Some(300 << 10)),
+            27,
+            "300 kB rows: 8 MiB of them"
+        );
+        assert_eq!(sizer.rows(Some(64 << 20)), 1, "at least one row");
+        assert_eq!(sizer.rows(Some(0)), 10_000);
+        let small = ChunkSizer {
+            max_rows: 3,
+            chunk_bytes: 8 << 20,
+        };
+        assert_eq!(small.rows(None), 3, "never more than snapshot_chunk_rows");
     }
 
     #[test]

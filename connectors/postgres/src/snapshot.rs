@@ -26,13 +26,50 @@
 //!   so sinks that apply by version (Redis, OpenSearch) let the stream win,
 //!   and replaying the stream in order converges on the table's state.
 //!
-//! Each table is read in chunks by key (keyset pagination over the primary
-//! key's index, `COPY ... TO STDOUT` in text format); tables without a key
-//! are read in one pass and restart from the beginning after a crash.
-//! Memory stays bounded by `max_in_flight_events` and `max_in_flight_bytes`:
-//! workers stop when the
-//! sinks fall behind.
+//! # How rows are read
+//!
+//! A plain table (`relkind = 'r'`) is cut into ctid block ranges
+//! (`WHERE ctid >= '(a,0)' AND ctid < '(b,0)'`, a TID range scan: the heap
+//! read in order, no index, no sort), and the ranges of every table go to
+//! one queue that all `snapshot_workers` sessions take from, so one big
+//! table keeps every session busy (PeerDB reads tables the same way). All
+//! sessions import the one snapshot, in which each visible row version has
+//! exactly one ctid: the ranges (the last one open-ended) partition the
+//! table exactly, and no row is read twice or missed. The plan is made in
+//! a worker session inside the snapshot, after locking the table in ACCESS
+//! SHARE mode, and every session keeps its transaction (and the locks its
+//! reads took) until all workers are done, so no rewrite can renumber the
+//! rows between the plan and the last range's read.
+//!
+//! Progress is per range: the plan (the first block of each range) and the
+//! table's `pg_relation_filenode` are saved with the ranges acknowledged.
+//! A resumed run reads the missing ranges under its new snapshot. There a
+//! row sits at another ctid only if it was updated after the consistent
+//! point (an update writes a new row version): the resumed snapshot reads
+//! it if the new version lies in a missing range, and if it lies in a range
+//! already read, the row's stream event (an update with the whole new row)
+//! brings it, after the snapshot. One loss stays possible in that case, as
+//! for any row known only from its stream event: an update that left a
+//! TOASTed column unchanged does not carry it (without REPLICA IDENTITY
+//! FULL), and the sinks mark the column unknown (see `walcast_sdk::toast`).
+//! A rewrite (VACUUM FULL, CLUSTER, an ALTER TABLE that rewrites) gives the
+//! table a new file and every row a new ctid: the filenode differs, and the
+//! table is read again from the start.
+//!
+//! Partitioned tables published through their root, servers before
+//! Postgres 14 (no TID range scans) and tables an earlier version started
+//! by key are read in chunks by key instead (keyset pagination over the
+//! primary key's index, `snapshot_chunk_rows` rows a chunk), one worker per
+//! table, resuming after the last acknowledged key; such a table without a
+//! key is read in one pass and starts over after a crash.
+//!
+//! Rows arrive as `COPY ... TO STDOUT` text, one row per message, parsed
+//! where they lie (fields without escapes are borrowed, not copied) and
+//! converted by the same functions as streamed values. Memory stays
+//! bounded by `max_in_flight_events` and `max_in_flight_bytes`: workers
+//! stop when the sinks fall behind, and Postgres waits on the socket.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -64,6 +101,8 @@ pub struct SnapshotSettings {
     pub mode: SnapshotMode,
     pub workers: usize,
     pub chunk_rows: usize,
+    /// Largest block range of a plain table read in one query, in bytes.
+    pub range_size: usize,
     /// The state file: `<state_dir>/<pipeline>.snapshot.json`.
     pub state_path: PathBuf,
     /// Incremental snapshots' queue and progress:
@@ -90,16 +129,18 @@ pub enum SnapshotError {
         what: String,
         source: tokio_postgres::Error,
     },
-    #[error("snapshot of {table}, chunk after key {after}: {source}")]
+    /// `chunk` says which part of the table: `after key (...)`, `from the
+    /// start`, `blocks a..b`.
+    #[error("snapshot of {table}, chunk {chunk}: {source}")]
     Query {
         table: String,
-        after: String,
+        chunk: String,
         source: tokio_postgres::Error,
     },
-    #[error("snapshot of {table}, chunk after key {after}: {reason}")]
+    #[error("snapshot of {table}, chunk {chunk}: {reason}")]
     Copy {
         table: String,
-        after: String,
+        chunk: String,
         reason: String,
     },
     #[error("snapshot of {table}: {reason}")]
@@ -136,6 +177,89 @@ pub struct TableProgress {
     /// The key (text forms, in key-index order) of the last row of the last
     /// acknowledged chunk; reading resumes after it.
     pub last_key: Option<Vec<String>>,
+    /// The table's block ranges and which are delivered, when it is read by
+    /// ranges (absent from state files of earlier versions, whose tables
+    /// resume by key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranges: Option<RangePlan>,
+}
+
+/// A plain table cut into ctid block ranges, and which of them the sinks
+/// acknowledged.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RangePlan {
+    /// `pg_relation_filenode` when the plan was made. A rewrite (VACUUM
+    /// FULL, CLUSTER, an ALTER TABLE that rewrites) gives the table a new
+    /// file and every row a new ctid, so the plan is void once it changed.
+    pub filenode: u32,
+    /// First block of each range; each ends where the next starts, and the
+    /// last is open-ended (rows added since fall into it).
+    pub starts: Vec<u32>,
+    /// Acknowledged, by range.
+    pub done: Vec<bool>,
+}
+
+impl RangePlan {
+    /// Splits `blocks` blocks into ranges of at most `max_blocks` (at least
+    /// [`MIN_RANGE_BLOCKS`] each), and into at least
+    /// [`RANGES_PER_WORKER`] per worker when the table is big enough, so
+    /// that every worker has a share and none is left with the last big
+    /// one.
+    pub fn new(filenode: u32, blocks: u64, max_blocks: u64, workers: usize) -> Self {
+        let max_blocks = max_blocks.max(1);
+        let wanted = blocks
+            .div_ceil(max_blocks)
+            .max((workers * RANGES_PER_WORKER) as u64);
+        let n = wanted.min(blocks / MIN_RANGE_BLOCKS).max(1);
+        let step = blocks.div_ceil(n).max(1);
+        let starts: Vec<u32> = (0..n)
+            .map(|i| i * step)
+            .take_while(|b| *b == 0 || *b < blocks)
+            .map(|b| b.min(u64::from(u32::MAX)) as u32)
+            .collect();
+        RangePlan {
+            filenode,
+            done: vec![false; starts.len()],
+            starts,
+        }
+    }
+
+    /// The ranges not acknowledged yet.
+    pub fn remaining(&self) -> Vec<BlockRange> {
+        (0..self.starts.len())
+            .filter(|i| !self.done[*i])
+            .map(|i| BlockRange {
+                index: i,
+                start: self.starts[i],
+                end: self.starts.get(i + 1).copied(),
+            })
+            .collect()
+    }
+}
+
+/// Ranges are at least this many blocks (1 MiB of 8 kB pages): below, a
+/// query's round trip costs more than its rows.
+pub const MIN_RANGE_BLOCKS: u64 = 128;
+/// A table is cut into at least this many ranges per worker (when big
+/// enough), so that workers finish together.
+pub const RANGES_PER_WORKER: usize = 4;
+
+/// One ctid block range of a table: blocks `start..end`, `end` open for the
+/// table's last range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockRange {
+    pub index: usize,
+    pub start: u32,
+    pub end: Option<u32>,
+}
+
+impl std::fmt::Display for BlockRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.end {
+            Some(end) => write!(f, "blocks {}..{}", self.start, end),
+            None => write!(f, "blocks {}..", self.start),
+        }
+    }
 }
 
 /// The snapshot's durable progress for one pipeline.
@@ -219,72 +343,97 @@ pub struct CopyTextError {
 /// `\\`, `\t`, `\n`, `\r`, `\b`, `\f`, `\v`, octal `\ooo` and hex `\xhh`
 /// stand for their bytes; any other escaped character for itself. Raw tabs
 /// only ever separate fields (tabs in data are escaped), so splitting first
-/// is safe.
+/// is safe. Fields without a backslash (most) are borrowed from the line.
+pub fn copy_fields(line: &[u8]) -> Result<Vec<Option<Cow<'_, str>>>, CopyTextError> {
+    // Checked once for the line; tabs are ASCII, so every field of valid
+    // UTF-8 is too.
+    let text = std::str::from_utf8(line).map_err(|e| CopyTextError {
+        field: memchr::memchr_iter(b'\t', &line[..e.valid_up_to()]).count(),
+        reason: format!("not UTF-8: {e}"),
+    })?;
+    let mut out = Vec::with_capacity(16);
+    let mut from = 0;
+    let ends = memchr::memchr_iter(b'\t', line).chain(std::iter::once(line.len()));
+    for (field, to) in ends.enumerate() {
+        let raw = &text[from..to];
+        from = to + 1;
+        out.push(if raw == "\\N" {
+            None
+        } else if memchr::memchr(b'\\', raw.as_bytes()).is_none() {
+            Some(Cow::Borrowed(raw))
+        } else {
+            Some(Cow::Owned(unescape(field, raw.as_bytes())?))
+        });
+    }
+    Ok(out)
+}
+
+/// [`copy_fields`], every field owned.
 pub fn parse_copy_line(line: &[u8]) -> Result<Vec<Option<String>>, CopyTextError> {
-    line.split(|b| *b == b'\t')
-        .enumerate()
-        .map(|(field, raw)| {
-            if raw == b"\\N" {
-                return Ok(None);
-            }
-            let mut out = Vec::with_capacity(raw.len());
-            let mut i = 0;
-            while i < raw.len() {
-                let b = raw[i];
-                i += 1;
-                if b != b'\\' {
-                    out.push(b);
-                    continue;
-                }
-                let Some(&c) = raw.get(i) else {
-                    return Err(CopyTextError {
-                        field,
-                        reason: "a backslash ends the field".into(),
-                    });
-                };
-                i += 1;
-                match c {
-                    b't' => out.push(b'\t'),
-                    b'n' => out.push(b'\n'),
-                    b'r' => out.push(b'\r'),
-                    b'b' => out.push(0x08),
-                    b'f' => out.push(0x0c),
-                    b'v' => out.push(0x0b),
-                    b'0'..=b'7' => {
-                        let mut v = u32::from(c - b'0');
-                        for _ in 0..2 {
-                            match raw.get(i) {
-                                Some(d @ b'0'..=b'7') => {
-                                    v = v * 8 + u32::from(d - b'0');
-                                    i += 1;
-                                }
-                                _ => break,
-                            }
-                        }
-                        out.push(v as u8);
-                    }
-                    b'x' if raw.get(i).is_some_and(u8::is_ascii_hexdigit) => {
-                        let mut v = 0u32;
-                        for _ in 0..2 {
-                            match raw.get(i).and_then(|d| (*d as char).to_digit(16)) {
-                                Some(d) => {
-                                    v = v * 16 + d;
-                                    i += 1;
-                                }
-                                None => break,
-                            }
-                        }
-                        out.push(v as u8);
-                    }
-                    other => out.push(other),
-                }
-            }
-            String::from_utf8(out).map(Some).map_err(|e| CopyTextError {
+    Ok(copy_fields(line)?
+        .into_iter()
+        .map(|f| f.map(Cow::into_owned))
+        .collect())
+}
+
+/// One field with backslash escapes, unescaped.
+fn unescape(field: usize, raw: &[u8]) -> Result<String, CopyTextError> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        i += 1;
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        let Some(&c) = raw.get(i) else {
+            return Err(CopyTextError {
                 field,
-                reason: format!("not UTF-8: {e}"),
-            })
-        })
-        .collect()
+                reason: "a backslash ends the field".into(),
+            });
+        };
+        i += 1;
+        match c {
+            b't' => out.push(b'\t'),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b'b' => out.push(0x08),
+            b'f' => out.push(0x0c),
+            b'v' => out.push(0x0b),
+            b'0'..=b'7' => {
+                let mut v = u32::from(c - b'0');
+                for _ in 0..2 {
+                    match raw.get(i) {
+                        Some(d @ b'0'..=b'7') => {
+                            v = v * 8 + u32::from(d - b'0');
+                            i += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                out.push(v as u8);
+            }
+            b'x' if raw.get(i).is_some_and(u8::is_ascii_hexdigit) => {
+                let mut v = 0u32;
+                for _ in 0..2 {
+                    match raw.get(i).and_then(|d| (*d as char).to_digit(16)) {
+                        Some(d) => {
+                            v = v * 16 + d;
+                            i += 1;
+                        }
+                        None => break,
+                    }
+                }
+                out.push(v as u8);
+            }
+            other => out.push(other),
+        }
+    }
+    String::from_utf8(out).map_err(|e| CopyTextError {
+        field,
+        reason: format!("not UTF-8: {e}"),
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -353,6 +502,35 @@ impl TableJob {
     }
 }
 
+impl TableJob {
+    /// The `COPY ... TO STDOUT` of one block range, in physical order (a
+    /// TID range scan: sequential reads, no sort). The first range has no
+    /// lower bound and the last no upper one, so a table of one range is a
+    /// plain sequential scan.
+    pub(super) fn range_sql(&self, range: &BlockRange) -> String {
+        let cols: Vec<String> = self
+            .table
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect();
+        let mut conditions: Vec<String> =
+            self.row_filter.iter().map(|f| format!("({f})")).collect();
+        if range.start > 0 {
+            conditions.push(format!("ctid >= '({},0)'::tid", range.start));
+        }
+        if let Some(end) = range.end {
+            conditions.push(format!("ctid < '({end},0)'::tid"));
+        }
+        format!(
+            "COPY (SELECT {} FROM {}{}) TO STDOUT",
+            cols.join(", "),
+            self.table.table_name().quoted(),
+            where_clause(&conditions)
+        )
+    }
+}
+
 fn where_clause(conditions: &[String]) -> String {
     if conditions.is_empty() {
         String::new()
@@ -368,6 +546,8 @@ struct ChunkEnd {
     rows: u64,
     last_key: Option<Vec<String>>,
     table_done: bool,
+    /// The block range this chunk was, for a table read by ranges.
+    range: Option<usize>,
 }
 
 /// Events of one table handed from a worker to the coordinator, in order.
@@ -391,8 +571,14 @@ fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
-fn read_event(cx: &EventContext, table: &Arc<TableSchema>, after: Vec<Value>) -> ChangeEvent {
-    let us = now_micros();
+/// A snapshot row as an event; `us` is when it was read (taken once per
+/// piece of events: a clock read per row cost more than the row's key).
+fn read_event(
+    cx: &EventContext,
+    table: &Arc<TableSchema>,
+    after: Vec<Value>,
+    us: i64,
+) -> ChangeEvent {
     ChangeEvent {
         op: Op::Read,
         table: Arc::clone(table),
@@ -413,6 +599,15 @@ fn read_event(cx: &EventContext, table: &Arc<TableSchema>, after: Vec<Value>) ->
     }
 }
 
+/// What a worker reads in one go.
+enum Work {
+    /// A whole table, chunk after chunk by key (in one pass without key).
+    Chunks(Arc<TableJob>),
+    /// One block range of a table; the table's ranges are shared out among
+    /// all workers.
+    Range(Arc<TableJob>, BlockRange),
+}
+
 struct Worker {
     client: Client,
     cx: EventContext,
@@ -422,111 +617,150 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, jobs: Arc<Mutex<VecDeque<TableJob>>>) {
+    /// Reads until the queue is empty. Returns the session with its
+    /// transaction still open: the tables' locks must hold until every
+    /// worker is done (see the module doc), so the coordinator ends them
+    /// all at the end.
+    async fn run(self, work: Arc<Mutex<VecDeque<Work>>>) -> Client {
         loop {
-            let job = jobs.lock().ok().and_then(|mut q| q.pop_front());
-            let Some(job) = job else { break };
-            if let Err(e) = self.table(&job).await {
+            let next = work.lock().ok().and_then(|mut q| q.pop_front());
+            let result = match next {
+                None => break,
+                Some(Work::Chunks(job)) => self.table(&job).await,
+                Some(Work::Range(job, range)) => self.range(&job, range).await,
+            };
+            if let Err(e) = result {
                 let _ = self.out.send(Err(e)).await;
-                return;
+                break;
             }
         }
-        let _ = self.client.batch_execute("COMMIT").await;
+        self.client
+    }
+
+    /// Reads one block range, sending pieces of at most `batch_max` events;
+    /// the last piece says the range is read.
+    async fn range(&self, job: &TableJob, range: BlockRange) -> Result<(), SnapshotError> {
+        let shown = range.to_string();
+        let read = self
+            .copy(job, &job.range_sql(&range), &shown, false)
+            .await?;
+        self.send(Piece {
+            events: read.events,
+            ends: vec![ChunkEnd {
+                table: job.index,
+                rows: read.rows,
+                last_key: None,
+                table_done: false,
+                range: Some(range.index),
+            }],
+        })
+        .await
     }
 
     /// Reads one table chunk by chunk, sending pieces of at most
     /// `batch_max` events; each chunk's last piece says where it ended.
     async fn table(&self, job: &TableJob) -> Result<(), SnapshotError> {
-        let name = job.name();
         let keyed = !job.key_order.is_empty();
         let mut after = job.resume_after.clone();
         loop {
             let shown = after
                 .as_ref()
-                .map(|k| format!("({})", k.join(", ")))
-                .unwrap_or_else(|| "(start)".into());
+                .map(|k| format!("after key ({})", k.join(", ")))
+                .unwrap_or_else(|| "from the start".into());
             let sql = job.sql(after.as_deref(), self.chunk_rows);
-            let qerr = |source| SnapshotError::Query {
-                table: name.clone(),
-                after: shown.clone(),
-                source,
-            };
-            let stream = self.client.copy_out(sql.as_str()).await.map_err(qerr)?;
-            futures::pin_mut!(stream);
-            let mut buf = BytesMut::new();
-            let mut events = Vec::new();
-            let mut rows = 0u64;
-            let mut last_key: Option<Vec<String>> = None;
-            let mut eof = false;
-            while !eof {
-                match stream.next().await {
-                    Some(chunk) => buf.extend_from_slice(&chunk.map_err(qerr)?),
-                    None => eof = true,
-                }
-                while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-                    let line = buf.split_to(nl + 1);
-                    let fields = parse_copy_line(&line[..nl]).map_err(|e| SnapshotError::Copy {
-                        table: name.clone(),
-                        after: shown.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    let values = self.row(job, &fields, &shown)?;
-                    if keyed {
-                        last_key = Some(
-                            job.key_order
-                                .iter()
-                                .map(|i| fields[*i].clone().unwrap_or_default())
-                                .collect(),
-                        );
-                    }
-                    events.push(read_event(&self.cx, &job.table, values));
-                    rows += 1;
-                    if events.len() >= self.batch_max {
-                        self.send(Piece {
-                            events: std::mem::take(&mut events),
-                            ends: Vec::new(),
-                        })
-                        .await?;
-                    }
-                }
-                if eof && !buf.is_empty() {
-                    return Err(SnapshotError::Copy {
-                        table: name.clone(),
-                        after: shown.clone(),
-                        reason: "COPY output ends inside a row".into(),
-                    });
-                }
-            }
-            let table_done = !keyed || rows < self.chunk_rows as u64;
+            let read = self.copy(job, &sql, &shown, keyed).await?;
+            let table_done = !keyed || read.rows < self.chunk_rows as u64;
             let end = ChunkEnd {
                 table: job.index,
-                rows,
+                rows: read.rows,
                 last_key: if keyed {
-                    last_key.clone().or(after.clone())
+                    read.last_key.clone().or(after.clone())
                 } else {
                     None
                 },
                 table_done,
+                range: None,
             };
             self.send(Piece {
-                events,
+                events: read.events,
                 ends: vec![end],
             })
             .await?;
             if table_done {
                 return Ok(());
             }
-            after = last_key;
+            after = read.last_key;
         }
     }
 
-    fn row(
+    /// Runs one `COPY ... TO STDOUT` and turns its rows into events, sending
+    /// full pieces as it goes; returns the events of the last, partial
+    /// piece, with the row count (and the last row's key when asked).
+    async fn copy(
         &self,
         job: &TableJob,
-        fields: &[Option<String>],
+        sql: &str,
         shown: &str,
-    ) -> Result<Vec<Value>, SnapshotError> {
-        row_values(job, fields, shown)
+        keep_key: bool,
+    ) -> Result<CopyRead, SnapshotError> {
+        let name = job.name();
+        let qerr = |source| SnapshotError::Query {
+            table: name.clone(),
+            chunk: shown.to_string(),
+            source,
+        };
+        let stream = self.client.copy_out(sql).await.map_err(qerr)?;
+        futures::pin_mut!(stream);
+        let mut lines = CopyLines::default();
+        let mut now = now_micros();
+        let mut read = CopyRead {
+            events: Vec::with_capacity(self.batch_max.min(4096)),
+            rows: 0,
+            last_key: None,
+        };
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(qerr)?;
+            lines.feed(&chunk, |line| {
+                let fields = copy_fields(line).map_err(|e| SnapshotError::Copy {
+                    table: name.clone(),
+                    chunk: shown.to_string(),
+                    reason: e.to_string(),
+                })?;
+                let values = row_values(job, &fields, shown)?;
+                if keep_key {
+                    read.last_key = Some(
+                        job.key_order
+                            .iter()
+                            .map(|i| fields[*i].as_deref().unwrap_or_default().to_string())
+                            .collect(),
+                    );
+                }
+                read.events
+                    .push(read_event(&self.cx, &job.table, values, now));
+                read.rows += 1;
+                Ok::<_, SnapshotError>(())
+            })?;
+            if read.events.len() >= self.batch_max {
+                let events = std::mem::replace(
+                    &mut read.events,
+                    Vec::with_capacity(self.batch_max.min(4096)),
+                );
+                self.send(Piece {
+                    events,
+                    ends: Vec::new(),
+                })
+                .await?;
+                now = now_micros();
+            }
+        }
+        if !lines.rest.is_empty() {
+            return Err(SnapshotError::Copy {
+                table: name,
+                chunk: shown.to_string(),
+                reason: "COPY output ends inside a row".into(),
+            });
+        }
+        Ok(read)
     }
 
     async fn send(&self, piece: Piece) -> Result<(), SnapshotError> {
@@ -540,18 +774,62 @@ impl Worker {
     }
 }
 
+/// What one COPY gave: the events not sent yet, all its rows, and the key
+/// of its last row (text forms) when asked for.
+struct CopyRead {
+    events: Vec<ChangeEvent>,
+    rows: u64,
+    last_key: Option<Vec<String>>,
+}
+
+/// Cuts COPY output into lines. Postgres sends each row in a message of its
+/// own, so lines are taken straight from the message; only a row split
+/// across messages (other servers, proxies) is put together in `rest`.
+#[derive(Default)]
+pub(super) struct CopyLines {
+    pub(super) rest: BytesMut,
+}
+
+impl CopyLines {
+    /// Calls `row` with each complete line (newline removed) of `chunk`.
+    pub(super) fn feed<E>(
+        &mut self,
+        chunk: &[u8],
+        mut row: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut from = 0;
+        if !self.rest.is_empty() {
+            let Some(nl) = memchr::memchr(b'\n', chunk) else {
+                self.rest.extend_from_slice(chunk);
+                return Ok(());
+            };
+            self.rest.extend_from_slice(&chunk[..nl]);
+            let line = std::mem::take(&mut self.rest);
+            row(&line)?;
+            from = nl + 1;
+        }
+        let start = from;
+        for nl in memchr::memchr_iter(b'\n', &chunk[start..]) {
+            row(&chunk[from..start + nl])?;
+            from = start + nl + 1;
+        }
+        self.rest.extend_from_slice(&chunk[from..]);
+        Ok(())
+    }
+}
+
 /// Converts one COPY row's text fields into the table's values, as the
 /// stream would (the same text output functions feed both).
-pub(super) fn row_values(
+pub(super) fn row_values<S: AsRef<str>>(
     job: &TableJob,
-    fields: &[Option<String>],
+    fields: &[Option<S>],
     shown: &str,
 ) -> Result<Vec<Value>, SnapshotError> {
     let table = &job.table;
     if fields.len() != table.columns.len() {
         return Err(SnapshotError::Copy {
             table: job.name(),
-            after: shown.into(),
+            chunk: shown.into(),
             reason: format!(
                 "a row has {} fields but the table has {} columns",
                 fields.len(),
@@ -559,18 +837,21 @@ pub(super) fn row_values(
             ),
         });
     }
-    fields
-        .iter()
-        .zip(&table.columns)
-        .map(|(f, c)| match f {
-            None => Ok(Value::Null),
-            Some(text) => convert::from_text(&c.pg_type, text).map_err(|e| SnapshotError::Copy {
-                table: job.name(),
-                after: shown.into(),
-                reason: format!("column {}: {e}", c.name),
-            }),
-        })
-        .collect()
+    // Allocated at its size: collecting `Result`s would grow it by steps.
+    let mut values = Vec::with_capacity(fields.len());
+    for (f, c) in fields.iter().zip(&table.columns) {
+        values.push(match f {
+            None => Value::Null,
+            Some(text) => {
+                convert::from_text(&c.pg_type, text.as_ref()).map_err(|e| SnapshotError::Copy {
+                    table: job.name(),
+                    chunk: shown.into(),
+                    reason: format!("column {}: {e}", c.name),
+                })?
+            }
+        });
+    }
+    Ok(values)
 }
 
 // ---------------------------------------------------------------------------
@@ -713,12 +994,117 @@ fn apply_acknowledged(
         if end.last_key.is_some() {
             t.last_key = end.last_key;
         }
-        if end.table_done && !t.done {
+        let mut table_done = end.table_done;
+        if let (Some(i), Some(plan)) = (end.range, t.ranges.as_mut()) {
+            if let Some(d) = plan.done.get_mut(i) {
+                *d = true;
+            }
+            table_done = plan.done.iter().all(|d| *d);
+        }
+        if table_done && !t.done {
             t.done = true;
             completed += 1;
         }
     }
     completed
+}
+
+/// Whether the server reads a ctid range without scanning the whole table
+/// (TID range scans, Postgres 14+); before, every range would cost a full
+/// scan, and tables are read by key.
+async fn tid_range_scans(client: &Client) -> Result<bool, SnapshotError> {
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|source| SnapshotError::Session {
+            what: "server_version_num".into(),
+            source,
+        })?
+        .get(0);
+    Ok(version >= 140_000)
+}
+
+/// The block ranges left to read of a table, or `None` when it is read by
+/// key: it is not a plain table (a partitioned one published through its
+/// root), or an earlier version of walcast started it by key.
+///
+/// Runs in a worker session, inside the snapshot, and takes the table's
+/// ACCESS SHARE lock first (held until the snapshot ends, as reading does
+/// anyway): no rewrite can then renumber the rows between this plan and
+/// the workers' reads, so the ranges partition exactly the rows the
+/// snapshot sees. A plan saved by an interrupted run holds while the
+/// table's file is the same; a rewrite since (VACUUM FULL, CLUSTER, a
+/// rewriting ALTER TABLE) moved every row, and the table starts over.
+async fn plan_ranges(
+    client: &Client,
+    job: &TableJob,
+    progress: &mut TableProgress,
+    settings: &SnapshotSettings,
+) -> Result<Option<Vec<BlockRange>>, SnapshotError> {
+    if progress.last_key.is_some() && progress.ranges.is_none() {
+        return Ok(None);
+    }
+    let name = job.name();
+    let session = |what: &str| {
+        let what = format!("{what} of {name}");
+        move |source| SnapshotError::Session { what, source }
+    };
+    // Any read locks the table in ACCESS SHARE mode until the transaction
+    // ends; this one needs no privilege beyond the snapshot's own (LOCK
+    // TABLE would want SELECT on the whole table, not only the columns).
+    let cols: Vec<String> = job
+        .table
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    client
+        .batch_execute(&format!(
+            "SELECT {} FROM {} LIMIT 0",
+            cols.join(", "),
+            job.table.table_name().quoted()
+        ))
+        .await
+        .map_err(session("locking"))?;
+    let row = client
+        .query_one(
+            "SELECT c.relkind::text, pg_relation_filenode(c.oid), pg_relation_size(c.oid),
+                    current_setting('block_size')::int8
+             FROM pg_class c WHERE c.oid = $1",
+            &[&job.table.relation_id],
+        )
+        .await
+        .map_err(session("size and file"))?;
+    let (kind, filenode, bytes, block_size): (String, Option<u32>, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (Some(filenode), "r") = (filenode, kind.as_str()) else {
+        if progress.ranges.take().is_some() {
+            // Ranged once, now of another kind: read it all again by key.
+            progress.rows = 0;
+        }
+        return Ok(None);
+    };
+    if let Some(plan) = &progress.ranges {
+        if plan.filenode == filenode {
+            return Ok(Some(plan.remaining()));
+        }
+        tracing::warn!(
+            table = %name,
+            "the table was rewritten (VACUUM FULL, CLUSTER or an ALTER TABLE) since the interrupted snapshot: \
+             its rows moved, so it is read again from the start"
+        );
+        progress.rows = 0;
+    }
+    let block_size = block_size.max(1) as u64;
+    let plan = RangePlan::new(
+        filenode,
+        (bytes.max(0) as u64).div_ceil(block_size),
+        settings.range_size as u64 / block_size,
+        settings.workers,
+    );
+    let ranges = plan.remaining();
+    progress.ranges = Some(plan);
+    Ok(Some(ranges))
 }
 
 /// Takes (or resumes) the snapshot described by `state`, saving progress as
@@ -735,16 +1121,14 @@ pub async fn run(
     let path = &job.settings.state_path;
     let resumed = state.tables.values().any(|t| t.done || t.rows > 0) || job.exported.is_none();
     // The tables, described before any worker starts.
-    let mut jobs = VecDeque::new();
+    let mut pending = Vec::new();
     let mut names = Vec::new();
-    let mut estimate = 0u64;
-    let mut rows_before = 0u64;
+    let mut reltuples = Vec::new();
     for table in job.tables {
         let name = table.to_string();
         let progress = state.tables.entry(name.clone()).or_default().clone();
-        rows_before += progress.rows;
         let described = catalog.table_schema_by_name(table).await?;
-        let reltuples: f64 = catalog
+        let estimate: f64 = catalog
             .client()
             .query_one(
                 "SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = $1",
@@ -756,7 +1140,7 @@ pub async fn run(
                 source,
             })?
             .get(0);
-        estimate += (reltuples as u64).max(progress.rows);
+        reltuples.push(estimate as u64);
         names.push(name.clone());
         if progress.done {
             continue;
@@ -767,16 +1151,49 @@ pub async fn run(
                 reason: "its key columns are not those of an index".into(),
             });
         }
-        jobs.push_back(TableJob {
+        pending.push(TableJob {
             index: names.len() - 1,
             table: described.schema,
             key_order: described.key_order,
             type_names: described.type_names,
-            // Key-less tables have no position to resume from.
             resume_after: progress.last_key.clone(),
             row_filter: described.row_filter,
         });
     }
+    // The sessions, all in one snapshot; the first also plans the ranges,
+    // inside that snapshot.
+    let clients = if pending.is_empty() {
+        Vec::new()
+    } else {
+        open_sessions(job.connect, job.settings.workers, job.exported.clone()).await?
+    };
+    let mut work = VecDeque::new();
+    if let Some(first) = clients.first() {
+        let ranges_apply = tid_range_scans(first).await?;
+        for table in pending {
+            let progress = state.tables.entry(names[table.index].clone()).or_default();
+            let plan = if ranges_apply {
+                plan_ranges(first, &table, progress, job.settings).await?
+            } else {
+                None
+            };
+            let table = Arc::new(table);
+            match plan {
+                Some(ranges) => work.extend(
+                    ranges
+                        .into_iter()
+                        .map(|r| Work::Range(Arc::clone(&table), r)),
+                ),
+                None => work.push_back(Work::Chunks(table)),
+            }
+        }
+    }
+    let rows_before: u64 = names.iter().map(|n| state.tables[n].rows).sum();
+    let estimate: u64 = names
+        .iter()
+        .zip(&reltuples)
+        .map(|(n, e)| (*e).max(state.tables[n].rows))
+        .sum();
     let mut progress = Progress {
         started: Instant::now(),
         rows_read: 0,
@@ -793,7 +1210,8 @@ pub async fn run(
     tracing::info!(
         pipeline = %job.pipeline,
         tables = names.len(),
-        remaining = jobs.len(),
+        remaining = names.len() - progress.tables_done,
+        parts = work.len(),
         estimated_rows = estimate,
         position = %job.position,
         exported_snapshot = ?job.exported,
@@ -802,19 +1220,16 @@ pub async fn run(
     );
     progress.report(job.pipeline, status, "running", false);
 
-    let workers = job.settings.workers.min(jobs.len()).max(1);
-    let clients = if jobs.is_empty() {
-        Vec::new()
-    } else {
-        open_sessions(job.connect, workers, job.exported.clone()).await?
-    };
+    // Sessions beyond the parts to read would only idle.
+    let workers = clients.len().min(work.len()).max(1);
+    let clients: Vec<Client> = clients.into_iter().take(work.len()).collect();
     let cx = EventContext {
         name: job.name.to_string(),
         database: job.database.to_string(),
         lsn: job.position,
     };
     let (out_tx, mut out_rx) = mpsc::channel::<Result<Piece, SnapshotError>>(workers * 2);
-    let queue = Arc::new(Mutex::new(jobs));
+    let queue = Arc::new(Mutex::new(work));
     let mut tasks = tokio::task::JoinSet::new();
     for client in clients {
         let w = Worker {
@@ -936,6 +1351,14 @@ pub async fn run(
             },
         }
     };
+    if outcome == Outcome::Complete {
+        // Every worker is done: their transactions (and locks) end now.
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(client) = joined {
+                let _ = client.batch_execute("COMMIT").await;
+            }
+        }
+    }
     tasks.abort_all();
 
     if outcome == Outcome::Cancelled {
@@ -1024,6 +1447,142 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("UTF-8"));
+    }
+
+    #[test]
+    fn fields_without_escapes_are_borrowed() {
+        let fields = copy_fields(b"1\tplain\t\\N\tesc\\\\aped").unwrap();
+        assert!(matches!(fields[1], Some(Cow::Borrowed("plain"))));
+        assert_eq!(fields[2], None);
+        assert!(matches!(&fields[3], Some(Cow::Owned(s)) if s == "esc\\aped"));
+    }
+
+    #[test]
+    fn copy_lines_come_whole_however_the_output_is_cut() {
+        let text = b"1\ta\n2\tb\n3\tc\n";
+        for cut in 0..text.len() {
+            for cut2 in cut..text.len() {
+                let mut lines = CopyLines::default();
+                let mut got: Vec<Vec<u8>> = Vec::new();
+                for part in [&text[..cut], &text[cut..cut2], &text[cut2..]] {
+                    lines
+                        .feed(part, |l| {
+                            got.push(l.to_vec());
+                            Ok::<_, ()>(())
+                        })
+                        .unwrap();
+                }
+                assert_eq!(
+                    got,
+                    vec![b"1\ta".to_vec(), b"2\tb".to_vec(), b"3\tc".to_vec()],
+                    "cut at {cut} and {cut2}"
+                );
+                assert!(lines.rest.is_empty());
+            }
+        }
+        let mut lines = CopyLines::default();
+        lines.feed(b"1\tpartial", |_| Err(())).unwrap();
+        assert_eq!(&lines.rest[..], b"1\tpartial", "an unfinished row is kept");
+    }
+
+    #[test]
+    fn ranges_cover_every_block_once_and_share_the_work() {
+        for (blocks, max, workers) in [
+            (0u64, 4096u64, 2usize),
+            (1, 4096, 2),
+            (127, 4096, 2),
+            (700, 4096, 2),
+            (17_000, 4096, 2),
+            (17_000, 4096, 8),
+            (1_000_000, 4096, 2),
+            (1_000_003, 333, 3),
+        ] {
+            let plan = RangePlan::new(7, blocks, max, workers);
+            let ranges = plan.remaining();
+            assert_eq!(ranges.len(), plan.starts.len());
+            assert_eq!(ranges[0].start, 0, "{blocks}");
+            assert_eq!(ranges.last().unwrap().end, None, "the last range is open");
+            for w in ranges.windows(2) {
+                assert_eq!(w[0].end, Some(w[1].start), "contiguous: {blocks}");
+                assert!(w[0].start < w[1].start, "{blocks}: {ranges:?}");
+                let len = u64::from(w[1].start - w[0].start);
+                assert!(len <= max.max(MIN_RANGE_BLOCKS), "{blocks}: {len}");
+                assert!(len >= MIN_RANGE_BLOCKS.min(blocks), "{blocks}: {len}");
+            }
+            assert!(u64::from(ranges.last().unwrap().start) < blocks.max(1));
+            let wanted = (workers * RANGES_PER_WORKER) as u64;
+            if blocks >= wanted * MIN_RANGE_BLOCKS {
+                assert!(ranges.len() as u64 >= wanted, "{blocks}: {}", ranges.len());
+            }
+        }
+        let mut plan = RangePlan::new(7, 2000, 4096, 2);
+        plan.done[0] = true;
+        plan.done[3] = true;
+        let left: Vec<usize> = plan.remaining().iter().map(|r| r.index).collect();
+        assert_eq!(left.len(), plan.starts.len() - 2);
+        assert!(!left.contains(&0) && !left.contains(&3));
+    }
+
+    #[test]
+    fn range_sql_bounds_by_ctid_and_keeps_the_row_filter() {
+        use walcast_sdk::{Column, PgType, ReplicaIdentity};
+        let table = Arc::new(TableSchema {
+            relation_id: 1,
+            schema: "public".into(),
+            name: "t".into(),
+            columns: vec![Column {
+                name: "v".into(),
+                pg_type: PgType::Int4,
+                type_oid: 23,
+                type_modifier: -1,
+                nullable: true,
+                key: false,
+            }],
+            replica_identity: ReplicaIdentity::Full,
+            version: 0,
+        });
+        let job = TableJob {
+            index: 0,
+            table,
+            key_order: Vec::new(),
+            type_names: vec!["integer".into()],
+            resume_after: None,
+            row_filter: None,
+        };
+        let r = |start, end| BlockRange {
+            index: 0,
+            start,
+            end,
+        };
+        assert_eq!(
+            job.range_sql(&r(0, None)),
+            r#"COPY (SELECT "v" FROM "public"."t") TO STDOUT"#
+        );
+        assert_eq!(
+            job.range_sql(&r(0, Some(10))),
+            r#"COPY (SELECT "v" FROM "public"."t" WHERE ctid < '(10,0)'::tid) TO STDOUT"#
+        );
+        let job = TableJob {
+            row_filter: Some("(v > 1) OR (v IS NULL)".into()),
+            ..job
+        };
+        assert_eq!(
+            job.range_sql(&r(10, Some(20))),
+            r#"COPY (SELECT "v" FROM "public"."t" WHERE ((v > 1) OR (v IS NULL)) AND ctid >= '(10,0)'::tid AND ctid < '(20,0)'::tid) TO STDOUT"#
+        );
+        assert_eq!(
+            job.range_sql(&r(20, None)),
+            r#"COPY (SELECT "v" FROM "public"."t" WHERE ((v > 1) OR (v IS NULL)) AND ctid >= '(20,0)'::tid) TO STDOUT"#
+        );
+    }
+
+    #[test]
+    fn state_files_of_earlier_versions_still_load() {
+        let old = r#"{"format": 1, "pipeline": "p", "slot": "s", "consistent_point": "0/1", "done": false,
+            "tables": {"public.t": {"done": false, "rows": 3, "last_key": ["3"]}}}"#;
+        let st: SnapshotState = serde_json::from_str(old).unwrap();
+        assert_eq!(st.tables["public.t"].ranges, None);
+        assert_eq!(st.tables["public.t"].last_key, Some(vec!["3".to_string()]));
     }
 
     #[test]

@@ -813,6 +813,7 @@ impl<'a> CaptureLoop<'a> {
                 slot: s.wanted.slot.clone(),
                 publication: s.wanted.publication.clone(),
                 chunk_rows: s.snapshot.chunk_rows,
+                chunk_bytes: s.max_in_flight_bytes / 4,
                 batch_max_events: s.batch_max_events,
                 state_path: s.snapshot.incremental_state_path.clone(),
                 name: s.assemble.name.clone(),

@@ -116,6 +116,21 @@ impl JsonEncoder {
             tables: Default::default(),
         }
     }
+
+    /// One JSON line's object, `{"key":<key or null>,"value":<envelope>}`,
+    /// appended to `out` (the file sink's format): the same key and
+    /// envelope bytes as [`EventEncoder::encode`], without a buffer each.
+    pub fn write_key_value(&self, out: &mut Vec<u8>, event: &ChangeEvent) {
+        let prepared = self.tables.get(&event.table);
+        out.extend_from_slice(b"{\"key\":");
+        match json::prepared_key(&prepared, event, &self.options) {
+            Some(key) => out.extend_from_slice(&key),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"value\":");
+        json::write_prepared_envelope(out, &prepared, event, &self.options);
+        out.push(b'}');
+    }
 }
 
 #[async_trait]

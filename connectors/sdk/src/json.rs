@@ -25,7 +25,7 @@ use crate::table::TableSchema;
 use crate::value::{Numeric, Value, DATE_INFINITY, DATE_NEG_INFINITY};
 
 mod writer;
-pub(crate) use writer::{prepared_envelope, prepared_key, TableCache};
+pub(crate) use writer::{prepared_envelope, prepared_key, write_prepared_envelope, TableCache};
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub mod retry;
 pub mod secret;
 pub mod shape;
 pub mod sink;
+pub mod size;
 pub mod status;
 pub mod table;
 pub mod telemetry;

@@ -589,6 +589,16 @@ pub(crate) fn prepared_envelope(p: &Prepared, event: &ChangeEvent, opts: &JsonOp
     out
 }
 
+/// [`prepared_envelope`] appended to a buffer of the caller's.
+pub(crate) fn write_prepared_envelope(
+    out: &mut Vec<u8>,
+    p: &Prepared,
+    event: &ChangeEvent,
+    opts: &JsonOptions,
+) {
+    write_envelope(out, event, Names::Prepared(p), opts);
+}
+
 /// A row as [`super::row`]'s tree serialises: keys in byte order (the
 /// tree's map is sorted), optionally without the unavailable columns.
 /// Column names within a table are unique, as Postgres makes them.
