@@ -515,6 +515,8 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, (n, t))| Column {
+                    key_position: None,
+                    default: None,
                     name: n.to_string(),
                     pg_type: t.clone(),
                     type_oid: 0,

@@ -1049,6 +1049,8 @@ mod tests {
     fn chunk_sql_pages_by_key_in_index_order() {
         use walcast_sdk::{Column, PgType, ReplicaIdentity};
         let col = |name: &str, key: bool| Column {
+            key_position: None,
+            default: None,
             name: name.into(),
             pg_type: PgType::Int4,
             type_oid: 23,

@@ -422,6 +422,8 @@ mod tests {
         ];
         let columns = (0..values.len())
             .map(|i| Column {
+                key_position: None,
+                default: None,
                 name: format!("c{i}"),
                 pg_type: PgType::Text,
                 type_oid: 25,

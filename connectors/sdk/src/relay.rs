@@ -158,6 +158,8 @@ pub fn event_from_envelope_typed(
             .filter(|k| row.contains_key(k.as_str()))
             .chain(row.keys().filter(|n| !key_names.contains(n)))
             .map(|name| Column {
+                key_position: None,
+                default: None,
                 name: name.clone(),
                 pg_type: types.and_then(|t| t.get(name)).cloned().unwrap_or_else(|| {
                     PgType::Unknown {
