@@ -623,7 +623,7 @@ fn scalar(v: &Avro) -> Json {
         | Avro::LocalTimestampMicros(i)
         | Avro::LocalTimestampNanos(i) => json!(i),
         Avro::TimestampMicros(t) => Json::String(timestamp_utc(*t)),
-        Avro::Float(f) => float(f64::from(*f)),
+        Avro::Float(f) => float(walcast_sdk::json::float32_as_double(*f)),
         Avro::Double(f) => float(*f),
         Avro::Bytes(b) | Avro::Fixed(_, b) => {
             Json::String(base64::engine::general_purpose::STANDARD.encode(b))

@@ -640,7 +640,8 @@ pub fn zoned_timestamp(micros: i64, digits: u32) -> String {
             let (y, m, d) = civil_from_days(days);
             let secs = rest / 1_000_000;
             let mut s = format!(
-                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+                "{}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+                walcast_sdk::json::iso_year(y),
                 secs / 3600,
                 secs / 60 % 60,
                 secs % 60

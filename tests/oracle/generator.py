@@ -65,7 +65,7 @@ def make_scenario(seed, switches, fmt):
     """Tables and DDL for `seed`."""
     r = random.Random(seed)
     enum_name, dom_int, dom_text = "Mood ü", "pos int", "Dom.Text"
-    types = catalog(enum_name, dom_int, dom_text)
+    types = [t for t in catalog(enum_name, dom_int, dom_text) if t.name not in switches.get("exclude_types", ())]
     keyable = {t.name: t for t in types if t.keyable}
     ddl = [
         f"CREATE TYPE {qi(enum_name)} AS ENUM ('ünï', 'with space', 'Quote''s', 'plain')",

@@ -60,6 +60,9 @@ SWITCHES = {
     "relay_key_order": True,
     "pk_order_reversed": True,
     "not_null_defaults": True,
+    # Debezium 3.6.1 cannot read bit(n)[] columns ("Failed to read value of
+    # array"; a NOT NULL one stops its task): not generated.
+    "exclude_types": ["bitsarr"],
 }
 
 

@@ -142,7 +142,7 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
         Value::Int16(i) => json!(i),
         Value::Int32(i) => json!(i),
         Value::Int64(i) => json!(i),
-        Value::Float32(f) => float(f64::from(*f)),
+        Value::Float32(f) => float(float32_as_double(*f)),
         Value::Float64(f) => float(*f),
         Value::Numeric(n) => Json::String(special_numeric(n, opts.special_numeric)),
         Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => {
@@ -239,6 +239,25 @@ pub(crate) fn interval_micros(months: i32, days: i32, micros: i64) -> i64 {
     month_micros + i64::from(days) * 86_400_000_000 + micros
 }
 
+/// A `real` as a JSON number: the double nearest to the real's shortest
+/// decimal form (`0.1`, not `0.10000000149011612`, the real widened), as
+/// Debezium's JsonConverter writes a Java `float` and as a reader expects
+/// of a `real`. NaN and infinities go through unchanged.
+pub fn float32_as_double(f: f32) -> f64 {
+    if !f.is_finite() {
+        return f64::from(f);
+    }
+    let mut buf = [0u8; 64];
+    let mut w = std::io::Cursor::new(&mut buf[..]);
+    // The shortest text that reads back as the same f32 (Rust's Display).
+    let _ = std::io::Write::write_fmt(&mut w, format_args!("{f}"));
+    let n = w.position() as usize;
+    std::str::from_utf8(&buf[..n])
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(f64::from(f))
+}
+
 fn float(f: f64) -> Json {
     serde_json::Number::from_f64(f)
         .map(Json::Number)
@@ -291,6 +310,14 @@ pub fn timestamp_utc(micros: i64) -> String {
     String::from_utf8(out).expect("digits, signs and ASCII letters")
 }
 
+/// A year as ISO 8601 writes it: four digits within 0000-9999, else
+/// signed (`+10000`, `-0043`), as Java's formatters (and so Debezium) do.
+pub fn iso_year(y: i64) -> String {
+    let mut out = Vec::with_capacity(8);
+    writer::push_iso_year(&mut out, y);
+    String::from_utf8(out).expect("digits and signs")
+}
+
 /// A date as `YYYY-MM-DD`, or `infinity`/`-infinity`.
 pub fn date_string(days: i32) -> String {
     match days {
@@ -305,6 +332,34 @@ pub fn date_string(days: i32) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reals_are_written_in_their_shortest_form() {
+        assert_eq!(float32_as_double(0.1), 0.1);
+        assert_eq!(float32_as_double(-f32::MAX), -3.4028235e38);
+        // f32::MIN_POSITIVE: Rust's shortest form (Java 17 prints 1.17549435E-38).
+        assert_eq!(float32_as_double(f32::MIN_POSITIVE), 1.175_494_4e-38);
+        assert_eq!(float32_as_double(f32::from_bits(1)), 1e-45);
+        assert!(float32_as_double(-0.0).is_sign_negative());
+        assert!(float32_as_double(f32::NAN).is_nan());
+        assert_eq!(value(&Value::Float32(0.1), &JsonOptions::default()).to_string(), "0.1");
+    }
+
+    #[test]
+    fn years_outside_four_digits_are_signed_as_java_writes_them() {
+        let day = 86_400_000_000i64;
+        // 200000-12-31 and 44 BC (-0043), as Debezium 3.6.1 wrote them.
+        let far = (days_from_civil_for_test(200_000, 12, 31)) * day;
+        assert_eq!(timestamp_utc(far), "+200000-12-31T00:00:00.000000Z");
+        let bc = days_from_civil_for_test(-43, 3, 15) * day + 12 * 3_600_000_000;
+        assert_eq!(timestamp_utc(bc), "-0043-03-15T12:00:00.000000Z");
+        assert_eq!(iso_year(9999), "9999");
+        assert_eq!(iso_year(0), "0000");
+    }
+
+    fn days_from_civil_for_test(y: i64, m: u32, d: u32) -> i64 {
+        crate::pgtext::days_from_civil(y, m, d)
+    }
+
     use super::*;
     use crate::value::TIMESTAMP_INFINITY;
 

@@ -41,7 +41,7 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
         Value::Int16(i) => json!(i),
         Value::Int32(i) => json!(i),
         Value::Int64(i) => json!(i),
-        Value::Float32(f) => float(f64::from(*f)),
+        Value::Float32(f) => float(crate::json::float32_as_double(*f)),
         Value::Float64(f) => float(*f),
         Value::Numeric(n) => Json::String(special_numeric(n, opts.special_numeric)),
         Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => {
@@ -241,7 +241,7 @@ impl Serialize for ValueSer<'_> {
             Value::Int16(i) => ser.serialize_i16(*i),
             Value::Int32(i) => ser.serialize_i32(*i),
             Value::Int64(i) => ser.serialize_i64(*i),
-            Value::Float32(f) => serialize_float(f64::from(*f), ser),
+            Value::Float32(f) => serialize_float(crate::json::float32_as_double(*f), ser),
             Value::Float64(f) => serialize_float(*f, ser),
             Value::Numeric(Numeric::Finite(s)) => ser.serialize_str(s),
             Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => {

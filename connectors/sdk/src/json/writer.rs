@@ -197,12 +197,24 @@ pub(crate) fn push_timestamp_utc(out: &mut Vec<u8>, micros: i64) {
                 put2(&mut b, 2, y % 100);
                 out.extend_from_slice(&b);
             } else {
-                // `{:04}` counts the sign in the width: -43 is `-043`.
-                use std::io::Write;
-                write!(out, "{y:04}").expect(VEC_WRITE);
+                push_iso_year(out, y);
                 out.extend_from_slice(&b[4..]);
             }
         }
+    }
+}
+
+/// A year outside 0000-9999 as ISO 8601's expanded form, as Java's
+/// `DateTimeFormatter.ISO_*` (and so Debezium) writes it: `+10000`,
+/// `-0043` (astronomical: 44 BC).
+pub(crate) fn push_iso_year(out: &mut Vec<u8>, y: i64) {
+    use std::io::Write;
+    if y > 9999 {
+        write!(out, "+{y}").expect(VEC_WRITE);
+    } else if y < 0 {
+        write!(out, "-{:04}", -y).expect(VEC_WRITE);
+    } else {
+        write!(out, "{y:04}").expect(VEC_WRITE);
     }
 }
 
@@ -255,7 +267,7 @@ pub(crate) fn write_value(out: &mut Vec<u8>, v: &Value, opts: &JsonOptions) {
         Value::Int16(i) => write_i64(out, i64::from(*i)),
         Value::Int32(i) | Value::Date(i) => write_i64(out, i64::from(*i)),
         Value::Int64(i) | Value::Time(i) | Value::Timestamp(i) => write_i64(out, *i),
-        Value::Float32(f) => write_float(out, f64::from(*f)),
+        Value::Float32(f) => write_float(out, crate::json::float32_as_double(*f)),
         Value::Float64(f) => write_float(out, *f),
         Value::Numeric(n) => match (opts.special_numeric, n) {
             (_, Numeric::Finite(s)) => write_str(out, s),
