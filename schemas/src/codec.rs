@@ -409,7 +409,21 @@ fn column_value(
                         bin::long(out, NULL_BRANCH);
                     } else {
                         bin::long(out, VALUE_BRANCH);
-                        column_value(out, element, -1, i, opts)?;
+                        match (opts.avro_compat, i) {
+                            // Debezium 3.6.1 reads the elements of a
+                            // `numeric[]` without their trailing fraction
+                            // zeros (`1.50` as 1.5, scale 1), unlike a
+                            // `numeric` column (scale 2).
+                            (AvroCompat::Debezium, Value::Numeric(Numeric::Finite(t)))
+                                if matches!(element.as_ref(), PgType::Numeric { precision: None, .. })
+                                    && t.contains('.') =>
+                            {
+                                let t = t.trim_end_matches('0').trim_end_matches('.');
+                                let v = Value::Numeric(Numeric::Finite(t.to_string()));
+                                column_value(out, element, -1, &v, opts)?;
+                            }
+                            _ => column_value(out, element, -1, i, opts)?,
+                        }
                     }
                 }
             }

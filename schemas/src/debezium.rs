@@ -425,22 +425,40 @@ pub fn write_zero(out: &mut Vec<u8>, pg: &PgType, typmod: i32, opts: &MappingOpt
 ///   `float4/8`, `numeric(p, s)` (an unconstrained `numeric` would be a
 ///   struct, which Connect cannot use as a default), `text`, `varchar`,
 ///   `char(n)`, `json`, `jsonb`, `xml`, `uuid`, `date`, `time`,
-///   `timestamp`, `timestamptz`, `bit`, `varbit`; a domain, an enum, an
-///   array, `money`, `bytea`, `interval`... have none;
+///   `timestamp`, `timestamptz`, `interval`, `bit`, `varbit`, enums (the
+///   label between the outer quotes, a doubled quote left doubled); a
+///   domain, an array, `money`, `bytea`... have none;
 /// * a function call (`now()`, `nextval('s'::regclass)`,
-///   `gen_random_uuid()`) is not evaluated: the type's placeholder stands
-///   for it (`0`, `false`, `""`, `{}`, the epoch, the zero UUID);
+///   `gen_random_uuid()`) or `CURRENT_TIMESTAMP`-like keyword is not
+///   evaluated: the type's placeholder stands for it (`0`, `false`, `""`,
+///   `{}`, the epoch, the zero UUID);
 /// * a literal is the text between the first two quotes on one line
 ///   (`'a''b'::text` reads as `a`, as Debezium's `'(.*?)'` does), or the
 ///   whole expression when it has no quote (`42`, `true`); anything that
-///   does not then parse (`CURRENT_TIMESTAMP`, `1 + 2`) has no default.
+///   does not then parse (`1 + 2`) has no default.
 pub fn column_default(column: &Column) -> Option<Value> {
     let expr = column.default.as_deref()?.trim();
     let kind = default_kind(column)?;
     if expr.starts_with("NULL::") {
         return None;
     }
-    let text = if is_function_call(expr) {
+    if kind == DefaultKind::Enum {
+        // Between the outer quotes of `'label'::type`, as it is (a doubled
+        // quote stays doubled): Debezium's extractEnumDefault.
+        let literal = &expr[..expr.rfind("::")?];
+        let inner = literal.strip_prefix('\'')?.strip_suffix('\'')?;
+        return Some(Value::Enum(inner.to_string()));
+    }
+    const CURRENT_DATE_TIMES: &[&str] = &[
+        "current_timestamp",
+        "current_time",
+        "current_date",
+        "localtime",
+        "localtimestamp",
+    ];
+    let evaluated = is_function_call(expr)
+        || CURRENT_DATE_TIMES.contains(&expr.to_ascii_lowercase().as_str());
+    let text = if evaluated {
         placeholder(kind)?.to_string()
     } else {
         first_quoted(expr)?
@@ -466,6 +484,8 @@ pub fn column_default(column: &Column) -> Option<Value> {
         DefaultKind::Uuid => parse(pg)?,
         DefaultKind::Time if text == "00:00" => Value::Time(0),
         DefaultKind::Time => parse(pg)?,
+        DefaultKind::Interval => parse(pg)?,
+        DefaultKind::Enum => return None,
         DefaultKind::Bits => {
             if !text.bytes().all(|b| b == b'0' || b == b'1') || text.is_empty() {
                 return None;
@@ -497,6 +517,8 @@ enum DefaultKind {
     Time,
     Timestamp,
     TimestampTz,
+    Interval,
+    Enum,
     Bits,
 }
 
@@ -523,6 +545,9 @@ fn default_kind(column: &Column) -> Option<DefaultKind> {
         PgType::Time => (DefaultKind::Time, 1083),
         PgType::Timestamp => (DefaultKind::Timestamp, 1114),
         PgType::TimestampTz => (DefaultKind::TimestampTz, 1184),
+        PgType::Interval => (DefaultKind::Interval, 1186),
+        // Debezium 3.6 reads the defaults of every enum type it knows.
+        PgType::Enum { .. } => return Some(DefaultKind::Enum),
         PgType::Unknown { type_name } => match type_name.as_str() {
             "xml" => (DefaultKind::Text, 142),
             "bit" => (DefaultKind::Bits, 1560),
@@ -550,17 +575,18 @@ fn placeholder(kind: DefaultKind) -> Option<&'static str> {
         // Debezium's "1970-01-01", read in the JVM's zone (UTC on servers).
         DefaultKind::Timestamp => "1970-01-01 00:00:00",
         DefaultKind::TimestampTz => "1970-01-01 00:00:00+00",
-        DefaultKind::Bits => return None,
+        // Debezium's "epoch" is no interval Postgres's driver reads.
+        DefaultKind::Interval | DefaultKind::Enum | DefaultKind::Bits => return None,
     })
 }
 
 /// Debezium's test for a default evaluated by a function:
-/// `^[(]?[A-Za-z0-9_]+\((?:.+(?:, ?.+)*)?\)`.
+/// `^[(]?[A-Za-z0-9_.]+\((?:.+(?:, ?.+)*)?\)` (3.6.1).
 fn is_function_call(expr: &str) -> bool {
     let s = expr.strip_prefix('(').unwrap_or(expr);
     let name = s
         .bytes()
-        .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+        .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'.')
         .count();
     name > 0 && s[name..].starts_with('(') && s[name + 1..].contains(')')
 }
@@ -614,7 +640,15 @@ pub fn default_json(pg: &PgType, typmod: i32, v: &Value) -> Option<Json> {
             Unknown::Bits => latin1(&bits_bytes(s).ok()?),
             _ => json!(s),
         },
-        (_, Value::Text(s) | Value::Json(s)) => json!(s),
+        (
+            PgType::Interval,
+            Value::Interval {
+                months,
+                days,
+                micros,
+            },
+        ) => json!(crate::codec::interval_micros(*months, *days, *micros)),
+        (_, Value::Text(s) | Value::Json(s) | Value::Enum(s)) => json!(s),
         _ => return None,
     })
 }
@@ -742,7 +776,16 @@ mod tests {
         // No reader: a domain (its own OID), money, an expression.
         assert_eq!(d(PgType::Int4, 16_400, "1"), None);
         assert_eq!(d(PgType::Money, 790, "'1.00'::money"), None);
-        assert_eq!(d(PgType::TimestampTz, 1184, "CURRENT_TIMESTAMP"), None);
+        assert_eq!(d(PgType::TimestampTz, 1184, "CURRENT_TIMESTAMP"), Some(Value::TimestampTz(0)));
+        assert_eq!(d(PgType::Int4, 23, "1 + 2"), None);
+        let mood = PgType::Enum {
+            type_name: "mood".into(),
+            labels: vec![],
+        };
+        assert_eq!(
+            d(mood, 16_500, "'it''s'::mood"),
+            Some(Value::Enum("it''s".into()))
+        );
         assert_eq!(d(PgType::Bool, 16, "true"), Some(Value::Bool(true)));
         assert_eq!(d(PgType::Text, 25, "NULL::text"), None);
         let bits = PgType::Unknown {

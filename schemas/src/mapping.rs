@@ -232,12 +232,20 @@ pub fn derive(
     opts: &MappingOptions,
 ) -> Result<TableSchemas, MappingError> {
     let qualified = table.qualified_name();
-    let namespace = format!(
-        "{}.{}.{}",
-        sanitize_namespace(prefix),
-        sanitize_name(&table.schema),
-        sanitize_name(&table.name)
-    );
+    let namespace = match opts.avro_compat {
+        AvroCompat::Walcast => format!(
+            "{}.{}.{}",
+            sanitize_namespace(prefix),
+            sanitize_name(&table.schema),
+            sanitize_name(&table.name)
+        ),
+        // Debezium adjusts `<prefix>.<schema>.<table>` as one name: a dot
+        // in an identifier stays a dot (one more namespace level).
+        AvroCompat::Debezium => sanitize_namespace(&format!(
+            "{prefix}.{}.{}",
+            table.schema, table.name
+        )),
+    };
     let fields = field_names(table, opts.field_name_adjustment)?;
     let defaults: Vec<Option<walcast_sdk::Value>> = table
         .columns

@@ -320,7 +320,8 @@ class Writer(threading.Thread):
             rows = [self.row_literals(t, self.new_key_values(t), big=False) for _ in range(r.randint(*self.large_rows))]
             for i in range(0, len(rows), 500):
                 cur.execute(self.insert_sql(t, rows[i:i + 500]))
-            small = [c for c in t.value_cols() if not t.ty[c].toastable and t.ty[c].kind == "int"]
+            nullable = {c for c, _, nn in t.cols if not nn}
+            small = [c for c in t.value_cols() if not t.ty[c].toastable and t.ty[c].kind == "int" and c in nullable]
             if small:
                 cur.execute(f"UPDATE {t.qname} SET {qi(small[0])} = NULL WHERE wr = %s", (self.wid,))
             cur.execute(f"DELETE FROM {t.qname} WHERE wr = %s", (self.wid,))
