@@ -67,6 +67,12 @@ const KNOWN_VALUES: &[(&str, &str)] = &[
          where walcast's reads as a decimal; same unscaled value",
     ),
     (
+        "d_nul: debezium=7 walcast=null",
+        "a nullable column with a DEFAULT: Debezium's Avro converter writes the default where the \
+         value is null (Connect's Struct.get gives a null field its schema default), in key-only \
+         before images and for a real NULL alike; walcast writes the null",
+    ),
+    (
         ".nm",
         "`name` columns: Debezium 3.6.1 writes null for every value; walcast writes the name",
     ),
@@ -175,6 +181,7 @@ INSERT INTO types (id, d, ts, tstz, ts3, tstz3, nn_t, nn_i, nn_n, nn_nu, nn_d, n
     (5, '-infinity', '-infinity', 'infinity', 'infinity', '-infinity', {NN});
 UPDATE types SET t = 'updated', i4 = 7 WHERE id = 1;
 UPDATE types SET id = 30 WHERE id = 3;
+UPDATE types SET d_nul = NULL WHERE id = 4;
 DELETE FROM types WHERE id = 2;
 DELETE FROM types WHERE id = 1;
 INSERT INTO full_rows VALUES (1, 'a', 1, '2020-01-01 00:00:00+00');
@@ -189,7 +196,7 @@ DELETE FROM multikey;"#
 
 /// Records with a value per table in the workload.
 const EVENTS: &[(&str, usize)] = &[
-    ("types", 10),
+    ("types", 11),
     ("full_rows", 3),
     ("keyless", 2),
     ("multikey", 3),
