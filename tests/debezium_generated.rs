@@ -75,12 +75,6 @@ const KNOWN_JSON: &[(&str, &str)] = &[
          \"debezium\"` writes Debezium's numbers",
     ),
     (
-        "bytea placeholder ",
-        "GAP, not a choice: an unchanged TOASTed bytea in JSON is walcast's placeholder text \
-         `__debezium_unavailable_value`, Debezium's is base64 of its bytes, as every bytea value \
-         is; a consumer decoding base64 fails on walcast's (README \"Debezium parity\")",
-    ),
-    (
         "bit string ",
         "bit(n)/varbit in JSON: walcast writes the bit string (\"10011011\"), Debezium base64 of \
          Java's BitSet bytes (\"mw==\"), which loses the length (B'0001' and B'1' are both \
@@ -626,11 +620,6 @@ fn explain_json(format: Format, table: Option<&Table>, line: &str) -> Option<Str
         ("date", "2147483647" | "-2147483648") => return marker("infinite date"),
         ("timestamp", "9223372036854775807" | "-9223372036854775808") => {
             return marker("infinite timestamp")
-        }
-        ("bytea", "\"__debezium_unavailable_value\"")
-            if d == "\"X19kZWJleml1bV91bmF2YWlsYWJsZV92YWx1ZQ==\"" =>
-        {
-            return marker("bytea placeholder")
         }
         _ => {}
     }

@@ -357,7 +357,18 @@ fn column_value(
                 precision: None, ..
             },
             Value::Numeric(n),
-        ) => unconstrained(out, n, opts.unconstrained_numeric)?,
+        ) => match (opts.avro_compat, opts.unconstrained_numeric, n) {
+            // Debezium 3.6's variable-scale decimal drops trailing fraction
+            // zeros (`1.500` is 1.5, scale 1; `-0.000` is 0, scale 0).
+            (AvroCompat::Debezium, UnconstrainedNumeric::VariableScale, Numeric::Finite(t))
+                if t.contains('.') =>
+            {
+                let t = t.trim_end_matches('0').trim_end_matches('.');
+                let t = if t == "-0" { "0" } else { t };
+                unconstrained(out, &Numeric::Finite(t.to_string()), opts.unconstrained_numeric)?
+            }
+            _ => unconstrained(out, n, opts.unconstrained_numeric)?,
+        },
         (PgType::Money, Value::Numeric(n)) => {
             bin::bytes(out, &decimal_bytes(n, crate::mapping::MONEY_SCALE)?)
         }
@@ -409,21 +420,7 @@ fn column_value(
                         bin::long(out, NULL_BRANCH);
                     } else {
                         bin::long(out, VALUE_BRANCH);
-                        match (opts.avro_compat, i) {
-                            // Debezium 3.6.1 reads the elements of a
-                            // `numeric[]` without their trailing fraction
-                            // zeros (`1.50` as 1.5, scale 1), unlike a
-                            // `numeric` column (scale 2).
-                            (AvroCompat::Debezium, Value::Numeric(Numeric::Finite(t)))
-                                if matches!(element.as_ref(), PgType::Numeric { precision: None, .. })
-                                    && t.contains('.') =>
-                            {
-                                let t = t.trim_end_matches('0').trim_end_matches('.');
-                                let v = Value::Numeric(Numeric::Finite(t.to_string()));
-                                column_value(out, element, -1, &v, opts)?;
-                            }
-                            _ => column_value(out, element, -1, i, opts)?,
-                        }
+                        column_value(out, element, -1, i, opts)?;
                     }
                 }
             }
@@ -521,10 +518,10 @@ fn money_numeric(text: &str) -> Option<Numeric> {
     }))
 }
 
-/// Months count 30.4375 days, as in `walcast_sdk::json` and Debezium's MicroDuration.
+/// Months count 30.4375 days: `walcast_sdk::json::interval_micros`, as
+/// Debezium's MicroDuration computes it.
 pub fn interval_micros(months: i32, days: i32, micros: i64) -> i64 {
-    let month_micros = (f64::from(months) * 30.4375 * 86_400_000_000.0) as i64;
-    month_micros + i64::from(days) * 86_400_000_000 + micros
+    walcast_sdk::json::interval_micros(months, days, micros)
 }
 
 /// Debezium's ZonedTime text, identical to the JSON encoder's.

@@ -22,7 +22,7 @@ schemas/MAPPING.md, connectors/sdk/src/json.rs's table):
 | timetz    | "HH:MM:SS[.f]Z" in UTC, no trailing zeros (Debezium's ZonedTime)     |
 | ts        | microseconds since epoch (no zone); ±infinity = i64 max/min        |
 | tstz      | "YYYY-MM-DDTHH:MM:SS.ffffffZ" (proleptic, astronomical year; outside 0000-9999 signed as Java writes it: +10000, -0043); "infinity"/"-infinity" |
-| interval  | microseconds, a month = 30.4375 days (f64 product truncated)       |
+| interval  | microseconds, a month = 30.4375 days, computed in doubles as Debezium's MicroDuration |
 | string    | the type's text output (inet, cidr, macaddr, enum, bit, tsvector, xml, ...) |
 | array     | JSON array of canonical elements, null for NULL elements           |
 
@@ -137,6 +137,19 @@ def timestamp_utc(micros):
     return "%s-%02d-%02dT%sZ" % (iso_year(y), m, d, time_of_day(rest))
 
 
+def interval_micros(months, days, micros):
+    """Debezium's MicroDuration (walcast_sdk::json::interval_micros): in
+    doubles, from days, hours, minutes and fractional seconds (the time's
+    parts truncated toward zero, carrying its sign), truncated at the end."""
+    sign = -1 if micros < 0 else 1
+    hours = sign * (abs(micros) // 3_600_000_000)
+    minutes = sign * (abs(micros) % 3_600_000_000 // 60_000_000)
+    seconds = float(sign * (abs(micros) % 60_000_000)) / 1e6
+    d = float(months) * 30.4375 + float(days)
+    total = ((d * 24.0 + float(hours)) * 60.0 + float(minutes)) * 60.0 + seconds
+    return int(total * 1e6)
+
+
 def special_float(x):
     if isinstance(x, float):
         if math.isnan(x):
@@ -203,15 +216,19 @@ def from_pg(kind, s):
         return timestamp_utc(int(s))
     if kind == "interval":
         months, days, micros = (int(Decimal(p)) for p in s.split(","))
-        return int(float(months) * 30.4375 * 86_400_000_000.0) + days * 86_400_000_000 + micros
+        return interval_micros(months, days, micros)
     return s  # numeric, money, text, uuid, json, string
 
 
 # ------------------------------------------------------- event side
 
 
+PLACEHOLDER_BASE64 = base64.b64encode(PLACEHOLDER.encode()).decode()
+
+
 def is_placeholder(v):
-    return v == PLACEHOLDER or v == PLACEHOLDER.encode() or v == [PLACEHOLDER]
+    # JSON writes a bytea's as base64 of its bytes, an array's as [it].
+    return v == PLACEHOLDER or v == PLACEHOLDER.encode() or v == [PLACEHOLDER] or v == PLACEHOLDER_BASE64
 
 
 def from_avro(kind, v):

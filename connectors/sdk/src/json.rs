@@ -21,7 +21,7 @@ use base64::Engine;
 use serde_json::{json, Map, Value as Json};
 
 use crate::event::ChangeEvent;
-use crate::table::TableSchema;
+use crate::table::{PgType, TableSchema};
 use crate::value::{Numeric, Value, DATE_INFINITY, DATE_NEG_INFINITY};
 
 mod writer;
@@ -128,9 +128,24 @@ pub fn key(event: &ChangeEvent, opts: &JsonOptions) -> Option<Json> {
 pub fn row(table: &TableSchema, values: &[Value], opts: &JsonOptions) -> Json {
     let mut m = Map::with_capacity(values.len());
     for (c, v) in table.columns.iter().zip(values) {
-        m.insert(c.name.clone(), value(v, opts));
+        m.insert(c.name.clone(), column_value(&c.pg_type, v, opts));
     }
     Json::Object(m)
+}
+
+/// One column's value: [`value`], except that an unchanged TOASTed value
+/// (`Value::Unavailable`) takes the form Debezium gives the placeholder in
+/// the column's type, so that a reader decodes it as it decodes the
+/// column's values: base64 of its bytes for a `bytea`, a one-element array
+/// for an array, the text itself otherwise.
+pub fn column_value(pg: &PgType, v: &Value, opts: &JsonOptions) -> Json {
+    match (v, pg) {
+        (Value::Unavailable, PgType::Bytea) => Json::String(
+            base64::engine::general_purpose::STANDARD.encode(opts.unavailable_placeholder.as_bytes()),
+        ),
+        (Value::Unavailable, PgType::Array { .. }) => json!([opts.unavailable_placeholder]),
+        _ => value(v, opts),
+    }
 }
 
 /// One value.
@@ -233,10 +248,19 @@ pub fn write_value(out: &mut Vec<u8>, v: &Value, opts: &JsonOptions) {
     writer::write_value(out, v, opts)
 }
 
-/// An `interval` as Debezium's MicroDuration: months of 30.4375 days.
-pub(crate) fn interval_micros(months: i32, days: i32, micros: i64) -> i64 {
-    let month_micros = (f64::from(months) * 30.4375 * 86_400_000_000.0) as i64;
-    month_micros + i64::from(days) * 86_400_000_000 + micros
+/// An `interval` as Debezium's MicroDuration: months of 30.4375 days, and
+/// computed as Debezium 3.6 does, in doubles from the parts its JDBC
+/// driver's `PGInterval` splits the interval into (days, then hours,
+/// minutes and fractional seconds, each carrying the time's sign), the
+/// microseconds truncated at the end: a large interval's last digit comes
+/// out as Debezium's, which an exact sum would not.
+pub fn interval_micros(months: i32, days: i32, micros: i64) -> i64 {
+    let hours = micros / 3_600_000_000;
+    let minutes = micros % 3_600_000_000 / 60_000_000;
+    let seconds = (micros % 60_000_000) as f64 / 1e6;
+    let days = f64::from(months) * 30.4375 + f64::from(days);
+    let seconds = ((days * 24.0 + hours as f64) * 60.0 + minutes as f64) * 60.0 + seconds;
+    (seconds * 1e6) as i64
 }
 
 /// A `real` as a JSON number: the double nearest to the real's shortest
@@ -342,6 +366,19 @@ mod tests {
         assert!(float32_as_double(-0.0).is_sign_negative());
         assert!(float32_as_double(f32::NAN).is_nan());
         assert_eq!(value(&Value::Float32(0.1), &JsonOptions::default()).to_string(), "0.1");
+    }
+
+    #[test]
+    fn intervals_are_debeziums_microdurations() {
+        let day = 86_400_000_000i64;
+        assert_eq!(interval_micros(0, 1, 0), day);
+        assert_eq!(interval_micros(1, 0, 0), 2_629_800_000_000);
+        // -1 mons +3 days -00:00:01
+        assert_eq!(interval_micros(-1, 3, -1_000_000), -2_370_601_000_000);
+        // A value Debezium 3.6.1 wrote one microsecond under the exact sum.
+        let (m, d, us) = (102, -47, 61 * 3_600_000_000 + 2 * 60_000_000 + 3_456_789);
+        let exact = (f64::from(m) * 30.4375 * 86_400_000_000.0) as i64 + i64::from(d) * day + us;
+        assert!((interval_micros(m, d, us) - exact).abs() <= 1);
     }
 
     #[test]

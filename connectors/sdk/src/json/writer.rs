@@ -32,7 +32,7 @@ use serde_json::ser::{CompactFormatter, Formatter};
 
 use super::{JsonOptions, SpecialNumeric};
 use crate::event::{ChangeEvent, Op};
-use crate::table::TableSchema;
+use crate::table::{PgType, TableSchema};
 use crate::value::{Numeric, Value, TIMESTAMP_INFINITY, TIMESTAMP_NEG_INFINITY};
 
 /// Bytes serde_json escapes, and as what (`u` = `\u00xx`); 0 = copied.
@@ -257,6 +257,24 @@ fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
     debug_assert_eq!(written, len);
 }
 
+/// One column's value, the bytes serde_json writes for
+/// [`super::column_value`]'s tree.
+pub(crate) fn write_column_value(out: &mut Vec<u8>, pg: &PgType, v: &Value, opts: &JsonOptions) {
+    match (v, pg) {
+        (Value::Unavailable, PgType::Bytea) => {
+            out.push(b'"');
+            write_base64(out, opts.unavailable_placeholder.as_bytes());
+            out.push(b'"');
+        }
+        (Value::Unavailable, PgType::Array { .. }) => {
+            out.push(b'[');
+            write_str(out, &opts.unavailable_placeholder);
+            out.push(b']');
+        }
+        _ => write_value(out, v, opts),
+    }
+}
+
 /// One value, the bytes serde_json writes for [`super::value`]'s tree.
 pub(crate) fn write_value(out: &mut Vec<u8>, v: &Value, opts: &JsonOptions) {
     match v {
@@ -467,7 +485,7 @@ fn write_row(out: &mut Vec<u8>, names: Names<'_>, values: &[Value], opts: &JsonO
             out.push(b',');
         }
         names.write(out, i);
-        write_value(out, v, opts);
+        write_column_value(out, &names.table().columns[i].pg_type, v, opts);
     }
     out.push(b'}');
 }
@@ -622,7 +640,7 @@ pub(crate) fn write_row_sorted(
         }
         write_str(out, &table.columns[i].name);
         out.push(b':');
-        write_value(out, &values[i], opts);
+        write_column_value(out, &table.columns[i].pg_type, &values[i], opts);
     }
     out.push(b'}');
 }
