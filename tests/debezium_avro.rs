@@ -324,11 +324,7 @@ bootstrap_servers = "{bootstrap}"
             let (ds, ws) = (id(&dbz, &d[0]), id(&wc, &w[0]));
             let mut diffs = Vec::new();
             compare_schema(&format!("{table}.{part}"), &ds, &ws, &mut diffs);
-            report.extend(
-                diffs
-                    .into_iter()
-                    .filter(|p| !known_schema.forgives(p)),
-            );
+            report.extend(diffs.into_iter().filter(|p| !known_schema.forgives(p)));
         }
         for (de, we) in d.iter().zip(&w) {
             let (dv, wv) = (&de["value"], &we["value"]);
@@ -366,7 +362,11 @@ bootstrap_servers = "{bootstrap}"
         }
     }
     assert_eq!(compared, EVENTS.iter().map(|(_, n)| n).sum::<usize>());
-    for (p, why) in known_schema.unused().into_iter().chain(known_values.unused()) {
+    for (p, why) in known_schema
+        .unused()
+        .into_iter()
+        .chain(known_values.unused())
+    {
         report.push(format!(
             "listed difference `{p}` ({why}) did not occur: remove it"
         ));

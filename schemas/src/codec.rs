@@ -365,7 +365,11 @@ fn column_value(
             {
                 let t = t.trim_end_matches('0').trim_end_matches('.');
                 let t = if t == "-0" { "0" } else { t };
-                unconstrained(out, &Numeric::Finite(t.to_string()), opts.unconstrained_numeric)?
+                unconstrained(
+                    out,
+                    &Numeric::Finite(t.to_string()),
+                    opts.unconstrained_numeric,
+                )?
             }
             _ => unconstrained(out, n, opts.unconstrained_numeric)?,
         },

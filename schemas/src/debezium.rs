@@ -456,8 +456,8 @@ pub fn column_default(column: &Column) -> Option<Value> {
         "localtime",
         "localtimestamp",
     ];
-    let evaluated = is_function_call(expr)
-        || CURRENT_DATE_TIMES.contains(&expr.to_ascii_lowercase().as_str());
+    let evaluated =
+        is_function_call(expr) || CURRENT_DATE_TIMES.contains(&expr.to_ascii_lowercase().as_str());
     let text = if evaluated {
         placeholder(kind)?.to_string()
     } else {
@@ -467,9 +467,10 @@ pub fn column_default(column: &Column) -> Option<Value> {
     let parse = |t: &PgType| walcast_sdk::pgtext::from_text(t, &text).ok();
     let v = match kind {
         DefaultKind::Bool => Value::Bool(text.eq_ignore_ascii_case("true")),
-        DefaultKind::Int | DefaultKind::Date | DefaultKind::Timestamp | DefaultKind::TimestampTz => {
-            parse(pg)?
-        }
+        DefaultKind::Int
+        | DefaultKind::Date
+        | DefaultKind::Timestamp
+        | DefaultKind::TimestampTz => parse(pg)?,
         DefaultKind::Float => match parse(pg)? {
             Value::Float32(f) if f.is_finite() => Value::Float32(f),
             Value::Float64(f) if f.is_finite() => Value::Float64(f),
@@ -622,9 +623,9 @@ pub fn default_json(pg: &PgType, typmod: i32, v: &Value) -> Option<Json> {
         (PgType::Numeric { scale, .. }, Value::Numeric(n)) => {
             latin1(&crate::codec::decimal_bytes(n, scale.unwrap_or(0)).ok()?)
         }
-        (PgType::Uuid, Value::Uuid(u)) => json!(apache_avro::Uuid::from_bytes(*u)
-            .hyphenated()
-            .to_string()),
+        (PgType::Uuid, Value::Uuid(u)) => {
+            json!(apache_avro::Uuid::from_bytes(*u).hyphenated().to_string())
+        }
         (PgType::Date, Value::Date(d)) => json!(date_days(*d)),
         (PgType::Time, Value::Time(t)) if time_precision(typmod) <= 3 => json!(t.div_euclid(1000)),
         (PgType::Time, Value::Time(t)) => json!(t),
@@ -761,14 +762,26 @@ mod tests {
     #[test]
     fn defaults_are_read_as_debezium_reads_them() {
         let d = |pg: PgType, oid: u32, e: &str| column_default(&column(pg, oid, e));
-        assert_eq!(d(PgType::Text, 25, "'dflt'::text"), Some(Value::Text("dflt".into())));
+        assert_eq!(
+            d(PgType::Text, 25, "'dflt'::text"),
+            Some(Value::Text("dflt".into()))
+        );
         // Debezium's '(.*?)' stops at the first quote of a doubled one.
-        assert_eq!(d(PgType::Text, 25, "'it''s'::text"), Some(Value::Text("it".into())));
+        assert_eq!(
+            d(PgType::Text, 25, "'it''s'::text"),
+            Some(Value::Text("it".into()))
+        );
         assert_eq!(d(PgType::Int4, 23, "42"), Some(Value::Int32(42)));
         assert_eq!(d(PgType::Int4, 23, "'-5'::integer"), Some(Value::Int32(-5)));
         // A function call is not evaluated: the type's placeholder.
-        assert_eq!(d(PgType::Int8, 20, "nextval('t_id_seq'::regclass)"), Some(Value::Int64(0)));
-        assert_eq!(d(PgType::TimestampTz, 1184, "now()"), Some(Value::TimestampTz(0)));
+        assert_eq!(
+            d(PgType::Int8, 20, "nextval('t_id_seq'::regclass)"),
+            Some(Value::Int64(0))
+        );
+        assert_eq!(
+            d(PgType::TimestampTz, 1184, "now()"),
+            Some(Value::TimestampTz(0))
+        );
         assert_eq!(
             d(PgType::Uuid, 2950, "gen_random_uuid()"),
             Some(Value::Uuid([0; 16]))
@@ -776,7 +789,10 @@ mod tests {
         // No reader: a domain (its own OID), money, an expression.
         assert_eq!(d(PgType::Int4, 16_400, "1"), None);
         assert_eq!(d(PgType::Money, 790, "'1.00'::money"), None);
-        assert_eq!(d(PgType::TimestampTz, 1184, "CURRENT_TIMESTAMP"), Some(Value::TimestampTz(0)));
+        assert_eq!(
+            d(PgType::TimestampTz, 1184, "CURRENT_TIMESTAMP"),
+            Some(Value::TimestampTz(0))
+        );
         assert_eq!(d(PgType::Int4, 23, "1 + 2"), None);
         let mood = PgType::Enum {
             type_name: "mood".into(),

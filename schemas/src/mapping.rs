@@ -241,10 +241,9 @@ pub fn derive(
         ),
         // Debezium adjusts `<prefix>.<schema>.<table>` as one name: a dot
         // in an identifier stays a dot (one more namespace level).
-        AvroCompat::Debezium => sanitize_namespace(&format!(
-            "{prefix}.{}.{}",
-            table.schema, table.name
-        )),
+        AvroCompat::Debezium => {
+            sanitize_namespace(&format!("{prefix}.{}.{}", table.schema, table.name))
+        }
     };
     let fields = field_names(table, opts.field_name_adjustment)?;
     let defaults: Vec<Option<walcast_sdk::Value>> = table
@@ -293,7 +292,16 @@ pub fn derive(
         .iter()
         .zip(&fields)
         .zip(&defaults)
-        .map(|((c, f), d)| field(c, f, row_field_nullable(c, opts), d.as_ref(), opts, &mut named))
+        .map(|((c, f), d)| {
+            field(
+                c,
+                f,
+                row_field_nullable(c, opts),
+                d.as_ref(),
+                opts,
+                &mut named,
+            )
+        })
         .collect();
     let row = json!({
         "type": "record",
@@ -425,9 +433,8 @@ fn field(
     };
     // A default (avro_compat = "debezium"): the field's `default`, and
     // `connect.default` on its type, as Connect's AvroData writes them.
-    let default = default.and_then(|v| {
-        crate::debezium::default_json(&column.pg_type, column.type_modifier, v)
-    });
+    let default = default
+        .and_then(|v| crate::debezium::default_json(&column.pg_type, column.type_modifier, v));
     if let Some(d) = &default {
         ty = match ty {
             Json::String(t) => json!({"type": t, "connect.default": d}),

@@ -9,9 +9,7 @@
 //! `extra_float_digits=3` (see [`SESSION_SETTINGS`]), which fixes the text
 //! forms parsed here.
 
-use crate::value::{
-    DATE_INFINITY, DATE_NEG_INFINITY, TIMESTAMP_INFINITY, TIMESTAMP_NEG_INFINITY,
-};
+use crate::value::{DATE_INFINITY, DATE_NEG_INFINITY, TIMESTAMP_INFINITY, TIMESTAMP_NEG_INFINITY};
 use crate::{Numeric, PgType, Value};
 
 /// Session settings that make text output unambiguous for the parsers below.

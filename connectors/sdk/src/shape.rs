@@ -363,10 +363,7 @@ impl Shaper {
             }
             // A key chosen by message_key_columns is in the order it lists.
             let key_position = match &c.message_key_columns {
-                Some(k) => k
-                    .iter()
-                    .position(|n| n == &col.name)
-                    .map(|p| p as u16 + 1),
+                Some(k) => k.iter().position(|n| n == &col.name).map(|p| p as u16 + 1),
                 None => col.key_position,
             };
             let mut shaped = Column {

@@ -210,9 +210,10 @@ impl Serialize for RowSer<'_> {
         let mut m = ser.serialize_map(Some(self.values.len()))?;
         for (c, v) in self.table.columns.iter().zip(self.values) {
             match v {
-                Value::Unavailable => {
-                    m.serialize_entry(&c.name, &crate::json::column_value(&c.pg_type, v, self.opts))?
-                }
+                Value::Unavailable => m.serialize_entry(
+                    &c.name,
+                    &crate::json::column_value(&c.pg_type, v, self.opts),
+                )?,
                 _ => m.serialize_entry(&c.name, &ValueSer(v, self.opts))?,
             }
         }
