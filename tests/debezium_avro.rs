@@ -1,7 +1,10 @@
 //! Debezium compatibility in Avro: the same workload (every type of
 //! schemas/MAPPING.md, inserts, updates, a key change, deletes under
-//! REPLICA IDENTITY DEFAULT and FULL, NULLs, NOT NULL columns, a key-less
-//! table, a composite key) captured by Debezium 3.6.1 on Kafka Connect
+//! REPLICA IDENTITY DEFAULT and FULL, NULLs, NOT NULL columns, column
+//! DEFAULTs of every kind Debezium reads (constants, `now()`, `nextval`,
+//! `gen_random_uuid()`, a quote inside a literal, bits, a nullable column's,
+//! set to NULL once), a key-less table, a composite key whose index is in
+//! another order than its columns) captured by Debezium 3.6.1 on Kafka Connect
 //! with Apicurio's Avro converter, and by walcast with `format = "avro"`
 //! and `avro_compat = "debezium"`, both registering in the same Apicurio
 //! registry. Both sides are read by off-the-shelf clients (confluent-kafka's
