@@ -280,15 +280,26 @@ pub fn float32_as_double(f: f32) -> f64 {
     if !f.is_finite() {
         return f64::from(f);
     }
-    let mut buf = [0u8; 64];
-    let mut w = std::io::Cursor::new(&mut buf[..]);
-    // The shortest text that reads back as the same f32 (Rust's Display).
-    let _ = std::io::Write::write_fmt(&mut w, format_args!("{f}"));
-    let n = w.position() as usize;
-    std::str::from_utf8(&buf[..n])
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(f64::from(f))
+    // The fewest significant digits that read back as the same real, each
+    // count correctly rounded (ties to even, as Postgres's float4out and
+    // Python's repr choose: -463813.625 is -463813.62, where Rust's
+    // Display writes -463813.63).
+    let wide = f64::from(f);
+    for digits in 1..=9 {
+        let mut buf = [0u8; 32];
+        let mut w = std::io::Cursor::new(&mut buf[..]);
+        let _ = std::io::Write::write_fmt(&mut w, format_args!("{:.*e}", digits - 1, wide));
+        let n = w.position() as usize;
+        if let Some(v) = std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(|t| t.parse::<f64>().ok())
+        {
+            if v as f32 == f {
+                return v;
+            }
+        }
+    }
+    wide
 }
 
 fn float(f: f64) -> Json {
@@ -372,6 +383,8 @@ mod tests {
         // f32::MIN_POSITIVE: Rust's shortest form (Java 17 prints 1.17549435E-38).
         assert_eq!(float32_as_double(f32::MIN_POSITIVE), 1.175_494_4e-38);
         assert_eq!(float32_as_double(f32::from_bits(1)), 1e-45);
+        // A tie between two shortest forms goes to the even digit.
+        assert_eq!(float32_as_double(-463_813.625), -463_813.62);
         assert!(float32_as_double(-0.0).is_sign_negative());
         assert!(float32_as_double(f32::NAN).is_nan());
         assert_eq!(
