@@ -17,13 +17,6 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// (column, why): value renderings that differ on purpose.
-const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
-    // Debezium's default decimal.handling.mode=precise writes base64 bytes;
-    // walcast writes the decimal as a string (decimal.handling.mode=string).
-    // The test sets Debezium to `string`, so they agree; kept for the README.
-];
-
 /// Source fields both produce with the same meaning.
 const SOURCE_FIELDS: &[&str] = &[
     "connector",
@@ -54,39 +47,6 @@ const ONLY_DEBEZIUM_SOURCE: &[&str] = &["sequence", "origin", "origin_lsn"];
 const ONLY_WALCAST_SOURCE: &[&str] = &["commit_lsn"];
 const ONLY_DEBEZIUM_ENVELOPE: &[&str] = &[];
 const ONLY_WALCAST_ENVELOPE: &[&str] = &[];
-
-/// Compares one field of Debezium's event with walcast's, recursing into
-/// objects; pushes one line per difference, naming the field's path. A field
-/// present on one side and absent on the other is a difference (an absent
-/// field is not read as null), in both directions; so is a column in
-/// KNOWN_DIFFERENCES only when it is absent on one side.
-fn compare(path: &str, d: Option<&Value>, w: Option<&Value>, out: &mut Vec<String>) {
-    match (d, w) {
-        (None, None) => {}
-        (Some(d), None) => out.push(format!(
-            "{path}: only in debezium (= {d}), missing from walcast"
-        )),
-        (None, Some(w)) => out.push(format!(
-            "{path}: only in walcast (= {w}), missing from debezium"
-        )),
-        (Some(Value::Object(d)), Some(Value::Object(w))) => {
-            let mut fields: Vec<&String> = d.keys().chain(w.keys()).collect();
-            fields.sort();
-            fields.dedup();
-            for f in fields {
-                compare(&format!("{path}.{f}"), d.get(f), w.get(f), out);
-            }
-        }
-        (Some(d), Some(w)) => {
-            let column = path.rsplit('.').next().unwrap_or(path);
-            let known = (path.starts_with("before.") || path.starts_with("after."))
-                && KNOWN_DIFFERENCES.iter().any(|(c, _)| *c == column);
-            if d != w && !known {
-                out.push(format!("{path}: debezium={d} walcast={w}"));
-            }
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn walcast_json_matches_debezium_field_by_field() {
@@ -212,12 +172,12 @@ json_special_numeric = "debezium"
         for ((dk, dv), (wk, wv)) in dbz_sorted.iter().zip(&wc_sorted) {
             let (dv, wv) = (dv.as_ref().unwrap(), wv.as_ref().unwrap());
             let mut diffs = Vec::new();
-            compare("key", Some(dk), Some(wk), &mut diffs);
+            compare_values("key", Some(dk), Some(wk), &mut diffs);
             for field in ["op", "before", "after"] {
-                compare(field, dv.get(field), wv.get(field), &mut diffs);
+                compare_values(field, dv.get(field), wv.get(field), &mut diffs);
             }
             for f in SOURCE_FIELDS {
-                compare(
+                compare_values(
                     &format!("source.{f}"),
                     dv["source"].get(*f),
                     wv["source"].get(*f),

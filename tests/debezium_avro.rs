@@ -1,7 +1,10 @@
 //! Debezium compatibility in Avro: the same workload (every type of
 //! schemas/MAPPING.md, inserts, updates, a key change, deletes under
-//! REPLICA IDENTITY DEFAULT and FULL, NULLs, NOT NULL columns, a key-less
-//! table, a composite key) captured by Debezium 3.6.1 on Kafka Connect
+//! REPLICA IDENTITY DEFAULT and FULL, NULLs, NOT NULL columns, column
+//! DEFAULTs of every kind Debezium reads (constants, `now()`, `nextval`,
+//! `gen_random_uuid()`, a quote inside a literal, bits, a nullable column's,
+//! set to NULL once), a key-less table, a composite key whose index is in
+//! another order than its columns) captured by Debezium 3.6.1 on Kafka Connect
 //! with Apicurio's Avro converter, and by walcast with `format = "avro"`
 //! and `avro_compat = "debezium"`, both registering in the same Apicurio
 //! registry. Both sides are read by off-the-shelf clients (confluent-kafka's
@@ -40,18 +43,8 @@ const KNOWN_SCHEMA: &[(&str, &str)] = &[
          drops the logical type, fastavro and apache-avro refuse the schema); walcast declares 5",
     ),
     (
-        "types.value.before.nn_def",
-        "NOT NULL column with a DEFAULT: Debezium copies the default into the schema (`default`, \
-         `connect.default`); walcast's table description has no defaults, so walcast has none",
-    ),
-    (
         "value.source.commit_lsn",
         "walcast's addition to source: the commit LSN relays use as the row version",
-    ),
-    (
-        "multikey.key.fields: order",
-        "composite key: Debezium orders key fields as the primary key index does, walcast in \
-         column order (the table description walcast gets has no index order)",
     ),
 ];
 
@@ -77,13 +70,14 @@ const KNOWN_VALUES: &[(&str, &str)] = &[
          where walcast's reads as a decimal; same unscaled value",
     ),
     (
-        ".nm",
-        "`name` columns: Debezium 3.6.1 writes null for every value; walcast writes the name",
+        "d_nul: debezium=7 walcast=null",
+        "a nullable column with a DEFAULT: Debezium's Avro converter writes the default where the \
+         value is null (Connect's Struct.get gives a null field its schema default), in key-only \
+         before images and for a real NULL alike; walcast writes the null",
     ),
     (
-        "before.nn_def",
-        "a NOT NULL column with a DEFAULT missing from a key-only before image: Debezium writes \
-         the default, walcast (which does not know it) the type's zero",
+        ".nm",
+        "`name` columns: Debezium 3.6.1 writes null for every value; walcast writes the name",
     ),
 ];
 
@@ -105,118 +99,6 @@ const SOURCE_FIELDS: &[&str] = &[
     "origin_lsn",
     "sequence",
 ];
-
-/// Whether `path` is a listed difference; records which entries matched,
-/// so that an entry that no longer matches anything fails the test (the
-/// difference is gone: remove it from the list and from MAPPING.md).
-fn known(list: &[(&str, &str)], path: &str, seen: &mut std::collections::BTreeSet<String>) -> bool {
-    match list.iter().find(|(p, _)| path.contains(p)) {
-        Some((p, _)) => {
-            seen.insert(p.to_string());
-            true
-        }
-        None => false,
-    }
-}
-
-/// Compares two values (decoded data or schema JSON) recursively; pushes
-/// one line per difference, naming its path. A field on one side only is a
-/// difference in both directions.
-fn compare(path: &str, d: Option<&Value>, w: Option<&Value>, out: &mut Vec<String>) {
-    match (d, w) {
-        (None, None) => {}
-        (Some(d), None) => out.push(format!("{path}: only in debezium (= {d})")),
-        (None, Some(w)) => out.push(format!("{path}: only in walcast (= {w})")),
-        (Some(Value::Object(d)), Some(Value::Object(w))) => {
-            let mut keys: Vec<&String> = d.keys().chain(w.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            for k in keys {
-                compare(&format!("{path}.{k}"), d.get(k), w.get(k), out);
-            }
-        }
-        (Some(d), Some(w)) => {
-            if d != w {
-                out.push(format!("{path}: debezium={d} walcast={w}"));
-            }
-        }
-    }
-}
-
-/// Compares two Avro schemas: attributes other than walcast's own, union
-/// branches, array items, and record fields by name (and their order
-/// apart, as `PATH.fields: order`).
-fn compare_schema(path: &str, d: &Value, w: &Value, out: &mut Vec<String>) {
-    match (d, w) {
-        (Value::Array(d), Value::Array(w)) if d.len() == w.len() => {
-            for (i, (d, w)) in d.iter().zip(w).enumerate() {
-                // A union's non-null branch keeps the field's path.
-                let p = if d == "null" && w == "null" {
-                    format!("{path}[{i}]")
-                } else {
-                    path.to_string()
-                };
-                compare_schema(&p, d, w, out);
-            }
-        }
-        (Value::Object(d), Value::Object(w)) => {
-            let mut keys: Vec<&String> = d
-                .keys()
-                .chain(w.keys())
-                .filter(|k| !k.starts_with("walcast."))
-                .collect();
-            keys.sort();
-            keys.dedup();
-            for k in keys {
-                let p = format!("{path}.{k}");
-                match (k.as_str(), d.get(k), w.get(k)) {
-                    ("fields", Some(Value::Array(df)), Some(Value::Array(wf))) => {
-                        let names = |f: &[Value]| -> Vec<String> {
-                            f.iter()
-                                .map(|f| f["name"].as_str().unwrap_or("?").to_string())
-                                .collect()
-                        };
-                        let (dn, wn) = (names(df), names(wf));
-                        let (mut ds, mut ws) = (dn.clone(), wn.clone());
-                        ds.sort();
-                        ws.sort();
-                        if ds == ws && dn != wn {
-                            out.push(format!(
-                                "{path}.fields: order debezium={dn:?} walcast={wn:?}"
-                            ));
-                        }
-                        let mut all = dn.clone();
-                        all.extend(wn.iter().filter(|n| !dn.contains(n)).cloned());
-                        for n in all {
-                            let df = df.iter().find(|f| f["name"] == n.as_str());
-                            let wf = wf.iter().find(|f| f["name"] == n.as_str());
-                            match (df, wf) {
-                                (Some(df), Some(wf)) => {
-                                    compare_schema(&format!("{path}.{n}"), df, wf, out)
-                                }
-                                (Some(_), None) => {
-                                    out.push(format!("{path}.{n}: field only in debezium"))
-                                }
-                                (None, Some(_)) => {
-                                    out.push(format!("{path}.{n}: field only in walcast"))
-                                }
-                                (None, None) => {}
-                            }
-                        }
-                    }
-                    // A field's type keeps the field's path.
-                    ("type" | "items", Some(d), Some(w)) => compare_schema(path, d, w, out),
-                    (_, d, w) => compare(&p, d, w, out),
-                }
-            }
-        }
-        _ => {
-            if d != w {
-                out.push(format!("{path}: debezium={d} walcast={w}"));
-            }
-        }
-    }
-}
 
 /// Every record of `topics` (until `count` carry a value) as the Python
 /// reader decoded them, with the writer schemas by id; prefixes replaced by
@@ -258,7 +140,11 @@ CREATE TABLE types (id int PRIMARY KEY, b bool, i2 int2, i4 int4, i8 int8, f4 re
     nn_d date NOT NULL, nn_ts timestamp NOT NULL, nn_tstz timestamptz NOT NULL, nn_u uuid NOT NULL,
     nn_b bytea NOT NULL, nn_bool bool NOT NULL, nn_arr int[] NOT NULL, nn_e mood NOT NULL,
     nn_j jsonb NOT NULL, nn_iv interval NOT NULL, nn_ttz timetz NOT NULL, nn_m money NOT NULL,
-    nn_f float8 NOT NULL, nn_def text NOT NULL DEFAULT 'dflt');
+    nn_f float8 NOT NULL, nn_def text NOT NULL DEFAULT 'dflt', d_nul int DEFAULT 7,
+    d_fn timestamptz NOT NULL DEFAULT now(), d_q text NOT NULL DEFAULT 'it''s', ser serial,
+    d_num numeric(6,2) NOT NULL DEFAULT 1.5, d_day date NOT NULL DEFAULT '2020-02-29',
+    d_ts timestamp(3) NOT NULL DEFAULT '2020-01-01 01:02:03.456', d_u uuid NOT NULL DEFAULT gen_random_uuid(),
+    d_b bool NOT NULL DEFAULT true, d_f4 real NOT NULL DEFAULT 1.25, d_bits bit(3) NOT NULL DEFAULT B'101');
 CREATE TABLE full_rows (id int PRIMARY KEY, note text NOT NULL, v int, at timestamptz);
 ALTER TABLE full_rows REPLICA IDENTITY FULL;
 CREATE TABLE keyless (a text, b int NOT NULL);
@@ -282,7 +168,9 @@ fn workload() -> String {
      '{{"a b","c\"d",NULL}}', '(1.5,-2)', 1234567, 0.00012, '2020-01-01 01:02:03.456',
      '2020-01-01 01:02:03', '2020-01-01 01:02:03+05', '2020-01-01 00:00:00.1+00', '01:02:03',
      '01:02:03.123', '10:00:00.123+05:30', 'a fat cat', '<a>x</a>', B'1000000001', B'1', B'11',
-     '[1,5)', '{{"2020-01-01 00:00:00+00",NULL}}', {NN}, 'given');
+     '[1,5)', '{{"2020-01-01 00:00:00+00",NULL}}', {NN}, 'given', 8, '2021-01-01 00:00:00+00',
+     'q', 100, 2.5, '2021-01-01', '2021-01-01 00:00:00', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12', false,
+     2.5, B'011');
 INSERT INTO types (id, nn_t, nn_i, nn_n, nn_nu, nn_d, nn_ts, nn_tstz, nn_u, nn_b, nn_bool, nn_arr,
     nn_e, nn_j, nn_iv, nn_ttz, nn_m, nn_f) VALUES (2, {NN});
 INSERT INTO types (id, f4, f8, nu, n, d, ts, tstz, iv, ttz, bit1, nn_t, nn_i, nn_n, nn_nu, nn_d,
@@ -296,6 +184,7 @@ INSERT INTO types (id, d, ts, tstz, ts3, tstz3, nn_t, nn_i, nn_n, nn_nu, nn_d, n
     (5, '-infinity', '-infinity', 'infinity', 'infinity', '-infinity', {NN});
 UPDATE types SET t = 'updated', i4 = 7 WHERE id = 1;
 UPDATE types SET id = 30 WHERE id = 3;
+UPDATE types SET d_nul = NULL WHERE id = 4;
 DELETE FROM types WHERE id = 2;
 DELETE FROM types WHERE id = 1;
 INSERT INTO full_rows VALUES (1, 'a', 1, '2020-01-01 00:00:00+00');
@@ -310,7 +199,7 @@ DELETE FROM multikey;"#
 
 /// Records with a value per table in the workload.
 const EVENTS: &[(&str, usize)] = &[
-    ("types", 10),
+    ("types", 11),
     ("full_rows", 3),
     ("keyless", 2),
     ("multikey", 3),
@@ -403,7 +292,8 @@ bootstrap_servers = "{bootstrap}"
     let status = connect_rest("GET", &format!("/connectors/{connector}/status"), None).await;
 
     let mut report = Vec::new();
-    let mut seen = std::collections::BTreeSet::new();
+    let mut known_schema = Known::new(KNOWN_SCHEMA);
+    let mut known_values = Known::new(KNOWN_VALUES);
     let mut compared = 0;
     for (table, expected) in EVENTS {
         let topic = format!("PREFIX.public.{table}");
@@ -437,21 +327,17 @@ bootstrap_servers = "{bootstrap}"
             let (ds, ws) = (id(&dbz, &d[0]), id(&wc, &w[0]));
             let mut diffs = Vec::new();
             compare_schema(&format!("{table}.{part}"), &ds, &ws, &mut diffs);
-            report.extend(
-                diffs
-                    .into_iter()
-                    .filter(|p| !known(KNOWN_SCHEMA, p, &mut seen)),
-            );
+            report.extend(diffs.into_iter().filter(|p| !known_schema.forgives(p)));
         }
         for (de, we) in d.iter().zip(&w) {
             let (dv, wv) = (&de["value"], &we["value"]);
             let mut diffs = Vec::new();
-            compare("key", Some(&de["key"]), Some(&we["key"]), &mut diffs);
+            compare_values("key", Some(&de["key"]), Some(&we["key"]), &mut diffs);
             for f in ["op", "before", "after", "transaction"] {
-                compare(f, dv.get(f), wv.get(f), &mut diffs);
+                compare_values(f, dv.get(f), wv.get(f), &mut diffs);
             }
             for f in SOURCE_FIELDS {
-                compare(
+                compare_values(
                     &format!("source.{f}"),
                     dv["source"].get(*f),
                     wv["source"].get(*f),
@@ -473,18 +359,20 @@ bootstrap_servers = "{bootstrap}"
             report.extend(
                 diffs
                     .into_iter()
-                    .filter(|p| !known(KNOWN_VALUES, p, &mut seen))
+                    .filter(|p| !known_values.forgives(p))
                     .map(|p| format!("{table} key={} op={}: {p}", de["key"], dv["op"])),
             );
         }
     }
     assert_eq!(compared, EVENTS.iter().map(|(_, n)| n).sum::<usize>());
-    for (p, why) in KNOWN_SCHEMA.iter().chain(KNOWN_VALUES) {
-        if !seen.contains(*p) {
-            report.push(format!(
-                "listed difference `{p}` ({why}) did not occur: remove it"
-            ));
-        }
+    for (p, why) in known_schema
+        .unused()
+        .into_iter()
+        .chain(known_values.unused())
+    {
+        report.push(format!(
+            "listed difference `{p}` ({why}) did not occur: remove it"
+        ));
     }
     assert!(
         report.is_empty(),

@@ -18,6 +18,8 @@ use walcast_sdk::{
 
 fn col(name: &str, pg_type: PgType, oid: u32, key: bool) -> Column {
     Column {
+        key_position: None,
+        default: None,
         name: name.into(),
         pg_type,
         type_oid: oid,

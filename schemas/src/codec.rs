@@ -71,10 +71,10 @@ pub fn encode_key_into(
         return Ok(false);
     };
     let table = &event.table;
-    for i in table.key_indexes() {
+    for i in crate::mapping::key_order(table, opts) {
         let c = &table.columns[i];
         let v = row.get(i).unwrap_or(&Value::Null);
-        field(out, table, c, v, c.nullable, opts)?;
+        field(out, table, c, v, c.nullable, None, opts)?;
     }
     Ok(true)
 }
@@ -111,8 +111,8 @@ pub fn encode_value_into(
             ),
         ));
     }
-    image(out, table, event.before.as_deref(), opts)?;
-    image(out, table, event.after.as_deref(), opts)?;
+    image(out, table, event.before.as_deref(), &schemas.defaults, opts)?;
+    image(out, table, event.after.as_deref(), &schemas.defaults, opts)?;
     if opts.avro_compat == AvroCompat::Debezium {
         debezium_envelope_rest(out, event);
         return Ok(());
@@ -207,6 +207,7 @@ fn image(
     out: &mut Vec<u8>,
     table: &TableSchema,
     row: Option<&[Value]>,
+    defaults: &[Option<Value>],
     opts: &MappingOptions,
 ) -> Result<(), EncodeError> {
     let Some(row) = row else {
@@ -225,8 +226,9 @@ fn image(
         ));
     }
     bin::long(out, VALUE_BRANCH);
-    for (c, v) in table.columns.iter().zip(row) {
-        field(out, table, c, v, row_field_nullable(c, opts), opts)?;
+    for (i, (c, v)) in table.columns.iter().zip(row).enumerate() {
+        let default = defaults.get(i).and_then(Option::as_ref);
+        field(out, table, c, v, row_field_nullable(c, opts), default, opts)?;
     }
     Ok(())
 }
@@ -239,23 +241,35 @@ fn invalid(table: &TableSchema, column: &str, message: String) -> EncodeError {
     }
 }
 
+/// One field of a row or key record. `default`: the column's default under
+/// `avro_compat = "debezium"` (then a nullable field is `[T, "null"]`, the
+/// branches the other way round).
 fn field(
     out: &mut Vec<u8>,
     table: &TableSchema,
     c: &Column,
     v: &Value,
     nullable: bool,
+    default: Option<&Value>,
     opts: &MappingOptions,
 ) -> Result<(), EncodeError> {
+    let (null_branch, value_branch) = match (nullable, default) {
+        (true, Some(_)) => (VALUE_BRANCH, NULL_BRANCH),
+        _ => (NULL_BRANCH, VALUE_BRANCH),
+    };
     if v.is_null() {
         if nullable {
-            bin::long(out, NULL_BRANCH);
+            bin::long(out, null_branch);
             return Ok(());
         }
         if opts.avro_compat == AvroCompat::Debezium && !c.key {
             // A NOT NULL column the before image does not carry (REPLICA
-            // IDENTITY DEFAULT): Debezium's zero value.
-            crate::debezium::write_zero(out, &c.pg_type, c.type_modifier, opts);
+            // IDENTITY DEFAULT): Debezium's default, or its zero value.
+            match default {
+                Some(d) => column_value(out, &c.pg_type, c.type_modifier, d, opts)
+                    .map_err(|m| invalid(table, &c.name, m))?,
+                None => crate::debezium::write_zero(out, &c.pg_type, c.type_modifier, opts),
+            }
             return Ok(());
         }
         return Err(invalid(
@@ -265,7 +279,7 @@ fn field(
         ));
     }
     if nullable {
-        bin::long(out, VALUE_BRANCH);
+        bin::long(out, value_branch);
     }
     column_value(out, &c.pg_type, c.type_modifier, v, opts).map_err(|m| invalid(table, &c.name, m))
 }
@@ -343,7 +357,22 @@ fn column_value(
                 precision: None, ..
             },
             Value::Numeric(n),
-        ) => unconstrained(out, n, opts.unconstrained_numeric)?,
+        ) => match (opts.avro_compat, opts.unconstrained_numeric, n) {
+            // Debezium 3.6's variable-scale decimal drops trailing fraction
+            // zeros (`1.500` is 1.5, scale 1; `-0.000` is 0, scale 0).
+            (AvroCompat::Debezium, UnconstrainedNumeric::VariableScale, Numeric::Finite(t))
+                if t.contains('.') =>
+            {
+                let t = t.trim_end_matches('0').trim_end_matches('.');
+                let t = if t == "-0" { "0" } else { t };
+                unconstrained(
+                    out,
+                    &Numeric::Finite(t.to_string()),
+                    opts.unconstrained_numeric,
+                )?
+            }
+            _ => unconstrained(out, n, opts.unconstrained_numeric)?,
+        },
         (PgType::Money, Value::Numeric(n)) => {
             bin::bytes(out, &decimal_bytes(n, crate::mapping::MONEY_SCALE)?)
         }
@@ -493,10 +522,10 @@ fn money_numeric(text: &str) -> Option<Numeric> {
     }))
 }
 
-/// Months count 30.4375 days, as in `walcast_sdk::json` and Debezium's MicroDuration.
+/// Months count 30.4375 days: `walcast_sdk::json::interval_micros`, as
+/// Debezium's MicroDuration computes it.
 pub fn interval_micros(months: i32, days: i32, micros: i64) -> i64 {
-    let month_micros = (f64::from(months) * 30.4375 * 86_400_000_000.0) as i64;
-    month_micros + i64::from(days) * 86_400_000_000 + micros
+    walcast_sdk::json::interval_micros(months, days, micros)
 }
 
 /// Debezium's ZonedTime text, identical to the JSON encoder's.
@@ -609,7 +638,7 @@ fn scalar(v: &Avro) -> Json {
         | Avro::LocalTimestampMicros(i)
         | Avro::LocalTimestampNanos(i) => json!(i),
         Avro::TimestampMicros(t) => Json::String(timestamp_utc(*t)),
-        Avro::Float(f) => float(f64::from(*f)),
+        Avro::Float(f) => float(walcast_sdk::json::float32_as_double(*f)),
         Avro::Double(f) => float(*f),
         Avro::Bytes(b) | Avro::Fixed(_, b) => {
             Json::String(base64::engine::general_purpose::STANDARD.encode(b))
@@ -693,6 +722,8 @@ mod tests {
 
     fn col(name: &str, pg_type: PgType, nullable: bool, key: bool) -> Column {
         Column {
+            key_position: None,
+            default: None,
             name: name.into(),
             pg_type,
             type_oid: 0,

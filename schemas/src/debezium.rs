@@ -22,9 +22,14 @@
 //! * `smallint` is `{"type": "int", "connect.type": "int16"}`;
 //! * a column is required exactly when it is `NOT NULL` (key or not), and a
 //!   required column missing from a before image (`REPLICA IDENTITY
-//!   DEFAULT` sends only the key) gets its type's zero value (`""`, `0`,
-//!   `1970-01-01T00:00:00Z`), which is what Debezium writes for columns
-//!   without a `DEFAULT`;
+//!   DEFAULT` sends only the key) gets its `DEFAULT` as Debezium reads it
+//!   ([`column_default`]), or else its type's zero value (`""`, `0`,
+//!   `1970-01-01T00:00:00Z`);
+//! * a column's `DEFAULT` is the field's `default` and its type's
+//!   `connect.default` (a nullable column with one becomes `[T, "null"]`,
+//!   the default's branch first, as Connect's `AvroData` writes it);
+//! * key fields come in the order of the key's index (`PRIMARY KEY (b, a)`:
+//!   `b`, `a`), not in column order;
 //! * `time(p)`/`timestamp(p)` with p ≤ 3 are milliseconds
 //!   (`io.debezium.time.Time` int, `io.debezium.time.Timestamp` long),
 //!   otherwise microseconds;
@@ -52,7 +57,7 @@ use walcast_sdk::json::civil_from_days;
 use walcast_sdk::value::{
     DATE_INFINITY, DATE_NEG_INFINITY, TIMESTAMP_INFINITY, TIMESTAMP_NEG_INFINITY,
 };
-use walcast_sdk::{PgType, Value};
+use walcast_sdk::{Column, Numeric, PgType, Value};
 
 use crate::binary as bin;
 use crate::mapping::{MappingOptions, UnconstrainedNumeric, SOURCE_RECORD, VARIABLE_SCALE_DECIMAL};
@@ -411,6 +416,244 @@ pub fn write_zero(out: &mut Vec<u8>, pg: &PgType, typmod: i32, opts: &MappingOpt
     }
 }
 
+/// What Debezium 3.6 makes of a column's `DEFAULT` (its
+/// `PostgresDefaultValueConverter`): the value it declares as the field's
+/// default and writes where a key-only before image lacks a `NOT NULL`
+/// column; `None` where it declares none. Its rules, followed here to the
+/// letter:
+/// * only some types have a reader: `bool`, `int2/4/8` (and serials),
+///   `float4/8`, `numeric(p, s)` (an unconstrained `numeric` would be a
+///   struct, which Connect cannot use as a default), `text`, `varchar`,
+///   `char(n)`, `json`, `jsonb`, `xml`, `uuid`, `date`, `time`,
+///   `timestamp`, `timestamptz`, `interval`, `bit`, `varbit`, enums (the
+///   label between the outer quotes, a doubled quote left doubled); a
+///   domain, an array, `money`, `bytea`... have none;
+/// * a function call (`now()`, `nextval('s'::regclass)`,
+///   `gen_random_uuid()`) or `CURRENT_TIMESTAMP`-like keyword is not
+///   evaluated: the type's placeholder stands for it (`0`, `false`, `""`,
+///   `{}`, the epoch, the zero UUID);
+/// * a literal is the text between the first two quotes on one line
+///   (`'a''b'::text` reads as `a`, as Debezium's `'(.*?)'` does), or the
+///   whole expression when it has no quote (`42`, `true`); anything that
+///   does not then parse (`1 + 2`) has no default.
+pub fn column_default(column: &Column) -> Option<Value> {
+    let expr = column.default.as_deref()?.trim();
+    let kind = default_kind(column)?;
+    if expr.starts_with("NULL::") {
+        return None;
+    }
+    if kind == DefaultKind::Enum {
+        // Between the outer quotes of `'label'::type`, as it is (a doubled
+        // quote stays doubled): Debezium's extractEnumDefault.
+        let literal = &expr[..expr.rfind("::")?];
+        let inner = literal.strip_prefix('\'')?.strip_suffix('\'')?;
+        return Some(Value::Enum(inner.to_string()));
+    }
+    const CURRENT_DATE_TIMES: &[&str] = &[
+        "current_timestamp",
+        "current_time",
+        "current_date",
+        "localtime",
+        "localtimestamp",
+    ];
+    let evaluated =
+        is_function_call(expr) || CURRENT_DATE_TIMES.contains(&expr.to_ascii_lowercase().as_str());
+    let text = if evaluated {
+        placeholder(kind)?.to_string()
+    } else {
+        first_quoted(expr)?
+    };
+    let pg = &column.pg_type;
+    let parse = |t: &PgType| walcast_sdk::pgtext::from_text(t, &text).ok();
+    let v = match kind {
+        DefaultKind::Bool => Value::Bool(text.eq_ignore_ascii_case("true")),
+        DefaultKind::Int
+        | DefaultKind::Date
+        | DefaultKind::Timestamp
+        | DefaultKind::TimestampTz => parse(pg)?,
+        DefaultKind::Float => match parse(pg)? {
+            Value::Float32(f) if f.is_finite() => Value::Float32(f),
+            Value::Float64(f) if f.is_finite() => Value::Float64(f),
+            _ => return None,
+        },
+        DefaultKind::Numeric => match parse(pg)? {
+            v @ Value::Numeric(Numeric::Finite(_)) => v,
+            _ => return None,
+        },
+        DefaultKind::Text => Value::Text(text),
+        DefaultKind::Json => Value::Json(text),
+        DefaultKind::Uuid => parse(pg)?,
+        DefaultKind::Time if text == "00:00" => Value::Time(0),
+        DefaultKind::Time => parse(pg)?,
+        DefaultKind::Interval => parse(pg)?,
+        DefaultKind::Enum => return None,
+        DefaultKind::Bits => {
+            if !text.bytes().all(|b| b == b'0' || b == b'1') || text.is_empty() {
+                return None;
+            }
+            Value::Text(text)
+        }
+    };
+    // ±infinity dates and timestamps: Debezium's readers make other numbers
+    // of them than its value converters; left out rather than guessed.
+    match v {
+        Value::Date(DATE_INFINITY | DATE_NEG_INFINITY)
+        | Value::Timestamp(TIMESTAMP_INFINITY | TIMESTAMP_NEG_INFINITY)
+        | Value::TimestampTz(TIMESTAMP_INFINITY | TIMESTAMP_NEG_INFINITY) => None,
+        v => Some(v),
+    }
+}
+
+/// The types Debezium reads defaults of (see [`column_default`]).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum DefaultKind {
+    Bool,
+    Int,
+    Float,
+    Numeric,
+    Text,
+    Json,
+    Uuid,
+    Date,
+    Time,
+    Timestamp,
+    TimestampTz,
+    Interval,
+    Enum,
+    Bits,
+}
+
+fn default_kind(column: &Column) -> Option<DefaultKind> {
+    // A domain keeps its own OID (Debezium looks its reader up by the
+    // domain's name, and has none).
+    let (kind, oid) = match &column.pg_type {
+        PgType::Bool => (DefaultKind::Bool, 16),
+        PgType::Int2 => (DefaultKind::Int, 21),
+        PgType::Int4 => (DefaultKind::Int, 23),
+        PgType::Int8 => (DefaultKind::Int, 20),
+        PgType::Float4 => (DefaultKind::Float, 700),
+        PgType::Float8 => (DefaultKind::Float, 701),
+        PgType::Numeric {
+            precision: Some(_), ..
+        } => (DefaultKind::Numeric, 1700),
+        PgType::Text => (DefaultKind::Text, 25),
+        PgType::Varchar { .. } => (DefaultKind::Text, 1043),
+        PgType::Char { .. } => (DefaultKind::Text, 1042),
+        PgType::Json => (DefaultKind::Json, 114),
+        PgType::Jsonb => (DefaultKind::Json, 3802),
+        PgType::Uuid => (DefaultKind::Uuid, 2950),
+        PgType::Date => (DefaultKind::Date, 1082),
+        PgType::Time => (DefaultKind::Time, 1083),
+        PgType::Timestamp => (DefaultKind::Timestamp, 1114),
+        PgType::TimestampTz => (DefaultKind::TimestampTz, 1184),
+        PgType::Interval => (DefaultKind::Interval, 1186),
+        // Debezium 3.6 reads the defaults of every enum type it knows.
+        PgType::Enum { .. } => return Some(DefaultKind::Enum),
+        PgType::Unknown { type_name } => match type_name.as_str() {
+            "xml" => (DefaultKind::Text, 142),
+            "bit" => (DefaultKind::Bits, 1560),
+            "bit varying" => (DefaultKind::Bits, 1562),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    (column.type_oid == oid).then_some(kind)
+}
+
+/// What Debezium puts in place of a function call (`extractDefault`'s
+/// placeholder per type); `None` where the placeholder does not parse as
+/// the type (Debezium then has no default either).
+fn placeholder(kind: DefaultKind) -> Option<&'static str> {
+    Some(match kind {
+        DefaultKind::Bool => "false",
+        DefaultKind::Int => "0",
+        DefaultKind::Float | DefaultKind::Numeric => "0.0",
+        DefaultKind::Text => "",
+        DefaultKind::Json => "{}",
+        DefaultKind::Uuid => "00000000-0000-0000-0000-000000000000",
+        DefaultKind::Date => "1970-01-01",
+        DefaultKind::Time => "00:00",
+        // Debezium's "1970-01-01", read in the JVM's zone (UTC on servers).
+        DefaultKind::Timestamp => "1970-01-01 00:00:00",
+        DefaultKind::TimestampTz => "1970-01-01 00:00:00+00",
+        // Debezium's "epoch" is no interval Postgres's driver reads.
+        DefaultKind::Interval | DefaultKind::Enum | DefaultKind::Bits => return None,
+    })
+}
+
+/// Debezium's test for a default evaluated by a function:
+/// `^[(]?[A-Za-z0-9_.]+\((?:.+(?:, ?.+)*)?\)` (3.6.1).
+fn is_function_call(expr: &str) -> bool {
+    let s = expr.strip_prefix('(').unwrap_or(expr);
+    let name = s
+        .bytes()
+        .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'.')
+        .count();
+    name > 0 && s[name..].starts_with('(') && s[name + 1..].contains(')')
+}
+
+/// Debezium's `extractDefault`: the expression itself when it has no
+/// quote, else the first match of Java's `'(.*?)'` (whose `.` matches no
+/// line terminator); `None` when there is none.
+fn first_quoted(expr: &str) -> Option<String> {
+    if !expr.contains('\'') {
+        return Some(expr.to_string());
+    }
+    let quotes: Vec<usize> = expr.match_indices('\'').map(|(i, _)| i).collect();
+    quotes.windows(2).find_map(|w| {
+        let inner = &expr[w[0] + 1..w[1]];
+        (!inner.contains(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'])).then(|| inner.to_string())
+    })
+}
+
+/// A default ([`column_default`]) as an Avro schema's `default` (and
+/// `connect.default`): numbers, booleans and strings as they are, bytes
+/// (decimals, bit strings) as a string of ISO-8859-1 characters, times in
+/// the unit the column's type has.
+pub fn default_json(pg: &PgType, typmod: i32, v: &Value) -> Option<Json> {
+    let latin1 = |b: &[u8]| Json::String(b.iter().map(|&c| char::from(c)).collect());
+    Some(match (pg, v) {
+        (_, Value::Bool(b)) => json!(b),
+        (_, Value::Int16(i)) => json!(i),
+        (_, Value::Int32(i)) => json!(i),
+        (_, Value::Int64(i)) => json!(i),
+        // The float's shortest decimal form, as Java prints a Float.
+        (_, Value::Float32(f)) => json!(f.to_string().parse::<f64>().ok()?),
+        (_, Value::Float64(f)) => json!(f),
+        (PgType::Numeric { scale, .. }, Value::Numeric(n)) => {
+            latin1(&crate::codec::decimal_bytes(n, scale.unwrap_or(0)).ok()?)
+        }
+        (PgType::Uuid, Value::Uuid(u)) => {
+            json!(apache_avro::Uuid::from_bytes(*u).hyphenated().to_string())
+        }
+        (PgType::Date, Value::Date(d)) => json!(date_days(*d)),
+        (PgType::Time, Value::Time(t)) if time_precision(typmod) <= 3 => json!(t.div_euclid(1000)),
+        (PgType::Time, Value::Time(t)) => json!(t),
+        (PgType::Timestamp, Value::Timestamp(t)) if time_precision(typmod) <= 3 => {
+            json!(t.div_euclid(1000))
+        }
+        (PgType::Timestamp, Value::Timestamp(t)) => json!(t),
+        (PgType::TimestampTz, Value::TimestampTz(t)) => {
+            json!(zoned_timestamp(*t, time_precision(typmod)))
+        }
+        (PgType::Unknown { type_name }, Value::Text(s)) => match unknown_kind(type_name, typmod) {
+            Unknown::Bit1 => json!(s == "1"),
+            Unknown::Bits => latin1(&bits_bytes(s).ok()?),
+            _ => json!(s),
+        },
+        (
+            PgType::Interval,
+            Value::Interval {
+                months,
+                days,
+                micros,
+            },
+        ) => json!(crate::codec::interval_micros(*months, *days, *micros)),
+        (_, Value::Text(s) | Value::Json(s) | Value::Enum(s)) => json!(s),
+        _ => return None,
+    })
+}
+
 fn date_days(d: i32) -> i32 {
     match d {
         DATE_INFINITY => DATE_INFINITY_VALUE,
@@ -432,7 +675,8 @@ pub fn zoned_timestamp(micros: i64, digits: u32) -> String {
             let (y, m, d) = civil_from_days(days);
             let secs = rest / 1_000_000;
             let mut s = format!(
-                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+                "{}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+                walcast_sdk::json::iso_year(y),
                 secs / 3600,
                 secs / 60 % 60,
                 secs % 60
@@ -501,6 +745,71 @@ pub fn point_wkb(x: f64, y: f64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn column(pg_type: PgType, type_oid: u32, default: &str) -> Column {
+        Column {
+            name: "c".into(),
+            pg_type,
+            type_oid,
+            type_modifier: -1,
+            nullable: false,
+            key: false,
+            key_position: None,
+            default: Some(default.into()),
+        }
+    }
+
+    #[test]
+    fn defaults_are_read_as_debezium_reads_them() {
+        let d = |pg: PgType, oid: u32, e: &str| column_default(&column(pg, oid, e));
+        assert_eq!(
+            d(PgType::Text, 25, "'dflt'::text"),
+            Some(Value::Text("dflt".into()))
+        );
+        // Debezium's '(.*?)' stops at the first quote of a doubled one.
+        assert_eq!(
+            d(PgType::Text, 25, "'it''s'::text"),
+            Some(Value::Text("it".into()))
+        );
+        assert_eq!(d(PgType::Int4, 23, "42"), Some(Value::Int32(42)));
+        assert_eq!(d(PgType::Int4, 23, "'-5'::integer"), Some(Value::Int32(-5)));
+        // A function call is not evaluated: the type's placeholder.
+        assert_eq!(
+            d(PgType::Int8, 20, "nextval('t_id_seq'::regclass)"),
+            Some(Value::Int64(0))
+        );
+        assert_eq!(
+            d(PgType::TimestampTz, 1184, "now()"),
+            Some(Value::TimestampTz(0))
+        );
+        assert_eq!(
+            d(PgType::Uuid, 2950, "gen_random_uuid()"),
+            Some(Value::Uuid([0; 16]))
+        );
+        // No reader: a domain (its own OID), money, an expression.
+        assert_eq!(d(PgType::Int4, 16_400, "1"), None);
+        assert_eq!(d(PgType::Money, 790, "'1.00'::money"), None);
+        assert_eq!(
+            d(PgType::TimestampTz, 1184, "CURRENT_TIMESTAMP"),
+            Some(Value::TimestampTz(0))
+        );
+        assert_eq!(d(PgType::Int4, 23, "1 + 2"), None);
+        let mood = PgType::Enum {
+            type_name: "mood".into(),
+            labels: vec![],
+        };
+        assert_eq!(
+            d(mood, 16_500, "'it''s'::mood"),
+            Some(Value::Enum("it''s".into()))
+        );
+        assert_eq!(d(PgType::Bool, 16, "true"), Some(Value::Bool(true)));
+        assert_eq!(d(PgType::Text, 25, "NULL::text"), None);
+        let bits = PgType::Unknown {
+            type_name: "bit".into(),
+        };
+        let v = d(bits.clone(), 1560, "'101'::\"bit\"").unwrap();
+        assert_eq!(default_json(&bits, 3, &v), Some(json!("\u{5}")));
+    }
 
     #[test]
     fn zoned_timestamp_has_the_columns_digits() {

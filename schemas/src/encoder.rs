@@ -425,6 +425,8 @@ mod tests {
 
     fn table(version: u32, extra: bool) -> Arc<TableSchema> {
         let mut columns = vec![Column {
+            key_position: None,
+            default: None,
             name: "id".into(),
             pg_type: PgType::Int4,
             type_oid: 23,
@@ -434,6 +436,8 @@ mod tests {
         }];
         if extra {
             columns.push(Column {
+                key_position: None,
+                default: None,
                 name: "note".into(),
                 pg_type: PgType::Text,
                 type_oid: 25,

@@ -216,6 +216,11 @@ pub struct TableSchemas {
     pub value: AvroSchema,
     /// The Avro field name of each column, aligned with `TableSchema::columns`.
     pub fields: Vec<String>,
+    /// Each column's default as `avro_compat = "debezium"` declares it
+    /// ([`crate::debezium::column_default`]), aligned with the columns; all
+    /// `None` in walcast's shape. A nullable column with one is
+    /// `[T, "null"]`, so the codec writes its branches the other way round.
+    pub defaults: Vec<Option<walcast_sdk::Value>>,
 }
 
 /// Derives the key and envelope schemas of `table`. `prefix` is the
@@ -227,15 +232,32 @@ pub fn derive(
     opts: &MappingOptions,
 ) -> Result<TableSchemas, MappingError> {
     let qualified = table.qualified_name();
-    let namespace = format!(
-        "{}.{}.{}",
-        sanitize_namespace(prefix),
-        sanitize_name(&table.schema),
-        sanitize_name(&table.name)
-    );
+    let namespace = match opts.avro_compat {
+        AvroCompat::Walcast => format!(
+            "{}.{}.{}",
+            sanitize_namespace(prefix),
+            sanitize_name(&table.schema),
+            sanitize_name(&table.name)
+        ),
+        // Debezium adjusts `<prefix>.<schema>.<table>` as one name: a dot
+        // in an identifier stays a dot (one more namespace level).
+        AvroCompat::Debezium => {
+            sanitize_namespace(&format!("{prefix}.{}.{}", table.schema, table.name))
+        }
+    };
     let fields = field_names(table, opts.field_name_adjustment)?;
+    let defaults: Vec<Option<walcast_sdk::Value>> = table
+        .columns
+        .iter()
+        .map(|c| match opts.avro_compat {
+            AvroCompat::Walcast => None,
+            AvroCompat::Debezium => crate::debezium::column_default(c).filter(|v| {
+                crate::debezium::default_json(&c.pg_type, c.type_modifier, v).is_some()
+            }),
+        })
+        .collect();
 
-    let key_indexes = table.key_indexes();
+    let key_indexes = key_order(table, opts);
     let key = if key_indexes.is_empty() {
         None
     } else {
@@ -247,6 +269,7 @@ pub fn derive(
                     &table.columns[i],
                     &fields[i],
                     table.columns[i].nullable,
+                    defaults[i].as_ref(),
                     opts,
                     &mut named,
                 )
@@ -268,7 +291,17 @@ pub fn derive(
         .columns
         .iter()
         .zip(&fields)
-        .map(|(c, f)| field(c, f, row_field_nullable(c, opts), opts, &mut named))
+        .zip(&defaults)
+        .map(|((c, f), d)| {
+            field(
+                c,
+                f,
+                row_field_nullable(c, opts),
+                d.as_ref(),
+                opts,
+                &mut named,
+            )
+        })
         .collect();
     let row = json!({
         "type": "record",
@@ -315,7 +348,20 @@ pub fn derive(
         key,
         value,
         fields,
+        defaults,
     })
+}
+
+/// The key's columns in the order of its fields: column order in walcast's
+/// shape, the key index's order under `avro_compat = "debezium"` (as
+/// Debezium's key schema has them). Column order is kept in walcast's own
+/// shape because the key's bytes choose the Kafka partition: reordering
+/// would move every composite key of a running pipeline to another one.
+pub fn key_order(table: &TableSchema, opts: &MappingOptions) -> Vec<usize> {
+    match opts.avro_compat {
+        AvroCompat::Walcast => table.key_indexes(),
+        AvroCompat::Debezium => table.key_indexes_in_index_order(),
+    }
 }
 
 /// Whether a column of the row record admits null: see the module doc.
@@ -375,22 +421,48 @@ fn field(
     column: &Column,
     name: &str,
     nullable: bool,
+    default: Option<&walcast_sdk::Value>,
     opts: &MappingOptions,
     named: &mut HashSet<&'static str>,
 ) -> Json {
-    let ty = match opts.avro_compat {
+    let mut ty = match opts.avro_compat {
         AvroCompat::Walcast => avro_type(&column.pg_type, opts, named),
         AvroCompat::Debezium => {
             crate::debezium::column_type(&column.pg_type, column.type_modifier, opts, named)
         }
     };
+    // A default (avro_compat = "debezium"): the field's `default`, and
+    // `connect.default` on its type, as Connect's AvroData writes them.
+    let default = default
+        .and_then(|v| crate::debezium::default_json(&column.pg_type, column.type_modifier, v));
+    if let Some(d) = &default {
+        ty = match ty {
+            Json::String(t) => json!({"type": t, "connect.default": d}),
+            Json::Object(mut o) => {
+                o.insert("connect.default".into(), d.clone());
+                Json::Object(o)
+            }
+            other => other,
+        };
+    }
     let mut f = Map::new();
     f.insert("name".into(), json!(name));
-    if nullable {
-        f.insert("type".into(), json!(["null", ty]));
-        f.insert("default".into(), Json::Null);
-    } else {
-        f.insert("type".into(), ty);
+    match (nullable, default) {
+        (true, None) => {
+            f.insert("type".into(), json!(["null", ty]));
+            f.insert("default".into(), Json::Null);
+        }
+        // The default's branch first: an Avro default is of the first.
+        (true, Some(d)) => {
+            f.insert("type".into(), json!([ty, "null"]));
+            f.insert("default".into(), d);
+        }
+        (false, d) => {
+            f.insert("type".into(), ty);
+            if let Some(d) = d {
+                f.insert("default".into(), d);
+            }
+        }
     }
     if name != column.name {
         f.insert(COLUMN_ATTRIBUTE.into(), json!(column.name));
@@ -728,6 +800,8 @@ mod tests {
 
     fn col(name: &str, pg_type: PgType, nullable: bool, key: bool) -> Column {
         Column {
+            key_position: None,
+            default: None,
             name: name.into(),
             pg_type,
             type_oid: 0,
@@ -1099,6 +1173,8 @@ mod tests {
             columns: cols
                 .iter()
                 .map(|(n, t)| Column {
+                    key_position: None,
+                    default: None,
                     name: n.to_string(),
                     pg_type: t.clone(),
                     type_oid: 0,

@@ -223,7 +223,7 @@ class KafkaRebuild:
                 out[c] = PLACEHOLDER if is_placeholder(raw) else from_avro(t.kind[c], raw)
             else:
                 raw = img.get(c)
-                out[c] = raw
+                out[c] = PLACEHOLDER if is_placeholder(raw) else raw
         return out
 
     def rebuild(self, t):

@@ -65,7 +65,7 @@ def make_scenario(seed, switches, fmt):
     """Tables and DDL for `seed`."""
     r = random.Random(seed)
     enum_name, dom_int, dom_text = "Mood ü", "pos int", "Dom.Text"
-    types = catalog(enum_name, dom_int, dom_text)
+    types = [t for t in catalog(enum_name, dom_int, dom_text) if t.name not in switches.get("exclude_types", ())]
     keyable = {t.name: t for t in types if t.keyable}
     ddl = [
         f"CREATE TYPE {qi(enum_name)} AS ENUM ('ünï', 'with space', 'Quote''s', 'plain')",
@@ -105,6 +105,10 @@ def make_scenario(seed, switches, fmt):
             cols.append(("Region Ü", keyable["text"], True))
             cols.append(("id", keyable[r.choice(["int8", "int4"])], True))
             key = ["Region Ü", "id"]
+            if switches.get("pk_order_reversed"):
+                # The primary key's index in another order than the columns
+                # (Debezium orders key fields as the index does).
+                key.reverse()
         elif shape == "index":
             pair = [("id", keyable["int8"], True), ("code", keyable["text"], True)]
             if not switches["relay_key_order"]:
@@ -130,7 +134,19 @@ def make_scenario(seed, switches, fmt):
             cols.append((cname, t, False))
         t = Table(schema, name, cols, key, shape, sinks, toast)
         t.identity_full = identity_full
-        coldefs = ", ".join(f"{qi(c)} {ty.sql}" + (" NOT NULL" if nn else "") for c, ty, nn in cols)
+        defaults = {}
+        if switches.get("not_null_defaults"):
+            # NOT NULL value columns with a DEFAULT, some of them: what a
+            # key-only before image holds for them, and the schema's
+            # `default`, are Debezium's to compare. Drawn from a generator
+            # of their own, so the other draws of the scenario stay as they were.
+            dr = random.Random(seed * 7919 + i)
+            for n, (c, ty, nn) in enumerate(cols):
+                if not nn and c not in key and c != "id" and dr.random() < 0.35:
+                    cols[n] = (c, ty, True)
+                    defaults[c] = ty.value(dr)
+        coldefs = ", ".join(f"{qi(c)} {ty.sql}" + (" NOT NULL" if nn else "") +
+                            (f" DEFAULT {defaults[c]}" if c in defaults else "") for c, ty, nn in cols)
         if shape == "partitioned":
             ddl.append(f"CREATE TABLE {t.qname} ({coldefs}, PRIMARY KEY (id)) PARTITION BY HASH (id)")
             for p in range(3):
@@ -304,7 +320,8 @@ class Writer(threading.Thread):
             rows = [self.row_literals(t, self.new_key_values(t), big=False) for _ in range(r.randint(*self.large_rows))]
             for i in range(0, len(rows), 500):
                 cur.execute(self.insert_sql(t, rows[i:i + 500]))
-            small = [c for c in t.value_cols() if not t.ty[c].toastable and t.ty[c].kind == "int"]
+            nullable = {c for c, _, nn in t.cols if not nn}
+            small = [c for c in t.value_cols() if not t.ty[c].toastable and t.ty[c].kind == "int" and c in nullable]
             if small:
                 cur.execute(f"UPDATE {t.qname} SET {qi(small[0])} = NULL WHERE wr = %s", (self.wid,))
             cur.execute(f"DELETE FROM {t.qname} WHERE wr = %s", (self.wid,))

@@ -9,7 +9,7 @@ schemas/MAPPING.md, connectors/sdk/src/json.rs's table):
 |-----------|--------------------------------------------------------------------|
 | bool      | true / false                                                       |
 | int       | integer                                                            |
-| float4    | the real widened to a double; NaN/±Infinity as "NaN", "Infinity", "-Infinity" |
+| float4    | the real's shortest decimal form as a double (0.1); NaN/±Infinity as "NaN", "Infinity", "-Infinity" |
 | float8    | double; NaN/±Infinity as strings as above                          |
 | numeric   | Postgres's text of the value as a string ("12.50", "NaN")          |
 | money     | the amount as a decimal string, no currency sign or grouping       |
@@ -21,8 +21,8 @@ schemas/MAPPING.md, connectors/sdk/src/json.rs's table):
 | time      | microseconds since midnight                                        |
 | timetz    | "HH:MM:SS[.f]Z" in UTC, no trailing zeros (Debezium's ZonedTime)     |
 | ts        | microseconds since epoch (no zone); ±infinity = i64 max/min        |
-| tstz      | "YYYY-MM-DDTHH:MM:SS.ffffffZ" (proleptic, astronomical year, Rust {y:04}); "infinity"/"-infinity" |
-| interval  | microseconds, a month = 30.4375 days (f64 product truncated)       |
+| tstz      | "YYYY-MM-DDTHH:MM:SS.ffffffZ" (proleptic, astronomical year; outside 0000-9999 signed as Java writes it: +10000, -0043); "infinity"/"-infinity" |
+| interval  | microseconds, a month = 30.4375 days, computed in doubles as Debezium's MicroDuration |
 | string    | the type's text output (inet, cidr, macaddr, enum, bit, tsvector, xml, ...) |
 | array     | JSON array of canonical elements, null for NULL elements           |
 
@@ -86,7 +86,17 @@ def avro_name(name):
 
 
 def f32(x):
-    return struct.unpack("f", struct.pack("f", x))[0]
+    """A real as walcast's JSON writes it (and Debezium's JsonConverter):
+    the double nearest to the real's shortest decimal form (0.1, not the
+    real widened, 0.10000000149011612)."""
+    v = struct.unpack("f", struct.pack("f", x))[0]
+    if math.isnan(v) or math.isinf(v):
+        return v
+    for digits in range(1, 10):
+        s = "%.*g" % (digits, v)
+        if struct.unpack("f", struct.pack("f", float(s)))[0] == v:
+            return float(s)
+    return v
 
 
 # ---------------------------------------------------------------- rendering
@@ -124,7 +134,20 @@ def timestamp_utc(micros):
         return "-infinity"
     days, rest = divmod(micros, 86_400_000_000)
     y, m, d = civil_from_days(days)
-    return "%s-%02d-%02dT%sZ" % (format(y, "04d"), m, d, time_of_day(rest))
+    return "%s-%02d-%02dT%sZ" % (iso_year(y), m, d, time_of_day(rest))
+
+
+def interval_micros(months, days, micros):
+    """Debezium's MicroDuration (walcast_sdk::json::interval_micros): in
+    doubles, from days, hours, minutes and fractional seconds (the time's
+    parts truncated toward zero, carrying its sign), truncated at the end."""
+    sign = -1 if micros < 0 else 1
+    hours = sign * (abs(micros) // 3_600_000_000)
+    minutes = sign * (abs(micros) % 3_600_000_000 // 60_000_000)
+    seconds = float(sign * (abs(micros) % 60_000_000)) / 1e6
+    d = float(months) * 30.4375 + float(days)
+    total = ((d * 24.0 + float(hours)) * 60.0 + float(minutes)) * 60.0 + seconds
+    return int(total * 1e6)
 
 
 def special_float(x):
@@ -193,15 +216,19 @@ def from_pg(kind, s):
         return timestamp_utc(int(s))
     if kind == "interval":
         months, days, micros = (int(Decimal(p)) for p in s.split(","))
-        return int(float(months) * 30.4375 * 86_400_000_000.0) + days * 86_400_000_000 + micros
+        return interval_micros(months, days, micros)
     return s  # numeric, money, text, uuid, json, string
 
 
 # ------------------------------------------------------- event side
 
 
+PLACEHOLDER_BASE64 = base64.b64encode(PLACEHOLDER.encode()).decode()
+
+
 def is_placeholder(v):
-    return v == PLACEHOLDER or v == PLACEHOLDER.encode() or v == [PLACEHOLDER]
+    # JSON writes a bytea's as base64 of its bytes, an array's as [it].
+    return v == PLACEHOLDER or v == PLACEHOLDER.encode() or v == [PLACEHOLDER] or v == PLACEHOLDER_BASE64
 
 
 def from_avro(kind, v):
@@ -209,7 +236,9 @@ def from_avro(kind, v):
         return None
     if kind.startswith("array:"):
         return [from_avro(kind[6:], x) for x in v]
-    if kind in ("float4", "float8"):
+    if kind == "float4":
+        return special_float(f32(float(v)))
+    if kind == "float8":
         return special_float(float(v))
     if kind in ("numeric", "money"):
         if isinstance(v, str):  # unconstrained_numeric = "string" (the default): Postgres's text

@@ -444,16 +444,9 @@ fn render(pg: &PgType, v: &Value, opts: &MappingOptions, jo: &JsonOptions) -> Re
 }
 
 /// ISO 8601 year: four digits for 0000–9999, else the expanded form with a
-/// sign (astronomical numbering: 0000 is 1 BC, -0043 is 44 BC).
-fn iso_year(y: i64) -> String {
-    if (0..=9999).contains(&y) {
-        format!("{y:04}")
-    } else if y < 0 {
-        format!("-{:04}", -y)
-    } else {
-        format!("+{y}")
-    }
-}
+/// sign (astronomical numbering: 0000 is 1 BC, -0043 is 44 BC), as the JSON
+/// encoder writes it too.
+use walcast_sdk::json::iso_year;
 
 /// `YYYY-MM-DDT...` with the year as the JSON encoder writes it, with the
 /// year as [`iso_year`] writes it; `None` when `s` is not of that form.
@@ -515,6 +508,8 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, (n, t))| Column {
+                    key_position: None,
+                    default: None,
                     name: n.to_string(),
                     pg_type: t.clone(),
                     type_oid: 0,

@@ -42,6 +42,8 @@ fn table(name: &str, cols: &[(&str, bool)]) -> Arc<TableSchema> {
         columns: cols
             .iter()
             .map(|(c, key)| Column {
+                key_position: None,
+                default: None,
                 name: c.to_string(),
                 pg_type: PgType::Text,
                 type_oid: 25,
@@ -575,6 +577,8 @@ fn typed_table(name: &str, cols: &[(&str, PgType)], version: u32) -> Arc<TableSc
             .iter()
             .enumerate()
             .map(|(i, (c, t))| Column {
+                key_position: None,
+                default: None,
                 name: c.to_string(),
                 pg_type: t.clone(),
                 type_oid: 0,

@@ -39,6 +39,8 @@ async fn a_batch_sent_during_an_outage_is_retried_until_the_node_is_back() {
         schema: "public".into(),
         name: name.clone(),
         columns: vec![Column {
+            key_position: None,
+            default: None,
             name: "id".into(),
             pg_type: PgType::Int4,
             type_oid: 23,

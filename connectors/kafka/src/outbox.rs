@@ -307,6 +307,8 @@ mod tests {
 
     fn event(op: Op, payload: Value) -> ChangeEvent {
         let col = |name: &str, pg_type: PgType| Column {
+            key_position: None,
+            default: None,
             name: name.into(),
             pg_type,
             type_oid: 0,

@@ -414,6 +414,8 @@ pub(crate) mod tests {
                 .columns
                 .iter()
                 .map(|c| Column {
+                    key_position: None,
+                    default: None,
                     name: c.name.clone(),
                     pg_type: crate::catalog::builtin(c.type_oid, c.type_modifier).unwrap(),
                     type_oid: c.type_oid,

@@ -1,10 +1,13 @@
 //! What the capture asks Postgres's catalog over an ordinary SQL session:
-//! column types (enums, domains, arrays), primary keys, nullability.
+//! column types (enums, domains, arrays), primary keys (and the order of
+//! their index), nullability, column defaults.
 //!
 //! The catalog describes the table as it is now, not as it was at the WAL
 //! position being decoded; pgoutput's Relation message is authoritative for
 //! the column list and types, and the catalog only adds what pgoutput does
-//! not send (the primary key, NOT NULL, enum labels, a domain's base type).
+//! not send (the primary key, NOT NULL, enum labels, a domain's base type,
+//! `DEFAULT` expressions, which `avro_compat = "debezium"` writes into
+//! schemas as Debezium does).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -513,10 +516,13 @@ impl Catalog {
             .client
             .query(
                 "SELECT a.attname::text, a.atttypid, a.atttypmod, a.attnotnull, format_type(a.atttypid, a.atttypmod),
-                        coalesce(a.attnum = ANY(pk.indkey), false), coalesce(a.attnum = ANY(ri.indkey), false)
+                        coalesce(a.attnum = ANY(pk.indkey), false), coalesce(a.attnum = ANY(ri.indkey), false),
+                        array_position(pk.indkey::int2[], a.attnum), array_position(ri.indkey::int2[], a.attnum),
+                        CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END
                  FROM pg_attribute a
                  LEFT JOIN pg_index pk ON pk.indrelid = a.attrelid AND pk.indisprimary
                  LEFT JOIN pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident
+                 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
                    AND CASE WHEN $2::text[] IS NULL THEN a.attgenerated = ''
                             ELSE a.attname = ANY($2) AND (a.attgenerated = '' OR $3) END
@@ -532,12 +538,17 @@ impl Catalog {
             let (col, type_oid, type_modifier, not_null): (String, u32, i32, bool) =
                 (r.get(0), r.get(1), r.get(2), r.get(3));
             let pg_type = self.resolve_type(type_oid, type_modifier).await?;
-            let key = if has_pk {
-                r.get::<_, bool>(5)
+            let (key, position) = if has_pk {
+                (r.get::<_, bool>(5), r.get::<_, Option<i32>>(7))
             } else {
-                replica_identity == ReplicaIdentity::Index && r.get::<_, bool>(6)
+                (
+                    replica_identity == ReplicaIdentity::Index && r.get::<_, bool>(6),
+                    r.get::<_, Option<i32>>(8),
+                )
             };
             columns.push(Column {
+                key_position: position.filter(|_| key).map(|p| p as u16),
+                default: r.get(9),
                 name: col,
                 pg_type,
                 type_oid,
@@ -600,9 +611,13 @@ impl Catalog {
                 .client
                 .query(
                     "SELECT a.attname::text, a.attnotnull,
-                            coalesce(a.attnum = ANY(i.indkey), false) AS pk
+                            coalesce(a.attnum = ANY(i.indkey), false) AS pk,
+                            array_position(coalesce(i.indkey, ri.indkey)::int2[], a.attnum),
+                            CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END
                      FROM pg_attribute a
                      LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+                     LEFT JOIN pg_index ri ON ri.indrelid = a.attrelid AND ri.indisreplident
+                     LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
                      WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
                     &[&rel.id],
                 )
@@ -617,6 +632,12 @@ impl Catalog {
         let info: HashMap<String, (bool, bool)> = rows
             .iter()
             .map(|r| (r.get::<_, String>(0), (r.get(1), r.get(2))))
+            .collect();
+        // Each column's place in the key's index (the primary key's, else
+        // the replica identity index's) and its DEFAULT.
+        let extra: HashMap<String, (Option<i32>, Option<String>)> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), (r.get(3), r.get(4))))
             .collect();
         let has_pk = info.values().any(|(_, pk)| *pk);
         // A table dropped after the changes being decoded: pgoutput still
@@ -685,7 +706,21 @@ impl Catalog {
                     not_null,
                 )
             };
+            let (position, default) = if gone {
+                previous
+                    .as_ref()
+                    .and_then(|p| p.columns.iter().find(|pc| pc.name == c.name))
+                    .map(|pc| (pc.key_position, pc.default.clone()))
+                    .unwrap_or((None, None))
+            } else {
+                match extra.get(&c.name) {
+                    Some((p, d)) => (p.filter(|_| key).map(|p| p as u16), d.clone()),
+                    None => (None, None),
+                }
+            };
             columns.push(Column {
+                key_position: position,
+                default,
                 name: c.name.clone(),
                 pg_type,
                 type_oid: c.type_oid,

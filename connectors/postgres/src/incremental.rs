@@ -1265,6 +1265,8 @@ mod tests {
     fn keys_compare_across_sources() {
         use walcast_sdk::{Column, PgType, ReplicaIdentity};
         let col = |name: &str, key: bool| Column {
+            key_position: None,
+            default: None,
             name: name.into(),
             pg_type: PgType::Int4,
             type_oid: 23,

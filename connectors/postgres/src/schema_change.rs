@@ -239,6 +239,8 @@ mod tests {
 
     fn col(name: &str, pg_type: PgType, oid: u32, nullable: bool, key: bool) -> Column {
         Column {
+            key_position: None,
+            default: None,
             name: name.into(),
             pg_type,
             type_oid: oid,

@@ -1537,6 +1537,8 @@ mod tests {
                 type_modifier: -1,
                 nullable: true,
                 key: false,
+                key_position: None,
+                default: None,
             }],
             replica_identity: ReplicaIdentity::Full,
             version: 0,
@@ -1608,6 +1610,8 @@ mod tests {
     fn chunk_sql_pages_by_key_in_index_order() {
         use walcast_sdk::{Column, PgType, ReplicaIdentity};
         let col = |name: &str, key: bool| Column {
+            key_position: None,
+            default: None,
             name: name.into(),
             pg_type: PgType::Int4,
             type_oid: 23,

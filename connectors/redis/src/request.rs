@@ -693,6 +693,8 @@ mod tests {
             columns: cols
                 .iter()
                 .map(|c| Column {
+                    key_position: None,
+                    default: None,
                     name: c.to_string(),
                     pg_type: PgType::Text,
                     type_oid: 25,

@@ -8,20 +8,28 @@
 //!
 //! | Postgres | JSON | Debezium semantic type |
 //! |---|---|---|
+//! | real | the real's shortest decimal form (`0.1`), as Java prints a float | float32 |
 //! | date | days since epoch | io.debezium.time.Date |
 //! | time | microseconds since midnight | io.debezium.time.MicroTime |
 //! | timetz | `"HH:MM:SS.ffffffZ"` in UTC | io.debezium.time.ZonedTime |
 //! | timestamp | microseconds since epoch | io.debezium.time.MicroTimestamp |
-//! | timestamptz | `"YYYY-MM-DDTHH:MM:SS.ffffffZ"` | io.debezium.time.ZonedTimestamp |
-//! | interval | microseconds (months of 30.4375 days) | io.debezium.time.MicroDuration |
+//! | timestamptz | `"YYYY-MM-DDTHH:MM:SS.ffffffZ"`, years outside 0000-9999 signed (`+10000`, `-0043`) as Java writes them | io.debezium.time.ZonedTimestamp |
+//! | interval | microseconds (months of 30.4375 days, computed in doubles as Debezium does) | io.debezium.time.MicroDuration |
 //! | bytea | base64 | bytes |
 //! | uuid, json, jsonb, inet, enum | string | io.debezium.data.Uuid / Json / ... |
+//!
+//! An unchanged TOASTed value is Debezium's placeholder
+//! `__debezium_unavailable_value`: as text, as base64 of its bytes in a
+//! `bytea`, as a one-element array in an array ([`column_value`]).
+//! Compared with Debezium 3.6.1 on generated workloads by
+//! tests/debezium_generated.rs; the differences left are listed in the
+//! README ("Debezium parity").
 
 use base64::Engine;
 use serde_json::{json, Map, Value as Json};
 
 use crate::event::ChangeEvent;
-use crate::table::TableSchema;
+use crate::table::{PgType, TableSchema};
 use crate::value::{Numeric, Value, DATE_INFINITY, DATE_NEG_INFINITY};
 
 mod writer;
@@ -128,9 +136,25 @@ pub fn key(event: &ChangeEvent, opts: &JsonOptions) -> Option<Json> {
 pub fn row(table: &TableSchema, values: &[Value], opts: &JsonOptions) -> Json {
     let mut m = Map::with_capacity(values.len());
     for (c, v) in table.columns.iter().zip(values) {
-        m.insert(c.name.clone(), value(v, opts));
+        m.insert(c.name.clone(), column_value(&c.pg_type, v, opts));
     }
     Json::Object(m)
+}
+
+/// One column's value: [`value`], except that an unchanged TOASTed value
+/// (`Value::Unavailable`) takes the form Debezium gives the placeholder in
+/// the column's type, so that a reader decodes it as it decodes the
+/// column's values: base64 of its bytes for a `bytea`, a one-element array
+/// for an array, the text itself otherwise.
+pub fn column_value(pg: &PgType, v: &Value, opts: &JsonOptions) -> Json {
+    match (v, pg) {
+        (Value::Unavailable, PgType::Bytea) => Json::String(
+            base64::engine::general_purpose::STANDARD
+                .encode(opts.unavailable_placeholder.as_bytes()),
+        ),
+        (Value::Unavailable, PgType::Array { .. }) => json!([opts.unavailable_placeholder]),
+        _ => value(v, opts),
+    }
 }
 
 /// One value.
@@ -142,7 +166,7 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
         Value::Int16(i) => json!(i),
         Value::Int32(i) => json!(i),
         Value::Int64(i) => json!(i),
-        Value::Float32(f) => float(f64::from(*f)),
+        Value::Float32(f) => float(float32_as_double(*f)),
         Value::Float64(f) => float(*f),
         Value::Numeric(n) => Json::String(special_numeric(n, opts.special_numeric)),
         Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => {
@@ -233,10 +257,49 @@ pub fn write_value(out: &mut Vec<u8>, v: &Value, opts: &JsonOptions) {
     writer::write_value(out, v, opts)
 }
 
-/// An `interval` as Debezium's MicroDuration: months of 30.4375 days.
-pub(crate) fn interval_micros(months: i32, days: i32, micros: i64) -> i64 {
-    let month_micros = (f64::from(months) * 30.4375 * 86_400_000_000.0) as i64;
-    month_micros + i64::from(days) * 86_400_000_000 + micros
+/// An `interval` as Debezium's MicroDuration: months of 30.4375 days, and
+/// computed as Debezium 3.6 does, in doubles from the parts its JDBC
+/// driver's `PGInterval` splits the interval into (days, then hours,
+/// minutes and fractional seconds, each carrying the time's sign), the
+/// microseconds truncated at the end: a large interval's last digit comes
+/// out as Debezium's, which an exact sum would not.
+pub fn interval_micros(months: i32, days: i32, micros: i64) -> i64 {
+    let hours = micros / 3_600_000_000;
+    let minutes = micros % 3_600_000_000 / 60_000_000;
+    let seconds = (micros % 60_000_000) as f64 / 1e6;
+    let days = f64::from(months) * 30.4375 + f64::from(days);
+    let seconds = ((days * 24.0 + hours as f64) * 60.0 + minutes as f64) * 60.0 + seconds;
+    (seconds * 1e6) as i64
+}
+
+/// A `real` as a JSON number: the double nearest to the real's shortest
+/// decimal form (`0.1`, not `0.10000000149011612`, the real widened), as
+/// Debezium's JsonConverter writes a Java `float` and as a reader expects
+/// of a `real`. NaN and infinities go through unchanged.
+pub fn float32_as_double(f: f32) -> f64 {
+    if !f.is_finite() {
+        return f64::from(f);
+    }
+    // The fewest significant digits that read back as the same real, each
+    // count correctly rounded (ties to even, as Postgres's float4out and
+    // Python's repr choose: -463813.625 is -463813.62, where Rust's
+    // Display writes -463813.63).
+    let wide = f64::from(f);
+    for digits in 1..=9 {
+        let mut buf = [0u8; 32];
+        let mut w = std::io::Cursor::new(&mut buf[..]);
+        let _ = std::io::Write::write_fmt(&mut w, format_args!("{:.*e}", digits - 1, wide));
+        let n = w.position() as usize;
+        if let Some(v) = std::str::from_utf8(&buf[..n])
+            .ok()
+            .and_then(|t| t.parse::<f64>().ok())
+        {
+            if v as f32 == f {
+                return v;
+            }
+        }
+    }
+    wide
 }
 
 fn float(f: f64) -> Json {
@@ -291,6 +354,14 @@ pub fn timestamp_utc(micros: i64) -> String {
     String::from_utf8(out).expect("digits, signs and ASCII letters")
 }
 
+/// A year as ISO 8601 writes it: four digits within 0000-9999, else
+/// signed (`+10000`, `-0043`), as Java's formatters (and so Debezium) do.
+pub fn iso_year(y: i64) -> String {
+    let mut out = Vec::with_capacity(8);
+    writer::push_iso_year(&mut out, y);
+    String::from_utf8(out).expect("digits and signs")
+}
+
 /// A date as `YYYY-MM-DD`, or `infinity`/`-infinity`.
 pub fn date_string(days: i32) -> String {
     match days {
@@ -305,6 +376,52 @@ pub fn date_string(days: i32) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reals_are_written_in_their_shortest_form() {
+        assert_eq!(float32_as_double(0.1), 0.1);
+        assert_eq!(float32_as_double(-f32::MAX), -3.4028235e38);
+        // f32::MIN_POSITIVE: Rust's shortest form (Java 17 prints 1.17549435E-38).
+        assert_eq!(float32_as_double(f32::MIN_POSITIVE), 1.175_494_4e-38);
+        assert_eq!(float32_as_double(f32::from_bits(1)), 1e-45);
+        // A tie between two shortest forms goes to the even digit.
+        assert_eq!(float32_as_double(-463_813.625), -463_813.62);
+        assert!(float32_as_double(-0.0).is_sign_negative());
+        assert!(float32_as_double(f32::NAN).is_nan());
+        assert_eq!(
+            value(&Value::Float32(0.1), &JsonOptions::default()).to_string(),
+            "0.1"
+        );
+    }
+
+    #[test]
+    fn intervals_are_debeziums_microdurations() {
+        let day = 86_400_000_000i64;
+        assert_eq!(interval_micros(0, 1, 0), day);
+        assert_eq!(interval_micros(1, 0, 0), 2_629_800_000_000);
+        // -1 mons +3 days -00:00:01
+        assert_eq!(interval_micros(-1, 3, -1_000_000), -2_370_601_000_000);
+        // A value Debezium 3.6.1 wrote one microsecond under the exact sum.
+        let (m, d, us) = (102, -47, 61 * 3_600_000_000 + 2 * 60_000_000 + 3_456_789);
+        let exact = (f64::from(m) * 30.4375 * 86_400_000_000.0) as i64 + i64::from(d) * day + us;
+        assert!((interval_micros(m, d, us) - exact).abs() <= 1);
+    }
+
+    #[test]
+    fn years_outside_four_digits_are_signed_as_java_writes_them() {
+        let day = 86_400_000_000i64;
+        // 200000-12-31 and 44 BC (-0043), as Debezium 3.6.1 wrote them.
+        let far = (days_from_civil_for_test(200_000, 12, 31)) * day;
+        assert_eq!(timestamp_utc(far), "+200000-12-31T00:00:00.000000Z");
+        let bc = days_from_civil_for_test(-43, 3, 15) * day + 12 * 3_600_000_000;
+        assert_eq!(timestamp_utc(bc), "-0043-03-15T12:00:00.000000Z");
+        assert_eq!(iso_year(9999), "9999");
+        assert_eq!(iso_year(0), "0000");
+    }
+
+    fn days_from_civil_for_test(y: i64, m: u32, d: u32) -> i64 {
+        crate::pgtext::days_from_civil(y, m, d)
+    }
+
     use super::*;
     use crate::value::TIMESTAMP_INFINITY;
 
@@ -422,6 +539,8 @@ mod tests {
         ];
         let columns = (0..values.len())
             .map(|i| Column {
+                key_position: None,
+                default: None,
                 name: format!("c{i}"),
                 pg_type: PgType::Text,
                 type_oid: 25,

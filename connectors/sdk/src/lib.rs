@@ -18,6 +18,7 @@ pub mod encode;
 pub mod event;
 pub mod json;
 pub mod notice;
+pub mod pgtext;
 pub mod position;
 pub mod relay;
 pub mod retry;

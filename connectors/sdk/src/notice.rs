@@ -86,6 +86,8 @@ pub enum Notice<'a> {
 
 fn column(name: &str, pg_type: PgType) -> Column {
     Column {
+        key_position: None,
+        default: None,
         name: name.into(),
         pg_type,
         type_oid: 0,

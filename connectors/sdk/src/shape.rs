@@ -361,14 +361,21 @@ impl Shaper {
                 }
                 continue;
             }
+            // A key chosen by message_key_columns is in the order it lists.
+            let key_position = match &c.message_key_columns {
+                Some(k) => k.iter().position(|n| n == &col.name).map(|p| p as u16 + 1),
+                None => col.key_position,
+            };
             let mut shaped = Column {
                 key: is_key,
+                key_position,
                 ..col.clone()
             };
             let text = |mut s: Column| {
                 s.pg_type = PgType::Text;
                 s.type_oid = 25;
                 s.type_modifier = -1;
+                s.default = None; // the column's DEFAULT is no longer its value
                 s
             };
             let action = if let Some(n) = c.column_mask_with.get(&col.name) {
@@ -525,6 +532,8 @@ mod tests {
 
     fn col(name: &str, pg_type: PgType, key: bool) -> Column {
         Column {
+            key_position: None,
+            default: None,
             name: name.into(),
             pg_type,
             type_oid: 0,

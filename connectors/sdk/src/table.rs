@@ -186,6 +186,16 @@ pub struct Column {
     pub nullable: bool,
     /// Part of the primary key (or of the replica identity index).
     pub key: bool,
+    /// The column's place in the key's index, from 1 (`PRIMARY KEY (b, a)`
+    /// makes `b` 1), when the catalog said; `avro_compat = "debezium"`
+    /// orders key fields so, as Debezium does. walcast's own shapes keep
+    /// column order (see [`TableSchema::key_indexes`]).
+    pub key_position: Option<u16>,
+    /// The column's `DEFAULT` as Postgres prints it (`pg_get_expr`, e.g.
+    /// `'dflt'::text`, `nextval('s'::regclass)`), when it has one: what
+    /// `avro_compat = "debezium"` turns into a schema default, as
+    /// Debezium does.
+    pub default: Option<String>,
 }
 
 /// How much of the old row Postgres writes to the WAL for updates and deletes.
@@ -235,6 +245,15 @@ impl TableSchema {
             .filter(|(_, c)| c.key)
             .map(|(i, _)| i)
             .collect()
+    }
+
+    /// Indexes of the key columns in the order of the key's index (column
+    /// order where the catalog gave no positions): Debezium's key field
+    /// order.
+    pub fn key_indexes_in_index_order(&self) -> Vec<usize> {
+        let mut keys = self.key_indexes();
+        keys.sort_by_key(|&i| self.columns[i].key_position.unwrap_or(u16::MAX));
+        keys
     }
 
     pub fn has_key(&self) -> bool {

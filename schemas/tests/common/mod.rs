@@ -38,6 +38,8 @@ pub fn unique(test: &str) -> String {
 
 pub fn column(name: &str, pg_type: PgType, key: bool) -> Column {
     Column {
+        key_position: None,
+        default: None,
         name: name.into(),
         pg_type,
         type_oid: 0,

@@ -8,7 +8,8 @@
 //! the concerns: [`stack`] (where the servers are), [`pg`] (databases,
 //! writers, comparisons with Postgres), [`daemon`] (the binary and its
 //! configs), [`kafka`] (reading topics back), [`debezium`] (the reference
-//! connector in Kafka Connect), [`python`] (the off-the-shelf readers), [`sinks`] (Redis and
+//! connector in Kafka Connect), [`python`] (the off-the-shelf readers), [`parity`] (comparing
+//! Debezium's events and schemas with walcast's), [`sinks`] (Redis and
 //! OpenSearch), [`http`] (proxies that cut a connection). Everything is
 //! re-exported at the top, so a test writes `support::TestDb`.
 //!
@@ -20,6 +21,7 @@ pub mod daemon;
 pub mod debezium;
 pub mod http;
 pub mod kafka;
+pub mod parity;
 pub mod pg;
 pub mod python;
 pub mod sinks;
@@ -29,6 +31,7 @@ pub use daemon::*;
 pub use debezium::*;
 pub use http::*;
 pub use kafka::*;
+pub use parity::*;
 pub use pg::*;
 pub use python::*;
 pub use sinks::*;

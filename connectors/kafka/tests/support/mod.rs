@@ -96,6 +96,8 @@ pub fn table(schema: &str, name: &str, keyed: bool) -> Arc<TableSchema> {
         name: name.into(),
         columns: vec![
             Column {
+                key_position: None,
+                default: None,
                 name: "id".into(),
                 pg_type: PgType::Int8,
                 type_oid: 20,
@@ -104,6 +106,8 @@ pub fn table(schema: &str, name: &str, keyed: bool) -> Arc<TableSchema> {
                 key: keyed,
             },
             Column {
+                key_position: None,
+                default: None,
                 name: "name".into(),
                 pg_type: PgType::Text,
                 type_oid: 25,

@@ -46,6 +46,8 @@ pub fn table(name: &str, cols: &[(&str, bool)]) -> Arc<TableSchema> {
         columns: cols
             .iter()
             .map(|(c, key)| Column {
+                key_position: None,
+                default: None,
                 name: c.to_string(),
                 pg_type: PgType::Text,
                 type_oid: 25,

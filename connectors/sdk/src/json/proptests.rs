@@ -269,6 +269,8 @@ fn table() -> BoxedStrategy<Arc<TableSchema>> {
                 // Postgres column names are unique: number them (after the
                 // last `#`, so that no two can meet).
                 .map(|(i, (pg_type, name, key))| Column {
+                    key_position: None,
+                    default: None,
                     name: format!("{name}#{i}"),
                     pg_type,
                     type_oid: 0,
@@ -467,6 +469,8 @@ fn a_colliding_shape_is_not_served_from_the_cache() {
             schema: "public".into(),
             name: "t".into(),
             columns: vec![Column {
+                key_position: None,
+                default: None,
                 name: col.into(),
                 pg_type: PgType::Int4,
                 type_oid: 23,

@@ -41,7 +41,7 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
         Value::Int16(i) => json!(i),
         Value::Int32(i) => json!(i),
         Value::Int64(i) => json!(i),
-        Value::Float32(f) => float(f64::from(*f)),
+        Value::Float32(f) => float(crate::json::float32_as_double(*f)),
         Value::Float64(f) => float(*f),
         Value::Numeric(n) => Json::String(special_numeric(n, opts.special_numeric)),
         Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => {
@@ -61,10 +61,7 @@ pub fn value(v: &Value, opts: &JsonOptions) -> Json {
             months,
             days,
             micros,
-        } => {
-            let month_micros = (f64::from(*months) * 30.4375 * 86_400_000_000.0) as i64;
-            json!(month_micros + i64::from(*days) * 86_400_000_000 + micros)
-        }
+        } => json!(crate::json::interval_micros(*months, *days, *micros)),
         Value::Array(items) => Json::Array(items.iter().map(|i| value(i, opts)).collect()),
     }
 }
@@ -129,7 +126,11 @@ pub fn timestamp_utc(micros: i64) -> String {
             let days = micros.div_euclid(86_400_000_000);
             let rest = micros.rem_euclid(86_400_000_000);
             let (y, m, d) = civil_from_days(days);
-            format!("{y:04}-{m:02}-{d:02}T{}Z", time_of_day(rest))
+            format!(
+                "{}-{m:02}-{d:02}T{}Z",
+                crate::json::iso_year(y),
+                time_of_day(rest)
+            )
         }
     }
 }
@@ -208,7 +209,13 @@ impl Serialize for RowSer<'_> {
     fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         let mut m = ser.serialize_map(Some(self.values.len()))?;
         for (c, v) in self.table.columns.iter().zip(self.values) {
-            m.serialize_entry(&c.name, &ValueSer(v, self.opts))?;
+            match v {
+                Value::Unavailable => m.serialize_entry(
+                    &c.name,
+                    &crate::json::column_value(&c.pg_type, v, self.opts),
+                )?,
+                _ => m.serialize_entry(&c.name, &ValueSer(v, self.opts))?,
+            }
         }
         m.end()
     }
@@ -241,7 +248,7 @@ impl Serialize for ValueSer<'_> {
             Value::Int16(i) => ser.serialize_i16(*i),
             Value::Int32(i) => ser.serialize_i32(*i),
             Value::Int64(i) => ser.serialize_i64(*i),
-            Value::Float32(f) => serialize_float(f64::from(*f), ser),
+            Value::Float32(f) => serialize_float(crate::json::float32_as_double(*f), ser),
             Value::Float64(f) => serialize_float(*f, ser),
             Value::Numeric(Numeric::Finite(s)) => ser.serialize_str(s),
             Value::Text(s) | Value::Json(s) | Value::Network(s) | Value::Enum(s) => {

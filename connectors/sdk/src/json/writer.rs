@@ -32,7 +32,7 @@ use serde_json::ser::{CompactFormatter, Formatter};
 
 use super::{JsonOptions, SpecialNumeric};
 use crate::event::{ChangeEvent, Op};
-use crate::table::TableSchema;
+use crate::table::{PgType, TableSchema};
 use crate::value::{Numeric, Value, TIMESTAMP_INFINITY, TIMESTAMP_NEG_INFINITY};
 
 /// Bytes serde_json escapes, and as what (`u` = `\u00xx`); 0 = copied.
@@ -197,12 +197,24 @@ pub(crate) fn push_timestamp_utc(out: &mut Vec<u8>, micros: i64) {
                 put2(&mut b, 2, y % 100);
                 out.extend_from_slice(&b);
             } else {
-                // `{:04}` counts the sign in the width: -43 is `-043`.
-                use std::io::Write;
-                write!(out, "{y:04}").expect(VEC_WRITE);
+                push_iso_year(out, y);
                 out.extend_from_slice(&b[4..]);
             }
         }
+    }
+}
+
+/// A year outside 0000-9999 as ISO 8601's expanded form, as Java's
+/// `DateTimeFormatter.ISO_*` (and so Debezium) writes it: `+10000`,
+/// `-0043` (astronomical: 44 BC).
+pub(crate) fn push_iso_year(out: &mut Vec<u8>, y: i64) {
+    use std::io::Write;
+    if y > 9999 {
+        write!(out, "+{y}").expect(VEC_WRITE);
+    } else if y < 0 {
+        write!(out, "-{:04}", -y).expect(VEC_WRITE);
+    } else {
+        write!(out, "{y:04}").expect(VEC_WRITE);
     }
 }
 
@@ -245,6 +257,24 @@ fn write_base64(out: &mut Vec<u8>, bytes: &[u8]) {
     debug_assert_eq!(written, len);
 }
 
+/// One column's value, the bytes serde_json writes for
+/// [`super::column_value`]'s tree.
+pub(crate) fn write_column_value(out: &mut Vec<u8>, pg: &PgType, v: &Value, opts: &JsonOptions) {
+    match (v, pg) {
+        (Value::Unavailable, PgType::Bytea) => {
+            out.push(b'"');
+            write_base64(out, opts.unavailable_placeholder.as_bytes());
+            out.push(b'"');
+        }
+        (Value::Unavailable, PgType::Array { .. }) => {
+            out.push(b'[');
+            write_str(out, &opts.unavailable_placeholder);
+            out.push(b']');
+        }
+        _ => write_value(out, v, opts),
+    }
+}
+
 /// One value, the bytes serde_json writes for [`super::value`]'s tree.
 pub(crate) fn write_value(out: &mut Vec<u8>, v: &Value, opts: &JsonOptions) {
     match v {
@@ -255,7 +285,7 @@ pub(crate) fn write_value(out: &mut Vec<u8>, v: &Value, opts: &JsonOptions) {
         Value::Int16(i) => write_i64(out, i64::from(*i)),
         Value::Int32(i) | Value::Date(i) => write_i64(out, i64::from(*i)),
         Value::Int64(i) | Value::Time(i) | Value::Timestamp(i) => write_i64(out, *i),
-        Value::Float32(f) => write_float(out, f64::from(*f)),
+        Value::Float32(f) => write_float(out, crate::json::float32_as_double(*f)),
         Value::Float64(f) => write_float(out, *f),
         Value::Numeric(n) => match (opts.special_numeric, n) {
             (_, Numeric::Finite(s)) => write_str(out, s),
@@ -455,7 +485,7 @@ fn write_row(out: &mut Vec<u8>, names: Names<'_>, values: &[Value], opts: &JsonO
             out.push(b',');
         }
         names.write(out, i);
-        write_value(out, v, opts);
+        write_column_value(out, &names.table().columns[i].pg_type, v, opts);
     }
     out.push(b'}');
 }
@@ -620,7 +650,7 @@ pub(crate) fn write_row_sorted(
         }
         write_str(out, &table.columns[i].name);
         out.push(b':');
-        write_value(out, &values[i], opts);
+        write_column_value(out, &table.columns[i].pg_type, &values[i], opts);
     }
     out.push(b'}');
 }
