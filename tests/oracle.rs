@@ -16,7 +16,8 @@
 //! Long form: `WALCAST_ORACLE_LONG=1` runs `WALCAST_ORACLE_RUNS` seeds
 //! (default 10) starting at `WALCAST_ORACLE_SEED` (default: random), each
 //! for `WALCAST_ORACLE_SECONDS` (default 300) with faults; record its
-//! figures in tests/oracle/RESULTS.md (the README quotes the last). Every
+//! figures in tests/oracle/RESULTS.md (the README quotes the last);
+//! `WALCAST_ORACLE_BIN=target/release/walcast` runs a release build. Every
 //! feature is generated except those `SWITCHES` in tests/oracle/oracle.py
 //! keeps off (truncates of sink tables: the test stack's OpenSearch has no
 //! `_delete_by_query`); `WALCAST_ORACLE_ENABLE=...` / `_DISABLE=...`
@@ -119,13 +120,17 @@ fn oracle() {
             runs.push((s, Some(f.into()), Some(m.into()), secs, faults.to_string()));
         }
     }
+    // WALCAST_ORACLE_BIN runs another build (a release binary for the long
+    // form, whose throughput under faults decides whether the outputs catch
+    // up within the window); the test's own debug build otherwise.
+    let bin = std::env::var("WALCAST_ORACLE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_walcast").to_string());
     let mut failed = Vec::new();
     let started = Instant::now();
     for (seed, format, mode, secs, faults) in runs {
         let mut cmd = Command::new("bash");
         cmd.arg(&venv)
             .args(["--seed", &seed.to_string(), "--seconds", &secs.to_string()])
-            .args(["--bin", env!("CARGO_BIN_EXE_walcast")]);
+            .args(["--bin", &bin]);
         if let Some(f) = &format {
             cmd.args(["--format", f]);
         }
