@@ -29,7 +29,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn tune_allocator() {
     use libmimalloc_sys::mi_option_set;
     // The option numbers of the mimalloc v3 header libmimalloc-sys builds by default.
-    const _: () = assert!(libmimalloc_sys::_mi_option_last == 47, "mimalloc option numbers changed");
+    const _: () = assert!(
+        libmimalloc_sys::_mi_option_last == 47,
+        "mimalloc option numbers changed"
+    );
     const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
     const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     for (option, var, value) in [

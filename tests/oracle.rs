@@ -123,7 +123,8 @@ fn oracle() {
     // WALCAST_ORACLE_BIN runs another build (a release binary for the long
     // form, whose throughput under faults decides whether the outputs catch
     // up within the window); the test's own debug build otherwise.
-    let bin = std::env::var("WALCAST_ORACLE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_walcast").to_string());
+    let bin = std::env::var("WALCAST_ORACLE_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_walcast").to_string());
     let mut failed = Vec::new();
     let started = Instant::now();
     for (seed, format, mode, secs, faults) in runs {

@@ -851,7 +851,12 @@ async fn reconcile_filters(
         .await
         .map_err(q("row filters"))?
         .into_iter()
-        .map(|r| (TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)), r.get(2)))
+        .map(|r| {
+            (
+                TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                r.get(2),
+            )
+        })
         .collect();
     for table in candidates {
         let want = wanted

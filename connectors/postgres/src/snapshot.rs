@@ -1107,23 +1107,26 @@ async fn plan_ranges(
     Ok(Some(ranges))
 }
 
-/// Takes (or resumes) the snapshot described by `state`, saving progress as
-/// the sinks acknowledge it. Returns once every snapshot event is
-/// acknowledged, so the caller may start streaming.
-pub async fn run(
-    job: SnapshotJob<'_>,
+/// The tables to read, described before any worker starts.
+struct Described {
+    /// Every table's name, in `job.tables` order (index = `TableJob::index`).
+    names: Vec<String>,
+    /// Postgres's row estimate of each, for progress.
+    reltuples: Vec<u64>,
+    /// The tables not yet done.
+    pending: Vec<TableJob>,
+}
+
+async fn describe_tables(
+    job: &SnapshotJob<'_>,
     state: &mut SnapshotState,
     catalog: &mut Catalog,
-    tx: &mpsc::Sender<(Vec<ChangeEvent>, Acker)>,
-    status: &StatusHandle,
-    shutdown: &CancellationToken,
-) -> Result<Outcome, SnapshotError> {
-    let path = &job.settings.state_path;
-    let resumed = state.tables.values().any(|t| t.done || t.rows > 0) || job.exported.is_none();
-    // The tables, described before any worker starts.
-    let mut pending = Vec::new();
-    let mut names = Vec::new();
-    let mut reltuples = Vec::new();
+) -> Result<Described, SnapshotError> {
+    let mut d = Described {
+        names: Vec::new(),
+        reltuples: Vec::new(),
+        pending: Vec::new(),
+    };
     for table in job.tables {
         let name = table.to_string();
         let progress = state.tables.entry(name.clone()).or_default().clone();
@@ -1140,8 +1143,8 @@ pub async fn run(
                 source,
             })?
             .get(0);
-        reltuples.push(estimate as u64);
-        names.push(name.clone());
+        d.reltuples.push(estimate as u64);
+        d.names.push(name.clone());
         if progress.done {
             continue;
         }
@@ -1151,8 +1154,8 @@ pub async fn run(
                 reason: "its key columns are not those of an index".into(),
             });
         }
-        pending.push(TableJob {
-            index: names.len() - 1,
+        d.pending.push(TableJob {
+            index: d.names.len() - 1,
             table: described.schema,
             key_order: described.key_order,
             type_names: described.type_names,
@@ -1160,6 +1163,57 @@ pub async fn run(
             row_filter: described.row_filter,
         });
     }
+    Ok(d)
+}
+
+/// The parts to read: ctid ranges of the tables that take them, planned by
+/// the first session inside the snapshot, keyset chunks for the others.
+async fn plan_work(
+    first: &Client,
+    pending: Vec<TableJob>,
+    names: &[String],
+    state: &mut SnapshotState,
+    settings: &SnapshotSettings,
+) -> Result<VecDeque<Work>, SnapshotError> {
+    let mut work = VecDeque::new();
+    let ranges_apply = tid_range_scans(first).await?;
+    for table in pending {
+        let progress = state.tables.entry(names[table.index].clone()).or_default();
+        let plan = if ranges_apply {
+            plan_ranges(first, &table, progress, settings).await?
+        } else {
+            None
+        };
+        let table = Arc::new(table);
+        match plan {
+            Some(ranges) => work.extend(
+                ranges
+                    .into_iter()
+                    .map(|r| Work::Range(Arc::clone(&table), r)),
+            ),
+            None => work.push_back(Work::Chunks(table)),
+        }
+    }
+    Ok(work)
+}
+
+/// Takes (or resumes) the snapshot described by `state`, saving progress as
+/// the sinks acknowledge it. Returns once every snapshot event is
+/// acknowledged, so the caller may start streaming.
+pub async fn run(
+    job: SnapshotJob<'_>,
+    state: &mut SnapshotState,
+    catalog: &mut Catalog,
+    tx: &mpsc::Sender<(Vec<ChangeEvent>, Acker)>,
+    status: &StatusHandle,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, SnapshotError> {
+    let resumed = state.tables.values().any(|t| t.done || t.rows > 0) || job.exported.is_none();
+    let Described {
+        names,
+        reltuples,
+        pending,
+    } = describe_tables(&job, state, catalog).await?;
     // The sessions, all in one snapshot; the first also plans the ranges,
     // inside that snapshot.
     let clients = if pending.is_empty() {
@@ -1167,34 +1221,17 @@ pub async fn run(
     } else {
         open_sessions(job.connect, job.settings.workers, job.exported.clone()).await?
     };
-    let mut work = VecDeque::new();
-    if let Some(first) = clients.first() {
-        let ranges_apply = tid_range_scans(first).await?;
-        for table in pending {
-            let progress = state.tables.entry(names[table.index].clone()).or_default();
-            let plan = if ranges_apply {
-                plan_ranges(first, &table, progress, job.settings).await?
-            } else {
-                None
-            };
-            let table = Arc::new(table);
-            match plan {
-                Some(ranges) => work.extend(
-                    ranges
-                        .into_iter()
-                        .map(|r| Work::Range(Arc::clone(&table), r)),
-                ),
-                None => work.push_back(Work::Chunks(table)),
-            }
-        }
-    }
+    let work = match clients.first() {
+        Some(first) => plan_work(first, pending, &names, state, job.settings).await?,
+        None => VecDeque::new(),
+    };
     let rows_before: u64 = names.iter().map(|n| state.tables[n].rows).sum();
     let estimate: u64 = names
         .iter()
         .zip(&reltuples)
         .map(|(n, e)| (*e).max(state.tables[n].rows))
         .sum();
-    let mut progress = Progress {
+    let progress = Progress {
         started: Instant::now(),
         rows_read: 0,
         rows_before,
@@ -1228,7 +1265,7 @@ pub async fn run(
         database: job.database.to_string(),
         lsn: job.position,
     };
-    let (out_tx, mut out_rx) = mpsc::channel::<Result<Piece, SnapshotError>>(workers * 2);
+    let (out_tx, out_rx) = mpsc::channel::<Result<Piece, SnapshotError>>(workers * 2);
     let queue = Arc::new(Mutex::new(work));
     let mut tasks = tokio::task::JoinSet::new();
     for client in clients {
@@ -1243,113 +1280,27 @@ pub async fn run(
     }
     drop(out_tx);
 
-    let mut tracker: AckTracker<u64> = AckTracker::new();
-    let mut ends_by_seq: BTreeMap<u64, Vec<ChunkEnd>> = BTreeMap::new();
-    let mut next_seq = 0u64;
-    let mut held: Option<Piece> = None;
-    let mut sent_any = false;
-    let mut workers_done = false;
-    let mut dirty = false;
-    let mut last_save = Instant::now();
-    let mut last_log = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-    // Hands a piece to the dispatcher, registered so that its chunk ends
-    // become durable only once the sinks acknowledged it.
-    macro_rules! release {
-        ($piece:expr) => {{
-            let mut piece: Piece = $piece;
-            let position = (!piece.ends.is_empty()).then(|| {
-                next_seq += 1;
-                ends_by_seq.insert(next_seq, std::mem::take(&mut piece.ends));
-                next_seq
-            });
-            let n = piece.events.len();
-            let bytes: usize = piece.events.iter().map(ChangeEvent::approx_bytes).sum();
-            let acker = tracker.register_sized(position, n, bytes);
-            if n == 0 {
-                acker.ack();
-            } else {
-                if !sent_any {
-                    piece.events[0].source.snapshot = SnapshotMarker::First;
-                    sent_any = true;
-                }
-                ::metrics::counter!(metrics::SNAPSHOT_ROWS, "pipeline" => job.pipeline.to_string()).increment(n as u64);
-                metrics::events(job.pipeline, &piece.events[0].table.qualified_name(), "r", n as u64);
-                status.update(|s| s.events_total += n as u64);
-                if tx.send((piece.events, acker)).await.is_err() {
-                    return Ok(Outcome::Cancelled);
-                }
-            }
-        }};
-    }
-
-    let outcome = loop {
-        if workers_done && tracker.in_flight_batches() == 0 {
-            break Outcome::Complete;
-        }
-        let room = (tracker.in_flight_events() < job.max_in_flight_events
-            && tracker.in_flight_bytes() < job.max_in_flight_bytes)
-            || tracker.in_flight_events() == 0;
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break Outcome::Cancelled,
-            acked = tracker.next() => match acked {
-                Ok(Some(seq)) => {
-                    progress.tables_done += apply_acknowledged(state, &names, &mut ends_by_seq, seq);
-                    dirty = true;
-                    if last_save.elapsed() >= Duration::from_millis(500) {
-                        state.save(path)?;
-                        last_save = Instant::now();
-                        dirty = false;
-                    }
-                }
-                Ok(None) => {}
-                Err(source) => return Err(SnapshotError::Delivery { lsn: job.position, source }),
-            },
-            _ = tick.tick() => {
-                if dirty {
-                    state.save(path)?;
-                    last_save = Instant::now();
-                    dirty = false;
-                }
-                let log = last_log.elapsed() >= Duration::from_secs(5);
-                if log { last_log = Instant::now(); }
-                progress.report(job.pipeline, status, "running", log);
-            }
-            msg = out_rx.recv(), if room && !workers_done => match msg {
-                Some(Ok(mut piece)) => {
-                    progress.rows_read += piece.events.len() as u64;
-                    if piece.events.is_empty() {
-                        // Nothing to send: its chunk ends ride on the piece
-                        // held back, or are recorded at once.
-                        match held.as_mut() {
-                            Some(h) => h.ends.append(&mut piece.ends),
-                            None => release!(piece),
-                        }
-                    } else if let Some(prev) = held.replace(piece) {
-                        release!(prev);
-                    }
-                }
-                Some(Err(e)) => return Err(e),
-                None => {
-                    workers_done = true;
-                    // The very last record of the snapshot says so.
-                    if let Some(mut last) = held.take() {
-                        let only = !sent_any;
-                        if let Some(e) = last.events.last_mut() {
-                            e.source.snapshot = SnapshotMarker::Last;
-                        }
-                        if only && last.events.len() > 1 {
-                            last.events[0].source.snapshot = SnapshotMarker::First;
-                        }
-                        sent_any = true;
-                        release!(last);
-                    }
-                }
-            },
-        }
+    let mut d = Dispatcher {
+        job: &job,
+        state,
+        names: &names,
+        tx,
+        status,
+        progress,
+        tracker: AckTracker::new(),
+        ends_by_seq: BTreeMap::new(),
+        next_seq: 0,
+        held: None,
+        sent_any: false,
+        dirty: false,
+        last_save: Instant::now(),
+        last_log: Instant::now(),
+    };
+    let outcome = match d.run(out_rx, shutdown).await? {
+        End::Complete => Outcome::Complete,
+        End::Cancelled => Outcome::Cancelled,
+        // The pipeline is gone: nothing more can be acknowledged.
+        End::Closed => return Ok(Outcome::Cancelled),
     };
     if outcome == Outcome::Complete {
         // Every worker is done: their transactions (and locks) end now.
@@ -1360,31 +1311,229 @@ pub async fn run(
         }
     }
     tasks.abort_all();
-
     if outcome == Outcome::Cancelled {
-        // Let what is in flight be acknowledged, so a restart repeats less.
-        let deadline = tokio::time::Instant::now() + job.shutdown_timeout;
-        while tracker.in_flight_batches() > 0 {
-            match tokio::time::timeout_at(deadline, tracker.next()).await {
+        d.drain_cancelled().await?;
+        return Ok(Outcome::Cancelled);
+    }
+    d.finish()?;
+    Ok(Outcome::Complete)
+}
+
+/// Hands the workers' pieces to the sinks within the in-flight bounds, and
+/// makes each chunk's or range's end durable in the state file once the
+/// sinks acknowledged it: one method per kind of wake-up.
+struct Dispatcher<'a, 'j> {
+    job: &'a SnapshotJob<'j>,
+    state: &'a mut SnapshotState,
+    names: &'a [String],
+    tx: &'a mpsc::Sender<(Vec<ChangeEvent>, Acker)>,
+    status: &'a StatusHandle,
+    progress: Progress,
+    tracker: AckTracker<u64>,
+    /// The chunk ends each registered position makes durable.
+    ends_by_seq: BTreeMap<u64, Vec<ChunkEnd>>,
+    next_seq: u64,
+    /// The newest piece, held back so that the very last event of the
+    /// snapshot can be marked as such.
+    held: Option<Piece>,
+    sent_any: bool,
+    dirty: bool,
+    last_save: Instant,
+    last_log: Instant,
+}
+
+/// From [`Dispatcher::release`]: the pipeline's channel closed.
+struct Closed;
+
+/// How the dispatcher's loop ended.
+enum End {
+    Complete,
+    Cancelled,
+    Closed,
+}
+
+impl Dispatcher<'_, '_> {
+    async fn run(
+        &mut self,
+        mut out_rx: mpsc::Receiver<Result<Piece, SnapshotError>>,
+        shutdown: &CancellationToken,
+    ) -> Result<End, SnapshotError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut workers_done = false;
+        loop {
+            if workers_done && self.tracker.in_flight_batches() == 0 {
+                return Ok(End::Complete);
+            }
+            let room = (self.tracker.in_flight_events() < self.job.max_in_flight_events
+                && self.tracker.in_flight_bytes() < self.job.max_in_flight_bytes)
+                || self.tracker.in_flight_events() == 0;
+            let closed = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(End::Cancelled),
+                acked = self.tracker.next() => {
+                    self.on_ack(acked)?;
+                    Ok(())
+                }
+                _ = tick.tick() => {
+                    self.on_tick()?;
+                    Ok(())
+                }
+                msg = out_rx.recv(), if room && !workers_done => match msg {
+                    Some(Ok(piece)) => self.on_piece(piece).await,
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        workers_done = true;
+                        self.on_workers_done().await
+                    }
+                },
+            };
+            if closed.is_err() {
+                return Ok(End::Closed);
+            }
+        }
+    }
+
+    /// The sinks acknowledged everything up to a registered position.
+    fn on_ack(&mut self, acked: Result<Option<u64>, AckFailure>) -> Result<(), SnapshotError> {
+        match acked {
+            Ok(Some(seq)) => {
+                self.progress.tables_done +=
+                    apply_acknowledged(self.state, self.names, &mut self.ends_by_seq, seq);
+                self.dirty = true;
+                if self.last_save.elapsed() >= Duration::from_millis(500) {
+                    self.save()?;
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(source) => Err(SnapshotError::Delivery {
+                lsn: self.job.position,
+                source,
+            }),
+        }
+    }
+
+    /// Saves progress not yet saved, and reports it (logged every 5 s).
+    fn on_tick(&mut self) -> Result<(), SnapshotError> {
+        if self.dirty {
+            self.save()?;
+        }
+        let log = self.last_log.elapsed() >= Duration::from_secs(5);
+        if log {
+            self.last_log = Instant::now();
+        }
+        self.progress
+            .report(self.job.pipeline, self.status, "running", log);
+        Ok(())
+    }
+
+    /// A worker read a piece: the one held back goes out, this one waits.
+    async fn on_piece(&mut self, mut piece: Piece) -> Result<(), Closed> {
+        self.progress.rows_read += piece.events.len() as u64;
+        if piece.events.is_empty() {
+            // Nothing to send: its chunk ends ride on the piece held back,
+            // or are recorded at once.
+            match self.held.as_mut() {
+                Some(h) => h.ends.append(&mut piece.ends),
+                None => self.release(piece).await?,
+            }
+        } else if let Some(prev) = self.held.replace(piece) {
+            self.release(prev).await?;
+        }
+        Ok(())
+    }
+
+    /// Every worker finished: the very last record of the snapshot says so.
+    async fn on_workers_done(&mut self) -> Result<(), Closed> {
+        if let Some(mut last) = self.held.take() {
+            let only = !self.sent_any;
+            if let Some(e) = last.events.last_mut() {
+                e.source.snapshot = SnapshotMarker::Last;
+            }
+            if only && last.events.len() > 1 {
+                last.events[0].source.snapshot = SnapshotMarker::First;
+            }
+            self.sent_any = true;
+            self.release(last).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands a piece to the sinks, registered so that its chunk ends become
+    /// durable only once the sinks acknowledged it.
+    async fn release(&mut self, mut piece: Piece) -> Result<(), Closed> {
+        let position = (!piece.ends.is_empty()).then(|| {
+            self.next_seq += 1;
+            self.ends_by_seq
+                .insert(self.next_seq, std::mem::take(&mut piece.ends));
+            self.next_seq
+        });
+        let n = piece.events.len();
+        let bytes: usize = piece.events.iter().map(ChangeEvent::approx_bytes).sum();
+        let acker = self.tracker.register_sized(position, n, bytes);
+        if n == 0 {
+            acker.ack();
+            return Ok(());
+        }
+        if !self.sent_any {
+            piece.events[0].source.snapshot = SnapshotMarker::First;
+            self.sent_any = true;
+        }
+        let pipeline = self.job.pipeline;
+        ::metrics::counter!(metrics::SNAPSHOT_ROWS, "pipeline" => pipeline.to_string())
+            .increment(n as u64);
+        metrics::events(
+            pipeline,
+            &piece.events[0].table.qualified_name(),
+            "r",
+            n as u64,
+        );
+        self.status.update(|s| s.events_total += n as u64);
+        self.tx
+            .send((piece.events, acker))
+            .await
+            .map_err(|_| Closed)
+    }
+
+    fn save(&mut self) -> Result<(), SnapshotError> {
+        self.state.save(&self.job.settings.state_path)?;
+        self.last_save = Instant::now();
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Cancelled: lets what is in flight be acknowledged (so a restart
+    /// repeats less), then saves.
+    async fn drain_cancelled(&mut self) -> Result<(), SnapshotError> {
+        let deadline = tokio::time::Instant::now() + self.job.shutdown_timeout;
+        while self.tracker.in_flight_batches() > 0 {
+            match tokio::time::timeout_at(deadline, self.tracker.next()).await {
                 Ok(Ok(Some(seq))) => {
-                    apply_acknowledged(state, &names, &mut ends_by_seq, seq);
+                    apply_acknowledged(self.state, self.names, &mut self.ends_by_seq, seq);
                 }
                 Ok(Ok(None)) => {}
                 _ => break,
             }
         }
-        state.save(path)?;
-        progress.report(job.pipeline, status, "interrupted", true);
-        return Ok(Outcome::Cancelled);
+        self.save()?;
+        self.progress
+            .report(self.job.pipeline, self.status, "interrupted", true);
+        Ok(())
     }
-    for n in &names {
-        state.tables.entry(n.clone()).or_default().done = true;
+
+    /// Complete: every table is done.
+    fn finish(&mut self) -> Result<(), SnapshotError> {
+        for n in self.names {
+            self.state.tables.entry(n.clone()).or_default().done = true;
+        }
+        self.state.done = true;
+        self.save()?;
+        self.progress.tables_done = self.progress.tables;
+        self.progress
+            .report(self.job.pipeline, self.status, "done", true);
+        Ok(())
     }
-    state.done = true;
-    state.save(path)?;
-    progress.tables_done = progress.tables;
-    progress.report(job.pipeline, status, "done", true);
-    Ok(Outcome::Complete)
 }
 
 #[cfg(test)]
