@@ -29,6 +29,9 @@ The ceilings do less than walcast: no Kafka, no decoding, no versions
 `version_type=external_gte`). The ratio is what a user pays for ordering and
 replay safety on top of the server's raw write rate.
 
+WALCAST_BENCH_RELAY_EXTRA: TOML lines added to the relays' `source` table
+(for experiments, e.g. `consumer = { "queued.max.messages.kbytes" = "16384" }`).
+
 Prints the figures and returns them as JSON on the last line (for
 tests/bench/run); appends a section to tests/bench/RESULTS.md when run
 alone (WALCAST_BENCH_APPEND=1, the default).
@@ -198,6 +201,7 @@ kind = "relay"
 bootstrap_servers = "{BOOT}"
 group_id = "{group}"
 subscribe = {{ topics = ["{TOPIC}"] }}
+{E.get("WALCAST_BENCH_RELAY_EXTRA", "")}
 [[pipelines.relay.sinks]]
 {sink_toml}
 """

@@ -209,7 +209,9 @@ class KafkaRebuild:
             top = max(seen)
             missing = [o for o in range(1, top + 1) if o not in seen]
             if missing:
-                near = [seen[o] for o in sorted(seen) if abs(o - missing[0]) <= 2]
+                # The events numbered nearest the first hole (a hole may be
+                # wider than the events on either side of it).
+                near = [seen[o] for o in sorted(sorted(seen, key=lambda o: abs(o - missing[0]))[:4])]
                 out.append((prefix, lsn, missing, near))
         return out
 
