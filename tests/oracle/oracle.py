@@ -646,6 +646,10 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
                 summary += f" incomplete_documented={diff.incomplete}"
             if diff.wiped:
                 summary += f" redis_rows_lost_in_wipe={diff.wiped}"
+            if self.redis_wipe_lsn:
+                # Events at or after this commit LSN count as reaching Redis
+                # after its wipe (compare.never_carried, lost_in_wipe).
+                summary += f" redis_wipe_lsn={self.redis_wipe_lsn}"
             if getattr(self, "dlq_count", 0):
                 summary += f" dead_letters={self.dlq_count}"
             if diff.total or self.exits:
