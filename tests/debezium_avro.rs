@@ -208,7 +208,6 @@ const EVENTS: &[(&str, usize)] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn walcast_avro_matches_debezium_with_an_avro_converter() {
     let registry = var("WALCAST_TEST_REGISTRY_URL");
-    let native = registry.replace("/apis/ccompat/v7", "/apis/registry/v2");
     let db = TestDb::new("wc_dbz_avro").await;
     db.exec(TABLES).await;
     let dbz_prefix = unique("dbza");
@@ -232,24 +231,8 @@ async fn walcast_avro_matches_debezium_with_an_avro_converter() {
         "skipped.operations": "none",
         // walcast always writes the transaction block.
         "provide.transaction.metadata": "true",
-        "key.converter": "io.apicurio.registry.utils.converter.AvroConverter",
-        "value.converter": "io.apicurio.registry.utils.converter.AvroConverter",
     });
-    // Apicurio's converter on the registry's native API, writing the
-    // Confluent wire format (magic byte, 4-byte content id: the ids of the
-    // registry's Confluent API) without its own headers.
-    for side in ["key", "value"] {
-        for (k, v) in [
-            ("apicurio.registry.url", native.as_str()),
-            ("apicurio.registry.auto-register", "true"),
-            ("apicurio.registry.find-latest", "true"),
-            ("apicurio.registry.as-confluent", "true"),
-            ("apicurio.registry.use-id", "contentId"),
-            ("apicurio.registry.headers.enabled", "false"),
-        ] {
-            config[format!("{side}.converter.{k}")] = json!(v);
-        }
-    }
+    apicurio_avro_converter(&mut config, &registry);
     let _guard = start_connector(&db, &connector, config, WAIT).await;
     let w = Walcast::start_with(|_, admin| {
         format!(

@@ -356,7 +356,6 @@ async fn run_one(format: Format, seed: u64, transactions: u32) -> (usize, Vec<St
             }
         }
         Format::Avro => {
-            let native = registry.replace("/apis/ccompat/v7", "/apis/registry/v2");
             for (k, v) in [
                 // walcast always writes the transaction block.
                 ("provide.transaction.metadata", "true"),
@@ -364,29 +363,10 @@ async fn run_one(format: Format, seed: u64, transactions: u32) -> (usize, Vec<St
                 // (the default) and its record names do.
                 ("schema.name.adjustment.mode", "avro"),
                 ("field.name.adjustment.mode", "avro"),
-                (
-                    "key.converter",
-                    "io.apicurio.registry.utils.converter.AvroConverter",
-                ),
-                (
-                    "value.converter",
-                    "io.apicurio.registry.utils.converter.AvroConverter",
-                ),
             ] {
                 config[k] = json!(v);
             }
-            for side in ["key", "value"] {
-                for (k, v) in [
-                    ("apicurio.registry.url", native.as_str()),
-                    ("apicurio.registry.auto-register", "true"),
-                    ("apicurio.registry.find-latest", "true"),
-                    ("apicurio.registry.as-confluent", "true"),
-                    ("apicurio.registry.use-id", "contentId"),
-                    ("apicurio.registry.headers.enabled", "false"),
-                ] {
-                    config[format!("{side}.converter.{k}")] = json!(v);
-                }
-            }
+            apicurio_avro_converter(&mut config, &registry);
         }
     }
     let _guard = start_connector(&db, &connector, config, WAIT).await;

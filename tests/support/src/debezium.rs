@@ -84,3 +84,26 @@ pub async fn start_connector(
     }
     guard
 }
+
+/// Sets Apicurio's Avro converter for keys and values on a connector
+/// config: the registry's native API (from its Confluent-compatible URL),
+/// writing the Confluent wire format (magic byte, 4-byte content id: the
+/// ids of the registry's Confluent API) without its own headers, as the
+/// Avro parity tests compare it with walcast.
+pub fn apicurio_avro_converter(config: &mut Value, ccompat_registry: &str) {
+    let native = ccompat_registry.replace("/apis/ccompat/v7", "/apis/registry/v2");
+    for side in ["key", "value"] {
+        config[format!("{side}.converter")] =
+            Value::from("io.apicurio.registry.utils.converter.AvroConverter");
+        for (k, v) in [
+            ("apicurio.registry.url", native.as_str()),
+            ("apicurio.registry.auto-register", "true"),
+            ("apicurio.registry.find-latest", "true"),
+            ("apicurio.registry.as-confluent", "true"),
+            ("apicurio.registry.use-id", "contentId"),
+            ("apicurio.registry.headers.enabled", "false"),
+        ] {
+            config[format!("{side}.converter.{k}")] = Value::from(v);
+        }
+    }
+}
