@@ -15,7 +15,8 @@
 //!
 //! Long form: `WALCAST_ORACLE_LONG=1` runs `WALCAST_ORACLE_RUNS` seeds
 //! (default 10) starting at `WALCAST_ORACLE_SEED` (default: random), each
-//! for `WALCAST_ORACLE_SECONDS` (default 300) with faults; record its
+//! for `WALCAST_ORACLE_SECONDS` (default 300) with faults, format and mode
+//! cycling through JSON/Avro × direct/relay; record its
 //! figures in tests/oracle/RESULTS.md (the README quotes the last);
 //! `WALCAST_ORACLE_BIN=target/release/walcast` runs a release build. Every
 //! feature is generated except those `SWITCHES` in tests/oracle/oracle.py
@@ -96,13 +97,22 @@ fn oracle() {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| rand::random::<u64>() % 1_000_000);
-        for s in first..first + n {
+        // Format and mode cycle through all four combinations (JSON and
+        // Avro, direct and relay), so any four consecutive seeds cover each.
+        const COMBOS: [(&str, &str); 4] = [
+            ("json", "direct"),
+            ("avro", "relay"),
+            ("avro", "direct"),
+            ("json", "relay"),
+        ];
+        for (i, s) in (first..first + n).enumerate() {
             let faults = if stack_faults {
                 service_faults
             } else {
                 "walcast_kill"
             };
-            runs.push((s, None, None, secs, faults.to_string()));
+            let (f, m) = COMBOS[i % COMBOS.len()];
+            runs.push((s, Some(f.into()), Some(m.into()), secs, faults.to_string()));
         }
     } else {
         // The other Postgres versions (deploy/local/test-pg-versions) run
