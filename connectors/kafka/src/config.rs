@@ -67,12 +67,22 @@ pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 /// are committed by walcast only after the sink acknowledged the records,
 /// so auto-commit must stay off; `read_committed` hides records of aborted
 /// producer transactions.
+///
+/// `queued.max.messages.kbytes` bounds librdkafka's prefetch queue. Its
+/// default, 64 MiB, made a relay's resident memory about 300 MiB while it
+/// caught up a backlog; [`CONSUMER_PREFETCH_KBYTES`] still holds tens of
+/// thousands of change events, more than a batch needs to be read without
+/// waiting for the broker. Raise it in `consumer` for very large records.
 pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("enable.auto.commit", "false"),
     ("enable.auto.offset.store", "false"),
     ("auto.offset.reset", "earliest"),
     ("isolation.level", "read_committed"),
+    ("queued.max.messages.kbytes", CONSUMER_PREFETCH_KBYTES),
 ];
+
+/// The relay consumer's default prefetch, in KiB (see [`CONSUMER_DEFAULTS`]).
+pub const CONSUMER_PREFETCH_KBYTES: &str = "8192";
 
 /// `topic.metadata.refresh.interval.ms` for pattern subscriptions, unless
 /// the user sets it in `consumer`.
@@ -918,6 +928,20 @@ mod tests {
                 .client_config()
                 .get("topic.metadata.refresh.interval.ms"),
             None
+        );
+        assert_eq!(
+            listed.client_config().get("queued.max.messages.kbytes"),
+            Some(CONSUMER_PREFETCH_KBYTES),
+            "a bounded prefetch by default"
+        );
+        let mut bigger = listed.clone();
+        bigger
+            .consumer
+            .insert("queued.max.messages.kbytes".into(), "65536".into());
+        assert_eq!(
+            bigger.client_config().get("queued.max.messages.kbytes"),
+            Some("65536"),
+            "the user's prefetch wins"
         );
 
         let c: KafkaSourceConfig = toml::from_str(

@@ -311,6 +311,9 @@ impl ConsumerContext for SourceContext {
     }
 }
 
+/// How often a source at its in-flight cap looks again for answers.
+const FULL_RECHECK: Duration = Duration::from_millis(2);
+
 /// A consumer in a group, reading batches of raw records.
 pub struct KafkaSource {
     consumer: Arc<StreamConsumer<SourceContext>>,
@@ -377,11 +380,21 @@ impl KafkaSource {
         let deadline = tokio::time::Instant::now() + self.max_batch_wait;
         let mut records = Vec::new();
         let mut ackers = Vec::new();
-        let room = self.max_in_flight.saturating_sub(self.in_flight_records());
-        if room == 0 {
-            tokio::time::sleep_until(deadline).await;
-            return Ok(SourceBatch { records, ackers });
-        }
+        // Acknowledged records hold no memory: only those the sinks have
+        // not answered count against the cap, whether or not their offsets
+        // are committed yet (commits come once a second; counting until
+        // then capped a relay at `max_in_flight_records` per second).
+        let room = loop {
+            self.resolve_acknowledged();
+            let room = self.max_in_flight.saturating_sub(self.in_flight_records());
+            if room > 0 {
+                break room;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(SourceBatch { records, ackers });
+            }
+            tokio::time::sleep(FULL_RECHECK.min(self.max_batch_wait)).await;
+        };
         while records.len() < self.max_batch_records.min(room) {
             let record = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Err(_) => break,
@@ -456,6 +469,19 @@ impl KafkaSource {
         }
     }
 
+    /// Applies the answers that arrived (batch ackers into their records'
+    /// ackers, those into their partitions' checkpoints) without
+    /// committing, so that [`Self::in_flight_records`] counts only what the
+    /// sinks still hold. A failed record stays in its tracker, and
+    /// [`Self::commit_acknowledged`] reports it.
+    fn resolve_acknowledged(&mut self) {
+        self.resolve_joined();
+        let mut a = self.shared.lock();
+        for acks in a.partitions.values_mut().flat_map(|p| p.values_mut()) {
+            let _ = acks.tracker.poll();
+        }
+    }
+
     /// Commits, per partition, the offset below which every record is
     /// acknowledged. Returns how many partitions moved. Partitions that
     /// advanced are committed even when another partition has a failed
@@ -483,7 +509,8 @@ impl KafkaSource {
         }
     }
 
-    /// Records handed out and not yet resolved into a commit.
+    /// Records handed out and not yet acknowledged (as of the last
+    /// [`Self::next_batch`] or [`Self::commit_acknowledged`]).
     pub fn in_flight_records(&self) -> usize {
         self.shared
             .lock()

@@ -594,6 +594,71 @@ async fn source_commits_only_the_acknowledged_prefix() {
     source.shutdown().await.unwrap();
 }
 
+/// The in-flight cap counts records the sinks have not answered, not
+/// offsets not yet committed: acknowledged records make room at once, and
+/// the commit still waits for `commit_acknowledged`.
+#[tokio::test]
+async fn acknowledged_records_make_room_before_the_commit() {
+    let topic = unique("walcast.it.srcroom");
+    create_topic(&topic, 1, &[]).await;
+    let producer = producer();
+    for i in 0..150 {
+        let value = format!("v{i}");
+        producer
+            .send(
+                FutureRecord::<(), _>::to(&topic).payload(&value),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("produce");
+    }
+    let group = unique("walcast-it-group");
+    let mut cfg = KafkaSourceConfig::new(
+        bootstrap(),
+        group.clone(),
+        Subscription::Topics(vec![topic.clone()]),
+    );
+    cfg.max_batch_records = 100;
+    cfg.max_batch_wait = Duration::from_millis(300);
+    cfg.max_in_flight_records = 100;
+    let mut source = KafkaSource::new(cfg).unwrap();
+    let mut ackers = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while ackers.len() < 100 {
+            ackers.extend(source.next_batch().await.expect("batch").ackers);
+        }
+    })
+    .await
+    .expect("100 records arrive");
+    assert!(
+        source.next_batch().await.unwrap().is_empty(),
+        "100 unanswered: the source holds back"
+    );
+    let joined = source.join(ackers);
+    joined.ack();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while rest.len() < 50 {
+            rest.extend(source.next_batch().await.expect("batch").ackers);
+        }
+    })
+    .await
+    .expect("answered records make room without a commit");
+    assert_eq!(source.in_flight_records(), 50);
+    assert_eq!(committed(&group, &topic), None, "nothing committed yet");
+    rest.remove(0).fail("sink refused it");
+    rest.into_iter().for_each(|a| a.ack());
+    source
+        .commit_acknowledged()
+        .await
+        .expect_err("the refused record is reported at the commit");
+    assert_eq!(
+        committed(&group, &topic),
+        Some(100),
+        "the commit stops before the refused record"
+    );
+}
+
 #[tokio::test]
 async fn a_failed_record_stops_the_partition_and_is_reported() {
     let topic = unique("walcast.it.srcfail");
