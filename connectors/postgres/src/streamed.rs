@@ -24,10 +24,15 @@
 //! to be skipped when read back from a file.
 //!
 //! Nothing here outlives a session: after a reconnect Postgres sends every
-//! transaction still in progress again from its start (it resumes from the
-//! confirmed position, which no uncommitted change is before), so the
-//! buffers of a dead session are dropped, their files deleted, and files a
-//! killed process left behind are deleted when the next session starts.
+//! transaction still in progress again from its start (it skips only the
+//! transactions that committed before the confirmed position, and decodes
+//! from the slot's restart_lsn, which is before any transaction still
+//! running), so the buffers of a dead session are dropped, their files
+//! deleted, and files a killed process left behind are deleted when the
+//! next session starts. For the same reason a held transaction does not
+//! keep the checkpoint from following the server's WAL end while nothing
+//! else is pending ([`crate::checkpoint`]): whatever position is confirmed,
+//! a transaction that has not committed yet is sent again whole.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
