@@ -75,8 +75,16 @@ async fn wait_confirmed_to_now(db: &TestDb, slot: &str, w: &mut Walcast) {
     let end = db.current_wal().await;
     let deadline = Instant::now() + Duration::from_secs(600);
     while db.confirmed_flush(slot).await.unwrap_or(0) < end {
-        assert!(w.exited().is_none(), "walcast exited:\n{}", tail(&w.log(), 3000));
-        assert!(Instant::now() < deadline, "not confirmed; {:?}", w.status().await);
+        assert!(
+            w.exited().is_none(),
+            "walcast exited:\n{}",
+            tail(&w.log(), 3000)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "not confirmed; {:?}",
+            w.status().await
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -95,7 +103,9 @@ async fn slot_stats(db: &TestDb, slot: &str, min_stream_txns: i64) -> (i64, i64,
             )
             .await
             .unwrap();
-        let s = r.map(|r| (r.get(0), r.get(1), r.get(2))).unwrap_or((0, 0, 0));
+        let s = r
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .unwrap_or((0, 0, 0));
         if s.1 >= min_stream_txns || Instant::now() > deadline {
             return s;
         }
@@ -127,8 +137,11 @@ async fn streamed_transactions_publish_exactly_what_committed_in_commit_order() 
     .await
     .unwrap();
     for i in 0..20 {
-        db.exec(&format!("INSERT INTO t VALUES ({}, 'small-before')", 10_000_000 + i))
-            .await;
+        db.exec(&format!(
+            "INSERT INTO t VALUES ({}, 'small-before')",
+            10_000_000 + i
+        ))
+        .await;
     }
     // A savepoint whose rows are streamed, then rolled back.
     big.batch_execute(&format!(
@@ -152,12 +165,18 @@ async fn streamed_transactions_publish_exactly_what_committed_in_commit_order() 
     // Both the big one and this one streamed (Postgres 16+ would skip
     // streaming this one if it found it rolled back already).
     let streamed_before = slot_stats(&db, &slot, 2).await.1;
-    assert!(streamed_before >= 2, "streaming began: {streamed_before} transactions streamed");
+    assert!(
+        streamed_before >= 2,
+        "streaming began: {streamed_before} transactions streamed"
+    );
     doomed.batch_execute("ROLLBACK").await.unwrap();
     big.batch_execute("COMMIT").await.unwrap();
     for i in 0..20 {
-        db.exec(&format!("INSERT INTO t VALUES ({}, 'small-after')", 30_000_000 + i))
-            .await;
+        db.exec(&format!(
+            "INSERT INTO t VALUES ({}, 'small-after')",
+            30_000_000 + i
+        ))
+        .await;
     }
     wait_confirmed_to_now(&db, &slot, &mut w).await;
 
@@ -175,7 +194,11 @@ async fn streamed_transactions_publish_exactly_what_committed_in_commit_order() 
     let first_big = labels.iter().position(|v| *v == "big").unwrap();
     let last_big = labels.iter().rposition(|v| *v == "big").unwrap();
     assert_eq!(first_big, 20, "the 20 small ones first");
-    assert_eq!(last_big - first_big + 1, n as usize, "the big one in one piece");
+    assert_eq!(
+        last_big - first_big + 1,
+        n as usize,
+        "the big one in one piece"
+    );
     assert!(labels[last_big + 1..].iter().all(|v| *v == "small-after"));
     let big_tx: Vec<i64> = got[first_big..=last_big].iter().map(|r| r.2).collect();
     assert!(big_tx.iter().all(|x| *x == big_tx[0]), "one transaction id");
@@ -202,10 +225,16 @@ async fn streamed_transactions_publish_exactly_what_committed_in_commit_order() 
     assert!(v1_spill > 0, "protocol 1 spills the same transactions");
     assert_eq!(v1_streamed, 0);
     let leftovers: Vec<_> = std::fs::read_dir(w.dir.join("walcast-state"))
-        .map(|d| d.flatten().map(|f| f.file_name()).filter(|f| f.to_string_lossy().ends_with(".spill")).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|f| f.file_name())
+                .filter(|f| f.to_string_lossy().ends_with(".spill"))
+                .collect()
+        })
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "spill files left: {leftovers:?}");
-    db.exec("SELECT pg_drop_replication_slot('v1_reader')").await;
+    db.exec("SELECT pg_drop_replication_slot('v1_reader')")
+        .await;
     w.kill9();
 }
 
@@ -238,12 +267,19 @@ async fn a_kill_in_the_middle_of_a_streamed_transaction_loses_nothing() {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let spilled = std::fs::read_dir(&state)
-            .map(|d| d.flatten().any(|f| f.file_name().to_string_lossy().ends_with(".spill")))
+            .map(|d| {
+                d.flatten()
+                    .any(|f| f.file_name().to_string_lossy().ends_with(".spill"))
+            })
             .unwrap_or(false);
         if spilled {
             break;
         }
-        assert!(Instant::now() < deadline, "never spilled:\n{}", tail(&w.log(), 3000));
+        assert!(
+            Instant::now() < deadline,
+            "never spilled:\n{}",
+            tail(&w.log(), 3000)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     w.kill9();
@@ -261,7 +297,11 @@ async fn a_kill_in_the_middle_of_a_streamed_transaction_loses_nothing() {
     let got = topic_rows(&topic, expected);
     let in_pg = table_rows(&db, "t").await;
     let in_kafka: BTreeMap<i64, String> = got.iter().map(|(id, v, _)| (*id, v.clone())).collect();
-    assert_eq!(got.len(), expected, "each row once: nothing partial was published before the kill");
+    assert_eq!(
+        got.len(),
+        expected,
+        "each row once: nothing partial was published before the kill"
+    );
     assert!(in_kafka == in_pg, "Kafka and Postgres differ");
     assert_eq!(got.first().map(|r| r.1.as_str()), Some("before"));
     assert_eq!(got.last().map(|r| r.1.as_str()), Some("after"));

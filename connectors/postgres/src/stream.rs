@@ -793,7 +793,10 @@ impl<'a> CaptureLoop<'a> {
             server_wal,
         } = prepared;
         let mut options = vec![
-            ("proto_version", if s.streaming { "2" } else { "1" }.to_string()),
+            (
+                "proto_version",
+                if s.streaming { "2" } else { "1" }.to_string(),
+            ),
             ("publication_names", quote_ident(&s.wanted.publication)),
             ("messages", "true".to_string()),
         ];
@@ -1142,9 +1145,8 @@ impl<'a> CaptureLoop<'a> {
         reply_requested: bool,
     ) -> Result<Flow, CaptureError> {
         self.wal_end = self.wal_end.max(end);
-        let busy = self.asm.in_transaction()
-            || !self.outbox.events.is_empty()
-            || self.replay.is_some();
+        let busy =
+            self.asm.in_transaction() || !self.outbox.events.is_empty() || self.replay.is_some();
         if self.cp.on_wal_end(end, busy) {
             self.dirty = true;
         }
@@ -1176,7 +1178,9 @@ impl<'a> CaptureLoop<'a> {
             Message::StreamStop => {
                 return Err(CaptureError::Streamed {
                     pipeline: self.s.pipeline.clone(),
-                    source: StreamedError::Protocol(format!("Stream Stop at {lsn} outside a block")),
+                    source: StreamedError::Protocol(format!(
+                        "Stream Stop at {lsn} outside a block"
+                    )),
                 })
             }
             Message::StreamAbort(a) => self.streamed.abort(a.xid, a.subxid),
@@ -1232,7 +1236,7 @@ impl<'a> CaptureLoop<'a> {
         const STEP: usize = 256;
         for _ in 0..STEP {
             let (replay, commit) = self.replay.as_mut().expect("replaying");
-            let Some(entry) = replay.next().in_pipeline(self.s)? else {
+            let Some(entry) = replay.next_entry().in_pipeline(self.s)? else {
                 let c = commit.clone();
                 self.replay = None;
                 let commit = Commit {

@@ -165,7 +165,7 @@ impl Streamed {
     }
 
     /// Transactions in progress.
-    pub fn len(&self) -> usize {
+    pub fn in_progress(&self) -> usize {
         self.held.len()
     }
 
@@ -387,7 +387,7 @@ pub struct Replay {
 }
 
 impl Replay {
-    pub fn next(&mut self) -> Result<Option<Entry>, StreamedError> {
+    pub fn next_entry(&mut self) -> Result<Option<Entry>, StreamedError> {
         while let Some(file) = self.file.as_mut() {
             match file.next()? {
                 Some(e) if self.aborted.contains(&e.xid) => continue,

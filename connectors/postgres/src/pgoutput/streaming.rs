@@ -49,9 +49,7 @@ pub fn in_stream_xid(payload: &[u8]) -> Result<Option<u32>, DecodeError> {
         return Err(not_in_block(tag));
     }
     match payload.get(1..5) {
-        Some(x) => Ok(Some(u32::from_be_bytes(
-            x.try_into().expect("four bytes"),
-        ))),
+        Some(x) => Ok(Some(u32::from_be_bytes(x.try_into().expect("four bytes")))),
         None => Err(DecodeError::Truncated {
             tag: tag as char,
             field: "xid",

@@ -262,7 +262,10 @@ fn decodes_a_captured_streamed_session() {
     );
     assert_ne!(sub, sub2);
     assert_eq!(s.join(" "), want);
-    assert_ne!(a, sub, "the savepoint's changes carry the subtransaction's xid");
+    assert_ne!(
+        a, sub,
+        "the savepoint's changes carry the subtransaction's xid"
+    );
 }
 
 /// Payloads inside a block: only changes and Stream Stop belong there,
@@ -278,7 +281,10 @@ fn streamed_payloads_cut_anywhere_are_errors() {
         }
     }
     assert!(in_stream_xid(b"I\0\0").is_err(), "xid cut");
-    assert!(in_stream_xid(b"B\0\0\0\x01").is_err(), "Begin inside a block");
+    assert!(
+        in_stream_xid(b"B\0\0\0\x01").is_err(),
+        "Begin inside a block"
+    );
     assert!(decode_in_stream(Bytes::from_static(b"c\0\0\0\x01")).is_err());
     assert_eq!(in_stream_xid(b"E"), Ok(None));
     assert_eq!(

@@ -44,7 +44,7 @@ fn run(budget: usize, dir: &Path) -> (Vec<Vec<String>>, usize) {
                 let mut replay = st.commit(c.xid).unwrap();
                 let mut tx = Vec::new();
                 let mut last = Lsn(0);
-                while let Some(e) = replay.next().unwrap() {
+                while let Some(e) = replay.next_entry().unwrap() {
                     assert!(e.lsn > last, "in order");
                     last = e.lsn;
                     let InStream::Change { message, .. } = decode_in_stream(e.payload).unwrap()
@@ -58,7 +58,7 @@ fn run(budget: usize, dir: &Path) -> (Vec<Vec<String>>, usize) {
             _ => {}
         }
     }
-    assert_eq!(st.len(), 0, "every transaction ended");
+    assert_eq!(st.in_progress(), 0, "every transaction ended");
     assert_eq!(st.memory_bytes(), 0);
     (released, most_in_memory)
 }
@@ -167,7 +167,10 @@ fn the_protocol_nesting_is_checked() {
     // another transaction: nothing of 5 goes.
     st.abort(5, 9);
     st.abort(6, 6);
-    assert_eq!(st.commit(5).unwrap().next().unwrap().map(|e| e.xid), Some(5));
+    assert_eq!(
+        st.commit(5).unwrap().next_entry().unwrap().map(|e| e.xid),
+        Some(5)
+    );
     // A commit of a transaction never seen releases nothing.
-    assert!(st.commit(8).unwrap().next().unwrap().is_none());
+    assert!(st.commit(8).unwrap().next_entry().unwrap().is_none());
 }
