@@ -23,6 +23,14 @@
 //! very next message: nothing is skipped, and nothing is read twice. A
 //! pause lives in memory only: a reconnect keeps it (the new session
 //! starts paused), a restarted daemon streams.
+//!
+//! With `streaming` on, Postgres also sends transactions still in
+//! progress, in blocks: those are held in [`crate::streamed`] and, at their
+//! Stream Commit, replayed through the same path as a protocol 1
+//! transaction (a Begin made from the commit, each change, the Commit).
+//! Reading from the server waits while a replay runs, so commit order is
+//! kept; the replay itself yields to acknowledgements, ticks and the
+//! in-flight limits like reading does.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
