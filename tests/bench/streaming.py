@@ -2,7 +2,7 @@
 """Large in-progress transactions (issue 26): one transaction of 2M rows of
 the benchmark table (benchlib's COLS) captured to Kafka with and without
 `source.streaming`, each through its own slot and a fresh walcast (release
-build), Postgres's logical_decoding_work_mem at its default (64MB).
+build, JSON), Postgres's logical_decoding_work_mem at its default (64MB).
 
 Reported per mode: the INSERT's duration (the transaction runs while
 walcast reads it, when streaming), commit-to-Kafka latency (from COMMIT
@@ -51,6 +51,7 @@ listen = "127.0.0.1:0"
 [pipelines.bench]
 kind = "capture"
 topic_prefix = "{db}"
+format = "json"
 state_dir = "{work}/state"
 [pipelines.bench.source]
 port = {E["WALCAST_TEST_PG_PORT"]}
@@ -122,7 +123,7 @@ def main():
     quiet = os.path.exists("/work/helpers/quiet")
     out = [f"## Streaming large transactions, {datetime.datetime.now():%Y-%m-%d %H:%M} (commit {commit}, tests/bench/streaming.py)",
            "",
-           f"- one transaction of {ROWS:,} rows of the 8-column table, logical_decoding_work_mem 64MB (default), release build, "
+           f"- one transaction of {ROWS:,} rows of the 8-column table, logical_decoding_work_mem 64MB (default), {os.path.relpath(BIN, ROOT)}, "
            f"{os.cpu_count()} cores, load average {load[0]:.1f} at the end"
            + ("" if quiet else " (machine not quiet: other work was running)"),
            "- latency: COMMIT returned → the slot confirmed the commit's end (every record acknowledged by Kafka; ≤ 0.5 s late)",
