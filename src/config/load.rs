@@ -736,6 +736,7 @@ retry_max_ms = 60000
             walcast_postgres::replication::connection::TargetSessionAttrs::Primary
         );
         assert!(!p.source.slot_failover);
+        assert!(!p.source.streaming, "streaming is opt-in");
         assert_eq!(
             p.source.status_interval,
             walcast_postgres::config::DEFAULT_STATUS_INTERVAL
@@ -756,7 +757,7 @@ retry_max_ms = 60000
                 &format!("database = \"app\"\n{extra}"),
             )
         };
-        let c = load_str("t.toml", &with("host = \"pg-a, pg-b\"\nport = 5433\ntarget_session_attrs = \"read-write\"\nslot_failover = true")).unwrap();
+        let c = load_str("t.toml", &with("host = \"pg-a, pg-b\"\nport = 5433\ntarget_session_attrs = \"read-write\"\nslot_failover = true\nstreaming = true")).unwrap();
         let PipelineConfig::Capture(p) = &c.pipelines["orders"] else {
             panic!()
         };
@@ -769,6 +770,7 @@ retry_max_ms = 60000
             .collect();
         assert_eq!(e, ["pg-a:5433", "pg-b:5433"]);
         assert!(p.source.slot_failover);
+        assert!(p.source.streaming);
         let c = load_str(
             "t.toml",
             &with("host = \"pg-a,pg-b\"\nport = \"5433,5434\""),

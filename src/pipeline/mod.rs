@@ -66,6 +66,7 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
         via_root: src.publish_via_partition_root,
         failover: src.slot_failover,
         generated_columns: src.publish_generated_columns,
+        streaming: src.streaming,
         row_filters: c
             .table
             .iter()
@@ -118,6 +119,8 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
             state_path: c.state_dir.join(format!("{name}.snapshot.json")),
             incremental_state_path: c.state_dir.join(format!("{name}.incremental.json")),
         },
+        streaming: src.streaming,
+        spill_dir: c.state_dir.clone(),
         notices: stream::NoticeSettings {
             heartbeat: c.heartbeat.as_ref().map(|h| stream::HeartbeatSettings {
                 interval: h.interval,

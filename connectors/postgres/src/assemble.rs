@@ -470,7 +470,7 @@ pub(crate) mod tests {
                     events.extend(asm.delete(d.relation_id, &d.old, lsn).unwrap())
                 }
                 Message::Truncate(t) => events.extend(asm.truncate(&t.relation_ids, lsn).unwrap()),
-                Message::Origin(_) | Message::Type(_) | Message::Message(_) => {}
+                _ => {}
             }
         }
         (events, commits)

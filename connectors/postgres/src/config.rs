@@ -52,6 +52,14 @@ pub struct PostgresSourceConfig {
     /// them. Off by default, as in Postgres.
     #[serde(default)]
     pub publish_generated_columns: bool,
+    /// Ask Postgres (14+) to stream large transactions while they run
+    /// (pgoutput protocol 2, `streaming 'on'`) instead of spilling them to
+    /// its disk past `logical_decoding_work_mem`; walcast holds them (in
+    /// memory within half of `max_in_flight_bytes`, in `state_dir` past
+    /// it) and still publishes only what committed, at its commit. Off by
+    /// default.
+    #[serde(default)]
+    pub streaming: bool,
     pub database: String,
     pub user: String,
     pub password: Option<Secret>,

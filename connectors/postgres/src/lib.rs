@@ -36,6 +36,7 @@ pub mod schema_change;
 pub mod setup;
 pub mod snapshot;
 pub mod stream;
+pub mod streamed;
 
 pub use config::{PostgresSourceConfig, SnapshotMode};
 pub use stream::{run, CaptureError, CaptureSettings};

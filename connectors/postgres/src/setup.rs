@@ -100,6 +100,9 @@ pub struct Wanted {
     /// `publish_generated_columns`: stored generated columns are published
     /// (Postgres 18+).
     pub generated_columns: bool,
+    /// `streaming`: transactions in progress are streamed (pgoutput
+    /// protocol 2, Postgres 14+).
+    pub streaming: bool,
     /// `row_filter` per table: the publication's `WHERE` for it
     /// (Postgres 15+); see the module's notes on row filters.
     pub row_filters: Vec<(TableName, String)>,
@@ -204,6 +207,12 @@ pub async fn plan(client: &Client, w: &Wanted) -> Result<Plan, SetupError> {
         return definite(format!(
             "slot_failover = true needs Postgres 17 or later (failover slots), and this server is {v}; \
              remove slot_failover, or upgrade"
+        ));
+    }
+    if w.streaming && major < 14 {
+        return definite(format!(
+            "streaming = true needs Postgres 14 or later (pgoutput protocol version 2), and this server is {v}; \
+             remove streaming (transactions then arrive whole at their commit), or upgrade"
         ));
     }
     if w.generated_columns && major < 18 {

@@ -23,6 +23,14 @@
 //! very next message: nothing is skipped, and nothing is read twice. A
 //! pause lives in memory only: a reconnect keeps it (the new session
 //! starts paused), a restarted daemon streams.
+//!
+//! With `streaming` on, Postgres also sends transactions still in
+//! progress, in blocks: those are held in [`crate::streamed`] and, at their
+//! Stream Commit, replayed through the same path as a protocol 1
+//! transaction (a Begin made from the commit, each change, the Commit).
+//! Reading from the server waits while a replay runs, so commit order is
+//! kept; the replay itself yields to acknowledgements, ticks and the
+//! in-flight limits like reading does.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -42,7 +50,8 @@ use crate::catalog::{self, Catalog, CatalogError};
 use crate::checkpoint::LsnCheckpoint;
 use crate::config::SnapshotMode;
 use crate::incremental::{Incremental, IncrementalError, IncrementalSettings};
-use crate::pgoutput::{self, LogicalMessage, Message};
+use crate::pgoutput::streaming::InStream;
+use crate::pgoutput::{self, Begin, Commit, LogicalMessage, Message, StreamCommit};
 use crate::replication::connection::{
     quote_ident, ConnectParams, ReplicationConnection, ReplicationError, ReplicationStream,
 };
@@ -50,6 +59,7 @@ use crate::replication::ServerMessage;
 use crate::schema_change::{self, SchemaHistory};
 use crate::setup::{self, SetupError, Wanted};
 use crate::snapshot::{self, Outcome, SnapshotError, SnapshotJob, SnapshotSettings, SnapshotState};
+use crate::streamed::{Entry, Replay, Streamed, StreamedError};
 use walcast_sdk::notice::{self, NoticeKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +132,11 @@ pub enum CaptureError {
         pipeline: String,
         source: IncrementalError,
     },
+    #[error("pipeline {pipeline}: {source}")]
+    Streamed {
+        pipeline: String,
+        source: StreamedError,
+    },
 }
 
 impl CaptureError {
@@ -132,6 +147,7 @@ impl CaptureError {
             CaptureError::Setup { source, .. } => source.is_transient(),
             CaptureError::Snapshot { source, .. } => source.is_transient(),
             CaptureError::Incremental { source, .. } => source.is_transient(),
+            CaptureError::Streamed { source, .. } => source.is_transient(),
             // Every sink that failed the batch said a replay may succeed
             // (an outage longer than a Kafka transaction): start over from
             // the confirmed position, the sinks rewound.
@@ -168,6 +184,12 @@ pub struct CaptureSettings {
     pub shutdown_timeout: Duration,
     pub retry_max_backoff: Duration,
     pub snapshot: SnapshotSettings,
+    /// `streaming`: ask for pgoutput protocol 2 with streaming of
+    /// transactions in progress (see [`crate::streamed`]).
+    pub streaming: bool,
+    /// Where streamed transactions past the memory budget are spilled
+    /// (the pipeline's state_dir).
+    pub spill_dir: std::path::PathBuf,
     /// What the pipeline publishes besides row changes.
     pub notices: NoticeSettings,
 }
@@ -448,6 +470,7 @@ component!(SetupError, Setup);
 component!(AssembleError, Assemble);
 component!(SnapshotError, Snapshot);
 component!(IncrementalError, Incremental);
+component!(StreamedError, Streamed);
 
 trait InPipeline<T> {
     fn in_pipeline(self, s: &CaptureSettings) -> Result<T, CaptureError>;
@@ -753,6 +776,11 @@ struct CaptureLoop<'a> {
     /// Schema changes of the Relation messages just read (see
     /// [`CaptureLoop::flush_schema_changes`]).
     schema_changes: Vec<(Arc<walcast_sdk::TableSchema>, Arc<walcast_sdk::TableSchema>)>,
+    /// Streamed transactions in progress (`streaming` on).
+    streamed: Streamed,
+    /// A streamed transaction that committed, being replayed: reading
+    /// from the server waits until it is through.
+    replay: Option<(Replay, StreamCommit)>,
 }
 
 impl<'a> CaptureLoop<'a> {
@@ -772,11 +800,17 @@ impl<'a> CaptureLoop<'a> {
             start,
             server_wal,
         } = prepared;
-        let options = [
-            ("proto_version", "1".to_string()),
+        let mut options = vec![
+            (
+                "proto_version",
+                if s.streaming { "2" } else { "1" }.to_string(),
+            ),
             ("publication_names", quote_ident(&s.wanted.publication)),
             ("messages", "true".to_string()),
         ];
+        if s.streaming {
+            options.push(("streaming", "on".to_string()));
+        }
         let stream = conn
             .start_replication(&s.wanted.slot, Lsn(0), &options)
             .await
@@ -785,7 +819,8 @@ impl<'a> CaptureLoop<'a> {
         history.rewind(start);
         let mut pause = status.pause_watch();
         let paused = *pause.borrow_and_update();
-        tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, from = %start, server_wal = %server_wal, paused, "streaming");
+        tracing::info!(pipeline = %s.pipeline, slot = %s.wanted.slot, from = %start, server_wal = %server_wal, paused,
+            in_progress_transactions = s.streaming, "streaming");
         status.set_state(if paused {
             PipelineState::Paused
         } else {
@@ -857,7 +892,22 @@ impl<'a> CaptureLoop<'a> {
             paused,
             history,
             schema_changes: Vec::new(),
+            // Half the in-flight bound: the other half is for events on
+            // their way to the sinks.
+            streamed: Streamed::new(&s.spill_dir, &s.pipeline, s.max_in_flight_bytes / 2),
+            replay: None,
         })
+    }
+
+    /// Whether reading may go on: not paused, under the in-flight limits
+    /// (streamed transactions held in memory count), the dispatcher's
+    /// queue not full.
+    fn can_read(&self) -> bool {
+        !self.paused
+            && self.cp.in_flight_events() + self.outbox.events.len() < self.s.max_in_flight_events
+            && self.cp.in_flight_bytes() + self.outbox.bytes + self.streamed.memory_bytes()
+                < self.s.max_in_flight_bytes
+            && self.tx.capacity() > 0
     }
 
     /// Waits for the next wake-up and hands it to its method, until
@@ -878,11 +928,8 @@ impl<'a> CaptureLoop<'a> {
             tokio::time::interval_at(tokio::time::Instant::now() + beat_every, beat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let can_read = !self.paused
-                && self.cp.in_flight_events() + self.outbox.events.len()
-                    < self.s.max_in_flight_events
-                && self.cp.in_flight_bytes() + self.outbox.bytes < self.s.max_in_flight_bytes
-                && self.tx.capacity() > 0;
+            let can_read = self.can_read();
+            let replaying = self.replay.is_some();
             let linger = self.outbox.deadline;
             self.inc.maybe_request(can_read).in_pipeline(self.s)?;
             let flow = tokio::select! {
@@ -913,7 +960,8 @@ impl<'a> CaptureLoop<'a> {
                 _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() && self.tx.capacity() > 0 => {
                     self.flush_ready().await
                 }
-                msg = self.stream.recv(), if can_read => match msg {
+                _ = std::future::ready(()), if can_read && replaying => self.replay_step().await?,
+                msg = self.stream.recv(), if can_read && !replaying => match msg {
                     Ok(ServerMessage::Keepalive { wal_end, reply_requested, .. }) => {
                         self.on_keepalive(wal_end, reply_requested).await?
                     }
@@ -1105,7 +1153,8 @@ impl<'a> CaptureLoop<'a> {
         reply_requested: bool,
     ) -> Result<Flow, CaptureError> {
         self.wal_end = self.wal_end.max(end);
-        let busy = self.asm.in_transaction() || !self.outbox.events.is_empty();
+        let busy =
+            self.asm.in_transaction() || !self.outbox.events.is_empty() || self.replay.is_some();
         if self.cp.on_wal_end(end, busy) {
             self.dirty = true;
         }
@@ -1115,8 +1164,10 @@ impl<'a> CaptureLoop<'a> {
         Ok(Flow::Continue)
     }
 
-    /// A pgoutput message at `lsn`: decoded, assembled into events, and a
-    /// commit or a large transaction's slice handed over.
+    /// A pgoutput message at `lsn`. Inside a streamed block it is held
+    /// for its transaction; the stream control messages start and end
+    /// blocks, drop aborted changes, or start a committed transaction's
+    /// replay; anything else is [processed](Self::process) at once.
     async fn on_wal(
         &mut self,
         lsn: Lsn,
@@ -1126,11 +1177,103 @@ impl<'a> CaptureLoop<'a> {
         self.wal_end = self.wal_end.max(end);
         ::metrics::counter!(metrics::WAL_BYTES, "pipeline" => self.s.pipeline.clone())
             .increment(data.len() as u64);
-        let m = pgoutput::decode(data).map_err(|source| CaptureError::Decode {
+        if self.streamed.open_block().is_some() {
+            return self.on_streamed_change(lsn, data);
+        }
+        let m = pgoutput::decode(data).map_err(|source| self.decode_error(lsn, source))?;
+        match m {
+            Message::StreamStart(st) => self.streamed.start(st.xid).in_pipeline(self.s)?,
+            Message::StreamStop => {
+                return Err(CaptureError::Streamed {
+                    pipeline: self.s.pipeline.clone(),
+                    source: StreamedError::Protocol(format!(
+                        "Stream Stop at {lsn} outside a block"
+                    )),
+                })
+            }
+            Message::StreamAbort(a) => self.streamed.abort(a.xid, a.subxid),
+            Message::StreamCommit(c) => self.start_replay(c)?,
+            m => return self.process(m, lsn).await,
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn decode_error(&self, lsn: Lsn, source: pgoutput::DecodeError) -> CaptureError {
+        CaptureError::Decode {
             pipeline: self.s.pipeline.clone(),
             lsn,
             source,
-        })?;
+        }
+    }
+
+    /// A payload inside a streamed block: held under its transaction
+    /// until the commit (or dropped by an abort), or the block's end.
+    fn on_streamed_change(&mut self, lsn: Lsn, data: bytes::Bytes) -> Result<Flow, CaptureError> {
+        match pgoutput::streaming::in_stream_xid(&data) {
+            Ok(None) => self.streamed.stop(),
+            Ok(Some(xid)) => self
+                .streamed
+                .push(Entry {
+                    lsn,
+                    xid,
+                    payload: data,
+                })
+                .in_pipeline(self.s)?,
+            Err(source) => return Err(self.decode_error(lsn, source)),
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Stream Commit: the transaction begins, as a protocol 1 Begin would
+    /// begin it, and its changes are replayed by [`Self::replay_step`].
+    fn start_replay(&mut self, c: StreamCommit) -> Result<(), CaptureError> {
+        let replay = self.streamed.commit(c.xid).in_pipeline(self.s)?;
+        self.asm.begin(&Begin {
+            final_lsn: c.commit_lsn,
+            commit_time: c.commit_time,
+            xid: c.xid,
+        });
+        self.replay = Some((replay, c));
+        Ok(())
+    }
+
+    /// Replays changes of the committed streamed transaction while reading
+    /// may go on (a few hundred per wake-up, so acknowledgements and
+    /// status updates keep their turn), and its commit after the last.
+    async fn replay_step(&mut self) -> Result<Flow, CaptureError> {
+        const STEP: usize = 256;
+        for _ in 0..STEP {
+            let (replay, commit) = self.replay.as_mut().expect("replaying");
+            let Some(entry) = replay.next_entry().in_pipeline(self.s)? else {
+                let c = commit.clone();
+                self.replay = None;
+                let commit = Commit {
+                    flags: c.flags,
+                    commit_lsn: c.commit_lsn,
+                    end_lsn: c.end_lsn,
+                    commit_time: c.commit_time,
+                };
+                return self.process(Message::Commit(commit), c.commit_lsn).await;
+            };
+            let message = match pgoutput::streaming::decode_in_stream(entry.payload) {
+                Ok(InStream::Change { message, .. }) => message,
+                Ok(InStream::Stop) => continue,
+                Err(source) => return Err(self.decode_error(entry.lsn, source)),
+            };
+            if self.process(message, entry.lsn).await? == Flow::Stop {
+                return Ok(Flow::Stop);
+            }
+            if !self.can_read() {
+                break;
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// A message of a transaction (received whole, or replayed), in order:
+    /// assembled into events, and a commit or a large transaction's slice
+    /// handed over.
+    async fn process(&mut self, m: Message, lsn: Lsn) -> Result<Flow, CaptureError> {
         if let Message::Message(lm) = &m {
             if self.on_logical_message(lm).await? == Flow::Stop {
                 return Ok(Flow::Stop);
@@ -1293,6 +1436,11 @@ impl<'a> CaptureLoop<'a> {
                 }
             }
             Message::Origin(_) | Message::Type(_) => {}
+            // Handled by `on_wal` before they get here.
+            Message::StreamStart(_)
+            | Message::StreamStop
+            | Message::StreamCommit(_)
+            | Message::StreamAbort(_) => {}
             Message::Message(m) => self.on_message_notice(m).await,
         }
         Ok(())

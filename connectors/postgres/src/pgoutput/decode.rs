@@ -15,21 +15,34 @@ pub enum DecodeError {
     UnknownTag(u8),
     #[error("pgoutput message '{tag}': {detail}")]
     Malformed { tag: char, detail: String },
+    /// A two-phase commit message: walcast never asks for `two_phase`.
     #[error(
-        "pgoutput streaming message '{0}' received; walcast asks for protocol version 1, \
-         which never streams in-progress transactions"
+        "pgoutput two-phase message '{0}' received; walcast never asks for two_phase, \
+         so Postgres should not send it"
     )]
-    Streaming(char),
+    Unrequested(char),
     #[error("empty pgoutput message")]
     Empty,
 }
 
-struct Reader {
+pub(super) struct Reader {
     buf: Bytes,
-    tag: char,
+    pub(super) tag: char,
 }
 
 impl Reader {
+    /// The message's tag, and a reader over the rest.
+    pub(super) fn open(payload: Bytes) -> Result<(u8, Reader), DecodeError> {
+        let Some(&tag) = payload.first() else {
+            return Err(DecodeError::Empty);
+        };
+        let r = Reader {
+            buf: payload.slice(1..),
+            tag: tag as char,
+        };
+        Ok((tag, r))
+    }
+
     /// Room for `n` items of at least `min_size` bytes each, but never more
     /// than the bytes left could hold: a count comes from the network, and
     /// a lying one must not reserve gigabytes before the reads fail.
@@ -48,39 +61,39 @@ impl Reader {
         }
     }
 
-    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
+    pub(super) fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
         self.need(1, field)?;
         let v = self.buf[0];
         self.buf = self.buf.slice(1..);
         Ok(v)
     }
 
-    fn i16(&mut self, field: &'static str) -> Result<i16, DecodeError> {
+    pub(super) fn i16(&mut self, field: &'static str) -> Result<i16, DecodeError> {
         self.need(2, field)?;
         let v = i16::from_be_bytes([self.buf[0], self.buf[1]]);
         self.buf = self.buf.slice(2..);
         Ok(v)
     }
 
-    fn i32(&mut self, field: &'static str) -> Result<i32, DecodeError> {
+    pub(super) fn i32(&mut self, field: &'static str) -> Result<i32, DecodeError> {
         self.need(4, field)?;
         let v = i32::from_be_bytes(self.buf[..4].try_into().expect("length checked"));
         self.buf = self.buf.slice(4..);
         Ok(v)
     }
 
-    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+    pub(super) fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
         Ok(self.i32(field)? as u32)
     }
 
-    fn i64(&mut self, field: &'static str) -> Result<i64, DecodeError> {
+    pub(super) fn i64(&mut self, field: &'static str) -> Result<i64, DecodeError> {
         self.need(8, field)?;
         let v = i64::from_be_bytes(self.buf[..8].try_into().expect("length checked"));
         self.buf = self.buf.slice(8..);
         Ok(v)
     }
 
-    fn lsn(&mut self, field: &'static str) -> Result<Lsn, DecodeError> {
+    pub(super) fn lsn(&mut self, field: &'static str) -> Result<Lsn, DecodeError> {
         Ok(Lsn(self.i64(field)? as u64))
     }
 
@@ -162,15 +175,11 @@ impl Reader {
     }
 }
 
-/// Decodes one pgoutput message (the payload of one XLogData).
+/// Decodes one pgoutput message (the payload of one XLogData) read
+/// outside a streamed transaction's block (see [`super::streaming`] for
+/// those inside one).
 pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
-    let Some(&tag) = payload.first() else {
-        return Err(DecodeError::Empty);
-    };
-    let mut r = Reader {
-        buf: payload.slice(1..),
-        tag: tag as char,
-    };
+    let (tag, mut r) = Reader::open(payload)?;
     let msg = match tag {
         b'B' => Message::Begin(Begin {
             final_lsn: r.lsn("final LSN")?,
@@ -187,121 +196,137 @@ pub fn decode(payload: Bytes) -> Result<Message, DecodeError> {
             commit_lsn: r.lsn("origin LSN")?,
             name: r.cstr("origin name")?,
         }),
-        b'R' => {
-            let id = r.u32("relation id")?;
-            let namespace = r.cstr("namespace")?;
-            let name = r.cstr("relation name")?;
-            let replica_identity = match r.u8("replica identity")? {
-                b'd' => ReplicaIdentitySetting::Default,
-                b'n' => ReplicaIdentitySetting::Nothing,
-                b'f' => ReplicaIdentitySetting::Full,
-                b'i' => ReplicaIdentitySetting::Index,
-                other => {
-                    return Err(DecodeError::Malformed {
-                        tag: 'R',
-                        detail: format!("unknown replica identity {other:#04x}"),
-                    })
-                }
-            };
-            let n = r.i16("column count")?;
-            // flags, an empty name's NUL, type OID, modifier: 10 bytes at least.
-            let mut columns = Vec::with_capacity(r.capacity(n.max(0) as usize, 10));
-            for _ in 0..n {
-                columns.push(RelationColumn {
-                    identity: r.u8("column flags")? & 1 == 1,
-                    name: r.cstr("column name")?,
-                    type_oid: r.u32("column type")?,
-                    type_modifier: r.i32("column type modifier")?,
-                });
-            }
-            Message::Relation(Relation {
-                id,
-                namespace,
-                name,
-                replica_identity,
-                columns,
-            })
-        }
-        b'Y' => Message::Type(TypeMessage {
-            oid: r.u32("type oid")?,
-            namespace: r.cstr("namespace")?,
-            name: r.cstr("type name")?,
-        }),
-        b'I' => {
-            let relation_id = r.u32("relation id")?;
-            match r.u8("tuple kind")? {
-                b'N' => Message::Insert(Insert {
-                    relation_id,
-                    new: r.tuple()?,
-                }),
-                other => {
-                    return Err(DecodeError::Malformed {
-                        tag: 'I',
-                        detail: format!("expected 'N', got {other:#04x}"),
-                    })
-                }
-            }
-        }
-        b'U' => {
-            let relation_id = r.u32("relation id")?;
-            let mut kind = r.u8("tuple kind")?;
-            let old = if kind == b'K' || kind == b'O' {
-                let old = r.old_tuple(kind)?;
-                kind = r.u8("tuple kind")?;
-                Some(old)
-            } else {
-                None
-            };
-            if kind != b'N' {
-                return Err(DecodeError::Malformed {
-                    tag: 'U',
-                    detail: format!("expected 'N', got {kind:#04x}"),
-                });
-            }
-            Message::Update(Update {
-                relation_id,
-                old,
-                new: r.tuple()?,
-            })
-        }
-        b'D' => {
-            let relation_id = r.u32("relation id")?;
-            let kind = r.u8("tuple kind")?;
-            Message::Delete(Delete {
-                relation_id,
-                old: r.old_tuple(kind)?,
-            })
-        }
-        b'T' => {
-            let n = r.i32("relation count")?;
-            let options = r.u8("options")?;
-            let mut relation_ids = Vec::with_capacity(r.capacity(n.max(0) as usize, 4));
-            for _ in 0..n {
-                relation_ids.push(r.u32("relation id")?);
-            }
-            Message::Truncate(Truncate {
-                cascade: options & 1 != 0,
-                restart_identity: options & 2 != 0,
-                relation_ids,
-            })
-        }
-        b'M' => {
-            let flags = r.u8("flags")?;
-            let lsn = r.lsn("message LSN")?;
-            let prefix = r.cstr("prefix")?;
-            let len = r.i32("content length")?;
-            let content = r.bytes(len.max(0) as usize, "content")?;
-            Message::Message(LogicalMessage {
-                transactional: flags & 1 != 0,
-                lsn,
-                prefix,
-                content,
-            })
-        }
-        b'S' | b'E' | b'c' | b'A' | b'P' | b'K' | b'r' | b'p' | b'b' => {
-            return Err(DecodeError::Streaming(tag as char))
-        }
-        other => return Err(DecodeError::UnknownTag(other)),
+        b'S' | b'E' | b'c' | b'A' => return super::streaming::control(tag, &mut r),
+        b'P' | b'K' | b'r' | b'p' | b'b' => return Err(DecodeError::Unrequested(tag as char)),
+        _ => return r.change(tag),
     };
     Ok(msg)
+}
+
+impl Reader {
+    /// The body of a message that may carry a streamed transaction's xid
+    /// before it (relation, type, row changes, logical message), read
+    /// after that xid. Any other tag is unknown here.
+    pub(super) fn change(&mut self, tag: u8) -> Result<Message, DecodeError> {
+        let r = self;
+        let msg = match tag {
+            b'R' => r.relation()?,
+            b'Y' => Message::Type(TypeMessage {
+                oid: r.u32("type oid")?,
+                namespace: r.cstr("namespace")?,
+                name: r.cstr("type name")?,
+            }),
+            b'I' => {
+                let relation_id = r.u32("relation id")?;
+                match r.u8("tuple kind")? {
+                    b'N' => Message::Insert(Insert {
+                        relation_id,
+                        new: r.tuple()?,
+                    }),
+                    other => {
+                        return Err(DecodeError::Malformed {
+                            tag: 'I',
+                            detail: format!("expected 'N', got {other:#04x}"),
+                        })
+                    }
+                }
+            }
+            b'U' => r.update()?,
+            b'D' => {
+                let relation_id = r.u32("relation id")?;
+                let kind = r.u8("tuple kind")?;
+                Message::Delete(Delete {
+                    relation_id,
+                    old: r.old_tuple(kind)?,
+                })
+            }
+            b'T' => {
+                let n = r.i32("relation count")?;
+                let options = r.u8("options")?;
+                let mut relation_ids = Vec::with_capacity(r.capacity(n.max(0) as usize, 4));
+                for _ in 0..n {
+                    relation_ids.push(r.u32("relation id")?);
+                }
+                Message::Truncate(Truncate {
+                    cascade: options & 1 != 0,
+                    restart_identity: options & 2 != 0,
+                    relation_ids,
+                })
+            }
+            b'M' => {
+                let flags = r.u8("flags")?;
+                let lsn = r.lsn("message LSN")?;
+                let prefix = r.cstr("prefix")?;
+                let len = r.i32("content length")?;
+                let content = r.bytes(len.max(0) as usize, "content")?;
+                Message::Message(LogicalMessage {
+                    transactional: flags & 1 != 0,
+                    lsn,
+                    prefix,
+                    content,
+                })
+            }
+            other => return Err(DecodeError::UnknownTag(other)),
+        };
+        Ok(msg)
+    }
+
+    fn relation(&mut self) -> Result<Message, DecodeError> {
+        let id = self.u32("relation id")?;
+        let namespace = self.cstr("namespace")?;
+        let name = self.cstr("relation name")?;
+        let replica_identity = match self.u8("replica identity")? {
+            b'd' => ReplicaIdentitySetting::Default,
+            b'n' => ReplicaIdentitySetting::Nothing,
+            b'f' => ReplicaIdentitySetting::Full,
+            b'i' => ReplicaIdentitySetting::Index,
+            other => {
+                return Err(DecodeError::Malformed {
+                    tag: 'R',
+                    detail: format!("unknown replica identity {other:#04x}"),
+                })
+            }
+        };
+        let n = self.i16("column count")?;
+        // flags, an empty name's NUL, type OID, modifier: 10 bytes at least.
+        let mut columns = Vec::with_capacity(self.capacity(n.max(0) as usize, 10));
+        for _ in 0..n {
+            columns.push(RelationColumn {
+                identity: self.u8("column flags")? & 1 == 1,
+                name: self.cstr("column name")?,
+                type_oid: self.u32("column type")?,
+                type_modifier: self.i32("column type modifier")?,
+            });
+        }
+        Ok(Message::Relation(Relation {
+            id,
+            namespace,
+            name,
+            replica_identity,
+            columns,
+        }))
+    }
+
+    fn update(&mut self) -> Result<Message, DecodeError> {
+        let relation_id = self.u32("relation id")?;
+        let mut kind = self.u8("tuple kind")?;
+        let old = if kind == b'K' || kind == b'O' {
+            let old = self.old_tuple(kind)?;
+            kind = self.u8("tuple kind")?;
+            Some(old)
+        } else {
+            None
+        };
+        if kind != b'N' {
+            return Err(DecodeError::Malformed {
+                tag: 'U',
+                detail: format!("expected 'N', got {kind:#04x}"),
+            });
+        }
+        Ok(Message::Update(Update {
+            relation_id,
+            old,
+            new: self.tuple()?,
+        }))
+    }
 }

@@ -26,6 +26,12 @@ pub enum Message {
     Delete(Delete),
     Truncate(Truncate),
     Message(LogicalMessage),
+    /// Protocol 2: the messages around a streamed (in-progress)
+    /// transaction's blocks (see [`super::streaming`]).
+    StreamStart(StreamStart),
+    StreamStop,
+    StreamCommit(StreamCommit),
+    StreamAbort(StreamAbort),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,4 +149,35 @@ pub struct LogicalMessage {
     pub lsn: Lsn,
     pub prefix: String,
     pub content: Bytes,
+}
+
+/// 'S': a block of an in-progress transaction's changes follows, up to
+/// Stream Stop; each change in it carries the xid of its (sub)transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStart {
+    /// The top-level transaction.
+    pub xid: u32,
+    /// The transaction's first block (in this walsender session).
+    pub first_segment: bool,
+}
+
+/// 'c': a streamed transaction committed; its blocks are its changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamCommit {
+    pub xid: u32,
+    pub flags: u8,
+    pub commit_lsn: Lsn,
+    /// The end of the commit record: the position to confirm.
+    pub end_lsn: Lsn,
+    pub commit_time: PgTimestamp,
+}
+
+/// 'A': a streamed transaction (`subxid == xid`) or one of its
+/// subtransactions (a savepoint rolled back) aborted: the changes carrying
+/// `subxid` never happened. (Protocol 4 adds the abort's LSN and time,
+/// which walcast does not ask for.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamAbort {
+    pub xid: u32,
+    pub subxid: u32,
 }

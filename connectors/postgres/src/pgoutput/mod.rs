@@ -7,15 +7,20 @@
 //! with frames captured from a real server (see `tests` and
 //! `tests/fixtures/pgoutput`).
 //!
-//! Protocol version 1 is what walcast asks for: transactions arrive whole at
-//! commit (Postgres spills large ones to disk), which keeps the commit LSN of
-//! every change known when it is read. The streaming messages of version 2
-//! are recognised and reported as unsupported rather than misread.
+//! Protocol version 1 is what walcast asks for by default: transactions
+//! arrive whole at commit (Postgres spills large ones to disk), which keeps
+//! the commit LSN of every change known when it is read. With the
+//! pipeline's `streaming` on, walcast asks for version 2 with `streaming`:
+//! Postgres then also sends a large transaction while it runs, in blocks
+//! ([`streaming`] decodes them; `crate::streamed` holds them until the
+//! commit). Two-phase messages (version 3) are never asked for and are
+//! reported as such rather than misread.
 //!
 //! Reference: "Logical Replication Message Formats" in the Postgres manual.
 
 mod decode;
 mod message;
+pub mod streaming;
 
 pub use decode::{decode, DecodeError};
 pub use message::*;

@@ -7,6 +7,23 @@ use walcast_sdk::Lsn;
 
 use super::*;
 
+/// One hex line as bytes.
+fn unhex(l: &str) -> Vec<u8> {
+    (0..l.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// The payloads of `streamed.hex` (protocol 2 with streaming; see
+/// `tests/fixtures/pgoutput/capture_streamed.sh`), as sent.
+pub(crate) fn streamed_payloads() -> Vec<Bytes> {
+    include_str!("../../tests/fixtures/pgoutput/streamed.hex")
+        .lines()
+        .map(|l| Bytes::from(unhex(l)))
+        .collect()
+}
+
 /// The frames of `session1.hex`, decoded (the assembler's tests read
 /// them too).
 pub(crate) fn frames() -> Vec<Message> {
@@ -172,8 +189,107 @@ fn truncated_and_unknown_frames_are_errors_not_panics() {
         Err(DecodeError::UnknownTag(b'Z'))
     );
     assert_eq!(
-        decode(Bytes::from_static(b"S\0\0\0\x01\x01")),
-        Err(DecodeError::Streaming('S'))
+        decode(Bytes::from_static(b"P\0\0\0\x01\x01")),
+        Err(DecodeError::Unrequested('P'))
+    );
+}
+
+/// The streamed session: messages inside a block carry their
+/// (sub)transaction's xid; the control messages around the blocks tell
+/// the outcome. See capture_streamed.sh for the SQL.
+#[test]
+fn decodes_a_captured_streamed_session() {
+    use streaming::{decode_in_stream, in_stream_xid, InStream};
+    let mut in_block = false;
+    let mut seen = Vec::new();
+    for p in streamed_payloads() {
+        if in_block {
+            let xid = in_stream_xid(&p).unwrap();
+            let m = decode_in_stream(p.clone()).unwrap();
+            match m {
+                InStream::Stop => {
+                    assert_eq!(xid, None);
+                    in_block = false;
+                    seen.push("E".to_string());
+                }
+                InStream::Change { xid: x, message } => {
+                    assert_eq!(Some(x), xid);
+                    // The same body as protocol 1: the payload without
+                    // its xid decodes the same.
+                    let mut v1 = vec![p[0]];
+                    v1.extend_from_slice(&p[5..]);
+                    assert_eq!(decode(Bytes::from(v1)).unwrap(), message);
+                    let tag = match &message {
+                        Message::Relation(r) => format!("R{x}:{}", r.name),
+                        Message::Insert(i) => format!("I{x}:{}", text(&i.new[1])),
+                        Message::Message(m) => format!("M{x}:{}", m.prefix),
+                        other => panic!("{other:?}"),
+                    };
+                    seen.push(tag);
+                }
+            }
+            continue;
+        }
+        let m = decode(p).unwrap();
+        seen.push(match m {
+            Message::StreamStart(s) => {
+                in_block = true;
+                format!("S{}:{}", s.xid, s.first_segment)
+            }
+            Message::StreamCommit(c) => {
+                assert!(c.end_lsn > c.commit_lsn);
+                format!("c{}", c.xid)
+            }
+            Message::StreamAbort(a) => format!("A{}:{}", a.xid, a.subxid),
+            Message::Begin(_) => "B".into(),
+            Message::Commit(_) => "C".into(),
+            Message::Relation(r) => format!("R:{}", r.name),
+            Message::Insert(i) => format!("I:{}", text(&i.new[1])),
+            other => panic!("{other:?}"),
+        });
+    }
+    seen.dedup();
+    let s: Vec<&str> = seen.iter().map(String::as_str).collect();
+    // Xids differ from one capture to the next: name them.
+    let xid = |i: usize| s[i][1..].split(':').next().unwrap().to_string();
+    // After ROLLBACK TO SAVEPOINT the savepoint stands again: a new
+    // subtransaction (sub2) makes the last row, and pgoutput describes the
+    // table again after the abort.
+    let (a, sub, sub2, c) = (xid(0), xid(11), xid(15), xid(19));
+    let want = format!(
+        "S{a}:true R{a}:fx_s I{a}:A E B R:fx_s I:B C S{a}:false I{a}:A M{a}:walcast I{sub}:A-sub E \
+         A{a}:{sub} S{a}:false R{sub2}:fx_s I{sub2}:A E c{a} S{c}:true R{c}:fx_s I{c}:C E A{c}:{c}"
+    );
+    assert_ne!(sub, sub2);
+    assert_eq!(s.join(" "), want);
+    assert_ne!(
+        a, sub,
+        "the savepoint's changes carry the subtransaction's xid"
+    );
+}
+
+/// Payloads inside a block: only changes and Stream Stop belong there,
+/// and a cut one is an error, never a panic.
+#[test]
+fn streamed_payloads_cut_anywhere_are_errors() {
+    use streaming::{decode_in_stream, in_stream_xid};
+    for p in streamed_payloads() {
+        for cut in 0..p.len().min(64) {
+            let _ = decode_in_stream(p.slice(..cut));
+            let _ = in_stream_xid(&p[..cut]);
+            let _ = decode(p.slice(..cut));
+        }
+    }
+    assert!(in_stream_xid(b"I\0\0").is_err(), "xid cut");
+    assert!(
+        in_stream_xid(b"B\0\0\0\x01").is_err(),
+        "Begin inside a block"
+    );
+    assert!(decode_in_stream(Bytes::from_static(b"c\0\0\0\x01")).is_err());
+    assert_eq!(in_stream_xid(b"E"), Ok(None));
+    assert_eq!(
+        decode(Bytes::from_static(b"A\0\0\0\x07\0\0\0\x09")),
+        Ok(Message::StreamAbort(StreamAbort { xid: 7, subxid: 9 }))
     );
 }
 
@@ -232,11 +348,17 @@ mod fuzz {
     use super::super::decode;
     use crate::replication::protocol::parse_server_message;
 
-    fn captured() -> Vec<Vec<u8>> {
-        include_str!("../../tests/fixtures/pgoutput/session1.hex")
-            .lines()
-            .map(hex)
-            .collect()
+    /// Protocol 1 frames, and the streamed session's (read once: the
+    /// corpus is large).
+    fn captured() -> &'static [Vec<u8>] {
+        static FRAMES: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+        FRAMES.get_or_init(|| {
+            include_str!("../../tests/fixtures/pgoutput/session1.hex")
+                .lines()
+                .chain(include_str!("../../tests/fixtures/pgoutput/streamed.hex").lines())
+                .map(hex)
+                .collect()
+        })
     }
 
     fn hex(l: &str) -> Vec<u8> {
@@ -311,9 +433,12 @@ mod fuzz {
         f
     }
 
-    /// Decoding may fail, never panic; XLogData wrapping the frame too.
+    /// Decoding may fail, never panic (outside a streamed block and
+    /// inside one); XLogData wrapping the frame too.
     fn feed(frame: &[u8]) {
         let _ = decode(Bytes::copy_from_slice(frame));
+        let _ = super::super::streaming::decode_in_stream(Bytes::copy_from_slice(frame));
+        let _ = super::super::streaming::in_stream_xid(frame);
         let mut w = vec![b'w'];
         w.extend_from_slice(&[0u8; 24]);
         w.extend_from_slice(frame);
@@ -338,7 +463,7 @@ mod fuzz {
         }
 
         #[test]
-        fn random_bytes_never_panic(tag in prop_oneof![Just(b'B'), Just(b'C'), Just(b'R'), Just(b'I'), Just(b'U'), Just(b'D'), Just(b'T'), Just(b'Y'), Just(b'O'), Just(b'M'), any::<u8>()],
+        fn random_bytes_never_panic(tag in prop_oneof![Just(b'B'), Just(b'C'), Just(b'R'), Just(b'I'), Just(b'U'), Just(b'D'), Just(b'T'), Just(b'Y'), Just(b'O'), Just(b'M'), Just(b'S'), Just(b'E'), Just(b'c'), Just(b'A'), any::<u8>()],
                                     rest in proptest::collection::vec(any::<u8>(), 0..64)) {
             let mut f = vec![tag];
             f.extend(rest);
