@@ -352,9 +352,20 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
             log(f"stack {verb} {svc} failed: {res.stderr[-500:]}")
 
     def pg_stop(self, mode):
+        """Stops Postgres and waits until it is down. A fast shutdown waits
+        for every walsender's client to confirm the WAL up to the shutdown
+        checkpoint (Postgres's WalSndDone), so with walcast catching up a
+        backlog it lasts as long as the catch-up: pg_ctl's own 60 s wait
+        was too short (the 2026-12-06 17:37 long run left Postgres down)."""
         data, binary = env("WALCAST_TEST_PG_DATA"), env("WALCAST_TEST_PG_BIN")
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{binary}/pg_ctl", "-D", data, "-m", mode, "-w", "stop"],
-                       capture_output=True)
+        t0 = time.time()
+        res = subprocess.run(["runuser", "-u", "postgres", "--", f"{binary}/pg_ctl", "-D", data, "-m", mode,
+                              "-t", "600", "-w", "stop"], capture_output=True, text=True)
+        took = time.time() - t0
+        if res.returncode != 0:
+            log(f"pg_ctl stop -m {mode} failed after {took:.0f}s: {res.stderr.strip()[-300:]}")
+        elif took > 20:
+            log(f"pg_ctl stop -m {mode} took {took:.0f}s (the walsenders waited for their clients to confirm)")
 
     def fault(self, kind, r):
         pause = r.uniform(2, 6)
