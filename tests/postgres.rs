@@ -1,7 +1,8 @@
 //! Postgres as it is deployed (issue: partitioned tables, restarts):
 //! partitioned tables captured through their root or per partition, and
-//! every way the server goes away (fast and immediate shutdown, a killed
-//! walsender) taken as transient, with nothing lost.
+//! every way the server goes away (smart, fast and immediate shutdown, a
+//! crash restart, a killed walsender, the network path cut with a reset or
+//! silently) taken as transient, with nothing lost.
 //! Run with the stack's settings: `eval "$(deploy/local/stack env)"`.
 
 mod support;
@@ -229,7 +230,7 @@ async fn a_table_the_publication_sends_but_the_pipeline_does_not_list_is_named()
 // Restarts
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
+async fn postgres_shutdowns_a_crash_and_a_killed_walsender_are_transient() {
     let cluster = TempCluster::start(&[
         "wal_level = logical",
         "max_wal_senders = 5",
@@ -279,10 +280,15 @@ async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
     };
     progress(&mut w, "start");
     for (what, mode) in [
+        ("smart shutdown", "smart"),
         ("fast shutdown", "fast"),
         ("immediate shutdown", "immediate"),
     ] {
-        cluster.stop_mode(mode);
+        if mode == "smart" {
+            smart_shutdown(&cluster).await;
+        } else {
+            cluster.stop_mode(mode);
+        }
         std::thread::sleep(Duration::from_secs(2));
         assert!(
             w.exited().is_none(),
@@ -293,6 +299,27 @@ async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
         w.wait_state("streaming", WAIT).await;
         progress(&mut w, what);
     }
+    // A crash: a backend killed -9 makes the postmaster end every other
+    // one (the walsender too) and restart through crash recovery.
+    let c = cluster.client().await;
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill -9 {pid} failed");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        w.exited().is_none(),
+        "walcast exited after a crash restart:\n{}",
+        tail(&w.log(), 4000)
+    );
+    w.wait_state("streaming", WAIT).await;
+    progress(&mut w, "a crash restart");
     let c = cluster.client().await;
     c.batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_replication")
         .await
@@ -333,7 +360,138 @@ async fn postgres_shutdowns_and_a_killed_walsender_are_transient() {
         "an unexpected message:\n{}",
         tail(&log, 3000)
     );
-    eprintln!("{committed} transactions through a fast and an immediate shutdown and a killed walsender; {} rows equal", want.len());
+    eprintln!("{committed} transactions through a smart, a fast and an immediate shutdown, a crash restart and a killed walsender; {} rows equal", want.len());
+    assert!(w.terminate().success());
+}
+
+/// `pg_ctl stop -m smart`: new connections are refused and the server
+/// waits for the sessions it has to end, as an operator's script would
+/// make them (the writer's, walcast's SQL connection); the walsender
+/// streams up to the shutdown checkpoint and exits.
+async fn smart_shutdown(cluster: &TempCluster) {
+    let c = cluster.client().await;
+    std::thread::scope(|scope| {
+        let stopping = scope.spawn(|| cluster.stop_mode("smart"));
+        std::thread::sleep(Duration::from_secs(1));
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                c.batch_execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                )
+                .await
+                .unwrap();
+            })
+        });
+        drop(c);
+        stopping.join().expect("pg_ctl stop -m smart");
+    });
+}
+
+/// A network path between walcast and Postgres cut two ways: with a reset
+/// (every connection closed at once) and silently (nothing delivered,
+/// nothing closed: only walcast's `receive_timeout` notices). Both are
+/// transient: walcast reconnects when the path is back and the events
+/// rebuild the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_path_cut_with_a_reset_or_silently_is_transient() {
+    let cluster = TempCluster::start(&[
+        "wal_level = logical",
+        "max_wal_senders = 5",
+        "max_replication_slots = 5",
+    ]);
+    let client = cluster.client().await;
+    client
+        .batch_execute("CREATE TABLE c (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    drop(client);
+    let proxy = TcpProxy::start(cluster.port).await;
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config(
+            "netcut",
+            "postgres",
+            &["public.c"],
+            "retry_max_backoff = \"1s\"\nreceive_timeout = \"4s\"\nconnect_timeout = \"2s\"",
+            out,
+            admin,
+        )
+        .replace(
+            &format!("port = {}", pg_port()),
+            &format!("port = {}", proxy.port),
+        )
+    });
+    w.wait_state("streaming", WAIT).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let load = restart_tolerant_writer(&[cluster.port], stop_rx);
+    let mut seen = 0;
+    let mut progress = |w: &mut Walcast, what: &str| {
+        let before = seen;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let n = w.events().len();
+            if n > before + 50 {
+                seen = n;
+                return;
+            }
+            assert!(
+                w.exited().is_none() && Instant::now() < deadline,
+                "no events after {what}:\n{}",
+                tail(&w.log(), 4000)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    progress(&mut w, "start");
+
+    let before = proxy.connections();
+    proxy.reset();
+    progress(&mut w, "a reset");
+    assert!(
+        proxy.connections() > before,
+        "walcast did not reconnect after the reset"
+    );
+
+    proxy.set(Link::Blackhole);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !w.log().contains("no message from Postgres in") {
+        assert!(
+            w.exited().is_none() && Instant::now() < deadline,
+            "a silent cut was not noticed within 30 s (receive_timeout 4s):\n{}",
+            tail(&w.log(), 4000)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Still cut: the reconnection attempts time out and are retried.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(w.exited().is_none(), "walcast exited during a silent cut");
+    proxy.set(Link::Open);
+    w.wait_state("streaming", WAIT).await;
+    progress(&mut w, "a silent cut");
+
+    stop_tx.send(true).unwrap();
+    let committed = load.await.unwrap();
+    let c = cluster.client().await;
+    let want = rows_of_c(&c).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = rebuild_rows(&w.events(), "c");
+        if got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events never rebuilt c after the cuts: {} rows vs {} in Postgres\n{}",
+            got.len(),
+            want.len(),
+            tail(&w.log(), 3000)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "{committed} transactions through a reset and a silent cut; {} rows equal",
+        want.len()
+    );
     assert!(w.terminate().success());
 }
 

@@ -96,6 +96,7 @@ pub fn capture_settings(name: &str, c: &CaptureConfig) -> Result<CaptureSettings
             ssl_root_cert: src.ssl_root_cert.clone(),
             application_name: format!("walcast/{name}"),
             connect_timeout: src.connect_timeout,
+            receive_timeout: src.receive_timeout,
             allow_plaintext_password: src.allow_plaintext_password,
             channel_binding: src.channel_binding,
         },

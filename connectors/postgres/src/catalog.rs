@@ -158,7 +158,11 @@ async fn connect_one(
         .user(&p.user)
         .dbname(&p.database)
         .application_name(&p.application_name)
-        .connect_timeout(p.connect_timeout);
+        .connect_timeout(p.connect_timeout)
+        // A cut network path sends no reset: without this, a query whose
+        // bytes the server never acknowledges waits for the kernel's
+        // retransmissions (about 15 minutes).
+        .tcp_user_timeout(p.receive_timeout);
     if let Some(pw) = &p.password {
         cfg.password(pw);
     }

@@ -19,6 +19,8 @@ use crate::replication::tls::{ChannelBindingMode, SslMode};
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 pub const DEFAULT_PG_PORT: u16 = 5432;
 pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// As Postgres's own `wal_receiver_timeout`.
+pub const DEFAULT_RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_RETRY_MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const DEFAULT_SNAPSHOT_WORKERS: usize = 2;
@@ -114,6 +116,13 @@ pub struct PostgresSourceConfig {
     pub status_interval: Duration,
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Postgres's `wal_receiver_timeout` for walcast: how long the
+    /// replication stream may stay silent while walcast is reading before
+    /// the connection is taken for dead and reopened (a cut network path
+    /// sends no reset). Half-way, walcast asks the server for a keepalive.
+    /// Also the TCP user timeout of the SQL connection.
+    #[serde(default = "default_receive_timeout", with = "humantime_serde")]
+    pub receive_timeout: Duration,
     /// Longest wait between reconnection attempts (exponential backoff).
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max_backoff: Duration,
@@ -237,6 +246,9 @@ fn default_status_interval() -> Duration {
 fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT
 }
+fn default_receive_timeout() -> Duration {
+    DEFAULT_RECEIVE_TIMEOUT
+}
 fn default_retry_max() -> Duration {
     DEFAULT_RETRY_MAX_BACKOFF
 }
@@ -305,6 +317,12 @@ impl PostgresSourceConfig {
         }
         if self.status_interval.is_zero() {
             return Err(bad("status_interval", "must be positive"));
+        }
+        if self.receive_timeout < Duration::from_secs(2) {
+            return Err(bad(
+                "receive_timeout",
+                "must be at least 2s (Postgres's wal_receiver_timeout defaults to 60s)",
+            ));
         }
         Ok(())
     }

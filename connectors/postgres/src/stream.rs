@@ -761,6 +761,11 @@ struct CaptureLoop<'a> {
     /// The server's WAL end as last reported.
     wal_end: Lsn,
     last_sent: Instant,
+    /// When the server was last heard from, or reading last resumed (see
+    /// [`CaptureLoop::check_liveness`]).
+    last_heard: Instant,
+    /// A keepalive was asked for since the server was last heard from.
+    pinged: bool,
     /// The confirmed position moved since the last status update.
     dirty: bool,
     dropped_seen: HashSet<TableName>,
@@ -885,6 +890,8 @@ impl<'a> CaptureLoop<'a> {
             commits: VecDeque::new(),
             wal_end: start,
             last_sent: Instant::now(),
+            last_heard: Instant::now(),
+            pinged: false,
             dirty: false,
             dropped_seen: HashSet::new(),
             tx_counts: Default::default(),
@@ -961,15 +968,21 @@ impl<'a> CaptureLoop<'a> {
                     self.flush_ready().await
                 }
                 _ = std::future::ready(()), if can_read && replaying => self.replay_step().await?,
-                msg = self.stream.recv(), if can_read && !replaying => match msg {
-                    Ok(ServerMessage::Keepalive { wal_end, reply_requested, .. }) => {
-                        self.on_keepalive(wal_end, reply_requested).await?
+                msg = self.stream.recv(), if can_read && !replaying => {
+                    if msg.is_ok() {
+                        self.last_heard = Instant::now();
+                        self.pinged = false;
                     }
-                    Ok(ServerMessage::XLogData { start, wal_end, data, .. }) => {
-                        self.on_wal(start, wal_end, data).await?
+                    match msg {
+                        Ok(ServerMessage::Keepalive { wal_end, reply_requested, .. }) => {
+                            self.on_keepalive(wal_end, reply_requested).await?
+                        }
+                        Ok(ServerMessage::XLogData { start, wal_end, data, .. }) => {
+                            self.on_wal(start, wal_end, data).await?
+                        }
+                        Err(e) => return Err(stream_error(self.s, e, self.cp.confirmed())),
                     }
-                    Err(e) => return Err(stream_error(self.s, e, self.cp.confirmed())),
-                },
+                }
             };
             if flow == Flow::Stop {
                 return Ok(());
@@ -1024,6 +1037,39 @@ impl<'a> CaptureLoop<'a> {
             .in_pipeline(self.s)?;
         self.last_sent = Instant::now();
         self.dirty = false;
+        Ok(())
+    }
+
+    /// A cut network path sends no reset, and an idle walsender sends
+    /// nothing while walcast's status updates keep arriving, so silence
+    /// alone proves nothing: as Postgres's walreceiver does, half-way
+    /// through `receive_timeout` walcast asks for a keepalive, and when
+    /// even that does not come the connection is taken for dead (a
+    /// transient error: reconnect from the confirmed position). Only
+    /// while reading: paused or back-pressured, nothing is read, so the
+    /// clock starts again when reading resumes.
+    async fn check_liveness(&mut self) -> Result<(), CaptureError> {
+        if !self.can_read() || self.replay.is_some() {
+            self.last_heard = Instant::now();
+            self.pinged = false;
+            return Ok(());
+        }
+        let silent = self.last_heard.elapsed();
+        let limit = self.s.connect.receive_timeout;
+        if silent >= limit {
+            return Err(CaptureError::Replication {
+                pipeline: self.s.pipeline.clone(),
+                source: ReplicationError::Silent(limit),
+            });
+        }
+        if silent >= limit / 2 && !self.pinged {
+            self.pinged = true;
+            self.stream
+                .send_status(self.cp.confirmed(), true)
+                .await
+                .in_pipeline(self.s)?;
+            self.last_sent = Instant::now();
+        }
         Ok(())
     }
 
@@ -1111,9 +1157,11 @@ impl<'a> CaptureLoop<'a> {
         }
     }
 
-    /// Every 500 ms: a status update when the position moved (or
-    /// `status_interval` passed), and the status and gauges.
+    /// Every 500 ms: whether the server is still there, a status update
+    /// when the position moved (or `status_interval` passed), and the
+    /// status and gauges.
     async fn on_tick(&mut self) -> Result<Flow, CaptureError> {
+        self.check_liveness().await?;
         if self.dirty || self.last_sent.elapsed() >= self.s.status_interval {
             self.send_status().await?;
         }
@@ -1132,8 +1180,17 @@ impl<'a> CaptureLoop<'a> {
         Ok(Flow::Continue)
     }
 
-    /// Every 10 s: dropped tables, and the WAL the slot retains.
+    /// Every 10 s: dropped tables, and the WAL the slot retains. Bounded
+    /// in time: a SQL connection that hangs must not stop the loop (the
+    /// replication connection decides whether the session is alive).
     async fn on_slot_tick(&mut self) {
+        let limit = self.s.connect.receive_timeout / 2;
+        if tokio::time::timeout(limit, self.slot_queries()).await.is_err() {
+            tracing::warn!(pipeline = %self.s.pipeline, timeout = ?limit, "the SQL connection did not answer the periodic slot query; skipped");
+        }
+    }
+
+    async fn slot_queries(&mut self) {
         warn_dropped_tables(self.s, &self.catalog, &self.tables, &mut self.dropped_seen).await;
         if let Ok(row) = self.catalog.client().query_opt(
             "SELECT (pg_current_wal_lsn() - restart_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",

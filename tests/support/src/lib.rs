@@ -10,7 +10,8 @@
 //! configs), [`kafka`] (reading topics back), [`debezium`] (the reference
 //! connector in Kafka Connect), [`python`] (the off-the-shelf readers), [`parity`] (comparing
 //! Debezium's events and schemas with walcast's), [`sinks`] (Redis and
-//! OpenSearch), [`http`] (proxies that cut a connection). Everything is
+//! OpenSearch), [`http`] (proxies that cut a connection), [`net`] (a TCP
+//! proxy that cuts the network path). Everything is
 //! re-exported at the top, so a test writes `support::TestDb`.
 //!
 //! Nothing here sleeps for a fixed time: waits poll for a condition with a
@@ -21,6 +22,7 @@ pub mod daemon;
 pub mod debezium;
 pub mod http;
 pub mod kafka;
+pub mod net;
 pub mod parity;
 pub mod pg;
 pub mod python;
@@ -31,6 +33,7 @@ pub use daemon::*;
 pub use debezium::*;
 pub use http::*;
 pub use kafka::*;
+pub use net::*;
 pub use parity::*;
 pub use pg::*;
 pub use python::*;

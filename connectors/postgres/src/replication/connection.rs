@@ -97,6 +97,10 @@ pub struct ConnectParams {
     pub ssl_root_cert: Option<PathBuf>,
     pub application_name: String,
     pub connect_timeout: Duration,
+    /// How long a connection may stay silent before it is taken for dead
+    /// (`source.receive_timeout`): the replication stream's liveness check
+    /// and the SQL connection's TCP user timeout.
+    pub receive_timeout: Duration,
     /// Send a password in clear text, or as md5, over a connection that
     /// is not encrypted. Off by default: anyone on the path reads it (md5
     /// is as good as the password to them).
@@ -193,6 +197,12 @@ pub enum ReplicationError {
     Protocol(#[from] protocol::ProtocolError),
     #[error("the replication stream ended")]
     Closed,
+    #[error(
+        "no message from Postgres in {0:?}, not even the keepalive walcast asked for: the connection is taken \
+         for dead (a cut network path, a frozen server) and reopened; raise source.receive_timeout if the \
+         server is only slow"
+    )]
+    Silent(Duration),
 }
 
 impl ReplicationError {
@@ -213,6 +223,7 @@ impl ReplicationError {
             | ReplicationError::ConnectTimeout(_)
             | ReplicationError::Io(_)
             | ReplicationError::WrongSession { .. }
+            | ReplicationError::Silent(_)
             | ReplicationError::Closed => true,
             ReplicationError::Server(e) => {
                 e.code == "55006" // object_in_use: the slot is active elsewhere
