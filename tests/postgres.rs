@@ -654,3 +654,137 @@ async fn generated_columns_are_published_on_request() {
     }
     assert!(w.terminate().success());
 }
+
+// ---------------------------------------------------------------------------
+// Partitioned tables: incremental snapshots, `schemas`, DETACH PARTITION
+
+/// `walcast snapshot` of a partitioned table reads its partitions' rows as
+/// the parent's (one topic, as its streamed changes), while the daemon
+/// streams; the events rebuild the parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_snapshot_of_a_partitioned_table_reads_it_as_the_parent() {
+    let db = TestDb::new("wc_partinc").await;
+    partitioned(&db).await;
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config(
+            "partinc",
+            &db.name,
+            &["public.m"],
+            "snapshot = \"never\"\nsnapshot_chunk_rows = 7",
+            out,
+            admin,
+        )
+    });
+    w.wait_state("streaming", WAIT).await;
+    db.exec("INSERT INTO m VALUES (60, 'streamed'), (1060, 'streamed')")
+        .await;
+    let (ok, out) = cli("snapshot", &w.config, &["public.m"]);
+    assert!(ok, "walcast snapshot failed: {out}");
+    w.wait_status("the incremental snapshot to finish", WAIT, |s| {
+        s["pipelines"][0]["progress"]["incremental_snapshot"]["state"] == "done"
+    })
+    .await;
+    partition_workload(&db).await;
+    let ev = converge(&w, &db, "m", WAIT).await;
+    assert_eq!(tables_in(&ev), HashSet::from(["m".to_string()]));
+    let read: HashSet<i64> = ev
+        .iter()
+        .filter(|e| e["value"]["op"] == "r")
+        .filter_map(|e| e["value"]["after"]["id"].as_i64())
+        .collect();
+    // 40 rows in two partitions before the start, 2 streamed before the
+    // signal: every one read once (ids of both partitions).
+    assert_eq!(read.len(), 42, "rows read: {read:?}");
+    assert!(read.contains(&1) && read.contains(&1020) && read.contains(&1060));
+}
+
+/// `schemas`: a partitioned table in the schema is captured by its parent
+/// (the partitions are not tables of their own), a plain table as itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_capture_a_partitioned_table_by_its_parent() {
+    if pg_major() < 15 {
+        eprintln!("SKIPPED: `schemas` needs Postgres 15 (FOR TABLES IN SCHEMA); this is {}", pg_major());
+        return;
+    }
+    let db = TestDb::new("wc_partsch").await;
+    db.exec(
+        "CREATE SCHEMA s;
+         CREATE TABLE s.m (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE s.m_a PARTITION OF s.m FOR VALUES FROM (0) TO (1000);
+         CREATE TABLE s.m_b PARTITION OF s.m FOR VALUES FROM (1000) TO (2000);
+         CREATE TABLE s.plain (id int PRIMARY KEY, v text);
+         INSERT INTO s.m VALUES (1, 'a'), (1001, 'b');",
+    )
+    .await;
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("partsch", &db.name, &[], "schemas = [\"s\"]", out, admin)
+    });
+    w.wait_state("streaming", WAIT).await;
+    db.exec(
+        "INSERT INTO s.m VALUES (2, 'c'), (1002, 'd'); UPDATE s.m SET v = 'e' WHERE id = 1001;
+         INSERT INTO s.plain VALUES (1, 'p');",
+    )
+    .await;
+    let ev = w
+        .wait_events("the changes of s.m and s.plain", WAIT, |e| {
+            rebuild_rows(e, "m").len() == 4 && rebuild_rows(e, "plain").len() == 1
+        })
+        .await;
+    assert_eq!(
+        tables_in(&ev),
+        HashSet::from(["m".to_string(), "plain".to_string()]),
+        "the partitions were captured as tables of their own"
+    );
+    let m = rebuild_rows(&ev, "m");
+    assert_eq!(m.get(&1001).map(String::as_str), Some("e"), "{m:?}");
+    let schemas: HashSet<&str> = ev
+        .iter()
+        .filter_map(|e| e["value"]["source"]["schema"].as_str())
+        .collect();
+    assert_eq!(schemas, HashSet::from(["s"]));
+}
+
+/// DETACH PARTITION writes no row change: the rows that leave stay in the
+/// parent's events (documented: read them with `walcast snapshot`), and the
+/// detached table's later changes are not captured; the daemon goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_partition_leaves_the_capture_without_an_event() {
+    let db = TestDb::new("wc_partdet").await;
+    partitioned(&db).await;
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("partdet", &db.name, &["public.m"], "", out, admin)
+    });
+    w.wait_state("streaming", WAIT).await;
+    db.exec("INSERT INTO m VALUES (30, 'before'), (1030, 'before')")
+        .await;
+    let at_detach = table_rows(&db, "m_b").await;
+    db.exec(
+        "ALTER TABLE m DETACH PARTITION m_b;
+         INSERT INTO m_b VALUES (1500, 'after detach');
+         UPDATE m_b SET v = 'after detach' WHERE id = 1001;
+         INSERT INTO m VALUES (31, 'after');",
+    )
+    .await;
+    let mut want = table_rows(&db, "m").await;
+    want.extend(at_detach);
+    let deadline = Instant::now() + WAIT;
+    let ev = loop {
+        let ev = w.events();
+        let got = rebuild_rows(&ev, "m");
+        if got == want {
+            break ev;
+        }
+        assert!(
+            w.exited().is_none() && Instant::now() < deadline,
+            "events never rebuilt m as of the detach: {got:?} vs {want:?}\n{}",
+            tail(&w.log(), 3000)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        !ev.iter().any(|e| e["value"]["after"]["v"] == "after detach"),
+        "a change of the detached table was captured"
+    );
+    assert_eq!(tables_in(&ev), HashSet::from(["m".to_string()]));
+    assert!(w.terminate().success());
+}
