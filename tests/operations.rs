@@ -778,3 +778,85 @@ async fn a_refused_password_stops_the_daemon() {
         tail(&w.log(), 2000)
     );
 }
+
+/// The machine's first address that is not loopback (`hostname -I`).
+fn non_loopback_address() -> Option<String> {
+    let out = Command::new("hostname").arg("-I").output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|a| {
+            a.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| !ip.is_loopback())
+        })
+        .map(String::from)
+}
+
+/// A server reached over an address that is not this machine's loopback,
+/// without `verify-full`: `walcast check` and the daemon both warn, naming
+/// the host and the risk; on loopback they do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_off_this_machine_without_verify_full_is_warned_about() {
+    let Some(ip) = non_loopback_address() else {
+        eprintln!("SKIPPED: this machine has no non-loopback IPv4 address to reach Postgres by");
+        return;
+    };
+    let pg = TempCluster::start(&[
+        "wal_level = logical",
+        "max_replication_slots = 4",
+        "max_wal_senders = 8",
+        "listen_addresses = '*'",
+    ]);
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let mut rules = std::fs::read_to_string(&hba).unwrap();
+    rules.push_str(&format!(
+        "host all all {ip}/32 trust\nhost replication all {ip}/32 trust\n"
+    ));
+    std::fs::write(&hba, rules).unwrap();
+    pg.stop_mode("fast");
+    pg.start_again();
+    let c = pg.client().await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |host: &str| {
+        let text = format!(
+            "[pipelines.far]\nkind = \"capture\"\nformat = \"json\"\n[pipelines.far.source]\nhost = \"{host}\"\nport = {port}\ndatabase = \"postgres\"\nuser = \"postgres\"\ntables = [\"public.t\"]\nsslmode = \"disable\"\nconnect_timeout = \"5s\"\n[[pipelines.far.sinks]]\ntype = \"file\"\npath = \"-\"\n",
+            port = pg.port
+        );
+        let p = dir.path().join(format!("{host}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let warning = format!("warning: sslmode = \"disable\" for host {ip}, which is not on this machine");
+    let (ok, out) = check(&cfg(&ip));
+    assert!(ok, "check over {ip}: {out}");
+    assert!(
+        out.contains(&warning) && out.contains("in clear text") && out.contains("verify-full"),
+        "no warning for a server off this machine without verify-full: {out}"
+    );
+    let (ok, out) = check(&cfg("127.0.0.1"));
+    assert!(ok, "check over loopback: {out}");
+    assert!(
+        !out.contains("warning: sslmode"),
+        "a warning for a loopback connection: {out}"
+    );
+
+    let port = pg.port;
+    let w = Walcast::start_with(|out, admin| {
+        file_pipeline_config("farrun", "postgres", &["public.t"], "sslmode = \"disable\"", out, admin)
+            .replace("host = \"127.0.0.1\"", &format!("host = \"{ip}\""))
+            .replace(&format!("port = {}", pg_port()), &format!("port = {port}"))
+    });
+    w.wait_state("streaming", WAIT).await;
+    c.batch_execute("INSERT INTO t VALUES (7)").await.unwrap();
+    w.wait_events("the row over the non-loopback address", WAIT, |e| e.len() == 1)
+        .await;
+    let log = w.log();
+    assert!(
+        log.contains(&format!("sslmode = \\\"disable\\\" for host {ip}, which is not on this machine"))
+            || log.contains(&format!("sslmode = \"disable\" for host {ip}, which is not on this machine")),
+        "the daemon did not warn:\n{}",
+        tail(&log, 3000)
+    );
+}
