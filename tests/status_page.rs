@@ -9,7 +9,8 @@
 //!
 //! Needs Chromium (`apt-get install chromium`; deploy/local/test installs
 //! it, or set WALCAST_CHROMIUM to a binary). Without one the test says that
-//! it skipped.
+//! it skipped, except under deploy/local/test or CI (WALCAST_TEST_REQUIRE_TOOLS,
+//! CI), where it fails.
 
 mod support;
 
@@ -274,6 +275,14 @@ fn section<'a>(dom: &'a El, name: &str) -> &'a El {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_every_pipeline_in_a_real_browser() {
     let Some(chromium) = chromium() else {
+        // deploy/local/test installs Chromium and sets
+        // WALCAST_TEST_REQUIRE_TOOLS: there a missing browser is a failure.
+        assert!(
+            std::env::var("WALCAST_TEST_REQUIRE_TOOLS").as_deref() != Ok("1")
+                && std::env::var("CI").is_err(),
+            "no Chromium found (apt-get install chromium, or set WALCAST_CHROMIUM): the status page cannot be \
+             rendered (WALCAST_TEST_REQUIRE_TOOLS or CI is set, so this is a failure, not a skip)"
+        );
         eprintln!("SKIPPED: no Chromium found (apt-get install chromium, or set WALCAST_CHROMIUM); the status page was not rendered");
         return;
     };
