@@ -941,5 +941,6 @@ fn metric_name_scanner() {
 /// `deploy/local/test` sets `WALCAST_TEST_REQUIRE_TOOLS=1` after installing
 /// them; `CI` counts too.
 fn tools_required() -> bool {
-    std::env::var("WALCAST_TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1") || std::env::var("CI").is_ok()
+    std::env::var("WALCAST_TEST_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok()
 }

@@ -828,7 +828,8 @@ async fn a_server_off_this_machine_without_verify_full_is_warned_about() {
         std::fs::write(&p, text).unwrap();
         p
     };
-    let warning = format!("warning: sslmode = \"disable\" for host {ip}, which is not on this machine");
+    let warning =
+        format!("warning: sslmode = \"disable\" for host {ip}, which is not on this machine");
     let (ok, out) = check(&cfg(&ip));
     assert!(ok, "check over {ip}: {out}");
     assert!(
@@ -844,18 +845,30 @@ async fn a_server_off_this_machine_without_verify_full_is_warned_about() {
 
     let port = pg.port;
     let w = Walcast::start_with(|out, admin| {
-        file_pipeline_config("farrun", "postgres", &["public.t"], "sslmode = \"disable\"", out, admin)
-            .replace("host = \"127.0.0.1\"", &format!("host = \"{ip}\""))
-            .replace(&format!("port = {}", pg_port()), &format!("port = {port}"))
+        file_pipeline_config(
+            "farrun",
+            "postgres",
+            &["public.t"],
+            "sslmode = \"disable\"",
+            out,
+            admin,
+        )
+        .replace("host = \"127.0.0.1\"", &format!("host = \"{ip}\""))
+        .replace(&format!("port = {}", pg_port()), &format!("port = {port}"))
     });
     w.wait_state("streaming", WAIT).await;
     c.batch_execute("INSERT INTO t VALUES (7)").await.unwrap();
-    w.wait_events("the row over the non-loopback address", WAIT, |e| e.len() == 1)
-        .await;
+    w.wait_events("the row over the non-loopback address", WAIT, |e| {
+        e.len() == 1
+    })
+    .await;
     let log = w.log();
     assert!(
-        log.contains(&format!("sslmode = \\\"disable\\\" for host {ip}, which is not on this machine"))
-            || log.contains(&format!("sslmode = \"disable\" for host {ip}, which is not on this machine")),
+        log.contains(&format!(
+            "sslmode = \\\"disable\\\" for host {ip}, which is not on this machine"
+        )) || log.contains(&format!(
+            "sslmode = \"disable\" for host {ip}, which is not on this machine"
+        )),
         "the daemon did not warn:\n{}",
         tail(&log, 3000)
     );

@@ -703,7 +703,10 @@ async fn an_incremental_snapshot_of_a_partitioned_table_reads_it_as_the_parent()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemas_capture_a_partitioned_table_by_its_parent() {
     if pg_major() < 15 {
-        eprintln!("SKIPPED: `schemas` needs Postgres 15 (FOR TABLES IN SCHEMA); this is {}", pg_major());
+        eprintln!(
+            "SKIPPED: `schemas` needs Postgres 15 (FOR TABLES IN SCHEMA); this is {}",
+            pg_major()
+        );
         return;
     }
     let db = TestDb::new("wc_partsch").await;
@@ -782,7 +785,8 @@ async fn a_detached_partition_leaves_the_capture_without_an_event() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(
-        !ev.iter().any(|e| e["value"]["after"]["v"] == "after detach"),
+        !ev.iter()
+            .any(|e| e["value"]["after"]["v"] == "after detach"),
         "a change of the detached table was captured"
     );
     assert_eq!(tables_in(&ev), HashSet::from(["m".to_string()]));

@@ -1185,7 +1185,10 @@ impl<'a> CaptureLoop<'a> {
     /// replication connection decides whether the session is alive).
     async fn on_slot_tick(&mut self) {
         let limit = self.s.connect.receive_timeout / 2;
-        if tokio::time::timeout(limit, self.slot_queries()).await.is_err() {
+        if tokio::time::timeout(limit, self.slot_queries())
+            .await
+            .is_err()
+        {
             tracing::warn!(pipeline = %self.s.pipeline, timeout = ?limit, "the SQL connection did not answer the periodic slot query; skipped");
         }
     }
