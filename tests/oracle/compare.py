@@ -187,6 +187,23 @@ class KafkaRebuild:
                 out.append(f"{topic}[{part}]: log offsets {low}..{high}, {n} records read")
         return out
 
+    def behind(self):
+        """Partitions whose records the oracle has not all read yet (read
+        fewer than the log holds between its watermarks). In a transactional
+        topic the commit markers take offsets too, so such a partition always
+        looks behind: callers bound how long they wait on this."""
+        from confluent_kafka import TopicPartition
+        short = []
+        for (topic, part) in sorted(self.assigned):
+            try:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=5)
+            except Exception:  # noqa: BLE001 - unknown counts as behind
+                short.append((topic, part))
+                continue
+            if self.read[(topic, part)] < high - low:
+                short.append((topic, part))
+        return short
+
     def records_with_key(self, text, limit=6):
         """Records (tombstones included) whose raw key contains `text`:
         tells a record that is absent from one that is there but unread."""
