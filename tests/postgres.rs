@@ -229,19 +229,69 @@ async fn a_table_the_publication_sends_but_the_pipeline_does_not_list_is_named()
 // ---------------------------------------------------------------------------
 // Restarts
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_shutdowns_a_crash_and_a_killed_walsender_are_transient() {
+/// A cluster of its own (the tests stop and kill it) with the table `c`
+/// that [`restart_tolerant_writer`] writes to.
+async fn cluster_with_table_c() -> TempCluster {
     let cluster = TempCluster::start(&[
         "wal_level = logical",
         "max_wal_senders = 5",
         "max_replication_slots = 5",
     ]);
-    let client = cluster.client().await;
-    client
+    cluster
+        .client()
+        .await
         .batch_execute("CREATE TABLE c (id int PRIMARY KEY, v text)")
         .await
         .unwrap();
-    drop(client);
+    cluster
+}
+
+/// Waits for 50 more events than `seen` (walcast streaming again after
+/// `what`), failing if walcast exits; updates `seen`.
+fn more_events(w: &mut Walcast, seen: &mut usize, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let n = w.events().len();
+        if n > *seen + 50 {
+            *seen = n;
+            return;
+        }
+        assert!(
+            w.exited().is_none() && Instant::now() < deadline,
+            "no events after {what}:\n{}",
+            tail(&w.log(), 4000)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until the events rebuild `c` as `want` (Postgres's rows); on
+/// timeout names the counts and the first missing keys.
+async fn wait_rebuilt_c(w: &Walcast, want: &BTreeMap<i64, String>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = rebuild_rows(&w.events(), "c");
+        if &got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events never rebuilt c: {} rows vs {} in Postgres; missing {:?}\n{}",
+            got.len(),
+            want.len(),
+            want.keys()
+                .filter(|k| !got.contains_key(k))
+                .take(10)
+                .collect::<Vec<_>>(),
+            tail(&w.log(), 3000)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_shutdowns_a_crash_and_a_killed_walsender_are_transient() {
+    let cluster = cluster_with_table_c().await;
     let mut w = Walcast::start_with(|out, admin| {
         file_pipeline_config(
             "restart",
@@ -261,23 +311,7 @@ async fn postgres_shutdowns_a_crash_and_a_killed_walsender_are_transient() {
     let load = restart_tolerant_writer(&[cluster.port], stop_rx);
 
     let mut seen = 0;
-    let mut progress = |w: &mut Walcast, what: &str| {
-        let before = seen;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let n = w.events().len();
-            if n > before + 50 {
-                seen = n;
-                return;
-            }
-            assert!(
-                w.exited().is_none() && Instant::now() < deadline,
-                "no events after {what}:\n{}",
-                tail(&w.log(), 4000)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let mut progress = |w: &mut Walcast, what: &str| more_events(w, &mut seen, what);
     progress(&mut w, "start");
     for (what, mode) in [
         ("smart shutdown", "smart"),
@@ -335,25 +369,7 @@ async fn postgres_shutdowns_a_crash_and_a_killed_walsender_are_transient() {
     stop_tx.send(true).unwrap();
     let committed = load.await.unwrap();
     let want = rows_of_c(&c).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let got = rebuild_rows(&w.events(), "c");
-        if got == want {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "events never rebuilt c: {} rows vs {} in Postgres; missing {:?}\n{}",
-            got.len(),
-            want.len(),
-            want.keys()
-                .filter(|k| !got.contains_key(k))
-                .take(10)
-                .collect::<Vec<_>>(),
-            tail(&w.log(), 3000)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_rebuilt_c(&w, &want).await;
     let log = w.log();
     assert!(
         !log.contains("unexpected message"),
@@ -395,17 +411,7 @@ async fn smart_shutdown(cluster: &TempCluster) {
 /// rebuild the table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_path_cut_with_a_reset_or_silently_is_transient() {
-    let cluster = TempCluster::start(&[
-        "wal_level = logical",
-        "max_wal_senders = 5",
-        "max_replication_slots = 5",
-    ]);
-    let client = cluster.client().await;
-    client
-        .batch_execute("CREATE TABLE c (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    drop(client);
+    let cluster = cluster_with_table_c().await;
     let proxy = TcpProxy::start(cluster.port).await;
     let mut w = Walcast::start_with(|out, admin| {
         file_pipeline_config(
@@ -425,23 +431,7 @@ async fn a_network_path_cut_with_a_reset_or_silently_is_transient() {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let load = restart_tolerant_writer(&[cluster.port], stop_rx);
     let mut seen = 0;
-    let mut progress = |w: &mut Walcast, what: &str| {
-        let before = seen;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let n = w.events().len();
-            if n > before + 50 {
-                seen = n;
-                return;
-            }
-            assert!(
-                w.exited().is_none() && Instant::now() < deadline,
-                "no events after {what}:\n{}",
-                tail(&w.log(), 4000)
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let mut progress = |w: &mut Walcast, what: &str| more_events(w, &mut seen, what);
     progress(&mut w, "start");
 
     let before = proxy.connections();
@@ -473,21 +463,7 @@ async fn a_network_path_cut_with_a_reset_or_silently_is_transient() {
     let committed = load.await.unwrap();
     let c = cluster.client().await;
     let want = rows_of_c(&c).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let got = rebuild_rows(&w.events(), "c");
-        if got == want {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "events never rebuilt c after the cuts: {} rows vs {} in Postgres\n{}",
-            got.len(),
-            want.len(),
-            tail(&w.log(), 3000)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_rebuilt_c(&w, &want).await;
     eprintln!(
         "{committed} transactions through a reset and a silent cut; {} rows equal",
         want.len()
