@@ -726,6 +726,13 @@ async fn schemas_capture_a_partitioned_table_by_its_parent() {
 /// DETACH PARTITION writes no row change: the rows that leave stay in the
 /// parent's events (documented: read them with `walcast snapshot`), and the
 /// detached table's later changes are not captured; the daemon goes on.
+///
+/// Postgres 14 differs (a walsender's cache defect, fixed in 15): a
+/// walsender that has already published a change of the partition goes on
+/// publishing the detached table's changes as the parent's until it
+/// reconnects. The test asserts that on 14 (so a change of behaviour shows)
+/// and, on every version, that after walcast restarts the detached table's
+/// changes are not captured. The README documents both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_detached_partition_leaves_the_capture_without_an_event() {
     let db = TestDb::new("wc_partdet").await;
@@ -744,27 +751,60 @@ async fn a_detached_partition_leaves_the_capture_without_an_event() {
          INSERT INTO m VALUES (31, 'after');",
     )
     .await;
+    let pg14_leak = pg_major() < 15;
     let mut want = table_rows(&db, "m").await;
     want.extend(at_detach);
+    if pg14_leak {
+        want.insert(1500, "after detach".to_string());
+        want.insert(1001, "after detach".to_string());
+    }
+    let ev = wait_rebuilt_m(&mut w, &want, "as of the detach").await;
+    assert_eq!(
+        ev.iter()
+            .any(|e| e["value"]["after"]["v"] == "after detach"),
+        pg14_leak,
+        "the detached table's changes were captured (expected only on Postgres 14, \
+         whose walsender keeps publishing them until it reconnects)"
+    );
+    assert_eq!(tables_in(&ev), HashSet::from(["m".to_string()]));
+
+    // A new walsender (walcast restarted) no longer publishes them.
+    assert!(w.terminate().success());
+    w.spawn();
+    w.wait_state("streaming", WAIT).await;
+    db.exec(
+        "INSERT INTO m_b VALUES (1600, 'after restart');
+         INSERT INTO m VALUES (32, 'after restart');",
+    )
+    .await;
+    want.insert(32, "after restart".to_string());
+    let ev = wait_rebuilt_m(&mut w, &want, "after the restart").await;
+    assert!(
+        !ev.iter().any(|e| e["value"]["after"]["id"] == 1600),
+        "a change of the detached table was captured after walcast reconnected"
+    );
+    assert!(w.terminate().success());
+}
+
+/// Waits until the events rebuild `m` as `want` (both ways), or fails with
+/// both sides and the log.
+async fn wait_rebuilt_m(
+    w: &mut Walcast,
+    want: &std::collections::BTreeMap<i64, String>,
+    when: &str,
+) -> Vec<Value> {
     let deadline = Instant::now() + WAIT;
-    let ev = loop {
+    loop {
         let ev = w.events();
         let got = rebuild_rows(&ev, "m");
-        if got == want {
-            break ev;
+        if &got == want {
+            return ev;
         }
         assert!(
             w.exited().is_none() && Instant::now() < deadline,
-            "events never rebuilt m as of the detach: {got:?} vs {want:?}\n{}",
+            "events never rebuilt m {when}: {got:?} vs {want:?}\n{}",
             tail(&w.log(), 3000)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert!(
-        !ev.iter()
-            .any(|e| e["value"]["after"]["v"] == "after detach"),
-        "a change of the detached table was captured"
-    );
-    assert_eq!(tables_in(&ev), HashSet::from(["m".to_string()]));
-    assert!(w.terminate().success());
+    }
 }
