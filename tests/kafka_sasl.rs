@@ -16,11 +16,23 @@ use support::*;
 const WAIT: Duration = Duration::from_secs(120);
 
 fn config(pipeline: &str, db: &str, prefix: &str, admin: &str, password: &str) -> String {
+    config_with(pipeline, db, prefix, admin, password, "")
+}
+
+fn config_with(
+    pipeline: &str,
+    db: &str,
+    prefix: &str,
+    admin: &str,
+    password: &str,
+    sink: &str,
+) -> String {
     KafkaCapture::new(pipeline, db, prefix, &["public.t"])
         .bootstrap(&var("WALCAST_TEST_KAFKA_SASL_BOOTSTRAP"))
         .log("level = \"debug\"")
         .sink(&format!(
             r#"create_topics = true
+{sink}
 [pipelines.{pipeline}.sinks.producer]
 "security.protocol" = "SASL_PLAINTEXT"
 "sasl.mechanism" = "{mechanism}"
@@ -112,4 +124,53 @@ async fn sasl_scram_producer_delivers_and_a_wrong_password_is_a_clear_error() {
             .get(0);
         assert!(confirmed < insert_lsn, "something was confirmed");
     }
+}
+
+/// Exactly-once over SASL: the position is read back from the offsets
+/// topic with the same credentials (the reader once logged in with
+/// rdkafka's "[sanitized for safety]" placeholder instead of the password,
+/// so an exactly-once pipeline on a SASL listener could not start). After a
+/// kill -9 and a restart, every row is in the topic once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_over_sasl_reads_its_position_back_across_a_kill() {
+    let password = var("WALCAST_TEST_KAFKA_SASL_PASSWORD");
+    let db = TestDb::new("wc_sasl_eos").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let prefix = unique("sasleos");
+    let pipeline = unique("sasleos");
+    let delivery =
+        format!(r#"delivery = {{ mode = "exactly_once", transactional_id = "{pipeline}" }}"#);
+    let mut w = Walcast::start_with(|_, admin| {
+        config_with(&pipeline, &db.name, &prefix, admin, &password, &delivery)
+    });
+    w.wait_state("streaming", WAIT).await;
+    db.exec("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g")
+        .await;
+    let topic = format!("{prefix}.public.t");
+    consume_json(&topic, WAIT, |r| r.len() >= 20);
+    let slot = format!("walcast_{pipeline}");
+    let end = db.current_wal().await;
+    w.wait_confirmed(&db, &slot, end, WAIT, "never confirmed")
+        .await;
+    w.kill9();
+    db.exec("INSERT INTO t SELECT g, 'v' || g FROM generate_series(21, 30) g")
+        .await;
+    w.spawn();
+    w.wait_state("streaming", WAIT).await;
+    let end = db.current_wal().await;
+    w.wait_confirmed(&db, &slot, end, WAIT, "never confirmed after the restart")
+        .await;
+    let records = consume_json(&topic, WAIT, |r| r.len() >= 30);
+    let mut ids: Vec<i64> = records
+        .iter()
+        .filter_map(|(_, v)| v.as_ref()?["after"]["id"].as_i64())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, (1..=30).collect::<Vec<_>>(), "each row once");
+    assert_secret_absent(&w, &password).await;
+    assert!(
+        w.log().contains("offsets"),
+        "the log mentions the offsets topic it read"
+    );
+    w.kill9();
 }

@@ -125,6 +125,15 @@ pub enum OffsetsError {
         code: rdkafka::types::RDKafkaErrorCode,
         advice: &'static str,
     },
+    /// The broker refused the fetch itself (Describe allowed, Read not).
+    #[error(
+        "exactly-once: the broker refuses to let walcast read offsets topic `{topic}`: {code}; \
+         grant the producer's principal Read on it (and Describe, Write, Create)"
+    )]
+    ReadRefused {
+        topic: String,
+        code: rdkafka::types::RDKafkaErrorCode,
+    },
     #[error("exactly-once: reading offsets topic `{topic}` did not finish within {secs} s (is the broker reachable?)")]
     Timeout { topic: String, secs: u64 },
     #[error("exactly-once: offsets topic `{topic}` holds a record for `{key}` that is not a walcast position: {reason}")]
@@ -136,18 +145,33 @@ pub enum OffsetsError {
 }
 
 impl OffsetsError {
+    /// Transient unless a restart cannot change the answer: a corrupt
+    /// record, an invalid topic name, or a refusal by the broker's ACLs
+    /// (retrying those would loop; the operator must grant access).
     pub fn is_transient(&self) -> bool {
         match self {
             OffsetsError::Corrupt { .. } => false,
-            OffsetsError::Metadata { code, .. } => !matches!(
-                code,
-                rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed
-                    | rdkafka::types::RDKafkaErrorCode::ClusterAuthorizationFailed
-                    | rdkafka::types::RDKafkaErrorCode::InvalidTopic
-            ),
-            _ => true,
+            OffsetsError::Metadata { code, .. } | OffsetsError::ReadRefused { code, .. } => {
+                !is_definite(*code)
+            }
+            OffsetsError::Read { source, .. } => {
+                !source.rdkafka_error_code().is_some_and(is_definite)
+            }
+            OffsetsError::Timeout { .. } => true,
         }
     }
+}
+
+fn is_definite(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::GroupAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::InvalidTopic
+    )
 }
 
 /// The record that goes into the offsets topic with a Kafka transaction.
@@ -186,7 +210,11 @@ pub fn read_last(
         source,
     };
     let mut cfg = ClientConfig::new();
-    for (k, v) in client.config_map() {
+    // `config_map` shows secrets as a placeholder (rdkafka sanitises
+    // `sasl.password` and the like): take the keys from it and each value
+    // from `get`, or a SASL reader would log in with the placeholder.
+    for k in client.config_map().into_keys() {
+        let Some(v) = client.get(k) else { continue };
         let connection = [
             "security.",
             "sasl.",
@@ -259,7 +287,15 @@ pub fn read_last(
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
             Some(Err(KafkaError::PartitionEOF(_))) => pending -= 1,
-            Some(Err(e)) => return Err(read(e)),
+            Some(Err(e)) => {
+                return Err(match e.rdkafka_error_code() {
+                    Some(code) if is_definite(code) => OffsetsError::ReadRefused {
+                        topic: topic.to_string(),
+                        code,
+                    },
+                    _ => read(e),
+                })
+            }
             Some(Ok(m)) => {
                 if m.key() != Some(transactional_id.as_bytes()) {
                     continue;

@@ -339,6 +339,95 @@ async fn authorization_failure_fails_the_batch_definitely_with_a_hint() {
     );
 }
 
+/// Reading the exactly-once position back when the broker's ACLs refuse
+/// it: an error that names the topic and what to grant, definite (a
+/// restart cannot fix it), and never "no position" (which would republish
+/// everything). Describe denied fails at the metadata; Read denied (with
+/// Describe allowed, on a topic that holds a position) fails at the fetch.
+#[tokio::test]
+async fn a_position_read_refused_by_acls_is_a_definite_error_not_no_position() {
+    let user = env("WALCAST_TEST_KAFKA_SASL_USER");
+    let sasl_client = || {
+        let mut c = ClientConfig::new();
+        c.set(
+            "bootstrap.servers",
+            env("WALCAST_TEST_KAFKA_SASL_BOOTSTRAP"),
+        )
+        .set("security.protocol", "SASL_PLAINTEXT")
+        .set("sasl.mechanism", env("WALCAST_TEST_KAFKA_SASL_MECHANISM"))
+        .set("sasl.username", &user)
+        .set("sasl.password", env("WALCAST_TEST_KAFKA_SASL_PASSWORD"));
+        c
+    };
+    let deny = |operation: &str, topic: &str| {
+        let acl = stack_command()
+            .args(["kafka-tool", "AclCommand", "--bootstrap-server"])
+            .arg(bootstrap())
+            .args(["--add", "--deny-principal"])
+            .arg(format!("User:{user}"))
+            .args(["--operation", operation, "--topic", topic])
+            .output()
+            .expect("run AclCommand");
+        assert!(
+            acl.status.success(),
+            "adding the DENY ACL failed: {}{}",
+            String::from_utf8_lossy(&acl.stdout),
+            String::from_utf8_lossy(&acl.stderr)
+        );
+    };
+    let position = r#"{"commit_lsn":768,"total_order":1}"#;
+    for operation in ["Describe", "Read"] {
+        let topic = unique(&format!(
+            "walcast.it.offsets-denied-{}",
+            operation.to_lowercase()
+        ));
+        create_topic(&topic, 1, &[]).await;
+        producer()
+            .send(
+                FutureRecord::to(&topic).key("walcast-tx").payload(position),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("write a position");
+        // Allowed: the SCRAM user reads the position back.
+        let allowed = walcast_kafka::offsets::read_last(&sasl_client(), &topic, "walcast-tx")
+            .expect("read before the DENY");
+        assert!(allowed.is_some(), "the position is read before the DENY");
+        deny(operation, &topic);
+        // ACL changes reach the authorizer within a moment.
+        let deadline = std::time::Instant::now() + WAIT;
+        let err = loop {
+            match walcast_kafka::offsets::read_last(&sasl_client(), &topic, "walcast-tx") {
+                Err(e) => break e,
+                Ok(p) => {
+                    assert!(
+                        p.is_some(),
+                        "{operation} denied: read as \"no position\", which would republish everything"
+                    );
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the DENY of {operation} never took effect"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        let text = err.to_string();
+        assert!(
+            !err.is_transient(),
+            "{operation} denied must be definite: {text}"
+        );
+        assert!(text.contains(&topic), "names the topic: {text}");
+        assert!(
+            text.to_lowercase().contains("authoriz"),
+            "says it is an authorisation failure: {text}"
+        );
+        if operation == "Describe" {
+            assert!(text.contains("grant"), "says what to grant: {text}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn record_over_topic_limit_fails_from_the_delivery_report() {
     let topic = unique("walcast.it.bigtopic");
