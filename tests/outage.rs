@@ -361,3 +361,145 @@ async fn relay_survives_kill_9_and_sink_outages_and_converges() {
         "walcast stayed up through the outages"
     );
 }
+
+/// Direct capture into Redis and OpenSearch, no Kafka in between: while
+/// either server is down the capture's sink holds its batch and retries (a
+/// transient error never exits), the slot is not confirmed past the changes
+/// the stopped sink has not applied, and once the server is back every
+/// changed row is there and the slot moves past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_capture_holds_the_slot_while_redis_or_opensearch_is_down() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let db = TestDb::new("wc_direct_out").await;
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, v text)").await;
+    let prefix = unique("dout");
+    let search = var("WALCAST_TEST_OPENSEARCH_URL");
+    let redis_url = var("WALCAST_TEST_REDIS_URL");
+    let pipeline = unique("dircap");
+    let slot = format!("walcast_{pipeline}");
+    let mut w = Walcast::start_with(|_, admin| {
+        format!(
+            r#"[admin]
+listen = "{admin}"
+[log]
+format = "json"
+level = "info,walcast=debug"
+[pipelines.{pipeline}]
+kind = "capture"
+[pipelines.{pipeline}.source]
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+user = "postgres"
+tables = ["public.t"]
+retry_max_backoff = "2s"
+[[pipelines.{pipeline}.sinks]]
+type = "redis"
+urls = ["{redis_url}"]
+mode = {{ type = "upsert", key_template = "{prefix}:{{id}}" }}
+retry_max_ms = 1000
+[[pipelines.{pipeline}.sinks]]
+type = "elasticsearch"
+url = "{search}"
+index_template = "{prefix}"
+flush_interval_ms = 100
+retry_max_ms = 1000
+"#,
+            port = pg_port(),
+            db = db.name,
+        )
+    });
+    w.wait_state("streaming", WAIT).await;
+    db.exec("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 300) g")
+        .await;
+    let redis = redis::Client::open(redis_url.as_str()).unwrap();
+    let http = reqwest::Client::new();
+    async fn rows(db: &TestDb) -> HashMap<i64, String> {
+        db.client
+            .query("SELECT id, v FROM t", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, i32>(0) as i64, r.get::<_, String>(1)))
+            .collect()
+    }
+    // Whether Redis holds `ids` as Postgres does and the index holds every
+    // row, each as Postgres has it; `None` while a server does not answer.
+    let equal = async |want: &HashMap<i64, String>, redis_ids: &[i64]| -> bool {
+        let Ok(mut conn) = redis.get_multiplexed_async_connection().await else {
+            return false;
+        };
+        for id in redis_ids {
+            let v: Option<String> = redis::cmd("GET")
+                .arg(format!("{prefix}:{id}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(None);
+            let Some(v) = v else { return false };
+            let row: Value = serde_json::from_str(&v).unwrap();
+            if row["v"] != want[id].as_str() {
+                return false;
+            }
+        }
+        if search_count(&http, &search, &prefix).await != Some(want.len() as u64) {
+            return false;
+        }
+        for (id, v) in want {
+            if search_doc(&http, &search, &prefix, id).await["_source"]["v"] != v.as_str() {
+                return false;
+            }
+        }
+        true
+    };
+    let wait_equal = async |w: &mut Walcast, redis_ids: &[i64], when: &str| {
+        let want = rows(&db).await;
+        let deadline = std::time::Instant::now() + WAIT;
+        while !equal(&want, redis_ids).await {
+            assert!(w.exited().is_none(), "walcast exited {when}:\n{}", tail(&w.log(), 4000));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Redis and the index never matched Postgres {when}:\n{}",
+                tail(&w.log(), 4000)
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let all: Vec<i64> = (1..=300).collect();
+    wait_equal(&mut w, &all, "after the first load").await;
+
+    for service in ["redis", "opensearch"] {
+        stack(&["stop", service]);
+        db.exec("UPDATE t SET v = v || '+' WHERE id % 3 = 0").await;
+        let after_update = db.current_wal().await;
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert!(
+            w.exited().is_none(),
+            "walcast exited while {service} was down:\n{}",
+            tail(&w.log(), 4000)
+        );
+        let confirmed = db.confirmed_flush(&slot).await.unwrap();
+        assert!(
+            confirmed < after_update,
+            "the slot was confirmed past a change {service} had not applied \
+             ({confirmed:#x} >= {after_update:#x})"
+        );
+        stack(&["start", service]);
+        // The stack's Redis has no persistence: it restarts empty, so only
+        // the rows changed during the outage are checked there.
+        let touched: Vec<i64> = all.iter().copied().filter(|id| id % 3 == 0).collect();
+        wait_equal(&mut w, &touched, &format!("after {service} came back")).await;
+        w.wait_confirmed(
+            &db,
+            &slot,
+            after_update,
+            WAIT,
+            &format!("the slot never moved past the outage of {service}"),
+        )
+        .await;
+    }
+    assert!(
+        w.log().contains("retry") || w.log().contains("transient"),
+        "the log says the sink retried"
+    );
+    assert!(w.terminate().success());
+}

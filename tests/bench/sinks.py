@@ -17,6 +17,12 @@ JSON, 3 partitions; not timed). Then, in the same run, one after the other:
                        from a file through `redis-cli --pipe` (Redis's own
                        mass-insertion client: one connection, fully
                        pipelined), after FLUSHDB.
+  EVALSHA --pipe       the same rows as walcast's own versioned writes
+                       (EVALSHA of its compare-and-set script, taken from
+                       connectors/redis/src/request.rs, with the same key,
+                       version key, version and document), through
+                       `redis-cli --pipe`, after FLUSHDB: the server's rate
+                       for the writes walcast must make.
   relay → OpenSearch   the same, with an elasticsearch sink.
   plain _bulk          the documents walcast indexed (read back with their
                        ids), as `index` actions in NDJSON files of
@@ -250,8 +256,69 @@ def redis_pair():
     if r.returncode != 0 or b"errors: 0" not in r.stdout:
         raise RuntimeError(f"redis-cli --pipe: {r.stdout.decode()} {r.stderr.decode()}")
     log(f"redis-cli --pipe, same {2 * N:,} keys: {c:.2f} s = {N / c:,.0f} rows/s")
+    # The same rows as walcast's own versioned writes: EVALSHA of its script
+    # (taken from the source) with the same key, version key, version and
+    # document, pipelined the same way: what the server itself can do with
+    # compare-and-set writes, so the two ratios separate walcast's overhead
+    # from the price of the version check.
+    sha = redis_cli("SCRIPT", "LOAD", versioned_write_lua()).decode().strip()
+    docs = {}
+    versions = {}
+    for line in resp_pairs(bytes(resp)):
+        k, v = line
+        if k.endswith(b":__v"):
+            versions[k] = v
+        else:
+            docs[k] = v
+    evals = bytearray()
+    for k, doc in docs.items():
+        vk = b"{" + k + b"}:__v"
+        if vk not in versions:
+            raise RuntimeError(f"no version key {vk!r} for {k!r}")
+        args = [b"EVALSHA", sha.encode(), b"2", k, vk, versions[vk], b"set", b"0", b"0", doc]
+        evals.extend(b"*%d\r\n" % len(args))
+        for a in args:
+            evals.extend(b"$%d\r\n%s\r\n" % (len(a), a))
+    path = os.path.join(WORK, "redis-eval.resp")
+    with open(path, "wb") as f:
+        f.write(evals)
     redis_cli("FLUSHDB")
-    return {"relay_s": s, "relay_rss_kib": rss, "ceiling_s": c}
+    t0 = time.monotonic()
+    with open(path, "rb") as f:
+        r = subprocess.run(["redis-cli", "-p", REDIS_PORT, "--pipe"], stdin=f, capture_output=True)
+    ce = time.monotonic() - t0
+    if r.returncode != 0 or b"errors: 0" not in r.stdout:
+        raise RuntimeError(f"redis-cli --pipe (EVALSHA): {r.stdout.decode()} {r.stderr.decode()}")
+    keys = int(redis_cli("DBSIZE").decode().strip())
+    if keys != 2 * N:
+        raise RuntimeError(f"the EVALSHA ceiling left {keys} keys, not {2 * N}")
+    log(f"redis-cli --pipe, the same {N:,} versioned writes (EVALSHA): {ce:.2f} s = {N / ce:,.0f} rows/s")
+    redis_cli("FLUSHDB")
+    return {"relay_s": s, "relay_rss_kib": rss, "ceiling_s": c, "eval_ceiling_s": ce}
+
+
+def versioned_write_lua():
+    """walcast's compare-and-set script, as its source defines it."""
+    src = open(os.path.join(ROOT, "connectors", "redis", "src", "request.rs"), encoding="utf-8").read()
+    start = src.index('pub const VERSIONED_WRITE_LUA: &str = r#"') + len('pub const VERSIONED_WRITE_LUA: &str = r#"')
+    return src[start:src.index('"#;', start)]
+
+
+def resp_pairs(buf):
+    """(key, value) of each SET in a RESP buffer written by redis_pair."""
+    i = 0
+    while i < len(buf):
+        parts = []
+        assert buf[i:i + 1] == b"*"
+        j = buf.index(b"\r\n", i)
+        n = int(buf[i + 1:j])
+        i = j + 2
+        for _ in range(n):
+            j = buf.index(b"\r\n", i)
+            ln = int(buf[i + 1:j])
+            parts.append(buf[j + 2:j + 2 + ln])
+            i = j + 2 + ln + 2
+        yield parts[1], parts[2]
 
 
 def opensearch_pair():
@@ -322,6 +389,10 @@ def section(res, started):
             continue
         rows.append(f"| {name} | {r['relay_s']:.2f} | {N / r['relay_s']:,.0f} | {ceiling} | {N / r['ceiling_s']:,.0f} | "
                     f"{r['ceiling_s'] / r['relay_s']:.2f} | {r['relay_rss_kib'] / 1024:.0f} |")
+        if "eval_ceiling_s" in r:
+            rows.append(f"| {name} | {r['relay_s']:.2f} | {N / r['relay_s']:,.0f} | `redis-cli --pipe`, the same versioned "
+                        f"writes (EVALSHA of walcast's script) | {N / r['eval_ceiling_s']:,.0f} | "
+                        f"{r['eval_ceiling_s'] / r['relay_s']:.2f} | {r['relay_rss_kib'] / 1024:.0f} |")
     return "\n".join([
         "",
         f"## Sinks against their servers' limits, {started:%Y-%m-%d %H:%M} (commit {commit}, tests/bench/sinks.py)",
