@@ -455,7 +455,11 @@ retry_max_ms = 1000
         let want = rows(&db).await;
         let deadline = std::time::Instant::now() + WAIT;
         while !equal(&want, redis_ids).await {
-            assert!(w.exited().is_none(), "walcast exited {when}:\n{}", tail(&w.log(), 4000));
+            assert!(
+                w.exited().is_none(),
+                "walcast exited {when}:\n{}",
+                tail(&w.log(), 4000)
+            );
             assert!(
                 std::time::Instant::now() < deadline,
                 "Redis and the index never matched Postgres {when}:\n{}",

@@ -379,10 +379,19 @@ pub async fn run(
             }
         };
         backoff.reset();
-        status.set_state(PipelineState::Streaming);
         if batch.records.is_empty() {
+            // Nothing read, and the consumer met a transient error (a
+            // broker away): say so while librdkafka reconnects.
+            match source.consume_trouble() {
+                Some(trouble) => {
+                    status.set_state(PipelineState::Retrying);
+                    status.update(|s| s.last_error = Some(trouble.to_string()));
+                }
+                None => status.set_state(PipelineState::Streaming),
+            }
             continue;
         }
+        status.set_state(PipelineState::Streaming);
         let mut events = Vec::with_capacity(batch.records.len());
         let mut records_of = Vec::with_capacity(batch.records.len());
         let mut refusals = Vec::new();

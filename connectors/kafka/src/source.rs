@@ -327,6 +327,9 @@ pub struct KafkaSource {
     joined: AckTracker<u64>,
     next_join: u64,
     held: VecDeque<(u64, Vec<Acker>)>,
+    /// The last transient consumer error of the last [`Self::next_batch`]
+    /// call, if any (see there).
+    consume_trouble: Option<String>,
 }
 
 impl KafkaSource {
@@ -365,7 +368,16 @@ impl KafkaSource {
             joined: AckTracker::new(),
             next_join: 0,
             held: VecDeque::new(),
+            consume_trouble: None,
         })
+    }
+
+    /// The last transient consumer error the last [`Self::next_batch`] call
+    /// read past (brokers down, a transport failure, a subscribed topic not
+    /// created yet), for the pipeline's status: librdkafka reconnects by
+    /// itself, so such errors are not returned.
+    pub fn consume_trouble(&self) -> Option<&str> {
+        self.consume_trouble.as_deref()
     }
 
     /// Reads up to `max_batch_records` records, waiting at most
@@ -378,6 +390,7 @@ impl KafkaSource {
     /// call it to completion; it always returns within the wait.
     pub async fn next_batch(&mut self) -> Result<SourceBatch, SourceError> {
         let deadline = tokio::time::Instant::now() + self.max_batch_wait;
+        self.consume_trouble = None;
         let mut records = Vec::new();
         let mut ackers = Vec::new();
         // Acknowledged records hold no memory: only those the sinks have
@@ -415,6 +428,19 @@ impl KafkaSource {
                         transient,
                         source,
                     };
+                    if transient {
+                        // Error events (all brokers down, a transport
+                        // failure) queue up in the consumer while a broker
+                        // is away, and librdkafka reconnects by itself:
+                        // read on past them. Returning each one made the
+                        // caller back off once per queued event, up to 30 s
+                        // each, and a relay stalled for good after a broker
+                        // restart (oracle seed 9011). The context has
+                        // logged it; the status shows it.
+                        tracing::debug!(error = %err, "kafka source: reading on past a transient consumer error");
+                        self.consume_trouble = Some(err.to_string());
+                        continue;
+                    }
                     if records.is_empty() {
                         return Err(err);
                     }
