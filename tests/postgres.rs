@@ -808,3 +808,89 @@ async fn wait_rebuilt_m(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A Postgres with every connection slot taken ("sorry, too many clients
+/// already", SQLSTATE 53300) when walcast starts: a transient error,
+/// retried with backoff and logged, never an exit; once slots are free the
+/// pipeline starts and captures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_connections_is_transient() {
+    let cluster = TempCluster::start(&[
+        "wal_level = logical",
+        "max_wal_senders = 5",
+        "max_replication_slots = 5",
+        "max_connections = 8",
+        "superuser_reserved_connections = 0",
+    ]);
+    cluster
+        .client()
+        .await
+        .batch_execute("CREATE TABLE c (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    // Take every slot (the first client stays, to write later).
+    let mut held = Vec::new();
+    loop {
+        let attempt = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(cluster.port)
+            .user("postgres")
+            .dbname("postgres")
+            .connect(tokio_postgres::NoTls)
+            .await;
+        match attempt {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                held.push(client);
+            }
+            Err(e) => {
+                assert_eq!(
+                    e.code().map(|c| c.code()),
+                    Some("53300"),
+                    "expected too_many_connections: {e}"
+                );
+                break;
+            }
+        }
+        assert!(held.len() < 50, "max_connections = 8 did not apply");
+    }
+    let mut w = Walcast::start_with(|out, admin| {
+        file_pipeline_config(
+            "toomany",
+            "postgres",
+            &["public.c"],
+            "retry_max_backoff = \"1s\"",
+            out,
+            admin,
+        )
+        .replace(
+            &format!("port = {}", pg_port()),
+            &format!("port = {}", cluster.port),
+        )
+    });
+    let deadline = Instant::now() + WAIT;
+    while !w.log().contains("too many clients") {
+        assert!(
+            w.exited().is_none() && Instant::now() < deadline,
+            "walcast neither logged the refusal nor kept running:\n{}",
+            tail(&w.log(), 4000)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        w.exited().is_none(),
+        "walcast exited on too many connections:\n{}",
+        tail(&w.log(), 4000)
+    );
+    let writer = held.remove(0);
+    held.clear();
+    w.wait_state("streaming", WAIT).await;
+    writer
+        .batch_execute("INSERT INTO c SELECT g, 'v' || g FROM generate_series(1, 20) g")
+        .await
+        .unwrap();
+    let want = rows_of_c(&writer).await;
+    wait_rebuilt_c(&w, &want).await;
+    assert!(w.terminate().success());
+}

@@ -23,7 +23,10 @@ use super::convert::SESSION_SETTINGS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("cannot connect to Postgres for catalog queries ({target}): {source}")]
+    #[error(
+        "cannot connect to Postgres for catalog queries ({target}): {}",
+        pg_error_text(source)
+    )]
     Connect {
         target: String,
         source: tokio_postgres::Error,
@@ -35,7 +38,7 @@ pub enum CatalogError {
     /// protocol code first, since tokio-postgres would just answer.
     #[error("{0}")]
     Auth(crate::replication::connection::ReplicationError),
-    #[error("catalog query failed ({what}): {source}")]
+    #[error("catalog query failed ({what}): {}", pg_error_text(source))]
     Query {
         what: String,
         source: tokio_postgres::Error,
@@ -68,6 +71,22 @@ impl CatalogError {
             CatalogError::WrongSession { .. } => true,
             CatalogError::Tls(_) | CatalogError::Missing { .. } => false,
         }
+    }
+}
+
+/// tokio-postgres shows a server's error as just "db error": the server's
+/// message and SQLSTATE say what went wrong ("sorry, too many clients
+/// already", a syntax Postgres 14 does not know). Every error of the
+/// Postgres source that wraps a `tokio_postgres::Error` displays it so.
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
+        None => e.to_string(),
     }
 }
 

@@ -128,7 +128,7 @@ use walcast_sdk::status::StatusHandle;
 use walcast_sdk::telemetry as metrics;
 
 use super::assemble::Assembler;
-use super::catalog::{self, Catalog, CatalogError};
+use super::catalog::{self, pg_error_text, Catalog, CatalogError};
 use super::snapshot::{copy_fields, row_values, CopyLines, SnapshotError, TableJob};
 
 /// Prefix of the logical messages that ask for a snapshot.
@@ -150,7 +150,7 @@ pub enum IncrementalError {
     },
     #[error("incremental snapshot: {0}")]
     Catalog(#[from] CatalogError),
-    #[error("incremental snapshot of {table}: {what}: {source}")]
+    #[error("incremental snapshot of {table}: {what}: {}", pg_error_text(source))]
     Query {
         table: String,
         what: &'static str,
@@ -160,7 +160,7 @@ pub enum IncrementalError {
     Read(#[from] SnapshotError),
     #[error("incremental snapshot: the chunk reader stopped")]
     ReaderGone,
-    #[error("sending the snapshot signal: {0}")]
+    #[error("sending the snapshot signal: {}", pg_error_text(.0))]
     Signal(tokio_postgres::Error),
 }
 

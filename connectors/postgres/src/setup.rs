@@ -30,6 +30,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::Client;
 
+use crate::catalog::pg_error_text;
 use crate::replication::connection::{quote_ident, quote_literal};
 use walcast_sdk::TableName;
 
@@ -44,26 +45,11 @@ pub enum SetupError {
     /// The server is a standby; worth retrying, it may be promoted.
     #[error("{0}")]
     Standby(String),
-    #[error("catalog query failed ({what}): {}", server_text(source))]
+    #[error("catalog query failed ({what}): {}", pg_error_text(source))]
     Query {
         what: String,
         source: tokio_postgres::Error,
     },
-}
-
-/// tokio-postgres shows a server's error as just "db error": the server's
-/// message and SQLSTATE are what say what went wrong (on Postgres 14 a
-/// publication syntax of 15 was only "db error").
-fn server_text(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!(
-            "{}: {} (SQLSTATE {})",
-            db.severity(),
-            db.message(),
-            db.code().code()
-        ),
-        None => e.to_string(),
-    }
 }
 
 impl SetupError {

@@ -92,7 +92,7 @@ use crate::replication::connection::{quote_ident, quote_literal, ConnectParams};
 use walcast_sdk::status::StatusHandle;
 use walcast_sdk::telemetry as metrics;
 
-use super::catalog::{self, Catalog, CatalogError};
+use super::catalog::{self, pg_error_text, Catalog, CatalogError};
 use super::convert;
 
 /// How snapshots are taken, from the pipeline's config.
@@ -124,14 +124,14 @@ pub enum SnapshotError {
     },
     #[error("snapshot: {0}")]
     Catalog(#[from] CatalogError),
-    #[error("snapshot: {what}: {source}")]
+    #[error("snapshot: {what}: {}", pg_error_text(source))]
     Session {
         what: String,
         source: tokio_postgres::Error,
     },
     /// `chunk` says which part of the table: `after key (...)`, `from the
     /// start`, `blocks a..b`.
-    #[error("snapshot of {table}, chunk {chunk}: {source}")]
+    #[error("snapshot of {table}, chunk {chunk}: {}", pg_error_text(source))]
     Query {
         table: String,
         chunk: String,
