@@ -871,6 +871,70 @@ async fn exactly_once_commits_whole_batches_and_aborts_failed_ones() {
     );
 }
 
+/// Two producers with one transactional_id (a misconfiguration: two
+/// pipelines sharing it): the second's start fences the first, whose next
+/// batch fails definitely (a restart cannot unfence it) with the reason and
+/// the likely cause, and none of its records reach a read_committed reader.
+#[tokio::test]
+async fn a_fenced_producer_fails_its_batch_definitely_naming_the_shared_transactional_id() {
+    let topic = unique("walcast.it.fenced");
+    create_topic(&topic, 1, &[]).await;
+    let rows = table("public", "fenced", true);
+    let mut cfg = sink_config(&[("public.fenced", &topic)]);
+    cfg.delivery = DeliveryMode::ExactlyOnce {
+        transactional_id: unique("walcast-it-fenced"),
+        transaction_timeout: std::time::Duration::from_millis(30_000),
+        offsets_topic: None,
+    };
+    let mut tracker: AckTracker<u64> = AckTracker::new();
+    let mut first = sink(cfg.clone());
+    let a1 = tracker.register(Some(1), 1);
+    first
+        .send(Batch {
+            events: Arc::new(vec![event(&rows, Op::Create, 1, "first", 0x10, 1)]),
+            acker: a1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(tracker.poll().unwrap(), Some(1));
+
+    // The second producer's first transaction initialises it, which fences
+    // the first (walcast initialises transactions on the first batch).
+    let mut second = sink(cfg);
+    let mut tracker2: AckTracker<u64> = AckTracker::new();
+    let a3 = tracker2.register(Some(3), 1);
+    second
+        .send(Batch {
+            events: Arc::new(vec![event(&rows, Op::Create, 3, "second", 0x30, 3)]),
+            acker: a3,
+        })
+        .await
+        .unwrap();
+    assert_eq!(tracker2.poll().unwrap(), Some(3));
+
+    let a2 = tracker.register(Some(2), 1);
+    let err = first
+        .send(Batch {
+            events: Arc::new(vec![event(&rows, Op::Create, 2, "fenced", 0x20, 2)]),
+            acker: a2,
+        })
+        .await
+        .expect_err("the fenced producer's batch fails");
+    assert!(!err.is_transient(), "definite: {err}");
+    let text = err.to_string();
+    eprintln!("fenced: {text}");
+    assert!(
+        text.contains("transactional_id"),
+        "names the likely cause: {text}"
+    );
+    assert!(tracker.poll().is_err(), "the batch's acker failed");
+    assert_eq!(
+        after_names(&read_all(&topic, 1, 2, WAIT)),
+        ["first", "second"],
+        "nothing of the fenced producer's batch is visible to read_committed"
+    );
+}
+
 /// A crash between a Kafka commit and the slot's confirmation makes
 /// Postgres replay transactions Kafka already holds, one of them split over
 /// two batches: the successor drops exactly what was committed.
