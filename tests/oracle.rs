@@ -36,12 +36,17 @@ use std::time::Instant;
 
 use support::var;
 
-/// (seed, format, mode, seconds of load, faults)
+/// (seed, format, mode, seconds of load, faults). Faults other than
+/// `walcast_kill` stop servers of the stack: they run only with
+/// `WALCAST_ORACLE_STACK_FAULTS=1` (deploy/local/test sets it: CI owns its
+/// stack), and are left out otherwise. The relay seed has the broker
+/// killed: a relay that stalled after a broker restart passed every other
+/// test (tests/oracle/RESULTS.md, 2026-12-06 21:21).
 const SHORT: &[(u64, &str, &str, u32, &str)] = &[
     (101, "avro", "relay", 20, ""),
     (102, "json", "direct", 20, ""),
-    (103, "avro", "direct", 25, "walcast_kill"),
-    (104, "json", "relay", 25, "walcast_kill"),
+    (103, "avro", "direct", 25, "walcast_kill,redis_stop,search_stop,pg_immediate"),
+    (104, "json", "relay", 25, "walcast_kill,broker_kill,redis_stop"),
 ];
 
 fn skip(reason: &str) {
@@ -122,12 +127,11 @@ fn oracle() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(SHORT.len());
         for &(s, f, m, secs, faults) in SHORT.iter().take(take) {
-            let faults = if !faults.is_empty() && stack_faults {
-                service_faults
-            } else {
-                faults
-            };
-            runs.push((s, Some(f.into()), Some(m.into()), secs, faults.to_string()));
+            let faults: Vec<&str> = faults
+                .split(',')
+                .filter(|f| !f.is_empty() && (stack_faults || *f == "walcast_kill"))
+                .collect();
+            runs.push((s, Some(f.into()), Some(m.into()), secs, faults.join(",")));
         }
     }
     // WALCAST_ORACLE_BIN runs another build (a release binary for the long

@@ -522,11 +522,14 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
         expected = {(tp, p, o) for tp, offs in kafka.offsets.items() if kafka.topic_table.get(tp) in keyless
                     for p, o in offs}
         self.dlq_count = len(seen)
+        reason = {}  # first error per record: one pass, not one scan per record
+        for x, y, z, e in got:
+            reason.setdefault((x, y, z), e)
         for (tp, p, o), n in seen.items():
             label = kafka.topic_table.get(tp)
             t = by_label.get(label) or Topic(tp or "?")
             if (tp, p, o) not in expected:
-                err = next((e for x, y, z, e in got if (x, y, z) == (tp, p, o)), None)
+                err = reason.get((tp, p, o))
                 diff.add("relay-dead-letter", t, f"{tp}[{p}]@{o}", "*", "applied by the sinks",
                          f"set aside: {err}", {})
             elif n > MAX_DLQ_COPIES and "walcast_kill" not in self.fault_log:
