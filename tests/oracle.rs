@@ -45,8 +45,20 @@ use support::var;
 const SHORT: &[(u64, &str, &str, u32, &str)] = &[
     (101, "avro", "relay", 20, ""),
     (102, "json", "direct", 20, ""),
-    (103, "avro", "direct", 25, "walcast_kill,redis_stop,search_stop,pg_immediate"),
-    (104, "json", "relay", 25, "walcast_kill,broker_kill,redis_stop"),
+    (
+        103,
+        "avro",
+        "direct",
+        25,
+        "walcast_kill,redis_stop,search_stop,pg_immediate",
+    ),
+    (
+        104,
+        "json",
+        "relay",
+        25,
+        "walcast_kill,broker_kill,redis_stop",
+    ),
 ];
 
 fn skip(reason: &str) {

@@ -265,24 +265,49 @@ fn more_events(w: &mut Walcast, seen: &mut usize, what: &str) {
     }
 }
 
-/// Waits until the events rebuild `c` as `want` (Postgres's rows); on
-/// timeout names the counts and the first missing keys.
-async fn wait_rebuilt_c(w: &Walcast, want: &BTreeMap<i64, String>) {
+/// Waits until the events rebuild `c` as `want` (Postgres's rows).
+async fn wait_rebuilt_c(w: &mut Walcast, want: &BTreeMap<i64, String>) {
+    wait_rebuilt(w, "c", want, "").await;
+}
+
+/// Waits until the events rebuild `table` as `want`, both ways, and returns
+/// them; fails if walcast exits or on timeout, naming the counts, both
+/// sides' first differing keys and `when`.
+async fn wait_rebuilt(
+    w: &mut Walcast,
+    table: &str,
+    want: &BTreeMap<i64, String>,
+    when: &str,
+) -> Vec<Value> {
     let deadline = Instant::now() + WAIT;
     loop {
-        let got = rebuild_rows(&w.events(), "c");
+        let ev = w.events();
+        let got = rebuild_rows(&ev, table);
         if &got == want {
-            return;
+            return ev;
         }
+        let missing: Vec<_> = want
+            .keys()
+            .filter(|k| !got.contains_key(k))
+            .take(10)
+            .collect();
+        let extra: Vec<_> = got
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .take(10)
+            .collect();
+        let differ: Vec<_> = want
+            .iter()
+            .filter(|(k, v)| got.get(k).is_some_and(|g| g != *v))
+            .map(|(k, v)| (k, v, &got[k]))
+            .take(10)
+            .collect();
         assert!(
-            Instant::now() < deadline,
-            "events never rebuilt c: {} rows vs {} in Postgres; missing {:?}\n{}",
+            w.exited().is_none() && Instant::now() < deadline,
+            "events never rebuilt {table} {when}: {} rows vs {} in Postgres; missing {missing:?}, \
+             extra {extra:?}, differing (key, Postgres, events) {differ:?}\n{}",
             got.len(),
             want.len(),
-            want.keys()
-                .filter(|k| !got.contains_key(k))
-                .take(10)
-                .collect::<Vec<_>>(),
             tail(&w.log(), 3000)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -369,7 +394,7 @@ async fn postgres_shutdowns_a_crash_and_a_killed_walsender_are_transient() {
     stop_tx.send(true).unwrap();
     let committed = load.await.unwrap();
     let want = rows_of_c(&c).await;
-    wait_rebuilt_c(&w, &want).await;
+    wait_rebuilt_c(&mut w, &want).await;
     let log = w.log();
     assert!(
         !log.contains("unexpected message"),
@@ -463,7 +488,7 @@ async fn a_network_path_cut_with_a_reset_or_silently_is_transient() {
     let committed = load.await.unwrap();
     let c = cluster.client().await;
     let want = rows_of_c(&c).await;
-    wait_rebuilt_c(&w, &want).await;
+    wait_rebuilt_c(&mut w, &want).await;
     eprintln!(
         "{committed} transactions through a reset and a silent cut; {} rows equal",
         want.len()
@@ -758,7 +783,7 @@ async fn a_detached_partition_leaves_the_capture_without_an_event() {
         want.insert(1500, "after detach".to_string());
         want.insert(1001, "after detach".to_string());
     }
-    let ev = wait_rebuilt_m(&mut w, &want, "as of the detach").await;
+    let ev = wait_rebuilt(&mut w, "m", &want, "as of the detach").await;
     assert_eq!(
         ev.iter()
             .any(|e| e["value"]["after"]["v"] == "after detach"),
@@ -778,35 +803,12 @@ async fn a_detached_partition_leaves_the_capture_without_an_event() {
     )
     .await;
     want.insert(32, "after restart".to_string());
-    let ev = wait_rebuilt_m(&mut w, &want, "after the restart").await;
+    let ev = wait_rebuilt(&mut w, "m", &want, "after the restart").await;
     assert!(
         !ev.iter().any(|e| e["value"]["after"]["id"] == 1600),
         "a change of the detached table was captured after walcast reconnected"
     );
     assert!(w.terminate().success());
-}
-
-/// Waits until the events rebuild `m` as `want` (both ways), or fails with
-/// both sides and the log.
-async fn wait_rebuilt_m(
-    w: &mut Walcast,
-    want: &std::collections::BTreeMap<i64, String>,
-    when: &str,
-) -> Vec<Value> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let ev = w.events();
-        let got = rebuild_rows(&ev, "m");
-        if &got == want {
-            return ev;
-        }
-        assert!(
-            w.exited().is_none() && Instant::now() < deadline,
-            "events never rebuilt m {when}: {got:?} vs {want:?}\n{}",
-            tail(&w.log(), 3000)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// A Postgres with every connection slot taken ("sorry, too many clients
@@ -891,6 +893,6 @@ async fn too_many_connections_is_transient() {
         .await
         .unwrap();
     let want = rows_of_c(&writer).await;
-    wait_rebuilt_c(&w, &want).await;
+    wait_rebuilt_c(&mut w, &want).await;
     assert!(w.terminate().success());
 }
