@@ -33,6 +33,9 @@ Faults (--faults, comma separated): walcast_kill (kill -9 of walcast, then
 restart), broker_kill (kill -9 of the broker, restart after a pause),
 pg_fast / pg_immediate (Postgres stopped with -m fast / immediate, started
 again), redis_stop and search_stop (stopped for a while, started again).
+Each fault is drawn at random from the list; with --fault-cycle the list is
+shuffled and gone through in turn, so that a short run has each listed
+fault once before any repeats (the CI seeds).
 Service faults act on the stack named by WALCAST_TEST_STACK_DIR through
 deploy/local/stack: never point them at a shared stack.
 
@@ -429,11 +432,14 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
         skipped = sorted(set(self.faults) - set(faults))
         if skipped:
             log(f"faults skipped (switch pg_restart is off): {skipped}")
+        cycle = r.sample(faults, len(faults)) if self.args.fault_cycle else None
+        drawn = 0
         while time.time() < end:
             if faults and time.time() < end - 8:
                 time.sleep(r.uniform(3, 8))
                 if time.time() < end - 5:
-                    self.fault(r.choice(faults), r)
+                    self.fault(cycle[drawn % len(cycle)] if cycle else r.choice(faults), r)
+                    drawn += 1
             else:
                 time.sleep(0.5)
             if self.walcast_exited():
@@ -693,6 +699,7 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
                     + (f"; walcast exited by itself with {self.exits}" if self.exits else "")
                     + f"; repro: tests/oracle/run --seed {self.seed} --format {self.fmt} --mode {self.mode} --seconds {self.args.seconds:g}"
                     + (f" --faults {','.join(self.faults)}" if self.faults else "")
+                    + (" --fault-cycle" if self.args.fault_cycle else "")
                     + (f" --enable {','.join(k for k, v in self.switches.items() if v and not SWITCHES[k])}" if any(v and not SWITCHES[k] for k, v in self.switches.items()) else "")
                     + f"; files in {self.dir}")
                 self.failed = True
@@ -721,6 +728,8 @@ def main():
     ap.add_argument("--format", choices=["avro", "json"])
     ap.add_argument("--mode", choices=["relay", "direct"])
     ap.add_argument("--faults", default="")
+    ap.add_argument("--fault-cycle", action="store_true",
+                    help="go through the shuffled fault list in turn instead of drawing each fault")
     ap.add_argument("--writers", type=int, default=3)
     ap.add_argument("--enable", default="")
     ap.add_argument("--disable", default="")
