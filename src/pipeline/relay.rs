@@ -306,6 +306,8 @@ pub async fn run(
     // A sink returned a transient error: its batch's failure is worth a
     // re-read, unlike any other failed batch.
     let mut transient_failure = false;
+    // The consumer error the status shows while no records arrive.
+    let mut shown_trouble: Option<String> = None;
     let result = loop {
         // `next_batch` is not cancel-safe (records it registered would be
         // dropped unanswered and fail their partitions), so it is never
@@ -386,12 +388,22 @@ pub async fn run(
                 Some(trouble) => {
                     status.set_state(PipelineState::Retrying);
                     status.update(|s| s.last_error = Some(trouble.to_string()));
+                    shown_trouble = Some(trouble.to_string());
                 }
                 None => status.set_state(PipelineState::Streaming),
             }
             continue;
         }
         status.set_state(PipelineState::Streaming);
+        // Records flow again: the consumer's trouble is over (librdkafka
+        // recovered), so it is no longer the pipeline's last error.
+        if let Some(shown) = shown_trouble.take() {
+            status.update(|s| {
+                if s.last_error.as_deref() == Some(shown.as_str()) {
+                    s.last_error = None;
+                }
+            });
+        }
         let mut events = Vec::with_capacity(batch.records.len());
         let mut records_of = Vec::with_capacity(batch.records.len());
         let mut refusals = Vec::new();
