@@ -37,7 +37,9 @@
 //! announces the replay from the checkpoint: a later batch written past a
 //! failed one would, after that replay, reach subscribers out of order.
 //! Dropping the sink stops the worker's retries; a batch it gave up that
-//! way is failed as transient (the source replays it).
+//! way is failed as transient (the source replays it). A batch whose source
+//! has started over by the time the worker reaches it is skipped, as the
+//! capture's dispatcher does: the replay brings it again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -393,6 +395,12 @@ impl Worker {
     /// Applies one batch (unless an earlier one failed) and answers its
     /// acker.
     async fn answer(&mut self, acker: Acker, writes: &[Planned]) {
+        if acker.is_orphaned() {
+            // Its source started over (or stopped): the replay brings the
+            // batch again, and writing it now would only duplicate it.
+            acker.ack();
+            return;
+        }
         if let Some(reason) = &self.failed {
             let e = RedisSinkError::EarlierFailure {
                 reason: reason.clone(),
