@@ -709,24 +709,14 @@ impl Sink for RedisSink {
     /// write. Returns the worker's definite failure of an earlier batch, and
     /// refuses batches after one, failing their ackers (see the module doc).
     async fn send(&mut self, batch: Batch) -> Result<(), SinkError> {
-        let refused = match self.take_unreported() {
-            Some(e) => Some((
-                RedisSinkError::EarlierFailure {
-                    reason: e.to_string(),
-                },
-                e,
-            )),
-            None => self.failed.as_ref().map(|reason| {
-                let e = || RedisSinkError::EarlierFailure {
-                    reason: reason.clone(),
-                };
-                (e(), e())
-            }),
-        };
-        if let Some((this_batch, returned)) = refused {
+        // The worker's failure is returned once, as it happened; later
+        // batches are refused with the reason.
+        let unreported = self.take_unreported();
+        if let Some(reason) = self.failed.clone() {
+            let this_batch = RedisSinkError::EarlierFailure { reason };
             self.stats.batches_failed.fetch_add(1, Ordering::Relaxed);
             batch.acker.fail(this_batch.to_string());
-            return Err(returned.into_sink_error());
+            return Err(unreported.unwrap_or(this_batch).into_sink_error());
         }
         let writes = match self.plan_batch(&batch.events) {
             Ok(w) => w,

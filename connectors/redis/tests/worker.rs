@@ -2,7 +2,7 @@
 //! while Redis is still working; the acker waits for Redis, and a definite
 //! failure comes back from the next `send` or `flush`. A file of its own:
 //! `CLIENT PAUSE` holds every writer of the shared test Redis, and test
-//! binaries run one after another, so no other test sees it.
+//! binaries run one after another, so no test of another file sees it.
 
 mod common;
 
@@ -14,6 +14,10 @@ use common::*;
 use walcast_redis::request::version_key;
 use walcast_redis::{Mode, RedisSink, UpsertFormat};
 use walcast_sdk::{AckTracker, Batch, ChangeEvent, Sink};
+
+/// The tests of this file run one at a time: the pause of one would hold
+/// the other's own writes past its client's response timeout.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn upsert_json() -> Mode {
     Mode::Upsert {
@@ -44,6 +48,7 @@ async fn hand_over(
 
 #[tokio::test]
 async fn send_returns_before_redis_applies_the_batch_and_the_acker_waits_for_it() {
+    let _serial = SERIAL.lock().await;
     let name = unique_table("paused");
     let t = table(&name, &[("id", true), ("name", false)]);
     let mut sink = sink(upsert_json()).await;
@@ -95,6 +100,7 @@ async fn send_returns_before_redis_applies_the_batch_and_the_acker_waits_for_it(
 
 #[tokio::test]
 async fn a_definite_failure_comes_back_from_the_next_send_or_flush_and_stops_later_batches() {
+    let _serial = SERIAL.lock().await;
     let name = unique_table("wrongtype");
     let t = table(&name, &[("id", true), ("name", false)]);
     let mut sink = sink(upsert_json()).await;
