@@ -6,10 +6,13 @@
 //! version keys and tombstones); `publish` announces each change on a
 //! channel or stream.
 //!
-//! A batch is acknowledged once Redis has answered every command of it;
-//! transient errors are retried inside [`walcast_sdk::Sink::send`], definite ones
-//! (maxmemory reached, wrong credentials, a key of the wrong type, a table
-//! without the key the template needs) fail the batch's acker. The last
+//! A batch is acknowledged once Redis has answered every command of it.
+//! [`walcast_sdk::Sink::send`] hands the batch to a write worker and returns,
+//! so the caller prepares the next batch while Redis works (see [`sink`]);
+//! transient errors are retried by the worker, definite ones (maxmemory
+//! reached, wrong credentials, a key of the wrong type, a table without the
+//! key the template needs) fail the batch's acker and are returned by the
+//! next `send` or `flush`. The last
 //! one is known from the event alone, and [`walcast_sdk::Sink::refuses`]
 //! says so before sending, so that a relay can set such a record aside or
 //! stop instead of failing its batch on every re-read.

@@ -1,23 +1,57 @@
-//! The Redis sink: applies each batch in one round trip and acknowledges it
-//! only when every reply has arrived.
+//! The Redis sink: applies batches in order on a worker task, one round
+//! trip per batch, and acknowledges each only when every reply has arrived.
+//!
+//! # Why a worker
+//! [`Sink::send`] used to write its batch and wait for every reply before
+//! returning, so a relay could not fetch and decode its next Kafka batch
+//! while Redis worked: the relay reached ~48k rows/s where `redis-cli
+//! --pipe` of the same keys does ~490k/s (issue 26). Now `send` plans the
+//! writes (pure: [`crate::request`]) and hands them to a worker task over a
+//! channel one batch deep, then returns; the worker writes the batch while
+//! the caller prepares the next one. Nothing changes for durability: the
+//! checkpoint follows the ackers, and the worker answers a batch's acker
+//! only once Redis has answered every write of it. [`Sink::flush`] waits
+//! until every batch handed over has been answered.
+//!
+//! # Order
+//! The worker is the only writer and takes one batch at a time, so at most
+//! one pipeline is in flight on the connection: publish mode's messages
+//! keep their order, and a retried batch is never overtaken by a later one.
+//! Truncates cut a batch: the writes before one go in one pipeline, then its
+//! SCAN/UNLINK loop runs, then the writes after it.
 //!
 //! A single server is written through one pipeline per batch over a
 //! [`ConnectionManager`], which reconnects by itself. A Redis Cluster cannot
 //! take a pipeline spanning slots, so there every command is sent at once,
 //! concurrently, over the multiplexed cluster connection: still one round
-//! trip of latency per batch. Transient errors retry the whole batch with
-//! [`Backoff`] while the sink holds it, which back-pressures the pipeline;
-//! definite errors fail the batch's acker and are returned.
+//! trip of latency per batch.
+//!
+//! # Errors
+//! Transient errors retry the whole step (pipeline or truncate) with
+//! [`Backoff`] while the worker holds the batch; the channel then fills and
+//! `send` waits, which back-pressures the pipeline as before. A definite
+//! error fails the batch's acker at once, and the next `send` or `flush`
+//! returns it, worded and classified as when `send` waited for it. From
+//! then on the sink writes nothing more (the worker fails the batches
+//! already handed over, `send` refuses new ones) until [`Sink::rewind`]
+//! announces the replay from the checkpoint: a later batch written past a
+//! failed one would, after that replay, reach subscribers out of order.
+//! Dropping the sink stops the worker's retries; a batch it gave up that
+//! way is failed as transient (the source replays it). A batch whose source
+//! has started over by the time the worker reaches it is skipped, as the
+//! capture's dispatcher does: the replay brings it again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, RedisError, Script, Value as RedisValue};
+use tokio::sync::{mpsc, oneshot, watch};
 use walcast_sdk::retry::Backoff;
-use walcast_sdk::{Batch, ChangeEvent, Lsn, Sink, SinkError};
+use walcast_sdk::{Acker, Batch, ChangeEvent, Lsn, Sink, SinkError};
 
 use crate::config::{redact_url, ConfigError, RedisSinkConfig};
 use crate::request::{
@@ -65,6 +99,16 @@ pub enum RedisSinkError {
         #[source]
         source: RedisError,
     },
+    #[error(
+        "redis sink: not writing this batch because an earlier batch failed ({reason}); \
+         a later batch written past it would reach Redis out of order after the replay. \
+         The pipeline replays from its last confirmed position once restarted"
+    )]
+    EarlierFailure { reason: String },
+    #[error("redis sink: stopped before the batch was applied (Redis did not answer)")]
+    Stopped,
+    #[error("redis sink: the write worker has stopped")]
+    WorkerGone,
 }
 
 impl RedisSinkError {
@@ -72,6 +116,7 @@ impl RedisSinkError {
         match self {
             RedisSinkError::Connect { source, .. } => classify(source) == Classification::Transient,
             RedisSinkError::Write { transient, .. } => *transient,
+            RedisSinkError::Stopped => true,
             _ => false,
         }
     }
@@ -102,6 +147,7 @@ pub struct RedisSinkStats {
     pub retries: AtomicU64,
 }
 
+#[derive(Clone)]
 enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
@@ -111,13 +157,13 @@ impl Connection {
     /// One reply per command; `Err` when the round trip itself failed.
     async fn run(
         &mut self,
-        cmds: &[Cmd],
+        cmds: Vec<Cmd>,
     ) -> Result<Vec<Result<RedisValue, RedisError>>, RedisError> {
         match self {
             Connection::Single(conn) => {
                 let mut pipe = redis::pipe();
                 for c in cmds {
-                    pipe.add_command(c.clone());
+                    pipe.add_command(c);
                 }
                 pipe.ignore_errors();
                 let replies: Vec<RedisValue> = pipe.query_async(conn).await?;
@@ -169,85 +215,229 @@ struct Planned {
 
 /// See the module doc.
 pub struct RedisSink {
-    config: RedisSinkConfig,
     plan: Plan,
+    /// To the worker, one batch deep.
+    tx: mpsc::Sender<Command>,
+    /// A clone of the worker's connection, for [`Sink::healthy`] only.
     conn: Connection,
-    script: Script,
-    /// Set after a NOSCRIPT: EVAL caches the script on whichever node runs it.
-    use_eval: bool,
     stats: Arc<RedisSinkStats>,
+    /// The worker's definite failure that no `send` or `flush` has returned yet.
+    unreported: Arc<Mutex<Option<RedisSinkError>>>,
+    /// Why batches are refused until [`Sink::rewind`]: a batch failed.
+    failed: Option<String>,
+    /// Dropped with the sink, which stops the worker's retries.
+    _stop: watch::Sender<()>,
+}
+
+/// What the sink asks of its worker, in order.
+enum Command {
+    Batch {
+        acker: Acker,
+        writes: Vec<Planned>,
+    },
+    /// Answered once everything handed over before has been answered.
+    Flush(oneshot::Sender<()>),
+    /// The source replays from its checkpoint: write again.
+    Rewind(oneshot::Sender<()>),
 }
 
 impl RedisSink {
-    /// Validates the config and connects. Fails when the server cannot be
-    /// reached or refuses the credentials, so that a broken setup shows at
-    /// startup rather than as retries.
+    /// Validates the config, connects and starts the write worker. Fails
+    /// when the server cannot be reached or refuses the credentials, so
+    /// that a broken setup shows at startup rather than as retries. Must
+    /// run inside a tokio runtime.
     pub async fn connect(config: RedisSinkConfig) -> Result<Self, RedisSinkError> {
         config.validate()?;
         let plan = Plan::new(&config.mode, config.cluster)?;
-        let timeout = config.timeout;
-        let first_url = redact_url(&config.urls[0]);
-        let connect_err = |source| RedisSinkError::Connect {
-            url: first_url.clone(),
-            source,
-        };
-        let conn = if config.cluster {
-            let client = redis::cluster::ClusterClient::builder(config.urls.clone())
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .build()
-                .map_err(connect_err)?;
-            Connection::Cluster(client.get_async_connection().await.map_err(connect_err)?)
-        } else {
-            let client = redis::Client::open(config.urls[0].as_str()).map_err(connect_err)?;
-            let mgr_config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(1);
-            Connection::Single(
-                ConnectionManager::new_with_config(client, mgr_config)
-                    .await
-                    .map_err(connect_err)?,
-            )
-        };
-        let mut sink = RedisSink {
-            config,
-            plan,
-            conn,
-            script: Script::new(VERSIONED_WRITE_LUA),
-            use_eval: false,
-            stats: Arc::default(),
-        };
-        if !sink.conn.ping().await {
+        let mut conn = open(&config).await?;
+        if !conn.ping().await {
             let source = RedisError::from(std::io::Error::other("PING got no answer"));
             return Err(RedisSinkError::Connect {
-                url: first_url,
+                url: redact_url(&config.urls[0]),
                 source,
             });
         }
-        Ok(sink)
+        let stats = Arc::<RedisSinkStats>::default();
+        let unreported = Arc::new(Mutex::new(None));
+        let (stop, stopped) = watch::channel(());
+        let (tx, rx) = mpsc::channel(1);
+        let worker = Worker {
+            conn: conn.clone(),
+            script: Script::new(VERSIONED_WRITE_LUA),
+            use_eval: false,
+            retry_initial: config.retry_initial,
+            retry_max: config.retry_max,
+            stats: Arc::clone(&stats),
+            failed: None,
+            unreported: Arc::clone(&unreported),
+            stopped,
+        };
+        tokio::spawn(worker.run(rx));
+        Ok(RedisSink {
+            plan,
+            tx,
+            conn,
+            stats,
+            unreported,
+            failed: None,
+            _stop: stop,
+        })
     }
 
     pub fn stats(&self) -> Arc<RedisSinkStats> {
         Arc::clone(&self.stats)
     }
 
-    fn backoff(&self) -> Backoff {
-        Backoff::new(self.config.retry_initial, self.config.retry_max)
-    }
-
-    /// Applies every write of the batch, retrying transient errors.
-    async fn apply(&mut self, events: &[ChangeEvent]) -> Result<(), RedisSinkError> {
+    /// The batch's writes in order, with what error messages need.
+    fn plan_batch(&self, events: &[ChangeEvent]) -> Result<Vec<Planned>, RedisSinkError> {
         let mut planned = Vec::with_capacity(events.len());
         for e in events {
+            let table = e.table.qualified_name();
             for write in self.plan.writes(e)? {
                 planned.push(Planned {
                     write,
-                    table: e.table.qualified_name(),
+                    table: table.clone(),
                     lsn: e.source.commit_lsn,
                 });
             }
         }
+        Ok(planned)
+    }
+
+    /// The worker's definite failure, once: from then on `self.failed`
+    /// refuses batches.
+    fn take_unreported(&mut self) -> Option<RedisSinkError> {
+        let e = self
+            .unreported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        self.failed.get_or_insert_with(|| e.to_string());
+        Some(e)
+    }
+
+    /// Hands the worker a command answered once everything before it is.
+    async fn ask_worker(
+        &mut self,
+        command: impl FnOnce(oneshot::Sender<()>) -> Command,
+    ) -> Result<(), SinkError> {
+        let gone = || SinkError::definite(SINK_NAME, RedisSinkError::WorkerGone.to_string());
+        let (done, answered) = oneshot::channel();
+        self.tx.send(command(done)).await.map_err(|_| gone())?;
+        answered.await.map_err(|_| gone())
+    }
+}
+
+/// A connection to the configured server or cluster.
+async fn open(config: &RedisSinkConfig) -> Result<Connection, RedisSinkError> {
+    let timeout = config.timeout;
+    let connect_err = |source| RedisSinkError::Connect {
+        url: redact_url(&config.urls[0]),
+        source,
+    };
+    if config.cluster {
+        let client = redis::cluster::ClusterClient::builder(config.urls.clone())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()
+            .map_err(connect_err)?;
+        Ok(Connection::Cluster(
+            client.get_async_connection().await.map_err(connect_err)?,
+        ))
+    } else {
+        let client = redis::Client::open(config.urls[0].as_str()).map_err(connect_err)?;
+        let mgr_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        Ok(Connection::Single(
+            ConnectionManager::new_with_config(client, mgr_config)
+                .await
+                .map_err(connect_err)?,
+        ))
+    }
+}
+
+/// Writes the batches the sink hands over, one at a time, in order; see
+/// the module doc.
+struct Worker {
+    conn: Connection,
+    script: Script,
+    /// Set after a NOSCRIPT: EVAL caches the script on whichever node runs it.
+    use_eval: bool,
+    retry_initial: Duration,
+    retry_max: Duration,
+    stats: Arc<RedisSinkStats>,
+    /// Why later batches are failed unwritten until a rewind.
+    failed: Option<String>,
+    unreported: Arc<Mutex<Option<RedisSinkError>>>,
+    /// Changes (to an error) when the sink is dropped.
+    stopped: watch::Receiver<()>,
+}
+
+impl Worker {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(command) = rx.recv().await {
+            match command {
+                Command::Batch { acker, writes } => self.answer(acker, &writes).await,
+                Command::Flush(done) => {
+                    let _ = done.send(());
+                }
+                Command::Rewind(done) => {
+                    self.failed = None;
+                    *self.unreported.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    /// Applies one batch (unless an earlier one failed) and answers its
+    /// acker.
+    async fn answer(&mut self, acker: Acker, writes: &[Planned]) {
+        if acker.is_orphaned() {
+            // Its source started over (or stopped): the replay brings the
+            // batch again, and writing it now would only duplicate it.
+            acker.ack();
+            return;
+        }
+        if let Some(reason) = &self.failed {
+            let e = RedisSinkError::EarlierFailure {
+                reason: reason.clone(),
+            };
+            self.stats.batches_failed.fetch_add(1, Ordering::Relaxed);
+            acker.fail(e.to_string());
+            return;
+        }
+        match self.apply(writes).await {
+            Ok(()) => {
+                self.stats.batches_acked.fetch_add(1, Ordering::Relaxed);
+                acker.ack();
+            }
+            Err(e) if e.is_transient() => {
+                // Only `Stopped`: other transient errors are retried.
+                tracing::warn!(error = %e, "redis sink: batch given up at shutdown");
+                acker.fail_transient(e.to_string());
+            }
+            Err(e) => {
+                self.stats.batches_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "redis sink: batch failed");
+                let reason = e.to_string();
+                self.failed = Some(reason.clone());
+                // Stored before the acker answers, so that whoever sees
+                // the failure finds the error.
+                self.unreported
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(e);
+                acker.fail(reason);
+            }
+        }
+    }
+
+    /// Applies every write of the batch, retrying transient errors; `Err`
+    /// is definite, or [`RedisSinkError::Stopped`].
+    async fn apply(&mut self, planned: &[Planned]) -> Result<(), RedisSinkError> {
         // Truncates cut the batch: what comes before must land before the
         // scan, what comes after must land after it.
         for segment in planned.split_inclusive(|p| matches!(p.write, Write::DeleteMatching { .. }))
@@ -270,7 +460,7 @@ impl RedisSink {
     }
 
     async fn with_retry(&mut self, step: Step<'_>) -> Result<(), RedisSinkError> {
-        let mut backoff = self.backoff();
+        let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
         loop {
             let outcome = match step {
                 Step::Pipeline(writes) => self.run_pipelined(writes).await,
@@ -285,7 +475,11 @@ impl RedisSink {
                         error = %e, attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64,
                         "redis sink: transient error, retrying the batch"
                     );
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        // Only errs: the sink is gone, nobody waits.
+                        _ = self.stopped.changed() => return Err(RedisSinkError::Stopped),
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -295,7 +489,7 @@ impl RedisSink {
     async fn run_pipelined(&mut self, writes: &[Planned]) -> Result<(), RedisSinkError> {
         loop {
             let cmds: Vec<Cmd> = writes.iter().map(|p| self.command(&p.write)).collect();
-            let replies = match self.conn.run(&cmds).await {
+            let replies = match self.conn.run(cmds).await {
                 Ok(r) => r,
                 Err(source) => return Err(write_error(&writes[0], source)),
             };
@@ -509,22 +703,38 @@ impl Sink for RedisSink {
         SINK_NAME
     }
 
-    /// Returns once the batch is applied (acker answered `ack`) or has
-    /// failed definitively (acker answered `fail`, and the error returned).
+    /// Plans the batch and hands it to the worker; returns once the worker
+    /// has taken it (at once, unless a batch is still waiting for the worker
+    /// ahead of it). The acker is answered when Redis has answered every
+    /// write. Returns the worker's definite failure of an earlier batch, and
+    /// refuses batches after one, failing their ackers (see the module doc).
     async fn send(&mut self, batch: Batch) -> Result<(), SinkError> {
-        match self.apply(&batch.events).await {
-            Ok(()) => {
-                self.stats.batches_acked.fetch_add(1, Ordering::Relaxed);
-                batch.acker.ack();
-                Ok(())
-            }
+        // The worker's failure is returned once, as it happened; later
+        // batches are refused with the reason.
+        let unreported = self.take_unreported();
+        if let Some(reason) = self.failed.clone() {
+            let this_batch = RedisSinkError::EarlierFailure { reason };
+            self.stats.batches_failed.fetch_add(1, Ordering::Relaxed);
+            batch.acker.fail(this_batch.to_string());
+            return Err(unreported.unwrap_or(this_batch).into_sink_error());
+        }
+        let writes = match self.plan_batch(&batch.events) {
+            Ok(w) => w,
             Err(e) => {
                 self.stats.batches_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "redis sink: batch failed");
+                self.failed = Some(e.to_string());
                 batch.acker.fail(e.to_string());
-                Err(e.into_sink_error())
+                return Err(e.into_sink_error());
             }
-        }
+        };
+        self.tx
+            .send(Command::Batch {
+                acker: batch.acker,
+                writes,
+            })
+            .await
+            .map_err(|_| SinkError::definite(SINK_NAME, RedisSinkError::WorkerGone.to_string()))
     }
 
     /// A table without the key the template needs, or a template naming a
@@ -536,16 +746,25 @@ impl Sink for RedisSink {
             .map(|e| RedisSinkError::from(e).to_string())
     }
 
-    /// Nothing is buffered: `send` returns only once its batch is answered.
+    /// Waits until the worker has answered every batch handed over, and
+    /// returns its definite failure of one that no `send` returned yet.
     async fn flush(&mut self) -> Result<(), SinkError> {
+        self.ask_worker(Command::Flush).await?;
+        match self.take_unreported() {
+            Some(e) => Err(e.into_sink_error()),
+            None => Ok(()),
+        }
+    }
+
+    /// The replay from the checkpoint starts: batches handed over before
+    /// are answered (failed, after a failure), and later ones written again.
+    async fn rewind(&mut self) -> Result<(), SinkError> {
+        self.ask_worker(Command::Rewind).await?;
+        self.failed = None;
         Ok(())
     }
 
     async fn healthy(&self) -> bool {
-        let mut conn = match &self.conn {
-            Connection::Single(c) => Connection::Single(c.clone()),
-            Connection::Cluster(c) => Connection::Cluster(c.clone()),
-        };
-        conn.ping().await
+        self.conn.clone().ping().await
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use walcast_redis::{Mode, RedisSink, UpsertFormat};
-use walcast_sdk::Value;
+use walcast_sdk::{AckTracker, Batch, Sink, Value};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -105,4 +105,42 @@ async fn a_batch_sent_during_an_outage_is_retried_until_redis_is_back() {
     outcome.expect("the batch is delivered once Redis is back");
     assert!(retries > 0, "the outage was retried");
     assert_eq!(stored.as_deref(), Some(r#"{"id":1,"v":"kept"}"#));
+}
+
+/// The worker retries while it holds a batch; dropping the sink (shutdown)
+/// stops that, and the batch is failed as transient, to be replayed.
+#[tokio::test]
+async fn dropping_the_sink_during_an_outage_gives_the_batch_back_as_transient() {
+    let port = free_port();
+    let mut server = start_redis(port);
+    let name = unique_table("dropped");
+    let t = table(&name, &[("id", true), ("v", false)]);
+    let mut c = config(Mode::Invalidate {
+        key_template: "{table}:{id}".into(),
+        truncate_scan: true,
+    });
+    c.urls = vec![format!("redis://127.0.0.1:{port}")];
+    let mut sink = RedisSink::connect(c).await.unwrap();
+    let stats = sink.stats();
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    let mut tracker: AckTracker<u64> = AckTracker::new();
+    let acker = tracker.register(Some(1), 1);
+    sink.send(Batch {
+        events: std::sync::Arc::new(vec![upsert(&t, vec![Value::Int32(1), text("x")], 10)]),
+        acker,
+    })
+    .await
+    .expect("the worker takes the batch");
+    let waiting = tokio::time::timeout(Duration::from_secs(2), tracker.next()).await;
+    assert!(waiting.is_err(), "held and retried while Redis is down");
+    assert!(stats.retries.load(Ordering::Relaxed) > 0);
+    drop(sink);
+    let failure = tokio::time::timeout(Duration::from_secs(10), tracker.next())
+        .await
+        .expect("answered once the sink is dropped")
+        .expect_err("not delivered");
+    assert!(failure.transient, "{}", failure.reason);
+    assert!(failure.reason.contains("stopped"), "{}", failure.reason);
 }

@@ -117,7 +117,10 @@ pub async fn sink(mode: Mode) -> RedisSink {
         .expect("connect to the test Redis")
 }
 
-/// Sends one batch and returns what the acker was answered.
+/// Sends one batch, waits for its acker, and returns what it was answered.
+/// `send` returns once the worker has taken the batch, so a definite
+/// failure in Redis comes back from the following `flush` instead (with the
+/// acker's reason); a batch the sink refuses fails in `send` itself.
 pub async fn send(sink: &mut RedisSink, events: Vec<ChangeEvent>) -> Result<(), String> {
     let mut tracker: AckTracker<u64> = AckTracker::new();
     let acker = tracker.register(Some(1), events.len());
@@ -128,11 +131,20 @@ pub async fn send(sink: &mut RedisSink, events: Vec<ChangeEvent>) -> Result<(), 
         })
         .await;
     let answered = tracker.next().await.map(|_| ()).map_err(|f| f.reason);
-    assert_eq!(
-        sent.is_ok(),
-        answered.is_ok(),
-        "send() and the acker disagree: {sent:?} / {answered:?}"
-    );
+    let flushed = sink.flush().await;
+    match (&sent, &flushed, &answered) {
+        (Ok(()), Ok(()), Ok(())) => {}
+        (Err(e), Ok(()), Err(reason)) | (Ok(()), Err(e), Err(reason)) => {
+            assert!(!e.is_transient(), "{e}");
+            assert!(
+                e.to_string().ends_with(reason.as_str()),
+                "send()/flush() return what the acker was told: {e} / {reason}"
+            );
+        }
+        _ => {
+            panic!("send(), flush() and the acker disagree: {sent:?} / {flushed:?} / {answered:?}")
+        }
+    }
     answered
 }
 
