@@ -23,6 +23,59 @@ fn kafka_json_config(pipeline: &str, db: &str, prefix: &str, admin: &str) -> Str
         .toml(admin)
 }
 
+/// The rows of the tests' table `t` in Postgres.
+async fn rows(db: &TestDb) -> HashMap<i64, String> {
+    db.client
+        .query("SELECT id, v FROM t", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i32>(0) as i64, r.get::<_, String>(1)))
+        .collect()
+}
+
+/// Whether Redis holds each of `ids` under `{prefix}:{id}` (upsert, JSON)
+/// with Postgres's `v`.
+async fn redis_rows_equal(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    want: &HashMap<i64, String>,
+    ids: &[i64],
+) -> bool {
+    for id in ids {
+        let v: Option<String> = redis::cmd("GET")
+            .arg(format!("{prefix}:{id}"))
+            .query_async(conn)
+            .await
+            .unwrap_or(None);
+        let Some(v) = v else { return false };
+        if serde_json::from_str::<Value>(&v).unwrap()["v"] != want[id].as_str() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `index` holds as many documents as `want` has rows, and each
+/// of `ids` with Postgres's `v`.
+async fn index_equal(
+    http: &reqwest::Client,
+    search: &str,
+    index: &str,
+    want: &HashMap<i64, String>,
+    ids: impl IntoIterator<Item = &i64>,
+) -> bool {
+    if search_count(http, search, index).await != Some(want.len() as u64) {
+        return false;
+    }
+    for id in ids {
+        if search_doc(http, search, index, id).await["_source"]["v"] != want[id].as_str() {
+            return false;
+        }
+    }
+    true
+}
+
 /// Inserts `n` rows, 10 per transaction, at a steady pace.
 fn writer(db: String, n: i32) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -249,41 +302,12 @@ async fn relay_survives_kill_9_and_sink_outages_and_converges() {
     let redis = redis::Client::open(redis_url.as_str()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     let http = reqwest::Client::new();
-    async fn rows(db: &TestDb) -> HashMap<i64, String> {
-        db.client
-            .query("SELECT id, v FROM t", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get::<_, i32>(0) as i64, r.get::<_, String>(1)))
-            .collect()
-    }
     let converged = async |conn: &mut redis::aio::MultiplexedConnection,
                            want: &HashMap<i64, String>,
                            ids: &[i64]|
            -> bool {
-        for id in ids {
-            let v: Option<String> = redis::cmd("GET")
-                .arg(format!("{prefix}:{id}"))
-                .query_async(conn)
-                .await
-                .unwrap_or(None);
-            let Some(v) = v else { return false };
-            let row: Value = serde_json::from_str(&v).unwrap();
-            if row["v"] != want[id].as_str() {
-                return false;
-            }
-        }
-        if search_count(&http, &search, &prefix).await != Some(want.len() as u64) {
-            return false;
-        }
-        for id in ids.iter().step_by(97) {
-            let doc = search_doc(&http, &search, &prefix, id).await;
-            if doc["_source"]["v"] != want[id].as_str() {
-                return false;
-            }
-        }
-        true
+        redis_rows_equal(conn, &prefix, want, ids).await
+            && index_equal(&http, &search, &prefix, want, ids.iter().step_by(97)).await
     };
     let want = rows(&db).await;
     let ids: Vec<i64> = want.keys().copied().collect();
@@ -321,23 +345,7 @@ async fn relay_survives_kill_9_and_sink_outages_and_converges() {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             let ok = if service == "redis" {
-                let mut ok = true;
-                for id in &touched {
-                    let v: Option<String> = redis::cmd("GET")
-                        .arg(format!("{prefix}:{id}"))
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap_or(None);
-                    if v.map(|v| {
-                        serde_json::from_str::<Value>(&v).unwrap()["v"] != want[id].as_str()
-                    })
-                    .unwrap_or(true)
-                    {
-                        ok = false;
-                        break;
-                    }
-                }
-                ok
+                redis_rows_equal(&mut conn, &prefix, &want, &touched).await
             } else {
                 converged(&mut conn, &want, &touched).await
             };
@@ -414,42 +422,14 @@ retry_max_ms = 1000
         .await;
     let redis = redis::Client::open(redis_url.as_str()).unwrap();
     let http = reqwest::Client::new();
-    async fn rows(db: &TestDb) -> HashMap<i64, String> {
-        db.client
-            .query("SELECT id, v FROM t", &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| (r.get::<_, i32>(0) as i64, r.get::<_, String>(1)))
-            .collect()
-    }
-    // Whether Redis holds `ids` as Postgres does and the index holds every
-    // row, each as Postgres has it; `None` while a server does not answer.
+    // Whether Redis holds `redis_ids` as Postgres does and the index holds
+    // every row as Postgres has it (false while a server does not answer).
     let equal = async |want: &HashMap<i64, String>, redis_ids: &[i64]| -> bool {
         let Ok(mut conn) = redis.get_multiplexed_async_connection().await else {
             return false;
         };
-        for id in redis_ids {
-            let v: Option<String> = redis::cmd("GET")
-                .arg(format!("{prefix}:{id}"))
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(None);
-            let Some(v) = v else { return false };
-            let row: Value = serde_json::from_str(&v).unwrap();
-            if row["v"] != want[id].as_str() {
-                return false;
-            }
-        }
-        if search_count(&http, &search, &prefix).await != Some(want.len() as u64) {
-            return false;
-        }
-        for (id, v) in want {
-            if search_doc(&http, &search, &prefix, id).await["_source"]["v"] != v.as_str() {
-                return false;
-            }
-        }
-        true
+        redis_rows_equal(&mut conn, &prefix, want, redis_ids).await
+            && index_equal(&http, &search, &prefix, want, want.keys()).await
     };
     let wait_equal = async |w: &mut Walcast, redis_ids: &[i64], when: &str| {
         let want = rows(&db).await;

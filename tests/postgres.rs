@@ -232,11 +232,18 @@ async fn a_table_the_publication_sends_but_the_pipeline_does_not_list_is_named()
 /// A cluster of its own (the tests stop and kill it) with the table `c`
 /// that [`restart_tolerant_writer`] writes to.
 async fn cluster_with_table_c() -> TempCluster {
-    let cluster = TempCluster::start(&[
+    cluster_with_table_c_and(&[]).await
+}
+
+/// As [`cluster_with_table_c`], with more server settings.
+async fn cluster_with_table_c_and(settings: &[&str]) -> TempCluster {
+    let mut all = vec![
         "wal_level = logical",
         "max_wal_senders = 5",
         "max_replication_slots = 5",
-    ]);
+    ];
+    all.extend_from_slice(settings);
+    let cluster = TempCluster::start(&all);
     cluster
         .client()
         .await
@@ -244,6 +251,22 @@ async fn cluster_with_table_c() -> TempCluster {
         .await
         .unwrap();
     cluster
+}
+
+/// walcast capturing `public.c` of the server at `port` (a temp cluster,
+/// or a proxy in front of one) into its file sink.
+fn walcast_on_c(pipeline: &str, port: u16, extra_source: &str) -> Walcast {
+    Walcast::start_with(|out, admin| {
+        file_pipeline_config(
+            pipeline,
+            "postgres",
+            &["public.c"],
+            extra_source,
+            out,
+            admin,
+        )
+        .replace(&format!("port = {}", pg_port()), &format!("port = {port}"))
+    })
 }
 
 /// Waits for 50 more events than `seen` (walcast streaming again after
@@ -317,20 +340,7 @@ async fn wait_rebuilt(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_shutdowns_a_crash_and_a_killed_walsender_are_transient() {
     let cluster = cluster_with_table_c().await;
-    let mut w = Walcast::start_with(|out, admin| {
-        file_pipeline_config(
-            "restart",
-            "postgres",
-            &["public.c"],
-            "retry_max_backoff = \"1s\"",
-            out,
-            admin,
-        )
-        .replace(
-            &format!("port = {}", pg_port()),
-            &format!("port = {}", cluster.port),
-        )
-    });
+    let mut w = walcast_on_c("restart", cluster.port, "retry_max_backoff = \"1s\"");
     w.wait_state("streaming", WAIT).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let load = restart_tolerant_writer(&[cluster.port], stop_rx);
@@ -438,20 +448,11 @@ async fn smart_shutdown(cluster: &TempCluster) {
 async fn a_network_path_cut_with_a_reset_or_silently_is_transient() {
     let cluster = cluster_with_table_c().await;
     let proxy = TcpProxy::start(cluster.port).await;
-    let mut w = Walcast::start_with(|out, admin| {
-        file_pipeline_config(
-            "netcut",
-            "postgres",
-            &["public.c"],
-            "retry_max_backoff = \"1s\"\nreceive_timeout = \"4s\"\nconnect_timeout = \"2s\"",
-            out,
-            admin,
-        )
-        .replace(
-            &format!("port = {}", pg_port()),
-            &format!("port = {}", proxy.port),
-        )
-    });
+    let mut w = walcast_on_c(
+        "netcut",
+        proxy.port,
+        "retry_max_backoff = \"1s\"\nreceive_timeout = \"4s\"\nconnect_timeout = \"2s\"",
+    );
     w.wait_state("streaming", WAIT).await;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let load = restart_tolerant_writer(&[cluster.port], stop_rx);
@@ -817,19 +818,9 @@ async fn a_detached_partition_leaves_the_capture_without_an_event() {
 /// pipeline starts and captures.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_connections_is_transient() {
-    let cluster = TempCluster::start(&[
-        "wal_level = logical",
-        "max_wal_senders = 5",
-        "max_replication_slots = 5",
-        "max_connections = 8",
-        "superuser_reserved_connections = 0",
-    ]);
-    cluster
-        .client()
-        .await
-        .batch_execute("CREATE TABLE c (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
+    let cluster =
+        cluster_with_table_c_and(&["max_connections = 8", "superuser_reserved_connections = 0"])
+            .await;
     // Take every slot (the first client stays, to write later).
     let mut held = Vec::new();
     loop {
@@ -856,20 +847,7 @@ async fn too_many_connections_is_transient() {
         }
         assert!(held.len() < 50, "max_connections = 8 did not apply");
     }
-    let mut w = Walcast::start_with(|out, admin| {
-        file_pipeline_config(
-            "toomany",
-            "postgres",
-            &["public.c"],
-            "retry_max_backoff = \"1s\"",
-            out,
-            admin,
-        )
-        .replace(
-            &format!("port = {}", pg_port()),
-            &format!("port = {}", cluster.port),
-        )
-    });
+    let mut w = walcast_on_c("toomany", cluster.port, "retry_max_backoff = \"1s\"");
     let deadline = Instant::now() + WAIT;
     while !w.log().contains("too many clients") {
         assert!(

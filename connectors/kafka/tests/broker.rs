@@ -62,6 +62,24 @@ async fn refused_by_the_broker(sink: &mut KafkaSink, event: ChangeEvent) -> Stri
     failure.reason
 }
 
+/// Sends `event` alone as batch `seq` and asserts the commit acknowledged it
+/// before `send` returned (exactly-once sinks answer at the commit).
+async fn send_acknowledged(
+    sink: &mut KafkaSink,
+    tracker: &mut AckTracker<u64>,
+    seq: u64,
+    event: ChangeEvent,
+) {
+    let acker = tracker.register(Some(seq), 1);
+    sink.send(Batch {
+        events: Arc::new(vec![event]),
+        acker,
+    })
+    .await
+    .unwrap();
+    assert_eq!(tracker.poll().unwrap(), Some(seq));
+}
+
 /// A plain producer on the stack's broker, to fill topics the source reads.
 fn producer() -> FutureProducer {
     ClientConfig::new()
@@ -854,15 +872,13 @@ async fn exactly_once_commits_whole_batches_and_aborts_failed_ones() {
     // A successor with the same transactional id carries on.
     let mut sink2 = sink(cfg);
     let mut tracker2: AckTracker<u64> = AckTracker::new();
-    let a3 = tracker2.register(Some(3), 1);
-    sink2
-        .send(Batch {
-            events: Arc::new(vec![event(&rows, Op::Create, 7, "after", 0x30, 3)]),
-            acker: a3,
-        })
-        .await
-        .unwrap();
-    assert_eq!(tracker2.poll().unwrap(), Some(3));
+    send_acknowledged(
+        &mut sink2,
+        &mut tracker2,
+        3,
+        event(&rows, Op::Create, 7, "after", 0x30, 3),
+    )
+    .await;
 
     assert_eq!(
         after_names(&read_all(&topic, 1, 4, WAIT)),
@@ -888,29 +904,25 @@ async fn a_fenced_producer_fails_its_batch_definitely_naming_the_shared_transact
     };
     let mut tracker: AckTracker<u64> = AckTracker::new();
     let mut first = sink(cfg.clone());
-    let a1 = tracker.register(Some(1), 1);
-    first
-        .send(Batch {
-            events: Arc::new(vec![event(&rows, Op::Create, 1, "first", 0x10, 1)]),
-            acker: a1,
-        })
-        .await
-        .unwrap();
-    assert_eq!(tracker.poll().unwrap(), Some(1));
+    send_acknowledged(
+        &mut first,
+        &mut tracker,
+        1,
+        event(&rows, Op::Create, 1, "first", 0x10, 1),
+    )
+    .await;
 
     // The second producer's first transaction initialises it, which fences
     // the first (walcast initialises transactions on the first batch).
     let mut second = sink(cfg);
     let mut tracker2: AckTracker<u64> = AckTracker::new();
-    let a3 = tracker2.register(Some(3), 1);
-    second
-        .send(Batch {
-            events: Arc::new(vec![event(&rows, Op::Create, 3, "second", 0x30, 3)]),
-            acker: a3,
-        })
-        .await
-        .unwrap();
-    assert_eq!(tracker2.poll().unwrap(), Some(3));
+    send_acknowledged(
+        &mut second,
+        &mut tracker2,
+        3,
+        event(&rows, Op::Create, 3, "second", 0x30, 3),
+    )
+    .await;
 
     let a2 = tracker.register(Some(2), 1);
     let err = first
