@@ -32,7 +32,17 @@ direct mode `walcast check` must refuse them, and they reach Kafka only.
 Faults (--faults, comma separated): walcast_kill (kill -9 of walcast, then
 restart), broker_kill (kill -9 of the broker, restart after a pause),
 pg_fast / pg_immediate (Postgres stopped with -m fast / immediate, started
-again), redis_stop and search_stop (stopped for a while, started again).
+again), redis_stop and search_stop (stopped for a while, started again),
+walcast_takeover (a second walcast with the same config stands by from the
+start; the active one is killed -9, the stand-by takes over and a new
+stand-by is started: README "High availability"), pg_failover (Postgres 17+:
+the run gets a primary and a physical standby of its own, tests/oracle/
+pgpair.py, set up as the README's failover recipe says, and walcast lists
+both hosts with `slot_failover = true`; once walcast's slots are
+synchronised to the standby, the primary is stopped -m immediate under load
+and the standby promoted, once per run; Postgres's truth is then the
+promoted server. With pg_failover, pg_fast and pg_immediate are left out: the
+stack's Postgres is not the run's).
 Each fault is drawn at random from the list; with --fault-cycle the list is
 shuffled and gone through in turn, so that a short run has each listed
 fault once before any repeats (the CI seeds).
@@ -66,6 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare import (Diff, KafkaRebuild, Topic, compare_rows, dead_letters, key_id, pg_rows, redis_rows,  # noqa: E402
                      relay_lag, sanitize_index, search_rows)
 from generator import Writer, make_scenario  # noqa: E402
+from pgpair import PgPair  # noqa: E402
 from pgtypes import from_pg, key_part, search_doc, search_value  # noqa: E402
 
 # Feature switches. True = generated in CI. Each False one fails on the code
@@ -181,12 +192,33 @@ class Run:
         self.dlq = f"{self.run_id}-relay-dlq"
         self.redis_wipe_lsn = 0  # LSN read just after the last Redis stop (fault redis_stop)
         self.exits = []  # exit codes of walcast processes that stopped by themselves
+        # walcast_takeover: the stand-by daemon and its admin address.
+        self.standby, self.standby_admin = None, f"127.0.0.1:{free_port()}"
+        # pg_failover: the run's own primary and standby (pgpair.py).
+        self.pair = None
+        self.failed_over = False
+        if "pg_failover" in self.faults:
+            major = int(subprocess.run([f"{env('WALCAST_TEST_PG_BIN')}/postgres", "--version"], capture_output=True,
+                                       text=True).stdout.split()[-1].split(".")[0])
+            if major < 17:
+                log(f"SKIPPED fault pg_failover: Postgres {major} has no failover slots (17+); "
+                    "tests/failover.rs checks that slot_failover is refused there")
+                self.faults = [f for f in self.faults if f != "pg_failover"]
+            else:
+                self.pair = PgPair(self.dir, env("WALCAST_TEST_PG_BIN"), log)
+                dropped = [f for f in self.faults if f in ("pg_fast", "pg_immediate")]
+                if dropped:
+                    log(f"faults left out with pg_failover (they act on the stack's Postgres): {dropped}")
+                self.faults = [f for f in self.faults if f not in ("pg_fast", "pg_immediate")]
 
     def conninfo(self, db=None):
         return psycopg.conninfo.make_conninfo(dbname=db or self.db, **self.pg)
 
     # ----------------------------------------------------------- setup
     def setup(self):
+        if self.pair:
+            self.pair.start()
+            self.pg = self.pair.conn_params()
         self.tables, ddl = make_scenario(self.seed, self.switches, self.fmt)
         with psycopg.connect(self.conninfo("postgres"), autocommit=True) as c:
             c.execute(f'CREATE DATABASE "{self.db}"')
@@ -269,8 +301,8 @@ format = "{self.fmt}"
 state_dir = {toml_str(os.path.join(self.dir, 'state'))}
 {registry}[pipelines.{name}.source]
 host = "{self.pg['host']}"
-port = {self.pg['port']}
-database = "{self.db}"
+port = {toml_str(self.pg['port']) if isinstance(self.pg['port'], str) else self.pg['port']}
+{'slot_failover = true' + chr(10) + 'connect_timeout = "3s"' + chr(10) if self.pair else ''}database = "{self.db}"
 user = "postgres"
 slot = "{self.run_id}_{name}"
 publication = "{self.run_id}_{name}"
@@ -310,12 +342,72 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
         self.config_path = os.path.join(self.dir, "walcast.toml")
         with open(self.config_path, "w") as f:
             f.write(cfg)
+        # The stand-by's config is the same but for its admin address.
+        self.configs = {self.admin: self.config_path, self.standby_admin: os.path.join(self.dir, "walcast-b.toml")}
+        with open(self.configs[self.standby_admin], "w") as f:
+            f.write(cfg.replace(f'listen = "{self.admin}"', f'listen = "{self.standby_admin}"', 1))
 
     # ----------------------------------------------------------- walcast
+    def spawn(self, admin):
+        logf = open(os.path.join(self.dir, "walcast.log" if admin == self.admin else "walcast-standby.log"), "ab")
+        return subprocess.Popen([self.args.bin, "run", "-c", self.configs[admin]], cwd=self.dir,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
+
     def start_walcast(self):
-        logf = open(os.path.join(self.dir, "walcast.log"), "ab")
-        self.proc = subprocess.Popen([self.args.bin, "run", "-c", self.config_path], cwd=self.dir,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
+        self.proc = self.spawn(self.admin)
+
+    def state(self, admin):
+        try:
+            st = requests.get(f"http://{admin}/status", timeout=2).json()
+            return ",".join(sorted({p.get("state", "?") for p in st.get("pipelines", [])})) or "?"
+        except (requests.RequestException, ValueError):
+            return "unreachable"
+
+    def start_standby(self):
+        """A second walcast with the same config (README "High
+        availability"); it must stand by while the active one holds the
+        slots."""
+        self.standby = self.spawn(self.standby_admin)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.standby.poll() is not None:
+                raise RuntimeError(f"the stand-by walcast exited with {self.standby.returncode}")
+            st = self.state(self.standby_admin)
+            if "standby" in st:
+                log(f"stand-by walcast at {self.standby_admin}: {st}")
+                return
+            time.sleep(0.5)
+        log(f"the stand-by walcast did not report state standby within 60 s (state {self.state(self.standby_admin)})")
+
+    def takeover(self, pause):
+        """Kills the active walcast; the stand-by must take over. The log
+        files follow the processes: walcast.log is always the active's."""
+        if self.standby is None or self.standby.poll() is not None:
+            self.start_standby()
+        self.kill9()
+        t0 = time.time()
+        self.proc, self.standby = self.standby, None
+        self.admin, self.standby_admin = self.standby_admin, self.admin
+        os.replace(os.path.join(self.dir, "walcast.log"), os.path.join(self.dir, f"walcast-killed-{len(self.fault_log)}.log"))
+        os.replace(os.path.join(self.dir, "walcast-standby.log"), os.path.join(self.dir, "walcast.log"))
+        while time.time() - t0 < 60 and "standby" in self.state(self.admin) and self.proc.poll() is None:
+            time.sleep(0.2)
+        log(f"the stand-by took over in {time.time() - t0:.1f}s (state {self.state(self.admin)})")
+        time.sleep(pause / 3)
+        self.start_standby()
+
+    def pg_failover(self):
+        """Waits until walcast's slots are synchronised to the standby (what
+        the promoted server resumes from), then fails the primary over."""
+        slots = [f"{self.run_id}_{n}" for n, ts in (("sinkcap", self.sink_tables), ("kafkacap", self.kafka_tables)) if ts]
+        deadline = time.time() + 120
+        while not all(self.pair.slot_synced(s) for s in slots):
+            if time.time() > deadline:
+                log(f"walcast's slots {slots} were not synchronised to the standby within 120 s; failing over anyway")
+                break
+            time.sleep(0.5)
+        self.pair.failover()
+        self.failed_over = True
 
     def walcast_exited(self):
         return self.proc is not None and self.proc.poll() is not None
@@ -372,9 +464,15 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
 
     def fault(self, kind, r):
         pause = r.uniform(2, 6)
+        if kind == "pg_failover" and self.failed_over:
+            kind = "walcast_kill"  # one failover per run: the old primary is gone
         self.fault_log.append(kind)
         log(f"fault: {kind} (pause {pause:.1f}s)")
-        if kind == "walcast_kill":
+        if kind == "walcast_takeover":
+            self.takeover(pause)
+        elif kind == "pg_failover":
+            self.pg_failover()
+        elif kind == "walcast_kill":
             self.kill9()
             time.sleep(pause / 3)
             self.start_walcast()
@@ -595,6 +693,12 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
             time.sleep(3)
 
     def stop_walcast(self):
+        if self.standby is not None and self.standby.poll() is None:
+            self.standby.terminate()
+            try:
+                self.standby.wait(30)
+            except subprocess.TimeoutExpired:
+                self.standby.kill()
         try:
             if self.proc and self.proc.poll() is None:
                 self.proc.terminate()
@@ -654,6 +758,8 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
             if not self.wait_ready():
                 log("walcast did not become ready:\n" + self.log_tail())
                 return 1
+            if "walcast_takeover" in self.faults:
+                self.start_standby()
             log(f"walcast ready after {time.time() - t0:.1f}s")
             kafka = KafkaRebuild(self.bootstrap, self.registry, self.fmt, [self.prefix_sink, self.prefix_kafka], self.tables, self.run_id)
             stats = self.load()
@@ -717,6 +823,8 @@ consumer = {{ "topic.metadata.refresh.interval.ms" = "500", "session.timeout.ms"
                 log(f"kept the database {self.db}, the topics, keys and indices of run {self.run_id} for inspection (the slots are dropped)")
             elif not self.args.keep:
                 self.cleanup()
+            if self.pair:
+                self.pair.stop(remove=not self.failed and not self.args.keep)
 
 
 def main():
