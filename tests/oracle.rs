@@ -141,9 +141,9 @@ fn oracle() {
         let only: Option<Vec<u64>> = std::env::var("WALCAST_ORACLE_SHORT_SEEDS").ok().map(|s| {
             s.split(',')
                 .map(|n| {
-                    n.trim()
-                        .parse()
-                        .unwrap_or_else(|_| panic!("WALCAST_ORACLE_SHORT_SEEDS: {n:?} is not a seed"))
+                    n.trim().parse().unwrap_or_else(|_| {
+                        panic!("WALCAST_ORACLE_SHORT_SEEDS: {n:?} is not a seed")
+                    })
                 })
                 .collect()
         });
