@@ -17,6 +17,14 @@ in the same run, on the same table:
                snapshot public.snap_rows`: timed from the command to
                /status saying the incremental snapshot is done (chunks
                between watermarks, on one SQL session).
+  into Kafka   the initial snapshot of snap_rows into Kafka (JSON, 3
+               partitions), walcast against Debezium's (`snapshot.mode =
+               initial` on the stack's Kafka Connect, JsonConverter without
+               schemas, the producer settings bench.py gives both): each
+               timed from its start to the topic's end offsets holding
+               every row. Needs the stack's Kafka and Connect (`stack up
+               --with debezium`, as tests/bench/run starts it) and
+               confluent-kafka; without them this part says it skipped.
 
 Prints the figures and appends them to tests/bench/RESULTS.md. Run through
 tests/bench/snapshot (release build, stack env); needs only python3.
@@ -167,6 +175,111 @@ def initial(work, name="initial", **kw):
     return dt, rss
 
 
+def kafka_topic_count(boot, topic):
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": boot, "group.id": "snapbench-offsets"})
+    try:
+        md = c.list_topics(topic, timeout=10).topics.get(topic)
+        if md is None or md.error is not None:
+            return 0
+        return sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in md.partitions)
+    finally:
+        c.close()
+
+
+def create_topic(boot, topic, partitions=3):
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient({"bootstrap.servers": boot})  # alive until the futures resolve
+    for f in admin.create_topics([NewTopic(topic, partitions, 1)]).values():
+        f.result(30)
+
+
+def connect(method, path, body=None):
+    req = urllib.request.Request(E["WALCAST_TEST_CONNECT_URL"] + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        txt = r.read().decode()
+        return json.loads(txt) if txt else None
+
+
+def wait_count(boot, topic, t0, what, proc=None):
+    while True:
+        n = kafka_topic_count(boot, topic)
+        if n >= N:
+            return time.monotonic() - t0
+        if proc is not None and proc.poll() is not None and proc.returncode != 0:
+            raise RuntimeError(f"{what} exited {proc.returncode} at {n:,}/{N:,} records")
+        if time.monotonic() - t0 > TIMEOUT:
+            raise RuntimeError(f"{what}: timed out at {n:,}/{N:,} records")
+        time.sleep(0.1)
+
+
+def into_kafka(work):
+    """walcast's and Debezium's initial snapshot of snap_rows into Kafka, or
+    None with the reason when this stack cannot run it."""
+    boot, conn = E.get("WALCAST_TEST_KAFKA_BOOTSTRAP"), E.get("WALCAST_TEST_CONNECT_URL")
+    if not boot or not conn:
+        return None, "no Kafka or Kafka Connect in the stack's environment (stack up --with debezium)"
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        return None, "confluent-kafka is not installed for this Python (tests/bench/run's venv has it)"
+    stamp = time.strftime("%H%M%S")
+    # walcast: the snapshot into Kafka, then exit (initial_only exits once
+    # every record is acknowledged).
+    wtopic = f"snapk{stamp}.public.snap_rows"
+    create_topic(boot, wtopic)
+    cfg = os.path.join(work, "kafka.toml")
+    with open(cfg, "w") as f:
+        f.write(config(work, "initial_only", "", state="state-kafka").replace("slot = \"bench_snap\"", "slot = \"bench_snap_k\"")
+                .replace('[[pipelines.snapbench.sinks]]\ntype = "file"\npath = "/dev/null"\n',
+                         f'[[pipelines.snapbench.sinks]]\ntype = "kafka"\nbootstrap_servers = "{boot}"\n')
+                .replace('kind = "capture"\n', f'kind = "capture"\ntopic_prefix = "snapk{stamp}"\nformat = "json"\n'))
+    logf = open(os.path.join(work, "kafka.log"), "w")
+    t0 = time.monotonic()
+    p = subprocess.Popen([BIN, "run", "-c", cfg], stdout=subprocess.DEVNULL, stderr=logf, cwd=work)
+    rss = 0
+    while p.poll() is None:
+        rss = max(rss, peak_rss_kib(p.pid))
+        if time.monotonic() - t0 > TIMEOUT:
+            p.kill()
+            raise RuntimeError("walcast's snapshot into Kafka timed out")
+        time.sleep(0.05)
+    if p.returncode != 0:
+        raise RuntimeError(f"walcast exited {p.returncode}; see {logf.name}")
+    w = wait_count(boot, wtopic, t0, "walcast")
+    psql("SELECT pg_drop_replication_slot('bench_snap_k') FROM pg_replication_slots WHERE slot_name = 'bench_snap_k'")
+    # Debezium: the same table, topic pre-created with 3 partitions.
+    prefix = f"snapd{stamp}"
+    dtopic = f"{prefix}.public.snap_rows"
+    create_topic(boot, dtopic)
+    name = f"snapbench-{stamp}"
+    t0 = time.monotonic()
+    connect("POST", "/connectors", {"name": name, "config": {
+        "connector.class": "io.debezium.connector.postgresql.PostgresConnector", "tasks.max": "1",
+        "plugin.name": "pgoutput", "database.hostname": "127.0.0.1", "database.port": PGPORT,
+        "database.user": "postgres", "database.password": "unused", "database.dbname": DB,
+        "slot.name": "bench_snap_dbz", "publication.name": "bench_snap_pub", "publication.autocreate.mode": "disabled",
+        "table.include.list": "public.snap_rows", "topic.prefix": prefix, "snapshot.mode": "initial",
+        "key.converter": "org.apache.kafka.connect.json.JsonConverter", "key.converter.schemas.enable": "false",
+        "value.converter": "org.apache.kafka.connect.json.JsonConverter", "value.converter.schemas.enable": "false",
+        "max.batch.size": "20480", "max.queue.size": "81920", "poll.interval.ms": "50",
+        "producer.override.linger.ms": "5", "producer.override.batch.size": "524288",
+        "producer.override.compression.type": "zstd", "producer.override.acks": "all",
+        "producer.override.enable.idempotence": "true"}})
+    try:
+        d = wait_count(boot, dtopic, t0, "debezium")
+    finally:
+        connect("DELETE", f"/connectors/{name}")
+        for _ in range(100):
+            if psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'bench_snap_dbz' AND NOT active") == "1":
+                psql("SELECT pg_drop_replication_slot('bench_snap_dbz')")
+                break
+            time.sleep(0.2)
+    return (w, rss, d), None
+
+
 def status(admin):
     try:
         with urllib.request.urlopen(f"http://{admin}/status", timeout=2) as r:
@@ -232,6 +345,12 @@ def main():
     n, nrss = incremental(work)
     log(f"walcast incremental snapshot (chunks of {CHUNK}): {n:.2f} s = {N / n:,.0f} rows/s, "
         f"peak RSS {nrss / 1024:.0f} MiB")
+    k, why = into_kafka(work)
+    if k:
+        log(f"into Kafka: walcast {k[0]:.2f} s = {N / k[0]:,.0f} rows/s (peak RSS {k[1] / 1024:.0f} MiB), "
+            f"Debezium {k[2]:.2f} s = {N / k[2]:,.0f} rows/s")
+    else:
+        log(f"into Kafka: SKIPPED, {why}")
     load = os.getloadavg()
     fsync = psql("SHOW fsync")
     commit = E.get("WALCAST_BENCH_COMMIT") or subprocess.run(
@@ -253,6 +372,12 @@ def main():
         f"| `COPY snap_many_N TO STDOUT` of {TABLES} tables of {m_rows // TABLES:,} rows, one after the other (psql) | {mc:.2f} | {m_rows / mc:,.0f} | 1.00 | |",
         f"| walcast initial snapshot of the {TABLES} tables ({WORKERS} workers) | {mi:.2f} | {m_rows / mi:,.0f} | {mc / mi:.2f} | {mrss / 1024:.0f} MiB |",
         f"| walcast incremental snapshot (1 session, chunks of {CHUNK:,}, while streaming) | {n:.2f} | {N / n:,.0f} | {c / n:.2f} | {nrss / 1024:.0f} MiB |",
+    ] + ([
+        f"| walcast initial snapshot into Kafka (JSON, 3 partitions, to the end offsets) | {k[0]:.2f} | {N / k[0]:,.0f} | {c / k[0]:.2f} | {k[1] / 1024:.0f} MiB |",
+        f"| Debezium initial snapshot into Kafka (the same, `snapshot.mode = initial`) | {k[2]:.2f} | {N / k[2]:,.0f} | {c / k[2]:.2f} | |",
+        "",
+        f"Into Kafka, walcast ÷ Debezium: {k[2] / k[0]:.2f}× (the same table, topic layout and producer settings).",
+    ] if k else ["", f"Into Kafka against Debezium: skipped, {why}."]) + [
         "",
     ]
     text = "\n".join(lines)
