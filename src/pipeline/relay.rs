@@ -34,7 +34,7 @@ use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 use walcast_kafka::{KafkaSource, RecordDeadLetter, SourceRecord};
 use walcast_schemas::{AvroDecoder, HttpRegistry};
-use walcast_sdk::relay::event_from_envelope_typed;
+use walcast_sdk::relay::{event_from_envelope_typed, event_from_json_bytes};
 use walcast_sdk::retry::Backoff;
 use walcast_sdk::PgType;
 use walcast_sdk::{send_to_every_sink, ChangeEvent, Sink};
@@ -122,29 +122,23 @@ struct Decoder {
 }
 
 impl Decoder {
-    /// The record as JSON, and for Avro the column types its writer schema
-    /// gives (JSON records carry no types).
-    async fn json(&self, bytes: &[u8]) -> Result<(Json, Option<Arc<ColumnTypes>>), String> {
-        if walcast_schemas::wire::is_framed(bytes) {
-            let avro = self
-                .avro
-                .as_ref()
-                .ok_or("an Avro record, but the relay has no [registry] to decode it")?;
-            let (id, v, schema) = avro
-                .decode_with_schema(bytes)
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut cache = self.types.lock().expect("column types lock poisoned");
-            let types = cache
-                .entry(id)
-                .or_insert_with(|| Arc::new(walcast_schemas::mapping::column_types(schema.json())))
-                .clone();
-            Ok((v, Some(types)))
-        } else {
-            serde_json::from_slice(bytes)
-                .map(|v| (v, None))
-                .map_err(|e| format!("neither Avro (magic byte 0) nor JSON: {e}"))
-        }
+    /// An Avro record as JSON, and the column types its writer schema
+    /// gives.
+    async fn avro(&self, bytes: &[u8]) -> Result<(Json, Arc<ColumnTypes>), String> {
+        let avro = self
+            .avro
+            .as_ref()
+            .ok_or("an Avro record, but the relay has no [registry] to decode it")?;
+        let (id, v, schema) = avro
+            .decode_with_schema(bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut cache = self.types.lock().expect("column types lock poisoned");
+        let types = cache
+            .entry(id)
+            .or_insert_with(|| Arc::new(walcast_schemas::mapping::column_types(schema.json())))
+            .clone();
+        Ok((v, types))
     }
 
     async fn event(&self, r: &SourceRecord) -> Result<Option<ChangeEvent>, String> {
@@ -153,12 +147,23 @@ impl Decoder {
         let Some(value) = r.value.as_deref() else {
             return Ok(None);
         };
-        let (env, types) = self.json(value).await?;
         let key = match r.key.as_deref() {
             Some(k) => Some(self.key_columns(k).await?),
             None => None,
         };
-        event_from_envelope_typed(key.as_deref(), &env, types.as_deref()).map_err(|e| e.to_string())
+        if walcast_schemas::wire::is_framed(value) {
+            let (env, types) = self.avro(value).await?;
+            event_from_envelope_typed(key.as_deref(), &env, Some(&types)).map_err(|e| e.to_string())
+        } else {
+            // JSON records carry no types; read without a Value tree.
+            event_from_json_bytes(key.as_deref(), value).map_err(|e| {
+                if serde_json::from_slice::<serde::de::IgnoredAny>(value).is_err() {
+                    format!("neither Avro (magic byte 0) nor JSON: {e}")
+                } else {
+                    e.to_string()
+                }
+            })
+        }
     }
 
     /// The key record's columns in the order it was written (the table's
