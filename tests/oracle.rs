@@ -7,11 +7,13 @@
 //! normalisation); this test runs its short form against the stack and
 //! fails on any difference, printing the oracle's repro lines.
 //!
-//! Short form (CI): the seeds of `SHORT`, about a minute each, two of them
-//! with walcast killed with -9 again and again. Service faults (broker
-//! kill -9, Redis and OpenSearch stopped, Postgres fast/immediate
-//! shutdowns) stop servers of the stack: they run only with
-//! `WALCAST_ORACLE_STACK_FAULTS=1`, never set it against a stack others use.
+//! Short form (CI): the seeds of `SHORT`, about a minute each, three of
+//! them with faults; the failover seed has a stand-by walcast take over
+//! and, on Postgres 17+, a Postgres pair of its own fail over (it says it
+//! skipped that before 17). Service faults (broker kill -9, Redis and
+//! OpenSearch stopped, Postgres fast/immediate shutdowns) stop servers of
+//! the stack: they run only with `WALCAST_ORACLE_STACK_FAULTS=1`, never set
+//! it against a stack others use.
 //!
 //! Long form: `WALCAST_ORACLE_LONG=1` runs `WALCAST_ORACLE_RUNS` seeds
 //! (default 10) starting at `WALCAST_ORACLE_SEED` (default: random), each
