@@ -223,6 +223,11 @@ async fn kill_9_then_restart_loses_nothing_and_replays_only_after_the_confirmed_
         .expect("slot exists");
     let before_restart = w.events().len();
     w.spawn();
+    // Streaming again before anything else: when the writer had finished
+    // before the kill (a fast server), every row is already in the file,
+    // and a SIGTERM in the new process's first milliseconds (before it
+    // catches signals) killed it by the signal (seen on Postgres 17).
+    w.wait_state("streaming", WAIT).await;
     writer.await.unwrap();
     let ev = w
         .wait_events("every row", WAIT, |e| {
@@ -249,7 +254,12 @@ async fn kill_9_then_restart_loses_nothing_and_replays_only_after_the_confirmed_
     }
     assert!(before_restart >= 100);
     eprintln!("kill -9 at {before_restart} events; {dups} replayed after restart");
-    assert!(w.terminate().success());
+    let st = w.terminate();
+    assert!(
+        st.success(),
+        "walcast exited with {st} on SIGTERM:\n{}",
+        tail(&w.log(), 4000)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,20 @@ pub(crate) async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
     let prometheus = admin::install_recorder();
     let shutdown = CancellationToken::new();
+    // SIGTERM and SIGINT are caught from here on: a signal during start-up
+    // (building the pipelines can take seconds) stops the daemon cleanly,
+    // exit 0, instead of killing it by the signal's default action
+    // (tests/capture.rs saw "signal: 15" from a daemon stopped just after
+    // a restart).
+    {
+        let signals = Signals::install();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            signals.wait().await;
+            tracing::info!("shutting down: draining in-flight events");
+            sd.cancel();
+        });
+    }
 
     if let Some(reg) = &cfg.embedded_registry {
         let registry = std::sync::Arc::new(
@@ -103,14 +117,6 @@ pub(crate) async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         });
     }
 
-    {
-        let sd = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutting down: draining in-flight events");
-            sd.cancel();
-        });
-    }
     tokio::spawn(systemd_notify(statuses.clone(), shutdown.clone()));
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -145,13 +151,26 @@ pub(crate) async fn run(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, registered when made (not when first awaited).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+        }
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 
