@@ -122,17 +122,25 @@ struct Decoder {
 }
 
 impl Decoder {
+    /// An Avro record (`what`: "record" or "key") through the registry:
+    /// writer schema id, value as JSON, writer schema.
+    async fn decode_avro(
+        &self,
+        bytes: &[u8],
+        what: &str,
+    ) -> Result<(u32, Json, Arc<walcast_schemas::AvroSchema>), String> {
+        let avro = self.avro.as_ref().ok_or_else(|| {
+            format!("an Avro {what}, but the relay has no [registry] to decode it")
+        })?;
+        avro.decode_with_schema(bytes)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// An Avro record as JSON, and the column types its writer schema
     /// gives.
     async fn avro(&self, bytes: &[u8]) -> Result<(Json, Arc<ColumnTypes>), String> {
-        let avro = self
-            .avro
-            .as_ref()
-            .ok_or("an Avro record, but the relay has no [registry] to decode it")?;
-        let (id, v, schema) = avro
-            .decode_with_schema(bytes)
-            .await
-            .map_err(|e| e.to_string())?;
+        let (id, v, schema) = self.decode_avro(bytes, "record").await?;
         let mut cache = self.types.lock().expect("column types lock poisoned");
         let types = cache
             .entry(id)
@@ -172,14 +180,7 @@ impl Decoder {
     /// members by name).
     async fn key_columns(&self, bytes: &[u8]) -> Result<Vec<String>, String> {
         if walcast_schemas::wire::is_framed(bytes) {
-            let avro = self
-                .avro
-                .as_ref()
-                .ok_or("an Avro key, but the relay has no [registry] to decode it")?;
-            let (_, _, schema) = avro
-                .decode_with_schema(bytes)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (_, _, schema) = self.decode_avro(bytes, "key").await?;
             Ok(walcast_schemas::mapping::record_columns(schema.json()))
         } else {
             match walcast_sdk::relay::json_member_names(bytes) {

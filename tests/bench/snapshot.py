@@ -63,7 +63,11 @@ def psql(sql, db=DB):
     return benchlib.psql(sql, db)
 
 
-def config(work, mode, admin, tables=("snap_rows",), publication="bench_snap_pub", state="state"):
+FILE_SINK = 'type = "file"\npath = "/dev/null"\n'
+
+
+def config(work, mode, admin, tables=("snap_rows",), publication="bench_snap_pub", state="state",
+           slot="bench_snap", sink=FILE_SINK, pipeline_extra=""):
     listed = ", ".join(f'"public.{t}"' for t in tables)
     return f"""[admin]
 listen = "{admin}"
@@ -72,22 +76,20 @@ format = "json"
 level = "info"
 [pipelines.snapbench]
 kind = "capture"
-state_dir = "{work}/{state}"
+{pipeline_extra}state_dir = "{work}/{state}"
 [pipelines.snapbench.source]
 host = "127.0.0.1"
 port = {PGPORT}
 database = "{DB}"
 user = "postgres"
 tables = [{listed}]
-slot = "bench_snap"
+slot = "{slot}"
 publication = "{publication}"
 snapshot = "{mode}"
 snapshot_workers = {WORKERS}
 snapshot_chunk_rows = {CHUNK}
 [[pipelines.snapbench.sinks]]
-type = "file"
-path = "/dev/null"
-"""
+{sink}"""
 
 
 def setup():
@@ -148,10 +150,13 @@ def peak_rss_kib(pid):
     return 0
 
 
-def initial(work, name="initial", **kw):
+def run_to_exit(work, name, text):
+    """Runs `walcast run` on the config `text` until it exits (an
+    `initial_only` snapshot exits once every record is acknowledged):
+    (start time, seconds, peak RSS KiB, log path)."""
     cfg = os.path.join(work, f"{name}.toml")
     with open(cfg, "w") as f:
-        f.write(config(work, "initial_only", "", state=f"state-{name}", **kw))
+        f.write(text)
     logf = open(os.path.join(work, f"{name}.log"), "w")
     t0 = time.monotonic()
     p = subprocess.Popen([BIN, "run", "-c", cfg], stdout=subprocess.DEVNULL, stderr=logf, cwd=work)
@@ -160,18 +165,23 @@ def initial(work, name="initial", **kw):
         rss = max(rss, peak_rss_kib(p.pid))
         if time.monotonic() - t0 > TIMEOUT:
             p.kill()
-            raise RuntimeError("initial snapshot timed out")
+            raise RuntimeError(f"walcast ({name}) timed out")
         time.sleep(0.05)
     dt = time.monotonic() - t0
     if p.returncode != 0:
         raise RuntimeError(f"walcast exited {p.returncode}; see {logf.name}")
+    return t0, dt, rss, logf.name
+
+
+def initial(work, name="initial", **kw):
+    _, dt, rss, logname = run_to_exit(work, name, config(work, "initial_only", "", state=f"state-{name}", **kw))
     rows = None
-    for line in open(logf.name):
+    for line in open(logname):
         if '"snapshot done"' in line:
             rows = json.loads(line).get("rows")
     want = N // TABLES * TABLES if name == "many" else N
     if rows != want:
-        raise RuntimeError(f"walcast's snapshot read {rows} rows, not {want}; see {logf.name}")
+        raise RuntimeError(f"walcast's snapshot read {rows} rows, not {want}; see {logname}")
     return dt, rss
 
 
@@ -230,24 +240,10 @@ def into_kafka(work):
     # every record is acknowledged).
     wtopic = f"snapk{stamp}.public.snap_rows"
     create_topic(boot, wtopic)
-    cfg = os.path.join(work, "kafka.toml")
-    with open(cfg, "w") as f:
-        f.write(config(work, "initial_only", "", state="state-kafka").replace("slot = \"bench_snap\"", "slot = \"bench_snap_k\"")
-                .replace('[[pipelines.snapbench.sinks]]\ntype = "file"\npath = "/dev/null"\n',
-                         f'[[pipelines.snapbench.sinks]]\ntype = "kafka"\nbootstrap_servers = "{boot}"\n')
-                .replace('kind = "capture"\n', f'kind = "capture"\ntopic_prefix = "snapk{stamp}"\nformat = "json"\n'))
-    logf = open(os.path.join(work, "kafka.log"), "w")
-    t0 = time.monotonic()
-    p = subprocess.Popen([BIN, "run", "-c", cfg], stdout=subprocess.DEVNULL, stderr=logf, cwd=work)
-    rss = 0
-    while p.poll() is None:
-        rss = max(rss, peak_rss_kib(p.pid))
-        if time.monotonic() - t0 > TIMEOUT:
-            p.kill()
-            raise RuntimeError("walcast's snapshot into Kafka timed out")
-        time.sleep(0.05)
-    if p.returncode != 0:
-        raise RuntimeError(f"walcast exited {p.returncode}; see {logf.name}")
+    t0, _, rss, _ = run_to_exit(work, "kafka", config(
+        work, "initial_only", "", state="state-kafka", slot="bench_snap_k",
+        sink=f'type = "kafka"\nbootstrap_servers = "{boot}"\n',
+        pipeline_extra=f'topic_prefix = "snapk{stamp}"\nformat = "json"\n'))
     w = wait_count(boot, wtopic, t0, "walcast")
     psql("SELECT pg_drop_replication_slot('bench_snap_k') FROM pg_replication_slots WHERE slot_name = 'bench_snap_k'")
     # Debezium: the same table, topic pre-created with 3 partitions.

@@ -60,7 +60,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -76,7 +75,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare import (Diff, KafkaRebuild, Topic, compare_rows, dead_letters, key_id, pg_rows, redis_rows,  # noqa: E402
                      relay_lag, sanitize_index, search_rows)
 from generator import Writer, make_scenario  # noqa: E402
-from pgpair import PgPair  # noqa: E402
+from pgpair import PgPair, free_port, pg_major  # noqa: E402
 from pgtypes import from_pg, key_part, search_doc, search_value  # noqa: E402
 
 # Feature switches. True = generated in CI. Each False one fails on the code
@@ -144,14 +143,6 @@ def env(name, default=None):
     return v
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def toml_str(s):
     return json.dumps(s, ensure_ascii=False)
 
@@ -201,8 +192,7 @@ class Run:
         # and lost with it (see outputs()).
         self.lost_in_failover = set()
         if "pg_failover" in self.faults:
-            major = int(subprocess.run([f"{env('WALCAST_TEST_PG_BIN')}/postgres", "--version"], capture_output=True,
-                                       text=True).stdout.split()[-1].split(".")[0])
+            major = pg_major(env("WALCAST_TEST_PG_BIN"))
             if major < 17:
                 log(f"SKIPPED fault pg_failover: Postgres {major} has no failover slots (17+); "
                     "tests/failover.rs checks that slot_failover is refused there")

@@ -36,6 +36,12 @@ def free_port():
         return s.getsockname()[1]
 
 
+def pg_major(bin_dir):
+    """The major version of the Postgres binaries in `bin_dir`."""
+    out = subprocess.run([f"{bin_dir}/postgres", "--version"], capture_output=True, text=True).stdout
+    return int(out.split()[-1].split(".")[0])
+
+
 def as_postgres(args, **kw):
     return subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True, **kw)
 
@@ -46,7 +52,6 @@ class PgPair:
         self.bin = bin_dir
         self.log = log
         self.ports = (free_port(), free_port())
-        self.promoted = False
 
     def data(self, i):
         return os.path.join(self.dir, f"data{i}")
@@ -63,10 +68,6 @@ class PgPair:
         if res.returncode != 0:
             raise RuntimeError(f"psql on server {i} failed: {res.stderr.strip()}")
         return res.stdout
-
-    def major(self):
-        out = subprocess.run([f"{self.bin}/postgres", "--version"], capture_output=True, text=True).stdout
-        return int(out.split()[-1].split(".")[0])
 
     def start(self):
         os.makedirs(self.dir, exist_ok=True)
@@ -128,7 +129,6 @@ class PgPair:
         t0 = time.time()
         self.must(self.pg_ctl(0, "-m", "immediate", "-w", "stop"), "the primary's immediate stop failed", 0)
         self.must(self.pg_ctl(1, "-w", "promote"), "pg_ctl promote failed", 1)
-        self.promoted = True
         self.log(f"primary (port {self.ports[0]}) stopped -m immediate, standby (port {self.ports[1]}) "
                  f"promoted in {time.time() - t0:.1f}s")
 

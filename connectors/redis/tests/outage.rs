@@ -54,21 +54,30 @@ fn start_redis(port: u16) -> Child {
     panic!("redis-server on port {port} did not answer");
 }
 
+/// A sink on the Redis this file starts on `port`.
+async fn sink_on(port: u16, mode: Mode) -> RedisSink {
+    let mut c = config(mode);
+    c.urls = vec![format!("redis://127.0.0.1:{port}")];
+    RedisSink::connect(c).await.unwrap()
+}
+
 #[tokio::test]
 async fn a_batch_sent_during_an_outage_is_retried_until_redis_is_back() {
     let port = free_port();
     let mut server = start_redis(port);
     let name = unique_table("outage");
     let t = table(&name, &[("id", true), ("v", false)]);
-    let mut c = config(Mode::Upsert {
-        key_template: "{table}:{id}".into(),
-        format: UpsertFormat::Json,
-        ttl_secs: None,
-        tombstone_ttl_secs: 60,
-        truncate_scan: true,
-    });
-    c.urls = vec![format!("redis://127.0.0.1:{port}")];
-    let mut sink = RedisSink::connect(c).await.unwrap();
+    let mut sink = sink_on(
+        port,
+        Mode::Upsert {
+            key_template: "{table}:{id}".into(),
+            format: UpsertFormat::Json,
+            ttl_secs: None,
+            tombstone_ttl_secs: 60,
+            truncate_scan: true,
+        },
+    )
+    .await;
     let stats = sink.stats();
 
     server.kill().unwrap();
@@ -115,12 +124,14 @@ async fn dropping_the_sink_during_an_outage_gives_the_batch_back_as_transient() 
     let mut server = start_redis(port);
     let name = unique_table("dropped");
     let t = table(&name, &[("id", true), ("v", false)]);
-    let mut c = config(Mode::Invalidate {
-        key_template: "{table}:{id}".into(),
-        truncate_scan: true,
-    });
-    c.urls = vec![format!("redis://127.0.0.1:{port}")];
-    let mut sink = RedisSink::connect(c).await.unwrap();
+    let mut sink = sink_on(
+        port,
+        Mode::Invalidate {
+            key_template: "{table}:{id}".into(),
+            truncate_scan: true,
+        },
+    )
+    .await;
     let stats = sink.stats();
     server.kill().unwrap();
     server.wait().unwrap();

@@ -7,13 +7,12 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use walcast_redis::request::version_key;
-use walcast_redis::{Mode, RedisSink, UpsertFormat};
-use walcast_sdk::{AckTracker, Batch, ChangeEvent, Sink};
+use walcast_redis::{Mode, UpsertFormat};
+use walcast_sdk::Sink;
 
 /// The tests of this file run one at a time: the pause of one would hold
 /// the other's own writes past its client's response timeout.
@@ -29,21 +28,15 @@ fn upsert_json() -> Mode {
     }
 }
 
-/// Hands one batch to `send` and returns its result and the batch's own
-/// tracker, to wait for the acker's answer with.
-async fn hand_over(
-    sink: &mut RedisSink,
-    events: Vec<ChangeEvent>,
-) -> (Result<(), walcast_sdk::SinkError>, AckTracker<u64>) {
-    let mut tracker = AckTracker::new();
-    let acker = tracker.register(Some(1), events.len());
-    let sent = sink
-        .send(Batch {
-            events: Arc::new(events),
-            acker,
-        })
-        .await;
-    (sent, tracker)
+/// Makes the version key of `key` a list: the script's GET then answers
+/// WRONGTYPE, a definite failure.
+async fn poison_version(r: &mut redis::aio::MultiplexedConnection, key: &str) {
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(version_key(key))
+        .arg("x")
+        .query_async(r)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -107,13 +100,7 @@ async fn a_definite_failure_comes_back_from_the_next_send_or_flush_and_stops_lat
     let stats = sink.stats();
     let mut r = client().await;
     let key = |id: i32| format!("public.{name}:{id}");
-    // A version key holding a list: the script's GET answers WRONGTYPE.
-    let _: i64 = redis::cmd("LPUSH")
-        .arg(version_key(&key(1)))
-        .arg("x")
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    poison_version(&mut r, &key(1)).await;
 
     let (sent, mut first) =
         hand_over(&mut sink, vec![upsert(&t, vec![int(1), text("a")], 10)]).await;
@@ -160,12 +147,7 @@ async fn a_definite_failure_comes_back_from_the_next_send_or_flush_and_stops_lat
     );
 
     // With no send after it, `flush` returns the failure.
-    let _: i64 = redis::cmd("LPUSH")
-        .arg(version_key(&key(4)))
-        .arg("x")
-        .query_async(&mut r)
-        .await
-        .unwrap();
+    poison_version(&mut r, &key(4)).await;
     let (sent, mut fourth) =
         hand_over(&mut sink, vec![upsert(&t, vec![int(4), text("d")], 13)]).await;
     sent.unwrap();

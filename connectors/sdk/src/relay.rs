@@ -127,6 +127,11 @@ pub fn json_member_names(bytes: &[u8]) -> Option<Vec<String>> {
 trait Object {
     fn member(&self, name: &str) -> Option<&Json>;
     fn names(&self) -> Box<dyn Iterator<Item = &String> + '_>;
+    /// As `member`, for lookups made mostly in the object's own order:
+    /// `hint` is where the last one was found.
+    fn member_near(&self, name: &str, _hint: &mut usize) -> Option<&Json> {
+        self.member(name)
+    }
 }
 
 impl Object for serde_json::Map<String, Json> {
@@ -147,6 +152,17 @@ impl Object for Members {
     }
     fn names(&self) -> Box<dyn Iterator<Item = &String> + '_> {
         Box::new(self.0.iter().map(|(n, _)| n))
+    }
+    /// Searches on from the last find, wrapping: the columns are the key's
+    /// then the others in the record's order, so a row of n columns is read
+    /// in about n comparisons instead of n²/2.
+    fn member_near(&self, name: &str, hint: &mut usize) -> Option<&Json> {
+        let n = self.0.len();
+        let i = (0..n)
+            .map(|k| (*hint + k) % n)
+            .find(|&i| self.0[i].0 == name)?;
+        *hint = i + 1;
+        Some(&self.0[i].1)
     }
 }
 
@@ -361,11 +377,12 @@ fn build_event(
     };
     let row = |img: Option<&dyn Object>| -> Option<Vec<Value>> {
         let obj = img?;
+        let mut hint = 0;
         Some(
             columns
                 .iter()
                 .map(|c| {
-                    obj.member(&c.name)
+                    obj.member_near(&c.name, &mut hint)
                         .map(|j| column_value(j, &c.pg_type, types.is_some()))
                         .unwrap_or(Value::Null)
                 })

@@ -117,12 +117,13 @@ pub async fn sink(mode: Mode) -> RedisSink {
         .expect("connect to the test Redis")
 }
 
-/// Sends one batch, waits for its acker, and returns what it was answered.
-/// `send` returns once the worker has taken the batch, so a definite
-/// failure in Redis comes back from the following `flush` instead (with the
-/// acker's reason); a batch the sink refuses fails in `send` itself.
-pub async fn send(sink: &mut RedisSink, events: Vec<ChangeEvent>) -> Result<(), String> {
-    let mut tracker: AckTracker<u64> = AckTracker::new();
+/// Hands one batch to `send` and returns its result and the batch's own
+/// tracker, to wait for the acker's answer with.
+pub async fn hand_over(
+    sink: &mut RedisSink,
+    events: Vec<ChangeEvent>,
+) -> (Result<(), walcast_sdk::SinkError>, AckTracker<u64>) {
+    let mut tracker = AckTracker::new();
     let acker = tracker.register(Some(1), events.len());
     let sent = sink
         .send(Batch {
@@ -130,6 +131,15 @@ pub async fn send(sink: &mut RedisSink, events: Vec<ChangeEvent>) -> Result<(), 
             acker,
         })
         .await;
+    (sent, tracker)
+}
+
+/// Sends one batch, waits for its acker, and returns what it was answered.
+/// `send` returns once the worker has taken the batch, so a definite
+/// failure in Redis comes back from the following `flush` instead (with the
+/// acker's reason); a batch the sink refuses fails in `send` itself.
+pub async fn send(sink: &mut RedisSink, events: Vec<ChangeEvent>) -> Result<(), String> {
+    let (sent, mut tracker) = hand_over(sink, events).await;
     let answered = tracker.next().await.map(|_| ()).map_err(|f| f.reason);
     let flushed = sink.flush().await;
     match (&sent, &flushed, &answered) {
